@@ -1,0 +1,66 @@
+//! # layerkv
+//!
+//! Less KV-cache memory for LLM inference by composing two families of methods:
+//! **cross-layer sharing** (a layer reads another layer's K/V: KVSharer, CLA, MLKV, YOCO, LCKV)
+//! and **intra-layer retention** (StreamingLLM sinks + window, H2O, SnapKV, PyramidKV budgets).
+//!
+//! The data flows one way: the model asks the [`LayerKvPolicy`] which KV group a layer reads,
+//! the [`KvCache`] (driven by the policy) hands out slots from one cross-layer [`BlockPool`],
+//! and the attention kernels read the [`BlockTable`]s it laid out. This crate holds no tensors
+//! and depends on no engine; kernels live in `layerkv-kernels`, the model runner in
+//! `layerkv-model`.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use layerkv::{CacheConfig, KvCache, LayerMap, Phase, PolicyBuilder, Retention, SlotMapping};
+//!
+//! // CLA with stride 2 on a 4-layer model, plus StreamingLLM (4 sinks, 60-token window).
+//! let policy = PolicyBuilder::new(LayerMap::cla(4, 2)?)
+//!     .retention(Retention::SinkWindow { sinks: 4, window: 60 })
+//!     .build()?;
+//! let config = CacheConfig { block_size: 16, num_pages: 64, bytes_per_token: 2 * 2 * 64 * 2, prefix_caching: false };
+//! let cache = KvCache::new(Arc::new(policy), config)?;
+//! cache.add_sequence(1)?;
+//! let mut slots = SlotMapping::new();
+//! for token in 0..200u32 {
+//!     cache.append(1, &[token], &mut slots)?;   // write K/V of each group at slots.slots(group)
+//!     for group in 0..2 {
+//!         cache.evict(1, group, None, Phase::Decode)?;
+//!     }
+//! }
+//! let memory = cache.memory(1)?;
+//! assert_eq!(memory.bytes_per_layer[1], 0);             // layer 1 reads layer 0's KV
+//! assert!(memory.pages_per_group.iter().all(|&p| p <= 6)); // ~64 tokens per group, not 200
+//! # Ok::<(), layerkv::Error>(())
+//! ```
+
+pub mod bits;
+mod cache;
+mod error;
+pub mod map;
+pub mod plan;
+mod policy;
+mod pool;
+pub mod retention;
+mod table;
+
+pub use cache::{
+    CacheConfig, CacheReader, EvictOutcome, KvCache, MemoryReport, PageCopy, SeqId, SlotMapping,
+};
+pub use error::{Error, Result};
+pub use map::{GroupId, LayerMap, Partition, Target};
+pub use policy::{LayerKvPolicy, Policy, PolicyBuilder};
+pub use pool::{chain_hash, group_block_hash, BlockPool, PageId, PoolStats, NULL_PAGE};
+pub use retention::{Budget, Phase, RetainInput, Retention, ScoreNeed};
+pub use table::{BlockTable, TableView};
+
+#[cfg(test)]
+mod send_sync {
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn cache_is_send_and_sync() {
+        assert_send_sync::<super::KvCache>();
+        assert_send_sync::<super::Policy>();
+    }
+}

@@ -1,0 +1,389 @@
+//! [`LayerKvPolicy`]: the contract between an engine and layerkv, plus [`Policy`], the stock
+//! implementation built by [`PolicyBuilder`] and stored as a policy file.
+//!
+//! A policy is a cross-layer sharing map ([`LayerMap`]) stacked with one [`Retention`] per KV
+//! group, so the two reductions multiply: KVSharer at 30% shared layers + a 1k StreamingLLM
+//! window keeps 70% of the groups, each holding at most ~1k tokens.
+//!
+//! Policy files are TOML or JSON with unknown fields rejected:
+//! ```toml
+//! name = "cla2+streaming"
+//! [layer_map]
+//! num_layers = 4
+//! kv_source = [0, 0, 2, 2]
+//! [retention.default]
+//! kind = "sink_window"
+//! sinks = 4
+//! window = 1024
+//! [retention.groups.2]      # overrides by owner layer
+//! kind = "full"
+//! ```
+
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::map::{GroupId, LayerMap};
+use crate::retention::{pyramid_budgets, Budget, Retention, ScoreNeed};
+
+/// What an engine asks of a KV policy. Implement it to plug in your own policy; the
+/// [`crate::KvCache`] and the model runner only see this trait.
+///
+/// Contract: `layer_map()` is fixed for the policy's lifetime; `retention(g)` is valid for every
+/// `g < layer_map().num_groups()`; `fingerprint()` changes whenever anything that changes the
+/// cached KV contents changes (it keys prefix caching).
+pub trait LayerKvPolicy: Send + Sync + std::fmt::Debug {
+    /// Which layer's KV each layer reads.
+    fn layer_map(&self) -> &LayerMap;
+
+    /// How group `group` decides which slots stay.
+    fn retention(&self, group: GroupId) -> &Retention;
+
+    /// A stable 64-bit digest of everything that changes KV contents (map and retentions).
+    fn fingerprint(&self) -> u64;
+
+    /// The scores the engine must collect for `group` (derived from its retention).
+    fn score_need(&self, group: GroupId) -> ScoreNeed {
+        self.retention(group).score_need()
+    }
+}
+
+/// The stock policy: a layer map and a retention per group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "PolicyFile", into = "PolicyFile")]
+pub struct Policy {
+    name: String,
+    map: LayerMap,
+    retention: Vec<Retention>,
+    fingerprint: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    #[serde(default)]
+    name: String,
+    layer_map: LayerMap,
+    #[serde(default)]
+    retention: RetentionFile,
+}
+
+#[derive(Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetentionFile {
+    #[serde(default)]
+    default: Retention,
+    /// Overrides keyed by owner layer (as a string, so TOML tables work).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    groups: BTreeMap<String, Retention>,
+}
+
+impl TryFrom<PolicyFile> for Policy {
+    type Error = Error;
+    fn try_from(file: PolicyFile) -> Result<Self> {
+        let mut b = PolicyBuilder::new(file.layer_map).name(file.name);
+        b = b.retention(file.retention.default);
+        for (key, r) in file.retention.groups {
+            let layer: usize = key.trim().parse().map_err(|_| Error::Parse {
+                format: "policy file",
+                position: format!("retention.groups.{key}"),
+                reason: "group keys are owner layer indices".into(),
+            })?;
+            b = b.group_retention(layer, r);
+        }
+        b.build()
+    }
+}
+
+impl From<Policy> for PolicyFile {
+    fn from(p: Policy) -> Self {
+        // The most common retention becomes the default; the rest are overrides.
+        let mut counts: Vec<(usize, &Retention)> = Vec::new();
+        for r in &p.retention {
+            match counts.iter_mut().find(|(_, x)| *x == r) {
+                Some((c, _)) => *c += 1,
+                None => counts.push((1, r)),
+            }
+        }
+        let default = counts
+            .iter()
+            .max_by_key(|(c, _)| *c)
+            .map(|(_, r)| (*r).clone())
+            .unwrap_or_default();
+        let groups = p
+            .retention
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| **r != default)
+            .map(|(g, r)| (p.map.owner(g).to_string(), r.clone()))
+            .collect();
+        PolicyFile {
+            name: p.name,
+            layer_map: p.map,
+            retention: RetentionFile { default, groups },
+        }
+    }
+}
+
+impl Policy {
+    /// The unmodified model: every layer owns its KV, every group keeps every token.
+    pub fn identity(num_layers: usize) -> Result<Self> {
+        PolicyBuilder::new(LayerMap::identity(num_layers)?)
+            .name("identity")
+            .build()
+    }
+
+    /// A human-readable name (for reports).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Reads a policy file (`.toml` or `.json`, by extension; other extensions try both).
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::PolicyFile(format!("{}: {e}", path.display())))?;
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+        Self::parse(&text, ext).map_err(|e| match e {
+            Error::PolicyFile(msg) => Error::PolicyFile(format!("{}: {msg}", path.display())),
+            other => other,
+        })
+    }
+
+    /// Parses policy text; `format` is `"toml"`, `"json"`, or anything else to try both.
+    pub fn parse(text: &str, format: &str) -> Result<Self> {
+        match format {
+            "json" => serde_json::from_str(text).map_err(|e| Error::PolicyFile(e.to_string())),
+            "toml" => toml::from_str(text).map_err(|e| Error::PolicyFile(e.to_string())),
+            _ => serde_json::from_str(text)
+                .or_else(|_| toml::from_str(text).map_err(|e| Error::PolicyFile(e.to_string()))),
+        }
+    }
+
+    /// The policy as TOML text.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a policy always serialises to TOML")
+    }
+
+    /// The policy as pretty JSON text.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a policy always serialises to JSON")
+    }
+
+    /// Writes the policy to `path` (TOML unless the extension is `.json`).
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let text = match path.extension().and_then(|e| e.to_str()) {
+            Some("json") => self.to_json(),
+            _ => self.to_toml(),
+        };
+        std::fs::write(path, text)
+            .map_err(|e| Error::PolicyFile(format!("{}: {e}", path.display())))
+    }
+}
+
+impl LayerKvPolicy for Policy {
+    fn layer_map(&self) -> &LayerMap {
+        &self.map
+    }
+
+    fn retention(&self, group: GroupId) -> &Retention {
+        &self.retention[group]
+    }
+
+    fn fingerprint(&self) -> u64 {
+        self.fingerprint
+    }
+}
+
+/// Stacks a sharing map with retentions: a default for every group, overrides per owner layer,
+/// or a PyramidKV schedule.
+#[derive(Debug, Clone)]
+pub struct PolicyBuilder {
+    name: String,
+    map: LayerMap,
+    default: Retention,
+    overrides: Vec<(usize, Retention)>,
+    pyramid: Option<(usize, usize, usize, f64)>,
+}
+
+impl PolicyBuilder {
+    /// Starts from a sharing map with `Full` retention everywhere.
+    pub fn new(map: LayerMap) -> Self {
+        Self {
+            name: String::new(),
+            map,
+            default: Retention::Full,
+            overrides: Vec::new(),
+            pyramid: None,
+        }
+    }
+
+    /// Names the policy.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// The retention of every group without an override.
+    pub fn retention(mut self, retention: Retention) -> Self {
+        self.default = retention;
+        self
+    }
+
+    /// Overrides the retention of the group owned by `owner_layer`.
+    pub fn group_retention(mut self, owner_layer: usize, retention: Retention) -> Self {
+        self.overrides.push((owner_layer, retention));
+        self
+    }
+
+    /// PyramidKV: SnapKV per group with budgets decreasing from the bottom group to the top
+    /// (average `average` tokens, observation window `observe`, steepness `beta`, pooling `pool`).
+    pub fn pyramid(mut self, average: usize, observe: usize, pool: usize, beta: f64) -> Self {
+        self.pyramid = Some((average, observe, pool, beta));
+        self
+    }
+
+    /// Validates everything and builds the policy.
+    pub fn build(self) -> Result<Policy> {
+        let n_groups = self.map.num_groups();
+        let mut retention = vec![self.default.clone(); n_groups];
+        if let Some((average, observe, pool, beta)) = self.pyramid {
+            let budgets = pyramid_budgets(n_groups, average, observe, beta)?;
+            for (r, b) in retention.iter_mut().zip(budgets) {
+                *r = Retention::SnapKv {
+                    observe,
+                    budget: Budget::Tokens(b),
+                    pool,
+                };
+            }
+        }
+        for (layer, r) in self.overrides {
+            if layer >= self.map.num_layers() || !self.map.owns_kv(layer) {
+                return Err(Error::NotAnOwner { layer });
+            }
+            retention[self.map.group_of(layer)] = r;
+        }
+        for r in &retention {
+            r.validate()?;
+        }
+        let name = if self.name.is_empty() {
+            self.map.to_layer_types()
+        } else {
+            self.name
+        };
+        let fingerprint = fingerprint(&self.map, &retention);
+        Ok(Policy {
+            name,
+            map: self.map,
+            retention,
+            fingerprint,
+        })
+    }
+}
+
+/// FNV-1a over the canonical JSON of the map and retentions: stable across runs and builds
+/// (unlike `DefaultHasher`), so prefix-cache keys can be compared between processes.
+fn fingerprint(map: &LayerMap, retention: &[Retention]) -> u64 {
+    struct Fnv(u64);
+    impl Hasher for Fnv {
+        fn finish(&self) -> u64 {
+            self.0
+        }
+        fn write(&mut self, bytes: &[u8]) {
+            for b in bytes {
+                self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+            }
+        }
+    }
+    let mut h = Fnv(0xcbf2_9ce4_8422_2325);
+    serde_json::to_string(map)
+        .expect("maps serialise")
+        .hash(&mut h);
+    serde_json::to_string(retention)
+        .expect("retentions serialise")
+        .hash(&mut h);
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stacked() -> Policy {
+        PolicyBuilder::new(LayerMap::cla(4, 2).unwrap())
+            .name("cla2+streaming")
+            .retention(Retention::streaming(64))
+            .group_retention(2, Retention::Full)
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn builder_stacks_map_and_retention() {
+        let p = stacked();
+        assert_eq!(p.layer_map().num_groups(), 2);
+        assert_eq!(p.retention(0), &Retention::streaming(64));
+        assert_eq!(p.retention(1), &Retention::Full);
+        assert_ne!(p.fingerprint(), Policy::identity(4).unwrap().fingerprint());
+    }
+
+    #[test]
+    fn files_round_trip_in_toml_and_json() {
+        let p = stacked();
+        let toml_text = p.to_toml();
+        assert_eq!(Policy::parse(&toml_text, "toml").unwrap(), p, "{toml_text}");
+        assert_eq!(Policy::parse(&p.to_json(), "json").unwrap(), p);
+        assert_eq!(Policy::parse(&toml_text, "").unwrap(), p);
+        let dir = std::env::temp_dir().join(format!("layerkv-policy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("p.toml");
+        p.save(&path).unwrap();
+        assert_eq!(Policy::load(&path).unwrap(), p);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bad_policy_files_are_typed_errors() {
+        let unknown = "name = \"x\"\nbogus = 1\n[layer_map]\nnum_layers = 2\nkv_source = [0, 0]\n";
+        let e = Policy::parse(unknown, "toml").unwrap_err();
+        assert!(
+            matches!(&e, Error::PolicyFile(m) if m.contains("unknown field")),
+            "{e}"
+        );
+        let not_owner = "[layer_map]\nnum_layers = 2\nkv_source = [0, 0]\n[retention.groups.1]\nkind = \"full\"\n";
+        let e = Policy::parse(not_owner, "toml").unwrap_err();
+        assert!(e.to_string().contains("layer 1 does not own KV"), "{e}");
+        let zero = "[layer_map]\nnum_layers = 1\nkv_source = [0]\n[retention.default]\nkind = \"sink_window\"\nsinks = 0\nwindow = 0\n";
+        assert!(Policy::parse(zero, "toml")
+            .unwrap_err()
+            .to_string()
+            .contains("zero budget"));
+        assert!(matches!(
+            Policy::load("/nonexistent/p.toml").unwrap_err(),
+            Error::PolicyFile(_)
+        ));
+    }
+
+    #[test]
+    fn pyramid_assigns_decreasing_snapkv_budgets() {
+        let p = PolicyBuilder::new(LayerMap::identity(8).unwrap())
+            .pyramid(128, 16, 5, 10.0)
+            .build()
+            .unwrap();
+        let budgets: Vec<usize> = (0..8)
+            .map(|g| match p.retention(g) {
+                Retention::SnapKv {
+                    budget: Budget::Tokens(b),
+                    ..
+                } => *b,
+                r => panic!("{r}"),
+            })
+            .collect();
+        assert!(budgets.windows(2).all(|w| w[0] >= w[1]), "{budgets:?}");
+        assert_eq!(p.score_need(0), ScoreNeed::ObservationWindow(16));
+    }
+}

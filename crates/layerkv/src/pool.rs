@@ -1,0 +1,449 @@
+//! [`BlockPool`]: the cross-layer paged block allocator. One pool of equal-sized pages serves
+//! every KV group of every sequence; a page holds `block_size` token slots of K and V of one
+//! group.
+//!
+//! Layout: one flat `Vec` of page metadata plus two sentinel entries (head and tail) through
+//! which a doubly linked free list is threaded by `u32` index, so allocate, release and
+//! reclaiming a cached page from the middle of the list are O(1) and allocate nothing.
+//!
+//! Page states: *used* (refcount > 0), *free* (refcount 0, no hash) and *cached* (refcount 0,
+//! with a prefix hash: its contents can be reused by a later sequence with the same prefix).
+//! Free pages sit at the head of the list and are handed out first; cached pages are appended
+//! at the tail, so allocation evicts the least recently released cached page (LRU) only when no
+//! plain free page is left. Invariant: `free + cached + used == total`.
+//!
+//! Refcounts never saturate: releasing a page with refcount 0 is [`Error::RefCountUnderflow`].
+//! The prefix map is a `HashMap` reserved to the pool size at construction, so inserts do not
+//! allocate either.
+
+use std::collections::HashMap;
+
+use crate::error::{Error, Result};
+
+/// A page id: index into the pool (and into the kernels' page tensors).
+pub type PageId = u32;
+
+/// Marks a logical page of a block table whose page was returned to the pool by eviction.
+pub const NULL_PAGE: PageId = u32::MAX;
+
+const NO_LINK: u32 = u32::MAX;
+
+#[derive(Debug, Clone, Copy)]
+struct Meta {
+    refcount: u32,
+    prev: u32,
+    next: u32,
+    /// Prefix hash of the page's contents; 0 = none.
+    hash: u64,
+}
+
+/// Counters of a pool, for reports and invariant checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PoolStats {
+    /// Pages in the pool.
+    pub num_pages: usize,
+    /// Pages held by at least one table.
+    pub num_used: usize,
+    /// Unheld pages without a prefix hash.
+    pub num_free: usize,
+    /// Unheld pages that keep a prefix hash (reusable, evicted LRU on demand).
+    pub num_cached: usize,
+    /// Prefix lookups that found a page.
+    pub prefix_hits: u64,
+    /// Prefix lookups that found nothing.
+    pub prefix_misses: u64,
+    /// Cached pages whose contents were dropped to serve an allocation.
+    pub cache_evictions: u64,
+}
+
+/// The page allocator. Not thread-safe by itself; [`crate::KvCache`] wraps it in a lock.
+#[derive(Debug, Clone)]
+pub struct BlockPool {
+    meta: Vec<Meta>,
+    num_pages: u32,
+    num_free: usize,
+    num_cached: usize,
+    prefix: HashMap<u64, PageId>,
+    stats: PoolStats,
+}
+
+impl BlockPool {
+    /// A pool of `num_pages` free pages (at most `u32::MAX - 2`).
+    pub fn new(num_pages: usize) -> Result<Self> {
+        if num_pages == 0 || num_pages >= (u32::MAX - 2) as usize {
+            return Err(Error::InvalidConfig(format!(
+                "a pool needs 1..{} pages, got {num_pages}",
+                u32::MAX - 2
+            )));
+        }
+        let n = num_pages as u32;
+        let (head, tail) = (n, n + 1);
+        let mut meta: Vec<Meta> = (0..n)
+            .map(|i| Meta {
+                refcount: 0,
+                prev: if i == 0 { head } else { i - 1 },
+                next: if i + 1 == n { tail } else { i + 1 },
+                hash: 0,
+            })
+            .collect();
+        meta.push(Meta {
+            refcount: 0,
+            prev: NO_LINK,
+            next: 0,
+            hash: 0,
+        });
+        meta.push(Meta {
+            refcount: 0,
+            prev: n - 1,
+            next: NO_LINK,
+            hash: 0,
+        });
+        Ok(Self {
+            meta,
+            num_pages: n,
+            num_free: num_pages,
+            num_cached: 0,
+            prefix: HashMap::with_capacity(num_pages),
+            stats: PoolStats::default(),
+        })
+    }
+
+    fn head(&self) -> u32 {
+        self.num_pages
+    }
+
+    fn tail(&self) -> u32 {
+        self.num_pages + 1
+    }
+
+    fn check(&self, page: PageId) -> Result<usize> {
+        if page < self.num_pages {
+            Ok(page as usize)
+        } else {
+            Err(Error::PageOutOfRange {
+                page,
+                num_pages: self.num_pages as usize,
+            })
+        }
+    }
+
+    #[inline]
+    fn unlink(&mut self, page: u32) {
+        let Meta { prev, next, .. } = self.meta[page as usize];
+        self.meta[prev as usize].next = next;
+        self.meta[next as usize].prev = prev;
+        let m = &mut self.meta[page as usize];
+        m.prev = NO_LINK;
+        m.next = NO_LINK;
+    }
+
+    #[inline]
+    fn link_after(&mut self, at: u32, page: u32) {
+        let next = self.meta[at as usize].next;
+        self.meta[page as usize].prev = at;
+        self.meta[page as usize].next = next;
+        self.meta[at as usize].next = page;
+        self.meta[next as usize].prev = page;
+    }
+
+    /// Number of pages in the pool.
+    pub fn num_pages(&self) -> usize {
+        self.num_pages as usize
+    }
+
+    /// Pages an allocation can take right now (free + cached).
+    pub fn num_available(&self) -> usize {
+        self.num_free + self.num_cached
+    }
+
+    /// Counters (O(1)).
+    pub fn stats(&self) -> PoolStats {
+        PoolStats {
+            num_pages: self.num_pages as usize,
+            num_used: self.num_pages as usize - self.num_free - self.num_cached,
+            num_free: self.num_free,
+            num_cached: self.num_cached,
+            ..self.stats
+        }
+    }
+
+    /// Takes one page (refcount 1). O(1), no allocation. Evicts the LRU cached page only when
+    /// no plain free page is left.
+    #[inline]
+    pub fn allocate(&mut self) -> Result<PageId> {
+        let page = self.meta[self.head() as usize].next;
+        if page == self.tail() {
+            return Err(Error::PoolExhausted {
+                requested: 1,
+                available: 0,
+            });
+        }
+        self.unlink(page);
+        let m = &mut self.meta[page as usize];
+        m.refcount = 1;
+        if m.hash != 0 {
+            let hash = std::mem::take(&mut m.hash);
+            self.num_cached -= 1;
+            self.stats.cache_evictions += 1;
+            if self.prefix.get(&hash) == Some(&page) {
+                self.prefix.remove(&hash);
+            }
+        } else {
+            self.num_free -= 1;
+        }
+        Ok(page)
+    }
+
+    /// Fills `out` with fresh pages, all or nothing.
+    pub fn allocate_into(&mut self, out: &mut [PageId]) -> Result<()> {
+        if out.len() > self.num_available() {
+            return Err(Error::PoolExhausted {
+                requested: out.len(),
+                available: self.num_available(),
+            });
+        }
+        for slot in out.iter_mut() {
+            *slot = self.allocate()?;
+        }
+        Ok(())
+    }
+
+    /// Adds a holder to a used page (sequence fork). O(1).
+    #[inline]
+    pub fn retain(&mut self, page: PageId) -> Result<()> {
+        let i = self.check(page)?;
+        let m = &mut self.meta[i];
+        if m.refcount == 0 {
+            return Err(Error::PageNotInUse { page });
+        }
+        m.refcount += 1;
+        Ok(())
+    }
+
+    /// Drops a holder; at refcount 0 the page becomes free (or cached if it has a prefix hash).
+    /// O(1), no allocation. A release with refcount 0 is a double free and an error.
+    #[inline]
+    pub fn release(&mut self, page: PageId) -> Result<()> {
+        let i = self.check(page)?;
+        let m = &mut self.meta[i];
+        if m.refcount == 0 {
+            return Err(Error::RefCountUnderflow { page });
+        }
+        m.refcount -= 1;
+        if m.refcount == 0 {
+            if m.hash != 0 {
+                self.num_cached += 1;
+                let before_tail = self.meta[self.tail() as usize].prev;
+                self.link_after(before_tail, page);
+            } else {
+                self.num_free += 1;
+                self.link_after(self.head(), page);
+            }
+        }
+        Ok(())
+    }
+
+    /// Holders of `page`.
+    pub fn refcount(&self, page: PageId) -> Result<u32> {
+        Ok(self.meta[self.check(page)?].refcount)
+    }
+
+    /// Finds a page whose contents have prefix hash `hash` and takes a reference to it
+    /// (reviving it from the cached list if unheld). O(1).
+    pub fn lookup(&mut self, hash: u64) -> Option<PageId> {
+        let Some(&page) = self.prefix.get(&hash) else {
+            self.stats.prefix_misses += 1;
+            return None;
+        };
+        self.stats.prefix_hits += 1;
+        if self.meta[page as usize].refcount == 0 {
+            self.unlink(page);
+            self.num_cached -= 1;
+        }
+        self.meta[page as usize].refcount += 1;
+        Some(page)
+    }
+
+    /// Whether a page with prefix hash `hash` is known (no reference taken, no counters moved).
+    pub fn contains_hash(&self, hash: u64) -> bool {
+        self.prefix.contains_key(&hash)
+    }
+
+    /// Records that used page `page` holds the block with prefix hash `hash` (non-zero). Returns
+    /// false (and changes nothing) if another page already holds that hash or `page` has one.
+    pub fn register(&mut self, page: PageId, hash: u64) -> Result<bool> {
+        let i = self.check(page)?;
+        if self.meta[i].refcount == 0 {
+            return Err(Error::PageNotInUse { page });
+        }
+        if hash == 0 || self.meta[i].hash != 0 || self.prefix.contains_key(&hash) {
+            return Ok(false);
+        }
+        self.meta[i].hash = hash;
+        self.prefix.insert(hash, page);
+        Ok(true)
+    }
+
+    /// Drops every cached page's hash (cached pages become plain free pages). O(pages).
+    pub fn clear_prefix_cache(&mut self) {
+        for i in 0..self.num_pages as usize {
+            self.meta[i].hash = 0;
+        }
+        self.prefix.clear();
+        self.num_free += self.num_cached;
+        self.num_cached = 0;
+    }
+
+    /// Checks the free-list structure against the counters (O(pages)); for tests and debugging.
+    pub fn check_invariants(&self) -> std::result::Result<(), String> {
+        let (mut free, mut cached, mut cur, mut steps) =
+            (0, 0, self.meta[self.head() as usize].next, 0);
+        while cur != self.tail() {
+            let m = &self.meta[cur as usize];
+            if m.refcount != 0 {
+                return Err(format!(
+                    "page {cur} is on the free list with refcount {}",
+                    m.refcount
+                ));
+            }
+            if m.hash == 0 {
+                free += 1
+            } else {
+                cached += 1
+            }
+            steps += 1;
+            if steps > self.num_pages {
+                return Err("free list has a cycle".into());
+            }
+            cur = m.next;
+        }
+        if free != self.num_free || cached != self.num_cached {
+            return Err(format!(
+                "free list holds {free} free + {cached} cached, counters say {} + {}",
+                self.num_free, self.num_cached
+            ));
+        }
+        let used = self.meta[..self.num_pages as usize]
+            .iter()
+            .filter(|m| m.refcount > 0)
+            .count();
+        if used + free + cached != self.num_pages as usize {
+            return Err(format!(
+                "{used} used + {free} free + {cached} cached != {}",
+                self.num_pages
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Chained prefix hash of one full block: mixes the previous block's hash with the block's
+/// token ids. Group and policy are mixed in by [`group_block_hash`], so one token chain serves
+/// every group. Never returns 0 (0 means "no hash").
+pub fn chain_hash(parent: u64, tokens: &[u32]) -> u64 {
+    let mut h = splitmix(parent ^ 0x9e37_79b9_7f4a_7c15);
+    for &t in tokens {
+        h = splitmix(h ^ u64::from(t));
+    }
+    h.max(1)
+}
+
+/// The prefix hash of a group's block: the token chain hash keyed by the group's owner layer
+/// and the policy fingerprint (a block's KV depends on both). Never 0.
+pub fn group_block_hash(chain: u64, owner_layer: usize, policy: u64) -> u64 {
+    splitmix(chain ^ splitmix(policy ^ (owner_layer as u64).wrapping_mul(0xff51_afd7_ed55_8ccd)))
+        .max(1)
+}
+
+#[inline]
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocate_release_conserves_pages() {
+        let mut pool = BlockPool::new(4).unwrap();
+        let a = pool.allocate().unwrap();
+        let b = pool.allocate().unwrap();
+        assert_ne!(a, b);
+        assert_eq!(pool.stats().num_used, 2);
+        pool.retain(a).unwrap();
+        pool.release(a).unwrap();
+        assert_eq!(pool.refcount(a).unwrap(), 1);
+        pool.release(a).unwrap();
+        pool.release(b).unwrap();
+        assert_eq!(
+            pool.release(b).unwrap_err(),
+            Error::RefCountUnderflow { page: b }
+        );
+        assert_eq!(pool.retain(b).unwrap_err(), Error::PageNotInUse { page: b });
+        assert!(matches!(
+            pool.release(9).unwrap_err(),
+            Error::PageOutOfRange { page: 9, .. }
+        ));
+        pool.check_invariants().unwrap();
+        assert_eq!(pool.stats().num_free, 4);
+    }
+
+    #[test]
+    fn exhaustion_is_all_or_nothing() {
+        let mut pool = BlockPool::new(3).unwrap();
+        let mut out = [0; 4];
+        assert_eq!(
+            pool.allocate_into(&mut out).unwrap_err(),
+            Error::PoolExhausted {
+                requested: 4,
+                available: 3
+            }
+        );
+        assert_eq!(pool.stats().num_free, 3);
+        let mut out = [0; 3];
+        pool.allocate_into(&mut out).unwrap();
+        assert!(matches!(
+            pool.allocate().unwrap_err(),
+            Error::PoolExhausted { .. }
+        ));
+    }
+
+    #[test]
+    fn cached_pages_are_reused_by_hash_and_evicted_lru() {
+        let mut pool = BlockPool::new(3).unwrap();
+        let a = pool.allocate().unwrap();
+        let b = pool.allocate().unwrap();
+        assert!(pool.register(a, 11).unwrap());
+        assert!(pool.register(b, 22).unwrap());
+        assert!(!pool.register(b, 11).unwrap());
+        pool.release(a).unwrap();
+        pool.release(b).unwrap();
+        assert_eq!(pool.stats().num_cached, 2);
+        assert_eq!(pool.lookup(22), Some(b));
+        assert_eq!(pool.lookup(33), None);
+        // The plain free page goes first, then the least recently released cached page (a).
+        let c = pool.allocate().unwrap();
+        assert!(c != a && c != b);
+        assert_eq!(pool.allocate().unwrap(), a);
+        assert_eq!(pool.lookup(11), None);
+        let s = pool.stats();
+        assert_eq!(
+            (s.prefix_hits, s.prefix_misses, s.cache_evictions),
+            (1, 2, 1)
+        );
+        pool.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn hashes_depend_on_parent_tokens_group_and_policy() {
+        let h = chain_hash(0, &[1, 2, 3]);
+        assert_ne!(h, chain_hash(0, &[1, 2, 4]));
+        assert_ne!(h, chain_hash(5, &[1, 2, 3]));
+        assert_ne!(group_block_hash(h, 0, 1), group_block_hash(h, 1, 1));
+        assert_ne!(group_block_hash(h, 0, 1), group_block_hash(h, 0, 2));
+    }
+}

@@ -1,0 +1,97 @@
+//! [`BlockTable`]: one sequence's pages for one KV group, in logical order, with a slot
+//! validity bitset for token-level eviction.
+//!
+//! Logical slot `s` lives in page `pages[s / block_size]` at offset `s % block_size`; its
+//! physical slot (the index the kernels write to) is `page * block_size + offset`. Slots are
+//! never renumbered: eviction clears validity bits, and a page whose slots are all evicted is
+//! returned to the pool and replaced by [`NULL_PAGE`], so positions stay stable and no K/V is
+//! ever moved. Tables are mutated only by [`crate::KvCache`]; engines read them.
+
+use crate::bits;
+use crate::pool::{PageId, NULL_PAGE};
+
+/// One sequence's pages of one KV group.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BlockTable {
+    pub(crate) pages: Vec<PageId>,
+    pub(crate) num_slots: usize,
+    pub(crate) valid: Vec<u64>,
+    pub(crate) num_valid: usize,
+}
+
+/// What the attention kernel needs of one table (borrowed, no copies).
+#[derive(Debug, Clone, Copy)]
+pub struct TableView<'a> {
+    /// Page ids in logical order ([`NULL_PAGE`] for evicted pages).
+    pub pages: &'a [PageId],
+    /// Logical slots filled.
+    pub num_slots: usize,
+    /// Validity bitset over logical slots; `None` when every slot is valid.
+    pub valid: Option<&'a [u64]>,
+}
+
+impl BlockTable {
+    /// Page ids in logical order ([`NULL_PAGE`] marks evicted pages).
+    pub fn pages(&self) -> &[PageId] {
+        &self.pages
+    }
+
+    /// Logical slots filled (tokens appended to this group).
+    pub fn num_slots(&self) -> usize {
+        self.num_slots
+    }
+
+    /// Slots still valid (not evicted): the number of tokens the group attends to.
+    pub fn num_valid(&self) -> usize {
+        self.num_valid
+    }
+
+    /// The validity bitset over logical slots.
+    pub fn valid(&self) -> &[u64] {
+        &self.valid
+    }
+
+    /// Whether logical slot `s` holds a live token.
+    pub fn is_valid(&self, s: usize) -> bool {
+        s < self.num_slots && bits::get(&self.valid, s)
+    }
+
+    /// Pages held (not counting [`NULL_PAGE`] entries).
+    pub fn num_pages_held(&self) -> usize {
+        self.pages.iter().filter(|&&p| p != NULL_PAGE).count()
+    }
+
+    /// The physical slot of logical slot `s` (`None` if out of range or on an evicted page).
+    pub fn physical_slot(&self, s: usize, block_size: usize) -> Option<u32> {
+        if s >= self.num_slots {
+            return None;
+        }
+        let page = self.pages[s / block_size];
+        (page != NULL_PAGE).then(|| page * block_size as u32 + (s % block_size) as u32)
+    }
+
+    /// The kernel's view; the bitset is omitted when nothing was ever evicted.
+    pub fn view(&self) -> TableView<'_> {
+        TableView {
+            pages: &self.pages,
+            num_slots: self.num_slots,
+            valid: (self.num_valid != self.num_slots).then_some(&self.valid[..]),
+        }
+    }
+
+    /// Valid slots in logical page `index`.
+    pub(crate) fn valid_in_page(&self, index: usize, block_size: usize) -> usize {
+        let lo = index * block_size;
+        let hi = (lo + block_size).min(self.num_slots);
+        bits::count_range(&self.valid, lo, hi)
+    }
+
+    /// Marks `n` new slots valid (the pages must already be in place).
+    pub(crate) fn push_slots(&mut self, n: usize) {
+        let lo = self.num_slots;
+        self.num_slots += n;
+        self.valid.resize(bits::words_for(self.num_slots), 0);
+        bits::set_range(&mut self.valid, lo, self.num_slots);
+        self.num_valid += n;
+    }
+}
