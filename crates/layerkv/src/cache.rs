@@ -319,15 +319,30 @@ impl KvCache {
     /// Fails with [`Error::PoolExhausted`] (the engine's preemption signal) without changing
     /// anything if the pool cannot hold them.
     pub fn append(&self, seq: SeqId, tokens: &[u32], out: &mut SlotMapping) -> Result<()> {
-        let n = tokens.len();
+        self.append_batch(&[(seq, tokens)], std::slice::from_mut(out))
+    }
+
+    /// [`KvCache::append`] for several sequences at once (a batched step), all or nothing across
+    /// the whole batch: `out[i]` receives the slots of `batch[i]`.
+    pub fn append_batch(&self, batch: &[(SeqId, &[u32])], out: &mut [SlotMapping]) -> Result<()> {
+        if out.len() != batch.len() {
+            return Err(Error::InvalidConfig(format!(
+                "append_batch: {} sequences but {} slot mappings",
+                batch.len(),
+                out.len()
+            )));
+        }
         let bs = self.config.block_size;
         let mut guard = self.state.write();
         let st = &mut *guard;
-        let s = st.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq))?;
-        // Plan: pages needed per group (new pages + copy-on-write of a shared or evicted tail).
+        // Plan: pages needed (new pages + copy-on-write of a shared or evicted tail page). Forks
+        // appending in one batch may count one copy too many: the check stays conservative.
         let mut needed = 0;
-        for t in &s.tables {
-            needed += pages_needed(t, n, bs, &st.pool);
+        for &(seq, tokens) in batch {
+            let s = st.seqs.get(&seq).ok_or(Error::UnknownSequence(seq))?;
+            for t in &s.tables {
+                needed += pages_needed(t, tokens.len(), bs, &st.pool);
+            }
         }
         if needed > st.pool.num_available() {
             return Err(Error::PoolExhausted {
@@ -336,37 +351,41 @@ impl KvCache {
             });
         }
         // Apply: nothing below can fail.
-        out.reset(s.tables.len());
-        for (g, t) in s.tables.iter_mut().enumerate() {
-            out.first_slot[g] = t.num_slots;
-            out.first_position[g] = t.num_valid;
-            if n == 0 {
-                continue;
-            }
-            if t.num_slots % bs != 0 {
-                let last = t.pages.len() - 1;
-                let page = t.pages[last];
-                if page == NULL_PAGE {
-                    t.pages[last] = st.pool.allocate()?;
-                } else if st.pool.refcount(page)? > 1 {
-                    let dst = st.pool.allocate()?;
-                    st.pool.release(page)?;
-                    out.copies.push(PageCopy { src: page, dst });
-                    t.pages[last] = dst;
+        for (&(seq, tokens), out) in batch.iter().zip(out.iter_mut()) {
+            let n = tokens.len();
+            let s = st.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq))?;
+            out.reset(s.tables.len());
+            for (g, t) in s.tables.iter_mut().enumerate() {
+                out.first_slot[g] = t.num_slots;
+                out.first_position[g] = t.num_valid;
+                if n == 0 {
+                    continue;
                 }
+                if t.num_slots % bs != 0 {
+                    let last = t.pages.len() - 1;
+                    let page = t.pages[last];
+                    if page == NULL_PAGE {
+                        t.pages[last] = st.pool.allocate()?;
+                    } else if st.pool.refcount(page)? > 1 {
+                        let dst = st.pool.allocate()?;
+                        st.pool.release(page)?;
+                        out.copies.push(PageCopy { src: page, dst });
+                        t.pages[last] = dst;
+                    }
+                }
+                let end = t.num_slots + n;
+                while t.pages.len() * bs < end {
+                    t.pages.push(st.pool.allocate()?);
+                }
+                let slots = &mut out.slots[g];
+                for logical in t.num_slots..end {
+                    slots.push(t.pages[logical / bs] * bs as u32 + (logical % bs) as u32);
+                }
+                t.push_slots(n);
             }
-            let end = t.num_slots + n;
-            while t.pages.len() * bs < end {
-                t.pages.push(st.pool.allocate()?);
+            if self.caching && n > 0 {
+                self.register_full_blocks(&mut st.pool, s, tokens)?;
             }
-            let slots = &mut out.slots[g];
-            for logical in t.num_slots..end {
-                slots.push(t.pages[logical / bs] * bs as u32 + (logical % bs) as u32);
-            }
-            t.push_slots(n);
-        }
-        if self.caching && n > 0 {
-            self.register_full_blocks(&mut st.pool, s, tokens)?;
         }
         Ok(())
     }
@@ -710,6 +729,37 @@ mod tests {
             }
         );
         assert_eq!((c.pool_stats(), c.memory(1).unwrap()), before);
+        c.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn batched_append_is_all_or_nothing() {
+        let c = cache(Policy::identity(2).unwrap(), 6, 4);
+        c.add_sequence(1).unwrap();
+        c.add_sequence(2).unwrap();
+        let mut out = vec![SlotMapping::new(), SlotMapping::new()];
+        c.append_batch(&[(1, &[1, 2]), (2, &[3])], &mut out)
+            .unwrap();
+        assert_eq!(out[0].slots(1).len(), 2);
+        assert_eq!(out[1].slots(0).len(), 1);
+        let before = c.pool_stats();
+        let err = c
+            .append_batch(&[(1, &[0; 3]), (2, &[0; 12])], &mut out)
+            .unwrap_err();
+        assert_eq!(
+            err,
+            Error::PoolExhausted {
+                requested: 8,
+                available: 2
+            }
+        );
+        assert_eq!(c.pool_stats(), before);
+        assert!(c.append_batch(&[(1, &[0])], &mut out).is_err());
+        assert_eq!(
+            c.append_batch(&[(1, &[0]), (9, &[0])], &mut out)
+                .unwrap_err(),
+            Error::UnknownSequence(9)
+        );
         c.check_invariants().unwrap();
     }
 
