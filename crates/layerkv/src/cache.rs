@@ -697,13 +697,15 @@ mod tests {
         let r = c.read();
         let t = r.table(7, 0).unwrap();
         assert_eq!(t.num_slots(), 20);
-        assert_eq!(t.num_valid(), 6);
+        assert_eq!(t.num_valid(), 5);
         assert_eq!(t.num_pages_held(), 3);
-        assert!(t.is_valid(0) && t.is_valid(1) && !t.is_valid(2) && t.is_valid(16));
+        assert!(
+            t.is_valid(0) && t.is_valid(1) && !t.is_valid(2) && !t.is_valid(16) && t.is_valid(17)
+        );
         drop(r);
         let mut m = SlotMapping::new();
         c.append(7, &[99], &mut m).unwrap();
-        assert_eq!(m.first_position(0), 6);
+        assert_eq!(m.first_position(0), 5);
         assert_eq!(m.first_slot(0), 20);
     }
 

@@ -103,7 +103,8 @@ pub enum Retention {
     SinkWindow {
         /// Attention-sink tokens at the start, never evicted (StreamingLLM uses 4).
         sinks: usize,
-        /// Most recent tokens kept (the current token included).
+        /// Recent tokens the current token attends to, itself included (between steps the cache
+        /// holds `window - 1` of them).
         window: usize,
     },
     /// H2O: the `heavy` tokens with the most accumulated attention plus the `recent` last tokens.
@@ -404,7 +405,7 @@ mod tests {
         };
         assert_eq!(
             run(&r, 10, &all_valid(10), None, Phase::Decode),
-            vec![0, 1, 7, 8, 9]
+            vec![0, 1, 8, 9]
         );
         assert_eq!(
             run(&r, 4, &all_valid(4), None, Phase::Decode),

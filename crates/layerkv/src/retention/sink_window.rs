@@ -1,6 +1,9 @@
-//! StreamingLLM: keep the first `sinks` tokens (attention sinks) and the last `window` tokens.
+//! StreamingLLM: keep the first `sinks` tokens (attention sinks) and the most recent tokens.
 //!
-//! O(sinks + window) per call; positions come from logical slot indices, so no scores are needed.
+//! StreamingLLM evicts *before* appending, so the token being processed attends to the sinks
+//! plus a window of `window` tokens that includes itself. Retention runs after a step, so it
+//! keeps `window - 1` recent slots: the next token then completes the window. O(sinks + window)
+//! per call; positions come from logical slot indices, so no scores are needed.
 
 use crate::bits;
 
@@ -18,7 +21,7 @@ pub(crate) fn select(
             bits::set(keep, s);
         }
     }
-    select_recent(window, num_slots, valid, keep);
+    select_recent(window.saturating_sub(1), num_slots, valid, keep);
 }
 
 /// Marks the last `recent` logical slots that are still valid.
