@@ -1,0 +1,163 @@
+//! Measures policies on one model and one token stream: perplexity, KV bytes, greedy agreement
+//! with identity, batch-1 prefill/decode speed and decode throughput at a fixed KV budget.
+//! Identity is always the first policy, so every ratio is against a baseline from the same run.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Result;
+use indicatif::{ProgressBar, ProgressStyle};
+use layerkv::{plan, LayerKvPolicy, Phase, Policy, SeqId};
+use layerkv_model::engine::{Engine, EngineConfig, LogitsRows};
+use layerkv_model::eval::{greedy_agreement, perplexity};
+use layerkv_model::generate::{argmax, generate, Sampling};
+use layerkv_model::Model;
+
+use crate::report::Row;
+
+/// The sharing map of the demo: KVSharer-style pairs (each layer reads a lower layer), chosen
+/// by hand until calibration lands; see README for how it was picked.
+pub const DEMO_SHARING: &str =
+    r#"kvsharer:{"27":25,"25":23,"23":21,"21":19,"19":17,"17":15,"15":13,"13":11,"11":9}"#;
+
+/// Evaluation settings.
+#[derive(Debug, Clone)]
+pub struct MeasureConfig {
+    /// Perplexity context.
+    pub context: usize,
+    /// Perplexity stride.
+    pub stride: usize,
+    /// Tokens per step.
+    pub chunk: usize,
+    /// The fixed KV budget, in identity sequences of `budget_len` tokens.
+    pub budget_seqs: usize,
+    /// Sequence length for the throughput column.
+    pub budget_len: usize,
+}
+
+const BLOCK_SIZE: usize = 16;
+const DECODE_STEPS: usize = 16;
+
+fn engine(model: &Arc<Model>, policy: Arc<Policy>, num_pages: usize) -> Result<Engine> {
+    Ok(Engine::new(
+        model.clone(),
+        policy,
+        EngineConfig {
+            block_size: BLOCK_SIZE,
+            num_pages,
+            ..EngineConfig::default()
+        },
+    )?)
+}
+
+/// Measures every policy (the first must be identity) and returns one row each.
+pub fn measure_all(
+    model: Arc<Model>,
+    tokens: &[u32],
+    policies: Vec<Policy>,
+    cfg: &MeasureConfig,
+) -> Result<Vec<Row>> {
+    let n_layers = model.num_layers();
+    let eval_pages = n_layers * (cfg.context.max(cfg.budget_len) / BLOCK_SIZE + 2) * 2;
+    let identity = Arc::new(policies[0].clone());
+    let mut reference = engine(&model, identity.clone(), eval_pages)?;
+    let budget_pages =
+        cfg.budget_seqs * plan::pages_per_sequence(identity.as_ref(), BLOCK_SIZE, cfg.budget_len);
+    let agree_len = (cfg.context / 2).min(tokens.len());
+    let prompt = &tokens[..128.min(tokens.len() / 2)];
+    let bar = ProgressBar::new(policies.len() as u64 * 4);
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    let mut rows = Vec::new();
+    for policy in policies {
+        let name = policy.name().to_string();
+        let groups = policy.layer_map().num_groups();
+        let policy = Arc::new(policy);
+        let mut e = engine(&model, policy.clone(), eval_pages)?;
+        bar.set_message(format!("{name}: perplexity"));
+        let ppl = perplexity(&mut e, tokens, cfg.context, cfg.stride, cfg.chunk)?;
+        bar.inc(1);
+        bar.set_message(format!("{name}: greedy agreement"));
+        let agreement = greedy_agreement(
+            &mut reference,
+            &mut e,
+            &tokens[..agree_len],
+            agree_len / 4,
+            cfg.chunk,
+        )?;
+        bar.inc(1);
+        bar.set_message(format!("{name}: batch-1 speed"));
+        let g = generate(&mut e, 1, prompt, 32, Sampling::greedy(), &[])?;
+        bar.inc(1);
+        bar.set_message(format!("{name}: throughput at a fixed KV budget"));
+        let batch =
+            plan::max_sequences(policy.as_ref(), BLOCK_SIZE, cfg.budget_len, budget_pages).min(64);
+        let tput = throughput(&model, policy, budget_pages, batch, tokens, cfg.budget_len)?;
+        bar.inc(1);
+        bar.println(format!(
+            "{name}: ppl {:.3}, KV {} bytes, agreement {:.3}, decode {:.1} tok/s, batch {batch} -> {tput:.1} tok/s",
+            ppl.ppl, ppl.peak_kv_bytes, agreement, g.decode_tokens_per_sec
+        ));
+        rows.push(Row {
+            policy: name,
+            groups,
+            ppl: ppl.ppl,
+            nll: ppl.nll,
+            kv_bytes: ppl.peak_kv_bytes,
+            agreement,
+            prefill_tps: g.prefill_tokens_per_sec,
+            decode_tps: g.decode_tokens_per_sec,
+            batch_at_budget: batch,
+            throughput_at_budget: tput,
+        });
+    }
+    bar.finish_and_clear();
+    Ok(rows)
+}
+
+/// Decode tokens/s of `batch` sequences of `len` tokens sharing a pool of `num_pages` pages:
+/// each prefills `len - DECODE_STEPS` tokens of the text, then all decode together.
+fn throughput(
+    model: &Arc<Model>,
+    policy: Arc<Policy>,
+    num_pages: usize,
+    batch: usize,
+    tokens: &[u32],
+    len: usize,
+) -> Result<f64> {
+    if batch == 0 {
+        return Ok(0.0);
+    }
+    let mut e = engine(model, policy, num_pages)?;
+    let prompt_len = len.saturating_sub(DECODE_STEPS).max(1);
+    let mut next = Vec::with_capacity(batch);
+    for b in 0..batch {
+        let seq = b as SeqId;
+        e.add_sequence(seq)?;
+        let off = (b * 37) % tokens.len().saturating_sub(prompt_len).max(1);
+        let p = &tokens[off..(off + prompt_len).min(tokens.len())];
+        let logits = e.step(&[(seq, p)], LogitsRows::Last, Phase::Prefill)?;
+        next.push(argmax(&logits.squeeze(0)?.to_vec1::<f32>()?));
+    }
+    let t0 = Instant::now();
+    for _ in 0..DECODE_STEPS {
+        let step: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+        let batch_in: Vec<(SeqId, &[u32])> = step
+            .iter()
+            .enumerate()
+            .map(|(b, t)| (b as SeqId, &t[..]))
+            .collect();
+        let logits = e.step(&batch_in, LogitsRows::Last, Phase::Decode)?;
+        for (b, row) in logits.to_vec2::<f32>()?.iter().enumerate() {
+            next[b] = argmax(row);
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    for b in 0..batch {
+        e.free(b as SeqId)?;
+    }
+    Ok((batch * DECODE_STEPS) as f64 / secs.max(1e-9))
+}

@@ -1,0 +1,82 @@
+//! Policies named on the command line: a policy file path, or `MAP[+RETENTION]` where MAP is any
+//! [`LayerMap::preset`] name (`identity`, `cla:2`, `mlkv:4`, `lckv:1:1`, `sandwich-top:3`, a
+//! `layer_types` string) or `kvsharer:{"5":1,...}`, and RETENTION is `stream:SINKS:WINDOW`,
+//! `h2o:HEAVY:RECENT` or `snapkv:BUDGET[:OBSERVE[:POOL]]`.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use layerkv::{Budget, LayerMap, Policy, PolicyBuilder, Retention};
+
+/// Parses one policy spec for a model of `num_layers` layers.
+pub fn parse(spec: &str, num_layers: usize) -> Result<Policy> {
+    let path = Path::new(spec);
+    if path.is_file() {
+        return Policy::load(path).with_context(|| format!("policy file {spec}"));
+    }
+    let (map_part, retention_part) = match spec.split_once('+') {
+        Some((m, r)) => (m, Some(r)),
+        None => (spec, None),
+    };
+    let map = match map_part.strip_prefix("kvsharer:") {
+        Some(json) => LayerMap::from_kvsharer_json(num_layers, json)?,
+        None => LayerMap::preset(map_part, num_layers)?,
+    };
+    let mut builder = PolicyBuilder::new(map).name(spec);
+    if let Some(r) = retention_part {
+        builder = builder.retention(parse_retention(r)?);
+    }
+    Ok(builder.build()?)
+}
+
+fn parse_retention(text: &str) -> Result<Retention> {
+    let parts: Vec<&str> = text.split(':').collect();
+    let num = |i: usize, default: Option<usize>| -> Result<usize> {
+        match parts.get(i) {
+            Some(p) => p
+                .parse()
+                .with_context(|| format!("{text:?}: {p:?} is not a number")),
+            None => default.with_context(|| format!("{text:?}: argument {i} is missing")),
+        }
+    };
+    Ok(match parts[0] {
+        "stream" => Retention::SinkWindow {
+            sinks: num(1, Some(4))?,
+            window: num(2, None)?,
+        },
+        "h2o" => Retention::HeavyHitter {
+            heavy: Budget::Tokens(num(1, None)?),
+            recent: Budget::Tokens(num(2, None)?),
+        },
+        "snapkv" => Retention::SnapKv {
+            budget: Budget::Tokens(num(1, None)?),
+            observe: num(2, Some(32))?,
+            pool: num(3, Some(7))?,
+        },
+        other => bail!("unknown retention {other:?} (stream:S:W, h2o:H:R, snapkv:B[:O[:P]])"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use layerkv::LayerKvPolicy;
+
+    #[test]
+    fn specs_parse() {
+        let p = parse("cla:2+stream:4:60", 4).unwrap();
+        assert_eq!(p.layer_map().num_groups(), 2);
+        assert_eq!(
+            p.retention(0),
+            &Retention::SinkWindow {
+                sinks: 4,
+                window: 60
+            }
+        );
+        let p = parse(r#"kvsharer:{"3":1}"#, 4).unwrap();
+        assert_eq!(p.layer_map().source(3), 1);
+        assert!(parse("nonsense", 4).is_err());
+        assert!(parse("identity+stream:4", 4).is_err());
+        assert!(parse("identity+snapkv:64", 4).is_ok());
+    }
+}

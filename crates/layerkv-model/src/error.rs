@@ -1,0 +1,103 @@
+//! Errors of the model runner: each says what failed and where (file, tensor, command).
+
+use std::path::PathBuf;
+
+/// Model-runner errors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ModelError {
+    /// A required file is missing.
+    #[error("missing file {0}")]
+    MissingFile(PathBuf),
+    /// `model_type` is not one the runner implements.
+    #[error("unknown architecture {0:?} (supported: llama, mistral, qwen2)")]
+    UnknownArchitecture(String),
+    /// A config value is missing or impossible.
+    #[error("config: {0}")]
+    Config(String),
+    /// A tensor the architecture needs is absent from the weights.
+    #[error("tensor {name} is missing from {source_file}")]
+    MissingTensor {
+        /// Tensor name.
+        name: String,
+        /// Where the weights came from.
+        source_file: PathBuf,
+    },
+    /// A tensor has the wrong shape for the config.
+    #[error("tensor {name}: expected shape {expected:?}, found {actual:?}")]
+    ShapeMismatch {
+        /// Tensor name.
+        name: String,
+        /// Shape the config implies.
+        expected: Vec<usize>,
+        /// Shape in the file.
+        actual: Vec<usize>,
+    },
+    /// A weights or GGUF file is truncated or malformed.
+    #[error("{path}: {what}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
+    /// The tokenizer has more tokens than the embedding has rows.
+    #[error("tokenizer has {tokenizer} tokens but the model's vocab_size is {config}")]
+    VocabMismatch {
+        /// Tokens in tokenizer.json.
+        tokenizer: usize,
+        /// `vocab_size` of config.json.
+        config: usize,
+    },
+    /// Tokenizer failure.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// An external command (pip, apt-get, dpkg-deb) failed.
+    #[error("command `{command}` failed: {stderr}")]
+    Command {
+        /// The command line.
+        command: String,
+        /// Its standard error (tail).
+        stderr: String,
+    },
+    /// I/O error with the path involved.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// JSON error with the file involved.
+    #[error("{path}: {what}")]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// The parse error.
+        what: String,
+    },
+    /// Error from the KV core (policy, cache).
+    #[error(transparent)]
+    Core(#[from] layerkv::Error),
+    /// Error from the kernels.
+    #[error(transparent)]
+    Kernel(#[from] layerkv_kernels::KernelError),
+    /// Error from candle.
+    #[error("candle: {0}")]
+    Candle(String),
+}
+
+/// Result alias of the model runner.
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;
+
+impl From<candle_core::Error> for ModelError {
+    fn from(e: candle_core::Error) -> Self {
+        ModelError::Candle(e.to_string())
+    }
+}
+
+/// Attaches a path to an I/O error.
+pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> ModelError {
+    let path = path.into();
+    move |source| ModelError::Io { path, source }
+}

@@ -1,0 +1,23 @@
+//! # layerkv-model
+//!
+//! Llama-family decoders (llama, mistral, qwen2) on candle whose KV cache goes through a
+//! `layerkv` policy, the cross-layer block allocator and the paged kernels: loading Hugging Face
+//! model directories ([`weights`], [`config`], [`tokenizer`]), GGUF conversion ([`convert`]),
+//! the embedded default model and texts ([`assets`]), the policy-driven forward pass
+//! ([`engine`]), generation ([`generate`]) and evaluation ([`eval`]).
+
+pub mod assets;
+pub mod config;
+pub mod convert;
+pub mod engine;
+mod error;
+pub mod eval;
+pub mod generate;
+mod model;
+pub mod rope;
+pub mod tokenizer;
+pub mod weights;
+
+pub use config::ModelConfig;
+pub use error::{ModelError, Result};
+pub use model::Model;

@@ -1,0 +1,218 @@
+//! The llama-family decoder weights (llama, mistral, qwen2) and the per-layer pieces of the
+//! forward pass that do not touch the KV cache: norms, projections, MLP, logits.
+//!
+//! The model is policy-independent: one loaded [`Model`] serves engines with different policies
+//! (the demo compares them on the same weights). What the policy changes, which layers compute
+//! K/V and which cache they read, lives in [`crate::engine`]. K/V projections are counted
+//! ([`Model::kv_projections`]) so tests can prove that sharing layers skip them.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::Linear;
+
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::rope::Rope;
+use crate::weights::Weights;
+
+/// One decoder layer's weights.
+#[derive(Debug)]
+pub struct Layer {
+    input_norm: Tensor,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    post_norm: Tensor,
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+/// A llama-family decoder on one device.
+#[derive(Debug)]
+pub struct Model {
+    cfg: ModelConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    rope: Rope,
+    dtype: DType,
+    device: Device,
+    kv_projections: AtomicU64,
+}
+
+impl Model {
+    /// Loads `config.json` and the safetensors weights of a Hugging Face model directory.
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let cfg = ModelConfig::load(dir)?;
+        let mut weights = Weights::load(dir, dtype, device)?;
+        Self::from_weights(cfg, &mut weights)
+    }
+
+    /// Builds the model from loaded weights, checking every tensor's shape against the config.
+    pub fn from_weights(cfg: ModelConfig, w: &mut Weights) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let d = cfg.head_dim();
+        let q_out = cfg.num_attention_heads * d;
+        let kv_out = cfg.num_key_value_heads * d;
+        let bias = cfg.attention_bias();
+        let linear = |w: &mut Weights,
+                      name: String,
+                      out_dim: usize,
+                      in_dim: usize,
+                      bias: bool|
+         -> Result<Linear> {
+            let weight = w.take(&format!("{name}.weight"), &[out_dim, in_dim])?;
+            let bias = if bias {
+                Some(w.take(&format!("{name}.bias"), &[out_dim])?)
+            } else {
+                None
+            };
+            Ok(Linear::new(weight, bias))
+        };
+        let embed = w.take("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(Layer {
+                input_norm: w.take(&format!("{p}.input_layernorm.weight"), &[h])?,
+                q_proj: linear(w, format!("{p}.self_attn.q_proj"), q_out, h, bias)?,
+                k_proj: linear(w, format!("{p}.self_attn.k_proj"), kv_out, h, bias)?,
+                v_proj: linear(w, format!("{p}.self_attn.v_proj"), kv_out, h, bias)?,
+                o_proj: linear(w, format!("{p}.self_attn.o_proj"), h, q_out, false)?,
+                post_norm: w.take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                gate_proj: linear(
+                    w,
+                    format!("{p}.mlp.gate_proj"),
+                    cfg.intermediate_size,
+                    h,
+                    false,
+                )?,
+                up_proj: linear(
+                    w,
+                    format!("{p}.mlp.up_proj"),
+                    cfg.intermediate_size,
+                    h,
+                    false,
+                )?,
+                down_proj: linear(
+                    w,
+                    format!("{p}.mlp.down_proj"),
+                    h,
+                    cfg.intermediate_size,
+                    false,
+                )?,
+            });
+        }
+        let norm = w.take("model.norm.weight", &[h])?;
+        let lm_head = if cfg.tie_word_embeddings && !w.contains("lm_head.weight") {
+            embed.clone()
+        } else {
+            w.take("lm_head.weight", &[cfg.vocab_size, h])?
+        };
+        let dtype = embed.dtype();
+        let device = embed.device().clone();
+        Ok(Self {
+            rope: Rope::new(&cfg),
+            cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            dtype,
+            device,
+            kv_projections: AtomicU64::new(0),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// Weight dtype (activations use it too).
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device holding the weights.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The rotary embedding.
+    pub fn rope(&self) -> &Rope {
+        &self.rope
+    }
+
+    /// Number of layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// How many (layer x step) K/V projections have run since load: sharing layers add none.
+    pub fn kv_projections(&self) -> u64 {
+        self.kv_projections.load(Ordering::Relaxed)
+    }
+
+    /// Token embeddings `[rows, hidden]`.
+    pub fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
+        let ids = Tensor::new(tokens, &self.device)?;
+        Ok(self.embed.index_select(&ids, 0)?)
+    }
+
+    fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(
+            x,
+            weight,
+            self.cfg.rms_norm_eps as f32,
+        )?)
+    }
+
+    /// Normalises the layer input and projects the queries: `(normed x, q [rows, heads, d])`.
+    pub fn attn_input(&self, layer: usize, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let l = &self.layers[layer];
+        let normed = self.rms_norm(x, &l.input_norm)?;
+        let q = l.q_proj.forward(&normed)?;
+        let rows = q.dim(0)?;
+        let q = q.reshape((rows, self.cfg.num_attention_heads, self.cfg.head_dim()))?;
+        Ok((normed, q))
+    }
+
+    /// K and V projections `[rows, kv_heads, d]` of a layer that owns its KV (counted).
+    pub fn kv(&self, layer: usize, normed: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.kv_projections.fetch_add(1, Ordering::Relaxed);
+        let l = &self.layers[layer];
+        let rows = normed.dim(0)?;
+        let shape = (rows, self.cfg.num_key_value_heads, self.cfg.head_dim());
+        let k = l.k_proj.forward(normed)?.reshape(shape)?;
+        let v = l.v_proj.forward(normed)?.reshape(shape)?;
+        Ok((k, v))
+    }
+
+    /// Output projection, residual, post-attention norm, SwiGLU MLP, residual.
+    pub fn attn_output_and_mlp(&self, layer: usize, x: &Tensor, attn: &Tensor) -> Result<Tensor> {
+        let l = &self.layers[layer];
+        let rows = attn.dim(0)?;
+        let attn = attn.reshape((rows, self.cfg.num_attention_heads * self.cfg.head_dim()))?;
+        let x = (x + l.o_proj.forward(&attn)?)?;
+        let h = self.rms_norm(&x, &l.post_norm)?;
+        let mlp = (candle_nn::ops::silu(&l.gate_proj.forward(&h)?)? * l.up_proj.forward(&h)?)?;
+        Ok((x + l.down_proj.forward(&mlp)?)?)
+    }
+
+    /// Final norm and LM head: f32 logits `[rows, vocab]`.
+    pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.rms_norm(x, &self.norm)?;
+        Ok(h.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
+    }
+
+    /// Log-softmax of f32 logits along the vocabulary.
+    pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::log_softmax(logits, D::Minus1)?)
+    }
+}

@@ -1,0 +1,465 @@
+//! The engine against independent references, on tiny random-weight models written to disk with
+//! the real safetensors writer and loaded by the real loader:
+//! - identity policy == candle-transformers' Llama (logits max abs diff <= 1e-4 in f32, greedy
+//!   tokens equal) through prefill and decode;
+//! - sharing layers run no K/V projection and own no pages;
+//! - iterative parallel prefill == token-by-token prefill for upward sharing (LCKV);
+//! - batched decode of sequences of different lengths == decoding them one by one;
+//! - StreamingLLM (stored keys + re-rotated sinks) == a dense implementation that re-rotates
+//!   every kept key at its cache position each step.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::llama as reference;
+use layerkv::{LayerMap, Phase, Policy, PolicyBuilder, Retention};
+use layerkv_model::engine::{Engine, EngineConfig, LogitsRows, PrefillMode};
+use layerkv_model::Model;
+
+const VOCAB: usize = 64;
+const HIDDEN: usize = 32;
+const LAYERS: usize = 6;
+const HEADS: usize = 4;
+const KV_HEADS: usize = 2;
+const FFN: usize = 48;
+
+/// Writes a tiny llama model directory with seeded random weights.
+fn tiny_model(seed: u64) -> PathBuf {
+    let dir =
+        std::env::temp_dir().join(format!("layerkv-engine-test-{}-{seed}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": HIDDEN,
+        "intermediate_size": FFN,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 512,
+        "vocab_size": VOCAB,
+        "tie_word_embeddings": false,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": "float32"
+    });
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&config).unwrap(),
+    )
+    .unwrap();
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut rand = |shape: &[usize], scale: f32| -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    };
+    let d = HIDDEN / HEADS;
+    let mut t: HashMap<String, Tensor> = HashMap::new();
+    t.insert(
+        "model.embed_tokens.weight".into(),
+        rand(&[VOCAB, HIDDEN], 1.0),
+    );
+    t.insert("lm_head.weight".into(), rand(&[VOCAB, HIDDEN], 0.3));
+    t.insert(
+        "model.norm.weight".into(),
+        (rand(&[HIDDEN], 0.1) + 1.0).unwrap(),
+    );
+    for l in 0..LAYERS {
+        let p = format!("model.layers.{l}");
+        let s = 1.0 / (HIDDEN as f32).sqrt();
+        t.insert(
+            format!("{p}.self_attn.q_proj.weight"),
+            rand(&[HEADS * d, HIDDEN], s * 2.0),
+        );
+        t.insert(
+            format!("{p}.self_attn.k_proj.weight"),
+            rand(&[KV_HEADS * d, HIDDEN], s * 2.0),
+        );
+        t.insert(
+            format!("{p}.self_attn.v_proj.weight"),
+            rand(&[KV_HEADS * d, HIDDEN], s),
+        );
+        t.insert(
+            format!("{p}.self_attn.o_proj.weight"),
+            rand(&[HIDDEN, HEADS * d], s),
+        );
+        t.insert(format!("{p}.mlp.gate_proj.weight"), rand(&[FFN, HIDDEN], s));
+        t.insert(format!("{p}.mlp.up_proj.weight"), rand(&[FFN, HIDDEN], s));
+        t.insert(
+            format!("{p}.mlp.down_proj.weight"),
+            rand(&[HIDDEN, FFN], 1.0 / (FFN as f32).sqrt()),
+        );
+        t.insert(
+            format!("{p}.input_layernorm.weight"),
+            (rand(&[HIDDEN], 0.1) + 1.0).unwrap(),
+        );
+        t.insert(
+            format!("{p}.post_attention_layernorm.weight"),
+            (rand(&[HIDDEN], 0.1) + 1.0).unwrap(),
+        );
+    }
+    candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
+    write_tokenizer(&dir);
+    dir
+}
+
+/// A real byte-level BPE tokenizer.json with VOCAB tokens (no merges), as the loader expects.
+fn write_tokenizer(dir: &Path) {
+    let mut vocab = serde_json::Map::new();
+    for i in 0..VOCAB {
+        vocab.insert(format!("t{i}"), serde_json::json!(i));
+    }
+    let tok = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "vocab": vocab, "merges": []}
+    });
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        serde_json::to_string(&tok).unwrap(),
+    )
+    .unwrap();
+}
+
+fn load(dir: &Path) -> Arc<Model> {
+    Arc::new(Model::load(dir, DType::F32, &Device::Cpu).unwrap())
+}
+
+fn engine(model: &Arc<Model>, policy: Policy, prefill: PrefillMode) -> Engine {
+    let cfg = EngineConfig {
+        block_size: 4,
+        num_pages: 512,
+        kv_dtype: DType::F32,
+        sliding_window: None,
+        prefill,
+    };
+    Engine::new(model.clone(), Arc::new(policy), cfg).unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn argmax_row(t: &Tensor) -> u32 {
+    t.flatten_all()
+        .unwrap()
+        .argmax(0)
+        .unwrap()
+        .to_scalar::<u32>()
+        .unwrap()
+}
+
+const PROMPT: [u32; 11] = [3, 17, 42, 5, 9, 60, 33, 8, 21, 14, 50];
+
+#[test]
+fn identity_matches_candle_transformers_llama() {
+    let dir = tiny_model(1);
+    let model = load(&dir);
+    let mut ours = engine(
+        &model,
+        Policy::identity(LAYERS).unwrap(),
+        PrefillMode::TokenByToken,
+    );
+
+    let cfg: reference::LlamaConfig =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let cfg = cfg.into_config(false);
+    let vb = unsafe {
+        VarBuilder::from_mmaped_safetensors(
+            &[dir.join("model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    let theirs = reference::Llama::load(vb, &cfg).unwrap();
+    let mut cache = reference::Cache::new(true, DType::F32, &cfg, &Device::Cpu).unwrap();
+
+    ours.add_sequence(0).unwrap();
+    let a = ours
+        .step(&[(0, &PROMPT)], LogitsRows::Last, Phase::Prefill)
+        .unwrap();
+    let input = Tensor::new(&PROMPT[..], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let b = theirs.forward(&input, 0, &mut cache).unwrap();
+    let d = max_diff(&a, &b);
+    assert!(d <= 1e-4, "prefill logits differ by {d}");
+    let mut next = argmax_row(&a);
+    assert_eq!(next, argmax_row(&b));
+    for (step, pos) in (PROMPT.len()..PROMPT.len() + 12).enumerate() {
+        let a = ours
+            .step(&[(0, &[next])], LogitsRows::Last, Phase::Decode)
+            .unwrap();
+        let input = Tensor::new(&[next], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let b = theirs.forward(&input, pos, &mut cache).unwrap();
+        let d = max_diff(&a, &b);
+        assert!(d <= 1e-4, "decode step {step}: logits differ by {d}");
+        assert_eq!(
+            argmax_row(&a),
+            argmax_row(&b),
+            "decode step {step}: greedy tokens differ"
+        );
+        next = argmax_row(&a);
+    }
+}
+
+#[test]
+fn sharing_layers_skip_kv_projections_and_own_no_pages() {
+    let model = load(&tiny_model(2));
+    let policy = PolicyBuilder::new(LayerMap::cla(LAYERS, 3).unwrap())
+        .build()
+        .unwrap();
+    let mut e = engine(&model, policy, PrefillMode::TokenByToken);
+    e.add_sequence(0).unwrap();
+    let before = model.kv_projections();
+    e.step(&[(0, &PROMPT)], LogitsRows::Last, Phase::Prefill)
+        .unwrap();
+    e.step(&[(0, &[7])], LogitsRows::Last, Phase::Decode)
+        .unwrap();
+    // 2 owner layers x 2 steps, not 6 layers x 2 steps.
+    assert_eq!(model.kv_projections() - before, 2 * 2);
+    let mem = e.cache().memory(0).unwrap();
+    for layer in 0..LAYERS {
+        let owns = layer % 3 == 0;
+        assert_eq!(
+            mem.bytes_per_layer[layer] > 0,
+            owns,
+            "layer {layer}: {:?}",
+            mem.bytes_per_layer
+        );
+    }
+}
+
+#[test]
+fn iterative_prefill_matches_token_by_token_for_upward_sharing() {
+    let model = load(&tiny_model(3));
+    let map = LayerMap::lckv(LAYERS, 1, 1).unwrap();
+    assert!(map.needs_upward());
+    let policy = PolicyBuilder::new(map).build().unwrap();
+    let mut slow = engine(&model, policy.clone(), PrefillMode::TokenByToken);
+    let mut fast = engine(
+        &model,
+        policy,
+        PrefillMode::Iterative {
+            max_passes: 64,
+            tolerance: 0.0,
+        },
+    );
+    for e in [&mut slow, &mut fast] {
+        e.add_sequence(0).unwrap();
+    }
+    let a = slow
+        .step(&[(0, &PROMPT)], LogitsRows::All, Phase::Prefill)
+        .unwrap();
+    let b = fast
+        .step(&[(0, &PROMPT)], LogitsRows::All, Phase::Prefill)
+        .unwrap();
+    let d = max_diff(&a, &b);
+    assert!(
+        d <= 1e-4,
+        "iterative prefill differs from token-by-token by {d}"
+    );
+    // Decoding on top of either cache agrees too.
+    let a = slow
+        .step(&[(0, &[4])], LogitsRows::Last, Phase::Decode)
+        .unwrap();
+    let b = fast
+        .step(&[(0, &[4])], LogitsRows::Last, Phase::Decode)
+        .unwrap();
+    assert!(max_diff(&a, &b) <= 1e-4);
+    // And upward sharing really changes the model (the test is not vacuous).
+    let mut id = engine(
+        &model,
+        Policy::identity(LAYERS).unwrap(),
+        PrefillMode::TokenByToken,
+    );
+    id.add_sequence(0).unwrap();
+    let c = id
+        .step(&[(0, &PROMPT)], LogitsRows::All, Phase::Prefill)
+        .unwrap();
+    assert!(
+        max_diff(&a.narrow(0, 0, 1).unwrap(), &c.narrow(0, 0, 1).unwrap()) > 1e-3
+            || max_diff(&b, &c.narrow(0, 0, b.dim(0).unwrap()).unwrap()) > 1e-3
+    );
+}
+
+#[test]
+fn batched_decode_matches_one_by_one() {
+    let model = load(&tiny_model(4));
+    let policy = PolicyBuilder::new(LayerMap::cla(LAYERS, 2).unwrap())
+        .build()
+        .unwrap();
+    let prompts: [&[u32]; 3] = [&PROMPT[..3], &PROMPT[..], &PROMPT[2..9]];
+    let mut batched = engine(&model, policy.clone(), PrefillMode::TokenByToken);
+    let mut single = engine(&model, policy, PrefillMode::TokenByToken);
+    let batch: Vec<(u64, &[u32])> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (i as u64, *p))
+        .collect();
+    for (i, p) in &batch {
+        batched.add_sequence(*i).unwrap();
+        single.add_sequence(*i).unwrap();
+        single
+            .step(&[(*i, p)], LogitsRows::Last, Phase::Prefill)
+            .unwrap();
+    }
+    // Batched prefill of different lengths, then batched decode.
+    batched
+        .step(&batch, LogitsRows::Last, Phase::Prefill)
+        .unwrap();
+    for step in 0..4u32 {
+        let toks: Vec<[u32; 1]> = (0..3)
+            .map(|i| [(step * 7 + i * 3) % VOCAB as u32])
+            .collect();
+        let inputs: Vec<(u64, &[u32])> = toks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (i as u64, &t[..]))
+            .collect();
+        let a = batched
+            .step(&inputs, LogitsRows::Last, Phase::Decode)
+            .unwrap();
+        for (i, t) in inputs.iter().enumerate() {
+            let b = single.step(&[*t], LogitsRows::Last, Phase::Decode).unwrap();
+            let d = max_diff(&a.narrow(0, i, 1).unwrap(), &b);
+            assert!(d <= 1e-5, "step {step} seq {i}: {d}");
+        }
+    }
+}
+
+/// StreamingLLM as its authors define it, written densely and independently of the engine:
+/// per layer, keep pre-RoPE keys of the sinks and the recent window, evict before appending,
+/// and rotate every kept key at its position inside the cache at every step.
+fn streaming_reference(model: &Model, text: &[u32], sinks: usize, window: usize) -> Vec<Tensor> {
+    let cfg = model.config();
+    let (heads, kvh, d) = (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim(),
+    );
+    let mut keys: Vec<Vec<Tensor>> = vec![Vec::new(); LAYERS];
+    let mut values: Vec<Vec<Tensor>> = vec![Vec::new(); LAYERS];
+    let mut out = Vec::new();
+    for &tok in text {
+        let mut x = model.embed(&[tok]).unwrap();
+        for l in 0..LAYERS {
+            // Evict before appending: sinks + the last window - 1 tokens stay.
+            if keys[l].len() > sinks + window - 1 {
+                let cut = keys[l].len() - (window - 1);
+                keys[l].drain(sinks..cut);
+                values[l].drain(sinks..cut);
+            }
+            let (normed, q) = model.attn_input(l, &x).unwrap();
+            let (k, v) = model.kv(l, &normed).unwrap();
+            keys[l].push(k);
+            values[l].push(v);
+            let n = keys[l].len();
+            let positions: Vec<usize> = (0..n).collect();
+            let (cos, sin) = model
+                .rope()
+                .tables(&positions, DType::F32, &Device::Cpu)
+                .unwrap();
+            let k_all =
+                layerkv_model::rope::Rope::apply(&Tensor::cat(&keys[l], 0).unwrap(), &cos, &sin)
+                    .unwrap();
+            let v_all = Tensor::cat(&values[l], 0).unwrap();
+            let q = layerkv_model::rope::Rope::apply(
+                &q,
+                &cos.narrow(0, n - 1, 1).unwrap(),
+                &sin.narrow(0, n - 1, 1).unwrap(),
+            )
+            .unwrap();
+            // Dense GQA attention of the single query over all kept tokens.
+            let mut rows = Vec::new();
+            for h in 0..heads {
+                let kv = h / (heads / kvh);
+                let kh = k_all.narrow(1, kv, 1).unwrap().squeeze(1).unwrap(); // [n, d]
+                let vh = v_all.narrow(1, kv, 1).unwrap().squeeze(1).unwrap();
+                let qh = q.narrow(1, h, 1).unwrap().squeeze(1).unwrap(); // [1, d]
+                let scores = (qh.matmul(&kh.t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
+                let p = candle_nn::ops::softmax_last_dim(&scores).unwrap();
+                rows.push(p.matmul(&vh).unwrap()); // [1, d]
+            }
+            let attn = Tensor::stack(&rows, 1).unwrap(); // [1, heads, d]
+            x = model.attn_output_and_mlp(l, &x, &attn).unwrap();
+        }
+        out.push(model.logits(&x).unwrap());
+    }
+    out
+}
+
+#[test]
+fn streaming_matches_the_dense_cache_position_reference() {
+    let model = load(&tiny_model(5));
+    let (sinks, window) = (2, 5);
+    let policy = PolicyBuilder::new(LayerMap::identity(LAYERS).unwrap())
+        .retention(Retention::SinkWindow { sinks, window })
+        .build()
+        .unwrap();
+    let mut stream = engine(&model, policy, PrefillMode::TokenByToken);
+    stream.add_sequence(0).unwrap();
+    let text: Vec<u32> = (0..24).map(|i| (i * 11 + 3) % VOCAB as u32).collect();
+    let want = streaming_reference(&model, &text, sinks, window);
+    for (t, tok) in text.iter().enumerate() {
+        let phase = if t == 0 {
+            Phase::Prefill
+        } else {
+            Phase::Decode
+        };
+        let got = stream
+            .step(&[(0, &[*tok])], LogitsRows::Last, phase)
+            .unwrap();
+        let d = max_diff(&got, &want[t]);
+        assert!(
+            d <= 1e-4,
+            "step {t}: streaming logits differ from the dense reference by {d}"
+        );
+    }
+    assert_eq!(
+        stream.cache().read().table(0, 0).unwrap().num_valid(),
+        sinks + window - 1
+    );
+    // Pages that left the window went back to the pool: 6 valid slots on at most 3 pages of 4.
+    assert!(stream
+        .cache()
+        .memory(0)
+        .unwrap()
+        .pages_per_group
+        .iter()
+        .all(|&p| p <= 3));
+}

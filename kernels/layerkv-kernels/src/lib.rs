@@ -1,0 +1,162 @@
+//! # layerkv-kernels
+//!
+//! Paged attention over the block tables that `layerkv`'s allocator lays out: one call serves a
+//! batch of sequences, each with one query row (decode) or many (prefill, chunked prefill on top
+//! of cached context), GQA/MQA, sliding windows, slot-level validity masks (token eviction),
+//! diagonal masking for upward cross-layer sharing, and an optional per-slot attention-mass
+//! output for score-based retention (H2O, SnapKV).
+//!
+//! The kernels never see a policy: they read pages, lengths and masks ([`SeqKv`]) and the rule
+//! ([`AttentionParams`]). [`reference`] is a naive dense implementation used by the tests.
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use layerkv_kernels::{paged_attention, AttentionParams, KvStore, SeqKv, SeqQuery};
+//!
+//! let mut store = KvStore::new(8, 4, 2, 16, DType::F32, &Device::Cpu)?;
+//! let k = Tensor::randn(0f32, 1.0, (6, 2, 16), &Device::Cpu)?;
+//! store.write(&[12, 13, 14, 15, 4, 5], &k, &k)?;        // pages 3 and 1
+//! let q = Tensor::randn(0f32, 1.0, (1, 4, 16), &Device::Cpu)?;
+//! let seq = SeqQuery {
+//!     kv: SeqKv { pages: &[3, 1], num_slots: 6, valid: None },
+//!     q_start: 0,
+//!     num_q: 1,
+//!     q_pos: 5,
+//! };
+//! let params = AttentionParams { scale: 0.25, window: None, include_diagonal: true };
+//! let out = paged_attention(&q, &store, &[seq], &params, None)?;
+//! assert_eq!(out.dims(), &[1, 4, 16]);
+//! # Ok::<(), layerkv_kernels::KernelError>(())
+//! ```
+
+mod cpu;
+mod error;
+pub mod reference;
+mod store;
+mod view;
+
+pub use error::{KernelError, Result};
+pub use store::KvStore;
+pub use view::{AttentionParams, SeqKv, SeqQuery};
+
+/// Marks a logical page that eviction returned to the pool: all its slots are invalid.
+pub const NULL_PAGE: u32 = u32::MAX;
+
+/// Paged attention for a batch of sequences.
+///
+/// `q`: `[total_q, heads, head_dim]` (f32/f16/bf16, on the store's device), `heads` a multiple
+/// of the store's `kv_heads`. Row r of sequence s attends, with f32 accumulation, to the valid
+/// slots of `s.kv` visible from logical position `s.q_pos + r` under `params`; a row that sees no
+/// slot outputs zeros. Returns `[total_q, heads, head_dim]` in q's dtype.
+///
+/// `mass`: if given, *adds* to it, per sequence, the attention probability each logical slot
+/// received, summed over heads and query rows; its layout is the concatenation of per-sequence
+/// segments of `kv.num_slots` entries in `seqs` order. Adding lets every layer that reads a KV
+/// group accumulate into one buffer.
+pub fn paged_attention(
+    q: &candle_core::Tensor,
+    store: &KvStore,
+    seqs: &[SeqQuery<'_>],
+    params: &AttentionParams,
+    mass: Option<&mut [f32]>,
+) -> Result<candle_core::Tensor> {
+    validate(q, store, seqs, mass.as_deref())?;
+    if q.device().is_cpu() {
+        cpu::attention(q, store, seqs, params, mass)
+    } else {
+        // Non-CPU devices use the dense reference until a device kernel is built for them.
+        reference::attention_on_device(q, store, seqs, params, mass)
+    }
+}
+
+fn validate(
+    q: &candle_core::Tensor,
+    store: &KvStore,
+    seqs: &[SeqQuery<'_>],
+    mass: Option<&[f32]>,
+) -> Result<()> {
+    let dims = q.dims();
+    let shape_err = |expected: String| KernelError::Shape {
+        what: "q",
+        expected,
+        actual: dims.to_vec(),
+    };
+    let &[total_q, heads, head_dim] = dims else {
+        return Err(shape_err("[total_q, heads, head_dim]".into()));
+    };
+    if head_dim != store.head_dim() {
+        return Err(shape_err(format!(
+            "head_dim {} (the store's)",
+            store.head_dim()
+        )));
+    }
+    if heads == 0 || heads % store.kv_heads() != 0 || heads / store.kv_heads() > cpu::MAX_GROUP {
+        return Err(shape_err(format!(
+            "a multiple of kv_heads ({}) heads, at most {} per KV head",
+            store.kv_heads(),
+            cpu::MAX_GROUP
+        )));
+    }
+    if !matches!(
+        q.dtype(),
+        candle_core::DType::F32 | candle_core::DType::F16 | candle_core::DType::BF16
+    ) {
+        return Err(KernelError::DType {
+            what: "q",
+            dtype: q.dtype(),
+        });
+    }
+    if !q.device().same_device(store.device()) {
+        return Err(KernelError::Invalid(
+            "q and the store are on different devices".into(),
+        ));
+    }
+    let bs = store.block_size();
+    let mut slots = 0;
+    for (i, s) in seqs.iter().enumerate() {
+        if s.q_start + s.num_q > total_q {
+            return Err(KernelError::Invalid(format!(
+                "sequence {i}: rows {}..{} exceed q's {total_q} rows",
+                s.q_start,
+                s.q_start + s.num_q
+            )));
+        }
+        if s.kv.num_slots > s.kv.pages.len() * bs {
+            return Err(KernelError::Invalid(format!(
+                "sequence {i}: {} slots do not fit in {} pages of {bs}",
+                s.kv.num_slots,
+                s.kv.pages.len()
+            )));
+        }
+        if let Some(v) = s.kv.valid {
+            if v.len() * 64 < s.kv.num_slots {
+                return Err(KernelError::Invalid(format!(
+                    "sequence {i}: validity mask has {} bits for {} slots",
+                    v.len() * 64,
+                    s.kv.num_slots
+                )));
+            }
+        }
+        if let Some(&p) =
+            s.kv.pages
+                .iter()
+                .find(|&&p| p != NULL_PAGE && p as usize >= store.num_pages())
+        {
+            return Err(KernelError::Page {
+                what: format!("sequence {i}"),
+                page: p,
+                num_pages: store.num_pages(),
+            });
+        }
+        slots += s.kv.num_slots;
+    }
+    if let Some(m) = mass {
+        if m.len() != slots {
+            return Err(KernelError::Invalid(format!(
+                "mass buffer has {} entries, the sequences have {slots} slots",
+                m.len()
+            )));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,324 @@
+//! The CPU paged kernel against the dense reference on seeded random cases: shapes, block sizes
+//! (1, 4, 16, 32), shuffled page ids, lengths at and around page boundaries, validity masks with
+//! holes, evicted (NULL) pages, GQA ratios 1/3/4 and MQA, sliding windows, masked diagonals,
+//! batches mixing decode and chunked prefill, f32/f16/bf16 storage; plus the attention mass.
+//! Tolerances: f32 storage 1e-5 (relative to the output's scale), f16/bf16 storage 2e-2.
+
+use candle_core::{DType, Device, Tensor};
+use layerkv_kernels::reference::dense_attention;
+use layerkv_kernels::{
+    paged_attention, AttentionParams, KernelError, KvStore, SeqKv, SeqQuery, NULL_PAGE,
+};
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+struct Case {
+    store: KvStore,
+    pages: Vec<Vec<u32>>,
+    valid: Vec<Option<Vec<u64>>>,
+    num_slots: Vec<usize>,
+    num_q: Vec<usize>,
+    q_pos: Vec<usize>,
+    q: Tensor,
+    params: AttentionParams,
+}
+
+fn build(seed: u64, dtype: DType) -> Case {
+    let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let bs = [1, 4, 16, 32][rng.below(4)];
+    let kv_heads = [1, 2, 3][rng.below(3)];
+    let group = [1, 3, 4][rng.below(3)];
+    let head_dim = [8, 16, 20, 64][rng.below(4)];
+    let batch = 1 + rng.below(4);
+    let mut num_slots = Vec::new();
+    let mut num_q = Vec::new();
+    for _ in 0..batch {
+        let n = match rng.below(5) {
+            0 => 1,
+            1 => bs,
+            2 => bs + 1,
+            _ => 1 + rng.below(90),
+        };
+        num_slots.push(n);
+        num_q.push(if rng.below(2) == 0 {
+            1
+        } else {
+            1 + rng.below(n.min(9))
+        });
+    }
+    let total_pages: usize = num_slots.iter().map(|n| n.div_ceil(bs)).sum::<usize>() + 3;
+    // Shuffled physical pages.
+    let mut ids: Vec<u32> = (0..total_pages as u32).collect();
+    for i in (1..ids.len()).rev() {
+        ids.swap(i, rng.below(i + 1));
+    }
+    let mut next = 0;
+    let mut pages = Vec::new();
+    let mut valid = Vec::new();
+    let holes = rng.below(3) == 0;
+    for &n in &num_slots {
+        let np = n.div_ceil(bs);
+        let mut p: Vec<u32> = ids[next..next + np].to_vec();
+        next += np;
+        if holes {
+            let mut v = vec![0u64; n.div_ceil(64)];
+            for s in 0..n {
+                if s == n - 1 || rng.below(4) != 0 {
+                    v[s / 64] |= 1 << (s % 64);
+                }
+            }
+            // Evict whole pages in the middle: their slots are invalid and the page is NULL.
+            for (i, page) in p.iter_mut().enumerate() {
+                if (i + 1) * bs < n && rng.below(4) == 0 {
+                    *page = NULL_PAGE;
+                    for s in i * bs..(i + 1) * bs {
+                        v[s / 64] &= !(1 << (s % 64));
+                    }
+                }
+            }
+            valid.push(Some(v));
+        } else {
+            valid.push(None);
+        }
+        pages.push(p);
+    }
+    let dev = Device::Cpu;
+    let mut store = KvStore::new(total_pages, bs, kv_heads, head_dim, dtype, &dev).unwrap();
+    let all = total_pages * bs;
+    let k = Tensor::randn(0f32, 1.0, (all, kv_heads, head_dim), &dev).unwrap();
+    let v = Tensor::randn(0f32, 1.0, (all, kv_heads, head_dim), &dev).unwrap();
+    let slots: Vec<u32> = (0..all as u32).collect();
+    store.write(&slots, &k, &v).unwrap();
+    let total_q: usize = num_q.iter().sum();
+    let q = Tensor::randn(0f32, 1.0, (total_q, kv_heads * group, head_dim), &dev)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap();
+    let q_pos = num_slots
+        .iter()
+        .zip(&num_q)
+        .map(|(&n, &nq)| n - nq + usize::from(rng.below(4) == 0).min(nq))
+        .collect();
+    let params = AttentionParams {
+        scale: 1.0 / (head_dim as f32).sqrt(),
+        window: (rng.below(3) == 0).then(|| 1 + rng.below(20)),
+        include_diagonal: rng.below(4) != 0,
+    };
+    Case {
+        store,
+        pages,
+        valid,
+        num_slots,
+        num_q,
+        q_pos,
+        q,
+        params,
+    }
+}
+
+fn seqs(c: &Case) -> Vec<SeqQuery<'_>> {
+    let mut start = 0;
+    (0..c.pages.len())
+        .map(|i| {
+            let s = SeqQuery {
+                kv: SeqKv {
+                    pages: &c.pages[i],
+                    num_slots: c.num_slots[i],
+                    valid: c.valid[i].as_deref(),
+                },
+                q_start: start,
+                num_q: c.num_q[i],
+                q_pos: c.q_pos[i],
+            };
+            start += c.num_q[i];
+            s
+        })
+        .collect()
+}
+
+fn check(seed: u64, dtype: DType, tol: f32) {
+    let c = build(seed, dtype);
+    let s = seqs(&c);
+    let total: usize = c.num_slots.iter().sum();
+    let mut mass = vec![0.5f32; total];
+    let got = paged_attention(&c.q, &c.store, &s, &c.params, Some(&mut mass)).unwrap();
+    assert_eq!(got.dtype(), dtype);
+    let (want, want_mass) = dense_attention(&c.q, &c.store, &s, &c.params).unwrap();
+    let got = got.to_dtype(DType::F32).unwrap();
+    let scale = want
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .max(1.0);
+    let diff = (&got - &want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        diff <= tol * scale,
+        "seed {seed} {dtype:?}: max diff {diff} (scale {scale}), params {:?}",
+        c.params
+    );
+    for (i, (m, w)) in mass.iter().zip(&want_mass).enumerate() {
+        assert!(
+            (m - 0.5 - w).abs() <= 1e-3 * w.max(1.0),
+            "seed {seed}: mass[{i}] {} vs {w}",
+            m - 0.5
+        );
+    }
+}
+
+#[test]
+fn paged_matches_reference_f32() {
+    for seed in 0..150 {
+        check(seed, DType::F32, 1e-5);
+    }
+}
+
+#[test]
+fn paged_matches_reference_f16_bf16() {
+    for seed in 0..60 {
+        check(seed, DType::F16, 2e-2);
+        check(seed + 1000, DType::BF16, 2e-2);
+    }
+}
+
+#[test]
+fn mass_sums_to_rows_times_heads() {
+    // Every row that sees at least one slot spreads probability 1 per head.
+    let c = build(7, DType::F32);
+    let s = seqs(&c);
+    let total: usize = c.num_slots.iter().sum();
+    let mut mass = vec![0f32; total];
+    let params = AttentionParams {
+        window: None,
+        include_diagonal: true,
+        ..c.params
+    };
+    paged_attention(&c.q, &c.store, &s, &params, Some(&mut mass)).unwrap();
+    let heads = c.q.dims()[1];
+    let mut off = 0;
+    for (i, seq) in s.iter().enumerate() {
+        let sum: f32 = mass[off..off + c.num_slots[i]].iter().sum();
+        let rows_seeing = (0..seq.num_q)
+            .filter(|&r| {
+                (0..=(seq.q_pos + r).min(seq.kv.num_slots - 1))
+                    .any(|x| seq.kv.is_valid(x, c.store.block_size()))
+            })
+            .count();
+        assert!(
+            (sum - (rows_seeing * heads) as f32).abs() < 1e-3,
+            "seq {i}: {sum}"
+        );
+        off += c.num_slots[i];
+    }
+}
+
+#[test]
+fn store_write_and_copy_page() {
+    let dev = Device::Cpu;
+    let mut store = KvStore::new(4, 2, 1, 4, DType::BF16, &dev).unwrap();
+    let k = Tensor::arange(0f32, 8.0, &dev)
+        .unwrap()
+        .reshape((2, 1, 4))
+        .unwrap();
+    store.write(&[3, 6], &k, &(&k * 2.0).unwrap()).unwrap();
+    store.copy_page(3, 0).unwrap();
+    let pages = store
+        .k()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .reshape((8, 4))
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    assert_eq!(pages[3], vec![0.0, 1.0, 2.0, 3.0]);
+    assert_eq!(pages[6], vec![4.0, 5.0, 6.0, 7.0]);
+    assert_eq!(pages[0], vec![4.0, 5.0, 6.0, 7.0]); // page 3 = slots 6, 7 copied to page 0
+    let v = store
+        .v()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .reshape((8, 4))
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    assert_eq!(v[3], vec![0.0, 2.0, 4.0, 6.0]);
+    assert_eq!(store.page_bytes(), 2 * 2 * 4 * 2);
+}
+
+#[test]
+fn bad_arguments_are_typed_errors() {
+    let dev = Device::Cpu;
+    let mut store = KvStore::new(2, 4, 2, 8, DType::F32, &dev).unwrap();
+    let k = Tensor::zeros((1, 2, 8), DType::F32, &dev).unwrap();
+    assert!(matches!(
+        store.write(&[8], &k, &k).unwrap_err(),
+        KernelError::Page { page: 2, .. }
+    ));
+    assert!(matches!(
+        store.write(&[0, 1], &k, &k).unwrap_err(),
+        KernelError::Shape { .. }
+    ));
+    assert!(matches!(
+        store.copy_page(0, 5).unwrap_err(),
+        KernelError::Page { page: 5, .. }
+    ));
+    assert!(KvStore::new(2, 4, 2, 8, DType::U32, &dev).is_err());
+    let params = AttentionParams {
+        scale: 1.0,
+        window: None,
+        include_diagonal: true,
+    };
+    let seq = |pages: &'static [u32], n| SeqQuery {
+        kv: SeqKv {
+            pages,
+            num_slots: n,
+            valid: None,
+        },
+        q_start: 0,
+        num_q: 1,
+        q_pos: 0,
+    };
+    let q = Tensor::zeros((1, 4, 8), DType::F32, &dev).unwrap();
+    assert!(paged_attention(&q, &store, &[seq(&[0], 5)], &params, None).is_err());
+    assert!(matches!(
+        paged_attention(&q, &store, &[seq(&[7], 1)], &params, None).unwrap_err(),
+        KernelError::Page { page: 7, .. }
+    ));
+    let bad_heads = Tensor::zeros((1, 3, 8), DType::F32, &dev).unwrap();
+    assert!(matches!(
+        paged_attention(&bad_heads, &store, &[seq(&[0], 1)], &params, None).unwrap_err(),
+        KernelError::Shape { .. }
+    ));
+    let mut short = vec![0f32; 3];
+    assert!(paged_attention(&q, &store, &[seq(&[0], 1)], &params, Some(&mut short)).is_err());
+    let rows = SeqQuery {
+        q_start: 1,
+        ..seq(&[0], 1)
+    };
+    assert!(paged_attention(&q, &store, &[rows], &params, None).is_err());
+}
