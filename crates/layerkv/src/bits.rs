@@ -26,10 +26,19 @@ pub fn clear(words: &mut [u64], i: usize) {
     words[i / 64] &= !(1 << (i % 64));
 }
 
-/// Sets bits `lo..hi`.
+/// Sets bits `lo..hi` (word at a time).
 pub fn set_range(words: &mut [u64], lo: usize, hi: usize) {
-    for i in lo..hi {
-        set(words, i);
+    let mut i = lo;
+    while i < hi {
+        let bit = i % 64;
+        let n = (64 - bit).min(hi - i);
+        let mask = if n == 64 {
+            u64::MAX
+        } else {
+            ((1u64 << n) - 1) << bit
+        };
+        words[i / 64] |= mask;
+        i += n;
     }
 }
 
@@ -41,4 +50,23 @@ pub fn count_range(words: &[u64], lo: usize, hi: usize) -> usize {
 /// Number of set bits.
 pub fn count(words: &[u64]) -> usize {
     words.iter().map(|w| w.count_ones() as usize).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_match_bit_by_bit() {
+        for lo in 0..130 {
+            for hi in lo..200 {
+                let mut a = vec![0u64; 4];
+                set_range(&mut a, lo, hi);
+                assert_eq!(count(&a), hi - lo);
+                assert_eq!(count_range(&a, lo, hi), hi - lo);
+                assert!(lo == 0 || !get(&a, lo - 1));
+                assert!(hi >= 256 || !get(&a, hi));
+            }
+        }
+    }
 }

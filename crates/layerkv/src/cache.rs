@@ -12,9 +12,10 @@
 //! tables and the mapping have grown (tables grow by doubling, amortised O(1) per token).
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
-use parking_lot::{RwLock, RwLockReadGuard};
+use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::bits;
 use crate::error::{Error, Result};
@@ -105,9 +106,11 @@ impl SlotMapping {
     }
 
     fn reset(&mut self, num_groups: usize) {
-        self.slots.resize_with(num_groups, Vec::new);
-        self.first_slot.resize(num_groups, 0);
-        self.first_position.resize(num_groups, 0);
+        if self.slots.len() != num_groups {
+            self.slots.resize_with(num_groups, Vec::new);
+            self.first_slot.resize(num_groups, 0);
+            self.first_position.resize(num_groups, 0);
+        }
         for s in &mut self.slots {
             s.clear();
         }
@@ -135,6 +138,29 @@ pub struct MemoryReport {
     pub total_bytes: usize,
 }
 
+/// Hashes engine-chosen `u64` sequence ids with one folded multiply (SipHash would dominate a
+/// single-token append).
+#[derive(Default)]
+struct SeqHasher(u64);
+
+impl Hasher for SeqHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    #[inline]
+    fn write_u64(&mut self, x: u64) {
+        let m = u128::from(x ^ self.0) * 0x9e37_79b9_7f4a_7c15_u128;
+        self.0 = (m as u64) ^ ((m >> 64) as u64);
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Sequence {
     tables: Vec<BlockTable>,
@@ -147,18 +173,31 @@ struct Sequence {
 #[derive(Debug)]
 struct State {
     pool: BlockPool,
-    seqs: HashMap<SeqId, Sequence>,
+    seqs: HashMap<SeqId, Sequence, BuildHasherDefault<SeqHasher>>,
     keep: Vec<u64>,
     scratch: Vec<u32>,
+}
+
+/// The immutable half of a cache: policy, sizes, whether prefix caching is on.
+#[derive(Debug)]
+struct Core {
+    policy: Arc<dyn LayerKvPolicy>,
+    config: CacheConfig,
+    caching: bool,
 }
 
 /// The KV-cache manager for one model and one policy.
 #[derive(Debug)]
 pub struct KvCache {
-    policy: Arc<dyn LayerKvPolicy>,
-    config: CacheConfig,
-    caching: bool,
+    core: Core,
     state: RwLock<State>,
+}
+
+/// Exclusive access for a batch of mutations under one lock (a scheduler step): the same
+/// operations as [`KvCache`], without a lock round trip per call.
+pub struct CacheWriter<'a> {
+    core: &'a Core,
+    state: RwLockWriteGuard<'a, State>,
 }
 
 /// Shared read access to every sequence's tables, for building kernel batches.
@@ -175,7 +214,7 @@ impl CacheReader<'_> {
             .seqs
             .get(&seq)
             .ok_or(Error::UnknownSequence(seq))?;
-        self.cache.check_group(group)?;
+        self.cache.core.check_group(group)?;
         Ok(&s.tables[group])
     }
 
@@ -193,6 +232,12 @@ impl CacheReader<'_> {
 impl KvCache {
     /// A cache for `policy` with an empty pool of `config.num_pages` pages.
     pub fn new(policy: Arc<dyn LayerKvPolicy>, config: CacheConfig) -> Result<Self> {
+        if !config.block_size.is_power_of_two() {
+            return Err(Error::InvalidConfig(format!(
+                "block_size must be a power of two (slot arithmetic uses shifts), got {}",
+                config.block_size
+            )));
+        }
         if config.block_size == 0 || config.bytes_per_token == 0 {
             return Err(Error::InvalidConfig(format!(
                 "block_size ({}) and bytes_per_token ({}) must be positive",
@@ -202,45 +247,40 @@ impl KvCache {
         let map = policy.layer_map();
         let never_evicts = (0..map.num_groups()).all(|g| policy.retention(g).is_full());
         Ok(Self {
-            caching: config.prefix_caching && never_evicts,
+            core: Core {
+                caching: config.prefix_caching && never_evicts,
+                policy,
+                config,
+            },
             state: RwLock::new(State {
                 pool: BlockPool::new(config.num_pages)?,
-                seqs: HashMap::new(),
+                seqs: HashMap::default(),
                 keep: Vec::new(),
                 scratch: Vec::new(),
             }),
-            policy,
-            config,
         })
     }
 
     /// The policy.
     pub fn policy(&self) -> &Arc<dyn LayerKvPolicy> {
-        &self.policy
+        &self.core.policy
     }
 
     /// The sizes.
     pub fn config(&self) -> &CacheConfig {
-        &self.config
+        &self.core.config
     }
 
     /// Whether prefix caching is active (requested and the policy never evicts).
     pub fn prefix_caching(&self) -> bool {
-        self.caching
+        self.core.caching
     }
 
-    fn num_groups(&self) -> usize {
-        self.policy.layer_map().num_groups()
-    }
-
-    fn check_group(&self, group: GroupId) -> Result<()> {
-        if group < self.num_groups() {
-            Ok(())
-        } else {
-            Err(Error::UnknownGroup {
-                group,
-                num_groups: self.num_groups(),
-            })
+    /// Exclusive access for several mutations under one lock (e.g. a scheduler step).
+    pub fn lock(&self) -> CacheWriter<'_> {
+        CacheWriter {
+            core: &self.core,
+            state: self.state.write(),
         }
     }
 
@@ -254,11 +294,177 @@ impl KvCache {
 
     /// Registers an empty sequence.
     pub fn add_sequence(&self, seq: SeqId) -> Result<()> {
-        let mut st = self.state.write();
-        if st.seqs.contains_key(&seq) {
-            return Err(Error::SequenceExists(seq));
+        self.core.add_sequence(&mut self.state.write(), seq)
+    }
+
+    /// Registers a sequence and reuses cached pages for the longest prefix of `prompt` whose
+    /// full blocks are cached in every group. Returns the number of prompt tokens whose KV is
+    /// already in the cache (a multiple of `block_size`, leaving at least one token to compute).
+    pub fn add_sequence_with_prefix(&self, seq: SeqId, prompt: &[u32]) -> Result<usize> {
+        self.core
+            .add_sequence_with_prefix(&mut self.state.write(), seq, prompt)
+    }
+
+    /// Reserves slots for `tokens.len()` new tokens in every group of `seq`, all or nothing,
+    /// and writes where they go into `out`. Token ids are only used for prefix hashing.
+    /// Fails with [`Error::PoolExhausted`] (the engine's preemption signal) without changing
+    /// anything if the pool cannot hold them.
+    pub fn append(&self, seq: SeqId, tokens: &[u32], out: &mut SlotMapping) -> Result<()> {
+        self.append_batch(&[(seq, tokens)], std::slice::from_mut(out))
+    }
+
+    /// [`KvCache::append`] for several sequences at once (a batched step), all or nothing across
+    /// the whole batch: `out[i]` receives the slots of `batch[i]`.
+    pub fn append_batch(&self, batch: &[(SeqId, &[u32])], out: &mut [SlotMapping]) -> Result<()> {
+        self.core.append_batch(&mut self.state.write(), batch, out)
+    }
+
+    /// Applies `group`'s retention to `seq`: clears the validity of dropped slots and returns
+    /// pages left without a valid slot to the pool at once. `scores` (one per logical slot) are
+    /// required by score-based retentions ([`crate::LayerKvPolicy::score_need`]).
+    pub fn evict(
+        &self,
+        seq: SeqId,
+        group: GroupId,
+        scores: Option<&[f32]>,
+        phase: Phase,
+    ) -> Result<EvictOutcome> {
+        self.core
+            .evict(&mut self.state.write(), seq, group, scores, phase)
+    }
+
+    /// A child sequence that shares every page of `parent` (refcounts + 1); the first append
+    /// into a shared partial page copies it (see [`SlotMapping::copies`]).
+    pub fn fork(&self, parent: SeqId, child: SeqId) -> Result<()> {
+        self.core.fork(&mut self.state.write(), parent, child)
+    }
+
+    /// Drops `seq` and releases every page it holds (cached pages stay reusable by prefix).
+    pub fn free(&self, seq: SeqId) -> Result<()> {
+        self.core.free(&mut self.state.write(), seq)
+    }
+
+    /// Whether `seq` is registered.
+    pub fn contains(&self, seq: SeqId) -> bool {
+        self.state.read().seqs.contains_key(&seq)
+    }
+
+    /// Registered sequences.
+    pub fn num_sequences(&self) -> usize {
+        self.state.read().seqs.len()
+    }
+
+    /// Memory held by `seq`, per group and per layer.
+    pub fn memory(&self, seq: SeqId) -> Result<MemoryReport> {
+        let st = self.state.read();
+        let s = st.seqs.get(&seq).ok_or(Error::UnknownSequence(seq))?;
+        let map = self.core.policy.layer_map();
+        let pages_per_group: Vec<usize> = s.tables.iter().map(BlockTable::num_pages_held).collect();
+        let mut bytes_per_layer = vec![0; map.num_layers()];
+        for (g, &pages) in pages_per_group.iter().enumerate() {
+            bytes_per_layer[map.owner(g)] = pages * self.core.config.page_bytes();
         }
-        st.seqs.insert(seq, self.empty_sequence());
+        Ok(MemoryReport {
+            total_bytes: pages_per_group.iter().sum::<usize>() * self.core.config.page_bytes(),
+            pages_per_group,
+            bytes_per_layer,
+        })
+    }
+
+    /// Bytes of every page in use (all sequences).
+    pub fn used_bytes(&self) -> usize {
+        self.pool_stats().num_used * self.core.config.page_bytes()
+    }
+
+    /// Pool counters.
+    pub fn pool_stats(&self) -> PoolStats {
+        self.state.read().pool.stats()
+    }
+
+    /// How many sequences of `seq_len` tokens this cache's pool can hold under the policy
+    /// (worst case over token placement).
+    pub fn capacity(&self, seq_len: usize) -> usize {
+        crate::plan::max_sequences(
+            self.core.policy.as_ref(),
+            self.core.config.block_size,
+            seq_len,
+            self.core.config.num_pages,
+        )
+    }
+
+    /// Checks every cross-structure invariant (O(pages + slots)): pool free list and counters,
+    /// refcount == number of tables holding the page, table lengths and validity counts. For
+    /// tests and debugging.
+    pub fn check_invariants(&self) -> std::result::Result<(), String> {
+        let st = self.state.read();
+        st.pool.check_invariants()?;
+        let bs = self.core.config.block_size;
+        let mut holders: HashMap<PageId, u32> = HashMap::new();
+        for (id, s) in &st.seqs {
+            for (g, t) in s.tables.iter().enumerate() {
+                if t.pages.len() != t.num_slots.div_ceil(bs) {
+                    return Err(format!(
+                        "seq {id} group {g}: {} pages for {} slots",
+                        t.pages.len(),
+                        t.num_slots
+                    ));
+                }
+                if bits::count(&t.valid) != t.num_valid {
+                    return Err(format!(
+                        "seq {id} group {g}: num_valid {} != bitset",
+                        t.num_valid
+                    ));
+                }
+                for (i, &p) in t.pages.iter().enumerate() {
+                    let live = t.valid_in_page(i, bs);
+                    if p == NULL_PAGE {
+                        if live != 0 {
+                            return Err(format!(
+                                "seq {id} group {g}: null page {i} has {live} valid slots"
+                            ));
+                        }
+                    } else {
+                        *holders.entry(p).or_default() += 1;
+                    }
+                }
+            }
+        }
+        for page in 0..st.pool.num_pages() as PageId {
+            let rc = st.pool.refcount(page).map_err(|e| e.to_string())?;
+            let held = holders.get(&page).copied().unwrap_or(0);
+            if rc != held {
+                return Err(format!(
+                    "page {page}: refcount {rc} but {held} tables hold it"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Core {
+    fn register_full_blocks(
+        &self,
+        pool: &mut BlockPool,
+        s: &mut Sequence,
+        tokens: &[u32],
+    ) -> Result<()> {
+        let bs = self.config.block_size;
+        let map = self.policy.layer_map();
+        let fp = self.policy.fingerprint();
+        for &t in tokens {
+            s.partial.push(t);
+            if s.partial.len() == bs {
+                let chain = chain_hash(s.chain.last().copied().unwrap_or(0), &s.partial);
+                let block = s.chain.len();
+                for (g, &owner) in map.owners().iter().enumerate() {
+                    let page = s.tables[g].pages[block];
+                    pool.register(page, group_block_hash(chain, owner, fp))?;
+                }
+                s.chain.push(chain);
+                s.partial.clear();
+            }
+        }
         Ok(())
     }
 
@@ -274,11 +480,35 @@ impl KvCache {
         }
     }
 
-    /// Registers a sequence and reuses cached pages for the longest prefix of `prompt` whose
-    /// full blocks are cached in every group. Returns the number of prompt tokens whose KV is
-    /// already in the cache (a multiple of `block_size`, leaving at least one token to compute).
-    pub fn add_sequence_with_prefix(&self, seq: SeqId, prompt: &[u32]) -> Result<usize> {
-        let mut st = self.state.write();
+    fn check_group(&self, group: GroupId) -> Result<()> {
+        if group < self.num_groups() {
+            Ok(())
+        } else {
+            Err(Error::UnknownGroup {
+                group,
+                num_groups: self.num_groups(),
+            })
+        }
+    }
+
+    fn num_groups(&self) -> usize {
+        self.policy.layer_map().num_groups()
+    }
+
+    fn add_sequence(&self, st: &mut State, seq: SeqId) -> Result<()> {
+        if st.seqs.contains_key(&seq) {
+            return Err(Error::SequenceExists(seq));
+        }
+        st.seqs.insert(seq, self.empty_sequence());
+        Ok(())
+    }
+
+    fn add_sequence_with_prefix(
+        &self,
+        st: &mut State,
+        seq: SeqId,
+        prompt: &[u32],
+    ) -> Result<usize> {
         if st.seqs.contains_key(&seq) {
             return Err(Error::SequenceExists(seq));
         }
@@ -314,17 +544,12 @@ impl KvCache {
         Ok(reused)
     }
 
-    /// Reserves slots for `tokens.len()` new tokens in every group of `seq`, all or nothing,
-    /// and writes where they go into `out`. Token ids are only used for prefix hashing.
-    /// Fails with [`Error::PoolExhausted`] (the engine's preemption signal) without changing
-    /// anything if the pool cannot hold them.
-    pub fn append(&self, seq: SeqId, tokens: &[u32], out: &mut SlotMapping) -> Result<()> {
-        self.append_batch(&[(seq, tokens)], std::slice::from_mut(out))
-    }
-
-    /// [`KvCache::append`] for several sequences at once (a batched step), all or nothing across
-    /// the whole batch: `out[i]` receives the slots of `batch[i]`.
-    pub fn append_batch(&self, batch: &[(SeqId, &[u32])], out: &mut [SlotMapping]) -> Result<()> {
+    fn append_batch(
+        &self,
+        st: &mut State,
+        batch: &[(SeqId, &[u32])],
+        out: &mut [SlotMapping],
+    ) -> Result<()> {
         if out.len() != batch.len() {
             return Err(Error::InvalidConfig(format!(
                 "append_batch: {} sequences but {} slot mappings",
@@ -333,15 +558,14 @@ impl KvCache {
             )));
         }
         let bs = self.config.block_size;
-        let mut guard = self.state.write();
-        let st = &mut *guard;
+        let b = Blocks::new(bs);
         // Plan: pages needed (new pages + copy-on-write of a shared or evicted tail page). Forks
         // appending in one batch may count one copy too many: the check stays conservative.
         let mut needed = 0;
         for &(seq, tokens) in batch {
             let s = st.seqs.get(&seq).ok_or(Error::UnknownSequence(seq))?;
             for t in &s.tables {
-                needed += pages_needed(t, tokens.len(), bs, &st.pool);
+                needed += pages_needed(t, tokens.len(), b, &st.pool);
             }
         }
         if needed > st.pool.num_available() {
@@ -361,7 +585,7 @@ impl KvCache {
                 if n == 0 {
                     continue;
                 }
-                if t.num_slots % bs != 0 {
+                if b.offset(t.num_slots) != 0 {
                     let last = t.pages.len() - 1;
                     let page = t.pages[last];
                     if page == NULL_PAGE {
@@ -374,12 +598,20 @@ impl KvCache {
                     }
                 }
                 let end = t.num_slots + n;
-                while t.pages.len() * bs < end {
+                while t.pages.len() < b.count(end) {
                     t.pages.push(st.pool.allocate()?);
                 }
+                // Physical slots page by page (one division per call, not per token).
                 let slots = &mut out.slots[g];
-                for logical in t.num_slots..end {
-                    slots.push(t.pages[logical / bs] * bs as u32 + (logical % bs) as u32);
+                let (mut index, mut offset, mut left) =
+                    (b.index(t.num_slots), b.offset(t.num_slots), n);
+                while left > 0 {
+                    let base = t.pages[index] * bs as u32;
+                    let take = (bs - offset).min(left);
+                    slots.extend((offset..offset + take).map(|o| base + o as u32));
+                    left -= take;
+                    index += 1;
+                    offset = 0;
                 }
                 t.push_slots(n);
             }
@@ -390,36 +622,9 @@ impl KvCache {
         Ok(())
     }
 
-    fn register_full_blocks(
+    fn evict(
         &self,
-        pool: &mut BlockPool,
-        s: &mut Sequence,
-        tokens: &[u32],
-    ) -> Result<()> {
-        let bs = self.config.block_size;
-        let map = self.policy.layer_map();
-        let fp = self.policy.fingerprint();
-        for &t in tokens {
-            s.partial.push(t);
-            if s.partial.len() == bs {
-                let chain = chain_hash(s.chain.last().copied().unwrap_or(0), &s.partial);
-                let block = s.chain.len();
-                for (g, &owner) in map.owners().iter().enumerate() {
-                    let page = s.tables[g].pages[block];
-                    pool.register(page, group_block_hash(chain, owner, fp))?;
-                }
-                s.chain.push(chain);
-                s.partial.clear();
-            }
-        }
-        Ok(())
-    }
-
-    /// Applies `group`'s retention to `seq`: clears the validity of dropped slots and returns
-    /// pages left without a valid slot to the pool at once. `scores` (one per logical slot) are
-    /// required by score-based retentions ([`crate::LayerKvPolicy::score_need`]).
-    pub fn evict(
-        &self,
+        st: &mut State,
         seq: SeqId,
         group: GroupId,
         scores: Option<&[f32]>,
@@ -431,8 +636,6 @@ impl KvCache {
             return Ok(EvictOutcome::default());
         }
         let bs = self.config.block_size;
-        let mut guard = self.state.write();
-        let st = &mut *guard;
         let s = st.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq))?;
         let t = &mut s.tables[group];
         if let Some(sc) = scores {
@@ -492,11 +695,7 @@ impl KvCache {
         Ok(outcome)
     }
 
-    /// A child sequence that shares every page of `parent` (refcounts + 1); the first append
-    /// into a shared partial page copies it (see [`SlotMapping::copies`]).
-    pub fn fork(&self, parent: SeqId, child: SeqId) -> Result<()> {
-        let mut guard = self.state.write();
-        let st = &mut *guard;
+    fn fork(&self, st: &mut State, parent: SeqId, child: SeqId) -> Result<()> {
         if st.seqs.contains_key(&child) {
             return Err(Error::SequenceExists(child));
         }
@@ -514,10 +713,7 @@ impl KvCache {
         Ok(())
     }
 
-    /// Drops `seq` and releases every page it holds (cached pages stay reusable by prefix).
-    pub fn free(&self, seq: SeqId) -> Result<()> {
-        let mut guard = self.state.write();
-        let st = &mut *guard;
+    fn free(&self, st: &mut State, seq: SeqId) -> Result<()> {
         let s = st.seqs.remove(&seq).ok_or(Error::UnknownSequence(seq))?;
         for t in &s.tables {
             for &page in t.pages.iter().filter(|&&p| p != NULL_PAGE) {
@@ -526,112 +722,116 @@ impl KvCache {
         }
         Ok(())
     }
+}
 
-    /// Whether `seq` is registered.
-    pub fn contains(&self, seq: SeqId) -> bool {
-        self.state.read().seqs.contains_key(&seq)
+impl CacheWriter<'_> {
+    /// See [`KvCache::add_sequence`].
+    pub fn add_sequence(&mut self, seq: SeqId) -> Result<()> {
+        self.core.add_sequence(&mut self.state, seq)
     }
 
-    /// Registered sequences.
-    pub fn num_sequences(&self) -> usize {
-        self.state.read().seqs.len()
+    /// See [`KvCache::add_sequence_with_prefix`].
+    pub fn add_sequence_with_prefix(&mut self, seq: SeqId, prompt: &[u32]) -> Result<usize> {
+        self.core
+            .add_sequence_with_prefix(&mut self.state, seq, prompt)
     }
 
-    /// Memory held by `seq`, per group and per layer.
-    pub fn memory(&self, seq: SeqId) -> Result<MemoryReport> {
-        let st = self.state.read();
-        let s = st.seqs.get(&seq).ok_or(Error::UnknownSequence(seq))?;
-        let map = self.policy.layer_map();
-        let pages_per_group: Vec<usize> = s.tables.iter().map(BlockTable::num_pages_held).collect();
-        let mut bytes_per_layer = vec![0; map.num_layers()];
-        for (g, &pages) in pages_per_group.iter().enumerate() {
-            bytes_per_layer[map.owner(g)] = pages * self.config.page_bytes();
-        }
-        Ok(MemoryReport {
-            total_bytes: pages_per_group.iter().sum::<usize>() * self.config.page_bytes(),
-            pages_per_group,
-            bytes_per_layer,
-        })
+    /// See [`KvCache::append`].
+    pub fn append(&mut self, seq: SeqId, tokens: &[u32], out: &mut SlotMapping) -> Result<()> {
+        self.core
+            .append_batch(&mut self.state, &[(seq, tokens)], std::slice::from_mut(out))
     }
 
-    /// Bytes of every page in use (all sequences).
-    pub fn used_bytes(&self) -> usize {
-        self.pool_stats().num_used * self.config.page_bytes()
+    /// See [`KvCache::append_batch`].
+    pub fn append_batch(
+        &mut self,
+        batch: &[(SeqId, &[u32])],
+        out: &mut [SlotMapping],
+    ) -> Result<()> {
+        self.core.append_batch(&mut self.state, batch, out)
+    }
+
+    /// See [`KvCache::evict`].
+    pub fn evict(
+        &mut self,
+        seq: SeqId,
+        group: GroupId,
+        scores: Option<&[f32]>,
+        phase: Phase,
+    ) -> Result<EvictOutcome> {
+        self.core.evict(&mut self.state, seq, group, scores, phase)
+    }
+
+    /// See [`KvCache::fork`].
+    pub fn fork(&mut self, parent: SeqId, child: SeqId) -> Result<()> {
+        self.core.fork(&mut self.state, parent, child)
+    }
+
+    /// See [`KvCache::free`].
+    pub fn free(&mut self, seq: SeqId) -> Result<()> {
+        self.core.free(&mut self.state, seq)
+    }
+
+    /// The table of `seq` for `group`.
+    pub fn table(&self, seq: SeqId, group: GroupId) -> Result<&BlockTable> {
+        let s = self
+            .state
+            .seqs
+            .get(&seq)
+            .ok_or(Error::UnknownSequence(seq))?;
+        self.core.check_group(group)?;
+        Ok(&s.tables[group])
     }
 
     /// Pool counters.
     pub fn pool_stats(&self) -> PoolStats {
-        self.state.read().pool.stats()
+        self.state.pool.stats()
+    }
+}
+
+/// Slot arithmetic for a power-of-two block size: shifts and masks instead of divisions, which
+/// would cost more than the rest of a single-token append.
+#[derive(Debug, Clone, Copy)]
+struct Blocks {
+    size: usize,
+    shift: u32,
+}
+
+impl Blocks {
+    fn new(size: usize) -> Self {
+        debug_assert!(size.is_power_of_two());
+        Self {
+            size,
+            shift: size.trailing_zeros(),
+        }
     }
 
-    /// How many sequences of `seq_len` tokens this cache's pool can hold under the policy
-    /// (worst case over token placement).
-    pub fn capacity(&self, seq_len: usize) -> usize {
-        crate::plan::max_sequences(
-            self.policy.as_ref(),
-            self.config.block_size,
-            seq_len,
-            self.config.num_pages,
-        )
+    /// Logical page of slot `s`.
+    #[inline]
+    fn index(self, s: usize) -> usize {
+        s >> self.shift
     }
 
-    /// Checks every cross-structure invariant (O(pages + slots)): pool free list and counters,
-    /// refcount == number of tables holding the page, table lengths and validity counts. For
-    /// tests and debugging.
-    pub fn check_invariants(&self) -> std::result::Result<(), String> {
-        let st = self.state.read();
-        st.pool.check_invariants()?;
-        let bs = self.config.block_size;
-        let mut holders: HashMap<PageId, u32> = HashMap::new();
-        for (id, s) in &st.seqs {
-            for (g, t) in s.tables.iter().enumerate() {
-                if t.pages.len() != t.num_slots.div_ceil(bs) {
-                    return Err(format!(
-                        "seq {id} group {g}: {} pages for {} slots",
-                        t.pages.len(),
-                        t.num_slots
-                    ));
-                }
-                if bits::count(&t.valid) != t.num_valid {
-                    return Err(format!(
-                        "seq {id} group {g}: num_valid {} != bitset",
-                        t.num_valid
-                    ));
-                }
-                for (i, &p) in t.pages.iter().enumerate() {
-                    let live = t.valid_in_page(i, bs);
-                    if p == NULL_PAGE {
-                        if live != 0 {
-                            return Err(format!(
-                                "seq {id} group {g}: null page {i} has {live} valid slots"
-                            ));
-                        }
-                    } else {
-                        *holders.entry(p).or_default() += 1;
-                    }
-                }
-            }
-        }
-        for page in 0..st.pool.num_pages() as PageId {
-            let rc = st.pool.refcount(page).map_err(|e| e.to_string())?;
-            let held = holders.get(&page).copied().unwrap_or(0);
-            if rc != held {
-                return Err(format!(
-                    "page {page}: refcount {rc} but {held} tables hold it"
-                ));
-            }
-        }
-        Ok(())
+    /// Offset of slot `s` in its page.
+    #[inline]
+    fn offset(self, s: usize) -> usize {
+        s & (self.size - 1)
+    }
+
+    /// Pages that hold `n` slots.
+    #[inline]
+    fn count(self, n: usize) -> usize {
+        (n + self.size - 1) >> self.shift
     }
 }
 
 /// Pages an append of `n` tokens needs in table `t`.
-fn pages_needed(t: &BlockTable, n: usize, bs: usize, pool: &BlockPool) -> usize {
+fn pages_needed(t: &BlockTable, n: usize, b: Blocks, pool: &BlockPool) -> usize {
     if n == 0 {
         return 0;
     }
-    let grow = (t.num_slots + n).div_ceil(bs) - t.pages.len();
-    let tail = if t.num_slots % bs != 0 {
+    let grow = b.count(t.num_slots + n) - t.pages.len();
+    let tail = if b.offset(t.num_slots) != 0 {
         let page = t.pages[t.pages.len() - 1];
         usize::from(page == NULL_PAGE || pool.refcount(page).is_ok_and(|rc| rc > 1))
     } else {

@@ -2,19 +2,20 @@
 //! every KV group of every sequence; a page holds `block_size` token slots of K and V of one
 //! group.
 //!
-//! Layout: one flat `Vec` of page metadata plus two sentinel entries (head and tail) through
-//! which a doubly linked free list is threaded by `u32` index, so allocate, release and
-//! reclaiming a cached page from the middle of the list are O(1) and allocate nothing.
+//! Layout: one flat `Vec` of page metadata. Plain free pages sit on a LIFO stack (a flat `Vec`
+//! of ids reserved to the pool size: pop and push touch one cache line, and recently released
+//! pages, still warm, are reused first). Cached pages are on a doubly linked LRU list threaded
+//! through the metadata by `u32` index between two sentinel entries, so a prefix hit can take a
+//! page out of the middle in O(1). Allocate, release and retain are O(1) and allocate nothing.
 //!
 //! Page states: *used* (refcount > 0), *free* (refcount 0, no hash) and *cached* (refcount 0,
 //! with a prefix hash: its contents can be reused by a later sequence with the same prefix).
-//! Free pages sit at the head of the list and are handed out first; cached pages are appended
-//! at the tail, so allocation evicts the least recently released cached page (LRU) only when no
-//! plain free page is left. Invariant: `free + cached + used == total`.
+//! Allocation takes a free page first and evicts the least recently released cached page (LRU)
+//! only when none is left. Invariant: `free + cached + used == total`.
 //!
 //! Refcounts never saturate: releasing a page with refcount 0 is [`Error::RefCountUnderflow`].
-//! The prefix map is a `HashMap` reserved to the pool size at construction, so inserts do not
-//! allocate either.
+//! The prefix map is a `HashMap` reserved to twice the pool size at construction, so inserts
+//! (and tombstone clean-up as hashes turn over) do not allocate either.
 
 use std::collections::HashMap;
 
@@ -60,8 +61,8 @@ pub struct PoolStats {
 #[derive(Debug, Clone)]
 pub struct BlockPool {
     meta: Vec<Meta>,
+    free: Vec<PageId>,
     num_pages: u32,
-    num_free: usize,
     num_cached: usize,
     prefix: HashMap<u64, PageId>,
     stats: PoolStats,
@@ -77,33 +78,36 @@ impl BlockPool {
             )));
         }
         let n = num_pages as u32;
-        let (head, tail) = (n, n + 1);
-        let mut meta: Vec<Meta> = (0..n)
-            .map(|i| Meta {
+        let mut meta = vec![
+            Meta {
                 refcount: 0,
-                prev: if i == 0 { head } else { i - 1 },
-                next: if i + 1 == n { tail } else { i + 1 },
-                hash: 0,
-            })
-            .collect();
+                prev: NO_LINK,
+                next: NO_LINK,
+                hash: 0
+            };
+            num_pages
+        ];
+        // Sentinels of the (empty) cached list: head.next = tail, tail.prev = head.
         meta.push(Meta {
             refcount: 0,
             prev: NO_LINK,
-            next: 0,
+            next: n + 1,
             hash: 0,
         });
         meta.push(Meta {
             refcount: 0,
-            prev: n - 1,
+            prev: n,
             next: NO_LINK,
             hash: 0,
         });
         Ok(Self {
             meta,
+            free: (0..n).rev().collect(),
             num_pages: n,
-            num_free: num_pages,
             num_cached: 0,
-            prefix: HashMap::with_capacity(num_pages),
+            // Twice the pages: with at most `num_pages` live keys, hashbrown then clears
+            // tombstones by rehashing in place instead of growing (an allocation).
+            prefix: HashMap::with_capacity(2 * num_pages),
             stats: PoolStats::default(),
         })
     }
@@ -153,15 +157,15 @@ impl BlockPool {
 
     /// Pages an allocation can take right now (free + cached).
     pub fn num_available(&self) -> usize {
-        self.num_free + self.num_cached
+        self.free.len() + self.num_cached
     }
 
     /// Counters (O(1)).
     pub fn stats(&self) -> PoolStats {
         PoolStats {
             num_pages: self.num_pages as usize,
-            num_used: self.num_pages as usize - self.num_free - self.num_cached,
-            num_free: self.num_free,
+            num_used: self.num_pages as usize - self.free.len() - self.num_cached,
+            num_free: self.free.len(),
             num_cached: self.num_cached,
             ..self.stats
         }
@@ -171,6 +175,10 @@ impl BlockPool {
     /// no plain free page is left.
     #[inline]
     pub fn allocate(&mut self) -> Result<PageId> {
+        if let Some(page) = self.free.pop() {
+            self.meta[page as usize].refcount = 1;
+            return Ok(page);
+        }
         let page = self.meta[self.head() as usize].next;
         if page == self.tail() {
             return Err(Error::PoolExhausted {
@@ -178,18 +186,15 @@ impl BlockPool {
                 available: 0,
             });
         }
+        // No free page left: evict the least recently released cached page.
         self.unlink(page);
         let m = &mut self.meta[page as usize];
         m.refcount = 1;
-        if m.hash != 0 {
-            let hash = std::mem::take(&mut m.hash);
-            self.num_cached -= 1;
-            self.stats.cache_evictions += 1;
-            if self.prefix.get(&hash) == Some(&page) {
-                self.prefix.remove(&hash);
-            }
-        } else {
-            self.num_free -= 1;
+        let hash = std::mem::take(&mut m.hash);
+        self.num_cached -= 1;
+        self.stats.cache_evictions += 1;
+        if self.prefix.get(&hash) == Some(&page) {
+            self.prefix.remove(&hash);
         }
         Ok(page)
     }
@@ -236,8 +241,7 @@ impl BlockPool {
                 let before_tail = self.meta[self.tail() as usize].prev;
                 self.link_after(before_tail, page);
             } else {
-                self.num_free += 1;
-                self.link_after(self.head(), page);
+                self.free.push(page);
             }
         }
         Ok(())
@@ -286,50 +290,60 @@ impl BlockPool {
 
     /// Drops every cached page's hash (cached pages become plain free pages). O(pages).
     pub fn clear_prefix_cache(&mut self) {
-        for i in 0..self.num_pages as usize {
-            self.meta[i].hash = 0;
+        while self.num_cached > 0 {
+            let page = self.meta[self.head() as usize].next;
+            self.unlink(page);
+            self.free.push(page);
+            self.num_cached -= 1;
+        }
+        for m in &mut self.meta[..self.num_pages as usize] {
+            m.hash = 0;
         }
         self.prefix.clear();
-        self.num_free += self.num_cached;
-        self.num_cached = 0;
     }
 
     /// Checks the free-list structure against the counters (O(pages)); for tests and debugging.
     pub fn check_invariants(&self) -> std::result::Result<(), String> {
-        let (mut free, mut cached, mut cur, mut steps) =
-            (0, 0, self.meta[self.head() as usize].next, 0);
+        let (mut cached, mut cur, mut steps) = (0, self.meta[self.head() as usize].next, 0);
         while cur != self.tail() {
             let m = &self.meta[cur as usize];
-            if m.refcount != 0 {
+            if m.refcount != 0 || m.hash == 0 {
                 return Err(format!(
-                    "page {cur} is on the free list with refcount {}",
-                    m.refcount
+                    "page {cur} is on the cached list with refcount {} hash {}",
+                    m.refcount, m.hash
                 ));
             }
-            if m.hash == 0 {
-                free += 1
-            } else {
-                cached += 1
-            }
+            cached += 1;
             steps += 1;
             if steps > self.num_pages {
-                return Err("free list has a cycle".into());
+                return Err("cached list has a cycle".into());
             }
             cur = m.next;
         }
-        if free != self.num_free || cached != self.num_cached {
+        if cached != self.num_cached {
             return Err(format!(
-                "free list holds {free} free + {cached} cached, counters say {} + {}",
-                self.num_free, self.num_cached
+                "cached list holds {cached}, counter says {}",
+                self.num_cached
             ));
+        }
+        let mut seen = vec![false; self.num_pages as usize];
+        for &p in &self.free {
+            let m = &self.meta[p as usize];
+            if m.refcount != 0 || m.hash != 0 || std::mem::replace(&mut seen[p as usize], true) {
+                return Err(format!(
+                    "free page {p}: refcount {} hash {} (or listed twice)",
+                    m.refcount, m.hash
+                ));
+            }
         }
         let used = self.meta[..self.num_pages as usize]
             .iter()
             .filter(|m| m.refcount > 0)
             .count();
-        if used + free + cached != self.num_pages as usize {
+        if used + self.free.len() + cached != self.num_pages as usize {
             return Err(format!(
-                "{used} used + {free} free + {cached} cached != {}",
+                "{used} used + {} free + {cached} cached != {}",
+                self.free.len(),
                 self.num_pages
             ));
         }
