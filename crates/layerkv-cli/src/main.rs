@@ -156,7 +156,7 @@ fn main() -> Result<()> {
             let policies = vec![
                 policy_spec::parse("identity", n)?,
                 policy_spec::parse(measure::DEMO_SHARING, n)?,
-                policy_spec::parse(&format!("{}+stream:4:124", measure::DEMO_SHARING), n)?,
+                policy_spec::parse(&format!("{}+stream:4:252", measure::DEMO_SHARING), n)?,
             ];
             println!(
                 "model {} ({} layers), evaluation text: the Jargon File ({}), first {} tokens",

@@ -8,8 +8,9 @@
 //!
 //! What is asserted, and why:
 //! - [`BlockPool`]: `allocate`, `release`, `retain`, `lookup` (hit and miss) and `register`
-//!   allocate nothing, ever, after construction (the free list is intrusive, the prefix map is
-//!   reserved to the pool size).
+//!   allocate nothing, ever, after construction (free-page and cached-page bookkeeping and the
+//!   prefix map are sized at construction), including while the prefix map turns over at full
+//!   occupancy (tombstones must be cleaned up in place, not by growing the table).
 //! - [`KvCache::append`] of one token with a reused [`SlotMapping`]: a table's page list and
 //!   validity bitset grow by `Vec` doubling, so a single append can reallocate. Exactly zero is
 //!   asserted over a stretch of appends that crosses no capacity doubling (from 4097 tokens held
