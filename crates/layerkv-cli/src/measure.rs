@@ -15,10 +15,10 @@ use layerkv_model::Model;
 
 use crate::report::Row;
 
-/// The sharing map of the demo: KVSharer-style pairs (each layer reads a lower layer), chosen
-/// by hand until calibration lands; see README for how it was picked.
-pub const DEMO_SHARING: &str =
-    r#"kvsharer:{"27":25,"25":23,"23":21,"21":19,"19":17,"17":15,"15":13,"13":11,"11":9}"#;
+/// The sharing map of the demo: three KVSharer-style pairs of *dissimilar* (far apart) layers,
+/// picked by hand among six candidates on the Python docs (the calibration text, disjoint from
+/// the Jargon File the demo evaluates on) until KVSharer calibration lands; see README.
+pub const DEMO_SHARING: &str = r#"kvsharer:{"29":5,"27":3,"25":1}"#;
 
 /// Evaluation settings.
 #[derive(Debug, Clone)]
