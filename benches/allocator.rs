@@ -156,57 +156,62 @@ impl Naive {
             slots: Vec::new(),
         }
     }
-    fn take(&mut self) -> u32 {
-        let p = self.free.pop().expect("pool exhausted");
-        self.refs[p as usize] = 1;
-        p
-    }
-    fn release(&mut self, p: u32) {
-        self.refs[p as usize] -= 1;
-        if self.refs[p as usize] == 0 {
-            self.free.push(p);
-        }
+}
+
+fn take(free: &mut Vec<u32>, refs: &mut [u32]) -> u32 {
+    let p = free.pop().expect("pool exhausted");
+    refs[p as usize] = 1;
+    p
+}
+
+fn release(free: &mut Vec<u32>, refs: &mut [u32], p: u32) {
+    refs[p as usize] -= 1;
+    if refs[p as usize] == 0 {
+        free.push(p);
     }
 }
 
 impl Allocator for Naive {
     fn run(&mut self, op: Op) {
+        let Self {
+            tables,
+            refs,
+            free,
+            slots,
+        } = self;
         match op {
             Op::Add(id) => {
-                self.tables.insert(id, (Vec::new(), 0));
+                tables.insert(id, (Vec::new(), 0));
             }
             Op::Append(id, n) => {
-                let (mut pages, mut len) = self.tables.remove(&id).unwrap();
-                self.slots.clear();
-                if len % BLOCK != 0 && self.refs[*pages.last().unwrap() as usize] > 1 {
+                let (pages, len) = tables.get_mut(&id).unwrap();
+                slots.clear();
+                if *len % BLOCK != 0 && refs[*pages.last().unwrap() as usize] > 1 {
                     let old = pages.pop().unwrap();
-                    let new = self.take();
-                    self.release(old);
+                    let new = take(free, refs);
+                    release(free, refs, old);
                     pages.push(new);
                 }
                 for _ in 0..n {
-                    if len % BLOCK == 0 {
-                        let p = self.take();
-                        pages.push(p);
+                    if *len % BLOCK == 0 {
+                        pages.push(take(free, refs));
                     }
-                    self.slots
-                        .push(pages[len / BLOCK] * BLOCK as u32 + (len % BLOCK) as u32);
-                    len += 1;
+                    slots.push(pages[*len / BLOCK] * BLOCK as u32 + (*len % BLOCK) as u32);
+                    *len += 1;
                 }
-                black_box(&self.slots);
-                self.tables.insert(id, (pages, len));
+                black_box(&*slots);
             }
             Op::Fork(p, c) => {
-                let t = self.tables[&p].clone();
+                let t = tables[&p].clone();
                 for &page in &t.0 {
-                    self.refs[page as usize] += 1;
+                    refs[page as usize] += 1;
                 }
-                self.tables.insert(c, t);
+                tables.insert(c, t);
             }
             Op::Free(id) => {
-                let (pages, _) = self.tables.remove(&id).unwrap();
+                let (pages, _) = tables.remove(&id).unwrap();
                 for p in pages {
-                    self.release(p);
+                    release(free, refs, p);
                 }
             }
         }
@@ -237,39 +242,43 @@ impl Mistral {
 
 impl Allocator for Mistral {
     fn run(&mut self, op: Op) {
+        let Self {
+            pool,
+            tables,
+            slots,
+        } = self;
         match op {
             Op::Add(id) => {
-                self.tables.insert(id, (Vec::new(), 0));
+                tables.insert(id, (Vec::new(), 0));
             }
             Op::Append(id, n) => {
-                let (mut blocks, mut len) = self.tables.remove(&id).unwrap();
-                self.slots.clear();
-                if len % BLOCK != 0 && self.pool.block_ref_cnt(*blocks.last().unwrap()) > 1 {
+                let (blocks, len) = tables.get_mut(&id).unwrap();
+                slots.clear();
+                if *len % BLOCK != 0 && pool.block_ref_cnt(*blocks.last().unwrap()) > 1 {
                     let old = blocks.pop().unwrap();
-                    let new = self.pool.get_new_blocks(1).expect("pool exhausted");
-                    self.pool.free_blocks(&[old]);
+                    let new = pool.get_new_blocks(1).expect("pool exhausted");
+                    pool.free_blocks(&[old]);
                     blocks.extend(new);
                 }
-                let need = (len + n as usize).div_ceil(BLOCK) - blocks.len();
+                let need = (*len + n as usize).div_ceil(BLOCK) - blocks.len();
                 if need > 0 {
-                    blocks.extend(self.pool.get_new_blocks(need).expect("pool exhausted"));
+                    blocks.extend(pool.get_new_blocks(need).expect("pool exhausted"));
                 }
                 for _ in 0..n {
-                    self.slots.push(blocks[len / BLOCK] * BLOCK + len % BLOCK);
-                    len += 1;
+                    slots.push(blocks[*len / BLOCK] * BLOCK + *len % BLOCK);
+                    *len += 1;
                 }
-                black_box(&self.slots);
-                self.tables.insert(id, (blocks, len));
+                black_box(&*slots);
             }
             Op::Fork(p, c) => {
-                let t = self.tables[&p].clone();
-                self.pool.touch(&t.0);
-                self.tables.insert(c, t);
+                let t = tables[&p].clone();
+                pool.touch(&t.0);
+                tables.insert(c, t);
             }
             Op::Free(id) => {
-                let (mut blocks, _) = self.tables.remove(&id).unwrap();
+                let (mut blocks, _) = tables.remove(&id).unwrap();
                 blocks.reverse();
-                self.pool.free_blocks(&blocks);
+                pool.free_blocks(&blocks);
             }
         }
     }

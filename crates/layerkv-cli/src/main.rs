@@ -117,7 +117,7 @@ struct MeasureOpts {
     #[arg(long, default_value_t = 4)]
     budget_seqs: usize,
     /// Sequence length of the throughput column.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 1024)]
     budget_len: usize,
     /// Write the table as JSON.
     #[arg(long)]

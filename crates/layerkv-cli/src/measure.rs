@@ -93,14 +93,19 @@ pub fn measure_all(
         let g = generate(&mut e, 1, prompt, 32, Sampling::greedy(), &[])?;
         bar.inc(1);
         bar.set_message(format!("{name}: throughput at a fixed KV budget"));
-        let batch =
-            plan::max_sequences(policy.as_ref(), BLOCK_SIZE, cfg.budget_len, budget_pages).min(64);
-        let tput = throughput(&model, policy, budget_pages, batch, tokens, cfg.budget_len)?;
+        let batch = batch_at_budget(policy.as_ref(), budget_pages, cfg);
+        let tput = throughput(&model, policy, budget_pages, batch, tokens, cfg)?;
         bar.inc(1);
-        bar.println(format!(
+        let line = format!(
             "{name}: ppl {:.3}, KV {} bytes, agreement {:.3}, decode {:.1} tok/s, batch {batch} -> {tput:.1} tok/s",
             ppl.ppl, ppl.peak_kv_bytes, agreement, g.decode_tokens_per_sec
-        ));
+        );
+        // indicatif drops println when stderr is not a terminal (CI logs): say it there anyway.
+        if bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            bar.println(line);
+        }
         rows.push(Row {
             policy: name,
             groups,
@@ -118,16 +123,38 @@ pub fn measure_all(
     Ok(rows)
 }
 
-/// Decode tokens/s of `batch` sequences of `len` tokens sharing a pool of `num_pages` pages:
-/// each prefills `len - DECODE_STEPS` tokens of the text, then all decode together.
+/// Sequences of `budget_len` tokens that fit in `budget_pages` under `policy`, keeping room
+/// for one sequence's prefill chunk above its retained tokens when the policy evicts (eviction
+/// runs between steps, so a chunk briefly sits on top of the window).
+fn batch_at_budget(policy: &Policy, budget_pages: usize, cfg: &MeasureConfig) -> usize {
+    let groups = policy.layer_map().num_groups();
+    let evicts = (0..groups).any(|g| !policy.retention(g).is_full());
+    let headroom = if evicts {
+        groups * (cfg.chunk.div_ceil(BLOCK_SIZE) + 1)
+    } else {
+        0
+    };
+    plan::max_sequences(
+        policy,
+        BLOCK_SIZE,
+        cfg.budget_len,
+        budget_pages.saturating_sub(headroom),
+    )
+    .min(64)
+}
+
+/// Decode tokens/s of `batch` sequences of `cfg.budget_len` tokens sharing a pool of
+/// `num_pages` pages: each prefills `budget_len - DECODE_STEPS` tokens of the text in chunks of
+/// `cfg.chunk` (retention between chunks, as in serving), then all decode together.
 fn throughput(
     model: &Arc<Model>,
     policy: Arc<Policy>,
     num_pages: usize,
     batch: usize,
     tokens: &[u32],
-    len: usize,
+    cfg: &MeasureConfig,
 ) -> Result<f64> {
+    let len = cfg.budget_len;
     if batch == 0 {
         return Ok(0.0);
     }
@@ -139,7 +166,11 @@ fn throughput(
         e.add_sequence(seq)?;
         let off = (b * 37) % tokens.len().saturating_sub(prompt_len).max(1);
         let p = &tokens[off..(off + prompt_len).min(tokens.len())];
-        let logits = e.step(&[(seq, p)], LogitsRows::Last, Phase::Prefill)?;
+        let mut last = None;
+        for chunk in p.chunks(cfg.chunk.max(1)) {
+            last = Some(e.step(&[(seq, chunk)], LogitsRows::Last, Phase::Prefill)?);
+        }
+        let logits = last.expect("prompt_len >= 1");
         next.push(argmax(&logits.squeeze(0)?.to_vec1::<f32>()?));
     }
     let t0 = Instant::now();

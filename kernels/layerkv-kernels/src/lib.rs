@@ -30,6 +30,7 @@
 //! ```
 
 mod cpu;
+pub mod cuda;
 mod error;
 pub mod reference;
 mod store;
@@ -62,11 +63,14 @@ pub fn paged_attention(
 ) -> Result<candle_core::Tensor> {
     validate(q, store, seqs, mass.as_deref())?;
     if q.device().is_cpu() {
-        cpu::attention(q, store, seqs, params, mass)
-    } else {
-        // Non-CPU devices use the dense reference until a device kernel is built for them.
-        reference::attention_on_device(q, store, seqs, params, mass)
+        return cpu::attention(q, store, seqs, params, mass);
     }
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() {
+        return cuda::candle::attention(q, store, seqs, params, mass);
+    }
+    // Other devices (Metal) use the dense reference until a kernel is written for them.
+    reference::attention_on_device(q, store, seqs, params, mass)
 }
 
 fn validate(

@@ -210,7 +210,7 @@ impl InplaceOp2 for ScatterRows<'_> {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<()> {
-        crate::cuda::scatter_rows(s1, l1, s2, l2, self.dst_rows, self.row)
+        crate::cuda::candle::scatter_rows(s1, l1, s2, l2, self.dst_rows, self.row)
     }
 }
 
@@ -242,6 +242,6 @@ impl candle_core::InplaceOp1 for CopyRows {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &mut candle_core::CudaStorage, l: &Layout) -> candle_core::Result<()> {
-        crate::cuda::copy_rows(s, l, self.src, self.dst, self.row)
+        crate::cuda::candle::copy_rows(s, l, self.src, self.dst, self.row)
     }
 }

@@ -322,3 +322,83 @@ fn bad_arguments_are_typed_errors() {
     };
     assert!(paged_attention(&q, &store, &[rows], &params, None).is_err());
 }
+
+/// CUDA == CPU on the same random cases, and the device scatter/page copy (`--features cuda`,
+/// needs a GPU; the kernels' compilation is checked without one in `cuda_compile.rs`).
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_matches_cpu() {
+    let dev = Device::new_cuda(0).expect("--features cuda: no CUDA device");
+    for seed in 0..120 {
+        for (dtype, tol) in [
+            (DType::F32, 1e-5f32),
+            (DType::F16, 2e-2),
+            (DType::BF16, 2e-2),
+        ] {
+            let c = build(seed, dtype);
+            let (n, bs) = (c.store.num_pages(), c.store.block_size());
+            let (kvh, d) = (c.store.kv_heads(), c.store.head_dim());
+            let mut gpu = KvStore::new(n, bs, kvh, d, dtype, &dev).unwrap();
+            // Write pages in reverse through the scatter, then copy page 0 onto itself's twin
+            // and back, so both device store ops run before attention reads them.
+            let rows: Vec<u32> = (0..(n * bs) as u32).rev().collect();
+            let flat = |t: &Tensor| {
+                let t = t.reshape((n * bs, kvh, d)).unwrap();
+                let idx = Tensor::new(rows.as_slice(), &Device::Cpu).unwrap();
+                t.index_select(&idx, 0).unwrap().to_device(&dev).unwrap()
+            };
+            gpu.write(&rows, &flat(c.store.k()), &flat(c.store.v()))
+                .unwrap();
+            if n > 1 {
+                gpu.copy_page(0, 1).unwrap();
+                let mut twin = c.store.clone();
+                twin.copy_page(0, 1).unwrap();
+                let (a, b) = (gpu.k().to_device(&Device::Cpu).unwrap(), twin.k());
+                let same = a
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .eq(&b.to_dtype(DType::F32).unwrap());
+                let all = same.unwrap().flatten_all().unwrap().min(0).unwrap();
+                assert_eq!(
+                    all.to_scalar::<u8>().unwrap(),
+                    1,
+                    "seed {seed}: device store ops"
+                );
+                gpu.write(&rows, &flat(c.store.k()), &flat(c.store.v()))
+                    .unwrap();
+            }
+            let s = seqs(&c);
+            let total: usize = c.num_slots.iter().sum();
+            let (mut m_cpu, mut m_gpu) = (vec![0f32; total], vec![0f32; total]);
+            let want = paged_attention(&c.q, &c.store, &s, &c.params, Some(&mut m_cpu)).unwrap();
+            let q = c.q.to_device(&dev).unwrap();
+            let got = paged_attention(&q, &gpu, &s, &c.params, Some(&mut m_gpu)).unwrap();
+            let to32 = |t: &Tensor| {
+                t.to_device(&Device::Cpu)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
+            let (got, want) = (to32(&got), to32(&want));
+            let scale = want.iter().fold(1f32, |m, x| m.max(x.abs()));
+            let diff = got
+                .iter()
+                .zip(&want)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                diff <= tol * scale,
+                "seed {seed} {dtype:?}: CUDA vs CPU {diff}"
+            );
+            for (i, (g, w)) in m_gpu.iter().zip(&m_cpu).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-3 * w.max(1.0),
+                    "seed {seed}: mass[{i}] {g} vs {w}"
+                );
+            }
+        }
+    }
+}

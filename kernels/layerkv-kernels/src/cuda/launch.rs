@@ -1,0 +1,262 @@
+//! Device side of the CUDA kernels, on cudarc alone: NVRTC compilation (once per process),
+//! module loading (once per device), uploads and launches. The candle glue (`candle.rs`) hands
+//! in views of candle's own buffers, so nothing is copied between candle and the kernels.
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use super::cudarc::driver::{
+    CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr, LaunchConfig,
+    PushKernelArg,
+};
+use super::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
+use super::plan::{LaunchParams, LaunchPlan, THREADS};
+use crate::error::{KernelError, Result};
+
+// SAFETY: `LaunchParams` is `repr(C)` with only i32/f32 fields, the layout of `struct Params`
+// in `paged_attention.cu`.
+unsafe impl DeviceRepr for LaunchParams {}
+
+/// Element type of the K/V pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Elem {
+    /// f32 pages.
+    F32,
+    /// f16 pages.
+    F16,
+    /// bf16 pages.
+    BF16,
+}
+
+impl Elem {
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    fn wide(self) -> bool {
+        self == Elem::F32
+    }
+}
+
+/// The loaded kernels of one device.
+struct Kernels {
+    partial: [CudaFunction; 3],
+    mass: [CudaFunction; 3],
+    reduce: CudaFunction,
+    scatter: [CudaFunction; 2],
+    copy: [CudaFunction; 2],
+}
+
+fn device_err(what: &str) -> impl FnOnce(super::cudarc::driver::DriverError) -> KernelError + '_ {
+    move |e| KernelError::Invalid(format!("CUDA {what}: {e:?}"))
+}
+
+/// PTX of `paged_attention.cu`, compiled by NVRTC on first use.
+fn ptx() -> Result<String> {
+    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+    PTX.get_or_init(|| {
+        let opts = CompileOptions {
+            options: vec!["--std=c++17".into()],
+            ..Default::default()
+        };
+        compile_ptx_with_opts(super::CUDA_SOURCE, opts)
+            .map(|p| p.to_src())
+            .map_err(|e| format!("{e:?}"))
+    })
+    .clone()
+    .map_err(|e| KernelError::Invalid(format!("NVRTC failed to compile the kernels: {e}")))
+}
+
+/// The kernels of `stream`'s device, loaded once per device ordinal.
+fn kernels(stream: &Arc<CudaStream>) -> Result<Arc<Kernels>> {
+    static LOADED: Mutex<Vec<(usize, Arc<Kernels>)>> = Mutex::new(Vec::new());
+    let ctx = stream.context();
+    let ordinal = ctx.ordinal();
+    let mut loaded = LOADED.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, k)) = loaded.iter().find(|(o, _)| *o == ordinal) {
+        return Ok(k.clone());
+    }
+    let module = ctx
+        .load_module(Ptx::from_src(ptx()?))
+        .map_err(device_err("module load"))?;
+    let f = |name: &str| {
+        module
+            .load_function(name)
+            .map_err(device_err("function load"))
+    };
+    let k = Arc::new(Kernels {
+        partial: [
+            f("layerkv_attn_partial_f32")?,
+            f("layerkv_attn_partial_f16")?,
+            f("layerkv_attn_partial_bf16")?,
+        ],
+        mass: [
+            f("layerkv_attn_mass_f32")?,
+            f("layerkv_attn_mass_f16")?,
+            f("layerkv_attn_mass_bf16")?,
+        ],
+        reduce: f("layerkv_attn_reduce")?,
+        scatter: [
+            f("layerkv_scatter_rows_u32")?,
+            f("layerkv_scatter_rows_u16")?,
+        ],
+        copy: [f("layerkv_copy_u32")?, f("layerkv_copy_u16")?],
+    });
+    loaded.push((ordinal, k.clone()));
+    Ok(k)
+}
+
+/// Runs paged attention: `q` is `[total_q, heads, head_dim]` f32, `k`/`v` the store's pages.
+/// Returns the f32 output; adds the per-slot attention mass into `mass` when given.
+pub fn attention<T>(
+    stream: &Arc<CudaStream>,
+    elem: Elem,
+    q: &CudaView<'_, f32>,
+    k: &CudaView<'_, T>,
+    v: &CudaView<'_, T>,
+    plan: &LaunchPlan,
+    mass: Option<&mut [f32]>,
+) -> Result<CudaSlice<f32>> {
+    let kern = kernels(stream)?;
+    let p: LaunchParams = plan.params;
+    let (total_q, heads, d) = (p.total_q as usize, p.heads as usize, p.head_dim as usize);
+    let splits = p.num_splits as usize;
+    let row_seq = stream
+        .clone_htod(&plan.row_seq)
+        .map_err(device_err("upload"))?;
+    let seq_info = stream
+        .clone_htod(&plan.seq_info)
+        .map_err(device_err("upload"))?;
+    let pages = stream
+        .clone_htod(&plan.pages)
+        .map_err(device_err("upload"))?;
+    let valid = stream
+        .clone_htod(&plan.valid)
+        .map_err(device_err("upload"))?;
+    let alloc = |n: usize| {
+        stream
+            .alloc_zeros::<f32>(n.max(1))
+            .map_err(device_err("alloc"))
+    };
+    let mut part_out = alloc(splits * total_q * heads * d)?;
+    let mut part_m = alloc(splits * total_q * heads)?;
+    let mut part_l = alloc(splits * total_q * heads)?;
+    let mut out = alloc(total_q * heads * d)?;
+    let mut row_m = alloc(total_q * heads)?;
+    let mut row_l = alloc(total_q * heads)?;
+    if total_q == 0 {
+        return Ok(out);
+    }
+    let blocks = (p.total_q as u32, p.kv_heads as u32, p.num_splits as u32);
+    let attn_cfg = LaunchConfig {
+        grid_dim: blocks,
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: plan.shared_bytes,
+    };
+    let mut b = stream.launch_builder(&kern.partial[elem.index()]);
+    b.arg(&p)
+        .arg(q)
+        .arg(k)
+        .arg(v)
+        .arg(&row_seq)
+        .arg(&seq_info)
+        .arg(&pages)
+        .arg(&valid)
+        .arg(&mut part_out)
+        .arg(&mut part_m)
+        .arg(&mut part_l);
+    // SAFETY: argument order and types match `layerkv_attn_partial_*`; every buffer is sized
+    // from the plan the kernel indexes with (validated sequences, splits x rows x heads x d).
+    unsafe { b.launch(attn_cfg) }.map_err(device_err("launch partial"))?;
+    let reduce_cfg = LaunchConfig {
+        grid_dim: (p.total_q as u32, p.heads as u32, 1),
+        block_dim: ((d as u32).div_ceil(32).clamp(1, 4) * 32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = stream.launch_builder(&kern.reduce);
+    b.arg(&p)
+        .arg(&part_out)
+        .arg(&part_m)
+        .arg(&part_l)
+        .arg(&mut out)
+        .arg(&mut row_m)
+        .arg(&mut row_l);
+    // SAFETY: matches `layerkv_attn_reduce`; buffers sized as above.
+    unsafe { b.launch(reduce_cfg) }.map_err(device_err("launch reduce"))?;
+    if let Some(mass) = mass {
+        let mut dev_mass = alloc(plan.mass_len)?;
+        let mut b = stream.launch_builder(&kern.mass[elem.index()]);
+        b.arg(&p)
+            .arg(q)
+            .arg(k)
+            .arg(&row_seq)
+            .arg(&seq_info)
+            .arg(&pages)
+            .arg(&valid)
+            .arg(&row_m)
+            .arg(&row_l)
+            .arg(&mut dev_mass);
+        // SAFETY: matches `layerkv_attn_mass_*`; `dev_mass` has one entry per sequence slot.
+        unsafe { b.launch(attn_cfg) }.map_err(device_err("launch mass"))?;
+        let host = stream
+            .clone_dtoh(&dev_mass)
+            .map_err(device_err("download"))?;
+        for (m, h) in mass.iter_mut().zip(&host) {
+            *m += h;
+        }
+    }
+    Ok(out)
+}
+
+/// `KvStore::write` on the device: row `rows[i]` of `dst` (rows of `row` elements) = row i of
+/// `src`.
+pub fn scatter_rows<T>(
+    stream: &Arc<CudaStream>,
+    elem: Elem,
+    dst: &mut CudaViewMut<'_, T>,
+    src: &CudaView<'_, T>,
+    rows: &[u32],
+    row: usize,
+) -> Result<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let kern = kernels(stream)?;
+    let dev_rows = stream.clone_htod(rows).map_err(device_err("upload"))?;
+    let row = i32::try_from(row).map_err(|_| KernelError::Invalid("row too long".into()))?;
+    let cfg = LaunchConfig {
+        grid_dim: (rows.len() as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = stream.launch_builder(&kern.scatter[usize::from(!elem.wide())]);
+    b.arg(dst).arg(src).arg(&dev_rows).arg(&row);
+    // SAFETY: matches `layerkv_scatter_rows_u{32,16}` (4-byte kernel for f32, 2-byte for
+    // f16/bf16); the caller checked every row index against the store.
+    unsafe { b.launch(cfg) }
+        .map(|_| ())
+        .map_err(device_err("launch scatter"))
+}
+
+/// `KvStore::copy_page` on the device: elements `src..src + n` onto `dst..dst + n`.
+pub fn copy_within<T>(
+    stream: &Arc<CudaStream>,
+    elem: Elem,
+    buf: &mut CudaViewMut<'_, T>,
+    src: usize,
+    dst: usize,
+    n: usize,
+) -> Result<()> {
+    let kern = kernels(stream)?;
+    let cfg = LaunchConfig {
+        grid_dim: ((n as u32).div_ceil(256).clamp(1, 1024), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (src, dst, n) = (src as u64, dst as u64, n as u64);
+    let mut b = stream.launch_builder(&kern.copy[usize::from(!elem.wide())]);
+    b.arg(buf).arg(&src).arg(&dst).arg(&n);
+    // SAFETY: matches `layerkv_copy_u{32,16}`; the caller checked both pages against the store.
+    unsafe { b.launch(cfg) }
+        .map(|_| ())
+        .map_err(device_err("launch copy"))
+}

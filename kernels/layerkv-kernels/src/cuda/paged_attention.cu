@@ -1,0 +1,318 @@
+// layerkv CUDA kernels: split-K paged attention over block tables, the attention-mass pass for
+// score-based retention, and the KvStore scatter. Compiled at run time with NVRTC (no headers:
+// f16/bf16 are widened with PTX `cvt` and bit shifts), so the crate builds without a toolkit.
+//
+// Semantics match the CPU kernel (`cpu.rs`): a query row at logical slot p sees slots s in
+// [lo, hi) with hi = p + 1 (p when the diagonal is masked for upward sharing), clipped to the
+// filled slots, lo = p + 1 - window under a sliding window; a slot counts only if its page is
+// held (not NULL_PAGE) and its validity bit is set. Scores, softmax and accumulation are f32.
+//
+// Work split (flash-decoding): grid (query row, kv head, split); a split covers `part` logical
+// slots. Each block computes its split's scores for every query head of the GQA group into
+// shared memory, their max and exp-sum, and the unnormalised weighted V; `layerkv_attn_reduce`
+// merges the splits per (row, head) with the usual log-sum-exp rescaling.
+
+#define NULL_PAGE 0xffffffffu
+#define NEG_INF __int_as_float(0xff800000)
+#define WARPS 4
+#define THREADS (WARPS * 32)
+#define MAX_DIM_PER_LANE 8  // head_dim <= 256
+
+// Per sequence metadata, SEQ_INFO ints each.
+#define SEQ_INFO 8
+#define SI_Q_START 0
+#define SI_NUM_Q 1
+#define SI_Q_POS 2
+#define SI_NUM_SLOTS 3
+#define SI_PAGE_OFF 4
+#define SI_VALID_OFF 5  // -1: every filled slot is valid
+#define SI_MASS_OFF 6
+
+__device__ __forceinline__ float load_f32(const float* p, size_t i) { return p[i]; }
+
+__device__ __forceinline__ float load_f16(const unsigned short* p, size_t i) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(p[i]));
+    return f;
+}
+
+__device__ __forceinline__ float load_bf16(const unsigned short* p, size_t i) {
+    return __uint_as_float(((unsigned int)p[i]) << 16);
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+    return x;
+}
+
+// The shape and rule of one call.
+struct Params {
+    int total_q;
+    int heads;
+    int kv_heads;
+    int head_dim;
+    int block_size;
+    int part;        // logical slots per split
+    int num_splits;
+    int window;      // -1: no sliding window
+    int include_diag;
+    float scale;
+};
+
+// The visible slot range of this block's (row, split); false if the block has nothing to do.
+__device__ __forceinline__ bool block_range(const Params& P, const int* row_seq,
+                                            const int* seq_info, int row, int split, int* seq_out,
+                                            int* lo_out, int* hi_out) {
+    int seq = row_seq[row];
+    if (seq < 0) return false;
+    const int* si = seq_info + seq * SEQ_INFO;
+    int n = si[SI_NUM_SLOTS];
+    int p = si[SI_Q_POS] + (row - si[SI_Q_START]);
+    int hi = P.include_diag ? p + 1 : p;
+    if (hi > n) hi = n;
+    int lo = P.window >= 0 ? p + 1 - P.window : 0;
+    if (lo < 0) lo = 0;
+    int s0 = split * P.part, s1 = s0 + P.part;
+    if (lo < s0) lo = s0;
+    if (hi > s1) hi = s1;
+    *seq_out = seq;
+    *lo_out = lo;
+    *hi_out = hi;
+    return lo < hi;
+}
+
+// Scores of slots [lo, hi) for the `group` query heads of kv head `kvh` into
+// scores[g * part + (s - lo)] (-inf for dropped slots) and the physical row of each slot into
+// phys[s - lo] (-1 for dropped slots). `sq` holds the group's scaled query rows.
+template <typename T, float (*LOAD)(const T*, size_t)>
+__device__ void block_scores(const Params& P, const T* k, const unsigned int* pages,
+                             const unsigned long long* valid, const int* si, int kvh, int group,
+                             int lo, int hi, const float* sq, float* scores, int* phys) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int d = P.head_dim;
+    const unsigned int* seq_pages = pages + si[SI_PAGE_OFF];
+    const int valid_off = si[SI_VALID_OFF];
+    for (int s = lo + warp; s < hi; s += WARPS) {
+        unsigned int page = seq_pages[s / P.block_size];
+        bool ok = page != NULL_PAGE;
+        if (ok && valid_off >= 0) ok = (valid[valid_off + (s >> 6)] >> (s & 63)) & 1ull;
+        if (!ok) {
+            if (lane == 0) {
+                phys[s - lo] = -1;
+                for (int g = 0; g < group; ++g) scores[g * P.part + (s - lo)] = NEG_INF;
+            }
+            continue;
+        }
+        long long row = (long long)page * P.block_size + (s % P.block_size);
+        const size_t base = ((size_t)row * P.kv_heads + kvh) * d;
+        float kr[MAX_DIM_PER_LANE];
+#pragma unroll
+        for (int j = 0; j < MAX_DIM_PER_LANE; ++j) {
+            int i = lane + 32 * j;
+            kr[j] = i < d ? LOAD(k, base + i) : 0.f;
+        }
+        for (int g = 0; g < group; ++g) {
+            float acc = 0.f;
+#pragma unroll
+            for (int j = 0; j < MAX_DIM_PER_LANE; ++j) {
+                int i = lane + 32 * j;
+                if (i < d) acc += sq[g * d + i] * kr[j];
+            }
+            acc = warp_sum(acc);
+            if (lane == 0) scores[g * P.part + (s - lo)] = acc;
+        }
+        if (lane == 0) phys[s - lo] = (int)row;
+    }
+}
+
+// Loads the group's query rows (scaled) into shared memory.
+__device__ void load_queries(const Params& P, const float* q, int row, int kvh, int group,
+                             float* sq) {
+    const int d = P.head_dim;
+    const size_t base = ((size_t)row * P.heads + (size_t)kvh * group) * d;
+    for (int i = threadIdx.x; i < group * d; i += blockDim.x) sq[i] = q[base + i] * P.scale;
+}
+
+// Shared memory: scores [group * part] | queries [group * d] | phys [part] | max, sum [group].
+template <typename T, float (*LOAD)(const T*, size_t)>
+__device__ void attn_partial(Params P, const float* q, const T* k, const T* v,
+                             const int* row_seq, const int* seq_info, const unsigned int* pages,
+                             const unsigned long long* valid, float* part_out, float* part_m,
+                             float* part_l) {
+    extern __shared__ float smem[];
+    const int row = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
+    const int group = P.heads / P.kv_heads, d = P.head_dim;
+    float* scores = smem;
+    float* sq = scores + group * P.part;
+    int* phys = (int*)(sq + group * d);
+    float* smax = (float*)(phys + P.part);
+    float* ssum = smax + group;
+    const size_t ml = ((size_t)split * P.total_q + row) * P.heads + (size_t)kvh * group;
+    float* out = part_out + ml * d;
+
+    int seq, lo, hi;
+    if (!block_range(P, row_seq, seq_info, row, split, &seq, &lo, &hi)) {
+        for (int i = threadIdx.x; i < group * d; i += blockDim.x) out[i] = 0.f;
+        for (int g = threadIdx.x; g < group; g += blockDim.x) {
+            part_m[ml + g] = NEG_INF;
+            part_l[ml + g] = 0.f;
+        }
+        return;
+    }
+    const int* si = seq_info + seq * SEQ_INFO;
+    load_queries(P, q, row, kvh, group, sq);
+    __syncthreads();
+    block_scores<T, LOAD>(P, k, pages, valid, si, kvh, group, lo, hi, sq, scores, phys);
+    __syncthreads();
+
+    // Softmax statistics per head: one warp per head, weights exp(s - max) in place.
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n = hi - lo;
+    for (int g = warp; g < group; g += WARPS) {
+        float* sc = scores + g * P.part;
+        float m = NEG_INF;
+        for (int j = lane; j < n; j += 32) m = fmaxf(m, sc[j]);
+        m = warp_max(m);
+        float l = 0.f;
+        for (int j = lane; j < n; j += 32) {
+            float e = m == NEG_INF ? 0.f : __expf(sc[j] - m);
+            sc[j] = e;
+            l += e;
+        }
+        l = warp_sum(l);
+        if (lane == 0) {
+            smax[g] = m;
+            ssum[g] = l;
+        }
+    }
+    __syncthreads();
+
+    // Weighted V: thread i owns (head g, dim i % d); consecutive threads read consecutive dims.
+    for (int idx = threadIdx.x; idx < group * d; idx += blockDim.x) {
+        const int g = idx / d, i = idx % d;
+        const float* w = scores + g * P.part;
+        float acc = 0.f;
+        for (int j = 0; j < n; ++j) {
+            int r = phys[j];
+            if (r >= 0) acc += w[j] * LOAD(v, ((size_t)r * P.kv_heads + kvh) * d + i);
+        }
+        out[idx] = acc;
+    }
+    for (int g = threadIdx.x; g < group; g += blockDim.x) {
+        part_m[ml + g] = smax[g];
+        part_l[ml + g] = ssum[g];
+    }
+}
+
+// Adds each slot's attention probability, summed over the group's heads, into
+// mass[mass_off + slot], given the merged statistics from `layerkv_attn_reduce`.
+template <typename T, float (*LOAD)(const T*, size_t)>
+__device__ void attn_mass(Params P, const float* q, const T* k, const int* row_seq,
+                          const int* seq_info, const unsigned int* pages,
+                          const unsigned long long* valid, const float* row_m,
+                          const float* row_l, float* mass) {
+    extern __shared__ float smem[];
+    const int row = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
+    const int group = P.heads / P.kv_heads, d = P.head_dim;
+    float* scores = smem;
+    float* sq = scores + group * P.part;
+    int* phys = (int*)(sq + group * d);
+    int seq, lo, hi;
+    if (!block_range(P, row_seq, seq_info, row, split, &seq, &lo, &hi)) return;
+    const int* si = seq_info + seq * SEQ_INFO;
+    load_queries(P, q, row, kvh, group, sq);
+    __syncthreads();
+    block_scores<T, LOAD>(P, k, pages, valid, si, kvh, group, lo, hi, sq, scores, phys);
+    __syncthreads();
+    const size_t ml = (size_t)row * P.heads + (size_t)kvh * group;
+    for (int j = threadIdx.x; j < hi - lo; j += blockDim.x) {
+        if (phys[j] < 0) continue;
+        float w = 0.f;
+        for (int g = 0; g < group; ++g) {
+            float l = row_l[ml + g];
+            if (l > 0.f) w += __expf(scores[g * P.part + j] - row_m[ml + g]) / l;
+        }
+        atomicAdd(mass + si[SI_MASS_OFF] + lo + j, w);
+    }
+}
+
+#define INSTANTIATE(NAME, T, LOAD)                                                             \
+    extern "C" __global__ void __launch_bounds__(THREADS, 1) layerkv_attn_partial_##NAME(         \
+        Params P, const float* q, const T* k, const T* v, const int* row_seq,                  \
+        const int* seq_info, const unsigned int* pages, const unsigned long long* valid,       \
+        float* part_out, float* part_m, float* part_l) {                                       \
+        attn_partial<T, LOAD>(P, q, k, v, row_seq, seq_info, pages, valid, part_out, part_m,   \
+                              part_l);                                                         \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(THREADS, 1) layerkv_attn_mass_##NAME(            \
+        Params P, const float* q, const T* k, const int* row_seq, const int* seq_info,         \
+        const unsigned int* pages, const unsigned long long* valid, const float* row_m,        \
+        const float* row_l, float* mass) {                                                     \
+        attn_mass<T, LOAD>(P, q, k, row_seq, seq_info, pages, valid, row_m, row_l, mass);      \
+    }
+
+INSTANTIATE(f32, float, load_f32)
+INSTANTIATE(f16, unsigned short, load_f16)
+INSTANTIATE(bf16, unsigned short, load_bf16)
+
+// Merges the splits of one (row, head): out = sum_s o_s e^(m_s - M) / sum_s l_s e^(m_s - M).
+// Also writes the merged max and sum for the mass pass. Grid (total_q, heads), any block size.
+extern "C" __global__ void layerkv_attn_reduce(Params P, const float* part_out,
+                                               const float* part_m, const float* part_l,
+                                               float* out, float* row_m, float* row_l) {
+    const int row = blockIdx.x, h = blockIdx.y, d = P.head_dim;
+    const size_t stride = (size_t)P.total_q * P.heads;
+    const size_t rh = (size_t)row * P.heads + h;
+    float m = NEG_INF;
+    for (int s = 0; s < P.num_splits; ++s) m = fmaxf(m, part_m[s * stride + rh]);
+    float l = 0.f;
+    if (m != NEG_INF)
+        for (int s = 0; s < P.num_splits; ++s)
+            l += part_l[s * stride + rh] * __expf(part_m[s * stride + rh] - m);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float acc = 0.f;
+        if (l > 0.f)
+            for (int s = 0; s < P.num_splits; ++s) {
+                float ms = part_m[s * stride + rh];
+                if (ms != NEG_INF) acc += part_out[(s * stride + rh) * d + i] * __expf(ms - m);
+            }
+        out[rh * d + i] = l > 0.f ? acc / l : 0.f;
+    }
+    if (threadIdx.x == 0) {
+        row_m[rh] = m;
+        row_l[rh] = l;
+    }
+}
+
+// KvStore::write: dst row rows[i] (of `row` elements) = src row i. Grid (n), any block size.
+extern "C" __global__ void layerkv_scatter_rows_u32(unsigned int* dst, const unsigned int* src,
+                                                    const unsigned int* rows, int row) {
+    const size_t d = (size_t)rows[blockIdx.x] * row, s = (size_t)blockIdx.x * row;
+    for (int i = threadIdx.x; i < row; i += blockDim.x) dst[d + i] = src[s + i];
+}
+
+extern "C" __global__ void layerkv_scatter_rows_u16(unsigned short* dst,
+                                                    const unsigned short* src,
+                                                    const unsigned int* rows, int row) {
+    const size_t d = (size_t)rows[blockIdx.x] * row, s = (size_t)blockIdx.x * row;
+    for (int i = threadIdx.x; i < row; i += blockDim.x) dst[d + i] = src[s + i];
+}
+
+// KvStore::copy_page: buf[dst + i] = buf[src + i] for i < n (non-overlapping pages).
+extern "C" __global__ void layerkv_copy_u32(unsigned int* buf, unsigned long long src,
+                                            unsigned long long dst, unsigned long long n) {
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)gridDim.x * blockDim.x)
+        buf[dst + i] = buf[src + i];
+}
+
+extern "C" __global__ void layerkv_copy_u16(unsigned short* buf, unsigned long long src,
+                                            unsigned long long dst, unsigned long long n) {
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)gridDim.x * blockDim.x)
+        buf[dst + i] = buf[src + i];
+}
