@@ -1,7 +1,7 @@
 //! The engine against independent references, on tiny random-weight models written to disk with
 //! the real safetensors writer and loaded by the real loader:
-//! - identity policy == candle-transformers' Llama (logits max abs diff <= 1e-4 in f32, greedy
-//!   tokens equal) through prefill and decode;
+//! - identity policy == candle-transformers' Llama and Qwen2 (qkv biases, tied embeddings)
+//!   (logits max abs diff <= 1e-4 in f32, greedy tokens equal) through prefill and decode;
 //! - sharing layers run no K/V projection and own no pages;
 //! - iterative parallel prefill == token-by-token prefill for upward sharing (LCKV);
 //! - batched decode of sequences of different lengths == decoding them one by one;
@@ -28,10 +28,18 @@ const FFN: usize = 48;
 
 /// Writes a tiny llama model directory with seeded random weights.
 fn tiny_model(seed: u64) -> PathBuf {
-    let dir =
-        std::env::temp_dir().join(format!("layerkv-engine-test-{}-{seed}", std::process::id()));
+    tiny_model_of(seed, false)
+}
+
+/// Writes a tiny llama (or qwen2: q/k/v biases, tied embeddings) model directory with seeded
+/// random weights.
+fn tiny_model_of(seed: u64, qwen2: bool) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "layerkv-engine-test-{}-{seed}-{qwen2}",
+        std::process::id()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
-    let config = serde_json::json!({
+    let mut config = serde_json::json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": HIDDEN,
@@ -48,6 +56,20 @@ fn tiny_model(seed: u64) -> PathBuf {
         "eos_token_id": 2,
         "torch_dtype": "float32"
     });
+    if qwen2 {
+        let extra = serde_json::json!({
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "tie_word_embeddings": true,
+            "sliding_window": 512,
+            "max_window_layers": LAYERS,
+            "use_sliding_window": false,
+            "hidden_act": "silu"
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            config[k] = v.clone();
+        }
+    }
     std::fs::write(
         dir.join("config.json"),
         serde_json::to_string_pretty(&config).unwrap(),
@@ -72,7 +94,9 @@ fn tiny_model(seed: u64) -> PathBuf {
         "model.embed_tokens.weight".into(),
         rand(&[VOCAB, HIDDEN], 1.0),
     );
-    t.insert("lm_head.weight".into(), rand(&[VOCAB, HIDDEN], 0.3));
+    if !qwen2 {
+        t.insert("lm_head.weight".into(), rand(&[VOCAB, HIDDEN], 0.3));
+    }
     t.insert(
         "model.norm.weight".into(),
         (rand(&[HIDDEN], 0.1) + 1.0).unwrap(),
@@ -96,6 +120,14 @@ fn tiny_model(seed: u64) -> PathBuf {
             format!("{p}.self_attn.o_proj.weight"),
             rand(&[HIDDEN, HEADS * d], s),
         );
+        if qwen2 {
+            for (name, rows) in [("q", HEADS * d), ("k", KV_HEADS * d), ("v", KV_HEADS * d)] {
+                t.insert(
+                    format!("{p}.self_attn.{name}_proj.bias"),
+                    rand(&[rows], 0.5),
+                );
+            }
+        }
         t.insert(format!("{p}.mlp.gate_proj.weight"), rand(&[FFN, HIDDEN], s));
         t.insert(format!("{p}.mlp.up_proj.weight"), rand(&[FFN, HIDDEN], s));
         t.insert(
@@ -234,6 +266,58 @@ fn identity_matches_candle_transformers_llama() {
             "decode step {step}: greedy tokens differ"
         );
         next = argmax_row(&a);
+    }
+}
+
+#[test]
+fn identity_matches_candle_transformers_qwen2() {
+    use candle_transformers::models::qwen2;
+    let dir = tiny_model_of(2, true);
+    let model = load(&dir);
+    let mut ours = engine(
+        &model,
+        Policy::identity(LAYERS).unwrap(),
+        PrefillMode::TokenByToken,
+    );
+    let cfg: qwen2::Config =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let vb = unsafe {
+        VarBuilder::from_mmaped_safetensors(
+            &[dir.join("model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    let mut theirs = qwen2::ModelForCausalLM::new(&cfg, vb).unwrap();
+    ours.add_sequence(0).unwrap();
+    let mut input: Vec<u32> = PROMPT.to_vec();
+    let mut pos = 0;
+    for step in 0..10 {
+        let phase = if step == 0 {
+            Phase::Prefill
+        } else {
+            Phase::Decode
+        };
+        let a = ours.step(&[(0, &input)], LogitsRows::Last, phase).unwrap();
+        let ids = Tensor::new(&input[..], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let b = theirs
+            .forward(&ids, pos)
+            .unwrap()
+            .reshape(a.shape())
+            .unwrap();
+        let d = max_diff(&a, &b);
+        assert!(d <= 1e-4, "step {step}: logits differ by {d}");
+        assert_eq!(
+            argmax_row(&a),
+            argmax_row(&b),
+            "step {step}: greedy differs"
+        );
+        pos += input.len();
+        input = vec![argmax_row(&a)];
     }
 }
 
