@@ -209,8 +209,11 @@ fn main() {
         println!("attention bench check: 1 passed, 0 failed");
         return;
     }
+    // `LAYERKV_BENCH_FILTER=32h/8kv/d128:f32:32768x1` (a substring of `shape:dtype:ctxxbatch`)
+    // runs only the matching table rows, for profiling.
+    let filter = std::env::var("LAYERKV_BENCH_FILTER").ok();
     let mut crit = Criterion::default().sample_size(10).configure_from_args();
-    {
+    if filter.is_none() {
         let c = Case {
             heads: 32,
             kv_heads: 8,
@@ -236,6 +239,18 @@ fn main() {
         "shape", "dtype", "ctx", "batch", "paged us", "candle us", "speedup", "KV GB/s", "% bw"
     );
     for c in cases() {
+        let label = format!(
+            "{}h/{}kv/d{}:{}:{}x{}",
+            c.heads,
+            c.kv_heads,
+            c.head_dim,
+            format!("{:?}", c.dtype).to_lowercase(),
+            c.ctx,
+            c.batch
+        );
+        if filter.as_ref().is_some_and(|f| !label.contains(f.as_str())) {
+            continue;
+        }
         let p = prepare(&c);
         let reps = if c.ctx * c.batch >= 1 << 16 { 5 } else { 11 };
         let t_ours = median(|| drop(black_box(ours(&c, &p))), reps);

@@ -1,14 +1,16 @@
 //! The CPU paged-attention kernel.
 //!
-//! Work is split over (sequence, KV head) pairs on rayon's pool; a work item handles every query
-//! row of its sequence and every query head of its GQA group, so each K and V row is read once
-//! per group and query row. Per row: scores of the visible, valid slots (one pass over each key
-//! row computes the dot products of the whole group, in independent 8-wide accumulators),
-//! softmax in f32, then the V rows weighted into f32 accumulators. f32 rows are read in place,
-//! f16/bf16 rows are widened into a small buffer. The loops are compiled twice (baseline x86-64
-//! and AVX2+FMA, picked at run time), so a default build still uses the wide units. Scratch is
-//! per thread and reused across calls: a warmed-up call allocates only its output (and, with
-//! `mass`, one buffer per work item).
+//! Decode calls (one query row per sequence, no mass) take the split path in [`split`]: items
+//! are (sequence, slot partition) over every KV head, merged by log-sum-exp. Other calls
+//! (prefill, chunked prefill, mass wanted) split work over (sequence, KV head) pairs on rayon's
+//! pool; a work item handles every query row of its sequence and every query head of its GQA
+//! group, so each K and V row is read once per group and query row. Per row: scores of the
+//! visible, valid slots (one pass over each key row computes the dot products of the whole
+//! group, in independent 8-wide accumulators), softmax in f32, then the V rows weighted into f32
+//! accumulators. f32 rows are read in place, f16/bf16 rows are widened into a small buffer. The
+//! loops are compiled twice (baseline x86-64 and AVX2+FMA, picked at run time), so a default
+//! build still uses the wide units. Scratch is per thread and reused across calls: a warmed-up
+//! call allocates only its output (and, with `mass`, one buffer per work item).
 
 use std::cell::RefCell;
 
@@ -21,12 +23,26 @@ use crate::error::{KernelError, Result};
 use crate::store::KvStore;
 use crate::view::{AttentionParams, SeqQuery};
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+mod split;
+pub(crate) use split::Split;
+
 /// Element types the store may hold, widened to f32 for compute.
 pub(crate) trait Elem: Copy + Send + Sync {
     /// The row as f32 without copying, when it already is f32.
     fn as_f32(src: &[Self]) -> Option<&[f32]>;
     /// Widens `src` into `dst` (same length).
     fn widen(src: &[Self], dst: &mut [f32]);
+    /// [`Elem::widen`] with AVX2+F16C instructions.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and F16C.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn widen_avx2(src: &[Self], dst: &mut [f32]) {
+        Self::widen(src, dst)
+    }
 }
 
 impl Elem for f32 {
@@ -49,6 +65,12 @@ impl Elem for f16 {
     fn widen(src: &[f16], dst: &mut [f32]) {
         src.convert_to_f32_slice(dst);
     }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn widen_avx2(src: &[f16], dst: &mut [f32]) {
+        // SAFETY: the caller guarantees AVX2 and F16C.
+        unsafe { avx2::widen_f16(src, dst) }
+    }
 }
 
 impl Elem for bf16 {
@@ -60,12 +82,50 @@ impl Elem for bf16 {
     fn widen(src: &[bf16], dst: &mut [f32]) {
         src.convert_to_f32_slice(dst);
     }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn widen_avx2(src: &[bf16], dst: &mut [f32]) {
+        // SAFETY: the caller guarantees AVX2.
+        unsafe { avx2::widen_bf16(src, dst) }
+    }
 }
 
 /// Multiply-add, fused or not: the inner loops are compiled twice, for the baseline target
 /// (mul + add) and for AVX2+FMA (fused), and the CPU picks one at run time.
 trait Madd {
     fn madd(acc: f32, a: f32, b: f32) -> f32;
+
+    /// Dot products of every query row of a group (`group x d`) with one key row.
+    #[inline(always)]
+    fn group_dots(q: &[f32], k: &[f32], out: &mut [f32]) {
+        portable_group_dots::<Self>(q, k, out)
+    }
+
+    /// `acc += sum_j w[j] * rows[j]`: one load and one store of each accumulator per block.
+    #[inline(always)]
+    fn axpy_block(acc: &mut [f32], w: &[f32; VB], rows: &[&[f32]; VB]) {
+        portable_axpy_block::<Self>(acc, w, rows)
+    }
+
+    /// `x[i] = exp(x[i] - max[i])` (0 where `max[i]` is -inf: nothing visible), `sums[i] += x[i]`.
+    #[inline(always)]
+    fn exp_row(x: &mut [f32], max: &[f32], sums: &mut [f32]) {
+        for ((x, m), l) in x.iter_mut().zip(max).zip(sums) {
+            let e = if *m == f32::NEG_INFINITY {
+                0.0
+            } else {
+                (*x - m).exp()
+            };
+            *x = e;
+            *l += e;
+        }
+    }
+
+    /// Widens a stored row to f32 with the loops this instantiation may use.
+    #[inline(always)]
+    fn widen<T: Elem>(src: &[T], dst: &mut [f32]) {
+        T::widen(src, dst)
+    }
 }
 
 /// Separate multiply and add (any x86-64 / other targets).
@@ -77,7 +137,8 @@ impl Madd for Plain {
     }
 }
 
-/// Fused multiply-add (only called from `#[target_feature(enable = "fma")]` code).
+/// Fused multiply-add and AVX2 loops (only called from `#[target_feature(enable =
+/// "avx2,fma,f16c")]` code, after [`wide_loops`] said yes).
 #[cfg(target_arch = "x86_64")]
 struct Fused;
 #[cfg(target_arch = "x86_64")]
@@ -86,13 +147,38 @@ impl Madd for Fused {
     fn madd(acc: f32, a: f32, b: f32) -> f32 {
         a.mul_add(b, acc)
     }
+
+    #[inline(always)]
+    fn group_dots(q: &[f32], k: &[f32], out: &mut [f32]) {
+        // SAFETY: `Fused` is only used from functions compiled with AVX2 and FMA, which run
+        // only after the CPU was checked to have them.
+        unsafe { avx2::group_dots(q, k, out) }
+    }
+
+    #[inline(always)]
+    fn axpy_block(acc: &mut [f32], w: &[f32; VB], rows: &[&[f32]; VB]) {
+        // SAFETY: as for `group_dots`.
+        unsafe { avx2::axpy_block(acc, w, rows) }
+    }
+
+    #[inline(always)]
+    fn exp_row(x: &mut [f32], max: &[f32], sums: &mut [f32]) {
+        // SAFETY: as for `group_dots`.
+        unsafe { avx2::exp_row(x, max, sums) }
+    }
+
+    #[inline(always)]
+    fn widen<T: Elem>(src: &[T], dst: &mut [f32]) {
+        // SAFETY: `Fused` runs only where AVX2, FMA and F16C were detected.
+        unsafe { T::widen_avx2(src, dst) }
+    }
 }
 
 /// Dot products of `N` query rows (`q`, `N x d`) with one key row, in `N x 8` independent
 /// accumulators: one pass over the key row serves a whole GQA group, and the independent
 /// chains hide the add latency.
 #[inline(always)]
-fn dots<M: Madd, const N: usize>(q: &[f32], k: &[f32], out: &mut [f32]) {
+fn dots<M: Madd + ?Sized, const N: usize>(q: &[f32], k: &[f32], out: &mut [f32]) {
     let d = k.len();
     let mut acc = [[0f32; 8]; N];
     let chunks = d / 8;
@@ -117,6 +203,12 @@ fn dots<M: Madd, const N: usize>(q: &[f32], k: &[f32], out: &mut [f32]) {
 /// Dot products of every query row of a group (`group x d`) with one key row.
 #[inline(always)]
 fn group_dots<M: Madd>(q: &[f32], k: &[f32], out: &mut [f32]) {
+    M::group_dots(q, k, out)
+}
+
+/// [`Madd::group_dots`] in portable code: 4-row blocks, then the 1..3 remaining rows together.
+#[inline(always)]
+fn portable_group_dots<M: Madd + ?Sized>(q: &[f32], k: &[f32], out: &mut [f32]) {
     let d = k.len();
     let group = out.len();
     let mut g = 0;
@@ -124,18 +216,26 @@ fn group_dots<M: Madd>(q: &[f32], k: &[f32], out: &mut [f32]) {
         dots::<M, 4>(&q[g * d..], k, &mut out[g..g + 4]);
         g += 4;
     }
-    while g < group {
-        dots::<M, 1>(&q[g * d..], k, &mut out[g..g + 1]);
-        g += 1;
+    match group - g {
+        3 => dots::<M, 3>(&q[g * d..], k, &mut out[g..]),
+        2 => dots::<M, 2>(&q[g * d..], k, &mut out[g..]),
+        1 => dots::<M, 1>(&q[g * d..], k, &mut out[g..]),
+        _ => {}
     }
 }
 
 /// Value rows accumulated per block in pass 3.
 const VB: usize = 8;
 
-/// `acc += sum_j w[j] * rows[j]`: one load and one store of each accumulator per block.
+/// `acc += sum_j w[j] * rows[j]` on the widest loops `M` has.
 #[inline(always)]
 fn axpy_block<M: Madd>(acc: &mut [f32], w: &[f32; VB], rows: &[&[f32]; VB]) {
+    M::axpy_block(acc, w, rows)
+}
+
+/// [`Madd::axpy_block`] in portable code.
+#[inline(always)]
+fn portable_axpy_block<M: Madd + ?Sized>(acc: &mut [f32], w: &[f32; VB], rows: &[&[f32]; VB]) {
     let d = acc.len();
     let rows: [&[f32]; VB] = std::array::from_fn(|j| &rows[j][..d]);
     for (i, a) in acc.iter_mut().enumerate() {
@@ -177,7 +277,7 @@ pub(crate) fn attention(
     params: &AttentionParams,
     mass: Option<&mut [f32]>,
 ) -> Result<Tensor> {
-    attention_with(q, store, seqs, params, mass, false)
+    attention_with(q, store, seqs, params, mass, false, Split::Auto)
 }
 
 fn attention_with(
@@ -187,6 +287,7 @@ fn attention_with(
     params: &AttentionParams,
     mass: Option<&mut [f32]>,
     baseline: bool,
+    split: Split,
 ) -> Result<Tensor> {
     let (total_q, heads, head_dim) = q.dims3()?;
     let dims = Dims {
@@ -218,6 +319,7 @@ fn attention_with(
             params,
             dims,
             mass.is_some(),
+            split,
         ),
         (Storage::Cpu(CpuStorage::F16(k)), Storage::Cpu(CpuStorage::F16(v))) => run(
             &k[ko..],
@@ -228,6 +330,7 @@ fn attention_with(
             params,
             dims,
             mass.is_some(),
+            split,
         ),
         (Storage::Cpu(CpuStorage::BF16(k)), Storage::Cpu(CpuStorage::BF16(v))) => run(
             &k[ko..],
@@ -238,6 +341,7 @@ fn attention_with(
             params,
             dims,
             mass.is_some(),
+            split,
         ),
         _ => {
             return Err(KernelError::DType {
@@ -273,7 +377,12 @@ fn run<T: Elem>(
     params: &AttentionParams,
     dims: Dims,
     want_mass: bool,
+    split: Split,
 ) -> Option<Vec<Vec<f32>>> {
+    if split::applies(seqs, want_mass, split) {
+        split::run(k, v, q, out, seqs, params, dims, split);
+        return None;
+    }
     let items = seqs.len() * dims.kv_heads;
     let results: Vec<Option<Vec<f32>>> = (0..items)
         .into_par_iter()
@@ -283,6 +392,16 @@ fn run<T: Elem>(
         })
         .collect();
     want_mass.then(|| results.into_iter().map(|m| m.unwrap_or_default()).collect())
+}
+
+/// Whether this call may use the AVX2+FMA+F16C instantiation.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn wide_loops(dims: Dims) -> bool {
+    !dims.baseline
+        && std::is_x86_feature_detected!("avx2")
+        && std::is_x86_feature_detected!("fma")
+        && std::is_x86_feature_detected!("f16c")
 }
 
 /// All query rows and query heads of one sequence that read KV head `h`, on the widest
@@ -300,10 +419,7 @@ fn work_item<T: Elem>(
     want_mass: bool,
 ) -> Option<Vec<f32>> {
     #[cfg(target_arch = "x86_64")]
-    if !dims.baseline
-        && std::is_x86_feature_detected!("avx2")
-        && std::is_x86_feature_detected!("fma")
-    {
+    if wide_loops(dims) {
         // SAFETY: the CPU supports AVX2 and FMA (checked just above).
         return unsafe { work_item_avx2(k, v, q, out, seq, h, params, dims, want_mass) };
     }
@@ -312,7 +428,7 @@ fn work_item<T: Elem>(
 
 /// [`work_item_body`] compiled for AVX2 + FMA.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn work_item_avx2<T: Elem>(
     k: &[T],
@@ -387,7 +503,7 @@ fn work_item_body<T: Elem, M: Madd>(
                     Some(key) => key,
                     None => {
                         let row = &mut rows[..d];
-                        T::widen(src, row);
+                        M::widen::<T>(src, row);
                         &*row
                     }
                 };
@@ -402,15 +518,11 @@ fn work_item_body<T: Elem, M: Madd>(
             // Pass 2: softmax weights (in place, normalised) per head.
             let mut sum = [0f32; MAX_GROUP];
             for s in lo..hi {
-                for (g, x) in scores[s * group..(s + 1) * group].iter_mut().enumerate() {
-                    let e = if max[g] == f32::NEG_INFINITY {
-                        0.0
-                    } else {
-                        (*x - max[g]).exp()
-                    };
-                    *x = e;
-                    sum[g] += e;
-                }
+                M::exp_row(
+                    &mut scores[s * group..(s + 1) * group],
+                    &max[..group],
+                    &mut sum[..group],
+                );
             }
             for x in &mut sum[..group] {
                 *x = if *x > 0.0 { 1.0 / *x } else { 0.0 };
@@ -432,7 +544,7 @@ fn work_item_body<T: Elem, M: Madd>(
                             Some(value) => value.as_ptr(),
                             None => {
                                 let dst = &mut rows[count * d..(count + 1) * d];
-                                T::widen(src, dst);
+                                M::widen::<T>(src, dst);
                                 dst.as_ptr()
                             }
                         };
@@ -498,7 +610,12 @@ fn prefetch_slot<T>(
         return;
     }
     let base = slot_row(page, s % bs);
-    let row = &data[base..base + d];
+    prefetch(&data[base..base + d]);
+}
+
+/// Prefetches every cache line of `row` into L1.
+#[inline(always)]
+fn prefetch<T>(row: &[T]) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
@@ -562,8 +679,16 @@ mod tests {
             let (want, want_mass) = dense_attention(&q, &store, &seqs, &params).unwrap();
             for baseline in [true, false] {
                 let mut mass = vec![0f32; 19];
-                let got =
-                    attention_with(&q, &store, &seqs, &params, Some(&mut mass), baseline).unwrap();
+                let got = attention_with(
+                    &q,
+                    &store,
+                    &seqs,
+                    &params,
+                    Some(&mut mass),
+                    baseline,
+                    Split::Auto,
+                )
+                .unwrap();
                 let diff = (&got - &want)
                     .unwrap()
                     .abs()
@@ -577,6 +702,87 @@ mod tests {
                 assert!(diff < 1e-5, "{dtype:?} baseline={baseline}: {diff}");
                 for (m, w) in mass.iter().zip(&want_mass) {
                     assert!((m - w).abs() < 1e-4, "{dtype:?} baseline={baseline}: mass");
+                }
+            }
+        }
+    }
+    /// The decode split against the dense reference and the per-head path: partitions of one
+    /// page, a few pages and automatic; holes, a returned page, windows, upward sharing (no
+    /// diagonal), a sequence that sees nothing; both loop instantiations; f32/f16/bf16.
+    #[test]
+    fn decode_split_matches_the_reference() {
+        let dev = Device::Cpu;
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let (bs, kv_heads, d, heads) = (4, 3, 20, 12);
+            let mut store = KvStore::new(16, bs, kv_heads, d, dtype, &dev).unwrap();
+            let k = Tensor::randn(0f32, 1.0, (64, kv_heads, d), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (64, kv_heads, d), &dev).unwrap();
+            let slots: Vec<u32> = (0..64).rev().collect();
+            store.write(&slots, &k, &v).unwrap();
+            let a = [9u32, 2, 14, 0, 7, 3, 11, 5, 1];
+            let b = [4u32, crate::NULL_PAGE, 12, 6, 8];
+            let c = [10u32];
+            let valid_a = [0b1011_1111_0111_1111_1111_1111_1101_1111_1110u64];
+            for (window, include_diagonal) in [(None, true), (Some(9), true), (None, false)] {
+                let seqs = [
+                    SeqQuery {
+                        kv: SeqKv {
+                            pages: &a,
+                            num_slots: 35,
+                            valid: Some(&valid_a),
+                        },
+                        q_start: 0,
+                        num_q: 1,
+                        q_pos: 34,
+                    },
+                    SeqQuery {
+                        kv: SeqKv {
+                            pages: &b,
+                            num_slots: 18,
+                            valid: None,
+                        },
+                        q_start: 1,
+                        num_q: 1,
+                        q_pos: 17,
+                    },
+                    SeqQuery {
+                        kv: SeqKv {
+                            pages: &c,
+                            num_slots: 1,
+                            valid: None,
+                        },
+                        q_start: 2,
+                        num_q: 1,
+                        q_pos: 0,
+                    },
+                ];
+                let params = AttentionParams {
+                    scale: 0.3,
+                    window,
+                    include_diagonal,
+                };
+                let q = Tensor::randn(0f32, 1.0, (3, heads, d), &dev).unwrap();
+                let (want, _) = dense_attention(&q, &store, &seqs, &params).unwrap();
+                for split in [Split::Slots(1), Split::Slots(8), Split::Auto, Split::Off] {
+                    for baseline in [true, false] {
+                        let got = attention_with(&q, &store, &seqs, &params, None, baseline, split)
+                            .unwrap();
+                        let diff = (&got - &want)
+                            .unwrap()
+                            .abs()
+                            .unwrap()
+                            .flatten_all()
+                            .unwrap()
+                            .max(0)
+                            .unwrap()
+                            .to_scalar::<f32>()
+                            .unwrap();
+                        assert!(
+                            diff < 1e-5,
+                            "{dtype:?} {window:?} diag={include_diagonal} {split:?} \
+                             baseline={baseline}: {diff}"
+                        );
+                    }
                 }
             }
         }

@@ -1,0 +1,356 @@
+//! The CPU decode path: one query row per sequence, no attention mass.
+//!
+//! Work items are (sequence, slot partition) and cover every KV head. A page keeps one token's
+//! rows of all heads together, so an item streams whole pages front to back, which the hardware
+//! prefetchers follow (a per-head item reads one short row per 4 KiB on Llama shapes), and a
+//! batch-1 context spreads over every thread instead of over `kv_heads` items. Each item leaves
+//! an unnormalised partial per query head (running max, exp-sum, weighted V sum); a sequence's
+//! partials merge by log-sum-exp, as in flash-decoding.
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use super::{axpy_block, group_dots, Dims, Elem, Madd, OutPtr, Plain, SCRATCH, VB};
+use crate::view::{AttentionParams, SeqQuery};
+
+/// How the decode path splits contexts (tests force small partitions).
+#[derive(Clone, Copy, Debug)]
+#[cfg_attr(not(test), allow(dead_code))] // `Off` and `Slots` exist for the tests.
+pub(crate) enum Split {
+    /// Partitions sized for balance over the thread pool.
+    Auto,
+    /// Use the per-(sequence, KV head) path instead.
+    Off,
+    /// Partitions of this many slots (rounded up to whole pages).
+    Slots(usize),
+}
+
+/// Smallest automatic partition, in slots: below it the partial write and merge cost more than
+/// the balance gains.
+const MIN_PART: usize = 64;
+
+/// Largest automatic partition, in slots: keeps a partition's scores (`slots x heads` f32) in
+/// the core's L2 cache between the key and the value pass.
+const MAX_PART: usize = 512;
+
+/// Work items per thread the automatic split aims for, so uneven items still balance.
+const ITEMS_PER_THREAD: usize = 4;
+
+/// Slots ahead whose token rows are prefetched; only page jumps need it (rows within a page are
+/// contiguous), so a short distance suffices.
+const PREFETCH: usize = 2;
+
+/// Slots `[start, end)` of sequence `seq`.
+#[derive(Clone, Copy, Debug)]
+struct Part {
+    seq: usize,
+    start: usize,
+    end: usize,
+}
+
+/// The caller's reusable plan: parts, the first part of each sequence (plus an end marker), and
+/// the partials buffer.
+#[derive(Default)]
+struct Plan {
+    parts: Vec<Part>,
+    first: Vec<usize>,
+    partials: Vec<f32>,
+}
+
+thread_local! {
+    static PLAN: RefCell<Plan> = RefCell::new(Plan::default());
+}
+
+/// Whether a call takes the decode path.
+pub(crate) fn applies(seqs: &[SeqQuery<'_>], want_mass: bool, split: Split) -> bool {
+    !want_mass && !matches!(split, Split::Off) && seqs.iter().all(|s| s.num_q == 1)
+}
+
+/// Decode attention for every sequence (each has exactly one query row) into `out`, which the
+/// caller zeroed (rows that see no valid slot stay zero).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run<T: Elem>(
+    k: &[T],
+    v: &[T],
+    q: &[f32],
+    out: OutPtr,
+    seqs: &[SeqQuery<'_>],
+    params: &AttentionParams,
+    dims: Dims,
+    split: Split,
+) {
+    let mut plan = PLAN.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
+    make_plan(&mut plan, seqs, params, dims.block_size, split);
+    let stride = dims.heads * (dims.head_dim + 2);
+    let need = plan.parts.len() * stride;
+    if plan.partials.len() < need {
+        plan.partials.resize(need, 0.0);
+    }
+    let Plan {
+        parts,
+        first,
+        partials,
+    } = &mut plan;
+    parts
+        .par_iter()
+        .zip(partials[..need].par_chunks_mut(stride))
+        .for_each(|(part, partial)| {
+            part_item(k, v, q, &seqs[part.seq], *part, params, dims, partial)
+        });
+    let (first, partials) = (&*first, &*partials);
+    (0..seqs.len()).into_par_iter().for_each(|s| {
+        merge(
+            &partials[first[s] * stride..first[s + 1] * stride],
+            seqs[s].q_start,
+            dims,
+            out,
+        )
+    });
+    PLAN.with(|cell| *cell.borrow_mut() = plan);
+}
+
+/// Splits each sequence's visible range into partitions aligned to multiples of the partition
+/// length (itself a whole number of pages).
+fn make_plan(
+    plan: &mut Plan,
+    seqs: &[SeqQuery<'_>],
+    params: &AttentionParams,
+    block_size: usize,
+    split: Split,
+) {
+    let visible = |s: &SeqQuery<'_>| params.visible(s.q_pos, s.kv.num_slots);
+    let len = match split {
+        Split::Slots(n) => n.max(1),
+        _ => {
+            let total: usize = seqs
+                .iter()
+                .map(|s| {
+                    let (lo, hi) = visible(s);
+                    hi - lo
+                })
+                .sum();
+            let items = ITEMS_PER_THREAD * rayon::current_num_threads().max(1);
+            total.div_ceil(items).clamp(MIN_PART, MAX_PART)
+        }
+    };
+    let len = len.div_ceil(block_size) * block_size;
+    plan.parts.clear();
+    plan.first.clear();
+    for (i, s) in seqs.iter().enumerate() {
+        plan.first.push(plan.parts.len());
+        let (lo, hi) = visible(s);
+        let mut start = lo;
+        while start < hi {
+            let end = ((start / len + 1) * len).min(hi);
+            plan.parts.push(Part { seq: i, start, end });
+            start = end;
+        }
+    }
+    plan.first.push(plan.parts.len());
+}
+
+/// One partition on the widest instruction set the CPU has.
+#[allow(clippy::too_many_arguments)]
+fn part_item<T: Elem>(
+    k: &[T],
+    v: &[T],
+    q: &[f32],
+    seq: &SeqQuery<'_>,
+    part: Part,
+    params: &AttentionParams,
+    dims: Dims,
+    partial: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if super::wide_loops(dims) {
+        // SAFETY: the CPU supports AVX2, FMA and F16C (checked just above).
+        return unsafe { part_item_avx2(k, v, q, seq, part, params, dims, partial) };
+    }
+    part_body::<T, Plain>(k, v, q, seq, part, params, dims, partial)
+}
+
+/// [`part_body`] compiled for AVX2 + FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn part_item_avx2<T: Elem>(
+    k: &[T],
+    v: &[T],
+    q: &[f32],
+    seq: &SeqQuery<'_>,
+    part: Part,
+    params: &AttentionParams,
+    dims: Dims,
+    partial: &mut [f32],
+) {
+    part_body::<T, super::Fused>(k, v, q, seq, part, params, dims, partial)
+}
+
+/// Scores, exponentials and the weighted V sum of one partition, for every query head; writes
+/// `[max; heads] [exp-sum; heads] [acc; heads x head_dim]` into `partial`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn part_body<T: Elem, M: Madd>(
+    k: &[T],
+    v: &[T],
+    q: &[f32],
+    seq: &SeqQuery<'_>,
+    part: Part,
+    params: &AttentionParams,
+    dims: Dims,
+    partial: &mut [f32],
+) {
+    let Dims {
+        heads,
+        kv_heads,
+        head_dim: d,
+        block_size: bs,
+        ..
+    } = dims;
+    let group = heads / kv_heads;
+    let row = kv_heads * d;
+    let len = part.end - part.start;
+    let (maxes, rest) = partial.split_at_mut(heads);
+    let (sums, acc) = rest.split_at_mut(heads);
+    let mut scratch = SCRATCH.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
+    {
+        // Layout: scores [len x heads] | widened token rows [VB x row] | a zero row [row] |
+        // weights [heads x VB].
+        let need = heads * len + VB * row + row + heads * VB;
+        if scratch.len() < need {
+            scratch.resize(need, 0.0);
+        }
+        let (scores, rest) = scratch.split_at_mut(heads * len);
+        let (rows, rest) = rest.split_at_mut(VB * row);
+        let (zero, w) = rest.split_at_mut(row);
+        zero.fill(0.0);
+        let zero: &[f32] = zero;
+        let w = &mut w[..heads * VB];
+        let qs = &q[seq.q_start * heads * d..(seq.q_start + 1) * heads * d];
+        let token = |s: usize| (seq.kv.pages[s / bs] as usize * bs + s % bs) * row;
+        let prefetch = |data: &[T], s: usize| {
+            if s < part.end && seq.kv.pages[s / bs] != crate::NULL_PAGE {
+                let base = token(s);
+                super::prefetch(&data[base..base + row]);
+            }
+        };
+
+        // Pass 1: scores of every query head, one pass over each token's key rows.
+        maxes.fill(f32::NEG_INFINITY);
+        for s in part.start..part.end {
+            prefetch(k, s + PREFETCH);
+            let sc = &mut scores[(s - part.start) * heads..(s - part.start + 1) * heads];
+            if !seq.kv.is_valid(s, bs) {
+                sc.fill(f32::NEG_INFINITY);
+                continue;
+            }
+            let base = token(s);
+            let src = &k[base..base + row];
+            let keys = match T::as_f32(src) {
+                Some(keys) => keys,
+                None => {
+                    let dst = &mut rows[..row];
+                    M::widen::<T>(src, dst);
+                    &*dst
+                }
+            };
+            for h in 0..kv_heads {
+                group_dots::<M>(
+                    &qs[h * group * d..(h + 1) * group * d],
+                    &keys[h * d..(h + 1) * d],
+                    &mut sc[h * group..(h + 1) * group],
+                );
+            }
+            for (x, m) in sc.iter_mut().zip(maxes.iter_mut()) {
+                *x *= params.scale;
+                if *x > *m {
+                    *m = *x;
+                }
+            }
+        }
+
+        // Pass 2: exponentials relative to the partition's max, and their sums.
+        sums.fill(0.0);
+        for sc in scores[..len * heads].chunks_exact_mut(heads) {
+            M::exp_row(sc, maxes, sums);
+        }
+
+        // Pass 3: weighted value rows, VB valid slots per accumulator load/store.
+        acc.fill(0.0);
+        let mut s = part.start;
+        while s < part.end {
+            let mut block: [*const f32; VB] = [zero.as_ptr(); VB];
+            w.fill(0.0);
+            let mut count = 0;
+            while count < VB && s < part.end {
+                prefetch(v, s + PREFETCH);
+                if seq.kv.is_valid(s, bs) {
+                    let base = token(s);
+                    let src = &v[base..base + row];
+                    block[count] = match T::as_f32(src) {
+                        Some(values) => values.as_ptr(),
+                        None => {
+                            let dst = &mut rows[count * row..(count + 1) * row];
+                            M::widen::<T>(src, dst);
+                            dst.as_ptr()
+                        }
+                    };
+                    let sc = &scores[(s - part.start) * heads..(s - part.start + 1) * heads];
+                    for (hd, x) in sc.iter().enumerate() {
+                        w[hd * VB + count] = *x;
+                    }
+                    count += 1;
+                }
+                s += 1;
+            }
+            for h in 0..kv_heads {
+                // SAFETY: every pointer is the start of `row` live f32s (a token's rows of `v`
+                // in f32 storage, a row of `rows`, or `zero`), none written while borrowed here;
+                // `h * d + d <= row`.
+                let rows_h: [&[f32]; VB] =
+                    block.map(|p| unsafe { std::slice::from_raw_parts(p.add(h * d), d) });
+                for g in 0..group {
+                    let hd = h * group + g;
+                    let wg: &[f32; VB] = w[hd * VB..(hd + 1) * VB].try_into().unwrap();
+                    axpy_block::<M>(&mut acc[hd * d..(hd + 1) * d], wg, &rows_h);
+                }
+            }
+        }
+    }
+    SCRATCH.with(|cell| *cell.borrow_mut() = scratch);
+}
+
+/// Merges one sequence's partials into its output row: per head,
+/// `sum_p e^(m_p - M) acc_p / sum_p e^(m_p - M) l_p` with `M = max_p m_p`.
+fn merge(partials: &[f32], q_start: usize, dims: Dims, out: OutPtr) {
+    let (heads, d) = (dims.heads, dims.head_dim);
+    let stride = heads * (d + 2);
+    let parts = partials.len() / stride;
+    for hd in 0..heads {
+        let part = |p: usize| &partials[p * stride..(p + 1) * stride];
+        let max = (0..parts)
+            .map(|p| part(p)[hd])
+            .fold(f32::NEG_INFINITY, f32::max);
+        if max == f32::NEG_INFINITY {
+            continue;
+        }
+        let total: f32 = (0..parts)
+            .map(|p| (part(p)[hd] - max).exp() * part(p)[heads + hd])
+            .sum();
+        if total <= 0.0 {
+            continue;
+        }
+        // SAFETY: (q_start, hd) is this sequence's own output row (each sequence has one query
+        // row) and lies inside the [total_q, heads, d] output the caller allocated.
+        let dst =
+            unsafe { std::slice::from_raw_parts_mut(out.0.add((q_start * heads + hd) * d), d) };
+        for p in 0..parts {
+            let scale = (part(p)[hd] - max).exp() / total;
+            let acc = &part(p)[2 * heads + hd * d..2 * heads + (hd + 1) * d];
+            for (o, a) in dst.iter_mut().zip(acc) {
+                *o += scale * a;
+            }
+        }
+    }
+}
