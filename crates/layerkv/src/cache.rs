@@ -163,11 +163,44 @@ impl Hasher for SeqHasher {
 
 #[derive(Debug, Clone)]
 struct Sequence {
-    tables: Vec<BlockTable>,
+    /// Group 0's table, inline: the common one-group append then reads no second allocation.
+    first: BlockTable,
+    /// Groups 1.. .
+    rest: Vec<BlockTable>,
     /// Token-chain hash after each full block (prefix caching only).
     chain: Vec<u64>,
     /// Tokens of the current partial block (prefix caching only).
     partial: Vec<u32>,
+}
+
+impl Sequence {
+    fn table(&self, g: GroupId) -> &BlockTable {
+        if g == 0 {
+            &self.first
+        } else {
+            &self.rest[g - 1]
+        }
+    }
+
+    fn table_mut(&mut self, g: GroupId) -> &mut BlockTable {
+        if g == 0 {
+            &mut self.first
+        } else {
+            &mut self.rest[g - 1]
+        }
+    }
+
+    fn tables(&self) -> impl Iterator<Item = &BlockTable> {
+        std::iter::once(&self.first).chain(&self.rest)
+    }
+
+    fn tables_mut(&mut self) -> impl Iterator<Item = &mut BlockTable> {
+        std::iter::once(&mut self.first).chain(&mut self.rest)
+    }
+
+    fn num_tables(&self) -> usize {
+        1 + self.rest.len()
+    }
 }
 
 #[derive(Debug)]
@@ -215,7 +248,7 @@ impl CacheReader<'_> {
             .get(&seq)
             .ok_or(Error::UnknownSequence(seq))?;
         self.cache.core.check_group(group)?;
-        Ok(&s.tables[group])
+        Ok(s.table(group))
     }
 
     /// The kernel view of `seq`'s table for `group`.
@@ -359,7 +392,7 @@ impl KvCache {
         let st = self.state.read();
         let s = st.seqs.get(&seq).ok_or(Error::UnknownSequence(seq))?;
         let map = self.core.policy.layer_map();
-        let pages_per_group: Vec<usize> = s.tables.iter().map(BlockTable::num_pages_held).collect();
+        let pages_per_group: Vec<usize> = s.tables().map(BlockTable::num_pages_held).collect();
         let mut bytes_per_layer = vec![0; map.num_layers()];
         for (g, &pages) in pages_per_group.iter().enumerate() {
             bytes_per_layer[map.owner(g)] = pages * self.core.config.page_bytes();
@@ -401,7 +434,7 @@ impl KvCache {
         let bs = self.core.config.block_size;
         let mut holders: HashMap<PageId, u32> = HashMap::new();
         for (id, s) in &st.seqs {
-            for (g, t) in s.tables.iter().enumerate() {
+            for (g, t) in s.tables().enumerate() {
                 if t.pages.len() != t.num_slots.div_ceil(bs) {
                     return Err(format!(
                         "seq {id} group {g}: {} pages for {} slots",
@@ -409,11 +442,34 @@ impl KvCache {
                         t.num_slots
                     ));
                 }
-                if bits::count(&t.valid) != t.num_valid {
+                let counted = if t.bitset {
+                    bits::count(&t.valid)
+                } else {
+                    t.num_slots
+                };
+                if counted != t.num_valid {
                     return Err(format!(
                         "seq {id} group {g}: num_valid {} != bitset",
                         t.num_valid
                     ));
+                }
+                let tail = t.pages.last().copied().unwrap_or(NULL_PAGE);
+                if !t.pages.is_empty() && t.tail != tail {
+                    return Err(format!(
+                        "seq {id} group {g}: tail {} but last page {tail}",
+                        t.tail
+                    ));
+                }
+                // A partly filled tail not marked shared must be this table's alone (full
+                // tails may be shared, e.g. prefix-cache hits: appends start a new page).
+                if !t.tail_shared && tail != NULL_PAGE && t.num_slots % bs != 0 {
+                    let rc = st.pool.refcount(tail).map_err(|e| e.to_string())?;
+                    if rc != 1 {
+                        return Err(format!(
+                            "seq {id} group {g}: tail page {tail} has refcount {rc} but is \
+                             not marked shared"
+                        ));
+                    }
                 }
                 for (i, &p) in t.pages.iter().enumerate() {
                     let live = t.valid_in_page(i, bs);
@@ -458,7 +514,7 @@ impl Core {
                 let chain = chain_hash(s.chain.last().copied().unwrap_or(0), &s.partial);
                 let block = s.chain.len();
                 for (g, &owner) in map.owners().iter().enumerate() {
-                    let page = s.tables[g].pages[block];
+                    let page = s.table(g).pages[block];
                     pool.register(page, group_block_hash(chain, owner, fp))?;
                 }
                 s.chain.push(chain);
@@ -470,7 +526,8 @@ impl Core {
 
     fn empty_sequence(&self) -> Sequence {
         Sequence {
-            tables: vec![BlockTable::default(); self.num_groups()],
+            first: BlockTable::default(),
+            rest: vec![BlockTable::default(); self.num_groups() - 1],
             chain: Vec::new(),
             partial: Vec::with_capacity(if self.caching {
                 self.config.block_size
@@ -532,8 +589,9 @@ impl Core {
                         .pool
                         .lookup(group_block_hash(chain, owner, fp))
                         .expect("hash checked above under the same lock");
-                    s.tables[g].pages.push(page);
-                    s.tables[g].push_slots(bs);
+                    let t = s.table_mut(g);
+                    t.push_page(page);
+                    t.push_slots(bs);
                 }
                 s.chain.push(chain);
                 parent = chain;
@@ -564,7 +622,7 @@ impl Core {
         let mut needed = 0;
         for &(seq, tokens) in batch {
             let s = st.seqs.get(&seq).ok_or(Error::UnknownSequence(seq))?;
-            for t in &s.tables {
+            for t in s.tables() {
                 needed += pages_needed(t, tokens.len(), b, &st.pool);
             }
         }
@@ -578,8 +636,8 @@ impl Core {
         for (&(seq, tokens), out) in batch.iter().zip(out.iter_mut()) {
             let n = tokens.len();
             let s = st.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq))?;
-            out.reset(s.tables.len());
-            for (g, t) in s.tables.iter_mut().enumerate() {
+            out.reset(s.num_tables());
+            for (g, t) in s.tables_mut().enumerate() {
                 out.first_slot[g] = t.num_slots;
                 out.first_position[g] = t.num_valid;
                 if n == 0 {
@@ -587,26 +645,35 @@ impl Core {
                 }
                 if b.offset(t.num_slots) != 0 {
                     let last = t.pages.len() - 1;
-                    let page = t.pages[last];
+                    let page = t.tail;
                     if page == NULL_PAGE {
-                        t.pages[last] = st.pool.allocate()?;
-                    } else if st.pool.refcount(page)? > 1 {
+                        t.set_page(last, st.pool.allocate()?);
+                    } else if t.tail_shared && st.pool.refcount(page)? > 1 {
                         let dst = st.pool.allocate()?;
                         st.pool.release(page)?;
                         out.copies.push(PageCopy { src: page, dst });
-                        t.pages[last] = dst;
+                        t.set_page(last, dst);
                     }
                 }
+                // From here on the tail page is this table's alone: a fresh page, a private
+                // copy, or a page whose other holders have let go.
+                t.tail_shared = false;
                 let end = t.num_slots + n;
                 while t.pages.len() < b.count(end) {
-                    t.pages.push(st.pool.allocate()?);
+                    t.push_page(st.pool.allocate()?);
                 }
-                // Physical slots page by page (one division per call, not per token).
+                // Physical slots page by page (one division per call, not per token); the
+                // tail page comes from `tail`, so a decode step does not read `pages`.
                 let slots = &mut out.slots[g];
                 let (mut index, mut offset, mut left) =
                     (b.index(t.num_slots), b.offset(t.num_slots), n);
                 while left > 0 {
-                    let base = t.pages[index] * bs as u32;
+                    let page = if index + 1 == t.pages.len() {
+                        t.tail
+                    } else {
+                        t.pages[index]
+                    };
+                    let base = page * bs as u32;
                     let take = (bs - offset).min(left);
                     slots.extend((offset..offset + take).map(|o| base + o as u32));
                     left -= take;
@@ -637,7 +704,7 @@ impl Core {
         }
         let bs = self.config.block_size;
         let s = st.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq))?;
-        let t = &mut s.tables[group];
+        let t = s.table_mut(group);
         if let Some(sc) = scores {
             if sc.len() != t.num_slots {
                 return Err(Error::ScoreLength {
@@ -651,7 +718,7 @@ impl Core {
         st.keep.resize(bits::words_for(t.num_slots), 0);
         let input = RetainInput {
             num_slots: t.num_slots,
-            valid: &t.valid,
+            valid: t.bits_mut(),
             scores,
             phase,
         };
@@ -669,7 +736,7 @@ impl Core {
             })?;
         let mut outcome = EvictOutcome::default();
         let (mut lo_word, mut hi_word) = (usize::MAX, 0);
-        for (w, (valid, keep)) in t.valid.iter_mut().zip(&st.keep).enumerate() {
+        for (w, (valid, keep)) in t.bits_mut().iter_mut().zip(&st.keep).enumerate() {
             let dropped = *valid & !keep;
             if dropped != 0 {
                 *valid &= keep;
@@ -686,7 +753,7 @@ impl Core {
                 let page = t.pages[index];
                 if page != NULL_PAGE && t.valid_in_page(index, bs) == 0 {
                     st.pool.release(page)?;
-                    t.pages[index] = NULL_PAGE;
+                    t.set_page(index, NULL_PAGE);
                     outcome.freed_pages += 1;
                 }
             }
@@ -699,12 +766,16 @@ impl Core {
         if st.seqs.contains_key(&child) {
             return Err(Error::SequenceExists(child));
         }
-        let p = st
+        let ps = st
             .seqs
-            .get(&parent)
-            .ok_or(Error::UnknownSequence(parent))?
-            .clone();
-        for t in &p.tables {
+            .get_mut(&parent)
+            .ok_or(Error::UnknownSequence(parent))?;
+        // Both now hold every page, the tails included: the next append checks for sharing.
+        for t in ps.tables_mut() {
+            t.tail_shared = true;
+        }
+        let p = ps.clone();
+        for t in p.tables() {
             for &page in t.pages.iter().filter(|&&p| p != NULL_PAGE) {
                 st.pool.retain(page)?;
             }
@@ -715,7 +786,7 @@ impl Core {
 
     fn free(&self, st: &mut State, seq: SeqId) -> Result<()> {
         let s = st.seqs.remove(&seq).ok_or(Error::UnknownSequence(seq))?;
-        for t in &s.tables {
+        for t in s.tables() {
             for &page in t.pages.iter().filter(|&&p| p != NULL_PAGE) {
                 st.pool.release(page)?;
             }
@@ -780,7 +851,7 @@ impl CacheWriter<'_> {
             .get(&seq)
             .ok_or(Error::UnknownSequence(seq))?;
         self.core.check_group(group)?;
-        Ok(&s.tables[group])
+        Ok(s.table(group))
     }
 
     /// Pool counters.
@@ -832,8 +903,10 @@ fn pages_needed(t: &BlockTable, n: usize, b: Blocks, pool: &BlockPool) -> usize 
     }
     let grow = b.count(t.num_slots + n) - t.pages.len();
     let tail = if b.offset(t.num_slots) != 0 {
-        let page = t.pages[t.pages.len() - 1];
-        usize::from(page == NULL_PAGE || pool.refcount(page).is_ok_and(|rc| rc > 1))
+        let page = t.tail;
+        usize::from(
+            page == NULL_PAGE || (t.tail_shared && pool.refcount(page).is_ok_and(|rc| rc > 1)),
+        )
     } else {
         0
     };

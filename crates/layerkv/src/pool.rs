@@ -2,7 +2,9 @@
 //! every KV group of every sequence; a page holds `block_size` token slots of K and V of one
 //! group.
 //!
-//! Layout: one flat `Vec` of page metadata. Plain free pages sit on a LIFO stack (a flat `Vec`
+//! Layout: reference counts in a dense `Vec<u32>` (4 bytes a page, so a large pool's counts stay
+//! in cache; the top bit marks a page that has a prefix hash, so a release reads one word), the
+//! LRU links and hashes in a second flat `Vec` touched only by prefix caching. Plain free pages sit on a LIFO stack (a flat `Vec`
 //! of ids reserved to the pool size: pop and push touch one cache line, and recently released
 //! pages, still warm, are reused first). Cached pages are on a doubly linked LRU list threaded
 //! through the metadata by `u32` index between two sentinel entries, so a prefix hit can take a
@@ -29,9 +31,13 @@ pub const NULL_PAGE: PageId = u32::MAX;
 
 const NO_LINK: u32 = u32::MAX;
 
+/// Bit of a count word set while the page has a prefix hash.
+const HASHED: u32 = 1 << 31;
+/// The reference count inside a count word.
+const COUNT: u32 = HASHED - 1;
+
 #[derive(Debug, Clone, Copy)]
 struct Meta {
-    refcount: u32,
     prev: u32,
     next: u32,
     /// Prefix hash of the page's contents; 0 = none.
@@ -60,6 +66,8 @@ pub struct PoolStats {
 /// The page allocator. Not thread-safe by itself; [`crate::KvCache`] wraps it in a lock.
 #[derive(Debug, Clone)]
 pub struct BlockPool {
+    /// Per page: reference count | [`HASHED`].
+    counts: Vec<u32>,
     meta: Vec<Meta>,
     free: Vec<PageId>,
     num_pages: u32,
@@ -80,7 +88,6 @@ impl BlockPool {
         let n = num_pages as u32;
         let mut meta = vec![
             Meta {
-                refcount: 0,
                 prev: NO_LINK,
                 next: NO_LINK,
                 hash: 0
@@ -89,18 +96,17 @@ impl BlockPool {
         ];
         // Sentinels of the (empty) cached list: head.next = tail, tail.prev = head.
         meta.push(Meta {
-            refcount: 0,
             prev: NO_LINK,
             next: n + 1,
             hash: 0,
         });
         meta.push(Meta {
-            refcount: 0,
             prev: n,
             next: NO_LINK,
             hash: 0,
         });
         Ok(Self {
+            counts: vec![0; num_pages],
             meta,
             free: (0..n).rev().collect(),
             num_pages: n,
@@ -176,7 +182,7 @@ impl BlockPool {
     #[inline]
     pub fn allocate(&mut self) -> Result<PageId> {
         if let Some(page) = self.free.pop() {
-            self.meta[page as usize].refcount = 1;
+            self.counts[page as usize] = 1;
             return Ok(page);
         }
         let page = self.meta[self.head() as usize].next;
@@ -188,9 +194,8 @@ impl BlockPool {
         }
         // No free page left: evict the least recently released cached page.
         self.unlink(page);
-        let m = &mut self.meta[page as usize];
-        m.refcount = 1;
-        let hash = std::mem::take(&mut m.hash);
+        self.counts[page as usize] = 1;
+        let hash = std::mem::take(&mut self.meta[page as usize].hash);
         self.num_cached -= 1;
         self.stats.cache_evictions += 1;
         if self.prefix.get(&hash) == Some(&page) {
@@ -217,11 +222,13 @@ impl BlockPool {
     #[inline]
     pub fn retain(&mut self, page: PageId) -> Result<()> {
         let i = self.check(page)?;
-        let m = &mut self.meta[i];
-        if m.refcount == 0 {
+        let c = &mut self.counts[i];
+        if *c & COUNT == 0 {
             return Err(Error::PageNotInUse { page });
         }
-        m.refcount += 1;
+        // 2^31 - 1 holders would need more tables than memory can hold.
+        debug_assert!(*c & COUNT < COUNT);
+        *c += 1;
         Ok(())
     }
 
@@ -230,13 +237,13 @@ impl BlockPool {
     #[inline]
     pub fn release(&mut self, page: PageId) -> Result<()> {
         let i = self.check(page)?;
-        let m = &mut self.meta[i];
-        if m.refcount == 0 {
+        let c = self.counts[i];
+        if c & COUNT == 0 {
             return Err(Error::RefCountUnderflow { page });
         }
-        m.refcount -= 1;
-        if m.refcount == 0 {
-            if m.hash != 0 {
+        self.counts[i] = c - 1;
+        if (c - 1) & COUNT == 0 {
+            if c & HASHED != 0 {
                 self.num_cached += 1;
                 let before_tail = self.meta[self.tail() as usize].prev;
                 self.link_after(before_tail, page);
@@ -249,7 +256,7 @@ impl BlockPool {
 
     /// Holders of `page`.
     pub fn refcount(&self, page: PageId) -> Result<u32> {
-        Ok(self.meta[self.check(page)?].refcount)
+        Ok(self.counts[self.check(page)?] & COUNT)
     }
 
     /// Finds a page whose contents have prefix hash `hash` and takes a reference to it
@@ -260,11 +267,11 @@ impl BlockPool {
             return None;
         };
         self.stats.prefix_hits += 1;
-        if self.meta[page as usize].refcount == 0 {
+        if self.counts[page as usize] & COUNT == 0 {
             self.unlink(page);
             self.num_cached -= 1;
         }
-        self.meta[page as usize].refcount += 1;
+        self.counts[page as usize] += 1;
         Some(page)
     }
 
@@ -277,13 +284,14 @@ impl BlockPool {
     /// false (and changes nothing) if another page already holds that hash or `page` has one.
     pub fn register(&mut self, page: PageId, hash: u64) -> Result<bool> {
         let i = self.check(page)?;
-        if self.meta[i].refcount == 0 {
+        if self.counts[i] & COUNT == 0 {
             return Err(Error::PageNotInUse { page });
         }
         if hash == 0 || self.meta[i].hash != 0 || self.prefix.contains_key(&hash) {
             return Ok(false);
         }
         self.meta[i].hash = hash;
+        self.counts[i] |= HASHED;
         self.prefix.insert(hash, page);
         Ok(true)
     }
@@ -299,6 +307,9 @@ impl BlockPool {
         for m in &mut self.meta[..self.num_pages as usize] {
             m.hash = 0;
         }
+        for c in &mut self.counts {
+            *c &= COUNT;
+        }
         self.prefix.clear();
     }
 
@@ -307,10 +318,11 @@ impl BlockPool {
         let (mut cached, mut cur, mut steps) = (0, self.meta[self.head() as usize].next, 0);
         while cur != self.tail() {
             let m = &self.meta[cur as usize];
-            if m.refcount != 0 || m.hash == 0 {
+            if self.counts[cur as usize] & COUNT != 0 || m.hash == 0 {
                 return Err(format!(
                     "page {cur} is on the cached list with refcount {} hash {}",
-                    m.refcount, m.hash
+                    self.counts[cur as usize] & COUNT,
+                    m.hash
                 ));
             }
             cached += 1;
@@ -329,17 +341,20 @@ impl BlockPool {
         let mut seen = vec![false; self.num_pages as usize];
         for &p in &self.free {
             let m = &self.meta[p as usize];
-            if m.refcount != 0 || m.hash != 0 || std::mem::replace(&mut seen[p as usize], true) {
+            let rc = self.counts[p as usize] & COUNT;
+            if rc != 0 || m.hash != 0 || std::mem::replace(&mut seen[p as usize], true) {
                 return Err(format!(
-                    "free page {p}: refcount {} hash {} (or listed twice)",
-                    m.refcount, m.hash
+                    "free page {p}: refcount {rc} hash {} (or listed twice)",
+                    m.hash
                 ));
             }
         }
-        let used = self.meta[..self.num_pages as usize]
-            .iter()
-            .filter(|m| m.refcount > 0)
-            .count();
+        for (p, (c, m)) in self.counts.iter().zip(&self.meta).enumerate() {
+            if (c & HASHED != 0) != (m.hash != 0) {
+                return Err(format!("page {p}: hashed bit {c:#x} but hash {}", m.hash));
+            }
+        }
+        let used = self.counts.iter().filter(|&&c| c & COUNT > 0).count();
         if used + self.free.len() + cached != self.num_pages as usize {
             return Err(format!(
                 "{used} used + {} free + {cached} cached != {}",

@@ -6,6 +6,9 @@
 //! never renumbered: eviction clears validity bits, and a page whose slots are all evicted is
 //! returned to the pool and replaced by [`NULL_PAGE`], so positions stay stable and no K/V is
 //! ever moved. Tables are mutated only by [`crate::KvCache`]; engines read them.
+//!
+//! The bitset is materialised on the first eviction: until then every filled slot is valid and
+//! an append touches no bitset at all (one dependent memory access fewer per token).
 
 use crate::bits;
 use crate::pool::{PageId, NULL_PAGE};
@@ -15,8 +18,17 @@ use crate::pool::{PageId, NULL_PAGE};
 pub struct BlockTable {
     pub(crate) pages: Vec<PageId>,
     pub(crate) num_slots: usize,
+    /// Validity bits over logical slots when `bitset`; empty (all filled slots valid) before.
     pub(crate) valid: Vec<u64>,
+    pub(crate) bitset: bool,
     pub(crate) num_valid: usize,
+    /// Whether the tail page may also be held by another table (set by a fork). While false,
+    /// the tail's refcount is known to be 1 and an append skips the copy-on-write check (one
+    /// pool lookup fewer per token).
+    pub(crate) tail_shared: bool,
+    /// `pages.last()` (when there is one), kept beside the counters so an append inside the
+    /// tail page computes its slots without touching `pages`.
+    pub(crate) tail: PageId,
 }
 
 /// What the attention kernel needs of one table (borrowed, no copies).
@@ -46,14 +58,15 @@ impl BlockTable {
         self.num_valid
     }
 
-    /// The validity bitset over logical slots.
-    pub fn valid(&self) -> &[u64] {
-        &self.valid
+    /// The validity bitset over logical slots (bit `s % 64` of word `s / 64`); `None` while
+    /// every filled slot is valid.
+    pub fn valid(&self) -> Option<&[u64]> {
+        (self.num_valid != self.num_slots).then_some(&self.valid[..])
     }
 
     /// Whether logical slot `s` holds a live token.
     pub fn is_valid(&self, s: usize) -> bool {
-        s < self.num_slots && bits::get(&self.valid, s)
+        s < self.num_slots && (!self.bitset || bits::get(&self.valid, s))
     }
 
     /// Pages held (not counting [`NULL_PAGE`] entries).
@@ -75,23 +88,53 @@ impl BlockTable {
         TableView {
             pages: &self.pages,
             num_slots: self.num_slots,
-            valid: (self.num_valid != self.num_slots).then_some(&self.valid[..]),
+            valid: self.valid(),
         }
+    }
+
+    /// The validity bits, materialised (every filled slot set) if they were not yet.
+    pub(crate) fn bits_mut(&mut self) -> &mut Vec<u64> {
+        if !self.bitset {
+            self.valid.clear();
+            self.valid.resize(bits::words_for(self.num_slots), 0);
+            bits::set_range(&mut self.valid, 0, self.num_slots);
+            self.bitset = true;
+        }
+        &mut self.valid
     }
 
     /// Valid slots in logical page `index`.
     pub(crate) fn valid_in_page(&self, index: usize, block_size: usize) -> usize {
         let lo = index * block_size;
         let hi = (lo + block_size).min(self.num_slots);
+        if !self.bitset {
+            return hi.saturating_sub(lo);
+        }
         bits::count_range(&self.valid, lo, hi)
+    }
+
+    /// Appends a page at the end.
+    pub(crate) fn push_page(&mut self, page: PageId) {
+        self.pages.push(page);
+        self.tail = page;
+    }
+
+    /// Replaces logical page `index`.
+    pub(crate) fn set_page(&mut self, index: usize, page: PageId) {
+        self.pages[index] = page;
+        if index + 1 == self.pages.len() {
+            self.tail = page;
+        }
     }
 
     /// Marks `n` new slots valid (the pages must already be in place).
     pub(crate) fn push_slots(&mut self, n: usize) {
         let lo = self.num_slots;
         self.num_slots += n;
-        self.valid.resize(bits::words_for(self.num_slots), 0);
-        bits::set_range(&mut self.valid, lo, self.num_slots);
         self.num_valid += n;
+        if self.bitset {
+            self.valid.resize(bits::words_for(self.num_slots), 0);
+            bits::set_range(&mut self.valid, lo, self.num_slots);
+        }
     }
 }
