@@ -269,6 +269,18 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+/// One call's inputs, whatever the stored element type.
+#[derive(Clone, Copy)]
+struct Call<'a, 's> {
+    q: &'a [f32],
+    out: OutPtr,
+    seqs: &'a [SeqQuery<'s>],
+    params: &'a AttentionParams,
+    dims: Dims,
+    want_mass: bool,
+    split: Split,
+}
+
 /// Paged attention on the CPU; see [`crate::paged_attention`] for the contract.
 pub(crate) fn attention(
     q: &Tensor,
@@ -308,41 +320,25 @@ fn attention_with(
     let (k_storage, k_layout) = store.k().storage_and_layout();
     let (v_storage, v_layout) = store.v().storage_and_layout();
     let (ko, vo) = (k_layout.start_offset(), v_layout.start_offset());
-    let ptr = OutPtr(out.as_mut_ptr());
+    let call = Call {
+        q: q_data,
+        out: OutPtr(out.as_mut_ptr()),
+        seqs,
+        params,
+        dims,
+        want_mass: mass.is_some(),
+        split,
+    };
     let masses = match (&*k_storage, &*v_storage) {
-        (Storage::Cpu(CpuStorage::F32(k)), Storage::Cpu(CpuStorage::F32(v))) => run(
-            &k[ko..],
-            &v[vo..],
-            q_data,
-            ptr,
-            seqs,
-            params,
-            dims,
-            mass.is_some(),
-            split,
-        ),
-        (Storage::Cpu(CpuStorage::F16(k)), Storage::Cpu(CpuStorage::F16(v))) => run(
-            &k[ko..],
-            &v[vo..],
-            q_data,
-            ptr,
-            seqs,
-            params,
-            dims,
-            mass.is_some(),
-            split,
-        ),
-        (Storage::Cpu(CpuStorage::BF16(k)), Storage::Cpu(CpuStorage::BF16(v))) => run(
-            &k[ko..],
-            &v[vo..],
-            q_data,
-            ptr,
-            seqs,
-            params,
-            dims,
-            mass.is_some(),
-            split,
-        ),
+        (Storage::Cpu(CpuStorage::F32(k)), Storage::Cpu(CpuStorage::F32(v))) => {
+            run(&k[ko..], &v[vo..], &call)
+        }
+        (Storage::Cpu(CpuStorage::F16(k)), Storage::Cpu(CpuStorage::F16(v))) => {
+            run(&k[ko..], &v[vo..], &call)
+        }
+        (Storage::Cpu(CpuStorage::BF16(k)), Storage::Cpu(CpuStorage::BF16(v))) => {
+            run(&k[ko..], &v[vo..], &call)
+        }
         _ => {
             return Err(KernelError::DType {
                 what: "KvStore (CPU kernel)",
@@ -367,18 +363,16 @@ fn attention_with(
     Ok(out.to_dtype(q.dtype())?)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run<T: Elem>(
-    k: &[T],
-    v: &[T],
-    q: &[f32],
-    out: OutPtr,
-    seqs: &[SeqQuery<'_>],
-    params: &AttentionParams,
-    dims: Dims,
-    want_mass: bool,
-    split: Split,
-) -> Option<Vec<Vec<f32>>> {
+fn run<T: Elem>(k: &[T], v: &[T], call: &Call<'_, '_>) -> Option<Vec<Vec<f32>>> {
+    let Call {
+        q,
+        out,
+        seqs,
+        params,
+        dims,
+        want_mass,
+        split,
+    } = *call;
     if split::applies(seqs, want_mass, split) {
         split::run(k, v, q, out, seqs, params, dims, split);
         return None;
