@@ -1,9 +1,78 @@
-//! Hand-vectorised AVX2+FMA dot products for the key pass. The portable loops in the parent
-//! module vectorise well for the value pass, but the compiler turns the group dot products into
-//! 2-wide loads and stack spills; written with intrinsics they run on full 8-wide registers with
-//! two independent accumulators per query row.
+//! Hand-vectorised AVX2+FMA+F16C loops. The compiler turned the portable group dot products
+//! into 2-wide loads and stack spills and chained the value updates; written with intrinsics
+//! they run on full 8-wide registers with independent accumulators. The dot products and value
+//! updates read stored rows of any [`Lanes`] type directly (f16/bf16 converted in registers),
+//! so the decode path never writes widened rows to memory.
 
 use std::arch::x86_64::*;
+
+use half::{bf16, f16};
+
+/// A stored element type the AVX2 loops read directly.
+pub(crate) trait Lanes: Copy {
+    /// Eight elements at `p` as f32 lanes.
+    ///
+    /// # Safety
+    /// Eight elements must be readable at `p`; the CPU must have AVX2 and F16C.
+    unsafe fn load8(p: *const Self) -> __m256;
+    /// One element as f32 (for tails).
+    fn to_f32(self) -> f32;
+}
+
+impl Lanes for f32 {
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> __m256 {
+        // SAFETY: the caller guarantees eight readable elements.
+        unsafe { _mm256_loadu_ps(p) }
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl Lanes for f16 {
+    #[inline(always)]
+    unsafe fn load8(p: *const f16) -> __m256 {
+        // SAFETY: eight f16 are 16 readable bytes; the caller guarantees F16C.
+        unsafe { load8_f16(p) }
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+}
+
+impl Lanes for bf16 {
+    #[inline(always)]
+    unsafe fn load8(p: *const bf16) -> __m256 {
+        // SAFETY: eight bf16 are 16 readable bytes; the caller guarantees AVX2.
+        unsafe { load8_bf16(p) }
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+}
+
+/// # Safety
+/// 16 bytes readable at `p`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn load8_f16(p: *const f16) -> __m256 {
+    // SAFETY: the caller guarantees 16 readable bytes.
+    _mm256_cvtph_ps(unsafe { _mm_loadu_si128(p.cast()) })
+}
+
+/// # Safety
+/// 16 bytes readable at `p`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn load8_bf16(p: *const bf16) -> __m256 {
+    // SAFETY: the caller guarantees 16 readable bytes.
+    let h = unsafe { _mm_loadu_si128(p.cast()) };
+    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+}
 
 /// Sum of the eight lanes.
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -17,7 +86,7 @@ fn hsum(v: __m256) -> f32 {
 /// Dot products of `N` query rows (`q`, `N x d`) with one key row `k` (length `d`).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-fn dots<const N: usize>(q: &[f32], k: &[f32], out: &mut [f32]) {
+fn dots<T: Lanes, const N: usize>(q: &[f32], k: &[T], out: &mut [f32]) {
     let d = k.len();
     assert!(q.len() >= N * d && out.len() >= N);
     let (qp, kp) = (q.as_ptr(), k.as_ptr());
@@ -27,8 +96,8 @@ fn dots<const N: usize>(q: &[f32], k: &[f32], out: &mut [f32]) {
     // SAFETY (all loads below): `c + 16 <= d` (or `c + 8 <= d`), and row g of `q` spans
     // `g * d .. (g + 1) * d <= q.len()` (asserted above), so every 8-lane load is in bounds.
     while c + 16 <= d {
-        let k0 = unsafe { _mm256_loadu_ps(kp.add(c)) };
-        let k1 = unsafe { _mm256_loadu_ps(kp.add(c + 8)) };
+        let k0 = unsafe { T::load8(kp.add(c)) };
+        let k1 = unsafe { T::load8(kp.add(c + 8)) };
         for g in 0..N {
             let q0 = unsafe { _mm256_loadu_ps(qp.add(g * d + c)) };
             let q1 = unsafe { _mm256_loadu_ps(qp.add(g * d + c + 8)) };
@@ -38,7 +107,7 @@ fn dots<const N: usize>(q: &[f32], k: &[f32], out: &mut [f32]) {
         c += 16;
     }
     if c + 8 <= d {
-        let k0 = unsafe { _mm256_loadu_ps(kp.add(c)) };
+        let k0 = unsafe { T::load8(kp.add(c)) };
         for (g, e) in even.iter_mut().enumerate() {
             let q0 = unsafe { _mm256_loadu_ps(qp.add(g * d + c)) };
             *e = _mm256_fmadd_ps(q0, k0, *e);
@@ -48,7 +117,7 @@ fn dots<const N: usize>(q: &[f32], k: &[f32], out: &mut [f32]) {
     for g in 0..N {
         let mut sum = hsum(_mm256_add_ps(even[g], odd[g]));
         for i in c..d {
-            sum = q[g * d + i].mul_add(k[i], sum);
+            sum = q[g * d + i].mul_add(k[i].to_f32(), sum);
         }
         out[g] = sum;
     }
@@ -57,44 +126,48 @@ fn dots<const N: usize>(q: &[f32], k: &[f32], out: &mut [f32]) {
 /// Dot products of every query row of a group (`out.len()` rows of `q`) with one key row.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-pub(super) fn group_dots(q: &[f32], k: &[f32], out: &mut [f32]) {
+pub(super) fn group_dots<T: Lanes>(q: &[f32], k: &[T], out: &mut [f32]) {
     let d = k.len();
     let group = out.len();
     let mut g = 0;
     while g + 4 <= group {
-        dots::<4>(&q[g * d..], k, &mut out[g..g + 4]);
+        dots::<T, 4>(&q[g * d..], k, &mut out[g..g + 4]);
         g += 4;
     }
     match group - g {
-        3 => dots::<3>(&q[g * d..], k, &mut out[g..]),
-        2 => dots::<2>(&q[g * d..], k, &mut out[g..]),
-        1 => dots::<1>(&q[g * d..], k, &mut out[g..]),
+        3 => dots::<T, 3>(&q[g * d..], k, &mut out[g..]),
+        2 => dots::<T, 2>(&q[g * d..], k, &mut out[g..]),
+        1 => dots::<T, 1>(&q[g * d..], k, &mut out[g..]),
         _ => {}
     }
 }
 
-/// `acc += sum_j w[j] * rows[j]` over `VB` rows: four 8-lane chunks of `acc` in flight, so the
-/// chained multiply-adds of one chunk do not wait on each other.
+/// `acc += sum_j w[j] * rows[j]` over `VB` rows of `acc.len()` stored elements each: four
+/// 8-lane chunks of `acc` in flight, so the chained multiply-adds of one chunk do not wait on
+/// each other.
+///
+/// # Safety
+/// Every `rows[j]` must point at `acc.len()` readable elements.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-pub(super) fn axpy_block(acc: &mut [f32], w: &[f32; super::VB], rows: &[&[f32]; super::VB]) {
+pub(super) unsafe fn axpy_block<T: Lanes>(
+    acc: &mut [f32],
+    w: &[f32; super::VB],
+    rows: &[*const T; super::VB],
+) {
     const VB: usize = super::VB;
     let d = acc.len();
-    for r in rows {
-        assert!(r.len() >= d);
-    }
     let wv: [__m256; VB] = std::array::from_fn(|j| _mm256_set1_ps(w[j]));
-    let rp: [*const f32; VB] = std::array::from_fn(|j| rows[j].as_ptr());
     let ap = acc.as_mut_ptr();
     let mut i = 0;
     // SAFETY (all loads and stores below): `i + 32 <= d` (or `i + 8 <= d`), `acc` has `d`
-    // elements and every row at least `d` (asserted above).
+    // elements and every row at least `d` (the caller's contract).
     while i + 32 <= d {
         let mut a: [__m256; 4] =
             std::array::from_fn(|c| unsafe { _mm256_loadu_ps(ap.add(i + 8 * c)) });
         for j in 0..VB {
             for (c, x) in a.iter_mut().enumerate() {
-                let r = unsafe { _mm256_loadu_ps(rp[j].add(i + 8 * c)) };
+                let r = unsafe { T::load8(rows[j].add(i + 8 * c)) };
                 *x = _mm256_fmadd_ps(wv[j], r, *x);
             }
         }
@@ -106,14 +179,15 @@ pub(super) fn axpy_block(acc: &mut [f32], w: &[f32; super::VB], rows: &[&[f32]; 
     while i + 8 <= d {
         let mut x = unsafe { _mm256_loadu_ps(ap.add(i)) };
         for j in 0..VB {
-            x = _mm256_fmadd_ps(wv[j], unsafe { _mm256_loadu_ps(rp[j].add(i)) }, x);
+            x = _mm256_fmadd_ps(wv[j], unsafe { T::load8(rows[j].add(i)) }, x);
         }
         unsafe { _mm256_storeu_ps(ap.add(i), x) };
         i += 8;
     }
     for (k, a) in acc.iter_mut().enumerate().skip(i) {
         for j in 0..VB {
-            *a = w[j].mul_add(rows[j][k], *a);
+            // SAFETY: `k < d`, inside row j by the caller's contract.
+            *a = w[j].mul_add(unsafe { *rows[j].add(k) }.to_f32(), *a);
         }
     }
 }

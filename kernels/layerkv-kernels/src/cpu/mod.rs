@@ -28,8 +28,17 @@ mod avx2;
 mod split;
 pub(crate) use split::Split;
 
+/// What an element type must offer the AVX2 loops (nothing on other targets).
+#[cfg(target_arch = "x86_64")]
+pub(crate) use avx2::Lanes as ArchLanes;
+/// What an element type must offer the AVX2 loops (nothing on other targets).
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) trait ArchLanes {}
+#[cfg(not(target_arch = "x86_64"))]
+impl<T> ArchLanes for T {}
+
 /// Element types the store may hold, widened to f32 for compute.
-pub(crate) trait Elem: Copy + Send + Sync {
+pub(crate) trait Elem: Copy + Send + Sync + ArchLanes {
     /// The row as f32 without copying, when it already is f32.
     fn as_f32(src: &[Self]) -> Option<&[f32]>;
     /// Widens `src` into `dst` (same length).
@@ -126,6 +135,67 @@ trait Madd {
     fn widen<T: Elem>(src: &[T], dst: &mut [f32]) {
         T::widen(src, dst)
     }
+
+    /// Scores of every query head (`q`: `heads x d`, grouped by KV head) against one token's
+    /// stored key rows (`keys`: `kv_heads x d`); `buf` (at least `keys.len()`) holds widened
+    /// rows where this instantiation needs them.
+    #[inline(always)]
+    fn token_dots<T: Elem>(q: &[f32], keys: &[T], out: &mut [f32], d: usize, buf: &mut [f32]) {
+        let keys: &[f32] = match T::as_f32(keys) {
+            Some(keys) => keys,
+            None => {
+                T::widen(keys, &mut buf[..keys.len()]);
+                &buf[..keys.len()]
+            }
+        };
+        let group = out.len() * d / keys.len();
+        for (h, key) in keys.chunks_exact(d).enumerate() {
+            portable_group_dots::<Self>(
+                &q[h * group * d..(h + 1) * group * d],
+                key,
+                &mut out[h * group..(h + 1) * group],
+            );
+        }
+    }
+
+    /// `acc[hd] += sum_j w[hd][j] * rows[j][head of hd]` for every query head `hd` (`acc`:
+    /// `heads x d`, `w`: `heads x VB`), over `VB` stored token rows of `row = kv_heads x d`
+    /// elements; `buf` (at least `VB x row`) holds widened rows where needed.
+    ///
+    /// # Safety
+    /// Every `rows[j]` points at `row` readable elements.
+    #[inline(always)]
+    unsafe fn token_axpy<T: Elem>(
+        acc: &mut [f32],
+        w: &[f32],
+        rows: &[*const T; VB],
+        (d, row): (usize, usize),
+        buf: &mut [f32],
+    ) {
+        let group = acc.len() / row;
+        let wide: [&[f32]; VB] = std::array::from_fn(|j| {
+            // SAFETY: the caller guarantees `row` readable elements.
+            let src = unsafe { std::slice::from_raw_parts(rows[j], row) };
+            match T::as_f32(src) {
+                // SAFETY: f32 storage: the same memory, alive for the whole call.
+                Some(r) => unsafe { std::slice::from_raw_parts(r.as_ptr(), row) },
+                None => {
+                    let dst = &mut buf[j * row..(j + 1) * row];
+                    T::widen(src, dst);
+                    // SAFETY: `buf`'s rows are disjoint and not written again in this call.
+                    unsafe { std::slice::from_raw_parts(dst.as_ptr(), row) }
+                }
+            }
+        });
+        for h in 0..row / d {
+            let rows_h: [&[f32]; VB] = wide.map(|r| &r[h * d..(h + 1) * d]);
+            for g in 0..group {
+                let hd = h * group + g;
+                let wg: &[f32; VB] = w[hd * VB..(hd + 1) * VB].try_into().unwrap();
+                portable_axpy_block::<Self>(&mut acc[hd * d..(hd + 1) * d], wg, &rows_h);
+            }
+        }
+    }
 }
 
 /// Separate multiply and add (any x86-64 / other targets).
@@ -157,8 +227,46 @@ impl Madd for Fused {
 
     #[inline(always)]
     fn axpy_block(acc: &mut [f32], w: &[f32; VB], rows: &[&[f32]; VB]) {
-        // SAFETY: as for `group_dots`.
-        unsafe { avx2::axpy_block(acc, w, rows) }
+        let d = acc.len();
+        let ptrs: [*const f32; VB] = std::array::from_fn(|j| rows[j][..d].as_ptr());
+        // SAFETY: as for `group_dots`; every row has at least `d` elements (sliced above).
+        unsafe { avx2::axpy_block(acc, w, &ptrs) }
+    }
+
+    #[inline(always)]
+    fn token_dots<T: Elem>(q: &[f32], keys: &[T], out: &mut [f32], d: usize, _: &mut [f32]) {
+        let group = out.len() * d / keys.len();
+        for (h, key) in keys.chunks_exact(d).enumerate() {
+            // SAFETY: as for `group_dots`.
+            unsafe {
+                avx2::group_dots(
+                    &q[h * group * d..(h + 1) * group * d],
+                    key,
+                    &mut out[h * group..(h + 1) * group],
+                )
+            };
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn token_axpy<T: Elem>(
+        acc: &mut [f32],
+        w: &[f32],
+        rows: &[*const T; VB],
+        (d, row): (usize, usize),
+        _: &mut [f32],
+    ) {
+        let group = acc.len() / row;
+        for h in 0..row / d {
+            // SAFETY: `h * d + d <= row`, inside each row by the caller's contract.
+            let rows_h: [*const T; VB] = rows.map(|p| unsafe { p.add(h * d) });
+            for g in 0..group {
+                let hd = h * group + g;
+                let wg: &[f32; VB] = w[hd * VB..(hd + 1) * VB].try_into().unwrap();
+                // SAFETY: AVX2/FMA/F16C as for `group_dots`; `d` elements at each pointer.
+                unsafe { avx2::axpy_block(&mut acc[hd * d..(hd + 1) * d], wg, &rows_h) };
+            }
+        }
     }
 
     #[inline(always)]

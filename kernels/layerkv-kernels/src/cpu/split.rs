@@ -11,7 +11,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::{axpy_block, group_dots, Dims, Elem, Madd, OutPtr, Plain, SCRATCH, VB};
+use super::{Dims, Elem, Madd, OutPtr, Plain, SCRATCH, VB};
 use crate::view::{AttentionParams, SeqQuery};
 
 /// How the decode path splits contexts (tests force small partitions).
@@ -208,7 +208,6 @@ fn part_body<T: Elem, M: Madd>(
         block_size: bs,
         ..
     } = dims;
-    let group = heads / kv_heads;
     let row = kv_heads * d;
     let len = part.end - part.start;
     let (maxes, rest) = partial.split_at_mut(heads);
@@ -246,22 +245,7 @@ fn part_body<T: Elem, M: Madd>(
                 continue;
             }
             let base = token(s);
-            let src = &k[base..base + row];
-            let keys = match T::as_f32(src) {
-                Some(keys) => keys,
-                None => {
-                    let dst = &mut rows[..row];
-                    M::widen::<T>(src, dst);
-                    &*dst
-                }
-            };
-            for h in 0..kv_heads {
-                group_dots::<M>(
-                    &qs[h * group * d..(h + 1) * group * d],
-                    &keys[h * d..(h + 1) * d],
-                    &mut sc[h * group..(h + 1) * group],
-                );
-            }
+            M::token_dots::<T>(qs, &k[base..base + row], sc, d, rows);
             for (x, m) in sc.iter_mut().zip(maxes.iter_mut()) {
                 *x *= params.scale;
                 if *x > *m {
@@ -280,22 +264,15 @@ fn part_body<T: Elem, M: Madd>(
         acc.fill(0.0);
         let mut s = part.start;
         while s < part.end {
-            let mut block: [*const f32; VB] = [zero.as_ptr(); VB];
+            // All-zero bytes are 0.0 in f32, f16 and bf16: `zero` serves every element type.
+            let mut block: [*const T; VB] = [zero.as_ptr().cast::<T>(); VB];
             w.fill(0.0);
             let mut count = 0;
             while count < VB && s < part.end {
                 prefetch(v, s + PREFETCH);
                 if seq.kv.is_valid(s, bs) {
                     let base = token(s);
-                    let src = &v[base..base + row];
-                    block[count] = match T::as_f32(src) {
-                        Some(values) => values.as_ptr(),
-                        None => {
-                            let dst = &mut rows[count * row..(count + 1) * row];
-                            M::widen::<T>(src, dst);
-                            dst.as_ptr()
-                        }
-                    };
+                    block[count] = v[base..base + row].as_ptr();
                     let sc = &scores[(s - part.start) * heads..(s - part.start + 1) * heads];
                     for (hd, x) in sc.iter().enumerate() {
                         w[hd * VB + count] = *x;
@@ -304,18 +281,9 @@ fn part_body<T: Elem, M: Madd>(
                 }
                 s += 1;
             }
-            for h in 0..kv_heads {
-                // SAFETY: every pointer is the start of `row` live f32s (a token's rows of `v`
-                // in f32 storage, a row of `rows`, or `zero`), none written while borrowed here;
-                // `h * d + d <= row`.
-                let rows_h: [&[f32]; VB] =
-                    block.map(|p| unsafe { std::slice::from_raw_parts(p.add(h * d), d) });
-                for g in 0..group {
-                    let hd = h * group + g;
-                    let wg: &[f32; VB] = w[hd * VB..(hd + 1) * VB].try_into().unwrap();
-                    axpy_block::<M>(&mut acc[hd * d..(hd + 1) * d], wg, &rows_h);
-                }
-            }
+            // SAFETY: every pointer is the start of `row` live elements: a token's rows of `v`
+            // or `zero` (`row` f32s, at least `row` elements of any narrower type).
+            unsafe { M::token_axpy::<T>(acc, w, &block, (d, row), rows) };
         }
     }
     SCRATCH.with(|cell| *cell.borrow_mut() = scratch);
