@@ -78,7 +78,7 @@ impl Elem for f16 {
     #[inline(always)]
     unsafe fn widen_avx2(src: &[f16], dst: &mut [f32]) {
         // SAFETY: the caller guarantees AVX2 and F16C.
-        unsafe { avx2::widen_f16(src, dst) }
+        unsafe { avx2::widen(src, dst) }
     }
 }
 
@@ -95,7 +95,7 @@ impl Elem for bf16 {
     #[inline(always)]
     unsafe fn widen_avx2(src: &[bf16], dst: &mut [f32]) {
         // SAFETY: the caller guarantees AVX2.
-        unsafe { avx2::widen_bf16(src, dst) }
+        unsafe { avx2::widen(src, dst) }
     }
 }
 
