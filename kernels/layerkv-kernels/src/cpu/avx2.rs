@@ -192,6 +192,296 @@ pub(super) unsafe fn axpy_block<T: Lanes>(
     }
 }
 
+/// The lane sums of eight vectors as the eight lanes of one (`out[i] = sum(v[i])`): six
+/// horizontal adds and a cross-half add instead of eight separate reductions.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn hsum8(v: &[__m256; 8]) -> __m256 {
+    // hadd(a, b) = [a01 a23 b01 b23 | a45 a67 b45 b67] (per 128-bit half).
+    let t0 = _mm256_hadd_ps(v[0], v[1]);
+    let t1 = _mm256_hadd_ps(v[2], v[3]);
+    let t2 = _mm256_hadd_ps(v[4], v[5]);
+    let t3 = _mm256_hadd_ps(v[6], v[7]);
+    // u0 = [v0 v1 v2 v3 (lanes 0-3) | v0 v1 v2 v3 (lanes 4-7)], u1 the same for v4..v7.
+    let u0 = _mm256_hadd_ps(t0, t1);
+    let u1 = _mm256_hadd_ps(t2, t3);
+    _mm256_add_ps(
+        _mm256_permute2f128_ps::<0x20>(u0, u1),
+        _mm256_permute2f128_ps::<0x31>(u0, u1),
+    )
+}
+
+/// Dot products of `G` query rows (`q`, `G x d`) with `S` key rows (`G * S <= 8`), into
+/// `out[s * G + g]`: each query chunk is loaded once for `S` keys and each key chunk converted
+/// once for `G` queries, in `G * S` independent accumulators reduced together by [`hsum8`].
+///
+/// # Safety
+/// `G x d` floats readable at `q`, `d` elements at every `keys[s]`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dots_tile<T: Lanes, const G: usize, const S: usize>(
+    q: *const f32,
+    keys: &[*const T],
+    d: usize,
+) -> [f32; 8] {
+    debug_assert!(G * S <= 8 && keys.len() >= S);
+    let mut acc = [[_mm256_setzero_ps(); G]; S];
+    let mut c = 0;
+    // SAFETY (all loads below): `c + 8 <= d`; row g of `q` and every key row hold `d` elements
+    // (the caller's contract).
+    while c + 8 <= d {
+        let qv: [__m256; G] = std::array::from_fn(|g| unsafe { _mm256_loadu_ps(q.add(g * d + c)) });
+        for (s, a) in acc.iter_mut().enumerate() {
+            let kv = unsafe { T::load8(keys[s].add(c)) };
+            for (x, qg) in a.iter_mut().zip(&qv) {
+                *x = _mm256_fmadd_ps(*qg, kv, *x);
+            }
+        }
+        c += 8;
+    }
+    let mut v = [_mm256_setzero_ps(); 8];
+    for (s, a) in acc.iter().enumerate() {
+        v[s * G..s * G + G].copy_from_slice(a);
+    }
+    let mut out = [0f32; 8];
+    // SAFETY: `out` holds eight floats.
+    unsafe { _mm256_storeu_ps(out.as_mut_ptr(), hsum8(&v)) };
+    for i in c..d {
+        for s in 0..S {
+            // SAFETY: `i < d`, inside key row s.
+            let k = unsafe { *keys[s].add(i) }.to_f32();
+            for g in 0..G {
+                // SAFETY: `i < d`, inside query row g.
+                out[s * G + g] = unsafe { *q.add(g * d + i) }.mul_add(k, out[s * G + g]);
+            }
+        }
+    }
+    out
+}
+
+/// Scores of `G` query heads (rows `q`, `G x d`) against every key row in `keys` (`d` elements
+/// each), `S` keys per tile and the rest one by one; token t's scores go to `out[t][0..G]`.
+///
+/// # Safety
+/// As for [`dots_tile`]; every `out[t]` points at `G` writable floats.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dots_run<T: Lanes, const G: usize, const S: usize>(
+    q: *const f32,
+    keys: &[*const T],
+    out: &[*mut f32],
+    d: usize,
+) {
+    let mut t = 0;
+    while t + S <= keys.len() {
+        // SAFETY: the caller's contract, for keys t..t + S.
+        let r = unsafe { dots_tile::<T, G, S>(q, &keys[t..], d) };
+        for s in 0..S {
+            // SAFETY: `out[t + s]` has `G` writable floats.
+            unsafe { std::ptr::copy_nonoverlapping(r[s * G..].as_ptr(), out[t + s], G) };
+        }
+        t += S;
+    }
+    while t < keys.len() {
+        // SAFETY: as above, for key t alone.
+        let r = unsafe { dots_tile::<T, G, 1>(q, &keys[t..], d) };
+        // SAFETY: as above.
+        unsafe { std::ptr::copy_nonoverlapping(r.as_ptr(), out[t], G) };
+        t += 1;
+    }
+}
+
+/// [`dots_run`] for a run-time head count of at most 8.
+///
+/// # Safety
+/// As for [`dots_run`].
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dots_heads<T: Lanes>(
+    g: usize,
+    q: *const f32,
+    keys: &[*const T],
+    out: &[*mut f32],
+    d: usize,
+) {
+    // SAFETY (every arm): the caller's contract; `G * S <= 8` in every instantiation.
+    unsafe {
+        match g {
+            1 => dots_run::<T, 1, 8>(q, keys, out, d),
+            2 => dots_run::<T, 2, 4>(q, keys, out, d),
+            3 => dots_run::<T, 3, 2>(q, keys, out, d),
+            4 => dots_run::<T, 4, 2>(q, keys, out, d),
+            5 => dots_run::<T, 5, 1>(q, keys, out, d),
+            6 => dots_run::<T, 6, 1>(q, keys, out, d),
+            7 => dots_run::<T, 7, 1>(q, keys, out, d),
+            _ => dots_run::<T, 8, 1>(q, keys, out, d),
+        }
+    }
+}
+
+/// Scores of every query head (`q`: `heads x d`, grouped by KV head) against up to
+/// [`super::VB`] tokens' stored key rows (`keys[t]`: `kv_heads x d` elements) into `out[t]`
+/// (`heads` floats each): per KV head, tiles of `S` tokens share each query load (`S = 8 / G`
+/// for a group of `G <= 8` heads; wider groups go eight heads at a time).
+///
+/// # Safety
+/// `keys.len() == out.len() <= VB`; every `keys[t]` points at `kv_heads * d` readable elements
+/// and every `out[t]` at `heads` writable floats, and `heads` is a multiple of `kv_heads`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(super) unsafe fn tile_dots<T: Lanes>(
+    q: &[f32],
+    keys: &[*const T],
+    out: &[*mut f32],
+    kv_heads: usize,
+    d: usize,
+) {
+    const VB: usize = super::VB;
+    let n = keys.len();
+    assert!(n == out.len() && n <= VB && q.len() % (kv_heads * d) == 0);
+    let group = q.len() / (kv_heads * d);
+    let mut kh = [std::ptr::null::<T>(); VB];
+    let mut oh = [std::ptr::null_mut::<f32>(); VB];
+    for h in 0..kv_heads {
+        for t in 0..n {
+            // SAFETY: `h * d + d <= kv_heads * d`: inside token t's key row.
+            kh[t] = unsafe { keys[t].add(h * d) };
+        }
+        let mut g = 0;
+        while g < group {
+            let take = (group - g).min(8);
+            let first = h * group + g;
+            for t in 0..n {
+                // SAFETY: `first + take <= heads`: inside token t's score row.
+                oh[t] = unsafe { out[t].add(first) };
+            }
+            // SAFETY: query rows `first .. first + take` are inside `q` (asserted above); key
+            // and score pointers as set up above.
+            unsafe { dots_heads(take, q.as_ptr().add(first * d), &kh[..n], &oh[..n], d) };
+            g += take;
+        }
+    }
+}
+
+/// `acc[g][c..] += sum_j w[j][g] * rows[j][c..]` for `G` heads and `CH` 8-lane chunks from
+/// column `c`: the `G x CH` accumulators stay in registers over all `VB` rows, each row chunk is
+/// loaded (converted) once for the group and each weight broadcast once for `CH` chunks.
+///
+/// # Safety
+/// `c + 8 * CH <= d`; as for [`group_axpy`].
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn axpy_cols<T: Lanes, const G: usize, const CH: usize>(
+    acc: *mut f32,
+    w: &[*const f32; super::VB],
+    rows: &[*const T; super::VB],
+    d: usize,
+    c: usize,
+) {
+    // SAFETY (all loads and stores below): head g's columns `c .. c + 8 * CH` lie inside its
+    // `d` accumulators, row j's inside its `d` elements, and `g < G` inside weight row j (the
+    // caller's contract).
+    let mut a: [[__m256; CH]; G] = std::array::from_fn(|g| {
+        std::array::from_fn(|k| unsafe { _mm256_loadu_ps(acc.add(g * d + c + 8 * k)) })
+    });
+    for j in 0..super::VB {
+        let r: [__m256; CH] = std::array::from_fn(|k| unsafe { T::load8(rows[j].add(c + 8 * k)) });
+        for (g, ag) in a.iter_mut().enumerate() {
+            let wv = unsafe { _mm256_broadcast_ss(&*w[j].add(g)) };
+            for (x, rk) in ag.iter_mut().zip(&r) {
+                *x = _mm256_fmadd_ps(wv, *rk, *x);
+            }
+        }
+    }
+    for (g, ag) in a.iter().enumerate() {
+        for (k, x) in ag.iter().enumerate() {
+            unsafe { _mm256_storeu_ps(acc.add(g * d + c + 8 * k), *x) };
+        }
+    }
+}
+
+/// [`axpy_cols`] over every column of `G` heads: `CH`-chunk steps, then single chunks, then a
+/// scalar tail.
+///
+/// # Safety
+/// As for [`group_axpy`], with `G` heads.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn axpy_heads<T: Lanes, const G: usize, const CH: usize>(
+    acc: *mut f32,
+    w: &[*const f32; super::VB],
+    rows: &[*const T; super::VB],
+    d: usize,
+) {
+    let mut c = 0;
+    // SAFETY (both loops): `c + 8 * CH <= d` (or `c + 8 <= d`); the rest is the caller's.
+    while c + 8 * CH <= d {
+        unsafe { axpy_cols::<T, G, CH>(acc, w, rows, d, c) };
+        c += 8 * CH;
+    }
+    while c + 8 <= d {
+        unsafe { axpy_cols::<T, G, 1>(acc, w, rows, d, c) };
+        c += 8;
+    }
+    for i in c..d {
+        for g in 0..G {
+            // SAFETY: `i < d` inside row j and head g's accumulators, `g < G` inside weight row
+            // j.
+            unsafe {
+                let mut x = *acc.add(g * d + i);
+                for j in 0..super::VB {
+                    x = (*w[j].add(g)).mul_add((*rows[j].add(i)).to_f32(), x);
+                }
+                *acc.add(g * d + i) = x;
+            }
+        }
+    }
+}
+
+/// `acc[g] += sum_j w[j][g] * rows[j]` for the query heads `g` of one GQA group (`acc`:
+/// `group x d`; `w[j]`: token j's weights for the group's heads) over `VB` stored rows of `d`
+/// elements. Column blocks of the group's accumulators stay in registers across the rows (at
+/// least eight independent multiply-add chains where the group allows), each row chunk is
+/// loaded and converted once for the whole group, and the weights are broadcast straight from
+/// the score rows.
+///
+/// # Safety
+/// Every `rows[j]` must point at `d` readable elements and every `w[j]` at `acc.len() / d`
+/// readable floats.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(super) unsafe fn group_axpy<T: Lanes>(
+    acc: &mut [f32],
+    w: &[*const f32; super::VB],
+    rows: &[*const T; super::VB],
+    d: usize,
+) {
+    let group = acc.len() / d;
+    assert!(acc.len() == group * d);
+    let mut g = 0;
+    // Groups wider than eight heads go eight at a time.
+    while g < group {
+        let take = (group - g).min(8);
+        // SAFETY: heads `g .. g + take` of the group: their accumulators lie inside `acc`, and
+        // their weights at offsets `g ..` inside each weight row (the caller's contract).
+        unsafe {
+            let ap = acc.as_mut_ptr().add(g * d);
+            let wg = w.map(|p| p.add(g));
+            match take {
+                1 => axpy_heads::<T, 1, 8>(ap, &wg, rows, d),
+                2 => axpy_heads::<T, 2, 4>(ap, &wg, rows, d),
+                3 => axpy_heads::<T, 3, 2>(ap, &wg, rows, d),
+                4 => axpy_heads::<T, 4, 2>(ap, &wg, rows, d),
+                5 => axpy_heads::<T, 5, 1>(ap, &wg, rows, d),
+                6 => axpy_heads::<T, 6, 1>(ap, &wg, rows, d),
+                7 => axpy_heads::<T, 7, 1>(ap, &wg, rows, d),
+                _ => axpy_heads::<T, 8, 1>(ap, &wg, rows, d),
+            }
+        }
+        g += take;
+    }
+}
+
 /// Widens stored elements to f32, eight lanes at a time (F16C for f16, a shift for bf16).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]

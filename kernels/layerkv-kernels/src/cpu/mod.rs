@@ -136,38 +136,59 @@ trait Madd {
         T::widen(src, dst)
     }
 
-    /// Scores of every query head (`q`: `heads x d`, grouped by KV head) against one token's
-    /// stored key rows (`keys`: `kv_heads x d`); `buf` (at least `keys.len()`) holds widened
-    /// rows where this instantiation needs them.
+    /// Scores of every query head (`q`: `heads x d`, grouped by KV head) against up to `VB`
+    /// tokens' stored key rows (`keys[t]`: `row = kv_heads x d` elements) into `out[t]`
+    /// (`heads` floats each); `buf` (at least `row`) holds a widened row where this
+    /// instantiation needs one.
+    ///
+    /// # Safety
+    /// `keys.len() == out.len() <= VB`; every `keys[t]` points at `row` readable elements, every
+    /// `out[t]` at `heads` writable floats that nothing else references during the call.
     #[inline(always)]
-    fn token_dots<T: Elem>(q: &[f32], keys: &[T], out: &mut [f32], d: usize, buf: &mut [f32]) {
-        let keys: &[f32] = match T::as_f32(keys) {
-            Some(keys) => keys,
-            None => {
-                T::widen(keys, &mut buf[..keys.len()]);
-                &buf[..keys.len()]
+    unsafe fn tile_dots<T: Elem>(
+        q: &[f32],
+        keys: &[*const T],
+        out: &[*mut f32],
+        (d, row): (usize, usize),
+        buf: &mut [f32],
+    ) {
+        let heads = q.len() / d;
+        let group = heads * d / row;
+        for (&key, &dst) in keys.iter().zip(out) {
+            // SAFETY: the caller's contract.
+            let (src, dst) = unsafe {
+                (
+                    std::slice::from_raw_parts(key, row),
+                    std::slice::from_raw_parts_mut(dst, heads),
+                )
+            };
+            let key: &[f32] = match T::as_f32(src) {
+                Some(key) => key,
+                None => {
+                    T::widen(src, &mut buf[..row]);
+                    &buf[..row]
+                }
+            };
+            for (h, key) in key.chunks_exact(d).enumerate() {
+                portable_group_dots::<Self>(
+                    &q[h * group * d..(h + 1) * group * d],
+                    key,
+                    &mut dst[h * group..(h + 1) * group],
+                );
             }
-        };
-        let group = out.len() * d / keys.len();
-        for (h, key) in keys.chunks_exact(d).enumerate() {
-            portable_group_dots::<Self>(
-                &q[h * group * d..(h + 1) * group * d],
-                key,
-                &mut out[h * group..(h + 1) * group],
-            );
         }
     }
 
-    /// `acc[hd] += sum_j w[hd][j] * rows[j][head of hd]` for every query head `hd` (`acc`:
-    /// `heads x d`, `w`: `heads x VB`), over `VB` stored token rows of `row = kv_heads x d`
-    /// elements; `buf` (at least `VB x row`) holds widened rows where needed.
+    /// `acc[hd] += sum_j w[j][hd] * rows[j][head of hd]` for every query head `hd` (`acc`:
+    /// `heads x d`, `w[j]`: token j's `heads` weights), over `VB` stored token rows of
+    /// `row = kv_heads x d` elements; `buf` (at least `VB x row`) holds widened rows where needed.
     ///
     /// # Safety
-    /// Every `rows[j]` points at `row` readable elements.
+    /// Every `rows[j]` points at `row` readable elements, every `w[j]` at `heads` floats.
     #[inline(always)]
     unsafe fn token_axpy<T: Elem>(
         acc: &mut [f32],
-        w: &[f32],
+        w: &[*const f32; VB],
         rows: &[*const T; VB],
         (d, row): (usize, usize),
         buf: &mut [f32],
@@ -191,8 +212,9 @@ trait Madd {
             let rows_h: [&[f32]; VB] = wide.map(|r| &r[h * d..(h + 1) * d]);
             for g in 0..group {
                 let hd = h * group + g;
-                let wg: &[f32; VB] = w[hd * VB..(hd + 1) * VB].try_into().unwrap();
-                portable_axpy_block::<Self>(&mut acc[hd * d..(hd + 1) * d], wg, &rows_h);
+                // SAFETY: `hd < heads`, inside every weight row (the caller's contract).
+                let wg: [f32; VB] = std::array::from_fn(|j| unsafe { *w[j].add(hd) });
+                portable_axpy_block::<Self>(&mut acc[hd * d..(hd + 1) * d], &wg, &rows_h);
             }
         }
     }
@@ -234,38 +256,35 @@ impl Madd for Fused {
     }
 
     #[inline(always)]
-    fn token_dots<T: Elem>(q: &[f32], keys: &[T], out: &mut [f32], d: usize, _: &mut [f32]) {
-        let group = out.len() * d / keys.len();
-        for (h, key) in keys.chunks_exact(d).enumerate() {
-            // SAFETY: as for `group_dots`.
-            unsafe {
-                avx2::group_dots(
-                    &q[h * group * d..(h + 1) * group * d],
-                    key,
-                    &mut out[h * group..(h + 1) * group],
-                )
-            };
-        }
+    unsafe fn tile_dots<T: Elem>(
+        q: &[f32],
+        keys: &[*const T],
+        out: &[*mut f32],
+        (d, row): (usize, usize),
+        _: &mut [f32],
+    ) {
+        // SAFETY: AVX2/FMA/F16C as for `group_dots`; pointers by the caller's contract.
+        unsafe { avx2::tile_dots(q, keys, out, row / d, d) }
     }
 
     #[inline(always)]
     unsafe fn token_axpy<T: Elem>(
         acc: &mut [f32],
-        w: &[f32],
+        w: &[*const f32; VB],
         rows: &[*const T; VB],
         (d, row): (usize, usize),
         _: &mut [f32],
     ) {
         let group = acc.len() / row;
         for h in 0..row / d {
-            // SAFETY: `h * d + d <= row`, inside each row by the caller's contract.
+            let first = h * group;
+            // SAFETY: `h * d + d <= row` and `first + group <= heads`: inside each row and
+            // weight row by the caller's contract.
             let rows_h: [*const T; VB] = rows.map(|p| unsafe { p.add(h * d) });
-            for g in 0..group {
-                let hd = h * group + g;
-                let wg: &[f32; VB] = w[hd * VB..(hd + 1) * VB].try_into().unwrap();
-                // SAFETY: AVX2/FMA/F16C as for `group_dots`; `d` elements at each pointer.
-                unsafe { avx2::axpy_block(&mut acc[hd * d..(hd + 1) * d], wg, &rows_h) };
-            }
+            let w_h: [*const f32; VB] = w.map(|p| unsafe { p.add(first) });
+            // SAFETY: AVX2/FMA/F16C as for `group_dots`; `d` elements at each row pointer and
+            // `group` weights at each weight pointer.
+            unsafe { avx2::group_axpy(&mut acc[first * d..(first + group) * d], &w_h, &rows_h, d) };
         }
     }
 
@@ -814,8 +833,25 @@ mod tests {
     #[test]
     fn decode_split_matches_the_reference() {
         let dev = Device::Cpu;
-        for dtype in [DType::F32, DType::F16, DType::BF16] {
-            let (bs, kv_heads, d, heads) = (4, 3, 20, 12);
+        // (kv_heads, head_dim, heads): every GQA group size the AVX2 loops specialise (1-8, and
+        // wider groups in pieces of eight), head dims with 16-, 8- and scalar-wide remainders.
+        let shapes = [
+            (3, 20, 12),
+            (2, 24, 2),
+            (2, 40, 4),
+            (1, 48, 3),
+            (2, 16, 10),
+            (1, 12, 6),
+            (1, 8, 7),
+            (1, 32, 8),
+            (1, 36, 11),
+            (2, 72, 18),
+        ];
+        for ((kv_heads, d, heads), dtype) in shapes
+            .into_iter()
+            .flat_map(|s| [DType::F32, DType::F16, DType::BF16].map(|t| (s, t)))
+        {
+            let bs = 4;
             let mut store = KvStore::new(16, bs, kv_heads, d, dtype, &dev).unwrap();
             let k = Tensor::randn(0f32, 1.0, (64, kv_heads, d), &dev).unwrap();
             let v = Tensor::randn(0f32, 1.0, (64, kv_heads, d), &dev).unwrap();
@@ -881,8 +917,8 @@ mod tests {
                             .unwrap();
                         assert!(
                             diff < 1e-5,
-                            "{dtype:?} {window:?} diag={include_diagonal} {split:?} \
-                             baseline={baseline}: {diff}"
+                            "{dtype:?} kv_heads={kv_heads} d={d} heads={heads} {window:?} \
+                             diag={include_diagonal} {split:?} baseline={baseline}: {diff}"
                         );
                     }
                 }

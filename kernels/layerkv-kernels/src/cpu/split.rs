@@ -214,19 +214,27 @@ fn part_body<T: Elem, M: Madd>(
     let (sums, acc) = rest.split_at_mut(heads);
     let mut scratch = SCRATCH.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
     {
-        // Layout: scores [len x heads] | widened token rows [VB x row] | a zero row [row] |
-        // weights [heads x VB].
-        let need = heads * len + VB * row + row + heads * VB;
+        // Layout: scores [len x heads] | widened token rows [VB x row] | a zero row
+        // [max(row, heads)] | scaled queries [heads x d].
+        let zero_len = row.max(heads);
+        let need = heads * len + VB * row + zero_len + heads * d;
         if scratch.len() < need {
             scratch.resize(need, 0.0);
         }
         let (scores, rest) = scratch.split_at_mut(heads * len);
         let (rows, rest) = rest.split_at_mut(VB * row);
-        let (zero, w) = rest.split_at_mut(row);
+        let (zero, rest) = rest.split_at_mut(zero_len);
         zero.fill(0.0);
         let zero: &[f32] = zero;
-        let w = &mut w[..heads * VB];
-        let qs = &q[seq.q_start * heads * d..(seq.q_start + 1) * heads * d];
+        // The softmax scale goes into the queries once instead of into every score.
+        let qs = &mut rest[..heads * d];
+        for (x, q) in qs
+            .iter_mut()
+            .zip(&q[seq.q_start * heads * d..(seq.q_start + 1) * heads * d])
+        {
+            *x = q * params.scale;
+        }
+        let qs: &[f32] = qs;
         let token = |s: usize| (seq.kv.pages[s / bs] as usize * bs + s % bs) * row;
         let prefetch = |data: &[T], s: usize| {
             if s < part.end && seq.kv.pages[s / bs] != crate::NULL_PAGE {
@@ -234,56 +242,73 @@ fn part_body<T: Elem, M: Madd>(
                 super::prefetch(&data[base..base + row]);
             }
         };
+        let sp = scores.as_mut_ptr();
+        // SAFETY (score rows): `s - part.start < len`, so row `s` lies inside `scores`.
+        let score_row = |s: usize| unsafe { sp.add((s - part.start) * heads) };
 
-        // Pass 1: scores of every query head, one pass over each token's key rows.
-        maxes.fill(f32::NEG_INFINITY);
-        for s in part.start..part.end {
-            prefetch(k, s + PREFETCH);
-            let sc = &mut scores[(s - part.start) * heads..(s - part.start + 1) * heads];
-            if !seq.kv.is_valid(s, bs) {
-                sc.fill(f32::NEG_INFINITY);
-                continue;
+        // Pass 1: scores of every query head, VB valid tokens per call (the kernel shares each
+        // query load between tokens and each key conversion between the group's heads).
+        let mut s = part.start;
+        while s < part.end {
+            let mut keys = [zero.as_ptr().cast::<T>(); VB];
+            let mut out = [std::ptr::null_mut::<f32>(); VB];
+            let mut n = 0;
+            while n < VB && s < part.end {
+                prefetch(k, s + PREFETCH);
+                if seq.kv.is_valid(s, bs) {
+                    keys[n] = k[token(s)..token(s) + row].as_ptr();
+                    out[n] = score_row(s);
+                    n += 1;
+                } else {
+                    // SAFETY: a score row of `heads` floats (see `score_row`).
+                    unsafe { std::slice::from_raw_parts_mut(score_row(s), heads) }
+                        .fill(f32::NEG_INFINITY);
+                }
+                s += 1;
             }
-            let base = token(s);
-            M::token_dots::<T>(qs, &k[base..base + row], sc, d, rows);
-            for (x, m) in sc.iter_mut().zip(maxes.iter_mut()) {
-                *x *= params.scale;
+            // SAFETY: each key pointer starts a token's `row` stored elements; each output is a
+            // distinct score row of `heads` floats, not referenced elsewhere during the call.
+            unsafe { M::tile_dots::<T>(qs, &keys[..n], &out[..n], (d, row), rows) };
+        }
+        let scores = &mut scores[..len * heads];
+
+        // Pass 2: per-head maxima, exponentials relative to them, and their sums.
+        maxes.fill(f32::NEG_INFINITY);
+        for sc in scores.chunks_exact(heads) {
+            for (m, x) in maxes.iter_mut().zip(sc) {
                 if *x > *m {
                     *m = *x;
                 }
             }
         }
-
-        // Pass 2: exponentials relative to the partition's max, and their sums.
         sums.fill(0.0);
-        for sc in scores[..len * heads].chunks_exact_mut(heads) {
+        for sc in scores.chunks_exact_mut(heads) {
             M::exp_row(sc, maxes, sums);
         }
+        let scores: &[f32] = scores;
 
         // Pass 3: weighted value rows, VB valid slots per accumulator load/store.
         acc.fill(0.0);
         let mut s = part.start;
         while s < part.end {
-            // All-zero bytes are 0.0 in f32, f16 and bf16: `zero` serves every element type.
+            // All-zero bytes are 0.0 in f32, f16 and bf16: `zero` serves every element type,
+            // as rows and as weights.
             let mut block: [*const T; VB] = [zero.as_ptr().cast::<T>(); VB];
-            w.fill(0.0);
+            let mut w: [*const f32; VB] = [zero.as_ptr(); VB];
             let mut count = 0;
             while count < VB && s < part.end {
                 prefetch(v, s + PREFETCH);
                 if seq.kv.is_valid(s, bs) {
-                    let base = token(s);
-                    block[count] = v[base..base + row].as_ptr();
-                    let sc = &scores[(s - part.start) * heads..(s - part.start + 1) * heads];
-                    for (hd, x) in sc.iter().enumerate() {
-                        w[hd * VB + count] = *x;
-                    }
+                    block[count] = v[token(s)..token(s) + row].as_ptr();
+                    w[count] = scores[(s - part.start) * heads..].as_ptr();
                     count += 1;
                 }
                 s += 1;
             }
-            // SAFETY: every pointer is the start of `row` live elements: a token's rows of `v`
-            // or `zero` (`row` f32s, at least `row` elements of any narrower type).
-            unsafe { M::token_axpy::<T>(acc, w, &block, (d, row), rows) };
+            // SAFETY: every pointer is the start of `row` live elements (a token's rows of `v`
+            // or `zero`: `row` f32s, at least `row` elements of any narrower type) and every
+            // weight pointer of `heads` floats (a score row or `zero`).
+            unsafe { M::token_axpy::<T>(acc, &w, &block, (d, row), rows) };
         }
     }
     SCRATCH.with(|cell| *cell.borrow_mut() = scratch);
