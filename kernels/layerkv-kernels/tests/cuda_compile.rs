@@ -2,8 +2,9 @@
 //! run time) turns `CUDA_SOURCE` into PTX for Ampere and Hopper, every entry point is present,
 //! and `ptxas` assembles the PTX for sm_80 and sm_90 without register spills.
 //!
-//! The tools come from PyPI (`nvidia-cuda-nvrtc-cu12`, `nvidia-cuda-nvcc-cu12`); README's test
-//! command installs them and points `LAYERKV_NVRTC` / `LAYERKV_PTXAS` at them. A missing tool
+//! The tools come from PyPI (`nvidia-cuda-nvrtc-cu12`, `nvidia-cuda-nvcc`); README's test
+//! command installs them (`scripts/cuda-tools`) and points `LAYERKV_NVRTC` / `LAYERKV_PTXAS` at
+//! them. A missing tool
 //! fails these tests (with the install command) instead of skipping them. That the kernels
 //! compute the right numbers is only checked on a GPU (`--features cuda`).
 
@@ -24,14 +25,12 @@ fn tool(var: &str, relative: &str) -> PathBuf {
         .unwrap_or_else(|_| {
             PathBuf::from(std::env::var("HOME").expect("HOME is set")).join(".cache/layerkv")
         });
-    let p = home.join("cuda").join(relative);
+    let p = home.join("cuda-13.5").join(relative);
     assert!(
         p.exists(),
-        "{} not found: set {var} or run `python3 -m pip install --target {} \
-         nvidia-cuda-nvrtc-cu12==12.9.86 nvidia-cuda-nvcc-cu12==12.9.86` (README's test command \
-         does this)",
+        "{} not found: set {var} or run `source scripts/cuda-tools` (README's test command does \
+         this)",
         p.display(),
-        home.join("cuda").display()
     );
     p
 }
@@ -152,7 +151,7 @@ fn nvrtc_reports_errors_with_their_line() {
 #[test]
 fn ptx_assembles_for_sm80_and_sm90_without_spills() {
     let nvrtc = Nvrtc::load();
-    let ptxas = tool("LAYERKV_PTXAS", "nvidia/cuda_nvcc/bin/ptxas");
+    let ptxas = tool("LAYERKV_PTXAS", "nvidia/cu13/bin/ptxas");
     let dir = std::env::temp_dir().join(format!("layerkv-ptxas-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     for (virt, sm) in [("compute_80", "sm_80"), ("compute_90", "sm_90")] {

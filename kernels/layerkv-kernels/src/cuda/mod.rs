@@ -3,23 +3,15 @@
 //! without a CUDA toolkit.
 //!
 //! - [`plan`]: host-side flattening of a batch into the kernels' arrays (always built, tested).
-//! - `launch` (features `cuda` or `cuda-check`): NVRTC, module loading and launches on cudarc.
+//! - `launch` (feature `cuda`): NVRTC, module loading and launches on candle's cudarc.
 //! - `candle` (feature `cuda`): glue from candle's `CudaStorage` to `launch`.
-//!
-//! `cuda-check` builds `launch` on a standalone cudarc with dynamic loading, so CI machines
-//! without a toolkit (candle's CUDA backend needs `nvcc` to build) still type-check it.
-
-#[cfg(all(feature = "cuda", feature = "cuda-check"))]
-compile_error!("`cuda-check` is for toolkit-less CI only; enable `cuda` alone");
 
 #[cfg(feature = "cuda")]
 pub(crate) mod candle;
-#[cfg(any(feature = "cuda", feature = "cuda-check"))]
+#[cfg(feature = "cuda")]
 pub mod launch;
 pub mod plan;
 
-#[cfg(all(feature = "cuda-check", not(feature = "cuda")))]
-use ::cudarc;
 #[cfg(feature = "cuda")]
 use candle_core::cuda_backend::cudarc;
 
