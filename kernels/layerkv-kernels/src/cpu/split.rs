@@ -272,7 +272,7 @@ fn part_body<T: Elem, M: Madd>(
         }
         let scores = &mut scores[..len * heads];
 
-        // Pass 2: per-head maxima, exponentials relative to them, and their sums.
+        // Pass 2: per-head maxima.
         maxes.fill(f32::NEG_INFINITY);
         for sc in scores.chunks_exact(heads) {
             for (m, x) in maxes.iter_mut().zip(sc) {
@@ -281,14 +281,13 @@ fn part_body<T: Elem, M: Madd>(
                 }
             }
         }
-        sums.fill(0.0);
-        for sc in scores.chunks_exact_mut(heads) {
-            M::exp_row(sc, maxes, sums);
-        }
-        let scores: &[f32] = scores;
 
-        // Pass 3: weighted value rows, VB valid slots per accumulator load/store.
+        // Pass 3: exponentials and their sums, then the weighted value rows, VB valid slots
+        // per accumulator load/store. The exponentials are taken here, token by token, so that
+        // their arithmetic overlaps the value rows' memory traffic instead of running alone.
+        sums.fill(0.0);
         acc.fill(0.0);
+        let sp = scores.as_mut_ptr();
         let mut s = part.start;
         while s < part.end {
             // All-zero bytes are 0.0 in f32, f16 and bf16: `zero` serves every element type,
@@ -300,7 +299,13 @@ fn part_body<T: Elem, M: Madd>(
                 prefetch(v, s + PREFETCH);
                 if seq.kv.is_valid(s, bs) {
                     block[count] = v[token(s)..token(s) + row].as_ptr();
-                    w[count] = scores[(s - part.start) * heads..].as_ptr();
+                    // SAFETY: `s - part.start < len`: score row `s` lies inside `scores`, and
+                    // no other reference to it is alive.
+                    let sc = unsafe {
+                        std::slice::from_raw_parts_mut(sp.add((s - part.start) * heads), heads)
+                    };
+                    M::exp_row(sc, maxes, sums);
+                    w[count] = sc.as_ptr();
                     count += 1;
                 }
                 s += 1;
