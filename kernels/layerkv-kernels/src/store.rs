@@ -11,6 +11,9 @@ use candle_core::{CpuStorage, DType, Device, InplaceOp2, Layout, Tensor};
 use crate::error::{KernelError, Result};
 
 /// K and V pages of every KV group of every sequence.
+///
+/// `Clone` is shallow, like candle's `Tensor`: a clone shares the pages, and writes through one
+/// are seen through the other (an engine hands clones to its layers).
 #[derive(Debug, Clone)]
 pub struct KvStore {
     k: Tensor,

@@ -36,6 +36,12 @@ struct Case {
 }
 
 fn build(seed: u64, dtype: DType) -> Case {
+    build_sized(seed, dtype, 90)
+}
+
+/// [`build`] with contexts of up to `max_len` slots in the random draw (and, beyond 90, chunks
+/// of up to 600 query rows, so long prefill is drawn too).
+fn build_sized(seed: u64, dtype: DType, max_len: usize) -> Case {
     let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let bs = [1, 4, 16, 32][rng.below(4)];
     let kv_heads = [1, 2, 3][rng.below(3)];
@@ -49,13 +55,13 @@ fn build(seed: u64, dtype: DType) -> Case {
             0 => 1,
             1 => bs,
             2 => bs + 1,
-            _ => 1 + rng.below(90),
+            _ => 1 + rng.below(max_len),
         };
         num_slots.push(n);
         num_q.push(if rng.below(2) == 0 {
             1
         } else {
-            1 + rng.below(n.min(9))
+            1 + rng.below(n.min(if max_len > 90 { 600 } else { 9 }))
         });
     }
     let total_pages: usize = num_slots.iter().map(|n| n.div_ceil(bs)).sum::<usize>() + 3;
@@ -324,18 +330,22 @@ fn bad_arguments_are_typed_errors() {
 }
 
 /// CUDA == CPU on the same random cases, and the device scatter/page copy (`--features cuda`,
-/// needs a GPU; the kernels' compilation is checked without one in `cuda_compile.rs`).
+/// needs a GPU; the kernels' compilation is checked without one in `cuda_compile.rs`). Seeds
+/// from 120 on draw contexts of up to 3000 slots and prefill chunks of up to 600 rows, so the
+/// kernels split a context over several blocks (few rows) and walk several chunks per block
+/// (rows x KV heads beyond the planner's block target): the online softmax across chunks and
+/// the log-sum-exp merge across splits both run.
 #[cfg(feature = "cuda")]
 #[test]
 fn cuda_matches_cpu() {
     let dev = Device::new_cuda(0).expect("--features cuda: no CUDA device");
-    for seed in 0..120 {
+    for seed in 0..140 {
         for (dtype, tol) in [
             (DType::F32, 1e-5f32),
             (DType::F16, 2e-2),
             (DType::BF16, 2e-2),
         ] {
-            let c = build(seed, dtype);
+            let c = build_sized(seed, dtype, if seed < 120 { 90 } else { 3000 });
             let (n, bs) = (c.store.num_pages(), c.store.block_size());
             let (kvh, d) = (c.store.kv_heads(), c.store.head_dim());
             let mut gpu = KvStore::new(n, bs, kvh, d, dtype, &dev).unwrap();
@@ -351,7 +361,12 @@ fn cuda_matches_cpu() {
                 .unwrap();
             if n > 1 {
                 gpu.copy_page(0, 1).unwrap();
-                let mut twin = c.store.clone();
+                // A deep copy: `KvStore::clone` shares the pages.
+                let mut twin = KvStore::new(n, bs, kvh, d, dtype, &Device::Cpu).unwrap();
+                let all: Vec<u32> = (0..(n * bs) as u32).collect();
+                let whole = |t: &Tensor| t.reshape((n * bs, kvh, d)).unwrap();
+                twin.write(&all, &whole(c.store.k()), &whole(c.store.v()))
+                    .unwrap();
                 twin.copy_page(0, 1).unwrap();
                 let (a, b) = (gpu.k().to_device(&Device::Cpu).unwrap(), twin.k());
                 let same = a

@@ -1,6 +1,6 @@
 //! Device side of the CUDA kernels, on cudarc alone: NVRTC compilation (once per process),
-//! module loading (once per device), uploads and launches. The candle glue (`candle.rs`) hands
-//! in views of candle's own buffers, so nothing is copied between candle and the kernels.
+//! module loading (once per CUDA context), uploads and launches. The candle glue (`candle.rs`)
+//! hands in views of candle's own buffers, so nothing is copied between candle and the kernels.
 
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -66,13 +66,15 @@ fn ptx() -> Result<String> {
     .map_err(|e| KernelError::Invalid(format!("NVRTC failed to compile the kernels: {e}")))
 }
 
-/// The kernels of `stream`'s device, loaded once per device ordinal.
+/// The kernels of `stream`'s CUDA context, loaded once per context (candle uses each device's
+/// primary context; a caller with another context on the same device gets its own module,
+/// since functions are only valid in the context that loaded them).
 fn kernels(stream: &Arc<CudaStream>) -> Result<Arc<Kernels>> {
     static LOADED: Mutex<Vec<(usize, Arc<Kernels>)>> = Mutex::new(Vec::new());
     let ctx = stream.context();
-    let ordinal = ctx.ordinal();
+    let key = ctx.cu_ctx() as usize;
     let mut loaded = LOADED.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((_, k)) = loaded.iter().find(|(o, _)| *o == ordinal) {
+    if let Some((_, k)) = loaded.iter().find(|(c, _)| *c == key) {
         return Ok(k.clone());
     }
     let module = ctx
@@ -101,7 +103,7 @@ fn kernels(stream: &Arc<CudaStream>) -> Result<Arc<Kernels>> {
         ],
         copy: [f("layerkv_copy_u32")?, f("layerkv_copy_u16")?],
     });
-    loaded.push((ordinal, k.clone()));
+    loaded.push((key, k.clone()));
     Ok(k)
 }
 
@@ -132,10 +134,15 @@ pub fn attention<T>(
     let valid = stream
         .clone_htod(&plan.valid)
         .map_err(device_err("upload"))?;
+    if total_q == 0 {
+        return stream.alloc_zeros::<f32>(1).map_err(device_err("alloc"));
+    }
+    // The kernels write every element of these (each attention block its whole partial, the
+    // merge every row and head), so they are not cleared first.
     let alloc = |n: usize| {
-        stream
-            .alloc_zeros::<f32>(n.max(1))
-            .map_err(device_err("alloc"))
+        // SAFETY: f32 has no invalid bit patterns, and every element is written by the
+        // kernels below before anything reads it.
+        unsafe { stream.alloc::<f32>(n.max(1)) }.map_err(device_err("alloc"))
     };
     let mut part_out = alloc(splits * total_q * heads * d)?;
     let mut part_m = alloc(splits * total_q * heads)?;
@@ -143,9 +150,6 @@ pub fn attention<T>(
     let mut out = alloc(total_q * heads * d)?;
     let mut row_m = alloc(total_q * heads)?;
     let mut row_l = alloc(total_q * heads)?;
-    if total_q == 0 {
-        return Ok(out);
-    }
     let blocks = (p.total_q as u32, p.kv_heads as u32, p.num_splits as u32);
     let attn_cfg = LaunchConfig {
         grid_dim: blocks,
@@ -183,7 +187,10 @@ pub fn attention<T>(
     // SAFETY: matches `layerkv_attn_reduce`; buffers sized as above.
     unsafe { b.launch(reduce_cfg) }.map_err(device_err("launch reduce"))?;
     if let Some(mass) = mass {
-        let mut dev_mass = alloc(plan.mass_len)?;
+        // Accumulated with atomics: starts at zero.
+        let mut dev_mass = stream
+            .alloc_zeros::<f32>(plan.mass_len.max(1))
+            .map_err(device_err("alloc"))?;
         let mut b = stream.launch_builder(&kern.mass[elem.index()]);
         b.arg(&p)
             .arg(q)

@@ -7,10 +7,14 @@
 // filled slots, lo = p + 1 - window under a sliding window; a slot counts only if its page is
 // held (not NULL_PAGE) and its validity bit is set. Scores, softmax and accumulation are f32.
 //
-// Work split (flash-decoding): grid (query row, kv head, split); a split covers `part` logical
-// slots. Each block computes its split's scores for every query head of the GQA group into
-// shared memory, their max and exp-sum, and the unnormalised weighted V; `layerkv_attn_reduce`
-// merges the splits per (row, head) with the usual log-sum-exp rescaling.
+// Work split (flash-decoding): grid (query row, kv head, split); a split covers `chunks` chunks
+// of `part` logical slots. For each chunk a block computes the scores of every query head of
+// the GQA group into shared memory, then folds the chunk into its running max, exp-sum and
+// unnormalised weighted V (online softmax); `layerkv_attn_reduce` merges the splits per
+// (row, head) with the usual log-sum-exp rescaling. The host caps the splits at about 2048
+// blocks a call, so the partials stay within 2048 x group x head_dim floats or the output's
+// size, whichever is larger (long prefill gets one split of many chunks per row; short batches
+// get many one-chunk splits to fill the GPU).
 
 #define NULL_PAGE 0xffffffffu
 #define NEG_INF __int_as_float(0xff800000)
@@ -57,14 +61,16 @@ struct Params {
     int kv_heads;
     int head_dim;
     int block_size;
-    int part;        // logical slots per split
+    int part;        // logical slots per chunk (the shared-memory score buffer)
     int num_splits;
+    int chunks;      // chunks per split
     int window;      // -1: no sliding window
     int include_diag;
     float scale;
 };
 
-// The visible slot range of this block's (row, split); false if the block has nothing to do.
+// The visible slot range of this block's (row, split): up to `chunks x part` slots; false if the
+// block has nothing to do.
 __device__ __forceinline__ bool block_range(const Params& P, const int* row_seq,
                                             const int* seq_info, int row, int split, int* seq_out,
                                             int* lo_out, int* hi_out) {
@@ -77,7 +83,7 @@ __device__ __forceinline__ bool block_range(const Params& P, const int* row_seq,
     if (hi > n) hi = n;
     int lo = P.window >= 0 ? p + 1 - P.window : 0;
     if (lo < 0) lo = 0;
-    int s0 = split * P.part, s1 = s0 + P.part;
+    int s0 = split * P.part * P.chunks, s1 = s0 + P.part * P.chunks;
     if (lo < s0) lo = s0;
     if (hi > s1) hi = s1;
     *seq_out = seq;
@@ -138,7 +144,8 @@ __device__ void load_queries(const Params& P, const float* q, int row, int kvh, 
     for (int i = threadIdx.x; i < group * d; i += blockDim.x) sq[i] = q[base + i] * P.scale;
 }
 
-// Shared memory: scores [group * part] | queries [group * d] | phys [part] | max, sum [group].
+// Shared memory: scores [group * part] | queries [group * d] | phys [part] |
+// max, sum, rescale factor [group].
 template <typename T, float (*LOAD)(const T*, size_t)>
 __device__ void attn_partial(Params P, const float* q, const T* k, const T* v,
                              const int* row_seq, const int* seq_info, const unsigned int* pages,
@@ -152,12 +159,14 @@ __device__ void attn_partial(Params P, const float* q, const T* k, const T* v,
     int* phys = (int*)(sq + group * d);
     float* smax = (float*)(phys + P.part);
     float* ssum = smax + group;
+    float* sfac = ssum + group;
     const size_t ml = ((size_t)split * P.total_q + row) * P.heads + (size_t)kvh * group;
     float* out = part_out + ml * d;
 
+    // Every path starts from an empty partial: zero output, -inf max, zero sum.
+    for (int i = threadIdx.x; i < group * d; i += blockDim.x) out[i] = 0.f;
     int seq, lo, hi;
     if (!block_range(P, row_seq, seq_info, row, split, &seq, &lo, &hi)) {
-        for (int i = threadIdx.x; i < group * d; i += blockDim.x) out[i] = 0.f;
         for (int g = threadIdx.x; g < group; g += blockDim.x) {
             part_m[ml + g] = NEG_INF;
             part_l[ml + g] = 0.f;
@@ -166,41 +175,57 @@ __device__ void attn_partial(Params P, const float* q, const T* k, const T* v,
     }
     const int* si = seq_info + seq * SEQ_INFO;
     load_queries(P, q, row, kvh, group, sq);
-    __syncthreads();
-    block_scores<T, LOAD>(P, k, pages, valid, si, kvh, group, lo, hi, sq, scores, phys);
-    __syncthreads();
-
-    // Softmax statistics per head: one warp per head, weights exp(s - max) in place.
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n = hi - lo;
-    for (int g = warp; g < group; g += WARPS) {
-        float* sc = scores + g * P.part;
-        float m = NEG_INF;
-        for (int j = lane; j < n; j += 32) m = fmaxf(m, sc[j]);
-        m = warp_max(m);
-        float l = 0.f;
-        for (int j = lane; j < n; j += 32) {
-            float e = m == NEG_INF ? 0.f : __expf(sc[j] - m);
-            sc[j] = e;
-            l += e;
-        }
-        l = warp_sum(l);
-        if (lane == 0) {
-            smax[g] = m;
-            ssum[g] = l;
-        }
+    for (int g = threadIdx.x; g < group; g += blockDim.x) {
+        smax[g] = NEG_INF;
+        ssum[g] = 0.f;
     }
     __syncthreads();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int c0 = lo; c0 < hi; c0 += P.part) {
+        const int c1 = min(c0 + P.part, hi), n = c1 - c0;
+        block_scores<T, LOAD>(P, k, pages, valid, si, kvh, group, c0, c1, sq, scores, phys);
+        __syncthreads();
 
-    // Weighted V: thread i owns (head g, dim i % d); consecutive threads read consecutive dims.
-    for (int idx = threadIdx.x; idx < group * d; idx += blockDim.x) {
-        const int g = idx / d, i = idx % d;
-        const float* w = scores + g * P.part;
-        float acc = 0.f;
-        for (int j = 0; j < n; ++j) {
-            int r = phys[j];
-            if (r >= 0) acc += w[j] * LOAD(v, ((size_t)r * P.kv_heads + kvh) * d + i);
+        // Per head, one warp each: the chunk's max joins the running max; weights
+        // exp(s - max) in place; what was summed under the old max is rescaled by
+        // e^(old - new) (0 while nothing has been seen).
+        for (int g = warp; g < group; g += WARPS) {
+            float* sc = scores + g * P.part;
+            float m = NEG_INF;
+            for (int j = lane; j < n; j += 32) m = fmaxf(m, sc[j]);
+            m = fmaxf(warp_max(m), smax[g]);
+            float l = 0.f;
+            for (int j = lane; j < n; j += 32) {
+                float e = m == NEG_INF ? 0.f : expf(sc[j] - m);
+                sc[j] = e;
+                l += e;
+            }
+            l = warp_sum(l);
+            // Every lane has read smax[g] above before lane 0 replaces it.
+            __syncwarp();
+            if (lane == 0) {
+                const float f = smax[g] == NEG_INF ? 0.f : expf(smax[g] - m);
+                sfac[g] = f;
+                ssum[g] = ssum[g] * f + l;
+                smax[g] = m;
+            }
         }
-        out[idx] = acc;
+        __syncthreads();
+
+        // Weighted V: thread i owns (head g, dim i % d) for every chunk, so its running sum in
+        // `out` is private; consecutive threads read consecutive dims.
+        for (int idx = threadIdx.x; idx < group * d; idx += blockDim.x) {
+            const int g = idx / d, i = idx % d;
+            const float* w = scores + g * P.part;
+            float acc = out[idx] * sfac[g];
+            for (int j = 0; j < n; ++j) {
+                int r = phys[j];
+                if (r >= 0) acc += w[j] * LOAD(v, ((size_t)r * P.kv_heads + kvh) * d + i);
+            }
+            out[idx] = acc;
+        }
+        // The next chunk overwrites the scores, rows and factors.
+        __syncthreads();
     }
     for (int g = threadIdx.x; g < group; g += blockDim.x) {
         part_m[ml + g] = smax[g];
@@ -226,29 +251,34 @@ __device__ void attn_mass(Params P, const float* q, const T* k, const int* row_s
     const int* si = seq_info + seq * SEQ_INFO;
     load_queries(P, q, row, kvh, group, sq);
     __syncthreads();
-    block_scores<T, LOAD>(P, k, pages, valid, si, kvh, group, lo, hi, sq, scores, phys);
-    __syncthreads();
     const size_t ml = (size_t)row * P.heads + (size_t)kvh * group;
-    for (int j = threadIdx.x; j < hi - lo; j += blockDim.x) {
-        if (phys[j] < 0) continue;
-        float w = 0.f;
-        for (int g = 0; g < group; ++g) {
-            float l = row_l[ml + g];
-            if (l > 0.f) w += __expf(scores[g * P.part + j] - row_m[ml + g]) / l;
+    for (int c0 = lo; c0 < hi; c0 += P.part) {
+        const int c1 = min(c0 + P.part, hi);
+        block_scores<T, LOAD>(P, k, pages, valid, si, kvh, group, c0, c1, sq, scores, phys);
+        __syncthreads();
+        for (int j = threadIdx.x; j < c1 - c0; j += blockDim.x) {
+            if (phys[j] < 0) continue;
+            float w = 0.f;
+            for (int g = 0; g < group; ++g) {
+                float l = row_l[ml + g];
+                if (l > 0.f) w += expf(scores[g * P.part + j] - row_m[ml + g]) / l;
+            }
+            atomicAdd(mass + si[SI_MASS_OFF] + c0 + j, w);
         }
-        atomicAdd(mass + si[SI_MASS_OFF] + lo + j, w);
+        // The next chunk overwrites the scores and rows.
+        __syncthreads();
     }
 }
 
 #define INSTANTIATE(NAME, T, LOAD)                                                             \
-    extern "C" __global__ void __launch_bounds__(THREADS, 1) layerkv_attn_partial_##NAME(         \
+    extern "C" __global__ void __launch_bounds__(THREADS, 4) layerkv_attn_partial_##NAME(         \
         Params P, const float* q, const T* k, const T* v, const int* row_seq,                  \
         const int* seq_info, const unsigned int* pages, const unsigned long long* valid,       \
         float* part_out, float* part_m, float* part_l) {                                       \
         attn_partial<T, LOAD>(P, q, k, v, row_seq, seq_info, pages, valid, part_out, part_m,   \
                               part_l);                                                         \
     }                                                                                          \
-    extern "C" __global__ void __launch_bounds__(THREADS, 1) layerkv_attn_mass_##NAME(            \
+    extern "C" __global__ void __launch_bounds__(THREADS, 4) layerkv_attn_mass_##NAME(            \
         Params P, const float* q, const T* k, const int* row_seq, const int* seq_info,         \
         const unsigned int* pages, const unsigned long long* valid, const float* row_m,        \
         const float* row_l, float* mass) {                                                     \
@@ -272,13 +302,13 @@ extern "C" __global__ void layerkv_attn_reduce(Params P, const float* part_out,
     float l = 0.f;
     if (m != NEG_INF)
         for (int s = 0; s < P.num_splits; ++s)
-            l += part_l[s * stride + rh] * __expf(part_m[s * stride + rh] - m);
+            l += part_l[s * stride + rh] * expf(part_m[s * stride + rh] - m);
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
         float acc = 0.f;
         if (l > 0.f)
             for (int s = 0; s < P.num_splits; ++s) {
                 float ms = part_m[s * stride + rh];
-                if (ms != NEG_INF) acc += part_out[(s * stride + rh) * d + i] * __expf(ms - m);
+                if (ms != NEG_INF) acc += part_out[(s * stride + rh) * d + i] * expf(ms - m);
             }
         out[rh * d + i] = l > 0.f ? acc / l : 0.f;
     }

@@ -14,11 +14,15 @@ pub const THREADS: u32 = 128;
 pub const MAX_HEAD_DIM: usize = 256;
 /// Shared memory a block may use without opting in to more (bytes).
 const SHARED_LIMIT: usize = 48 * 1024;
-/// Logical slots per split when shared memory allows; long contexts get one block per split
-/// (flash-decoding), so even batch-1 decode fills the GPU.
+/// Logical slots per chunk (the block's shared-memory score buffer) when shared memory allows.
 const DEFAULT_PART: usize = 256;
-/// Smallest split the planner falls back to for wide GQA groups.
+/// Smallest chunk the planner falls back to for wide GQA groups.
 const MIN_PART: usize = 32;
+/// Attention blocks a call aims for: enough to fill a large GPU several times over. Calls with
+/// fewer (query row, KV head) pairs split the context (flash-decoding), so batch-1 decode fills
+/// the GPU; calls with more (long prefill) keep one split per row, whose block walks every chunk,
+/// so the partial buffers stay the size of the output instead of growing with rows x context.
+const TARGET_BLOCKS: usize = 2048;
 
 /// The kernels' scalar arguments (`struct Params` in `paged_attention.cu`, field for field).
 #[repr(C)]
@@ -34,10 +38,12 @@ pub struct LaunchParams {
     pub head_dim: i32,
     /// Slots per page.
     pub block_size: i32,
-    /// Logical slots per split.
+    /// Logical slots per chunk.
     pub part: i32,
     /// Splits along the context.
     pub num_splits: i32,
+    /// Chunks per split.
+    pub chunks: i32,
     /// Sliding window (-1: none).
     pub window: i32,
     /// 1 if a row sees its own slot.
@@ -56,7 +62,8 @@ pub struct LaunchPlan {
     /// `SEQ_INFO` ints per sequence: q_start, num_q, q_pos, num_slots, page offset, validity
     /// word offset (-1: all valid), mass offset, padding.
     pub seq_info: Vec<i32>,
-    /// Every sequence's page ids, concatenated (never empty: device buffers need a length).
+    /// Every sequence's page ids, concatenated (never empty: device buffers need a length; the
+    /// same holds for `seq_info`, padded with one unused entry when there are no sequences).
     pub pages: Vec<u32>,
     /// Every sequence's validity words, concatenated (never empty).
     pub valid: Vec<u64>,
@@ -71,9 +78,9 @@ fn int(what: &str, v: usize) -> Result<i32> {
 }
 
 /// Shared memory of one block: scores `[group x part]`, queries `[group x d]`, physical rows
-/// `[part]`, max and sum `[group]`.
+/// `[part]`, max, sum and rescale factor `[group]`.
 fn shared_bytes(group: usize, head_dim: usize, part: usize) -> usize {
-    4 * (group * part + group * head_dim + part + 2 * group)
+    4 * (group * part + group * head_dim + part + 3 * group)
 }
 
 /// Plans one call; `seqs` are already validated against `q` and the store.
@@ -136,10 +143,23 @@ pub fn plan(
     if pages.is_empty() {
         pages.push(crate::NULL_PAGE);
     }
+    if seq_info.is_empty() {
+        seq_info.extend([0; SEQ_INFO]);
+    }
     if valid.is_empty() {
         valid.push(0);
     }
-    let window = params.window.map_or(Ok(-1), |w| int("window", w))?;
+    // The kernels index slots and mass entries with i32 (a split may end past the context).
+    int("mass length", mass_len)?;
+    int("slots", 2 * max_slots)?;
+    // A window wider than any position is no window; clamp rather than fail.
+    let window = params
+        .window
+        .map_or(-1, |w| w.min(i32::MAX as usize) as i32);
+    let total_chunks = max_slots.div_ceil(part).max(1);
+    let chunks = total_chunks.div_ceil(TARGET_BLOCKS.div_ceil((total_q * kv_heads).max(1)));
+    // Recounted from `chunks` so that no split starts past the longest context.
+    let splits = total_chunks.div_ceil(chunks);
     Ok(LaunchPlan {
         params: LaunchParams {
             total_q: int("total_q", total_q)?,
@@ -148,7 +168,8 @@ pub fn plan(
             head_dim: int("head_dim", head_dim)?,
             block_size: int("block_size", block_size)?,
             part: int("part", part)?,
-            num_splits: int("splits", max_slots.div_ceil(part).max(1))?,
+            num_splits: int("splits", splits)?,
+            chunks: int("chunks", chunks)?,
             window,
             include_diag: params.include_diagonal as i32,
             scale: params.scale,
@@ -237,6 +258,57 @@ mod tests {
             1000usize.div_ceil(wide.params.part as usize)
         );
         assert!(plan(&[seq], 1, 64, 1, 512, 16, &params).is_err());
-        assert!(plan(&[], 0, 8, 8, 64, 16, &params).unwrap().pages.len() == 1);
+        let empty = plan(&[], 0, 8, 8, 64, 16, &params).unwrap();
+        assert_eq!((empty.pages.len(), empty.seq_info.len()), (1, SEQ_INFO));
+    }
+
+    /// Long prefill keeps one split per row (its block walks every chunk), so the partials are
+    /// the output's size; a decode batch splits only as far as the GPU needs blocks.
+    #[test]
+    fn splits_are_capped_by_the_blocks_a_call_needs() {
+        let pages: Vec<u32> = (0..2048).collect();
+        let params = AttentionParams {
+            scale: 1.0,
+            window: Some(usize::MAX),
+            include_diagonal: true,
+        };
+        let seq = |q_start, num_q, num_slots| SeqQuery {
+            kv: SeqKv {
+                pages: &pages,
+                num_slots,
+                valid: None,
+            },
+            q_start,
+            num_q,
+            q_pos: num_slots - num_q,
+        };
+        // 8k-token prefill: 4096 rows x 8 KV heads are blocks enough; one split of 32 chunks.
+        let p = plan(&[seq(0, 4096, 8192)], 4096, 32, 8, 128, 16, &params).unwrap();
+        assert_eq!((p.params.num_splits, p.params.chunks), (1, 32));
+        assert_eq!(p.params.window, i32::MAX);
+        // 32 sequences decoding at 32k: 256 (row, KV head) pairs, 8 splits of 16 chunks.
+        let batch: Vec<SeqQuery<'_>> = (0..32).map(|i| seq(i, 1, 32768)).collect();
+        let p = plan(&batch, 32, 32, 8, 128, 16, &params).unwrap();
+        assert_eq!((p.params.num_splits, p.params.chunks), (8, 16));
+        // Batch-1 decode at 32k: 128 one-chunk splits.
+        let p = plan(&[seq(0, 1, 32768)], 1, 32, 8, 128, 16, &params).unwrap();
+        assert_eq!((p.params.num_splits, p.params.chunks), (128, 1));
+        // Every case covers the context (splits x chunks x part >= slots) and no split starts
+        // past it.
+        for (s, q) in [
+            (8192, 4096),
+            (32768, 1),
+            (1000, 700),
+            (300, 299),
+            (5000, 900),
+        ] {
+            let p = plan(&[seq(0, q, s)], q, 4, 1, 64, 16, &params).unwrap();
+            let split = (p.params.chunks * p.params.part) as usize;
+            let splits = p.params.num_splits as usize;
+            assert!(
+                splits * split >= s && (splits - 1) * split < s,
+                "{s} slots: {p:?}"
+            );
+        }
     }
 }
