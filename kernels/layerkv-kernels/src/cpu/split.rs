@@ -256,7 +256,8 @@ fn part_body<T: Elem, M: Madd>(
             while n < VB && s < part.end {
                 prefetch(k, s + PREFETCH);
                 if seq.kv.is_valid(s, bs) {
-                    keys[n] = k[token(s)..token(s) + row].as_ptr();
+                    let base = token(s);
+                    keys[n] = k[base..base + row].as_ptr();
                     out[n] = score_row(s);
                     n += 1;
                 } else {
@@ -298,7 +299,8 @@ fn part_body<T: Elem, M: Madd>(
             while count < VB && s < part.end {
                 prefetch(v, s + PREFETCH);
                 if seq.kv.is_valid(s, bs) {
-                    block[count] = v[token(s)..token(s) + row].as_ptr();
+                    let base = token(s);
+                    block[count] = v[base..base + row].as_ptr();
                     // SAFETY: `s - part.start < len`: score row `s` lies inside `scores`, and
                     // no other reference to it is alive.
                     let sc = unsafe {

@@ -149,9 +149,10 @@ pub fn plan(
     if valid.is_empty() {
         valid.push(0);
     }
-    // The kernels index slots and mass entries with i32 (a split may end past the context).
+    // The kernels index slots and mass entries with i32; the last split may end up to one
+    // split (< max_slots + part) past the longest context.
     int("mass length", mass_len)?;
-    int("slots", 2 * max_slots)?;
+    int("slots", 2 * max_slots + part)?;
     // A window wider than any position is no window; clamp rather than fail.
     let window = params
         .window
