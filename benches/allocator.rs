@@ -110,7 +110,7 @@ impl Ours {
             block_size: BLOCK,
             num_pages,
             bytes_per_token: 1,
-            prefix_caching: false,
+            ..CacheConfig::default()
         };
         Self {
             cache: KvCache::new(Arc::new(policy), config).unwrap(),
@@ -476,7 +476,7 @@ fn run_locked(t: &Trace) -> (f64, usize) {
             block_size: BLOCK,
             num_pages: NUM_PAGES,
             bytes_per_token: 1,
-            prefix_caching: false,
+            ..CacheConfig::default()
         },
     )
     .unwrap();

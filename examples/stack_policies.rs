@@ -4,28 +4,26 @@
 
 use std::sync::Arc;
 
-use layerkv::{
-    CacheConfig, KvCache, LayerKvPolicy, LayerMap, Phase, Policy, PolicyBuilder, Retention,
-    SlotMapping,
-};
+use layerkv::{CacheConfig, KvCache, LayerMap, Policy, PolicyBuilder, Retention, Step};
 
+/// Streams `tokens` one-token steps through the cache's step protocol (no model: the slots and
+/// moves it plans are what an engine would execute) and returns the bytes held at the end.
 fn stream(policy: Policy, tokens: u32) -> layerkv::Result<usize> {
-    let num_groups = policy.layer_map().num_groups();
     // SmolLM2-135M: 3 KV heads x 64 dims, K and V, bf16.
     let config = CacheConfig {
         block_size: 16,
         num_pages: 16_384,
         bytes_per_token: 2 * 3 * 64 * 2,
-        prefix_caching: false,
+        ..CacheConfig::default()
     };
     let cache = KvCache::new(Arc::new(policy), config)?;
     cache.add_sequence(0)?;
-    let mut slots = SlotMapping::new();
+    let mut step = Step::new();
     for t in 0..tokens {
-        cache.append(0, &[t], &mut slots)?;
-        for g in 0..num_groups {
-            cache.evict(0, g, None, Phase::Decode)?;
-        }
+        cache.reserve(&[(0, &[t])], &mut step)?;
+        // An engine writes K/V at step.slots(0, group) and attends here.
+        cache.retain(&mut step)?;
+        // ... and executes step.moves() on its page tensors here.
     }
     Ok(cache.memory(0)?.total_bytes)
 }
@@ -54,7 +52,7 @@ fn main() -> layerkv::Result<()> {
     ];
     let path = std::env::temp_dir().join("layerkv-cla2-stream.toml");
     policies[3].save(&path)?;
-    println!("saved {}:\n{}", path.display(), policies[3].to_toml());
+    println!("saved {}:\n{}", path.display(), policies[3].to_toml()?);
     let base = stream(policies[0].clone(), 4096)? as f64;
     for p in policies {
         let name = p.name().to_string();

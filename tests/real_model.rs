@@ -10,7 +10,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::llama as reference;
-use layerkv::{LayerMap, Phase, Policy, PolicyBuilder};
+use layerkv::{LayerMap, Policy, PolicyBuilder};
 use layerkv_model::engine::{Engine, EngineConfig, LogitsRows};
 use layerkv_model::{assets, eval, tokenizer, Model, ModelConfig};
 
@@ -75,9 +75,7 @@ fn embedded_default_model_and_text() {
     };
     let theirs = reference::Llama::load(vb, &rcfg).unwrap();
     let mut cache = reference::Cache::new(true, DType::F32, &rcfg, &Device::Cpu).unwrap();
-    let mut a = ours
-        .step(&[(0, prompt)], LogitsRows::Last, Phase::Prefill)
-        .unwrap();
+    let mut a = ours.step(&[(0, prompt)], LogitsRows::Last).unwrap();
     let mut b = theirs
         .forward(
             &Tensor::new(prompt, &Device::Cpu)
@@ -115,9 +113,7 @@ fn embedded_default_model_and_text() {
             .to_scalar::<u32>()
             .unwrap();
         assert_eq!(ta, tb, "step {step}: greedy tokens differ");
-        a = ours
-            .step(&[(0, &[ta])], LogitsRows::Last, Phase::Decode)
-            .unwrap();
+        a = ours.step(&[(0, &[ta])], LogitsRows::Last).unwrap();
         let x = Tensor::new(&[ta], &Device::Cpu)
             .unwrap()
             .unsqueeze(0)
@@ -132,8 +128,10 @@ fn embedded_default_model_and_text() {
         256,
         256,
         64,
+        0,
     )
     .unwrap();
+    println!("identity perplexity on 256 tokens: {}", ppl.ppl);
     assert!(
         ppl.ppl > 1.0 && ppl.ppl < 80.0,
         "identity perplexity {}",
@@ -147,8 +145,7 @@ fn embedded_default_model_and_text() {
     let mut e = engine(&model, cla);
     e.add_sequence(1).unwrap();
     let before = model.kv_projections();
-    e.step(&[(1, &tokens[..32])], LogitsRows::Last, Phase::Prefill)
-        .unwrap();
+    e.step(&[(1, &tokens[..32])], LogitsRows::Last).unwrap();
     assert_eq!(model.kv_projections() - before, 15);
     let mem = e.cache().memory(1).unwrap();
     assert!(mem

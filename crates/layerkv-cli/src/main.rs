@@ -119,6 +119,14 @@ struct MeasureOpts {
     /// Sequence length of the throughput column.
     #[arg(long, default_value_t = 1024)]
     budget_len: usize,
+    /// Every perplexity window first prefills this many tokens as its prompt (unscored), e.g.
+    /// `context - stride` for SnapKV's prompt-then-continue shape; 0 = Hugging Face's sliding
+    /// evaluation.
+    #[arg(long, default_value_t = 0)]
+    min_prompt: usize,
+    /// Window of the policy's sliding-window layers (`s`-suffixed layer_types, `yoco`).
+    #[arg(long)]
+    window: Option<usize>,
     /// Write the table as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -260,6 +268,8 @@ fn run_table(
         chunk: opts.chunk,
         budget_seqs: opts.budget_seqs,
         budget_len: opts.budget_len,
+        min_prompt: opts.min_prompt,
+        sliding_window: opts.window,
     };
     let rows = measure_all(model, &tokens, policies, &cfg)?;
     println!("\n{}", report::table(&rows));

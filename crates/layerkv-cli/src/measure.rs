@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
-use layerkv::{plan, LayerKvPolicy, Phase, Policy, SeqId};
+use layerkv::{plan, LayerKvPolicy, Policy, SeqId};
 use layerkv_model::engine::{Engine, EngineConfig, LogitsRows};
 use layerkv_model::eval::{greedy_agreement, perplexity};
 use layerkv_model::generate::{argmax, generate, Sampling};
@@ -33,21 +33,43 @@ pub struct MeasureConfig {
     pub budget_seqs: usize,
     /// Sequence length for the throughput column.
     pub budget_len: usize,
+    /// Every perplexity window prefills at least this many tokens as its prompt before scoring
+    /// (0: Hugging Face's sliding evaluation).
+    pub min_prompt: usize,
+    /// Window of the policy's sliding-window layers.
+    pub sliding_window: Option<usize>,
 }
 
 const BLOCK_SIZE: usize = 16;
 const DECODE_STEPS: usize = 16;
 
-fn engine(model: &Arc<Model>, policy: Arc<Policy>, num_pages: usize) -> Result<Engine> {
+fn engine(
+    model: &Arc<Model>,
+    policy: Arc<Policy>,
+    num_pages: usize,
+    cfg: &MeasureConfig,
+) -> Result<Engine> {
     Ok(Engine::new(
         model.clone(),
         policy,
         EngineConfig {
             block_size: BLOCK_SIZE,
             num_pages,
+            sliding_window: cfg.sliding_window,
+            prefill_chunk: cfg.chunk.max(1),
             ..EngineConfig::default()
         },
     )?)
+}
+
+/// The planner of the engines this module builds (steps of `chunk` tokens).
+pub fn planner(model: &Model, cfg: &MeasureConfig) -> plan::Planner {
+    plan::Planner {
+        block_size: BLOCK_SIZE,
+        sliding_window: cfg.sliding_window,
+        model_window: model.config().sliding_window,
+        step_tokens: cfg.chunk.max(1),
+    }
 }
 
 /// Measures every policy (the first must be identity) and returns one row each.
@@ -60,7 +82,7 @@ pub fn measure_all(
     let n_layers = model.num_layers();
     let eval_pages = n_layers * (cfg.context.max(cfg.budget_len) / BLOCK_SIZE + 2) * 2;
     let identity = Arc::new(policies[0].clone());
-    let mut reference = engine(&model, identity.clone(), eval_pages)?;
+    let mut reference = engine(&model, identity.clone(), eval_pages, cfg)?;
     let budget_pages =
         cfg.budget_seqs * plan::pages_per_sequence(identity.as_ref(), BLOCK_SIZE, cfg.budget_len);
     let agree_len = (cfg.context / 2).min(tokens.len());
@@ -76,9 +98,16 @@ pub fn measure_all(
         let name = policy.name().to_string();
         let groups = policy.layer_map().num_groups();
         let policy = Arc::new(policy);
-        let mut e = engine(&model, policy.clone(), eval_pages)?;
+        let mut e = engine(&model, policy.clone(), eval_pages, cfg)?;
         bar.set_message(format!("{name}: perplexity"));
-        let ppl = perplexity(&mut e, tokens, cfg.context, cfg.stride, cfg.chunk)?;
+        let ppl = perplexity(
+            &mut e,
+            tokens,
+            cfg.context,
+            cfg.stride,
+            cfg.chunk,
+            cfg.min_prompt,
+        )?;
         bar.inc(1);
         bar.set_message(format!("{name}: greedy agreement"));
         let agreement = greedy_agreement(
@@ -93,7 +122,9 @@ pub fn measure_all(
         let g = generate(&mut e, 1, prompt, 32, Sampling::greedy(), &[])?;
         bar.inc(1);
         bar.set_message(format!("{name}: throughput at a fixed KV budget"));
-        let batch = batch_at_budget(policy.as_ref(), budget_pages, cfg);
+        let batch = planner(&model, cfg)
+            .max_sequences(policy.as_ref(), cfg.budget_len, budget_pages)
+            .min(64);
         let tput = throughput(&model, policy, budget_pages, batch, tokens, cfg)?;
         bar.inc(1);
         let line = format!(
@@ -123,29 +154,10 @@ pub fn measure_all(
     Ok(rows)
 }
 
-/// Sequences of `budget_len` tokens that fit in `budget_pages` under `policy`, keeping room
-/// for one sequence's prefill chunk above its retained tokens when the policy evicts (eviction
-/// runs between steps, so a chunk briefly sits on top of the window).
-fn batch_at_budget(policy: &Policy, budget_pages: usize, cfg: &MeasureConfig) -> usize {
-    let groups = policy.layer_map().num_groups();
-    let evicts = (0..groups).any(|g| !policy.retention(g).is_full());
-    let headroom = if evicts {
-        groups * (cfg.chunk.div_ceil(BLOCK_SIZE) + 1)
-    } else {
-        0
-    };
-    plan::max_sequences(
-        policy,
-        BLOCK_SIZE,
-        cfg.budget_len,
-        budget_pages.saturating_sub(headroom),
-    )
-    .min(64)
-}
-
 /// Decode tokens/s of `batch` sequences of `cfg.budget_len` tokens sharing a pool of
 /// `num_pages` pages: each prefills `budget_len - DECODE_STEPS` tokens of the text in chunks of
-/// `cfg.chunk` (retention between chunks, as in serving), then all decode together.
+/// `cfg.chunk` (retention between chunks, as in serving), then all decode together. The batch
+/// comes from the same planner the cache's bounds follow, so it never runs out of pages.
 fn throughput(
     model: &Arc<Model>,
     policy: Arc<Policy>,
@@ -158,7 +170,7 @@ fn throughput(
     if batch == 0 {
         return Ok(0.0);
     }
-    let mut e = engine(model, policy, num_pages)?;
+    let mut e = engine(model, policy, num_pages, cfg)?;
     let prompt_len = len.saturating_sub(DECODE_STEPS).max(1);
     let mut next = Vec::with_capacity(batch);
     for b in 0..batch {
@@ -166,11 +178,9 @@ fn throughput(
         e.add_sequence(seq)?;
         let off = (b * 37) % tokens.len().saturating_sub(prompt_len).max(1);
         let p = &tokens[off..(off + prompt_len).min(tokens.len())];
-        let mut last = None;
-        for chunk in p.chunks(cfg.chunk.max(1)) {
-            last = Some(e.step(&[(seq, chunk)], LogitsRows::Last, Phase::Prefill)?);
-        }
-        let logits = last.expect("prompt_len >= 1");
+        // The engine prefills in chunks of `cfg.chunk` (retention in between) under an
+        // evicting policy.
+        let logits = e.step(&[(seq, p)], LogitsRows::Last)?;
         next.push(argmax(&logits.squeeze(0)?.to_vec1::<f32>()?));
     }
     let t0 = Instant::now();
@@ -181,7 +191,7 @@ fn throughput(
             .enumerate()
             .map(|(b, t)| (b as SeqId, &t[..]))
             .collect();
-        let logits = e.step(&batch_in, LogitsRows::Last, Phase::Decode)?;
+        let logits = e.step(&batch_in, LogitsRows::Last)?;
         for (b, row) in logits.to_vec2::<f32>()?.iter().enumerate() {
             next[b] = argmax(row);
         }

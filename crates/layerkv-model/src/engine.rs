@@ -1,29 +1,33 @@
-//! [`Engine`]: runs a [`Model`] with a [`LayerKvPolicy`]: the model asks the policy which KV
-//! group each layer reads, the [`KvCache`] hands out slots, the kernels read the pages.
+//! [`Engine`]: runs a [`Model`] with a [`LayerKvPolicy`] by driving `layerkv`'s step protocol
+//! ([`layerkv::Step`]): the cache reserves slots and plans copies, sink re-rotations and score
+//! rows; the engine projects, rotates, writes and attends; the cache retains and plans
+//! compaction moves, which the engine executes on its [`KvStore`]. Everything a policy needs
+//! lives in the library; this runner is one client of it (the `custom_engine` example is
+//! another).
 //!
 //! One step takes a batch of sequences, each with one or more new tokens (decode, prefill and
-//! chunked prefill mix freely). Per layer: owners project K/V, rotate K at the tokens' positions
-//! and write both into their group's slots; every layer rotates its queries and runs paged
-//! attention over the group it reads. After the step each group's retention runs and emptied
-//! pages go back to the pool.
+//! chunked prefill mix freely). Per layer: owners project K/V, rotate K at the tokens' text
+//! positions and write both into their group's slots; every layer rotates its queries and runs
+//! paged attention over the group it reads, adding its attention mass into the step's buffers
+//! where the group's retention needs scores. After the step each group's retention runs.
 //!
 //! Semantics (DESIGN.md):
 //! - downward sharing runs in one pass per step;
 //! - upward sharing (a layer reads a higher layer's group) never sees its own token's KV
 //!   (diagonal masked); decode is one pass, prefill runs token by token or LCKV's iterative
-//!   parallel prefill ([`PrefillMode`]);
+//!   parallel prefill ([`PrefillMode`]), and only the final pass's attention mass counts;
 //! - StreamingLLM positions: K is stored rotated at text positions, so the window keeps its
-//!   relative distances; the sinks are re-rotated to sit right before the window (position
-//!   `i + evicted`), which is exactly RoPE at positions inside the cache, for O(sinks) work per
-//!   step instead of re-rotating the whole cache.
+//!   relative distances; the sinks are re-rotated (from a copy of their pre-RoPE keys) to sit
+//!   right before the first kept token after them, which equals RoPE at positions inside the
+//!   cache, for O(sinks) work per step;
+//! - under a policy that evicts, prompts longer than [`EngineConfig::prefill_chunk`] are split
+//!   into chunks with retention in between, so memory stays within the policy's bound.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
-use layerkv::{
-    CacheConfig, GroupId, KvCache, LayerKvPolicy, Phase, Retention, ScoreNeed, SeqId, SlotMapping,
-};
+use layerkv::{CacheConfig, GroupId, KvCache, LayerKvPolicy, SeqId, Step};
 use layerkv_kernels::{paged_attention, AttentionParams, KvStore, SeqKv, SeqQuery};
 
 use crate::error::{ModelError, Result};
@@ -46,13 +50,22 @@ pub enum PrefillMode {
     },
 }
 
-/// Which rows of logits a step returns.
+/// Which rows a step returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogitsRows {
-    /// The last new token of each sequence: `[batch, vocab]`.
+    /// The last new token of each sequence: `[batch, ...]`.
     Last,
-    /// Every new token, sequences in batch order: `[total_tokens, vocab]`.
+    /// Every new token, sequences in batch order: `[total_tokens, ...]`.
     All,
+}
+
+/// What a step returns for its rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Output {
+    /// f32 logits `[rows, vocab]`.
+    Logits,
+    /// Final hidden states after the final norm `[rows, hidden]` (calibration).
+    Hidden,
 }
 
 /// Engine sizes and modes.
@@ -64,10 +77,14 @@ pub struct EngineConfig {
     pub num_pages: usize,
     /// KV storage dtype (f32, f16 or bf16).
     pub kv_dtype: DType,
-    /// Window of sliding-window layers; defaults to the model config's `sliding_window`.
+    /// Window of the layers the policy's map marks sliding (YOCO's `s` layers); required when
+    /// the map has any. The model's own `sliding_window` (mistral) applies to the others.
     pub sliding_window: Option<usize>,
     /// Prefill of policies with upward sharing.
     pub prefill: PrefillMode,
+    /// Under a policy that evicts, the most tokens of one sequence a step appends before
+    /// retention runs (longer prompts are split).
+    pub prefill_chunk: usize,
 }
 
 impl Default for EngineConfig {
@@ -81,35 +98,14 @@ impl Default for EngineConfig {
                 max_passes: 64,
                 tolerance: 1e-4,
             },
+            prefill_chunk: 256,
         }
     }
 }
 
-/// Per-sequence state the engine keeps beside the cache.
-#[derive(Debug, Default)]
-struct SeqState {
-    /// Accumulated attention mass per group and logical slot (H2O).
-    scores: Vec<Vec<f32>>,
-    /// Observation-window mass per group, from the last prefill (SnapKV).
-    observed: Vec<Vec<f32>>,
-    /// Pre-RoPE K and V of each StreamingLLM group's sink tokens, and their current shift.
-    sinks: Vec<Option<Sinks>>,
-}
-
-#[derive(Debug)]
-struct Sinks {
-    k: Vec<Tensor>,
-    v: Vec<Tensor>,
-    shift: usize,
-}
-
 /// Row layout of one pass over a batch.
 struct Layout {
-    seqs: Vec<SeqId>,
     row_start: Vec<usize>,
-    num_rows: Vec<usize>,
-    /// Logical slot of each sequence's first new token (same in every group).
-    q_pos: Vec<usize>,
     tokens: Vec<u32>,
     /// Physical slots of all rows, per group.
     slots: Vec<Vec<u32>>,
@@ -125,9 +121,11 @@ pub struct Engine {
     cache: KvCache,
     store: KvStore,
     config: EngineConfig,
-    window: Option<usize>,
-    state: HashMap<SeqId, SeqState>,
-    mappings: Vec<SlotMapping>,
+    step: Step,
+    /// Pre-RoPE keys of each sequence's StreamingLLM sinks, per group (deep copies).
+    sinks: HashMap<(SeqId, GroupId), Tensor>,
+    /// Sink keys captured during the current step, committed when it retains.
+    staged: HashMap<(SeqId, GroupId), Vec<Tensor>>,
 }
 
 impl Engine {
@@ -140,13 +138,16 @@ impl Engine {
         let map = policy.layer_map();
         map.require_layers(model.num_layers())?;
         let cfg = model.config();
-        let window = config.sliding_window.or(cfg.sliding_window);
         if let Some(layer) = (0..map.num_layers()).find(|&l| map.is_sliding(l)) {
-            if window.is_none() {
+            if config.sliding_window.is_none() {
                 return Err(ModelError::Config(format!(
-                    "layer {layer} is a sliding-window layer but neither the model nor the engine config sets a window"
+                    "layer {layer} is a sliding-window layer of the policy but no window is set \
+                     (give one, e.g. `--window 256`)"
                 )));
             }
+        }
+        if config.prefill_chunk == 0 {
+            return Err(ModelError::Config("prefill_chunk must be positive".into()));
         }
         let kv_heads = cfg.num_key_value_heads;
         let head_dim = cfg.head_dim();
@@ -158,6 +159,8 @@ impl Engine {
                 num_pages: config.num_pages,
                 bytes_per_token,
                 prefix_caching: false,
+                sliding_window: config.sliding_window,
+                model_window: cfg.sliding_window,
             },
         )?;
         let store = KvStore::new(
@@ -174,9 +177,9 @@ impl Engine {
             cache,
             store,
             config,
-            window,
-            state: HashMap::new(),
-            mappings: Vec::new(),
+            step: Step::new(),
+            sinks: HashMap::new(),
+            staged: HashMap::new(),
         })
     }
 
@@ -195,154 +198,259 @@ impl Engine {
         &self.cache
     }
 
+    /// The page tensors.
+    pub fn store(&self) -> &KvStore {
+        &self.store
+    }
+
     /// The configuration.
     pub fn config(&self) -> &EngineConfig {
         &self.config
     }
 
-    /// Registers a new, empty sequence.
+    /// Registers a new, empty sequence (its first step is its prompt unless
+    /// [`Engine::set_prompt_len`] says otherwise).
     pub fn add_sequence(&mut self, seq: SeqId) -> Result<()> {
-        self.cache.add_sequence(seq)?;
-        let g = self.policy.layer_map().num_groups();
-        self.state.insert(
-            seq,
-            SeqState {
-                scores: vec![Vec::new(); g],
-                observed: vec![Vec::new(); g],
-                sinks: (0..g).map(|_| None).collect(),
-            },
-        );
+        Ok(self.cache.add_sequence(seq)?)
+    }
+
+    /// Declares the prompt length of `seq` when the prompt arrives in several steps.
+    pub fn set_prompt_len(&mut self, seq: SeqId, prompt_len: usize) -> Result<()> {
+        Ok(self.cache.set_prompt_len(seq, prompt_len)?)
+    }
+
+    /// A child sequence sharing every page of `parent` (parallel sampling).
+    pub fn fork(&mut self, parent: SeqId, child: SeqId) -> Result<()> {
+        self.cache.fork(parent, child)?;
+        let copies: Vec<_> = self
+            .sinks
+            .iter()
+            .filter(|((s, _), _)| *s == parent)
+            .map(|(&(_, g), k)| ((child, g), k.clone()))
+            .collect();
+        self.sinks.extend(copies);
         Ok(())
     }
 
     /// Frees a sequence and all its pages.
     pub fn free(&mut self, seq: SeqId) -> Result<()> {
         self.cache.free(seq)?;
-        self.state.remove(&seq);
+        self.sinks.retain(|(s, _), _| *s != seq);
         Ok(())
     }
 
-    /// Runs one step: appends `tokens` to each sequence, runs the model, applies retention
-    /// (`phase` tells score-based retentions whether this was the prompt). Returns f32 logits.
-    pub fn step(
-        &mut self,
-        batch: &[(SeqId, &[u32])],
-        rows: LogitsRows,
-        phase: Phase,
-    ) -> Result<Tensor> {
+    /// Runs one step: appends `tokens` to each sequence, runs the model, applies retention.
+    /// Returns f32 logits of the requested rows.
+    pub fn step(&mut self, batch: &[(SeqId, &[u32])], rows: LogitsRows) -> Result<Tensor> {
+        self.run(batch, rows, Output::Logits)
+    }
+
+    /// [`Engine::step`] returning the final hidden states (after the final norm) of every new
+    /// token, `[total_tokens, hidden]`, instead of logits.
+    pub fn step_hidden(&mut self, batch: &[(SeqId, &[u32])]) -> Result<Tensor> {
+        self.run(batch, LogitsRows::All, Output::Hidden)
+    }
+
+    fn run(&mut self, batch: &[(SeqId, &[u32])], rows: LogitsRows, out: Output) -> Result<Tensor> {
         if batch.is_empty() || batch.iter().any(|(_, t)| t.is_empty()) {
             return Err(ModelError::Config(
                 "a step needs at least one token per sequence".into(),
             ));
         }
-        let upward = self.policy.layer_map().needs_upward();
-        let multi = batch.iter().any(|(_, t)| t.len() > 1);
-        let logits = if upward && multi {
-            match self.config.prefill {
-                PrefillMode::TokenByToken => self.token_by_token(batch, rows)?,
-                PrefillMode::Iterative {
-                    max_passes,
-                    tolerance,
-                } => {
-                    let layout = self.append(batch)?;
-                    self.zero_upward_targets(&layout)?;
-                    let mut prev: Option<Vec<Tensor>> = None;
-                    let mut x = None;
-                    for _ in 0..max_passes.max(1) {
-                        let mut keys = Vec::new();
-                        let out = self.run_layers(&layout, phase, Some(&mut keys))?;
-                        x = Some(out);
-                        let done = match &prev {
-                            Some(p) => max_abs_diff(p, &keys)? <= tolerance,
-                            None => keys.is_empty(),
-                        };
-                        prev = Some(keys);
-                        if done {
-                            break;
-                        }
-                    }
-                    let x = x.expect("at least one pass ran");
-                    self.finish(&layout, &x, rows, phase)?
-                }
-            }
+        let map = self.policy.layer_map();
+        let upward = map.needs_upward();
+        let longest = batch.iter().map(|(_, t)| t.len()).max().unwrap_or(0);
+        let evicts = (0..map.num_groups())
+            .any(|g| !self.policy.retention(g).is_full() || self.cache.group_window(g).is_some());
+        let chunk = if upward && self.config.prefill == PrefillMode::TokenByToken {
+            1
+        } else if evicts {
+            self.config.prefill_chunk
         } else {
-            let layout = self.append(batch)?;
-            let x = self.run_layers(&layout, phase, None)?;
-            self.finish(&layout, &x, rows, phase)?
+            usize::MAX
         };
-        Ok(logits)
+        if longest > chunk {
+            return self.chunked(batch, rows, out, chunk);
+        }
+        self.one_step(batch, rows, out, upward && longest > 1)
     }
 
-    /// Prefill of upward-sharing policies one token per pass (exact).
-    fn token_by_token(&mut self, batch: &[(SeqId, &[u32])], rows: LogitsRows) -> Result<Tensor> {
-        let longest = batch.iter().map(|(_, t)| t.len()).max().unwrap_or(0);
-        let mut per_seq: Vec<Vec<Tensor>> = vec![Vec::new(); batch.len()];
-        for j in 0..longest {
-            let idx: Vec<usize> = (0..batch.len()).filter(|&i| j < batch[i].1.len()).collect();
-            let sub: Vec<(SeqId, &[u32])> = idx
-                .iter()
-                .map(|&i| (batch[i].0, &batch[i].1[j..j + 1]))
-                .collect();
-            let phase = if j + 1 == longest {
-                Phase::Prefill
-            } else {
-                Phase::Decode
-            };
-            let layout = self.append(&sub)?;
-            let x = self.run_layers(&layout, phase, None)?;
-            let logits = self.finish(&layout, &x, LogitsRows::All, phase)?;
-            for (r, &i) in idx.iter().enumerate() {
-                per_seq[i].push(logits.narrow(0, r, 1)?);
+    /// Splits the batch's tokens into steps of at most `chunk` tokens per sequence (retention
+    /// between them); a sequence's first step then declares its whole prompt.
+    fn chunked(
+        &mut self,
+        batch: &[(SeqId, &[u32])],
+        rows: LogitsRows,
+        out: Output,
+        chunk: usize,
+    ) -> Result<Tensor> {
+        for &(seq, tokens) in batch {
+            if self.cache.num_tokens(seq)? == 0 {
+                self.cache.set_prompt_len(seq, tokens.len())?;
             }
         }
-        let picked: Vec<Tensor> = match rows {
-            LogitsRows::All => per_seq.into_iter().flatten().collect(),
-            LogitsRows::Last => per_seq.into_iter().filter_map(|mut v| v.pop()).collect(),
-        };
+        let longest = batch.iter().map(|(_, t)| t.len()).max().unwrap_or(0);
+        let mut per_seq: Vec<Vec<Tensor>> = vec![Vec::new(); batch.len()];
+        let upward = self.policy.layer_map().needs_upward();
+        let mut start = 0;
+        while start < longest {
+            let idx: Vec<usize> = (0..batch.len())
+                .filter(|&i| start < batch[i].1.len())
+                .collect();
+            let sub: Vec<(SeqId, &[u32])> = idx
+                .iter()
+                .map(|&i| {
+                    let t = batch[i].1;
+                    (batch[i].0, &t[start..(start + chunk).min(t.len())])
+                })
+                .collect();
+            let multi = sub.iter().any(|(_, t)| t.len() > 1);
+            let x = self.one_step(&sub, LogitsRows::All, out, upward && multi)?;
+            let mut row = 0;
+            for (&i, (_, t)) in idx.iter().zip(&sub) {
+                let keep = match rows {
+                    LogitsRows::All => x.narrow(0, row, t.len())?,
+                    LogitsRows::Last => x.narrow(0, row + t.len() - 1, 1)?,
+                };
+                if rows == LogitsRows::Last {
+                    per_seq[i].clear();
+                }
+                per_seq[i].push(keep);
+                row += t.len();
+            }
+            start += chunk;
+        }
+        let picked: Vec<Tensor> = per_seq.into_iter().flatten().collect();
         Ok(Tensor::cat(&picked, 0)?)
     }
 
-    /// Reserves slots for the batch and lays out its rows.
-    fn append(&mut self, batch: &[(SeqId, &[u32])]) -> Result<Layout> {
-        if self.mappings.len() < batch.len() {
-            self.mappings.resize_with(batch.len(), SlotMapping::new);
+    /// One protocol step: reserve, run the layers (iteratively for upward prefill), retain;
+    /// roll back if anything fails in between.
+    fn one_step(
+        &mut self,
+        batch: &[(SeqId, &[u32])],
+        rows: LogitsRows,
+        out: Output,
+        iterative: bool,
+    ) -> Result<Tensor> {
+        self.staged.clear();
+        let mut step = std::mem::take(&mut self.step);
+        let result = self
+            .cache
+            .reserve(batch, &mut step)
+            .map_err(ModelError::from);
+        let result = result.and_then(|()| {
+            let r = self.forward(&mut step, batch, iterative, rows, out);
+            match r {
+                Ok(x) => match self.cache.retain(&mut step) {
+                    Ok(_) => Ok(x),
+                    Err(e) => {
+                        self.cache.rollback(&mut step)?;
+                        Err(e.into())
+                    }
+                },
+                Err(e) => {
+                    self.cache.rollback(&mut step)?;
+                    Err(e)
+                }
+            }
+        });
+        let result = result.and_then(|x| {
+            // Compaction moves, then the sink keys this step captured.
+            let moves = step.moves();
+            if !moves.is_empty() {
+                let src: Vec<u32> = moves.iter().map(|m| m.src).collect();
+                let dst: Vec<u32> = moves.iter().map(|m| m.dst).collect();
+                self.store.move_slots(&src, &dst)?;
+            }
+            for (key, parts) in self.staged.drain() {
+                let mut all: Vec<Tensor> = self.sinks.remove(&key).into_iter().collect();
+                all.extend(parts);
+                self.sinks.insert(key, Tensor::cat(&all, 0)?);
+            }
+            Ok(x)
+        });
+        self.step = step;
+        result
+    }
+
+    /// Copies, re-rotations and the layer passes of a reserved step; returns the requested
+    /// rows (logits or hidden states).
+    fn forward(
+        &mut self,
+        step: &mut Step,
+        batch: &[(SeqId, &[u32])],
+        iterative: bool,
+        rows: LogitsRows,
+        out: Output,
+    ) -> Result<Tensor> {
+        for c in step.copies().collect::<Vec<_>>() {
+            self.store.copy_page(c.src, c.dst)?;
         }
-        self.cache
-            .append_batch(batch, &mut self.mappings[..batch.len()])?;
+        self.rerotate_sinks(step)?;
+        let layout = self.layout(step, batch)?;
+        let x = if iterative {
+            self.zero_upward_targets(&layout)?;
+            let (max_passes, tolerance) = match self.config.prefill {
+                PrefillMode::Iterative {
+                    max_passes,
+                    tolerance,
+                } => (max_passes, tolerance),
+                PrefillMode::TokenByToken => (1, 0.0),
+            };
+            let mut prev: Option<Vec<Tensor>> = None;
+            let mut x = None;
+            for _ in 0..max_passes.max(1) {
+                // Only the final pass's attention mass counts.
+                step.clear_mass();
+                self.staged.clear();
+                let mut keys = Vec::new();
+                x = Some(self.run_layers(step, &layout, Some(&mut keys))?);
+                let done = match &prev {
+                    Some(p) => max_abs_diff(p, &keys)? <= tolerance,
+                    None => keys.is_empty(),
+                };
+                prev = Some(keys);
+                if done {
+                    break;
+                }
+            }
+            x.expect("at least one pass ran")
+        } else {
+            self.run_layers(step, &layout, None)?
+        };
+        let x = match rows {
+            LogitsRows::All => x,
+            LogitsRows::Last => {
+                let idx: Vec<u32> = (0..step.len())
+                    .map(|i| (layout.row_start[i] + step.num_new(i) - 1) as u32)
+                    .collect();
+                x.index_select(&Tensor::new(idx.as_slice(), x.device())?, 0)?
+            }
+        };
+        match out {
+            Output::Logits => self.model.logits(&x),
+            Output::Hidden => self.model.final_hidden(&x),
+        }
+    }
+
+    /// Row layout and RoPE tables (text positions) of a reserved step.
+    fn layout(&self, step: &Step, batch: &[(SeqId, &[u32])]) -> Result<Layout> {
         let num_groups = self.policy.layer_map().num_groups();
         let mut layout = Layout {
-            seqs: Vec::with_capacity(batch.len()),
-            row_start: Vec::with_capacity(batch.len()),
-            num_rows: Vec::with_capacity(batch.len()),
-            q_pos: Vec::with_capacity(batch.len()),
+            row_start: Vec::with_capacity(step.len()),
             tokens: Vec::new(),
             slots: vec![Vec::new(); num_groups],
             cos: Tensor::zeros(1, DType::F32, self.model.device())?,
             sin: Tensor::zeros(1, DType::F32, self.model.device())?,
         };
         let mut positions = Vec::new();
-        for (i, &(seq, tokens)) in batch.iter().enumerate() {
-            let m = &self.mappings[i];
-            for c in m.copies() {
-                self.store.copy_page(c.src, c.dst)?;
-            }
-            layout.seqs.push(seq);
-            layout.row_start.push(layout.tokens.len());
-            layout.num_rows.push(tokens.len());
-            layout.q_pos.push(m.first_slot(0));
+        for (i, (_, tokens)) in batch.iter().enumerate() {
             layout.tokens.extend_from_slice(tokens);
-            positions.extend((0..tokens.len()).map(|j| m.first_slot(0) + j));
+            layout.row_start.push(positions.len());
+            positions.extend((0..step.num_new(i)).map(|j| step.position(i) + j));
             for (g, slots) in layout.slots.iter_mut().enumerate() {
-                slots.extend_from_slice(m.slots(g));
-            }
-            let st = self
-                .state
-                .get_mut(&seq)
-                .ok_or(layerkv::Error::UnknownSequence(seq))?;
-            for g in 0..num_groups {
-                if self.policy.score_need(g) == ScoreNeed::Accumulated {
-                    st.scores[g].resize(m.first_slot(g) + tokens.len(), 0.0);
-                }
+                slots.extend_from_slice(step.slots(i, g));
             }
         }
         let (cos, sin) =
@@ -351,47 +459,29 @@ impl Engine {
                 .tables(&positions, self.model.dtype(), self.model.device())?;
         layout.cos = cos;
         layout.sin = sin;
-        self.rerotate_sinks(batch)?;
         Ok(layout)
     }
 
-    /// Re-rotates StreamingLLM sinks to positions `i + evicted` when evictions moved the window.
-    fn rerotate_sinks(&mut self, batch: &[(SeqId, &[u32])]) -> Result<()> {
-        let reader = self.cache.read();
-        for (i, &(seq, _)) in batch.iter().enumerate() {
-            let m = &self.mappings[i];
-            let st = self
-                .state
-                .get_mut(&seq)
-                .ok_or(layerkv::Error::UnknownSequence(seq))?;
-            for (g, sinks) in st.sinks.iter_mut().enumerate() {
-                let Some(s) = sinks else { continue };
-                let shift = m.first_slot(g) - m.first_position(g);
-                if shift == s.shift || s.k.is_empty() {
-                    continue;
-                }
-                let table = reader.table(seq, g)?;
-                let n = s.k.len();
-                let mut slots = Vec::with_capacity(n);
-                for j in 0..n {
-                    let slot = table
-                        .physical_slot(j, self.config.block_size)
-                        .ok_or_else(|| {
-                            ModelError::Config(format!("sink {j} of group {g} was evicted"))
-                        })?;
-                    slots.push(slot);
-                }
-                let positions: Vec<usize> = (0..n).map(|j| j + shift).collect();
-                let (cos, sin) = self.model.rope().tables(
-                    &positions,
-                    self.model.dtype(),
-                    self.model.device(),
-                )?;
-                let k = Rope::apply(&Tensor::cat(&s.k, 0)?, &cos, &sin)?;
-                let v = Tensor::cat(&s.v, 0)?;
-                self.store.write(&slots, &k, &v)?;
-                s.shift = shift;
-            }
+    /// Writes each planned sink re-rotation: the sinks' pre-RoPE keys rotated at their new
+    /// positions inside the cache.
+    fn rerotate_sinks(&mut self, step: &Step) -> Result<()> {
+        for r in step.rerotations() {
+            let seq = step.seq(r.index);
+            let slots = step.rerotation_slots(r);
+            let keys = self.sinks.get(&(seq, r.group)).ok_or_else(|| {
+                ModelError::Config(format!(
+                    "sequence {seq} group {}: sink keys were never captured",
+                    r.group
+                ))
+            })?;
+            let n = slots.len().min(keys.dim(0)?);
+            let positions: Vec<usize> = (0..n).map(|j| r.first_position + j).collect();
+            let (cos, sin) =
+                self.model
+                    .rope()
+                    .tables(&positions, self.model.dtype(), self.model.device())?;
+            let k = Rope::apply(&keys.narrow(0, 0, n)?, &cos, &sin)?;
+            self.store.write_keys(&slots[..n], &k)?;
         }
         Ok(())
     }
@@ -415,27 +505,25 @@ impl Engine {
         Ok(())
     }
 
-    /// Runs every layer over the layout's rows; returns the final hidden states. When
+    /// Runs every layer over the step's rows; returns the last layer's output. When
     /// `target_keys` is given, the rotated keys of upward-target groups are pushed to it.
     fn run_layers(
         &mut self,
+        step: &mut Step,
         layout: &Layout,
-        phase: Phase,
         mut target_keys: Option<&mut Vec<Tensor>>,
     ) -> Result<Tensor> {
         let model = self.model.clone();
         let policy = self.policy.clone();
         let map = policy.layer_map();
         let mut x = model.embed(&layout.tokens)?;
-        let mut step_mass: Vec<Option<Vec<f32>>> = vec![None; map.num_groups()];
-        let mut obs_mass: Vec<Option<Vec<f32>>> = vec![None; map.num_groups()];
         for layer in 0..map.num_layers() {
             let g = map.group_of(layer);
             let (normed, q) = model.attn_input(layer, &x)?;
             let q = Rope::apply(&q, &layout.cos, &layout.sin)?;
             if map.owns_kv(layer) {
                 let (k, v) = model.kv(layer, &normed)?;
-                self.capture_sinks(layout, g, &k, &v)?;
+                self.capture_sinks(step, layout, g, &k)?;
                 let k = Rope::apply(&k, &layout.cos, &layout.sin)?;
                 self.store.write(&layout.slots[g], &k, &v)?;
                 if let Some(keys) = target_keys.as_deref_mut() {
@@ -446,20 +534,13 @@ impl Engine {
             }
             let params = AttentionParams {
                 scale: 1.0 / (model.config().head_dim() as f32).sqrt(),
-                // Sliding layers of the map, or every layer of a sliding-window model (mistral).
-                window: if map.is_sliding(layer) {
-                    self.window
-                } else {
-                    model.config().sliding_window
-                },
+                window: self.cache.layer_window(layer),
                 include_diagonal: !map.is_upward(layer),
             };
             let reader = self.cache.read();
-            let mut seqs = Vec::with_capacity(layout.seqs.len());
-            let mut total_slots = 0;
-            for (i, &seq) in layout.seqs.iter().enumerate() {
-                let view = reader.view(seq, g)?;
-                total_slots += view.num_slots;
+            let mut seqs = Vec::with_capacity(step.len());
+            for i in 0..step.len() {
+                let view = reader.view(step.seq(i), g)?;
                 seqs.push(SeqQuery {
                     kv: SeqKv {
                         pages: view.pages,
@@ -467,148 +548,62 @@ impl Engine {
                         valid: view.valid,
                     },
                     q_start: layout.row_start[i],
-                    num_q: layout.num_rows[i],
-                    q_pos: layout.q_pos[i],
+                    num_q: step.num_new(i),
+                    q_pos: step.q_pos(i, g),
                 });
             }
-            let need = policy.score_need(g);
-            let mass = if need == ScoreNeed::Accumulated {
-                let buf = step_mass[g].get_or_insert_with(|| vec![0.0; total_slots]);
-                Some(&mut buf[..])
-            } else {
-                None
-            };
-            let out = paged_attention(&q, &self.store, &seqs, &params, mass)?;
-            if let (ScoreNeed::ObservationWindow(w), Phase::Prefill) = (need, phase) {
-                // SnapKV: the mass of the last `w` prompt queries only, from a second, small call.
+            let out = paged_attention(&q, &self.store, &seqs, &params, step.mass_mut(g))?;
+            if step.observed_mass_mut(g).is_some() {
+                // SnapKV: the mass of the prompt's observation rows only, from a second call.
                 let mut rows = Vec::new();
                 let mut obs = Vec::with_capacity(seqs.len());
-                for s in &seqs {
-                    let n = s.num_q.min(w);
+                for (i, s) in seqs.iter().enumerate() {
+                    let r = step.observe_rows(i, g);
                     let start = rows.len();
-                    rows.extend((s.q_start + s.num_q - n..s.q_start + s.num_q).map(|r| r as u32));
+                    rows.extend((r.start..r.end).map(|j| (s.q_start + j) as u32));
                     obs.push(SeqQuery {
                         kv: s.kv,
                         q_start: start,
-                        num_q: n,
-                        q_pos: s.q_pos + s.num_q - n,
+                        num_q: r.len(),
+                        q_pos: s.q_pos + r.start,
                     });
                 }
                 let idx = Tensor::new(rows.as_slice(), q.device())?;
                 let q_obs = q.index_select(&idx, 0)?;
-                let buf = obs_mass[g].get_or_insert_with(|| vec![0.0; total_slots]);
-                paged_attention(&q_obs, &self.store, &obs, &params, Some(&mut buf[..]))?;
+                paged_attention(
+                    &q_obs,
+                    &self.store,
+                    &obs,
+                    &params,
+                    step.observed_mass_mut(g),
+                )?;
             }
             drop(seqs);
             drop(reader);
             x = model.attn_output_and_mlp(layer, &x, &out)?;
         }
-        // Hand the step's attention mass to each sequence's per-group buffers.
-        let reader = self.cache.read();
-        for g in 0..map.num_groups() {
-            for (buf, observed) in [(&step_mass[g], false), (&obs_mass[g], true)] {
-                let Some(buf) = buf else { continue };
-                let mut off = 0;
-                for &seq in &layout.seqs {
-                    let n = reader.table(seq, g)?.num_slots();
-                    let st = self
-                        .state
-                        .get_mut(&seq)
-                        .ok_or(layerkv::Error::UnknownSequence(seq))?;
-                    let dst = if observed {
-                        &mut st.observed[g]
-                    } else {
-                        &mut st.scores[g]
-                    };
-                    if observed {
-                        dst.clear();
-                        dst.extend_from_slice(&buf[off..off + n]);
-                    } else {
-                        dst.resize(n, 0.0);
-                        for (d, s) in dst.iter_mut().zip(&buf[off..off + n]) {
-                            *d += s;
-                        }
-                    }
-                    off += n;
-                }
-            }
-        }
         Ok(x)
     }
 
-    /// Keeps pre-RoPE K/V of StreamingLLM sink tokens (the first `sinks` slots of a group).
-    fn capture_sinks(&mut self, layout: &Layout, g: GroupId, k: &Tensor, v: &Tensor) -> Result<()> {
-        let Retention::SinkWindow { sinks, .. } = self.policy.retention(g) else {
-            return Ok(());
-        };
-        let sinks = *sinks;
-        for (i, &seq) in layout.seqs.iter().enumerate() {
-            let q_pos = layout.q_pos[i];
-            if q_pos >= sinks {
+    /// Stages deep copies of the pre-RoPE keys of the rows that are sinks of group `g`.
+    fn capture_sinks(
+        &mut self,
+        step: &Step,
+        layout: &Layout,
+        g: GroupId,
+        k: &Tensor,
+    ) -> Result<()> {
+        for i in 0..step.len() {
+            let r = step.sink_rows(i, g);
+            if r.is_empty() {
                 continue;
             }
-            let st = self
-                .state
-                .get_mut(&seq)
-                .ok_or(layerkv::Error::UnknownSequence(seq))?;
-            let s = st.sinks[g].get_or_insert_with(|| Sinks {
-                k: Vec::new(),
-                v: Vec::new(),
-                shift: 0,
-            });
-            let take = (sinks - q_pos).min(layout.num_rows[i]);
-            // Rows may be recomputed by iterative passes: keep the latest.
-            s.k.truncate(q_pos);
-            s.v.truncate(q_pos);
-            for r in 0..take {
-                let row = layout.row_start[i] + r;
-                s.k.push(k.narrow(0, row, 1)?);
-                s.v.push(v.narrow(0, row, 1)?);
-            }
+            let rows = k
+                .narrow(0, layout.row_start[i] + r.start, r.len())?
+                .copy()?;
+            self.staged.entry((step.seq(i), g)).or_default().push(rows);
         }
         Ok(())
-    }
-
-    /// Logits for the requested rows, then retention for every group.
-    fn finish(
-        &mut self,
-        layout: &Layout,
-        x: &Tensor,
-        rows: LogitsRows,
-        phase: Phase,
-    ) -> Result<Tensor> {
-        let x = match rows {
-            LogitsRows::All => x.clone(),
-            LogitsRows::Last => {
-                let idx: Vec<u32> = (0..layout.seqs.len())
-                    .map(|i| (layout.row_start[i] + layout.num_rows[i] - 1) as u32)
-                    .collect();
-                x.index_select(&Tensor::new(idx.as_slice(), x.device())?, 0)?
-            }
-        };
-        let logits = self.model.logits(&x)?;
-        let map = self.policy.layer_map();
-        for g in 0..map.num_groups() {
-            let retention = self.policy.retention(g);
-            if retention.is_full() {
-                continue;
-            }
-            for &seq in &layout.seqs {
-                let st = self
-                    .state
-                    .get(&seq)
-                    .ok_or(layerkv::Error::UnknownSequence(seq))?;
-                let scores = match self.policy.score_need(g) {
-                    ScoreNeed::None => None,
-                    ScoreNeed::Accumulated => Some(&st.scores[g][..]),
-                    ScoreNeed::ObservationWindow(_) => (phase == Phase::Prefill
-                        && !st.observed[g].is_empty())
-                    .then_some(&st.observed[g][..]),
-                };
-                self.cache.evict(seq, g, scores, phase)?;
-            }
-        }
-        Ok(logits)
     }
 }
 

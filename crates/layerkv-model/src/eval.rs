@@ -1,14 +1,16 @@
 //! Quality and memory measurements of a policy on real text: perplexity with a fixed context
 //! and stride, streaming NLL per 1k-token bucket, and greedy-token agreement with a reference.
 //!
-//! Every function feeds tokens through [`Engine::step`] in chunks of `chunk` tokens; retention
-//! runs between chunks, so `chunk = 1` is exact StreamingLLM/H2O behaviour and larger chunks
-//! let a chunk's tokens see each other before eviction (faster, slightly more context).
+//! Every function feeds a sequence's prompt in one [`Engine::step`] (the engine splits it into
+//! prefill chunks of [`crate::engine::EngineConfig::prefill_chunk`] under an evicting policy)
+//! and the rest in steps of `chunk` tokens; retention runs between steps, so `chunk = 1` is
+//! exact StreamingLLM/H2O behaviour and larger chunks let a chunk's tokens see each other
+//! before eviction (faster, slightly more context).
 
 use std::time::Instant;
 
 use candle_core::{Tensor, D};
-use layerkv::{Phase, SeqId};
+use layerkv::SeqId;
 
 use crate::engine::{Engine, LogitsRows};
 use crate::error::Result;
@@ -38,30 +40,34 @@ pub fn token_nll(logits: &Tensor, targets: &[u32]) -> Result<Vec<f32>> {
     Ok(logp.gather(&idx, 1)?.squeeze(1)?.neg()?.to_vec1::<f32>()?)
 }
 
-/// Runs `tokens` through a fresh sequence in chunks and calls `on_nll(position, nll)` for every
-/// token after the first whose position is `>= score_from`. Returns peak KV bytes and per-layer
-/// bytes at the peak. The sequence is freed at the end.
+/// Runs `tokens` through a fresh sequence: the first `prompt_len` tokens as its prompt (one
+/// engine step, which the engine splits into prefill chunks under an evicting policy), then the
+/// rest in steps of `chunk` tokens, and calls `on_nll(position, nll)` for every token whose
+/// position is `>= score_from` (`score_from >= 1`). Returns peak KV bytes and per-layer bytes
+/// at the peak, measured after every step. The sequence is freed at the end.
 fn run_sequence(
     engine: &mut Engine,
     seq: SeqId,
     tokens: &[u32],
+    prompt_len: usize,
     chunk: usize,
     score_from: usize,
     mut on_nll: impl FnMut(usize, f32),
+    mut on_memory: impl FnMut(usize, usize),
 ) -> Result<(usize, Vec<usize>)> {
     engine.add_sequence(seq)?;
     let result = (|| {
         let mut peak = (0, Vec::new());
         let mut start = 0;
         let chunk = chunk.max(1);
+        let prompt_len = prompt_len.clamp(1, tokens.len());
         while start < tokens.len() {
-            let end = (start + chunk).min(tokens.len());
-            let phase = if start == 0 {
-                Phase::Prefill
+            let end = if start == 0 {
+                prompt_len
             } else {
-                Phase::Decode
+                (start + chunk).min(tokens.len())
             };
-            let logits = engine.step(&[(seq, &tokens[start..end])], LogitsRows::All, phase)?;
+            let logits = engine.step(&[(seq, &tokens[start..end])], LogitsRows::All)?;
             // Row r predicts token start + r + 1.
             let last = end.min(tokens.len() - 1);
             if last > start {
@@ -75,6 +81,7 @@ fn run_sequence(
                 }
             }
             let mem = engine.cache().memory(seq)?;
+            on_memory(end, mem.total_bytes);
             if mem.total_bytes > peak.0 {
                 peak = (mem.total_bytes, mem.bytes_per_layer);
             }
@@ -87,14 +94,18 @@ fn run_sequence(
 }
 
 /// Perplexity with windows of `context` tokens every `stride` tokens (Hugging Face's sliding
-/// evaluation): each window is a fresh sequence; only tokens not scored by an earlier window
-/// count, so every token is predicted once with at least `context - stride` tokens of context.
+/// evaluation): each window is a fresh sequence whose unscored part is its prompt; only tokens
+/// not scored by an earlier window count, so every token is predicted once with at least
+/// `context - stride` tokens of context. With `min_prompt > 0` every window, the first
+/// included, prefills at least that many tokens as its prompt before anything is scored (the
+/// long-prompt-then-continue shape SnapKV compresses for).
 pub fn perplexity(
     engine: &mut Engine,
     tokens: &[u32],
     context: usize,
     stride: usize,
     chunk: usize,
+    min_prompt: usize,
 ) -> Result<Perplexity> {
     let stride = stride.clamp(1, context.max(1));
     let t0 = Instant::now();
@@ -105,11 +116,20 @@ pub fn perplexity(
     while begin < tokens.len().saturating_sub(1) {
         let end = (begin + context).min(tokens.len());
         let window = &tokens[begin..end];
-        let score_from = scored_until.saturating_sub(begin).max(1);
-        let p = run_sequence(engine, u64::MAX - 1, window, chunk, score_from, |_, nll| {
-            sum += f64::from(nll);
-            count += 1;
-        })?;
+        let score_from = scored_until.saturating_sub(begin).max(1).max(min_prompt);
+        let p = run_sequence(
+            engine,
+            u64::MAX - 1,
+            window,
+            score_from,
+            chunk,
+            score_from,
+            |_, nll| {
+                sum += f64::from(nll);
+                count += 1;
+            },
+            |_, _| {},
+        )?;
         processed += window.len();
         if p.0 > peak.0 {
             peak = p;
@@ -131,29 +151,61 @@ pub fn perplexity(
     })
 }
 
-/// Streaming evaluation over one long sequence: mean NLL per bucket of `bucket` positions
-/// (e.g. 1000), plus the overall perplexity. Texts longer than the model's context show whether a
-/// policy keeps the loss flat (StreamingLLM) or not (full cache past the training length).
+/// One bucket of a streaming evaluation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamBucket {
+    /// First text position of the bucket.
+    pub start: usize,
+    /// Mean NLL of the bucket's predicted tokens.
+    pub nll: f64,
+    /// Largest KV bytes the sequence held while the bucket streamed by.
+    pub kv_bytes: usize,
+}
+
+/// Streaming evaluation over one long sequence: mean NLL and peak KV bytes per bucket of
+/// `bucket` positions (e.g. 1000), plus the overall perplexity. Texts longer than the model's
+/// context show whether a policy keeps the loss flat (StreamingLLM) or not (full cache past the
+/// training length), and whether its memory stays flat.
 pub fn stream_nll(
     engine: &mut Engine,
     tokens: &[u32],
     chunk: usize,
     bucket: usize,
-) -> Result<(Vec<f64>, Perplexity)> {
+) -> Result<(Vec<StreamBucket>, Perplexity)> {
     let bucket = bucket.max(1);
-    let mut sums = vec![(0f64, 0usize); tokens.len().div_ceil(bucket)];
+    let n = tokens.len().div_ceil(bucket);
+    let mut sums = vec![(0f64, 0usize); n];
+    let mut bytes = vec![0usize; n];
     let t0 = Instant::now();
-    let peak = run_sequence(engine, u64::MAX - 2, tokens, chunk, 1, |pos, nll| {
-        let b = &mut sums[pos / bucket];
-        b.0 += f64::from(nll);
-        b.1 += 1;
-    })?;
+    let peak = run_sequence(
+        engine,
+        u64::MAX - 2,
+        tokens,
+        chunk,
+        chunk,
+        1,
+        |pos, nll| {
+            let b = &mut sums[pos / bucket];
+            b.0 += f64::from(nll);
+            b.1 += 1;
+        },
+        |end, kv| {
+            let b = &mut bytes[(end - 1) / bucket];
+            *b = (*b).max(kv);
+        },
+    )?;
     let (sum, count) = sums.iter().fold((0.0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
     let nll = sum / count.max(1) as f64;
     let buckets = sums
         .iter()
-        .filter(|b| b.1 > 0)
-        .map(|b| b.0 / b.1 as f64)
+        .zip(&bytes)
+        .enumerate()
+        .filter(|(_, (b, _))| b.1 > 0)
+        .map(|(i, (b, &kv))| StreamBucket {
+            start: i * bucket,
+            nll: b.0 / b.1 as f64,
+            kv_bytes: kv,
+        })
         .collect();
     Ok((
         buckets,
@@ -189,12 +241,7 @@ pub fn greedy_agreement(
                 } else {
                     (start + chunk.max(1)).min(tokens.len())
                 };
-                let phase = if start == 0 {
-                    Phase::Prefill
-                } else {
-                    Phase::Decode
-                };
-                let logits = e.step(&[(seq, &tokens[start..end])], LogitsRows::All, phase)?;
+                let logits = e.step(&[(seq, &tokens[start..end])], LogitsRows::All)?;
                 for row in logits.to_vec2::<f32>()? {
                     out.push(argmax(&row));
                 }

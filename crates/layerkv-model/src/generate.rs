@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use layerkv::{Phase, SeqId};
+use layerkv::SeqId;
 
 use crate::engine::{Engine, LogitsRows};
 use crate::error::Result;
@@ -136,7 +136,7 @@ pub fn generate(
     engine.add_sequence(seq)?;
     let result = (|| {
         let t0 = Instant::now();
-        let logits = engine.step(&[(seq, prompt)], LogitsRows::Last, Phase::Prefill)?;
+        let logits = engine.step(&[(seq, prompt)], LogitsRows::Last)?;
         let prefill = t0.elapsed().as_secs_f64();
         let mut tokens = Vec::with_capacity(max_new);
         let mut next = sampler.sample(&logits.squeeze(0)?.to_vec1::<f32>()?);
@@ -146,7 +146,7 @@ pub fn generate(
             if eos.contains(&next) || tokens.len() == max_new {
                 break;
             }
-            let logits = engine.step(&[(seq, &[next])], LogitsRows::Last, Phase::Decode)?;
+            let logits = engine.step(&[(seq, &[next])], LogitsRows::Last)?;
             next = sampler.sample(&logits.squeeze(0)?.to_vec1::<f32>()?);
         }
         let decode = t1.elapsed().as_secs_f64();

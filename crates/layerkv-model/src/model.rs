@@ -205,9 +205,15 @@ impl Model {
         Ok((x + l.down_proj.forward(&mlp)?)?)
     }
 
+    /// The final norm of the last layer's output: the hidden states the LM head reads
+    /// (Hugging Face's `hidden_states[-1]`), `[rows, hidden]`.
+    pub fn final_hidden(&self, x: &Tensor) -> Result<Tensor> {
+        self.rms_norm(x, &self.norm)
+    }
+
     /// Final norm and LM head: f32 logits `[rows, vocab]`.
     pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.rms_norm(x, &self.norm)?;
+        let h = self.final_hidden(x)?;
         Ok(h.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
     }
 

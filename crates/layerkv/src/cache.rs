@@ -1,15 +1,17 @@
 //! [`KvCache`]: the manager. Per sequence it keeps one [`BlockTable`] per KV group of the
-//! policy (layers that read another layer's KV have no table and hold no pages), hands out
-//! slots for new tokens, applies each group's retention and returns emptied pages to the pool
-//! at once.
+//! policy (layers that read another layer's KV have no table and hold no pages), the
+//! retention's per-slot scores, the prompt length and the StreamingLLM sink shift, and it runs
+//! the step protocol ([`crate::Step`]) that any engine drives around its attention kernels:
+//! `reserve` slots, write K/V and attend, `retain` (or `rollback` on failure).
 //!
 //! Every mutating call is all-or-nothing: it checks the pool and its arguments first, and an
-//! error leaves every table, refcount and counter as it was. One `RwLock` guards the state:
-//! appends, evictions, forks and frees take it exclusively for O(tokens + pages) work; views for
-//! the kernels share it ([`KvCache::read`]). `KvCache` is `Send + Sync`.
+//! error leaves every table, refcount, score and counter as it was. One `RwLock` guards the
+//! state: reserves, retains, forks and frees take it exclusively for O(tokens + live slots)
+//! work; views for the kernels share it ([`KvCache::read`]). `KvCache` is `Send + Sync`.
 //!
-//! Hot path: `append` with a reused [`SlotMapping`] allocates nothing once the sequence's
-//! tables and the mapping have grown (tables grow by doubling, amortised O(1) per token).
+//! Hot path: `reserve`/`append` with a reused [`crate::Step`] / [`SlotMapping`] allocates
+//! nothing once the sequence's tables and the buffers have grown (tables grow by doubling and
+//! keep their capacity when retention shrinks them).
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -18,11 +20,13 @@ use std::sync::Arc;
 use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::bits;
+use crate::compact::Compactor;
 use crate::error::{Error, Result};
 use crate::map::GroupId;
 use crate::policy::LayerKvPolicy;
 use crate::pool::{chain_hash, group_block_hash, BlockPool, PageId, PoolStats, NULL_PAGE};
-use crate::retention::{Phase, RetainInput};
+use crate::retention::{RetainInput, ScoreNeed, Scores};
+use crate::step::{Rerotation, RetainOutcome, Step, StepSeq, StepState, Undo};
 use crate::table::{BlockTable, TableView};
 
 /// A sequence id chosen by the engine.
@@ -40,6 +44,24 @@ pub struct CacheConfig {
     /// Reuse full pages across sequences with the same prefix. Only takes effect for policies
     /// that never evict (a block's KV then depends on the prefix alone).
     pub prefix_caching: bool,
+    /// Window (in cache slots) of the layers the policy's map marks sliding.
+    pub sliding_window: Option<usize>,
+    /// Window of every layer the map does not mark sliding (a model-wide sliding window, as in
+    /// Mistral's config); `None` for full attention.
+    pub model_window: Option<usize>,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            block_size: 16,
+            num_pages: 0,
+            bytes_per_token: 1,
+            prefix_caching: false,
+            sliding_window: None,
+            model_window: None,
+        }
+    }
 }
 
 impl CacheConfig {
@@ -54,7 +76,7 @@ impl CacheConfig {
             block_size,
             num_pages: budget_bytes / (block_size * bytes_per_token).max(1),
             bytes_per_token,
-            prefix_caching: false,
+            ..Self::default()
         }
     }
 }
@@ -71,10 +93,10 @@ pub struct PageCopy {
 /// Where `append` put the new tokens: reuse one mapping across calls to avoid allocation.
 #[derive(Debug, Clone, Default)]
 pub struct SlotMapping {
-    slots: Vec<Vec<u32>>,
-    first_slot: Vec<usize>,
-    first_position: Vec<usize>,
-    copies: Vec<PageCopy>,
+    pub(crate) slots: Vec<Vec<u32>>,
+    pub(crate) first_slot: Vec<usize>,
+    pub(crate) first_position: Vec<usize>,
+    pub(crate) copies: Vec<PageCopy>,
 }
 
 impl SlotMapping {
@@ -93,9 +115,7 @@ impl SlotMapping {
         self.first_slot[group]
     }
 
-    /// Cache position of the first new token in `group`: tokens still valid before it. RoPE
-    /// positions inside the cache (StreamingLLM) count from here; without eviction it equals
-    /// the text position.
+    /// Cache position of the first new token in `group`: tokens still valid before it.
     pub fn first_position(&self, group: GroupId) -> usize {
         self.first_position[group]
     }
@@ -118,15 +138,6 @@ impl SlotMapping {
     }
 }
 
-/// What one eviction did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct EvictOutcome {
-    /// Slots that were valid and are not anymore.
-    pub evicted_slots: usize,
-    /// Pages returned to the pool.
-    pub freed_pages: usize,
-}
-
 /// Memory held by one sequence.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemoryReport {
@@ -141,7 +152,7 @@ pub struct MemoryReport {
 /// Hashes engine-chosen `u64` sequence ids with one folded multiply (SipHash would dominate a
 /// single-token append).
 #[derive(Default)]
-struct SeqHasher(u64);
+pub(crate) struct SeqHasher(u64);
 
 impl Hasher for SeqHasher {
     fn finish(&self) -> u64 {
@@ -161,8 +172,16 @@ impl Hasher for SeqHasher {
     }
 }
 
+/// A group's per-slot scores (only the kinds its retention needs are kept non-empty).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct GroupScores {
+    pub(crate) accumulated: Vec<f32>,
+    pub(crate) last: Vec<f32>,
+    pub(crate) observed: Vec<f32>,
+}
+
 #[derive(Debug, Clone)]
-struct Sequence {
+pub(crate) struct Sequence {
     /// Group 0's table, inline: the common one-group append then reads no second allocation.
     first: BlockTable,
     /// Groups 1.. .
@@ -171,10 +190,18 @@ struct Sequence {
     chain: Vec<u64>,
     /// Tokens of the current partial block (prefix caching only).
     partial: Vec<u32>,
+    /// Tokens appended so far: the text position of the next token.
+    pub(crate) num_tokens: usize,
+    /// Prompt length; `None` until declared or until the first step (which then is the prompt).
+    pub(crate) prompt_len: Option<usize>,
+    /// Per group scores (empty when the policy needs none).
+    pub(crate) scores: Vec<GroupScores>,
+    /// Per group: the position the sinks are currently rotated to sit at (empty without sinks).
+    pub(crate) sink_shift: Vec<usize>,
 }
 
 impl Sequence {
-    fn table(&self, g: GroupId) -> &BlockTable {
+    pub(crate) fn table(&self, g: GroupId) -> &BlockTable {
         if g == 0 {
             &self.first
         } else {
@@ -182,7 +209,7 @@ impl Sequence {
         }
     }
 
-    fn table_mut(&mut self, g: GroupId) -> &mut BlockTable {
+    pub(crate) fn table_mut(&mut self, g: GroupId) -> &mut BlockTable {
         if g == 0 {
             &mut self.first
         } else {
@@ -204,19 +231,28 @@ impl Sequence {
 }
 
 #[derive(Debug)]
-struct State {
-    pool: BlockPool,
-    seqs: HashMap<SeqId, Sequence, BuildHasherDefault<SeqHasher>>,
-    keep: Vec<u64>,
-    scratch: Vec<u32>,
+pub(crate) struct State {
+    pub(crate) pool: BlockPool,
+    pub(crate) seqs: HashMap<SeqId, Sequence, BuildHasherDefault<SeqHasher>>,
+    compactor: Compactor,
 }
 
-/// The immutable half of a cache: policy, sizes, whether prefix caching is on.
+/// The immutable half of a cache: policy, sizes, per-group facts derived once.
 #[derive(Debug)]
-struct Core {
-    policy: Arc<dyn LayerKvPolicy>,
-    config: CacheConfig,
+pub(crate) struct Core {
+    pub(crate) policy: Arc<dyn LayerKvPolicy>,
+    pub(crate) config: CacheConfig,
     caching: bool,
+    /// Per group: the scores its retention needs.
+    pub(crate) needs: Vec<ScoreNeed>,
+    /// Per group: StreamingLLM sinks to re-rotate.
+    pub(crate) sinks: Vec<usize>,
+    /// Per group: the window beyond which no reader looks (every reader slides).
+    pub(crate) windows: Vec<Option<usize>>,
+    /// Per group: whether anything can evict (retention or window).
+    pub(crate) evicts: Vec<bool>,
+    any_scores: bool,
+    any_sinks: bool,
 }
 
 /// The KV-cache manager for one model and one policy.
@@ -265,31 +301,71 @@ impl CacheReader<'_> {
 impl KvCache {
     /// A cache for `policy` with an empty pool of `config.num_pages` pages.
     pub fn new(policy: Arc<dyn LayerKvPolicy>, config: CacheConfig) -> Result<Self> {
-        if !config.block_size.is_power_of_two() {
-            return Err(Error::InvalidConfig(format!(
-                "block_size must be a power of two (slot arithmetic uses shifts), got {}",
-                config.block_size
-            )));
-        }
         if config.block_size == 0 || config.bytes_per_token == 0 {
             return Err(Error::InvalidConfig(format!(
                 "block_size ({}) and bytes_per_token ({}) must be positive",
                 config.block_size, config.bytes_per_token
             )));
         }
+        if !config.block_size.is_power_of_two() {
+            return Err(Error::InvalidConfig(format!(
+                "block_size must be a power of two (slot arithmetic uses shifts), got {}",
+                config.block_size
+            )));
+        }
+        for (what, w) in [
+            ("sliding_window", config.sliding_window),
+            ("model_window", config.model_window),
+        ] {
+            if w == Some(0) {
+                return Err(Error::InvalidConfig(format!("{what} must be positive")));
+            }
+        }
         let map = policy.layer_map();
-        let never_evicts = (0..map.num_groups()).all(|g| policy.retention(g).is_full());
+        if let Some(layer) = (0..map.num_layers()).find(|&l| map.is_sliding(l)) {
+            if config.sliding_window.is_none() {
+                return Err(Error::InvalidConfig(format!(
+                    "layer {layer} is a sliding-window layer of the map but the cache config sets no sliding_window"
+                )));
+            }
+        }
+        let groups = map.num_groups();
+        let layer_window = |l: usize| {
+            if map.is_sliding(l) {
+                config.sliding_window
+            } else {
+                config.model_window
+            }
+        };
+        let windows: Vec<Option<usize>> = (0..groups)
+            .map(|g| {
+                map.readers(g)
+                    .iter()
+                    .map(|&l| layer_window(l))
+                    .try_fold(0usize, |acc, w| w.map(|w| acc.max(w)))
+            })
+            .collect();
+        let needs: Vec<ScoreNeed> = (0..groups).map(|g| policy.score_need(g)).collect();
+        let sinks: Vec<usize> = (0..groups).map(|g| policy.retention(g).sinks()).collect();
+        let evicts: Vec<bool> = (0..groups)
+            .map(|g| !policy.retention(g).is_full() || windows[g].is_some())
+            .collect();
         Ok(Self {
             core: Core {
-                caching: config.prefix_caching && never_evicts,
+                caching: config.prefix_caching && !evicts.iter().any(|&e| e),
+                any_scores: needs.iter().any(|n| !n.is_none()),
+                any_sinks: sinks.iter().any(|&s| s > 0),
+                needs,
+                sinks,
+                windows,
+                evicts,
                 policy,
                 config,
             },
             state: RwLock::new(State {
                 pool: BlockPool::new(config.num_pages)?,
                 seqs: HashMap::default(),
-                keep: Vec::new(),
-                scratch: Vec::new(),
+                compactor: Compactor::default(),
             }),
         })
     }
@@ -309,6 +385,22 @@ impl KvCache {
         self.core.caching
     }
 
+    /// The attention window of `layer` in cache slots (`None`: full attention). Engines pass it
+    /// to the kernels so the cache and the kernels agree.
+    pub fn layer_window(&self, layer: usize) -> Option<usize> {
+        if self.core.policy.layer_map().is_sliding(layer) {
+            self.core.config.sliding_window
+        } else {
+            self.core.config.model_window
+        }
+    }
+
+    /// The window beyond which no reader of `group` looks (every reader slides), so the cache
+    /// frees what falls out of it.
+    pub fn group_window(&self, group: GroupId) -> Option<usize> {
+        self.core.windows.get(group).copied().flatten()
+    }
+
     /// Exclusive access for several mutations under one lock (e.g. a scheduler step).
     pub fn lock(&self) -> CacheWriter<'_> {
         CacheWriter {
@@ -325,7 +417,8 @@ impl KvCache {
         }
     }
 
-    /// Registers an empty sequence.
+    /// Registers an empty sequence. Its first step is taken as its whole prompt unless
+    /// [`KvCache::set_prompt_len`] says otherwise.
     pub fn add_sequence(&self, seq: SeqId) -> Result<()> {
         self.core.add_sequence(&mut self.state.write(), seq)
     }
@@ -338,41 +431,77 @@ impl KvCache {
             .add_sequence_with_prefix(&mut self.state.write(), seq, prompt)
     }
 
+    /// Declares the prompt length of `seq` (chunked prefill): steps before it are
+    /// [`Phase::Prefill`], the step that appends its last token is [`Phase::PromptEnd`] (SnapKV
+    /// compresses there, observing the last queries of the prompt across chunks).
+    pub fn set_prompt_len(&self, seq: SeqId, prompt_len: usize) -> Result<()> {
+        let mut st = self.state.write();
+        let s = st.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq))?;
+        if prompt_len == 0 || s.num_tokens >= prompt_len {
+            return Err(Error::InvalidConfig(format!(
+                "sequence {seq}: prompt length {prompt_len} must exceed the {} tokens already appended",
+                s.num_tokens
+            )));
+        }
+        s.prompt_len = Some(prompt_len);
+        Ok(())
+    }
+
+    /// Tokens appended to `seq` so far (the text position of its next token).
+    pub fn num_tokens(&self, seq: SeqId) -> Result<usize> {
+        let st = self.state.read();
+        Ok(st
+            .seqs
+            .get(&seq)
+            .ok_or(Error::UnknownSequence(seq))?
+            .num_tokens)
+    }
+
     /// Reserves slots for `tokens.len()` new tokens in every group of `seq`, all or nothing,
-    /// and writes where they go into `out`. Token ids are only used for prefix hashing.
-    /// Fails with [`Error::PoolExhausted`] (the engine's preemption signal) without changing
-    /// anything if the pool cannot hold them.
+    /// and writes where they go into `out`, without retention or rollback (the allocator's raw
+    /// interface; engines that apply a policy use [`KvCache::reserve`]). Fails with
+    /// [`Error::PoolExhausted`] (the engine's preemption signal) without changing anything.
     pub fn append(&self, seq: SeqId, tokens: &[u32], out: &mut SlotMapping) -> Result<()> {
         self.append_batch(&[(seq, tokens)], std::slice::from_mut(out))
     }
 
-    /// [`KvCache::append`] for several sequences at once (a batched step), all or nothing across
-    /// the whole batch: `out[i]` receives the slots of `batch[i]`.
+    /// [`KvCache::append`] for several sequences at once, all or nothing across the batch.
     pub fn append_batch(&self, batch: &[(SeqId, &[u32])], out: &mut [SlotMapping]) -> Result<()> {
-        self.core.append_batch(&mut self.state.write(), batch, out)
-    }
-
-    /// Applies `group`'s retention to `seq`: clears the validity of dropped slots and returns
-    /// pages left without a valid slot to the pool at once. `scores` (one per logical slot) are
-    /// required by score-based retentions ([`crate::LayerKvPolicy::score_need`]).
-    pub fn evict(
-        &self,
-        seq: SeqId,
-        group: GroupId,
-        scores: Option<&[f32]>,
-        phase: Phase,
-    ) -> Result<EvictOutcome> {
         self.core
-            .evict(&mut self.state.write(), seq, group, scores, phase)
+            .append_batch(&mut self.state.write(), batch, out, None)
     }
 
-    /// A child sequence that shares every page of `parent` (refcounts + 1); the first append
-    /// into a shared partial page copies it (see [`SlotMapping::copies`]).
+    /// Step protocol 1/3: reserves slots for a batch (all or nothing across it) and plans what
+    /// the engine executes before attention: page copies, sink re-rotations, which rows are
+    /// sinks, which rows' attention mass each group needs. See [`Step`].
+    pub fn reserve(&self, batch: &[(SeqId, &[u32])], step: &mut Step) -> Result<()> {
+        self.core.reserve(&mut self.state.write(), batch, step)
+    }
+
+    /// Step protocol 2/3: takes the step's attention mass, runs every group's retention for
+    /// every sequence with its own phase, returns pages left empty to the pool and plans the
+    /// compaction moves ([`Step::moves`]) the engine executes before its next reserve.
+    /// All or nothing: on error nothing changed and the step can still be rolled back.
+    pub fn retain(&self, step: &mut Step) -> Result<RetainOutcome> {
+        self.core.retain(&mut self.state.write(), step)
+    }
+
+    /// Step protocol, on failure after [`KvCache::reserve`]: restores every table, refcount,
+    /// score, sink shift and counter of the step's sequences as before the reserve. (Cached
+    /// prefix pages that the reserve recycled for new pages stay recycled.)
+    pub fn rollback(&self, step: &mut Step) -> Result<()> {
+        self.core.rollback(&mut self.state.write(), step)
+    }
+
+    /// A child sequence that shares every page of `parent` (refcounts + 1) and a copy of its
+    /// scores, prompt length and sink state; the first append into a shared partial page
+    /// copies it (see [`SlotMapping::copies`]).
     pub fn fork(&self, parent: SeqId, child: SeqId) -> Result<()> {
         self.core.fork(&mut self.state.write(), parent, child)
     }
 
-    /// Drops `seq` and releases every page it holds (cached pages stay reusable by prefix).
+    /// Drops `seq` with its scores and releases every page it holds (cached pages stay
+    /// reusable by prefix).
     pub fn free(&self, seq: SeqId) -> Result<()> {
         self.core.free(&mut self.state.write(), seq)
     }
@@ -415,19 +544,18 @@ impl KvCache {
     }
 
     /// How many sequences of `seq_len` tokens this cache's pool can hold under the policy
-    /// (worst case over token placement).
+    /// (worst case over token placement, steps of one token).
     pub fn capacity(&self, seq_len: usize) -> usize {
-        crate::plan::max_sequences(
+        crate::plan::Planner::from_config(&self.core.config).max_sequences(
             self.core.policy.as_ref(),
-            self.core.config.block_size,
             seq_len,
             self.core.config.num_pages,
         )
     }
 
     /// Checks every cross-structure invariant (O(pages + slots)): pool free list and counters,
-    /// refcount == number of tables holding the page, table lengths and validity counts. For
-    /// tests and debugging.
+    /// refcount == number of tables holding the page, table lengths and validity counts, score
+    /// lengths, the compaction bound (fewer holes than a page). For tests and debugging.
     pub fn check_invariants(&self) -> std::result::Result<(), String> {
         let st = self.state.read();
         st.pool.check_invariants()?;
@@ -449,9 +577,31 @@ impl KvCache {
                 };
                 if counted != t.num_valid {
                     return Err(format!(
-                        "seq {id} group {g}: num_valid {} != bitset",
+                        "seq {id} group {g}: num_valid {} != bitset {counted}",
                         t.num_valid
                     ));
+                }
+                if t.bitset && t.positions.len() != t.num_slots {
+                    return Err(format!(
+                        "seq {id} group {g}: {} positions for {} slots",
+                        t.positions.len(),
+                        t.num_slots
+                    ));
+                }
+                if let Some(sc) = s.scores.get(g) {
+                    for (what, v) in [
+                        ("accumulated", &sc.accumulated),
+                        ("last", &sc.last),
+                        ("observed", &sc.observed),
+                    ] {
+                        if !v.is_empty() && v.len() != t.num_slots {
+                            return Err(format!(
+                                "seq {id} group {g}: {} {what} scores for {} slots",
+                                v.len(),
+                                t.num_slots
+                            ));
+                        }
+                    }
                 }
                 let tail = t.pages.last().copied().unwrap_or(NULL_PAGE);
                 if !t.pages.is_empty() && t.tail != tail {
@@ -472,16 +622,15 @@ impl KvCache {
                     }
                 }
                 for (i, &p) in t.pages.iter().enumerate() {
-                    let live = t.valid_in_page(i, bs);
                     if p == NULL_PAGE {
-                        if live != 0 {
-                            return Err(format!(
-                                "seq {id} group {g}: null page {i} has {live} valid slots"
-                            ));
-                        }
-                    } else {
-                        *holders.entry(p).or_default() += 1;
+                        return Err(format!("seq {id} group {g}: page {i} is null"));
                     }
+                    if t.bitset && t.valid_in_page(i, bs) == 0 {
+                        return Err(format!(
+                            "seq {id} group {g}: page {i} ({p}) holds no valid slot"
+                        ));
+                    }
+                    *holders.entry(p).or_default() += 1;
                 }
             }
         }
@@ -525,19 +674,32 @@ impl Core {
     }
 
     fn empty_sequence(&self) -> Sequence {
+        let groups = self.num_groups();
         Sequence {
             first: BlockTable::default(),
-            rest: vec![BlockTable::default(); self.num_groups() - 1],
+            rest: vec![BlockTable::default(); groups - 1],
             chain: Vec::new(),
             partial: Vec::with_capacity(if self.caching {
                 self.config.block_size
             } else {
                 0
             }),
+            num_tokens: 0,
+            prompt_len: None,
+            scores: if self.any_scores {
+                vec![GroupScores::default(); groups]
+            } else {
+                Vec::new()
+            },
+            sink_shift: if self.any_sinks {
+                vec![0; groups]
+            } else {
+                Vec::new()
+            },
         }
     }
 
-    fn check_group(&self, group: GroupId) -> Result<()> {
+    pub(crate) fn check_group(&self, group: GroupId) -> Result<()> {
         if group < self.num_groups() {
             Ok(())
         } else {
@@ -548,7 +710,7 @@ impl Core {
         }
     }
 
-    fn num_groups(&self) -> usize {
+    pub(crate) fn num_groups(&self) -> usize {
         self.policy.layer_map().num_groups()
     }
 
@@ -591,24 +753,28 @@ impl Core {
                         .expect("hash checked above under the same lock");
                     let t = s.table_mut(g);
                     t.push_page(page);
-                    t.push_slots(bs);
+                    t.push_slots(bs, t.num_slots);
                 }
                 s.chain.push(chain);
                 parent = chain;
             }
         }
         let reused = s.chain.len() * self.config.block_size;
+        s.num_tokens = reused;
         st.seqs.insert(seq, s);
         Ok(reused)
     }
 
+    /// Appends the batch; with `undo`, records what a rollback needs (one entry per sequence
+    /// and group) and defers prefix registration to `retain`.
     fn append_batch(
         &self,
         st: &mut State,
         batch: &[(SeqId, &[u32])],
         out: &mut [SlotMapping],
+        mut undo: Option<&mut Vec<Undo>>,
     ) -> Result<()> {
-        if out.len() != batch.len() {
+        if out.len() < batch.len() {
             return Err(Error::InvalidConfig(format!(
                 "append_batch: {} sequences but {} slot mappings",
                 batch.len(),
@@ -617,10 +783,15 @@ impl Core {
         }
         let bs = self.config.block_size;
         let b = Blocks::new(bs);
-        // Plan: pages needed (new pages + copy-on-write of a shared or evicted tail page). Forks
+        // Plan: pages needed (new pages + copy-on-write of a shared tail page). Forks
         // appending in one batch may count one copy too many: the check stays conservative.
         let mut needed = 0;
-        for &(seq, tokens) in batch {
+        for (i, &(seq, tokens)) in batch.iter().enumerate() {
+            if batch[..i].iter().any(|&(other, _)| other == seq) {
+                return Err(Error::InvalidConfig(format!(
+                    "sequence {seq} appears twice in one step"
+                )));
+            }
             let s = st.seqs.get(&seq).ok_or(Error::UnknownSequence(seq))?;
             for t in s.tables() {
                 needed += pages_needed(t, tokens.len(), b, &st.pool);
@@ -636,22 +807,33 @@ impl Core {
         for (&(seq, tokens), out) in batch.iter().zip(out.iter_mut()) {
             let n = tokens.len();
             let s = st.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq))?;
+            let position = s.num_tokens;
             out.reset(s.num_tables());
             for (g, t) in s.tables_mut().enumerate() {
                 out.first_slot[g] = t.num_slots;
                 out.first_position[g] = t.num_valid;
+                let mut entry = Undo {
+                    num_slots: t.num_slots,
+                    num_pages: t.pages.len(),
+                    tail_shared: t.tail_shared,
+                    copy: None,
+                    sink_shift: 0,
+                };
                 if n == 0 {
+                    if let Some(u) = undo.as_deref_mut() {
+                        u.push(entry);
+                    }
                     continue;
                 }
                 if b.offset(t.num_slots) != 0 {
                     let last = t.pages.len() - 1;
                     let page = t.tail;
-                    if page == NULL_PAGE {
-                        t.set_page(last, st.pool.allocate()?);
-                    } else if t.tail_shared && st.pool.refcount(page)? > 1 {
+                    if t.tail_shared && st.pool.refcount(page)? > 1 {
                         let dst = st.pool.allocate()?;
                         st.pool.release(page)?;
-                        out.copies.push(PageCopy { src: page, dst });
+                        let copy = PageCopy { src: page, dst };
+                        out.copies.push(copy);
+                        entry.copy = Some(copy);
                         t.set_page(last, dst);
                     }
                 }
@@ -680,85 +862,321 @@ impl Core {
                     index += 1;
                     offset = 0;
                 }
-                t.push_slots(n);
+                t.push_slots(n, position);
+                if let Some(u) = undo.as_deref_mut() {
+                    u.push(entry);
+                }
             }
-            if self.caching && n > 0 {
+            s.num_tokens += n;
+            if !s.scores.is_empty() {
+                for g in 0..self.needs.len() {
+                    let len = s.table(g).num_slots;
+                    let (need, sc) = (self.needs[g], &mut s.scores[g]);
+                    for (wanted, v) in [
+                        (need.accumulated, &mut sc.accumulated),
+                        (need.last, &mut sc.last),
+                        (need.observe > 0, &mut sc.observed),
+                    ] {
+                        if wanted {
+                            v.resize(len, 0.0);
+                        }
+                    }
+                }
+            }
+            if undo.is_none() && self.caching && n > 0 {
                 self.register_full_blocks(&mut st.pool, s, tokens)?;
             }
         }
         Ok(())
     }
 
-    fn evict(
-        &self,
-        st: &mut State,
-        seq: SeqId,
-        group: GroupId,
-        scores: Option<&[f32]>,
-        phase: Phase,
-    ) -> Result<EvictOutcome> {
-        self.check_group(group)?;
-        let retention = self.policy.retention(group);
-        if retention.is_full() {
-            return Ok(EvictOutcome::default());
+    fn reserve(&self, st: &mut State, batch: &[(SeqId, &[u32])], step: &mut Step) -> Result<()> {
+        if step.state == StepState::Reserved {
+            return Err(Error::InvalidConfig(
+                "reserve: the previous step was neither retained nor rolled back".into(),
+            ));
         }
-        let bs = self.config.block_size;
-        let s = st.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq))?;
-        let t = s.table_mut(group);
-        if let Some(sc) = scores {
-            if sc.len() != t.num_slots {
-                return Err(Error::ScoreLength {
-                    group,
-                    expected: t.num_slots,
-                    actual: sc.len(),
-                });
+        let groups = self.num_groups();
+        step.reset(groups, batch.len());
+        // Prompt lengths before this step (the first step of a sequence is its prompt unless
+        // one was declared), checked before anything changes.
+        for &(seq, tokens) in batch {
+            let s = st.seqs.get(&seq).ok_or(Error::UnknownSequence(seq))?;
+            let prompt_len =
+                s.prompt_len
+                    .unwrap_or(if s.num_tokens == 0 { tokens.len() } else { 0 });
+            step.seqs.push(StepSeq {
+                seq,
+                num_new: tokens.len(),
+                position: s.num_tokens,
+                prompt_len,
+                prompt_declared: s.prompt_len.is_some(),
+            });
+        }
+        self.append_batch(st, batch, &mut step.mappings, Some(&mut step.undo))?;
+        if self.caching {
+            for &(_, tokens) in batch {
+                step.tokens.extend_from_slice(tokens);
             }
         }
-        st.keep.clear();
-        st.keep.resize(bits::words_for(t.num_slots), 0);
-        let input = RetainInput {
-            num_slots: t.num_slots,
-            valid: t.bits_mut(),
-            scores,
-            phase,
-        };
-        retention
-            .select(&input, &mut st.keep, &mut st.scratch)
-            .map_err(|e| match e {
-                Error::ScoreLength {
-                    expected, actual, ..
-                } => Error::ScoreLength {
-                    group,
-                    expected,
-                    actual,
-                },
-                other => other,
-            })?;
-        let mut outcome = EvictOutcome::default();
-        let (mut lo_word, mut hi_word) = (usize::MAX, 0);
-        for (w, (valid, keep)) in t.bits_mut().iter_mut().zip(&st.keep).enumerate() {
-            let dropped = *valid & !keep;
-            if dropped != 0 {
-                *valid &= keep;
-                outcome.evicted_slots += dropped.count_ones() as usize;
-                lo_word = lo_word.min(w);
-                hi_word = w;
+        // Nothing below fails: prompt lengths, score buffers, sink re-rotation plans.
+        for (i, &(seq, _)) in batch.iter().enumerate() {
+            let s = st.seqs.get_mut(&seq).expect("appended above");
+            if s.prompt_len.is_none() && step.seqs[i].position == 0 {
+                s.prompt_len = Some(step.seqs[i].prompt_len);
             }
-        }
-        if outcome.evicted_slots > 0 {
-            // Return every page in the touched range that has no valid slot left.
-            let first = lo_word * 64 / bs;
-            let last = (hi_word * 64 + 63).min(t.num_slots - 1) / bs;
-            for index in first..=last {
-                let page = t.pages[index];
-                if page != NULL_PAGE && t.valid_in_page(index, bs) == 0 {
-                    st.pool.release(page)?;
-                    t.set_page(index, NULL_PAGE);
-                    outcome.freed_pages += 1;
+            for g in 0..groups {
+                let sinks = self.sinks[g];
+                if sinks == 0 {
+                    continue;
+                }
+                let t = s.table(g);
+                // Sinks sit right before the first kept token after them.
+                let shift = match (sinks..t.num_slots).find(|&x| t.is_valid(x)) {
+                    Some(x) if t.num_valid > sinks => {
+                        t.position(x).expect("in range").saturating_sub(sinks)
+                    }
+                    _ => 0,
+                };
+                step.undo[i * groups + g].sink_shift = s.sink_shift[g];
+                if shift != s.sink_shift[g] {
+                    let start = step.rerotation_slots.len();
+                    let bs = self.config.block_size;
+                    step.rerotation_slots.extend(
+                        (0..sinks.min(t.num_slots))
+                            .map(|x| t.physical_slot(x, bs).expect("in range")),
+                    );
+                    step.rerotations.push(Rerotation {
+                        index: i,
+                        group: g,
+                        first_position: shift,
+                        slots: start..step.rerotation_slots.len(),
+                    });
+                    s.sink_shift[g] = shift;
                 }
             }
         }
-        t.num_valid -= outcome.evicted_slots;
+        step.needs.extend_from_slice(&self.needs);
+        step.sinks.extend_from_slice(&self.sinks);
+        // Mass buffers: one segment per sequence of its slots in the group, batch order.
+        for g in 0..groups {
+            let need = self.needs[g];
+            let mut total = 0;
+            step.offsets.push(0);
+            for &(seq, _) in batch {
+                total += st.seqs[&seq].table(g).num_slots;
+                step.offsets.push(total);
+            }
+            if need.all_rows() {
+                step.mass[g].resize(total, 0.0);
+                step.wants_mass[g] = true;
+            }
+            if need.observe > 0 && (0..batch.len()).any(|i| !step.observe_rows(i, g).is_empty()) {
+                step.observed_mass[g].resize(total, 0.0);
+                step.wants_observed[g] = true;
+            }
+        }
+        step.state = StepState::Reserved;
+        Ok(())
+    }
+
+    fn rollback(&self, st: &mut State, step: &mut Step) -> Result<()> {
+        if step.state != StepState::Reserved {
+            return Err(Error::InvalidConfig(
+                "rollback: no reserved step to roll back".into(),
+            ));
+        }
+        let groups = self.num_groups();
+        for (i, ss) in step.seqs.iter().enumerate() {
+            let s = st
+                .seqs
+                .get_mut(&ss.seq)
+                .ok_or(Error::UnknownSequence(ss.seq))?;
+            for g in 0..groups {
+                let u = step.undo[i * groups + g];
+                let t = s.table_mut(g);
+                let added = t.num_slots - u.num_slots;
+                t.pop_slots(added);
+                for &page in &t.pages[u.num_pages..] {
+                    st.pool.release(page)?;
+                }
+                t.truncate_pages(u.num_pages);
+                if let Some(c) = u.copy {
+                    st.pool.retain(c.src)?;
+                    st.pool.release(c.dst)?;
+                    let last = t.pages.len() - 1;
+                    t.set_page(last, c.src);
+                }
+                t.tail_shared = u.tail_shared;
+                let n = t.num_slots;
+                if let Some(sc) = s.scores.get_mut(g) {
+                    for v in [&mut sc.accumulated, &mut sc.last, &mut sc.observed] {
+                        v.truncate(n);
+                    }
+                }
+                if let Some(shift) = s.sink_shift.get_mut(g) {
+                    *shift = u.sink_shift;
+                }
+            }
+            s.num_tokens = ss.position;
+            if !ss.prompt_declared {
+                s.prompt_len = None;
+            }
+        }
+        step.state = StepState::Idle;
+        Ok(())
+    }
+
+    fn retain(&self, st: &mut State, step: &mut Step) -> Result<RetainOutcome> {
+        if step.state != StepState::Reserved {
+            return Err(Error::InvalidConfig(
+                "retain: no reserved step (call reserve first, once per step)".into(),
+            ));
+        }
+        let groups = self.num_groups();
+        let bs = self.config.block_size;
+        step.moves.clear();
+        step.keep_words.clear();
+        // Phase 1 (fallible, changes nothing): fold the step's mass into scratch copies of the
+        // scores and decide what every (sequence, group) keeps.
+        for (i, ss) in step.seqs.iter().enumerate() {
+            let s = st
+                .seqs
+                .get_mut(&ss.seq)
+                .ok_or(Error::UnknownSequence(ss.seq))?;
+            let phase = ss.phase();
+            for g in 0..groups {
+                if !self.evicts[g] {
+                    continue;
+                }
+                let t = s.table_mut(g);
+                t.materialise();
+                let n = t.num_slots;
+                let lo = step.offsets[g * (step.seqs.len() + 1) + i];
+                let seg = lo..lo + n;
+                let need = self.needs[g];
+                let pair = step.keep_ranges.len();
+                if step.score_scratch.len() <= pair {
+                    step.score_scratch.push(GroupScores::default());
+                }
+                let scratch = &mut step.score_scratch[pair];
+                let sc = s.scores.get(g);
+                fold(
+                    &mut scratch.accumulated,
+                    need.accumulated,
+                    sc.map(|x| &x.accumulated[..]),
+                    step.wants_mass[g].then(|| &step.mass[g][seg.clone()]),
+                );
+                fold(
+                    &mut scratch.last,
+                    need.last,
+                    None,
+                    step.wants_mass[g].then(|| &step.mass[g][seg.clone()]),
+                );
+                fold(
+                    &mut scratch.observed,
+                    need.observe > 0,
+                    sc.map(|x| &x.observed[..]),
+                    step.wants_observed[g].then(|| &step.observed_mass[g][seg.clone()]),
+                );
+                let words = bits::words_for(n);
+                let start = step.keep_words.len();
+                step.keep_words.resize(start + words, 0);
+                let keep = &mut step.keep_words[start..];
+                let retention = self.policy.retention(g);
+                let t = s.table(g);
+                if !retention.is_full() {
+                    let input = RetainInput {
+                        num_slots: n,
+                        num_tokens: s.num_tokens,
+                        valid: &t.valid,
+                        positions: &t.positions,
+                        scores: Scores {
+                            accumulated: need.accumulated.then_some(&scratch.accumulated[..]),
+                            last: need.last.then_some(&scratch.last[..]),
+                            observed: (need.observe > 0).then_some(&scratch.observed[..]),
+                        },
+                        phase,
+                    };
+                    retention.select(&input, keep, &mut step.scratch)?;
+                } else {
+                    keep.copy_from_slice(&t.valid[..words]);
+                }
+                if let Some(w) = self.windows[g] {
+                    // No reader looks further back than `w - 1` slots from the next token.
+                    let cut = n.saturating_sub(w.saturating_sub(1));
+                    for x in 0..cut {
+                        bits::clear(keep, x);
+                    }
+                }
+                for (k, v) in keep.iter_mut().zip(&t.valid) {
+                    *k &= v;
+                }
+                step.keep_ranges.push((i, g, start));
+            }
+        }
+        // Phase 2 (cannot fail on a consistent state): install scores, clear dropped slots,
+        // free and compact pages.
+        let mut outcome = RetainOutcome::default();
+        let State {
+            pool,
+            seqs,
+            compactor,
+        } = st;
+        for (pair, &(i, g, start)) in step.keep_ranges.iter().enumerate() {
+            let ss = &step.seqs[i];
+            let s = seqs.get_mut(&ss.seq).expect("checked in phase 1");
+            if let Some(sc) = s.scores.get_mut(g) {
+                let scratch = &mut step.score_scratch[pair];
+                std::mem::swap(&mut sc.accumulated, &mut scratch.accumulated);
+                std::mem::swap(&mut sc.last, &mut scratch.last);
+                std::mem::swap(&mut sc.observed, &mut scratch.observed);
+            }
+            let t = s.table_mut(g);
+            let words = bits::words_for(t.num_slots);
+            let keep = &step.keep_words[start..start + words];
+            let mut dropped = 0;
+            for (v, &k) in t.valid.iter_mut().zip(keep) {
+                dropped += (*v & !k).count_ones() as usize;
+                *v &= k;
+            }
+            t.num_valid -= dropped;
+            outcome.evicted_slots += dropped;
+            let t = s.table(g);
+            if compactor.plan(t, bs, |p| pool.refcount(p).is_ok_and(|rc| rc > 1)) {
+                let before = step.moves.len();
+                let t = if g == 0 {
+                    &mut s.first
+                } else {
+                    &mut s.rest[g - 1]
+                };
+                match s.scores.get_mut(g) {
+                    Some(sc) => compactor.apply(
+                        t,
+                        bs,
+                        &mut [&mut sc.accumulated, &mut sc.last, &mut sc.observed],
+                        &mut step.moves,
+                    ),
+                    None => compactor.apply(t, bs, &mut [], &mut step.moves),
+                }
+                for &p in &compactor.freed {
+                    pool.release(p)?;
+                }
+                outcome.freed_pages += compactor.freed.len();
+                outcome.moved_slots += step.moves.len() - before;
+            }
+        }
+        if self.caching {
+            let mut off = 0;
+            for ss in &step.seqs {
+                let s = seqs.get_mut(&ss.seq).expect("in the step");
+                let tokens = &step.tokens[off..off + ss.num_new];
+                off += ss.num_new;
+                self.register_full_blocks(pool, s, tokens)?;
+            }
+        }
+        step.outcome = outcome;
+        step.state = StepState::Retained;
         Ok(outcome)
     }
 
@@ -776,7 +1194,7 @@ impl Core {
         }
         let p = ps.clone();
         for t in p.tables() {
-            for &page in t.pages.iter().filter(|&&p| p != NULL_PAGE) {
+            for &page in &t.pages {
                 st.pool.retain(page)?;
             }
         }
@@ -787,11 +1205,26 @@ impl Core {
     fn free(&self, st: &mut State, seq: SeqId) -> Result<()> {
         let s = st.seqs.remove(&seq).ok_or(Error::UnknownSequence(seq))?;
         for t in s.tables() {
-            for &page in t.pages.iter().filter(|&&p| p != NULL_PAGE) {
+            for &page in &t.pages {
                 st.pool.release(page)?;
             }
         }
         Ok(())
+    }
+}
+
+/// `dst = old + mass` for one score kind, `dst = mass` when there is no `old` (the latest
+/// step's mass), `dst = old` without mass; leaves `dst` empty when the kind is not `needed`.
+fn fold(dst: &mut Vec<f32>, needed: bool, old: Option<&[f32]>, mass: Option<&[f32]>) {
+    dst.clear();
+    if !needed {
+        return;
+    }
+    match (old, mass) {
+        (Some(o), Some(m)) => dst.extend(o.iter().zip(m).map(|(a, b)| a + b)),
+        (Some(o), None) => dst.extend_from_slice(o),
+        (None, Some(m)) => dst.extend_from_slice(m),
+        (None, None) => {}
     }
 }
 
@@ -809,8 +1242,12 @@ impl CacheWriter<'_> {
 
     /// See [`KvCache::append`].
     pub fn append(&mut self, seq: SeqId, tokens: &[u32], out: &mut SlotMapping) -> Result<()> {
-        self.core
-            .append_batch(&mut self.state, &[(seq, tokens)], std::slice::from_mut(out))
+        self.core.append_batch(
+            &mut self.state,
+            &[(seq, tokens)],
+            std::slice::from_mut(out),
+            None,
+        )
     }
 
     /// See [`KvCache::append_batch`].
@@ -819,18 +1256,22 @@ impl CacheWriter<'_> {
         batch: &[(SeqId, &[u32])],
         out: &mut [SlotMapping],
     ) -> Result<()> {
-        self.core.append_batch(&mut self.state, batch, out)
+        self.core.append_batch(&mut self.state, batch, out, None)
     }
 
-    /// See [`KvCache::evict`].
-    pub fn evict(
-        &mut self,
-        seq: SeqId,
-        group: GroupId,
-        scores: Option<&[f32]>,
-        phase: Phase,
-    ) -> Result<EvictOutcome> {
-        self.core.evict(&mut self.state, seq, group, scores, phase)
+    /// See [`KvCache::reserve`].
+    pub fn reserve(&mut self, batch: &[(SeqId, &[u32])], step: &mut Step) -> Result<()> {
+        self.core.reserve(&mut self.state, batch, step)
+    }
+
+    /// See [`KvCache::retain`].
+    pub fn retain(&mut self, step: &mut Step) -> Result<RetainOutcome> {
+        self.core.retain(&mut self.state, step)
+    }
+
+    /// See [`KvCache::rollback`].
+    pub fn rollback(&mut self, step: &mut Step) -> Result<()> {
+        self.core.rollback(&mut self.state, step)
     }
 
     /// See [`KvCache::fork`].
@@ -903,10 +1344,7 @@ fn pages_needed(t: &BlockTable, n: usize, b: Blocks, pool: &BlockPool) -> usize 
     }
     let grow = b.count(t.num_slots + n) - t.pages.len();
     let tail = if b.offset(t.num_slots) != 0 {
-        let page = t.tail;
-        usize::from(
-            page == NULL_PAGE || (t.tail_shared && pool.refcount(page).is_ok_and(|rc| rc > 1)),
-        )
+        usize::from(t.tail_shared && pool.refcount(t.tail).is_ok_and(|rc| rc > 1))
     } else {
         0
     };
@@ -918,7 +1356,8 @@ mod tests {
     use super::*;
     use crate::map::LayerMap;
     use crate::policy::{Policy, PolicyBuilder};
-    use crate::retention::Retention;
+    use crate::retention::{Phase, Retention};
+    use crate::step::Step;
 
     fn cache(policy: Policy, num_pages: usize, bs: usize) -> KvCache {
         KvCache::new(
@@ -928,6 +1367,7 @@ mod tests {
                 num_pages,
                 bytes_per_token: 8,
                 prefix_caching: true,
+                ..CacheConfig::default()
             },
         )
         .unwrap()
@@ -961,25 +1401,168 @@ mod tests {
             .unwrap();
         let c = cache(p, 16, 2);
         c.add_sequence(7).unwrap();
-        let mut m = SlotMapping::new();
+        let mut step = Step::new();
         for t in 0..20u32 {
-            c.append(7, &[t], &mut m).unwrap();
-            c.evict(7, 0, None, Phase::Decode).unwrap();
+            c.reserve(&[(7, &[t])], &mut step).unwrap();
+            c.retain(&mut step).unwrap();
             c.check_invariants().unwrap();
         }
         let r = c.read();
         let t = r.table(7, 0).unwrap();
-        assert_eq!(t.num_slots(), 20);
+        // 2 sinks + the 3 most recent tokens, renumbered: the table does not grow with the text.
         assert_eq!(t.num_valid(), 5);
-        assert_eq!(t.num_pages_held(), 3);
-        assert!(
-            t.is_valid(0) && t.is_valid(1) && !t.is_valid(2) && !t.is_valid(16) && t.is_valid(17)
-        );
+        assert!(t.num_slots() <= 5 + 1, "{} slots", t.num_slots());
+        assert!(t.num_pages_held() <= 4);
+        let kept: Vec<usize> = (0..t.num_slots())
+            .filter(|&s| t.is_valid(s))
+            .map(|s| t.position(s).unwrap())
+            .collect();
+        assert_eq!(kept, vec![0, 1, 17, 18, 19]);
         drop(r);
-        let mut m = SlotMapping::new();
-        c.append(7, &[99], &mut m).unwrap();
-        assert_eq!(m.first_position(0), 5);
-        assert_eq!(m.first_slot(0), 20);
+        c.reserve(&[(7, &[99])], &mut step).unwrap();
+        assert_eq!(step.position(0), 20);
+        assert_eq!(step.cache_position(0, 0), 5);
+        // The sinks sit right before the first kept window token (text position 17).
+        let r = &step.rerotations()[0];
+        assert_eq!(r.first_position, 15);
+        assert_eq!(step.rerotation_slots(r).len(), 2);
+        c.retain(&mut step).unwrap();
+    }
+
+    #[test]
+    fn rollback_restores_everything() {
+        let p = PolicyBuilder::new(LayerMap::cla(4, 2).unwrap())
+            .retention(Retention::HeavyHitter {
+                heavy: crate::retention::Budget::Tokens(3),
+                recent: crate::retention::Budget::Tokens(2),
+            })
+            .build()
+            .unwrap();
+        let c = cache(p, 32, 4);
+        c.add_sequence(1).unwrap();
+        let mut step = Step::new();
+        c.reserve(&[(1, &[1, 2, 3, 4, 5, 6])], &mut step).unwrap();
+        c.retain(&mut step).unwrap();
+        c.fork(1, 2).unwrap();
+        let before = (c.pool_stats(), c.memory(1).unwrap(), c.memory(2).unwrap());
+        let tables = |c: &KvCache| {
+            let r = c.read();
+            (0..2)
+                .map(|g| {
+                    (
+                        r.table(1, g).unwrap().clone(),
+                        r.table(2, g).unwrap().clone(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        let t0 = tables(&c);
+        c.reserve(&[(1, &[7, 8]), (2, &[9])], &mut step).unwrap();
+        assert!(
+            step.copies().count() > 0,
+            "the forked tails are copied on write"
+        );
+        c.rollback(&mut step).unwrap();
+        assert_eq!(
+            (c.pool_stats(), c.memory(1).unwrap(), c.memory(2).unwrap()),
+            before
+        );
+        assert_eq!(tables(&c), t0);
+        assert_eq!(c.num_tokens(1).unwrap(), 6);
+        c.check_invariants().unwrap();
+        assert!(c.rollback(&mut step).is_err(), "nothing to roll back twice");
+        assert!(c.retain(&mut step).is_err(), "nothing reserved");
+    }
+
+    #[test]
+    fn phases_follow_the_declared_prompt() {
+        let p = PolicyBuilder::new(LayerMap::identity(1).unwrap())
+            .retention(Retention::SnapKv {
+                observe: 3,
+                budget: crate::retention::Budget::Tokens(5),
+                pool: 1,
+            })
+            .build()
+            .unwrap();
+        let c = cache(p, 32, 4);
+        c.add_sequence(1).unwrap();
+        c.set_prompt_len(1, 10).unwrap();
+        let mut step = Step::new();
+        c.reserve(&[(1, &[0; 4])], &mut step).unwrap();
+        assert_eq!(step.phase(0), Phase::Prefill);
+        assert!(step.observe_rows(0, 0).is_empty());
+        assert!(step.observed_mass_mut(0).is_none());
+        c.retain(&mut step).unwrap();
+        c.reserve(&[(1, &[0; 6])], &mut step).unwrap();
+        assert_eq!(step.phase(0), Phase::PromptEnd);
+        assert_eq!(step.observe_rows(0, 0), 3..6);
+        // The observation rows attended most to slots 1 and 4.
+        let mass = step.observed_mass_mut(0).unwrap();
+        assert_eq!(mass.len(), 10);
+        mass[1] = 5.0;
+        mass[4] = 3.0;
+        let out = c.retain(&mut step).unwrap();
+        assert_eq!(out.evicted_slots, 5);
+        let r = c.read();
+        let t = r.table(1, 0).unwrap();
+        let kept: Vec<usize> = (0..t.num_slots())
+            .filter(|&s| t.is_valid(s))
+            .map(|s| t.position(s).unwrap())
+            .collect();
+        assert_eq!(kept, vec![1, 4, 7, 8, 9]);
+        drop(r);
+        c.reserve(&[(1, &[0])], &mut step).unwrap();
+        assert_eq!(step.phase(0), Phase::Decode);
+        c.retain(&mut step).unwrap();
+        assert!(c.set_prompt_len(1, 4).is_err());
+        c.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn heavy_hitters_compact_into_fewer_pages() {
+        let p = PolicyBuilder::new(LayerMap::identity(1).unwrap())
+            .retention(Retention::HeavyHitter {
+                heavy: crate::retention::Budget::Tokens(6),
+                recent: crate::retention::Budget::Tokens(2),
+            })
+            .build()
+            .unwrap();
+        let c = cache(p, 64, 4);
+        c.add_sequence(1).unwrap();
+        let mut step = Step::new();
+        let mut max_pages = 0;
+        for t in 0..200u32 {
+            c.reserve(&[(1, &[t])], &mut step).unwrap();
+            // Token positions divisible by 7 draw attention and become heavy hitters.
+            let r = c.read();
+            let table = r.table(1, 0).unwrap();
+            let weights: Vec<f32> = (0..table.num_slots())
+                .map(|s| {
+                    let p = table.position(s).unwrap();
+                    if p % 7 == 0 {
+                        1.0 + p as f32 / 1000.0
+                    } else {
+                        0.01
+                    }
+                })
+                .collect();
+            drop(r);
+            step.mass_mut(0).unwrap().copy_from_slice(&weights);
+            c.retain(&mut step).unwrap();
+            c.check_invariants().unwrap();
+            max_pages = max_pages.max(c.memory(1).unwrap().pages_per_group[0]);
+        }
+        // 8 kept tokens: 2 pages dense, 3 with the one page of slack compaction allows.
+        assert!(max_pages <= 3, "{max_pages} pages");
+        let r = c.read();
+        let t = r.table(1, 0).unwrap();
+        assert!(t.num_slots() < 12);
+        let kept: Vec<usize> = (0..t.num_slots())
+            .filter(|&s| t.is_valid(s))
+            .map(|s| t.position(s).unwrap())
+            .collect();
+        // Early multiples of 7 accumulated the most mass: H2O keeps them.
+        assert_eq!(kept, vec![0, 7, 14, 21, 28, 35, 198, 199]);
     }
 
     #[test]
@@ -1029,7 +1612,6 @@ mod tests {
             }
         );
         assert_eq!(c.pool_stats(), before);
-        assert!(c.append_batch(&[(1, &[0])], &mut out).is_err());
         assert_eq!(
             c.append_batch(&[(1, &[0]), (9, &[0])], &mut out)
                 .unwrap_err(),
@@ -1099,48 +1681,21 @@ mod tests {
         c.add_sequence(1).unwrap();
         assert_eq!(c.add_sequence(1).unwrap_err(), Error::SequenceExists(1));
         assert!(matches!(
-            c.evict(1, 5, None, Phase::Decode).unwrap_err(),
+            c.read().view(1, 5).unwrap_err(),
             Error::UnknownGroup { group: 5, .. }
         ));
-        assert!(c.read().view(1, 2).is_err());
-        let h2o = PolicyBuilder::new(LayerMap::identity(1).unwrap())
-            .retention(Retention::HeavyHitter {
-                heavy: crate::retention::Budget::Tokens(1),
-                recent: crate::retention::Budget::Tokens(1),
-            })
-            .build()
-            .unwrap();
-        let c = cache(h2o, 8, 4);
-        c.add_sequence(1).unwrap();
-        c.append(1, &[1, 2, 3], &mut m).unwrap();
+        let mut step = Step::new();
         assert_eq!(
-            c.evict(1, 0, Some(&[1.0]), Phase::Decode).unwrap_err(),
-            Error::ScoreLength {
-                group: 0,
-                expected: 3,
-                actual: 1
-            }
+            c.reserve(&[(1, &[1]), (1, &[2])], &mut step).unwrap_err(),
+            Error::InvalidConfig("sequence 1 appears twice in one step".into())
         );
-        assert_eq!(
-            c.evict(1, 0, None, Phase::Decode).unwrap_err(),
-            Error::ScoreLength {
-                group: 0,
-                expected: 3,
-                actual: 0
-            }
-        );
-        let out = c
-            .evict(1, 0, Some(&[0.0, 5.0, 0.0]), Phase::Decode)
-            .unwrap();
-        assert_eq!(out.evicted_slots, 1);
-        assert!(!c.read().table(1, 0).unwrap().is_valid(0));
         assert!(KvCache::new(
             Arc::new(Policy::identity(1).unwrap()),
             CacheConfig {
                 block_size: 0,
                 num_pages: 1,
                 bytes_per_token: 1,
-                prefix_caching: false
+                ..CacheConfig::default()
             }
         )
         .is_err());

@@ -12,46 +12,51 @@
 //!
 //! ```
 //! use std::sync::Arc;
-//! use layerkv::{CacheConfig, KvCache, LayerMap, Phase, PolicyBuilder, Retention, SlotMapping};
+//! use layerkv::{CacheConfig, KvCache, LayerMap, PolicyBuilder, Retention, Step};
 //!
 //! // CLA with stride 2 on a 4-layer model, plus StreamingLLM (4 sinks, 60-token window).
 //! let policy = PolicyBuilder::new(LayerMap::cla(4, 2)?)
 //!     .retention(Retention::SinkWindow { sinks: 4, window: 60 })
 //!     .build()?;
-//! let config = CacheConfig { block_size: 16, num_pages: 64, bytes_per_token: 2 * 2 * 64 * 2, prefix_caching: false };
+//! let config = CacheConfig { block_size: 16, num_pages: 64, bytes_per_token: 2 * 2 * 64 * 2, ..CacheConfig::default() };
 //! let cache = KvCache::new(Arc::new(policy), config)?;
 //! cache.add_sequence(1)?;
-//! let mut slots = SlotMapping::new();
+//! let mut step = Step::new();
 //! for token in 0..200u32 {
-//!     cache.append(1, &[token], &mut slots)?;   // write K/V of each group at slots.slots(group)
-//!     for group in 0..2 {
-//!         cache.evict(1, group, None, Phase::Decode)?;
-//!     }
+//!     cache.reserve(&[(1, &[token])], &mut step)?; // write K/V of group g at step.slots(0, g)
+//!     // ... attention over cache.read().view(1, g) ...
+//!     cache.retain(&mut step)?;                    // then execute step.moves() on the store
 //! }
 //! let memory = cache.memory(1)?;
 //! assert_eq!(memory.bytes_per_layer[1], 0);             // layer 1 reads layer 0's KV
-//! assert!(memory.pages_per_group.iter().all(|&p| p <= 6)); // ~64 tokens per group, not 200
+//! assert!(memory.pages_per_group.iter().all(|&p| p <= 5)); // 63 tokens per group, not 200
 //! # Ok::<(), layerkv::Error>(())
 //! ```
 
 pub mod bits;
 mod cache;
+mod compact;
 mod error;
 pub mod map;
 pub mod plan;
 mod policy;
 mod pool;
 pub mod retention;
+mod step;
 mod table;
 
 pub use cache::{
-    CacheConfig, CacheReader, EvictOutcome, KvCache, MemoryReport, PageCopy, SeqId, SlotMapping,
+    CacheConfig, CacheReader, CacheWriter, KvCache, MemoryReport, PageCopy, SeqId, SlotMapping,
 };
+pub use compact::SlotMove;
 pub use error::{Error, Result};
 pub use map::{GroupId, LayerMap, Partition, Target};
 pub use policy::{LayerKvPolicy, Policy, PolicyBuilder};
 pub use pool::{chain_hash, group_block_hash, BlockPool, PageId, PoolStats, NULL_PAGE};
-pub use retention::{Budget, Phase, RetainInput, Retention, ScoreNeed};
+pub use retention::{
+    Budget, CustomRetention, Phase, RetainInput, Retention, RetentionRule, ScoreNeed, Scores,
+};
+pub use step::{Rerotation, RetainOutcome, Step};
 pub use table::{BlockTable, TableView};
 
 #[cfg(test)]

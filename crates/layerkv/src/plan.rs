@@ -1,28 +1,152 @@
-//! Capacity planning: how many sequences fit in a memory budget under a policy.
+//! Capacity planning: how many sequences fit in a memory budget under a policy, and how long a
+//! single sequence can grow.
 //!
-//! Bounds are worst cases over token placement (score-based retentions may scatter kept tokens
-//! one per page), so a plan never promises more than the allocator can deliver. O(groups).
+//! Bounds come from the same rules the cache applies: a group keeps at most what its retention
+//! keeps ([`crate::Retention::max_tokens`]) and, when every layer reading it slides, at most its
+//! window; the tokens of one step sit on top until retention runs; the cache compacts whenever a
+//! group's holes reach a page, so a group holds at most one page beyond its live tokens. Sharing
+//! layers hold nothing. A plan never promises more than the allocator delivers. O(groups).
 
+use crate::cache::CacheConfig;
 use crate::policy::LayerKvPolicy;
 
-/// Upper bound on pages one sequence of `seq_len` tokens holds under `policy`.
-pub fn pages_per_sequence(policy: &dyn LayerKvPolicy, block_size: usize, seq_len: usize) -> usize {
-    (0..policy.layer_map().num_groups())
-        .map(|g| policy.retention(g).max_pages(seq_len, block_size))
-        .sum()
+/// Planning parameters: the cache's block size and windows, and the tokens one step appends
+/// before retention runs (1 for decode; the prefill chunk for chunked prefill).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Planner {
+    /// Token slots per page.
+    pub block_size: usize,
+    /// Window of the layers the map marks sliding.
+    pub sliding_window: Option<usize>,
+    /// Window of every other layer (a model-wide sliding window).
+    pub model_window: Option<usize>,
+    /// Tokens a step appends on top of what retention keeps.
+    pub step_tokens: usize,
 }
 
-/// Sequences of `seq_len` tokens that fit in a pool of `num_pages` pages.
+impl Planner {
+    /// A planner with no sliding windows and one-token steps.
+    pub fn new(block_size: usize) -> Self {
+        Self {
+            block_size,
+            sliding_window: None,
+            model_window: None,
+            step_tokens: 1,
+        }
+    }
+
+    /// The planner of a cache config (one-token steps).
+    pub fn from_config(config: &CacheConfig) -> Self {
+        Self {
+            block_size: config.block_size,
+            sliding_window: config.sliding_window,
+            model_window: config.model_window,
+            step_tokens: 1,
+        }
+    }
+
+    /// The same planner for steps of `tokens` tokens.
+    pub fn with_step_tokens(mut self, tokens: usize) -> Self {
+        self.step_tokens = tokens.max(1);
+        self
+    }
+
+    /// Upper bound on the pages `group` of one sequence of `seq_len` tokens holds at any time.
+    pub fn pages_per_group(
+        &self,
+        policy: &dyn LayerKvPolicy,
+        group: usize,
+        seq_len: usize,
+    ) -> usize {
+        let bs = self.block_size.max(1);
+        let map = policy.layer_map();
+        let full = seq_len.div_ceil(bs);
+        let window = map
+            .readers(group)
+            .iter()
+            .map(|&l| {
+                if map.is_sliding(l) {
+                    self.sliding_window
+                } else {
+                    self.model_window
+                }
+            })
+            .try_fold(0usize, |acc, w| w.map(|w| acc.max(w)));
+        let retention = policy.retention(group);
+        if retention.is_full() && window.is_none() {
+            return full;
+        }
+        let extra = self.step_tokens.saturating_sub(1);
+        let mut kept = retention.max_tokens(seq_len);
+        if let Some(w) = window {
+            kept = kept.min(w.saturating_sub(1));
+        }
+        let live = (kept + 1 + extra).min(seq_len);
+        (live.div_ceil(bs) + 1).min(full)
+    }
+
+    /// Upper bound on the pages one sequence of `seq_len` tokens holds under `policy`.
+    pub fn pages_per_sequence(&self, policy: &dyn LayerKvPolicy, seq_len: usize) -> usize {
+        (0..policy.layer_map().num_groups())
+            .map(|g| self.pages_per_group(policy, g, seq_len))
+            .sum()
+    }
+
+    /// Sequences of `seq_len` tokens that fit in a pool of `num_pages` pages.
+    pub fn max_sequences(
+        &self,
+        policy: &dyn LayerKvPolicy,
+        seq_len: usize,
+        num_pages: usize,
+    ) -> usize {
+        match self.pages_per_sequence(policy, seq_len) {
+            0 => usize::MAX,
+            per => num_pages / per,
+        }
+    }
+
+    /// The longest single sequence that fits in `num_pages` pages (`None`: unbounded, every
+    /// group's memory stays flat; capped at `limit` tokens to bound the search).
+    pub fn max_context(
+        &self,
+        policy: &dyn LayerKvPolicy,
+        num_pages: usize,
+        limit: usize,
+    ) -> Option<usize> {
+        if self.pages_per_sequence(policy, limit) <= num_pages
+            && self.pages_per_sequence(policy, limit / 2) == self.pages_per_sequence(policy, limit)
+        {
+            return None;
+        }
+        // Pages grow monotonically with the length: binary search the largest that fits.
+        let (mut lo, mut hi) = (0usize, limit);
+        while lo < hi {
+            let mid = lo + (hi - lo).div_ceil(2);
+            if self.pages_per_sequence(policy, mid) <= num_pages {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        Some(lo)
+    }
+}
+
+/// Upper bound on pages one sequence of `seq_len` tokens holds under `policy` (one-token steps,
+/// no sliding windows).
+pub fn pages_per_sequence(policy: &dyn LayerKvPolicy, block_size: usize, seq_len: usize) -> usize {
+    Planner::new(block_size).pages_per_sequence(policy, seq_len)
+}
+
+/// Sequences of `seq_len` tokens that fit in a pool of `num_pages` pages (one-token steps, no
+/// sliding windows).
 pub fn max_sequences(
     policy: &dyn LayerKvPolicy,
     block_size: usize,
     seq_len: usize,
     num_pages: usize,
 ) -> usize {
-    match pages_per_sequence(policy, block_size, seq_len) {
-        0 => usize::MAX,
-        per => num_pages / per,
-    }
+    Planner::new(block_size).max_sequences(policy, seq_len, num_pages)
 }
 
 /// Bytes one sequence of `seq_len` tokens needs at most (`bytes_per_token` per group and token).
@@ -55,7 +179,21 @@ mod tests {
             .unwrap();
         assert_eq!(pages_per_sequence(&id, 16, 4096), 8 * 256);
         assert_eq!(max_sequences(&cla, 16, 4096, 8 * 256), 2);
-        assert_eq!(pages_per_sequence(&both, 16, 4096), 4 * (1 + 16));
+        // 16 sinks + 239 kept + the step's token = 256 tokens: 16 pages + 1 of slack.
+        assert_eq!(pages_per_sequence(&both, 16, 4096), 4 * (16 + 1));
         assert_eq!(bytes_per_sequence(&id, 16, 10, 16), 8 * 160);
+        let p = Planner::new(16);
+        assert_eq!(p.max_context(&both, 1000, 1 << 20), None);
+        assert_eq!(p.max_context(&id, 8 * 4, 1 << 20), Some(64));
+    }
+
+    #[test]
+    fn sliding_layers_hold_their_window() {
+        let map = LayerMap::from_layer_types("0s_1s_2_2").unwrap();
+        let policy = PolicyBuilder::new(map).build().unwrap();
+        let mut p = Planner::new(16);
+        p.sliding_window = Some(64);
+        // Two sliding groups of 64 tokens (4 pages + 1), one full group of 4096 tokens.
+        assert_eq!(p.pages_per_sequence(&policy, 4096), 2 * 5 + 256);
     }
 }

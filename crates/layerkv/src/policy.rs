@@ -163,22 +163,23 @@ impl Policy {
         }
     }
 
-    /// The policy as TOML text.
-    pub fn to_toml(&self) -> String {
-        toml::to_string(self).expect("a policy always serialises to TOML")
+    /// The policy as TOML text (an error for policies with custom retention rules).
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string(self).map_err(|e| Error::PolicyFile(format!("{}: {e}", self.name)))
     }
 
-    /// The policy as pretty JSON text.
-    pub fn to_json(&self) -> String {
-        serde_json::to_string_pretty(self).expect("a policy always serialises to JSON")
+    /// The policy as pretty JSON text (an error for policies with custom retention rules).
+    pub fn to_json(&self) -> Result<String> {
+        serde_json::to_string_pretty(self)
+            .map_err(|e| Error::PolicyFile(format!("{}: {e}", self.name)))
     }
 
     /// Writes the policy to `path` (TOML unless the extension is `.json`).
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let text = match path.extension().and_then(|e| e.to_str()) {
-            Some("json") => self.to_json(),
-            _ => self.to_toml(),
+            Some("json") => self.to_json()?,
+            _ => self.to_toml()?,
         };
         std::fs::write(path, text)
             .map_err(|e| Error::PolicyFile(format!("{}: {e}", path.display())))
@@ -303,9 +304,12 @@ fn fingerprint(map: &LayerMap, retention: &[Retention]) -> u64 {
     serde_json::to_string(map)
         .expect("maps serialise")
         .hash(&mut h);
-    serde_json::to_string(retention)
-        .expect("retentions serialise")
-        .hash(&mut h);
+    for r in retention {
+        // Custom rules are not serialisable: their name stands in for them.
+        serde_json::to_string(r)
+            .unwrap_or_else(|_| format!("custom:{r}"))
+            .hash(&mut h);
+    }
     h.finish()
 }
 
@@ -334,9 +338,9 @@ mod tests {
     #[test]
     fn files_round_trip_in_toml_and_json() {
         let p = stacked();
-        let toml_text = p.to_toml();
+        let toml_text = p.to_toml().unwrap();
         assert_eq!(Policy::parse(&toml_text, "toml").unwrap(), p, "{toml_text}");
-        assert_eq!(Policy::parse(&p.to_json(), "json").unwrap(), p);
+        assert_eq!(Policy::parse(&p.to_json().unwrap(), "json").unwrap(), p);
         assert_eq!(Policy::parse(&toml_text, "").unwrap(), p);
         let dir = std::env::temp_dir().join(format!("layerkv-policy-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -384,6 +388,6 @@ mod tests {
             })
             .collect();
         assert!(budgets.windows(2).all(|w| w[0] >= w[1]), "{budgets:?}");
-        assert_eq!(p.score_need(0), ScoreNeed::ObservationWindow(16));
+        assert_eq!(p.score_need(0).observe, 16);
     }
 }

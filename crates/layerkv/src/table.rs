@@ -1,17 +1,21 @@
 //! [`BlockTable`]: one sequence's pages for one KV group, in logical order, with a slot
-//! validity bitset for token-level eviction.
+//! validity bitset for token-level eviction and the text position of every slot.
 //!
 //! Logical slot `s` lives in page `pages[s / block_size]` at offset `s % block_size`; its
-//! physical slot (the index the kernels write to) is `page * block_size + offset`. Slots are
-//! never renumbered: eviction clears validity bits, and a page whose slots are all evicted is
-//! returned to the pool and replaced by [`NULL_PAGE`], so positions stay stable and no K/V is
-//! ever moved. Tables are mutated only by [`crate::KvCache`]; engines read them.
+//! physical slot (the index the kernels write to) is `page * block_size + offset`. A table holds
+//! only live pages: when retention leaves a page without a valid slot the page goes back to the
+//! pool and leaves the table, and when scattered holes add up to a page the cache compacts the
+//! survivors into fewer pages (a move plan the engine executes). Either way the logical slots
+//! after the change are renumbered, so a table's size, its bitset and every per-slot buffer are
+//! bounded by the tokens it keeps, never by how many tokens the sequence has streamed. Tables
+//! are mutated only by [`crate::KvCache`]; engines read them.
 //!
-//! The bitset is materialised on the first eviction: until then every filled slot is valid and
-//! an append touches no bitset at all (one dependent memory access fewer per token).
+//! The bitset and the positions are materialised on the first retention decision: until then
+//! every filled slot is valid, slot `s` holds text position `s`, and an append touches neither
+//! (one dependent memory access fewer per token).
 
 use crate::bits;
-use crate::pool::{PageId, NULL_PAGE};
+use crate::pool::PageId;
 
 /// One sequence's pages of one KV group.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -20,6 +24,8 @@ pub struct BlockTable {
     pub(crate) num_slots: usize,
     /// Validity bits over logical slots when `bitset`; empty (all filled slots valid) before.
     pub(crate) valid: Vec<u64>,
+    /// Text position of each logical slot when `bitset`; empty (slot == position) before.
+    pub(crate) positions: Vec<u32>,
     pub(crate) bitset: bool,
     pub(crate) num_valid: usize,
     /// Whether the tail page may also be held by another table (set by a fork). While false,
@@ -34,7 +40,7 @@ pub struct BlockTable {
 /// What the attention kernel needs of one table (borrowed, no copies).
 #[derive(Debug, Clone, Copy)]
 pub struct TableView<'a> {
-    /// Page ids in logical order ([`NULL_PAGE`] for evicted pages).
+    /// Page ids in logical order.
     pub pages: &'a [PageId],
     /// Logical slots filled.
     pub num_slots: usize,
@@ -43,12 +49,12 @@ pub struct TableView<'a> {
 }
 
 impl BlockTable {
-    /// Page ids in logical order ([`NULL_PAGE`] marks evicted pages).
+    /// Page ids in logical order (every one held by this table).
     pub fn pages(&self) -> &[PageId] {
         &self.pages
     }
 
-    /// Logical slots filled (tokens appended to this group).
+    /// Logical slots filled.
     pub fn num_slots(&self) -> usize {
         self.num_slots
     }
@@ -69,21 +75,33 @@ impl BlockTable {
         s < self.num_slots && (!self.bitset || bits::get(&self.valid, s))
     }
 
-    /// Pages held (not counting [`NULL_PAGE`] entries).
-    pub fn num_pages_held(&self) -> usize {
-        self.pages.iter().filter(|&&p| p != NULL_PAGE).count()
+    /// Text position of logical slot `s` (`None` if out of range).
+    pub fn position(&self, s: usize) -> Option<usize> {
+        if s >= self.num_slots {
+            return None;
+        }
+        Some(if self.bitset {
+            self.positions[s] as usize
+        } else {
+            s
+        })
     }
 
-    /// The physical slot of logical slot `s` (`None` if out of range or on an evicted page).
+    /// Pages held.
+    pub fn num_pages_held(&self) -> usize {
+        self.pages.len()
+    }
+
+    /// The physical slot of logical slot `s` (`None` if out of range).
     pub fn physical_slot(&self, s: usize, block_size: usize) -> Option<u32> {
         if s >= self.num_slots {
             return None;
         }
         let page = self.pages[s / block_size];
-        (page != NULL_PAGE).then(|| page * block_size as u32 + (s % block_size) as u32)
+        Some(page * block_size as u32 + (s % block_size) as u32)
     }
 
-    /// The kernel's view; the bitset is omitted when nothing was ever evicted.
+    /// The kernel's view; the bitset is omitted while nothing is evicted.
     pub fn view(&self) -> TableView<'_> {
         TableView {
             pages: &self.pages,
@@ -92,15 +110,17 @@ impl BlockTable {
         }
     }
 
-    /// The validity bits, materialised (every filled slot set) if they were not yet.
-    pub(crate) fn bits_mut(&mut self) -> &mut Vec<u64> {
+    /// Materialises the validity bits (every filled slot set) and positions (slot == position)
+    /// if they were not yet.
+    pub(crate) fn materialise(&mut self) {
         if !self.bitset {
             self.valid.clear();
             self.valid.resize(bits::words_for(self.num_slots), 0);
             bits::set_range(&mut self.valid, 0, self.num_slots);
+            self.positions.clear();
+            self.positions.extend(0..self.num_slots as u32);
             self.bitset = true;
         }
-        &mut self.valid
     }
 
     /// Valid slots in logical page `index`.
@@ -127,14 +147,37 @@ impl BlockTable {
         }
     }
 
-    /// Marks `n` new slots valid (the pages must already be in place).
-    pub(crate) fn push_slots(&mut self, n: usize) {
+    /// Drops pages past `len` (the caller releases them) and resets the tail.
+    pub(crate) fn truncate_pages(&mut self, len: usize) {
+        self.pages.truncate(len);
+        self.tail = self.pages.last().copied().unwrap_or(crate::pool::NULL_PAGE);
+    }
+
+    /// Marks `n` new slots valid at text positions `first_position..` (the pages must already
+    /// be in place).
+    pub(crate) fn push_slots(&mut self, n: usize, first_position: usize) {
         let lo = self.num_slots;
         self.num_slots += n;
         self.num_valid += n;
         if self.bitset {
             self.valid.resize(bits::words_for(self.num_slots), 0);
             bits::set_range(&mut self.valid, lo, self.num_slots);
+            self.positions
+                .extend((first_position..first_position + n).map(|p| p as u32));
+        }
+    }
+
+    /// Undoes the last `push_slots` of `n` slots.
+    pub(crate) fn pop_slots(&mut self, n: usize) {
+        let hi = self.num_slots;
+        self.num_slots -= n;
+        self.num_valid -= n;
+        if self.bitset {
+            for s in self.num_slots..hi {
+                bits::clear(&mut self.valid, s);
+            }
+            self.valid.truncate(bits::words_for(self.num_slots));
+            self.positions.truncate(self.num_slots);
         }
     }
 }

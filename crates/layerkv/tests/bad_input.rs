@@ -12,7 +12,7 @@ fn cache(policy: Policy, num_pages: usize) -> KvCache {
         block_size: 4,
         num_pages,
         bytes_per_token: 8,
-        prefix_caching: false,
+        ..CacheConfig::default()
     };
     KvCache::new(Arc::new(policy), config).unwrap()
 }

@@ -1,5 +1,6 @@
 //! Randomised invariant tests of the allocator stack: random policies (sharing maps stacked with
-//! retentions) under random sequences of add / append / evict / fork / free, checking after
+//! retentions) under random sequences of add / append / step (reserve, attention mass, retain or
+//! rollback) / fork / free, checking after
 //! every step that pages are conserved, refcounts equal the number of tables holding a page, no
 //! page is written while shared, sharing layers hold no pages, and accounted bytes equal pages
 //! held x page bytes. Plus a multi-threaded run through one shared cache.
@@ -8,8 +9,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use layerkv::{
-    Budget, CacheConfig, Error, KvCache, LayerKvPolicy, LayerMap, Phase, PolicyBuilder, Retention,
-    ScoreNeed, SlotMapping,
+    Budget, CacheConfig, Error, KvCache, LayerKvPolicy, LayerMap, PolicyBuilder, Retention,
+    SlotMapping, Step,
 };
 use proptest::prelude::*;
 
@@ -144,11 +145,12 @@ proptest! {
             .build()
             .unwrap();
         let num_groups = policy.layer_map().num_groups();
-        let config = CacheConfig { block_size, num_pages, bytes_per_token: 24, prefix_caching: caching };
+        let config = CacheConfig { block_size, num_pages, bytes_per_token: 24, prefix_caching: caching, ..CacheConfig::default() };
         let cache = KvCache::new(Arc::new(policy), config).unwrap();
         let mut live: Vec<u64> = Vec::new();
         let mut next_id = 0u64;
         let mut slots = SlotMapping::new();
+        let mut step_buf = Step::new();
         let mut token = 0u32;
         for (step, op) in ops.into_iter().enumerate() {
             let tag = format!("step {step} {op:?}");
@@ -187,14 +189,50 @@ proptest! {
                     }
                 }
                 Op::Evict { seq } if !live.is_empty() => {
+                    // One protocol step: reserve a token, hand back attention mass, retain (or
+                    // roll back every fourth time and check nothing changed).
                     let id = live[seq % live.len()];
+                    let before = (cache.pool_stats(), cache.memory(id).unwrap(), cache.num_tokens(id).unwrap());
+                    match cache.reserve(&[(id, &[token % 7])], &mut step_buf) {
+                        Ok(()) => {}
+                        Err(Error::PoolExhausted { .. }) => {
+                            prop_assert_eq!((cache.pool_stats(), cache.memory(id).unwrap(), cache.num_tokens(id).unwrap()), before, "{}", tag);
+                            check(&cache, &live, &tag)?;
+                            continue;
+                        }
+                        Err(e) => return Err(TestCaseError::fail(format!("{tag}: {e}"))),
+                    }
+                    token += 1;
+                    let fill = |buf: Option<&mut [f32]>, g: usize| {
+                        for (i, m) in buf.into_iter().flatten().enumerate() {
+                            *m = ((i * 31 + g * 7 + step) % 13) as f32;
+                        }
+                    };
                     for g in 0..num_groups {
-                        let n = cache.read().table(id, g).unwrap().num_slots();
-                        let scores: Vec<f32> = (0..n).map(|i| ((i * 31 + g * 7) % 13) as f32).collect();
-                        let need = cache.policy().score_need(g);
-                        let sc = (need != ScoreNeed::None).then_some(&scores[..]);
-                        let phase = if step % 3 == 0 { Phase::Prefill } else { Phase::Decode };
-                        cache.evict(id, g, sc, phase).unwrap();
+                        fill(step_buf.mass_mut(g), g);
+                        fill(step_buf.observed_mass_mut(g), g);
+                    }
+                    if step % 4 == 0 {
+                        cache.rollback(&mut step_buf).unwrap();
+                        // Cached prefix pages the reserve recycled stay recycled (their contents
+                        // are gone); everything held is as before.
+                        let held = |s: layerkv::PoolStats| (s.num_used, s.num_free + s.num_cached);
+                        let after = cache.pool_stats();
+                        prop_assert_eq!(held(after), held(before.0), "{}: rollback", tag);
+                        prop_assert_eq!((cache.memory(id).unwrap(), cache.num_tokens(id).unwrap()), (before.1.clone(), before.2), "{}: rollback", tag);
+                    } else {
+                        cache.retain(&mut step_buf).unwrap();
+                        // Kept tokens never exceed what the retention allows.
+                        let n_tokens = cache.num_tokens(id).unwrap();
+                        let r = cache.read();
+                        for g in 0..num_groups {
+                            let retention = cache.policy().retention(g);
+                            if matches!(retention, Retention::SinkWindow { .. } | Retention::HeavyHitter { .. }) {
+                                let t = r.table(id, g).unwrap();
+                                let bound = retention.max_tokens(n_tokens);
+                                prop_assert!(t.num_valid() <= bound, "{}: group {} keeps {} > {}", tag, g, t.num_valid(), bound);
+                            }
+                        }
                     }
                 }
                 Op::Fork { seq } if !live.is_empty() => {
@@ -237,7 +275,7 @@ fn threads_share_one_cache_and_conserve_pages() {
                 block_size: 4,
                 num_pages: 400,
                 bytes_per_token: 16,
-                prefix_caching: false,
+                ..CacheConfig::default()
             },
         )
         .unwrap(),
@@ -246,19 +284,18 @@ fn threads_share_one_cache_and_conserve_pages() {
         .map(|t| {
             let cache = Arc::clone(&cache);
             std::thread::spawn(move || {
-                let mut slots = SlotMapping::new();
+                let mut protocol = Step::new();
                 let mut exhausted = 0;
                 for round in 0..50u64 {
                     let id = t * 1000 + round;
                     cache.add_sequence(id).unwrap();
                     for step in 0..(20 + round % 40) {
-                        match cache.append(id, &[step as u32], &mut slots) {
-                            Ok(()) => {}
+                        match cache.reserve(&[(id, &[step as u32])], &mut protocol) {
+                            Ok(()) => {
+                                cache.retain(&mut protocol).unwrap();
+                            }
                             Err(Error::PoolExhausted { .. }) => exhausted += 1,
                             Err(e) => panic!("{e}"),
-                        }
-                        for g in 0..3 {
-                            cache.evict(id, g, None, Phase::Decode).unwrap();
                         }
                     }
                     if round % 2 == 0 {

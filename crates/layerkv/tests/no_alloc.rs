@@ -18,16 +18,17 @@
 //!   65..=128 words, the capacities doubling growth reached at 4097 tokens), and the amortised
 //!   count is asserted from a fresh sequence: at most two `Vec`s per group reallocate, each at
 //!   most `log2(n) + 1` times over `n` appends.
-//! - [`KvCache::evict`] with `SinkWindow` after each append: same stretch, exactly zero (its
-//!   keep bitset is reused and follows the same doubling as the tables).
+//! - a protocol step ([`KvCache::reserve`] + [`KvCache::retain`]) with `SinkWindow`: same
+//!   stretch, exactly zero (the step's buffers, the keep bitsets and the compaction scratch are
+//!   reused; the tables are renumbered as pages leave, so they stay window-sized).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::Arc;
 
 use layerkv::{
-    BlockPool, CacheConfig, KvCache, LayerKvPolicy, LayerMap, Phase, Policy, PolicyBuilder,
-    Retention, SlotMapping,
+    BlockPool, CacheConfig, KvCache, LayerKvPolicy, LayerMap, Policy, PolicyBuilder, Retention,
+    SlotMapping, Step,
 };
 
 /// Counts allocations of the current thread while [`ACTIVE`] is on.
@@ -204,25 +205,32 @@ fn cache(policy: Policy, num_pages: usize) -> KvCache {
             block_size: 16,
             num_pages,
             bytes_per_token: 2,
-            prefix_caching: false,
+            ..CacheConfig::default()
         },
     )
     .unwrap()
 }
 
-/// Appends tokens `from..to` one at a time to sequence 1, each followed by an eviction of every
-/// group when `evict` is set; returns what the appends and evictions allocated.
-fn decode(c: &KvCache, mapping: &mut SlotMapping, from: u32, to: u32, evict: bool) -> Count {
-    let groups = c.policy().layer_map().num_groups();
+/// Appends tokens `from..to` one at a time to sequence 1; returns what the appends allocated.
+fn decode(c: &KvCache, mapping: &mut SlotMapping, from: u32, to: u32) -> Count {
     let ((), counted) = count(|| {
         for token in from..to {
             c.append(1, &[token], mapping).unwrap();
             std::hint::black_box(mapping.slots(0));
-            if evict {
-                for g in 0..groups {
-                    c.evict(1, g, None, Phase::Decode).unwrap();
-                }
-            }
+        }
+    });
+    counted
+}
+
+/// Runs protocol steps of one token `from..to` on sequence 1 (reserve, then retain); returns
+/// what they allocated.
+fn decode_steps(c: &KvCache, step: &mut Step, from: u32, to: u32) -> Count {
+    let ((), counted) = count(|| {
+        for token in from..to {
+            c.reserve(&[(1, &[token])], step).unwrap();
+            std::hint::black_box(step.slots(0, 0));
+            c.retain(step).unwrap();
+            std::hint::black_box(step.moves());
         }
     });
     counted
@@ -245,8 +253,8 @@ fn append_of_one_token_allocates_nothing_once_warm() {
         let c = cache(policy, 600 * groups);
         c.add_sequence(1).unwrap();
         let mut mapping = SlotMapping::new();
-        decode(&c, &mut mapping, 0, WARM, false);
-        let counted = decode(&c, &mut mapping, WARM, END, false);
+        decode(&c, &mut mapping, 0, WARM);
+        let counted = decode(&c, &mut mapping, WARM, END);
         assert_eq!(
             counted,
             NONE,
@@ -271,8 +279,8 @@ fn append_allocations_are_amortised_logarithmic() {
         c.add_sequence(1).unwrap();
         let mut mapping = SlotMapping::new();
         // The first append sizes the mapping (one slot list per group) and the tables.
-        decode(&c, &mut mapping, 0, 1, false);
-        let counted = decode(&c, &mut mapping, 1, N, false);
+        decode(&c, &mut mapping, 0, 1);
+        let counted = decode(&c, &mut mapping, 1, N);
         // Per group: the page list and the validity bitset, each doubling at most
         // log2(N) + 1 times.
         let bound = groups * 2 * (N.ilog2() as usize + 1);
@@ -298,17 +306,25 @@ fn sink_window_eviction_allocates_nothing_once_warm() {
         let groups = policy.layer_map().num_groups();
         let c = cache(policy, 64 * groups);
         c.add_sequence(1).unwrap();
-        let mut mapping = SlotMapping::new();
-        decode(&c, &mut mapping, 0, WARM, true);
-        let counted = decode(&c, &mut mapping, WARM, END, true);
+        let mut step = Step::new();
+        decode_steps(&c, &mut step, 0, WARM);
+        let counted = decode_steps(&c, &mut step, WARM, END);
         assert_eq!(
             counted,
             NONE,
-            "{} append + evict steps with {groups} groups allocated",
+            "{} reserve + retain steps with {groups} groups allocated",
             END - WARM
         );
-        // The window held steady: 1 sink page + at most 17 pages over the 255 recent slots.
+        // 4 sinks + 255 recent tokens: 17 pages dense, at most one more for the holes.
         assert!(c.pool_stats().num_used <= groups * 18);
+        // The tables hold the window, not the 8192 tokens streamed by.
+        let r = c.read();
+        for g in 0..groups {
+            let t = r.table(1, g).unwrap();
+            assert_eq!(t.num_valid(), 4 + 255);
+            assert!(t.num_slots() < 4 + 255 + 16, "{} slots", t.num_slots());
+        }
+        drop(r);
         c.check_invariants().unwrap();
     }
 }

@@ -4,7 +4,9 @@
 //!
 //! Writes are in place (candle in-place ops): `write` scatters n new tokens' K/V rows into their
 //! physical slots (`page * block_size + offset`) in O(n x kv_heads x head_dim); `copy_page`
-//! copies one page for copy-on-write in O(page). The store never reallocates after `new`.
+//! copies one page for copy-on-write in O(page); `move_slots` executes the cache's compaction
+//! plans (gather, then scatter) and `write_keys` the re-rotation of StreamingLLM sinks. The
+//! page tensors never reallocate after `new`.
 
 use candle_core::{CpuStorage, DType, Device, InplaceOp2, Layout, Tensor};
 
@@ -137,6 +139,75 @@ impl KvStore {
         Ok(())
     }
 
+    /// Writes only keys (`[n, kv_heads, head_dim]`) into physical slots: re-rotated
+    /// StreamingLLM sinks, whose values do not change.
+    pub fn write_keys(&mut self, slots: &[u32], k: &Tensor) -> Result<()> {
+        let want = [slots.len(), self.kv_heads, self.head_dim];
+        if k.dims() != want {
+            return Err(KernelError::Shape {
+                what: "k",
+                expected: format!("{want:?} (slots, kv_heads, head_dim)"),
+                actual: k.dims().to_vec(),
+            });
+        }
+        self.check_slots("write_keys", slots)?;
+        if slots.is_empty() {
+            return Ok(());
+        }
+        let op = ScatterRows {
+            dst_rows: slots,
+            row: self.kv_heads * self.head_dim,
+        };
+        let src = k.to_dtype(self.k.dtype())?.contiguous()?;
+        self.k.inplace_op2(&src, &op)?;
+        Ok(())
+    }
+
+    /// Executes a compaction plan: K and V rows move from physical slot `src[i]` to `dst[i]`.
+    /// All sources are gathered before any destination is written, so the plan's sources and
+    /// destinations may overlap. O(moves x kv_heads x head_dim), on any device.
+    pub fn move_slots(&mut self, src: &[u32], dst: &[u32]) -> Result<()> {
+        if src.len() != dst.len() {
+            return Err(KernelError::Invalid(format!(
+                "move_slots: {} sources but {} destinations",
+                src.len(),
+                dst.len()
+            )));
+        }
+        self.check_slots("move_slots source", src)?;
+        self.check_slots("move_slots destination", dst)?;
+        if src.is_empty() {
+            return Ok(());
+        }
+        let total = self.num_pages * self.block_size;
+        let row = self.kv_heads * self.head_dim;
+        let idx = Tensor::new(src, self.k.device())?;
+        let shape = (src.len(), self.kv_heads, self.head_dim);
+        let k = self
+            .k
+            .reshape((total, row))?
+            .index_select(&idx, 0)?
+            .reshape(shape)?;
+        let v = self
+            .v
+            .reshape((total, row))?
+            .index_select(&idx, 0)?
+            .reshape(shape)?;
+        self.write(dst, &k, &v)
+    }
+
+    fn check_slots(&self, what: &str, slots: &[u32]) -> Result<()> {
+        let limit = self.num_pages * self.block_size;
+        if let Some(&bad) = slots.iter().find(|&&s| s as usize >= limit) {
+            return Err(KernelError::Page {
+                what: format!("{what} slot {bad}"),
+                page: bad / self.block_size as u32,
+                num_pages: self.num_pages,
+            });
+        }
+        Ok(())
+    }
+
     /// Copies page `src` onto page `dst` (copy-on-write after a fork).
     pub fn copy_page(&mut self, src: u32, dst: u32) -> Result<()> {
         for (what, p) in [("copy_page src", src), ("copy_page dst", dst)] {
@@ -246,5 +317,44 @@ impl candle_core::InplaceOp1 for CopyRows {
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &mut candle_core::CudaStorage, l: &Layout) -> candle_core::Result<()> {
         crate::cuda::candle::copy_rows(s, l, self.src, self.dst, self.row)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(t: &Tensor) -> Vec<f32> {
+        t.reshape((8, 2))
+            .unwrap()
+            .narrow(1, 0, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    #[test]
+    fn moves_gather_before_they_scatter() {
+        let mut store = KvStore::new(4, 2, 1, 2, DType::F32, &Device::Cpu).unwrap();
+        let k = Tensor::from_vec(
+            (0..16).map(|x| (x / 2) as f32).collect(),
+            (8, 1, 2),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let v = (&k * 10.0).unwrap();
+        store.write(&[0, 1, 2, 3, 4, 5, 6, 7], &k, &v).unwrap();
+        // Slot 2 is read and written by the same plan.
+        store.move_slots(&[2, 3, 5], &[1, 2, 3]).unwrap();
+        assert_eq!(rows(store.k()), vec![0., 2., 3., 5., 4., 5., 6., 7.]);
+        assert_eq!(rows(store.v()), vec![0., 20., 30., 50., 40., 50., 60., 70.]);
+        let sink = Tensor::full(9f32, (1, 1, 2), &Device::Cpu).unwrap();
+        store.write_keys(&[7], &sink).unwrap();
+        assert_eq!(rows(store.k())[7], 9.0);
+        assert_eq!(rows(store.v())[7], 70.0);
+        assert!(store.move_slots(&[1], &[8]).is_err());
+        assert!(store.move_slots(&[1, 2], &[3]).is_err());
     }
 }

@@ -72,24 +72,110 @@ impl fmt::Display for Budget {
     }
 }
 
-/// When the engine asks a retention to decide.
+/// Where a sequence is when its retention decides, derived by the cache from the sequence's
+/// prompt length ([`crate::KvCache::set_prompt_len`]; by default the first step is the prompt).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
-    /// Right after the prompt (all prefill chunks) has been appended.
+    /// The step appended prompt tokens and more of the prompt follows (chunked prefill).
     Prefill,
-    /// After a decode step.
+    /// The step appended the prompt's last token: SnapKV compresses here, once per prompt.
+    PromptEnd,
+    /// The step appended generated (or teacher-forced) tokens after the prompt.
     Decode,
 }
 
-/// Which scores a retention needs from the attention kernel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ScoreNeed {
-    /// Positions suffice; no attention mass is needed.
-    None,
+/// Which attention scores a retention reads; the cache keeps each kind per sequence and group
+/// and the engine feeds them through [`crate::Step`]. A [`Retention::Union`] needs what its
+/// parts need, and each part reads its own kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ScoreNeed {
     /// Attention mass accumulated over every query so far (H2O), summed over heads and readers.
-    Accumulated,
-    /// At the end of prefill, the mass from the last `n` prompt queries only (SnapKV).
-    ObservationWindow(usize),
+    pub accumulated: bool,
+    /// The mass of the latest step's queries only (e.g. TOVA), replaced every step.
+    pub last: bool,
+    /// The mass of the prompt's last `observe` queries (SnapKV's observation window); 0: none.
+    pub observe: usize,
+}
+
+impl ScoreNeed {
+    /// Positions suffice; no attention mass is needed.
+    pub const NONE: ScoreNeed = ScoreNeed {
+        accumulated: false,
+        last: false,
+        observe: 0,
+    };
+
+    /// Whether nothing is needed.
+    pub fn is_none(&self) -> bool {
+        *self == Self::NONE
+    }
+
+    /// Whether the mass of every query row of a step is needed (accumulated or last).
+    pub fn all_rows(&self) -> bool {
+        self.accumulated || self.last
+    }
+
+    /// What both need.
+    pub fn union(self, other: ScoreNeed) -> ScoreNeed {
+        ScoreNeed {
+            accumulated: self.accumulated || other.accumulated,
+            last: self.last || other.last,
+            observe: self.observe.max(other.observe),
+        }
+    }
+}
+
+/// The scores a retention sees, one entry per logical slot (those its [`ScoreNeed`] asked for).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Scores<'a> {
+    /// Accumulated attention mass (H2O).
+    pub accumulated: Option<&'a [f32]>,
+    /// Mass from the latest step's queries.
+    pub last: Option<&'a [f32]>,
+    /// Mass from the prompt's observation window (SnapKV); all zeros until those queries ran.
+    pub observed: Option<&'a [f32]>,
+}
+
+/// A retention rule written outside this crate (TOVA, a quantile rule, ...): implement it and
+/// wrap it in [`Retention::Custom`]. The cache calls it exactly like the built-in rules.
+pub trait RetentionRule: Send + Sync + fmt::Debug {
+    /// A short name for reports.
+    fn name(&self) -> String;
+
+    /// The scores [`RetentionRule::select`] reads.
+    fn score_need(&self) -> ScoreNeed;
+
+    /// Marks in `keep` (cleared by the caller) the valid slots to keep; see
+    /// [`Retention::select`]. Slots marked but not valid are ignored.
+    fn select(
+        &self,
+        input: &RetainInput<'_>,
+        keep: &mut [u64],
+        scratch: &mut Vec<u32>,
+    ) -> Result<()>;
+
+    /// Tokens at the start that are pinned and re-rotated to sit right before the first kept
+    /// token after them (StreamingLLM's sinks); 0 for rules that keep text positions.
+    fn sinks(&self) -> usize {
+        0
+    }
+
+    /// Upper bound on the tokens kept after a step by a sequence that has seen `num_tokens`
+    /// (capacity planning).
+    fn max_tokens(&self, num_tokens: usize) -> usize {
+        num_tokens
+    }
+}
+
+/// A shared handle on a [`RetentionRule`] (compared by identity). Custom rules cannot be
+/// written to policy files.
+#[derive(Debug, Clone)]
+pub struct CustomRetention(pub std::sync::Arc<dyn RetentionRule>);
+
+impl PartialEq for CustomRetention {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
 /// How one KV group decides which token slots stay.
@@ -129,6 +215,9 @@ pub enum Retention {
         /// The composed retentions.
         parts: Vec<Retention>,
     },
+    /// A rule implemented outside the crate ([`RetentionRule`]); not serialisable.
+    #[serde(skip)]
+    Custom(CustomRetention),
 }
 
 impl fmt::Display for Retention {
@@ -155,19 +244,28 @@ impl fmt::Display for Retention {
                 }
                 Ok(())
             }
+            Retention::Custom(c) => write!(f, "{}", c.0.name()),
         }
     }
 }
 
 /// What a retention sees of a group when it decides.
+///
+/// Logical slots are the group's live slots in order (the cache renumbers them when pages are
+/// freed or compacted, so their number depends on what is kept, never on how many tokens have
+/// streamed by); `positions` maps each to its text position.
 #[derive(Debug, Clone, Copy)]
 pub struct RetainInput<'a> {
-    /// Logical slots of the group's table (tokens appended so far).
+    /// Logical slots of the group's table.
     pub num_slots: usize,
+    /// Tokens the sequence has seen (ratio budgets resolve against it).
+    pub num_tokens: usize,
     /// Validity bitset over the logical slots.
     pub valid: &'a [u64],
-    /// Attention mass per logical slot, if the retention needs it ([`Retention::score_need`]).
-    pub scores: Option<&'a [f32]>,
+    /// Text position of each logical slot.
+    pub positions: &'a [u32],
+    /// The scores the retention asked for ([`Retention::score_need`]).
+    pub scores: Scores<'a>,
     /// When the decision is made.
     pub phase: Phase,
 }
@@ -239,38 +337,48 @@ impl Retention {
                 }
                 parts.iter().try_for_each(Retention::validate)
             }
+            Retention::Custom(_) => Ok(()),
         }
     }
 
     /// Which scores the engine must collect for this retention.
     pub fn score_need(&self) -> ScoreNeed {
         match self {
-            Retention::Full | Retention::SinkWindow { .. } => ScoreNeed::None,
-            Retention::HeavyHitter { .. } => ScoreNeed::Accumulated,
-            Retention::SnapKv { observe, .. } => ScoreNeed::ObservationWindow(*observe),
-            Retention::Union { parts } => {
-                parts
-                    .iter()
-                    .map(Retention::score_need)
-                    .fold(ScoreNeed::None, |a, b| match (a, b) {
-                        (ScoreNeed::None, x) | (x, ScoreNeed::None) => x,
-                        (ScoreNeed::Accumulated, _) | (_, ScoreNeed::Accumulated) => {
-                            ScoreNeed::Accumulated
-                        }
-                        (ScoreNeed::ObservationWindow(a), ScoreNeed::ObservationWindow(b)) => {
-                            ScoreNeed::ObservationWindow(a.max(b))
-                        }
-                    })
-            }
+            Retention::Full | Retention::SinkWindow { .. } => ScoreNeed::NONE,
+            Retention::HeavyHitter { .. } => ScoreNeed {
+                accumulated: true,
+                ..ScoreNeed::NONE
+            },
+            Retention::SnapKv { observe, .. } => ScoreNeed {
+                observe: *observe,
+                ..ScoreNeed::NONE
+            },
+            Retention::Union { parts } => parts
+                .iter()
+                .map(Retention::score_need)
+                .fold(ScoreNeed::NONE, ScoreNeed::union),
+            Retention::Custom(c) => c.0.score_need(),
         }
     }
 
-    /// Whether the rule ever evicts.
+    /// Whether the rule never evicts.
     pub fn is_full(&self) -> bool {
         match self {
             Retention::Full => true,
             Retention::Union { parts } => parts.iter().any(Retention::is_full),
             _ => false,
+        }
+    }
+
+    /// StreamingLLM sinks: the first tokens that are never evicted and are re-rotated to sit
+    /// right before the first kept token after them (positions inside the cache). A union has
+    /// the largest sink count of its parts.
+    pub fn sinks(&self) -> usize {
+        match self {
+            Retention::SinkWindow { sinks, .. } => *sinks,
+            Retention::Union { parts } => parts.iter().map(Retention::sinks).max().unwrap_or(0),
+            Retention::Custom(c) => c.0.sinks(),
+            _ => 0,
         }
     }
 
@@ -283,12 +391,9 @@ impl Retention {
         scratch: &mut Vec<u32>,
     ) -> Result<()> {
         let n = input.num_slots;
-        let scores = || {
-            input.scores.ok_or(Error::ScoreLength {
-                group: usize::MAX,
-                expected: n,
-                actual: 0,
-            })
+        let missing = |what: &str| Error::InvalidRetention {
+            retention: self.to_string(),
+            reason: format!("the engine did not provide the {what} scores this rule needs"),
         };
         match self {
             Retention::Full => {
@@ -298,11 +403,14 @@ impl Retention {
                 sink_window::select(*sinks, *window, n, input.valid, keep)
             }
             Retention::HeavyHitter { heavy, recent } => heavy_hitter::select(
-                heavy.resolve(n),
-                recent.resolve(n),
+                heavy.resolve(input.num_tokens),
+                recent.resolve(input.num_tokens),
                 n,
                 input.valid,
-                scores()?,
+                input
+                    .scores
+                    .accumulated
+                    .ok_or_else(|| missing("accumulated"))?,
                 keep,
                 scratch,
             ),
@@ -311,14 +419,18 @@ impl Retention {
                 budget,
                 pool,
             } => {
-                if input.phase == Phase::Prefill && bits::count(input.valid) > budget.resolve(n) {
+                let budget = budget.resolve(input.num_tokens);
+                if input.phase == Phase::PromptEnd && bits::count(input.valid) > budget {
                     snapkv::select(
                         *observe,
-                        budget.resolve(n),
+                        budget,
                         *pool,
                         n,
                         input.valid,
-                        scores()?,
+                        input
+                            .scores
+                            .observed
+                            .ok_or_else(|| missing("observation"))?,
                         keep,
                         scratch,
                     )
@@ -331,36 +443,38 @@ impl Retention {
                     p.select(input, keep, scratch)?;
                 }
             }
+            Retention::Custom(c) => c.0.select(input, keep, scratch)?,
         }
         Ok(())
     }
 
-    /// Upper bound on the pages one sequence of `num_tokens` tokens holds in a group under this
-    /// rule (scattered heavy hitters counted one page each). Used for capacity planning.
-    pub fn max_pages(&self, num_tokens: usize, block_size: usize) -> usize {
-        let full = num_tokens.div_ceil(block_size);
-        let span = |n: usize| {
-            if n == 0 {
-                0
-            } else {
-                n.div_ceil(block_size) + 1
-            }
-        };
-        let pages = match self {
-            Retention::Full => full,
-            Retention::SinkWindow { sinks, window } => sinks.div_ceil(block_size) + span(*window),
+    /// Upper bound on the tokens a sequence that has seen `num_tokens` keeps after a step
+    /// (SnapKV counts the whole sequence as its prompt, the way compression ratios are
+    /// reported). Used for capacity planning.
+    pub fn max_tokens(&self, num_tokens: usize) -> usize {
+        let kept = match self {
+            Retention::Full => num_tokens,
+            Retention::SinkWindow { sinks, window } => sinks + window.saturating_sub(1),
             Retention::HeavyHitter { heavy, recent } => {
-                heavy.resolve(num_tokens) + span(recent.resolve(num_tokens))
+                heavy.resolve(num_tokens) + recent.resolve(num_tokens)
             }
-            Retention::SnapKv {
-                observe, budget, ..
-            } => budget.resolve(num_tokens).saturating_sub(*observe) + span(*observe),
-            Retention::Union { parts } => parts
-                .iter()
-                .map(|p| p.max_pages(num_tokens, block_size))
-                .sum(),
+            Retention::SnapKv { budget, .. } => budget.resolve(num_tokens),
+            Retention::Union { parts } => parts.iter().map(|p| p.max_tokens(num_tokens)).sum(),
+            Retention::Custom(c) => c.0.max_tokens(num_tokens),
         };
-        pages.min(full)
+        kept.min(num_tokens)
+    }
+
+    /// Upper bound on the pages one sequence of `num_tokens` tokens holds in a group under this
+    /// rule, with `extra` tokens of a step appended on top of what it keeps: the cache compacts
+    /// a group whenever its holes add up to a page, so at most one page beyond the dense count.
+    pub fn max_pages(&self, num_tokens: usize, extra: usize, block_size: usize) -> usize {
+        let full = num_tokens.div_ceil(block_size);
+        if self.is_full() {
+            return full;
+        }
+        let live = (self.max_tokens(num_tokens) + extra).min(num_tokens);
+        (live.div_ceil(block_size) + 1).min(full)
     }
 }
 
@@ -377,11 +491,18 @@ mod tests {
     ) -> Vec<usize> {
         let mut keep = vec![0u64; bits::words_for(n)];
         let mut scratch = Vec::new();
+        let positions: Vec<u32> = (0..n as u32).collect();
         r.select(
             &RetainInput {
                 num_slots: n,
+                num_tokens: n,
                 valid,
-                scores,
+                positions: &positions,
+                scores: Scores {
+                    accumulated: scores,
+                    last: scores,
+                    observed: scores,
+                },
                 phase,
             },
             &mut keep,
@@ -452,7 +573,7 @@ mod tests {
             run(&r, 6, &all_valid(6), Some(&scores), Phase::Decode),
             vec![0, 2, 5]
         );
-        assert_eq!(r.score_need(), ScoreNeed::Accumulated);
+        assert!(r.score_need().accumulated && r.score_need().observe == 0);
     }
 
     #[test]
@@ -464,7 +585,7 @@ mod tests {
         };
         let scores = [0.0, 1.0, 0.0, 4.0, 0.0, 0.0, 0.0, 0.0];
         assert_eq!(
-            run(&r, 8, &all_valid(8), Some(&scores), Phase::Prefill),
+            run(&r, 8, &all_valid(8), Some(&scores), Phase::PromptEnd),
             vec![1, 3, 6, 7]
         );
         assert_eq!(
@@ -479,7 +600,7 @@ mod tests {
         };
         let scores = [0.0, 0.0, 0.0, 4.0, 0.0, 0.0, 0.0, 0.0];
         assert_eq!(
-            run(&r, 8, &all_valid(8), Some(&scores), Phase::Prefill),
+            run(&r, 8, &all_valid(8), Some(&scores), Phase::PromptEnd),
             vec![2, 3, 6, 7]
         );
     }
@@ -495,15 +616,20 @@ mod tests {
             .select(
                 &RetainInput {
                     num_slots: 4,
+                    num_tokens: 4,
                     valid: &all_valid(4),
-                    scores: None,
+                    positions: &[0, 1, 2, 3],
+                    scores: Scores::default(),
                     phase: Phase::Decode,
                 },
                 &mut keep,
                 &mut Vec::new(),
             )
             .unwrap_err();
-        assert!(matches!(err, Error::ScoreLength { actual: 0, .. }));
+        assert!(
+            matches!(&err, Error::InvalidRetention { reason, .. } if reason.contains("accumulated")),
+            "{err}"
+        );
     }
 
     #[test]
@@ -567,13 +693,13 @@ mod tests {
 
     #[test]
     fn page_bounds() {
-        assert_eq!(Retention::Full.max_pages(100, 16), 7);
+        assert_eq!(Retention::Full.max_pages(100, 0, 16), 7);
         assert_eq!(
             Retention::SinkWindow {
                 sinks: 4,
                 window: 32
             }
-            .max_pages(10_000, 16),
+            .max_pages(10_000, 0, 16),
             1 + 3
         );
         assert_eq!(
@@ -581,7 +707,7 @@ mod tests {
                 sinks: 4,
                 window: 32
             }
-            .max_pages(20, 16),
+            .max_pages(20, 0, 16),
             2
         );
     }
