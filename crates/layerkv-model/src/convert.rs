@@ -27,7 +27,7 @@ use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
@@ -447,7 +447,15 @@ fn read_header(path: &Path) -> Result<(BufReader<File>, Content, u64)> {
     let file = File::open(path).map_err(io(path))?;
     let len = file.metadata().map_err(io(path))?.len();
     let mut reader = BufReader::new(file);
-    // candle's reader allocates what length fields say; a corrupt field may panic there.
+    // candle's reader allocates what length fields say: check them against the file first.
+    check_header(&mut reader, len).map_err(|what| {
+        corrupt(
+            path,
+            format!("not a readable GGUF file (truncated or not GGUF?): {what}"),
+        )
+    })?;
+    reader.seek(SeekFrom::Start(0)).map_err(io(path))?;
+    // Belt and braces: a panic inside candle's reader becomes an error too.
     let read =
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut reader)));
     let content = match read {
@@ -466,6 +474,152 @@ fn read_header(path: &Path) -> Result<(BufReader<File>, Content, u64)> {
         }
     };
     Ok((reader, content, len))
+}
+
+/// Walks a GGUF header checking every count and length against the bytes left in the file
+/// (and the tensor ranks and element counts), so the real reader never allocates what a corrupt
+/// or truncated header claims. O(header size), no allocation beyond one scratch buffer.
+fn check_header<R: Read + Seek>(r: &mut R, file_len: u64) -> std::result::Result<(), String> {
+    struct Walk<'a, R> {
+        r: &'a mut R,
+        len: u64,
+        v1: bool,
+    }
+    impl<R: Read + Seek> Walk<'_, R> {
+        fn left(&mut self) -> std::result::Result<u64, String> {
+            let pos = self.r.stream_position().map_err(|e| e.to_string())?;
+            Ok(self.len.saturating_sub(pos))
+        }
+        fn bytes<const N: usize>(&mut self, what: &str) -> std::result::Result<[u8; N], String> {
+            let mut b = [0u8; N];
+            self.r
+                .read_exact(&mut b)
+                .map_err(|_| format!("the file ends inside {what}"))?;
+            Ok(b)
+        }
+        fn u32(&mut self, what: &str) -> std::result::Result<u32, String> {
+            Ok(u32::from_le_bytes(self.bytes(what)?))
+        }
+        fn u64(&mut self, what: &str) -> std::result::Result<u64, String> {
+            Ok(u64::from_le_bytes(self.bytes(what)?))
+        }
+        fn count(&mut self, what: &str) -> std::result::Result<u64, String> {
+            if self.v1 {
+                self.u32(what).map(u64::from)
+            } else {
+                self.u64(what)
+            }
+        }
+        fn skip(&mut self, n: u64, what: &str) -> std::result::Result<(), String> {
+            if n > self.left()? {
+                return Err(format!(
+                    "{what} claims {n} bytes but the file has {} left",
+                    self.left()?
+                ));
+            }
+            self.r
+                .seek(SeekFrom::Current(n as i64))
+                .map_err(|e| e.to_string())?;
+            Ok(())
+        }
+        fn string(&mut self, what: &str) -> std::result::Result<(), String> {
+            let n = self.count(what)?;
+            self.skip(n, what)
+        }
+        fn value(&mut self, ty: u32, what: &str, depth: usize) -> std::result::Result<(), String> {
+            match ty {
+                0 | 1 | 7 => self.skip(1, what),
+                2 | 3 => self.skip(2, what),
+                4..=6 => self.skip(4, what),
+                10..=12 => self.skip(8, what),
+                8 => self.string(what),
+                9 if depth < 4 => {
+                    let elem = self.u32(what)?;
+                    let n = self.count(what)?;
+                    let min = match elem {
+                        0 | 1 | 7 => 1,
+                        2 | 3 => 2,
+                        4..=6 | 9 => 4,
+                        8 if self.v1 => 4,
+                        _ => 8,
+                    };
+                    if n.saturating_mul(min) > self.left()? {
+                        return Err(format!(
+                            "{what}: an array of {n} elements does not fit in the file"
+                        ));
+                    }
+                    match elem {
+                        8 | 9 => (0..n).try_for_each(|_| self.value(elem, what, depth + 1)),
+                        _ => self.value_run(elem, n, what),
+                    }
+                }
+                9 => Err(format!("{what}: arrays nested too deep")),
+                other => Err(format!("{what}: unknown value type {other}")),
+            }
+        }
+        fn value_run(&mut self, elem: u32, n: u64, what: &str) -> std::result::Result<(), String> {
+            let size = match elem {
+                0 | 1 | 7 => 1,
+                2 | 3 => 2,
+                4..=6 => 4,
+                10..=12 => 8,
+                other => return Err(format!("{what}: unknown array element type {other}")),
+            };
+            self.skip(n * size, what)
+        }
+    }
+    let mut w = Walk {
+        r,
+        len: file_len,
+        v1: false,
+    };
+    let magic = w.u32("the magic number")?;
+    if magic != 0x4655_4747 && magic != 0x4747_5546 {
+        return Err(format!("magic 0x{magic:08x} is not GGUF"));
+    }
+    let version = w.u32("the version")?;
+    if !(1..=3).contains(&version) {
+        return Err(format!("GGUF version {version} is not 1, 2 or 3"));
+    }
+    w.v1 = version == 1;
+    let tensors = w.count("the tensor count")?;
+    let kvs = w.count("the metadata count")?;
+    // Each metadata entry takes at least a key length and a type; each tensor at least a
+    // name length, a rank, a type and an offset.
+    if kvs.saturating_mul(12) > w.left()? || tensors.saturating_mul(24) > w.left()? {
+        return Err(format!(
+            "{kvs} metadata entries and {tensors} tensors do not fit in {file_len} bytes"
+        ));
+    }
+    for i in 0..kvs {
+        let what = format!("metadata entry {i}");
+        w.string(&what)?;
+        let ty = w.u32(&what)?;
+        w.value(ty, &what, 0)?;
+    }
+    for i in 0..tensors {
+        let what = format!("tensor info {i}");
+        w.string(&what)?;
+        let rank = w.u32(&what)?;
+        if rank > 4 {
+            return Err(format!("{what}: rank {rank} (GGML tensors have at most 4)"));
+        }
+        let mut elems: u64 = 1;
+        for _ in 0..rank {
+            let d = if w.v1 {
+                u64::from(w.u32(&what)?)
+            } else {
+                w.u64(&what)?
+            };
+            elems = elems
+                .checked_mul(d)
+                .filter(|&e| e <= file_len.saturating_mul(8))
+                .ok_or_else(|| format!("{what}: more elements than the file could hold"))?;
+        }
+        w.u32(&what)?;
+        w.u64(&what)?;
+    }
+    Ok(())
 }
 
 fn plan(path: &Path, content: Content, file_len: u64) -> Result<Plan> {
@@ -510,7 +664,9 @@ fn plan(path: &Path, content: Content, file_len: u64) -> Result<Plan> {
     // Tensor types and the file length.
     let mut tensor_types: BTreeMap<String, usize> = BTreeMap::new();
     let mut ignored_tensors = Vec::new();
-    for (name, info) in &content.tensor_infos {
+    let mut by_offset: Vec<(&String, &TensorInfo)> = content.tensor_infos.iter().collect();
+    by_offset.sort_by_key(|(name, info)| (info.offset, name.as_str()));
+    for (name, info) in by_offset {
         *tensor_types
             .entry(format!("{:?}", info.ggml_dtype))
             .or_default() += 1;

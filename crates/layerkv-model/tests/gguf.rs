@@ -662,6 +662,18 @@ fn truncated_and_missing_files_are_clear_errors() {
         matches!(&e, ModelError::Corrupt { what, .. } if what.contains("not a readable GGUF")),
         "{e}"
     );
+    // Impossible length fields (a corrupt header) are errors, not allocations: the first
+    // key's length (bytes 24..32) and the tensor count (bytes 8..16).
+    for (at, what) in [(24, "claims"), (8, "do not fit")] {
+        let mut bad = bytes.clone();
+        bad[at..at + 8].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
+        std::fs::write(&gguf, &bad).unwrap();
+        let e = gguf_to_model_dir(&gguf, &tmp("truncated-out")).unwrap_err();
+        assert!(
+            matches!(&e, ModelError::Corrupt { what: w, .. } if w.contains(what)),
+            "{e}"
+        );
+    }
     // Not a GGUF at all.
     std::fs::write(&gguf, b"hello, world, this is text").unwrap();
     assert!(matches!(
