@@ -120,3 +120,50 @@ pub fn run(args: ConvertArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use layerkv_model::convert::Architecture;
+
+    #[test]
+    fn describe_names_what_was_read() {
+        let s = GgufSummary {
+            architecture: Architecture::Qwen2,
+            num_layers: 24,
+            hidden_size: 896,
+            intermediate_size: 4864,
+            num_heads: 14,
+            num_kv_heads: 2,
+            head_dim: 64,
+            vocab_size: 151936,
+            num_tokens: 151936,
+            context_length: 32768,
+            rope_theta: 1e6,
+            rms_norm_eps: 1e-6,
+            sliding_window: None,
+            qkv_bias: true,
+            tied_embeddings: true,
+            llama3_rope_scaling: None,
+            tensor_types: [("F32".to_string(), 121), ("Q8_0".to_string(), 169)].into(),
+            ignored_tensors: Vec::new(),
+            tokenizer_model: "gpt2".into(),
+            pre_tokenizer: "qwen2".into(),
+            pre_tokenizer_raw: "qwen2".into(),
+            add_bos_token: false,
+            has_chat_template: true,
+        };
+        let d = describe(&s);
+        for want in [
+            "architecture   qwen2",
+            "layers         24",
+            "14 (KV heads 2, head dim 64)",
+            "151936 embedding rows",
+            "290 (121 F32, 169 Q8_0)",
+            "pre-tokenizer qwen2",
+            "Q/K/V biases yes",
+        ] {
+            assert!(d.contains(want), "{want:?} not in\n{d}");
+        }
+    }
+}

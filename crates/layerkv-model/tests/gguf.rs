@@ -639,6 +639,15 @@ fn unsupported_files_are_clear_errors() {
     assert!(e.contains("\"mystery\"") && e.contains("llama-bpe"), "{e}");
     let e = convert_error(|m| set(m, "tokenizer.ggml.model", Value::String("llama".into())));
     assert!(e.contains("SentencePiece"), "{e}");
+    // Q8_1 is a type candle reads but cannot dequantise.
+    let s = spec("llama");
+    let gguf = tmp("q8_1.gguf");
+    write_gguf(&gguf, &s, &weights(&s, 24), GgmlDType::Q8_1);
+    let e = gguf_to_model_dir(&gguf, &tmp("q8_1-out")).unwrap_err();
+    assert!(
+        matches!(&e, ModelError::Unsupported { what, .. } if what.contains("Q8_1")),
+        "{e}"
+    );
 }
 
 #[test]
