@@ -448,12 +448,15 @@ fn read_header(path: &Path) -> Result<(BufReader<File>, Content, u64)> {
     let len = file.metadata().map_err(io(path))?.len();
     let mut reader = BufReader::new(file);
     // candle's reader allocates what length fields say: check them against the file first.
-    check_header(&mut reader, len).map_err(|what| {
+    let problem = check_header(&mut reader, len).map_err(|what| {
         corrupt(
             path,
             format!("not a readable GGUF file (truncated or not GGUF?): {what}"),
         )
     })?;
+    if let Some(what) = problem {
+        return Err(unsupported(path, what));
+    }
     reader.seek(SeekFrom::Start(0)).map_err(io(path))?;
     // Belt and braces: a panic inside candle's reader becomes an error too.
     let read =
@@ -479,7 +482,13 @@ fn read_header(path: &Path) -> Result<(BufReader<File>, Content, u64)> {
 /// Walks a GGUF header checking every count and length against the bytes left in the file
 /// (and the tensor ranks and element counts), so the real reader never allocates what a corrupt
 /// or truncated header claims. O(header size), no allocation beyond one scratch buffer.
-fn check_header<R: Read + Seek>(r: &mut R, file_len: u64) -> std::result::Result<(), String> {
+///
+/// `Ok(Some(what))` names the first tensor whose type candle cannot read (an unsupported file,
+/// not a corrupt one).
+fn check_header<R: Read + Seek>(
+    r: &mut R,
+    file_len: u64,
+) -> std::result::Result<Option<String>, String> {
     struct Walk<'a, R> {
         r: &'a mut R,
         len: u64,
@@ -525,6 +534,18 @@ fn check_header<R: Read + Seek>(r: &mut R, file_len: u64) -> std::result::Result
         fn string(&mut self, what: &str) -> std::result::Result<(), String> {
             let n = self.count(what)?;
             self.skip(n, what)
+        }
+        /// A string read whole (tensor names), up to 4 KiB.
+        fn short_string(&mut self, what: &str) -> std::result::Result<String, String> {
+            let n = self.count(what)?;
+            if n > 4096 || n > self.left()? {
+                return Err(format!("{what}: a name of {n} bytes"));
+            }
+            let mut b = vec![0u8; n as usize];
+            self.r
+                .read_exact(&mut b)
+                .map_err(|_| format!("the file ends inside {what}"))?;
+            Ok(String::from_utf8_lossy(&b).into_owned())
         }
         fn value(&mut self, ty: u32, what: &str, depth: usize) -> std::result::Result<(), String> {
             match ty {
@@ -597,9 +618,10 @@ fn check_header<R: Read + Seek>(r: &mut R, file_len: u64) -> std::result::Result
         let ty = w.u32(&what)?;
         w.value(ty, &what, 0)?;
     }
+    let mut unsupported = None;
     for i in 0..tensors {
         let what = format!("tensor info {i}");
-        w.string(&what)?;
+        let name = w.short_string(&what)?;
         let rank = w.u32(&what)?;
         if rank > 4 {
             return Err(format!("{what}: rank {rank} (GGML tensors have at most 4)"));
@@ -616,10 +638,42 @@ fn check_header<R: Read + Seek>(r: &mut R, file_len: u64) -> std::result::Result
                 .filter(|&e| e <= file_len.saturating_mul(8))
                 .ok_or_else(|| format!("{what}: more elements than the file could hold"))?;
         }
-        w.u32(&what)?;
+        let ty = w.u32(&what)?;
         w.u64(&what)?;
+        if unsupported.is_none() {
+            unsupported = ggml_type_problem(ty).map(|p| format!("tensor {name}: {p}"));
+        }
     }
-    Ok(())
+    Ok(unsupported)
+}
+
+/// Why a GGML type id cannot be converted (`None`: candle 0.10.2 reads it).
+fn ggml_type_problem(ty: u32) -> Option<String> {
+    let name = match ty {
+        0..=3 | 6..=15 | 30 => return None,
+        16 => "IQ2_XXS",
+        17 => "IQ2_XS",
+        18 => "IQ3_XXS",
+        19 => "IQ1_S",
+        20 => "IQ4_NL",
+        21 => "IQ3_S",
+        22 => "IQ2_S",
+        23 => "IQ4_XS",
+        24 => "I8",
+        25 => "I16",
+        26 => "I32",
+        27 => "I64",
+        28 => "F64",
+        29 => "IQ1_M",
+        34 => "TQ1_0",
+        35 => "TQ2_0",
+        39 => "MXFP4",
+        _ => "unknown",
+    };
+    Some(format!(
+        "GGML type {ty} ({name}) is not supported (supported: F32, F16, BF16, Q4_0, Q4_1, \
+         Q5_0, Q5_1, Q8_0, Q2K, Q3K, Q4K, Q5K, Q6K, Q8K)"
+    ))
 }
 
 fn plan(path: &Path, content: Content, file_len: u64) -> Result<Plan> {
@@ -701,12 +755,19 @@ fn plan(path: &Path, content: Content, file_len: u64) -> Result<Plan> {
         }
     }
     ignored_tensors.sort();
-    let dims_of = |name: &str| -> Result<Vec<usize>> {
-        content
+    // Rows of a 2-D tensor (GGUF dims reversed by candle: `[rows, cols]`).
+    let rows_of = |name: &str| -> Result<usize> {
+        let info = content
             .tensor_infos
             .get(name)
-            .map(|i| i.shape.dims().to_vec())
-            .ok_or_else(|| corrupt(path, format!("tensor {name} is missing")))
+            .ok_or_else(|| corrupt(path, format!("tensor {name} is missing")))?;
+        match info.shape.dims() {
+            &[rows, _] => Ok(rows),
+            other => Err(corrupt(
+                path,
+                format!("tensor {name} has shape {other:?}, expected 2 dimensions"),
+            )),
+        }
     };
 
     let num_layers = m.usize(&key("block_count"))?;
@@ -748,8 +809,7 @@ fn plan(path: &Path, content: Content, file_len: u64) -> Result<Plan> {
             ));
         }
     }
-    let embd = dims_of("token_embd.weight")?;
-    let vocab_size = embd[0];
+    let vocab_size = rows_of("token_embd.weight")?;
     if vocab.tokens.len() > vocab_size {
         return Err(corrupt(
             path,
@@ -761,7 +821,7 @@ fn plan(path: &Path, content: Content, file_len: u64) -> Result<Plan> {
     }
     let intermediate_size = match m.opt_usize(&key("feed_forward_length"))? {
         Some(f) => f,
-        None => dims_of("blk.0.ffn_up.weight")?[0],
+        None => rows_of("blk.0.ffn_up.weight")?,
     };
     let rope_theta = m.opt_f64(&key("rope.freq_base"))?.unwrap_or(10_000.0);
     let rms_norm_eps = m

@@ -639,6 +639,24 @@ fn unsupported_files_are_clear_errors() {
     assert!(e.contains("\"mystery\"") && e.contains("llama-bpe"), "{e}");
     let e = convert_error(|m| set(m, "tokenizer.ggml.model", Value::String("llama".into())));
     assert!(e.contains("SentencePiece"), "{e}");
+    // A type candle cannot read (an i-quant): named with its tensor, before anything is read.
+    let s = spec("llama");
+    let gguf = tmp("iq4.gguf");
+    write_gguf(&gguf, &s, &weights(&s, 25), GgmlDType::F32);
+    let mut bytes = std::fs::read(&gguf).unwrap();
+    let name = b"output.weight";
+    let at = bytes.windows(name.len()).position(|w| w == name).unwrap();
+    // name, rank (u32), two u64 dims, then the type id.
+    let ty = at + name.len() + 4 + 16;
+    assert_eq!(bytes[ty..ty + 4], 0u32.to_le_bytes());
+    bytes[ty..ty + 4].copy_from_slice(&23u32.to_le_bytes());
+    std::fs::write(&gguf, &bytes).unwrap();
+    let e = gguf_to_model_dir(&gguf, &tmp("iq4-out")).unwrap_err();
+    assert!(
+        matches!(&e, ModelError::Unsupported { what, .. }
+            if what.contains("IQ4_XS") && what.contains("output.weight")),
+        "{e}"
+    );
     // Q8_1 is a type candle reads but cannot dequantise.
     let s = spec("llama");
     let gguf = tmp("q8_1.gguf");
