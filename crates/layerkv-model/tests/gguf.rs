@@ -303,7 +303,9 @@ fn write_gguf_with(
             t = permute_qk(&t, heads).unwrap();
         }
         let ty = if t.rank() == 2 { dtype } else { GgmlDType::F32 };
-        qtensors.push((gguf_name(hf).unwrap(), QTensor::quantize(&t, ty).unwrap()));
+        // Names without a Hugging Face twin (rope_freqs.weight) are written as they are.
+        let name = gguf_name(hf).unwrap_or_else(|| hf.clone());
+        qtensors.push((name, QTensor::quantize(&t, ty).unwrap()));
     }
     let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tensor_refs: Vec<(&str, &QTensor)> =
@@ -426,6 +428,54 @@ fn llama_gguf_without_the_permutation_converts_to_another_model() {
         d > 1e-2,
         "un-permuting an unpermuted GGUF changed nothing ({d})"
     );
+}
+
+#[test]
+fn llama3_rope_freqs_become_rope_scaling() {
+    // head_dim 8 at theta 500000: frequencies in all three llama-3 regions (kept, smoothed,
+    // divided by the factor).
+    let s = Spec {
+        theta: 500_000.0,
+        ..spec("llama")
+    };
+    let mut w = weights(&s, 26);
+    let direct = tmp("llama3-direct");
+    write_hf_dir(&direct, &s, &w);
+    let cfg_path = direct.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0,
+        "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let factors: Vec<f32> = layerkv_model::convert::llama3_rope_factors(
+        500_000.0,
+        s.hidden / s.heads,
+        (8.0, 1.0, 4.0, 8192),
+    )
+    .into_iter()
+    .map(|x| x as f32)
+    .collect();
+    assert!(factors[0] == 1.0 && factors[2] > 1.0 && factors[2] < 8.0 && factors[3] == 8.0);
+    w.insert(
+        "rope_freqs.weight".into(),
+        Tensor::new(factors, &Device::Cpu).unwrap(),
+    );
+    let gguf = tmp("llama3.gguf");
+    write_gguf(&gguf, &s, &w, GgmlDType::F32);
+    let converted = tmp("llama3-converted");
+    let summary = gguf_to_model_dir(&gguf, &converted).unwrap();
+    assert_eq!(summary.llama3_rope_scaling, Some((8.0, 1.0, 4.0, 8192)));
+    assert!(
+        summary.ignored_tensors.is_empty(),
+        "{:?}",
+        summary.ignored_tensors
+    );
+    assert_eq!(
+        ModelConfig::load(&converted).unwrap(),
+        ModelConfig::load(&direct).unwrap()
+    );
+    let d = max_diff(&run_logits(&converted), &run_logits(&direct));
+    assert!(d <= 1e-4, "llama-3 scaled logits differ by {d}");
 }
 
 /// Error bound of one quantised type relative to the tensor's largest magnitude: about twice
