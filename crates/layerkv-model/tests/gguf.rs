@@ -7,6 +7,9 @@
 //! - every tensor type: converted weights == candle's dequantisation of the same quantised
 //!   tensor (<= 1e-6) and within the type's error bound of the original; a Q8_0 model's logits
 //!   == the direct model of its dequantised weights (<= 1e-4) and within 0.05 of the original;
+//! - the converted config.json parses as candle-transformers' llama/mistral/qwen2 configs, and
+//!   candle-transformers' Qwen2 on the converted qwen2 directory gives our logits (<= 1e-4);
+//! - a llama-3 `rope_freqs.weight` becomes `rope_scaling` (same config, same logits);
 //! - the tokenizer and tokenizer_config.json from the metadata (pre-tokenizers, BOS, template);
 //! - `resolve_model` converts once and reuses the cache;
 //! - unknown architecture, unknown pre-tokenizer, SentencePiece, truncated and missing files
@@ -389,6 +392,49 @@ fn check_f32_round_trip(arch: &'static str, seed: u64) {
     assert_eq!(got, want, "{arch}: converted config differs");
     let d = max_diff(&run_logits(&converted), &run_logits(&direct));
     assert!(d <= 1e-4, "{arch}: converted logits differ by {d}");
+    // The written config.json is what other loaders expect (candle-transformers' structs,
+    // which mistral.rs's mirror).
+    let text = std::fs::read_to_string(converted.join("config.json")).unwrap();
+    use candle_transformers::models as ct;
+    match arch {
+        "llama" => drop(serde_json::from_str::<ct::llama::LlamaConfig>(&text).unwrap()),
+        "mistral" => drop(serde_json::from_str::<ct::mistral::Config>(&text).unwrap()),
+        _ => drop(serde_json::from_str::<ct::qwen2::Config>(&text).unwrap()),
+    }
+}
+
+#[test]
+fn converted_qwen2_runs_in_candle_transformers() {
+    // An independent reference on the converted directory itself: candle-transformers' Qwen2
+    // (last-row prefill logits) == our engine's.
+    use candle_transformers::models::qwen2;
+    let (_, converted) = both_ways("qwen2", 27, GgmlDType::F32);
+    let cfg: qwen2::Config =
+        serde_json::from_str(&std::fs::read_to_string(converted.join("config.json")).unwrap())
+            .unwrap();
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(
+            &[converted.join("model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    let mut theirs = qwen2::ModelForCausalLM::new(&cfg, vb).unwrap();
+    let ids = Tensor::new(&PROMPT[..], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let b = theirs
+        .forward(&ids, 0)
+        .unwrap()
+        .reshape((1, VOCAB))
+        .unwrap();
+    let a = run_logits(&converted)
+        .narrow(0, PROMPT.len() - 1, 1)
+        .unwrap();
+    let d = max_diff(&a, &b);
+    assert!(d <= 1e-4, "candle-transformers' qwen2 differs by {d}");
 }
 
 #[test]
