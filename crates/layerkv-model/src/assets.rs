@@ -5,9 +5,10 @@
 //! - text: the Jargon File (Debian `jargon-text`, public domain) and the Python 3.11 docs
 //!   (Debian `python3.11-doc`, PSF licence) as plain text.
 //!
-//! - any user GGUF given to [`resolve_model`]: converted once into `models/gguf-<stem>-<key>`,
-//!   keyed by the file's canonical path, size and modification time (a changed file gets a new
-//!   directory; the old one stays until removed by hand).
+//! Any other GGUF given to [`resolve_model`] is converted once into `models/gguf-<stem>-<key>`
+//! of the same cache, keyed by the file's canonical path, size and modification time and the
+//! converter's layout version (a changed file gets a new directory; the old one stays until
+//! removed by hand).
 //!
 //! Every step is idempotent and atomic (work in a temp dir, then rename), so an interrupted run
 //! never leaves a half-written model behind; a cached run only checks that files exist.
@@ -146,6 +147,10 @@ fn convert_into(gguf: &Path, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Version of what the converter writes; part of the GGUF cache key, so a converter that writes
+/// something new does not reuse directories an older one wrote.
+const CONVERTED_LAYOUT: u32 = 1;
+
 /// FNV-1a, 64 bits: a cache key that stays the same across Rust releases.
 fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
@@ -154,7 +159,8 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 }
 
 /// The cache directory a GGUF file converts into: `models/gguf-<stem>-<key>` under
-/// [`cache_dir`], `<key>` a hash of the canonical path, the size and the modification time.
+/// [`cache_dir`], `<key>` a hash of the canonical path, the size, the modification time and the
+/// converter's layout version.
 pub fn gguf_cache_dir(gguf: &Path) -> Result<PathBuf> {
     if !gguf.exists() {
         return Err(ModelError::MissingFile(gguf.into()));
@@ -167,7 +173,12 @@ pub fn gguf_cache_dir(gguf: &Path) -> Result<PathBuf> {
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    let key = format!("{}\0{}\0{}", canonical.display(), meta.len(), mtime);
+    let key = format!(
+        "{}\0{}\0{}\0{CONVERTED_LAYOUT}",
+        canonical.display(),
+        meta.len(),
+        mtime
+    );
     let stem: String = canonical
         .file_stem()
         .and_then(|s| s.to_str())
