@@ -7,7 +7,9 @@
 //!   it), and the hyper-parameters under that prefix (`{arch}.block_count`,
 //!   `{arch}.attention.head_count_kv`, `{arch}.rope.freq_base`, ...);
 //! - every tensor type candle 0.10.2 dequantises (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
-//!   Q2K..Q6K) plus Q8K (dequantised here: candle's GGUF reader refuses it); Q8_1 is an error;
+//!   Q2K..Q6K) plus Q8K (dequantised here: candle's GGUF reader refuses it); Q8_1 (candle
+//!   cannot dequantise it) and the types candle does not read (i-quants, F64, ...) are errors
+//!   naming the tensor;
 //! - the byte-level BPE tokenizer of the metadata (see [`crate::tokenizer`]).
 //!
 //! Tensors are renamed from llama.cpp to Hugging Face names and dequantised to f32 (or the dtype
@@ -19,7 +21,9 @@
 //! `rope_scaling` in `config.json` (an error if it matches no known parameters).
 //!
 //! Everything the header decides (architecture, tokenizer, tensor types, file length) is checked
-//! before the first tensor is read, so an unsupported file fails in milliseconds. Cost: one pass
+//! before the first tensor is read, so an unsupported file fails in milliseconds; a bounded
+//! pre-scan of the header checks every count and length against the file size first, so a
+//! corrupt header is an error, never a huge allocation. Cost: one pass
 //! over the weights; memory: the converted model once.
 
 use std::collections::{BTreeMap, HashMap};

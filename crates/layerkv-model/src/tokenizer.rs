@@ -245,8 +245,8 @@ pub fn tokenizer_json_from_gguf(v: &GgufVocab) -> Result<String> {
     }
     let mut vocab = Map::new();
     for (i, t) in v.tokens.iter().enumerate() {
-        // Keep the first id of a duplicated string (later duplicates are unreachable by text).
-        vocab.entry(t.clone()).or_insert(json!(i));
+        // A duplicated string maps to its last id, as in llama.cpp's `token_to_id`.
+        vocab.insert(t.clone(), json!(i));
     }
     let added: Vec<Value> = v
         .token_types
