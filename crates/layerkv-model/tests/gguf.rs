@@ -78,11 +78,40 @@ fn spec(arch: &'static str) -> Spec {
     }
 }
 
+/// This test's scratch directory: `<temp>/layerkv-gguf-test-<pid>/<test name>`.
+fn scratch() -> PathBuf {
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("main")
+        .replace("::", "-");
+    std::env::temp_dir()
+        .join(format!("layerkv-gguf-test-{}", std::process::id()))
+        .join(test)
+}
+
+/// A fresh path in this test's scratch directory.
 fn tmp(name: &str) -> PathBuf {
-    let p = std::env::temp_dir().join(format!("layerkv-gguf-test-{}-{name}", std::process::id()));
+    let dir = scratch();
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
     let _ = std::fs::remove_dir_all(&p);
     let _ = std::fs::remove_file(&p);
     p
+}
+
+/// Removes this test's scratch directory when the test passes (kept for a failing one).
+struct Clean;
+
+impl Drop for Clean {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let dir = scratch();
+            let _ = std::fs::remove_dir_all(&dir);
+            if let Some(parent) = dir.parent() {
+                let _ = std::fs::remove_dir(parent); // only once empty
+            }
+        }
+    }
 }
 
 /// Seeded random weights under Hugging Face names.
@@ -405,6 +434,7 @@ fn check_f32_round_trip(arch: &'static str, seed: u64) {
 
 #[test]
 fn converted_qwen2_runs_in_candle_transformers() {
+    let _clean = Clean;
     // An independent reference on the converted directory itself: candle-transformers' Qwen2
     // (last-row prefill logits) == our engine's.
     use candle_transformers::models::qwen2;
@@ -439,11 +469,13 @@ fn converted_qwen2_runs_in_candle_transformers() {
 
 #[test]
 fn llama_f32_round_trip_matches_the_direct_model() {
+    let _clean = Clean;
     check_f32_round_trip("llama", 11);
 }
 
 #[test]
 fn mistral_f32_round_trip_matches_the_direct_model() {
+    let _clean = Clean;
     check_f32_round_trip("mistral", 12);
     let (_, converted) = both_ways("mistral", 13, GgmlDType::F32);
     assert_eq!(
@@ -454,11 +486,13 @@ fn mistral_f32_round_trip_matches_the_direct_model() {
 
 #[test]
 fn qwen2_f32_round_trip_matches_the_direct_model() {
+    let _clean = Clean;
     check_f32_round_trip("qwen2", 14);
 }
 
 #[test]
 fn llama_gguf_without_the_permutation_converts_to_another_model() {
+    let _clean = Clean;
     // The round trips above exercise the un-permutation: skipping llama.cpp's permutation when
     // writing a llama GGUF gives a different model (and qwen2, not permuted, matches above).
     let s = spec("llama");
@@ -478,6 +512,7 @@ fn llama_gguf_without_the_permutation_converts_to_another_model() {
 
 #[test]
 fn llama3_rope_freqs_become_rope_scaling() {
+    let _clean = Clean;
     // head_dim 8 at theta 500000: frequencies in all three llama-3 regions (kept, smoothed,
     // divided by the factor).
     let s = Spec {
@@ -540,6 +575,7 @@ fn relative_bound(t: GgmlDType) -> f32 {
 
 #[test]
 fn every_tensor_type_dequantises_like_candle() {
+    let _clean = Clean;
     // 256-wide rows so the K-quants' 256-element blocks fit.
     let s = Spec {
         hidden: 256,
@@ -606,6 +642,7 @@ fn every_tensor_type_dequantises_like_candle() {
 
 #[test]
 fn q8_0_model_round_trips_within_tolerance() {
+    let _clean = Clean;
     let s = spec("llama");
     let w = weights(&s, 17);
     let (direct, converted) = both_ways("llama", 17, GgmlDType::Q8_0);
@@ -640,6 +677,7 @@ fn q8_0_model_round_trips_within_tolerance() {
 
 #[test]
 fn tokenizer_and_its_config_come_from_the_metadata() {
+    let _clean = Clean;
     let (_, llama) = both_ways("llama", 18, GgmlDType::F32);
     let t = layerkv_model::tokenizer::load(&llama).unwrap();
     let (tokens, _, _) = vocab();
@@ -678,6 +716,7 @@ fn tokenizer_and_its_config_come_from_the_metadata() {
 
 #[test]
 fn resolve_model_converts_once_and_reuses_the_cache() {
+    let _clean = Clean;
     let home = tmp("home");
     // The only test of this binary that reads LAYERKV_HOME.
     std::env::set_var("LAYERKV_HOME", &home);
@@ -724,6 +763,7 @@ fn set(meta: &mut [(String, Value)], key: &str, v: Value) {
 
 #[test]
 fn unsupported_files_are_clear_errors() {
+    let _clean = Clean;
     let e = convert_error(|m| {
         set(m, "general.architecture", Value::String("gpt2".into()));
     });
@@ -766,6 +806,7 @@ fn unsupported_files_are_clear_errors() {
 
 #[test]
 fn truncated_and_missing_files_are_clear_errors() {
+    let _clean = Clean;
     let s = spec("llama");
     let gguf = tmp("truncated.gguf");
     write_gguf(&gguf, &s, &weights(&s, 23), GgmlDType::F32);
