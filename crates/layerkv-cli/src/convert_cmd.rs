@@ -12,7 +12,7 @@ use layerkv_model::convert::{
 /// Arguments of `layerkv convert`.
 #[derive(clap::Args, Clone, Debug)]
 pub struct ConvertArgs {
-    /// The GGUF file (llama, mistral or qwen2; byte-level BPE tokenizer).
+    /// The GGUF file (llama, mistral or qwen2; byte-level or SentencePiece BPE tokenizer).
     pub gguf: PathBuf,
     /// Output model directory (created; its files are overwritten).
     #[arg(long, short)]
@@ -46,10 +46,7 @@ pub fn describe(s: &GgufSummary) -> String {
             "heads          {} (KV heads {}, head dim {})",
             s.num_heads, s.num_kv_heads, s.head_dim
         ),
-        format!(
-            "hidden / ffn   {} / {}",
-            s.hidden_size, s.intermediate_size
-        ),
+        format!("hidden / ffn   {} / {}", s.hidden_size, s.intermediate_size),
         format!(
             "vocab          {} embedding rows, {} tokens",
             s.vocab_size, s.num_tokens
@@ -64,8 +61,13 @@ pub fn describe(s: &GgufSummary) -> String {
             types.join(", ")
         ),
         format!(
-            "tokenizer      {} byte-level BPE, pre-tokenizer {pre}, add_bos_token {}, chat template {}",
+            "tokenizer      {} ({}), pre-tokenizer {pre}, add_bos_token {}, chat template {}",
             s.tokenizer_model,
+            if s.tokenizer_model == "llama" {
+                "SentencePiece BPE"
+            } else {
+                "byte-level BPE"
+            },
             s.add_bos_token,
             if s.has_chat_template { "yes" } else { "no" }
         ),

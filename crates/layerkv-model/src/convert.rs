@@ -10,7 +10,8 @@
 //!   Q2K..Q6K) plus Q8K (dequantised here: candle's GGUF reader refuses it); Q8_1 (candle
 //!   cannot dequantise it) and the types candle does not read (i-quants, F64, ...) are errors
 //!   naming the tensor;
-//! - the byte-level BPE tokenizer of the metadata (see [`crate::tokenizer`]).
+//! - the tokenizer of the metadata, byte-level BPE or SentencePiece BPE (see
+//!   [`crate::tokenizer`]).
 //!
 //! Tensors are renamed from llama.cpp to Hugging Face names and dequantised to f32 (or the dtype
 //! of [`ConvertOptions`]). For `llama` and `mistral` the Q/K projections (weights and biases) are
@@ -283,6 +284,23 @@ impl Meta<'_> {
                 other => Err(corrupt(
                     self.path,
                     format!("`{key}`[{i}] is {other:?}, not a string"),
+                )),
+            })
+            .collect()
+    }
+
+    fn floats(&self, key: &str) -> Result<Vec<f32>> {
+        let Some(a) = self.array(key)? else {
+            return Ok(Vec::new());
+        };
+        a.iter()
+            .enumerate()
+            .map(|(i, x)| match x {
+                Value::F32(f) => Ok(*f),
+                Value::F64(f) => Ok(*f as f32),
+                other => Err(corrupt(
+                    self.path,
+                    format!("`{key}`[{i}] is {other:?}, not a float"),
                 )),
             })
             .collect()
@@ -702,6 +720,8 @@ fn plan(path: &Path, content: Content, file_len: u64) -> Result<Plan> {
         model: m.opt_string("tokenizer.ggml.model")?.unwrap_or_default(),
         tokens: m.strings("tokenizer.ggml.tokens")?,
         merges: m.strings("tokenizer.ggml.merges")?,
+        scores: m.floats("tokenizer.ggml.scores")?,
+        add_space_prefix: m.opt_bool("tokenizer.ggml.add_space_prefix")?,
         token_types: m.ints("tokenizer.ggml.token_type")?,
         pre: m.opt_string("tokenizer.ggml.pre")?.unwrap_or_default(),
         bos_id: m.opt_u32("tokenizer.ggml.bos_token_id")?,
@@ -717,7 +737,12 @@ fn plan(path: &Path, content: Content, file_len: u64) -> Result<Plan> {
         other => other,
     };
     check_gguf_tokenizer_model(&vocab.model).map_err(tok_err)?;
-    let pre = canonical_pre(&vocab.pre).map_err(tok_err)?;
+    // SentencePiece has no pre-tokenizer: llama.cpp ignores `pre` for it, and so do we.
+    let pre = if vocab.model == "llama" {
+        "none (SentencePiece)"
+    } else {
+        canonical_pre(&vocab.pre).map_err(tok_err)?
+    };
 
     // Tensor types and the file length.
     let mut tensor_types: BTreeMap<String, usize> = BTreeMap::new();

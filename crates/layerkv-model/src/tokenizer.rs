@@ -1,8 +1,9 @@
 //! Tokenizers: loading a model directory's `tokenizer.json` (checked against the config's
 //! vocabulary, honouring `tokenizer_config.json`'s `add_bos_token`) and building one, plus its
-//! `tokenizer_config.json`, from GGUF metadata (byte-level BPE token and merge lists).
+//! `tokenizer_config.json`, from GGUF metadata: byte-level BPE (`tokenizer.ggml.model = gpt2`,
+//! token and merge lists) or SentencePiece BPE (`llama`, tokens and scores).
 //!
-//! GGUF pre-tokenizers (`tokenizer.ggml.pre`) and what they become:
+//! GGUF pre-tokenizers of byte-level BPE (`tokenizer.ggml.pre`) and what they become:
 //! - `smollm`: every digit (`\p{N}`) its own piece, then the GPT-2 byte-level regex, as
 //!   SmolLM2's original `tokenizer.json` does (Digits(individual) + ByteLevel); plain ByteLevel
 //!   would give other ids for numbers;
@@ -14,8 +15,14 @@
 //!
 //! An absent `tokenizer.ggml.pre` (files written before llama.cpp recorded it) is treated as
 //! `default`, as llama.cpp does, with a warning; any other value is an error, never a silent
-//! fallback. Only `tokenizer.ggml.model = gpt2` (byte-level BPE) is built: SentencePiece
-//! (`llama`) and the other models are errors that say so.
+//! fallback.
+//!
+//! SentencePiece BPE vocabularies (llama-2, mistral v0.x, TinyLlama) are laid out as Hugging
+//! Face's `LlamaTokenizerFast` converts them: merges derived from the piece scores
+//! ([`spm_merges`]), `▁` for spaces plus one prepended (unless `add_space_prefix` is false), byte
+//! fallback to `<0xXX>` pieces. Known difference from llama.cpp: the space prefix is added to
+//! every text fragment between special tokens, not only to the first. Other tokenizer models
+//! (`bert`, `t5`, `rwkv`, ...) are errors that say so.
 //!
 //! Building is one pass over the token and merge lists plus one parse of the result.
 
@@ -147,12 +154,16 @@ impl Tokenizer {
 /// hold it.
 #[derive(Debug, Clone, Default)]
 pub struct GgufVocab {
-    /// `tokenizer.ggml.model` (only "gpt2", byte-level BPE, is built; empty = absent).
+    /// `tokenizer.ggml.model` ("gpt2" byte-level BPE or "llama" SentencePiece; empty = absent).
     pub model: String,
     /// `tokenizer.ggml.tokens`.
     pub tokens: Vec<String>,
-    /// `tokenizer.ggml.merges` ("a b" pairs).
+    /// `tokenizer.ggml.merges` ("a b" pairs; byte-level BPE).
     pub merges: Vec<String>,
+    /// `tokenizer.ggml.scores` (SentencePiece piece scores).
+    pub scores: Vec<f32>,
+    /// `tokenizer.ggml.add_space_prefix` (SentencePiece; absent = true).
+    pub add_space_prefix: Option<bool>,
     /// `tokenizer.ggml.token_type` (1 normal, 2 unknown, 3 control, 4 user-defined, 6 byte).
     pub token_types: Vec<i32>,
     /// `tokenizer.ggml.pre` (e.g. "smollm", "llama-bpe", "qwen2", "default"; empty = absent).
@@ -207,31 +218,111 @@ pub fn canonical_pre(pre: &str) -> Result<&'static str> {
     })
 }
 
-/// Checks `tokenizer.ggml.model` is byte-level BPE (`gpt2`), with an error that says what is
-/// not supported otherwise.
+/// Checks `tokenizer.ggml.model` is one that can be built: byte-level BPE (`gpt2`) or
+/// SentencePiece BPE (`llama`), with an error that says what is not supported otherwise.
 pub fn check_gguf_tokenizer_model(model: &str) -> Result<()> {
     match model {
-        "gpt2" => Ok(()),
-        "llama" => Err(ModelError::Tokenizer(
-            "tokenizer.ggml.model = \"llama\" (SentencePiece) is not supported: only byte-level \
-             BPE (tokenizer.ggml.model = \"gpt2\") GGUF tokenizers can be converted"
-                .into(),
-        )),
+        "gpt2" | "llama" => Ok(()),
         "" => Err(ModelError::Tokenizer(
             "the GGUF has no tokenizer.ggml.model: it carries no tokenizer to convert".into(),
         )),
         other => Err(ModelError::Tokenizer(format!(
-            "tokenizer.ggml.model = {other:?} is not supported: only byte-level BPE \
-             (tokenizer.ggml.model = \"gpt2\") GGUF tokenizers can be converted"
+            "tokenizer.ggml.model = {other:?} is not supported: only byte-level BPE (\"gpt2\") \
+             and SentencePiece BPE (\"llama\") GGUF tokenizers can be converted"
         ))),
     }
+}
+
+/// Merges of a SentencePiece BPE vocabulary, as Hugging Face's `SentencePieceExtractor` derives
+/// them: every split of a piece into two pieces of the vocabulary is a merge ranked by the
+/// merged piece's score (higher first; ties by the ids of the two halves). O(total piece
+/// length) lookups.
+pub fn spm_merges(tokens: &[String], scores: &[f32]) -> Vec<String> {
+    let ids: std::collections::HashMap<&str, usize> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i))
+        .collect();
+    let mut merges: Vec<(f32, usize, usize, String)> = Vec::new();
+    for (i, piece) in tokens.iter().enumerate() {
+        let score = scores.get(i).copied().unwrap_or(0.0);
+        let mut local: Vec<(usize, usize, String)> = piece
+            .char_indices()
+            .skip(1)
+            .filter_map(|(at, _)| {
+                let (l, r) = piece.split_at(at);
+                Some((*ids.get(l)?, *ids.get(r)?, format!("{l} {r}")))
+            })
+            .collect();
+        local.sort_by_key(|&(l, r, _)| (l, r));
+        merges.extend(local.into_iter().map(|(l, r, m)| (score, l, r, m)));
+    }
+    // Stable: equal scores keep the order above.
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0));
+    merges.into_iter().map(|(_, _, _, m)| m).collect()
+}
+
+/// `tokenizer.json` of a SentencePiece BPE vocabulary (`tokenizer.ggml.model = llama`), laid out
+/// as Hugging Face's `LlamaTokenizerFast`: spaces become `▁` (and one is prepended unless
+/// `add_space_prefix` is false), BPE over the merges of [`spm_merges`] with byte fallback to
+/// `<0xXX>` tokens, unknown pieces fused into the unknown token.
+fn spm_tokenizer_json(v: &GgufVocab, added: Vec<Value>) -> Result<String> {
+    if v.scores.len() != v.tokens.len() {
+        return Err(ModelError::Tokenizer(format!(
+            "SentencePiece GGUF: {} tokenizer.ggml.scores for {} tokens",
+            v.scores.len(),
+            v.tokens.len()
+        )));
+    }
+    let mut vocab = Map::new();
+    for (i, t) in v.tokens.iter().enumerate() {
+        vocab.insert(t.clone(), json!(i));
+    }
+    let prefix = v.add_space_prefix.unwrap_or(true);
+    let replace = json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
+    let normalizer = if prefix {
+        json!({"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u{2581}"}, replace]})
+    } else {
+        replace
+    };
+    let mut decoders = vec![
+        json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+        json!({"type": "ByteFallback"}),
+        json!({"type": "Fuse"}),
+    ];
+    if prefix {
+        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    let unk = v
+        .unk_id
+        .and_then(|i| v.tokens.get(i as usize))
+        .map(|t| json!(t))
+        .unwrap_or(Value::Null);
+    let tok = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": normalizer,
+        "pre_tokenizer": null,
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
+                  "ignore_merges": false, "vocab": vocab,
+                  "merges": spm_merges(&v.tokens, &v.scores)}
+    });
+    let text = serde_json::to_string(&tok).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+    Tokenizer::from_json(&text)?;
+    Ok(text)
 }
 
 fn split(regex: &str) -> Value {
     json!({"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false})
 }
 
-/// Builds `tokenizer.json` text for a byte-level BPE vocabulary from GGUF metadata.
+/// Builds `tokenizer.json` text from GGUF metadata: byte-level BPE (`gpt2`, with the
+/// pre-tokenizer of `pre`) or SentencePiece BPE (`llama`, `pre` ignored).
 ///
 /// Control (3) and user-defined (4) tokens become special added tokens.
 pub fn tokenizer_json_from_gguf(v: &GgufVocab) -> Result<String> {
@@ -242,11 +333,6 @@ pub fn tokenizer_json_from_gguf(v: &GgufVocab) -> Result<String> {
         return Err(ModelError::Tokenizer(
             "the GGUF has no tokenizer.ggml.tokens".into(),
         ));
-    }
-    let mut vocab = Map::new();
-    for (i, t) in v.tokens.iter().enumerate() {
-        // A duplicated string maps to its last id, as in llama.cpp's `token_to_id`.
-        vocab.insert(t.clone(), json!(i));
     }
     let added: Vec<Value> = v
         .token_types
@@ -260,6 +346,14 @@ pub fn tokenizer_json_from_gguf(v: &GgufVocab) -> Result<String> {
                    "rstrip": false, "normalized": false, "special": true})
         })
         .collect();
+    if v.model == "llama" {
+        return spm_tokenizer_json(v, added);
+    }
+    let mut vocab = Map::new();
+    for (i, t) in v.tokens.iter().enumerate() {
+        // A duplicated string maps to its last id, as in llama.cpp's `token_to_id`.
+        vocab.insert(t.clone(), json!(i));
+    }
     let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
     let byte_level_no_regex = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false});
     let (normalizer, pre_tokenizer) = match canonical_pre(&v.pre)? {
@@ -428,10 +522,79 @@ mod tests {
         let e = tokenizer_json_from_gguf(&v).unwrap_err().to_string();
         assert!(e.contains("\"mystery\"") && e.contains("llama-bpe"), "{e}");
         assert!(tokenizer_json_from_gguf(&GgufVocab::default()).is_err());
-        let mut sp = tiny();
-        sp.model = "llama".into();
-        let e = tokenizer_json_from_gguf(&sp).unwrap_err().to_string();
-        assert!(e.contains("SentencePiece"), "{e}");
+        let mut t5 = tiny();
+        t5.model = "t5".into();
+        let e = tokenizer_json_from_gguf(&t5).unwrap_err().to_string();
+        assert!(
+            e.contains("\"t5\"") && e.contains("SentencePiece BPE"),
+            "{e}"
+        );
+    }
+
+    /// A tiny SentencePiece BPE vocabulary: pieces and scores (higher merges first).
+    fn tiny_spm() -> GgufVocab {
+        let pieces: &[(&str, f32, i32)] = &[
+            ("<unk>", 0.0, 2),
+            ("<s>", 0.0, 3),
+            ("</s>", 0.0, 3),
+            ("<0xC3>", 0.0, 6),
+            ("<0xA9>", 0.0, 6),
+            ("\u{2581}", -1.0, 1),
+            ("ll", -2.0, 1),
+            ("he", -3.0, 1),
+            ("\u{2581}he", -4.0, 1),
+            ("llo", -5.0, 1),
+            ("\u{2581}hello", -6.0, 1),
+            ("\u{2581}w", -7.0, 1),
+            ("or", -8.0, 1),
+            ("\u{2581}wor", -9.0, 1),
+            ("h", -10.0, 1),
+            ("e", -10.0, 1),
+            ("l", -10.0, 1),
+            ("o", -10.0, 1),
+            ("w", -10.0, 1),
+            ("r", -10.0, 1),
+            ("d", -10.0, 1),
+        ];
+        GgufVocab {
+            model: "llama".into(),
+            tokens: pieces.iter().map(|p| p.0.to_string()).collect(),
+            scores: pieces.iter().map(|p| p.1).collect(),
+            token_types: pieces.iter().map(|p| p.2).collect(),
+            unk_id: Some(0),
+            pre: "ignored-for-sentencepiece".into(),
+            ..GgufVocab::default()
+        }
+    }
+
+    #[test]
+    fn sentencepiece_merges_follow_the_scores() {
+        let v = tiny_spm();
+        let m = spm_merges(&v.tokens, &v.scores);
+        assert_eq!(
+            m[..4],
+            ["l l", "h e", "\u{2581} he", "ll o"].map(String::from)
+        );
+        assert!(m.contains(&"\u{2581}he llo".to_string()));
+        assert!(m.contains(&"\u{2581}w or".to_string()));
+        let t = Tokenizer::from_json(&tokenizer_json_from_gguf(&v).unwrap()).unwrap();
+        // ▁hello▁world: ▁hello, then ▁w+or -> ▁wor, l, d (no "ld" piece).
+        let ids = t.encode("hello world").unwrap();
+        assert_eq!(ids, vec![10, 13, 16, 20]);
+        assert_eq!(t.decode(&ids).unwrap(), "hello world");
+        // é is not a piece: its UTF-8 bytes through byte fallback; x is unknown.
+        assert_eq!(t.encode("hé").unwrap(), vec![5, 14, 3, 4]);
+        assert_eq!(t.decode(&[5, 14, 3, 4]).unwrap(), "hé");
+        assert_eq!(t.encode("x").unwrap(), vec![5, 0]);
+        // Control pieces are special; without the space prefix no ▁ is prepended.
+        assert_eq!(t.encode("<s>").unwrap(), vec![1]);
+        let mut bare = tiny_spm();
+        bare.add_space_prefix = Some(false);
+        let b = Tokenizer::from_json(&tokenizer_json_from_gguf(&bare).unwrap()).unwrap();
+        assert_eq!(b.encode("he").unwrap(), vec![7]);
+        let mut short = tiny_spm();
+        short.scores.pop();
+        assert!(tokenizer_json_from_gguf(&short).is_err());
     }
 
     #[test]

@@ -12,8 +12,9 @@
 //! - a llama-3 `rope_freqs.weight` becomes `rope_scaling` (same config, same logits);
 //! - the tokenizer and tokenizer_config.json from the metadata (pre-tokenizers, BOS, template);
 //! - `resolve_model` converts once and reuses the cache;
-//! - unknown architecture, unknown pre-tokenizer, SentencePiece, truncated and missing files
-//!   give errors that name the problem.
+//! - unknown architecture, unknown pre-tokenizer and tokenizer model, truncated and missing files
+//!   give errors that name the problem;
+//! - a SentencePiece (tokenizer.ggml.model = llama) vocabulary becomes a working tokenizer.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -715,6 +716,69 @@ fn tokenizer_and_its_config_come_from_the_metadata() {
 }
 
 #[test]
+fn sentencepiece_tokenizer_converts() {
+    let _clean = Clean;
+    // A mistral GGUF with a SentencePiece vocabulary (tokens + scores, no merges), as llama.cpp
+    // writes mistral v0.x: BOS added, ▁ for spaces, byte fallback.
+    let s = spec("mistral");
+    let pieces = [
+        "<unk>",
+        "<s>",
+        "</s>",
+        "<0x21>",
+        "\u{2581}",
+        "\u{2581}t",
+        "he",
+        "\u{2581}the",
+        "t",
+        "h",
+        "e",
+    ];
+    let scores = [0.0, 0.0, 0.0, 0.0, -1.0, -2.0, -3.0, -4.0, -5.0, -5.0, -5.0];
+    let types = [2, 3, 3, 6, 1, 1, 1, 1, 1, 1, 1];
+    let mut meta: Vec<(String, Value)> = metadata(&s)
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("tokenizer.ggml."))
+        .collect();
+    let strings =
+        |v: &[&str]| Value::Array(v.iter().map(|x| Value::String(x.to_string())).collect());
+    meta.extend([
+        (
+            "tokenizer.ggml.model".to_string(),
+            Value::String("llama".into()),
+        ),
+        ("tokenizer.ggml.tokens".into(), strings(&pieces)),
+        (
+            "tokenizer.ggml.scores".into(),
+            Value::Array(scores.iter().map(|&x| Value::F32(x)).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(types.iter().map(|&x| Value::I32(x)).collect()),
+        ),
+        ("tokenizer.ggml.bos_token_id".into(), Value::U32(1)),
+        ("tokenizer.ggml.eos_token_id".into(), Value::U32(2)),
+        ("tokenizer.ggml.unknown_token_id".into(), Value::U32(0)),
+        ("tokenizer.ggml.add_bos_token".into(), Value::Bool(true)),
+    ]);
+    let gguf = tmp("spm.gguf");
+    write_gguf_with(&gguf, &s, &weights(&s, 28), GgmlDType::F32, meta, true);
+    let out = tmp("spm");
+    let summary = gguf_to_model_dir(&gguf, &out).unwrap();
+    assert_eq!(summary.tokenizer_model, "llama");
+    let t = layerkv_model::tokenizer::load(&out).unwrap();
+    // "the the!" -> <s> ▁the ▁the <0x21>
+    let ids = t.encode("the the!").unwrap();
+    assert_eq!(ids, vec![1, 7, 7, 3]);
+    assert_eq!(t.decode(&ids).unwrap(), "the the!");
+    let tc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(tc["bos_token"], "<s>");
+    assert_eq!(tc["unk_token"], "<unk>");
+}
+
+#[test]
 fn resolve_model_converts_once_and_reuses_the_cache() {
     let _clean = Clean;
     let home = tmp("home");
@@ -773,8 +837,8 @@ fn unsupported_files_are_clear_errors() {
     );
     let e = convert_error(|m| set(m, "tokenizer.ggml.pre", Value::String("mystery".into())));
     assert!(e.contains("\"mystery\"") && e.contains("llama-bpe"), "{e}");
-    let e = convert_error(|m| set(m, "tokenizer.ggml.model", Value::String("llama".into())));
-    assert!(e.contains("SentencePiece"), "{e}");
+    let e = convert_error(|m| set(m, "tokenizer.ggml.model", Value::String("bert".into())));
+    assert!(e.contains("\"bert\"") && e.contains("SentencePiece"), "{e}");
     // A type candle cannot read (an i-quant): named with its tensor, before anything is read.
     let s = spec("llama");
     let gguf = tmp("iq4.gguf");
