@@ -8,6 +8,7 @@
 //! - `generate`: text generation under a policy.
 //! - `policy`: writes a policy file from a spec.
 
+mod convert_cmd;
 mod measure;
 mod policy_spec;
 mod report;
@@ -45,7 +46,7 @@ enum Command {
     },
     /// Compare policies on a model directory and a text file.
     Eval {
-        /// Hugging Face model directory (config.json, tokenizer.json, *.safetensors).
+        /// Hugging Face model directory (config.json, tokenizer.json, *.safetensors) or GGUF file.
         #[arg(long)]
         model: PathBuf,
         /// Evaluation text file.
@@ -59,7 +60,7 @@ enum Command {
     },
     /// Generate text under a policy.
     Generate {
-        /// Model directory (default: the embedded default model).
+        /// Model directory or GGUF file (default: the embedded default model).
         #[arg(long)]
         model: Option<PathBuf>,
         /// Policy file or spec.
@@ -81,6 +82,8 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Convert a llama, mistral or qwen2 GGUF file to a model directory.
+    Convert(convert_cmd::ConvertArgs),
     /// Write a policy file. SPEC is `MAP[+RETENTION]`: MAP = identity | cla:S | mlkv:M | yoco |
     /// lckv:B:T | {pizza,sandwich,lasagna}-{bottom,top,middle}:K | a layer_types string |
     /// kvsharer:JSON; RETENTION = stream:SINKS:WINDOW | h2o:HEAVY:RECENT | snapkv:BUDGET[:OBS[:POOL]].
@@ -181,6 +184,7 @@ fn main() -> Result<()> {
             policies,
             opts,
         } => {
+            let model = layerkv_model::assets::resolve_model(&model)?;
             let m = Arc::new(Model::load(&model, dtype(&opts.dtype)?, &Device::Cpu)?);
             let tokenizer = layerkv_model::tokenizer::load(&model)?;
             let text = std::fs::read_to_string(&text)
@@ -202,7 +206,7 @@ fn main() -> Result<()> {
             seed,
         } => {
             let dir = match model {
-                Some(d) => d,
+                Some(d) => layerkv_model::assets::resolve_model(&d)?,
                 None => layerkv_model::assets::ensure_default_model()?,
             };
             let m = Arc::new(Model::load(&dir, DType::F32, &Device::Cpu)?);
@@ -230,6 +234,7 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
+        Command::Convert(args) => convert_cmd::run(args),
         Command::Policy {
             spec,
             layers,

