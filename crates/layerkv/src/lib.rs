@@ -36,6 +36,7 @@
 
 pub mod bits;
 mod cache;
+pub mod calibrate;
 mod error;
 pub mod map;
 pub mod plan;
