@@ -7,8 +7,11 @@
 //! - `eval`: the same table for any model directory, text and policies.
 //! - `generate`: text generation under a policy.
 //! - `policy`: writes a policy file from a spec.
+//! - `calibrate`: KVSharer calibration of a sharing map on a model and text.
 
+mod calibrate_cmd;
 mod measure;
+mod plot;
 mod policy_spec;
 mod report;
 
@@ -94,6 +97,9 @@ enum Command {
         #[arg(long, short)]
         output: PathBuf,
     },
+    /// KVSharer calibration: search a sharing map on calibration text, write it as a policy
+    /// file with the layer distances (JSON) and their heatmap (PNG) beside it.
+    Calibrate(calibrate_cmd::CalibrateArgs),
 }
 
 #[derive(clap::Args, Clone)]
@@ -237,6 +243,7 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
+        Command::Calibrate(args) => calibrate_cmd::run(args),
     }
 }
 
