@@ -19,9 +19,10 @@
 //!   positive definite (vocabulary smaller than the hidden size), the stopgap is the log-softmax
 //!   rows centred per row ([`HiddenReadout::CenteredLogProbs`]).
 //!
-//! Cost: the readout is built once (one `[hidden, hidden]` forward of the LM head, an
-//! `O(hidden^3)` factorisation); per run, the engine's forward of every sample plus a
-//! `[tokens, vocab] x [vocab, hidden]` product and `O(tokens x hidden^2)` triangular solves.
+//! Cost: the readout is built once (one `[hidden, hidden]` forward of the LM head, the f64
+//! Gram matrix `P P^T`, an `O(hidden^3)` Cholesky inverse); per run, the engine's forward of
+//! every sample plus `[tokens, vocab] x [vocab, hidden]` and `[tokens, hidden] x [hidden,
+//! hidden]` products.
 
 use std::sync::Arc;
 
@@ -52,10 +53,9 @@ struct Readout {
     kind: HiddenReadout,
     /// `P`, `[hidden, vocab]` f32, on the model's device.
     probe: Tensor,
-    /// Lower Cholesky factor of `P P^T`, row-major `hidden x hidden`.
-    chol: Vec<f64>,
-    /// `c` (and `g` when known) to turn the solution into hidden states.
-    scale: Vec<f64>,
+    /// `(P P^T)^-1 diag(scale)`, `[hidden, hidden]` f64: logits `L` give hidden states
+    /// `(L P^T) inv`, with `scale` = `c` (times `g` when known) folded in.
+    inv: Tensor,
 }
 
 /// Runs a [`Model`] for calibration: reference K/V from a dense forward, candidate maps through
@@ -144,14 +144,9 @@ impl EngineCalibrator {
             let centred = logp.broadcast_sub(&logp.mean_keepdim(D::Minus1)?)?;
             return Ok(centred.flatten_all()?.to_vec1::<f32>()?);
         }
-        let b = logits.matmul(&r.probe.t()?)?.to_vec2::<f32>()?;
-        let h = r.scale.len();
-        let mut out = Vec::with_capacity(b.len() * h);
-        for row in &b {
-            let z = cholesky_solve(&r.chol, h, row);
-            out.extend(z.iter().zip(&r.scale).map(|(z, s)| (z * s) as f32));
-        }
-        Ok(out)
+        let b = logits.matmul(&r.probe.t()?)?.to_dtype(DType::F64)?;
+        let h = b.matmul(&r.inv)?.to_dtype(DType::F32)?;
+        Ok(h.flatten_all()?.to_vec1::<f32>()?)
     }
 
     fn reference(&self, samples: &[Vec<u32>]) -> Result<Vec<LayerKv>> {
@@ -279,19 +274,8 @@ fn build_readout(model: &Model) -> Result<Readout> {
     let c = (h as f64 / (1.0 + cfg.rms_norm_eps)).sqrt();
     let x = (Tensor::eye(h, DType::F32, dev)? * (h as f64).sqrt())?.to_dtype(model.dtype())?;
     let probe = model.logits(&x)?; // [h, vocab] f32
-    let p = probe.to_vec2::<f32>()?;
-    let mut gram = vec![0f64; h * h];
-    for i in 0..h {
-        for j in 0..=i {
-            let dot: f64 = p[i]
-                .iter()
-                .zip(&p[j])
-                .map(|(&a, &b)| f64::from(a) * f64::from(b))
-                .sum();
-            gram[i * h + j] = dot;
-            gram[j * h + i] = dot;
-        }
-    }
+    let p64 = probe.to_dtype(DType::F64)?;
+    let gram = p64.matmul(&p64.t()?)?.flatten_all()?.to_vec1::<f64>()?;
     let Some(chol) = cholesky(gram, h) else {
         tracing::warn!(
             "calibration: the LM head cannot be inverted (vocab {} < hidden {h}?); using centred \
@@ -300,15 +284,15 @@ fn build_readout(model: &Model) -> Result<Readout> {
         );
         return Ok(Readout {
             kind: HiddenReadout::CenteredLogProbs,
+            inv: Tensor::zeros((1, 1), DType::F64, dev)?,
             probe,
-            chol: Vec::new(),
-            scale: Vec::new(),
         });
     };
     // Tied embeddings: row k of P is c g_k E[:, k]; recover g and check the fit.
     let mut scale = vec![c; h];
     let mut kind = HiddenReadout::Normalized;
     if cfg.tie_word_embeddings {
+        let p = probe.to_vec2::<f32>()?;
         let ids: Vec<u32> = (0..cfg.vocab_size as u32).collect();
         let e = model
             .embed(&ids)?
@@ -346,11 +330,21 @@ fn build_readout(model: &Model) -> Result<Readout> {
             kind = HiddenReadout::Exact;
         }
     }
+    // Column j of the inverse solves G x = e_j; scale column j by scale[j].
+    let mut inv = vec![0f64; h * h];
+    let mut unit = vec![0f32; h];
+    for j in 0..h {
+        unit.iter_mut().for_each(|u| *u = 0.0);
+        unit[j] = 1.0;
+        let col = cholesky_solve(&chol, h, &unit);
+        for (i, x) in col.iter().enumerate() {
+            inv[i * h + j] = x * scale[j];
+        }
+    }
     Ok(Readout {
         kind,
         probe,
-        chol,
-        scale,
+        inv: Tensor::from_vec(inv, (h, h), dev)?,
     })
 }
 
