@@ -107,7 +107,13 @@ fn heatmap_with(
             .x_label_area_size(45)
             .y_label_area_size(55);
     }
-    let mut chart = builder.build_cartesian_2d(0..cols, 0..rows).map_err(&err)?;
+    // Segmented axes: tick labels sit at the centre of each row and column.
+    let mut chart = builder
+        .build_cartesian_2d(
+            (0..cols - 1).into_segmented(),
+            (0..rows - 1).into_segmented(),
+        )
+        .map_err(&err)?;
     if text {
         chart
             .configure_mesh()
@@ -128,11 +134,12 @@ fn heatmap_with(
             RGBColor(160, 160, 160)
         }
     };
+    let cell = |c: usize, r: usize| (SegmentValue::Exact(c), SegmentValue::Exact(r));
     chart
         .draw_series(matrix.iter().enumerate().flat_map(|(r, row)| {
-            row.iter()
-                .enumerate()
-                .map(move |(c, &v)| Rectangle::new([(c, r), (c + 1, r + 1)], colour(v).filled()))
+            row.iter().enumerate().map(move |(c, &v)| {
+                Rectangle::new([cell(c, r), cell(c + 1, r + 1)], colour(v).filled())
+            })
         }))
         .map_err(&err)?;
     // Colour bar: 100 steps from lo (bottom) to hi (top).
@@ -331,6 +338,9 @@ mod tests {
             heatmap_with(&path, &m, "distances", "layer", text).unwrap();
             assert_eq!(png_size(&path), SIZE);
         }
+        let path = tmp("heat-one.png");
+        heatmap_with(&path, &[vec![0.0]], "one layer", "layer", false).unwrap();
+        assert_eq!(png_size(&path), SIZE);
         let path = tmp("heat-public.png");
         heatmap(&path, &matrix(), "distances", "layer").unwrap();
         assert_eq!(png_size(&path), SIZE);
