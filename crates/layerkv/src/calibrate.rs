@@ -16,7 +16,8 @@
 //!    is already another layer's source (sharing it would silently move that layer's KV too;
 //!    skipping keeps every accepted step a change of exactly one layer). Otherwise the
 //!    candidate map is the current map plus `i` reading `j`'s root (chains collapse, so the
-//!    source is always below the layer: no upward reference can arise);
+//!    source is always below the layer: no upward reference can arise); a pair that builds
+//!    the map of a pair rejected since the last acceptance is skipped too;
 //! 4. the candidate is scored with the [`Acceptance`] rule and accepted or rejected; the search
 //!    stops when the [`ShareTarget`] is reached or the pairs run out (then the result holds
 //!    fewer shared layers than asked: [`Calibration::reached_target`] is false, not an error).
@@ -28,7 +29,7 @@
 //! (L = layers); the search runs the model `1 + C` times, C = pairs scored
 //! (at most L (L - 1) / 2), and holds one reference run's hidden states.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -476,7 +477,8 @@ pub struct Calibration {
     pub distances: DistanceMatrix,
     /// Every scored candidate, in the order tried.
     pub candidates: Vec<Candidate>,
-    /// Pairs skipped without running the model (layer already sharing or already a source).
+    /// Pairs skipped without running the model (layer already sharing or already a source, or
+    /// the same candidate map as an already rejected pair).
     pub num_skipped: usize,
     /// Sharing layers the target asked for.
     pub target_shared: usize,
@@ -565,6 +567,9 @@ pub fn calibrate<M: CalibrationModel + ?Sized>(
     let mut num_skipped = 0;
     let mut num_shared = 0;
     let (mut final_nll, mut final_cosine) = (reference.nll, 1.0);
+    // (layer, root) candidates rejected since the last acceptance: two pairs naming sources
+    // of one chain (`i -> j` and `i -> root(j)`) build the same map, scored once.
+    let mut rejected: BTreeSet<(usize, usize)> = BTreeSet::new();
 
     for (rank, (layer, pair_source)) in config.order.pairs(&distances).into_iter().enumerate() {
         if num_shared >= target_shared {
@@ -577,6 +582,10 @@ pub fn calibrate<M: CalibrationModel + ?Sized>(
         }
         let root = source[pair_source];
         debug_assert!(root < layer, "chains resolve below the layer");
+        if rejected.contains(&(layer, root)) {
+            num_skipped += 1;
+            continue;
+        }
         let mut cand_source = source.clone();
         cand_source[layer] = root;
         let cand_map = LayerMap::new(cand_source.clone())?;
@@ -589,6 +598,9 @@ pub fn calibrate<M: CalibrationModel + ?Sized>(
             num_shared += 1;
             final_nll = out.nll;
             final_cosine = cosine;
+            rejected.clear();
+        } else {
+            rejected.insert((layer, root));
         }
         let candidate = Candidate {
             rank,
@@ -1063,6 +1075,60 @@ mod tests {
         for (&l, &s) in &cal.pairs {
             assert!(cal.map.owns_kv(s), "{l} reads {s}, which shares");
         }
+    }
+
+    /// Three layers with K = V = 0, 10, 4 (distances (1,0) > (2,1) > (2,0)); a map is as good as
+    /// the reference only when nothing but layer 1 shares.
+    struct Scripted {
+        runs: usize,
+    }
+
+    impl CalibrationModel for Scripted {
+        fn num_layers(&self) -> usize {
+            3
+        }
+
+        fn reference_kv(&mut self, samples: &[Vec<u32>]) -> Result<Vec<LayerKv>> {
+            let seq = samples[0].len();
+            Ok([0.0, 10.0, 4.0]
+                .iter()
+                .map(|&x| LayerKv {
+                    k: vec![x; seq],
+                    v: vec![x; seq],
+                    kv_heads: 1,
+                    seq,
+                    head_dim: 1,
+                })
+                .collect())
+        }
+
+        fn run(&mut self, map: &LayerMap, samples: &[Vec<u32>]) -> Result<RunOutput> {
+            self.runs += 1;
+            let good = map.owns_kv(2);
+            Ok(RunOutput {
+                hidden: vec![vec![1.0]; samples.len()],
+                nll: if good { 2.0 } else { 3.0 },
+            })
+        }
+    }
+
+    #[test]
+    fn a_rejected_map_is_not_scored_again_through_its_chain() {
+        let mut model = Scripted { runs: 0 };
+        let rule = Acceptance::Nll { max_increase: 0.0 };
+        let cfg = config(ShareTarget::Layers(2), PairOrder::Dissimilar, rule);
+        let cal = calibrate(&mut model, &samples(2, 2), &cfg, &mut |_| {}).unwrap();
+        let tried: Vec<_> = cal
+            .candidates
+            .iter()
+            .map(|c| (c.layer, c.pair_source, c.source, c.accepted))
+            .collect();
+        // (1, 0) accepted; (2, 1) means 2 reads 0 and is rejected; (2, 0) is that same map.
+        assert_eq!(tried, vec![(1, 0, 0, true), (2, 1, 0, false)]);
+        assert_eq!(cal.num_skipped, 1);
+        assert_eq!(model.runs, 3, "reference + two candidates");
+        assert_eq!(cal.map.to_layer_types(), "0_0_2");
+        assert!(!cal.reached_target());
     }
 
     fn err_text(r: Result<Calibration>) -> String {

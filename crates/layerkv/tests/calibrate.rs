@@ -2,8 +2,8 @@
 //! counts, K/V, a pseudo-random quality response to each map), random targets, orders and
 //! rules. After every search: the map is downward with layer 0 owning its KV, `pairs` is the
 //! map's sharing layers, every scored candidate changes exactly one layer of the map accepted
-//! so far, the shared count never passes the target, and the reported candidates are the
-//! returned ones.
+//! so far and no map is scored twice, the shared count never passes the target, and the
+//! reported candidates are the returned ones.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -132,7 +132,10 @@ proptest! {
         prop_assert_eq!(&model.maps[0], &LayerMap::identity(num_layers).unwrap());
         let mut accepted = model.maps[0].clone();
         let mut shared = 0;
+        let mut since_accept: Vec<&LayerMap> = Vec::new();
         for (map, c) in model.maps[1..].iter().zip(&cal.candidates) {
+            prop_assert!(!since_accept.contains(&map), "{} scored twice", map);
+            since_accept.push(map);
             let changed: Vec<usize> = (0..num_layers).filter(|&l| map.source(l) != accepted.source(l)).collect();
             prop_assert_eq!(changed, vec![c.layer]);
             prop_assert_eq!(map.source(c.layer), c.source);
@@ -140,6 +143,7 @@ proptest! {
             if c.accepted {
                 accepted = map.clone();
                 shared += 1;
+                since_accept.clear();
             }
             prop_assert_eq!(c.num_shared, shared);
         }
