@@ -7,11 +7,16 @@
 //! - `eval`: the same table for any model directory, text and policies.
 //! - `generate`: text generation under a policy.
 //! - `policy`: writes a policy file from a spec.
+//! - `calibrate`: KVSharer calibration of a sharing map on a model and text.
 
+mod calibrate_cmd;
 mod convert_cmd;
 mod measure;
+mod plan_cmd;
+mod plot;
 mod policy_spec;
 mod report;
+mod stream_cmd;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -97,6 +102,15 @@ enum Command {
         #[arg(long, short)]
         output: PathBuf,
     },
+    /// KVSharer calibration: search a sharing map on calibration text, write it as a policy
+    /// file with the layer distances (JSON) and their heatmap (PNG) beside it.
+    Calibrate(calibrate_cmd::CalibrateArgs),
+    /// How many sequences fit in a KV budget and the longest single context, identity vs
+    /// policies, from the cache's own accounting.
+    Plan(plan_cmd::PlanArgs),
+    /// Stream one long text far past the model's context: NLL and KV bytes per 1k tokens, a
+    /// table and a PNG of the curves.
+    Stream(stream_cmd::StreamArgs),
 }
 
 #[derive(clap::Args, Clone)]
@@ -250,6 +264,9 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
+        Command::Calibrate(args) => calibrate_cmd::run(args),
+        Command::Plan(args) => plan_cmd::run(args),
+        Command::Stream(args) => stream_cmd::run(args),
     }
 }
 

@@ -341,6 +341,50 @@ fn find_deb(dir: &Path, package: &str) -> Option<PathBuf> {
         })
 }
 
+/// A file from a Debian package, cached under `$LAYERKV_HOME/debian/PACKAGE/MEMBER`: the
+/// package is fetched with `apt-get download` (after `apt-get update` if that fails) and
+/// unpacked with `dpkg-deb` on first use, like the default texts. `member` is the path inside
+/// the package, e.g. `usr/share/fonts/truetype/dejavu/DejaVuSans.ttf`.
+pub fn ensure_debian_file(package: &str, member: &str) -> Result<PathBuf> {
+    let root = cache_dir();
+    let dest = root.join("debian").join(package).join(member);
+    if dest.exists() {
+        return Ok(dest);
+    }
+    let downloads = root.join("downloads");
+    std::fs::create_dir_all(&downloads).map_err(io(&downloads))?;
+    let deb = match find_deb(&downloads, package) {
+        Some(d) => d,
+        None => {
+            tracing::info!("downloading Debian package {package} (once)");
+            let mut get = Command::new("apt-get");
+            get.arg("download").arg(package).current_dir(&downloads);
+            if run(&mut get).is_err() {
+                run(Command::new("apt-get").args(["update", "-qq"]))?;
+                run(Command::new("apt-get")
+                    .arg("download")
+                    .arg(package)
+                    .current_dir(&downloads))?;
+            }
+            find_deb(&downloads, package).ok_or_else(|| {
+                ModelError::MissingFile(downloads.join(format!("{package}_*.deb")))
+            })?
+        }
+    };
+    let unpack = downloads.join(format!("{package}-unpacked"));
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpack))?;
+    let src = unpack.join(member);
+    if !src.exists() {
+        return Err(ModelError::MissingFile(src));
+    }
+    let parent = dest.parent().unwrap_or(&root);
+    std::fs::create_dir_all(parent).map_err(io(parent))?;
+    let tmp = dest.with_extension("part");
+    std::fs::copy(&src, &tmp).map_err(io(&src))?;
+    std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
+    Ok(dest)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -44,7 +44,9 @@ pub fn token_nll(logits: &Tensor, targets: &[u32]) -> Result<Vec<f32>> {
 /// engine step, which the engine splits into prefill chunks under an evicting policy), then the
 /// rest in steps of `chunk` tokens, and calls `on_nll(position, nll)` for every token whose
 /// position is `>= score_from` (`score_from >= 1`). Returns peak KV bytes and per-layer bytes
-/// at the peak, measured after every step. The sequence is freed at the end.
+/// at the peak, measured after every step (each also reported to `on_memory(end, bytes)`). The
+/// sequence is freed at the end.
+#[allow(clippy::too_many_arguments)]
 fn run_sequence(
     engine: &mut Engine,
     seq: SeqId,

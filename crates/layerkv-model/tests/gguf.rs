@@ -23,7 +23,7 @@ use std::sync::Arc;
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
-use layerkv::{Phase, Policy};
+use layerkv::Policy;
 use layerkv_model::convert::{gguf_name, gguf_to_model_dir, permute_qk, read_gguf_summary};
 use layerkv_model::engine::{Engine, EngineConfig, LogitsRows, PrefillMode};
 use layerkv_model::{Model, ModelConfig, ModelError};
@@ -357,13 +357,12 @@ fn run_logits(dir: &Path) -> Tensor {
         kv_dtype: DType::F32,
         sliding_window: None,
         prefill: PrefillMode::TokenByToken,
+        prefill_chunk: 256,
     };
     let layers = model.num_layers();
     let mut e = Engine::new(model, Arc::new(Policy::identity(layers).unwrap()), cfg).unwrap();
     e.add_sequence(0).unwrap();
-    let mut rows = vec![e
-        .step(&[(0, &PROMPT)], LogitsRows::All, Phase::Prefill)
-        .unwrap()];
+    let mut rows = vec![e.step(&[(0, &PROMPT)], LogitsRows::All).unwrap()];
     for _ in 0..4 {
         let last = rows.last().unwrap();
         let next: u32 = last
@@ -375,10 +374,7 @@ fn run_logits(dir: &Path) -> Tensor {
             .unwrap()
             .to_scalar()
             .unwrap();
-        rows.push(
-            e.step(&[(0, &[next])], LogitsRows::Last, Phase::Decode)
-                .unwrap(),
-        );
+        rows.push(e.step(&[(0, &[next])], LogitsRows::Last).unwrap());
     }
     Tensor::cat(&rows, 0).unwrap()
 }

@@ -271,9 +271,9 @@ mod tests {
             let mut s = (0..t.num_slots).map(|x| x as f32).collect::<Vec<_>>();
             c.apply(t, 4, &mut [&mut s], &mut moves);
             // Scores follow their slots: a survivor's score is its old logical index.
-            for x in 0..t.num_slots {
+            for (x, score) in s.iter().enumerate() {
                 if t.is_valid(x) {
-                    assert_eq!(s[x] as u32, t.positions[x]);
+                    assert_eq!(*score as u32, t.positions[x]);
                 }
             }
         }

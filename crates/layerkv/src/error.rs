@@ -134,6 +134,13 @@ pub enum Error {
         /// Entries given.
         actual: usize,
     },
+    /// KVSharer calibration got impossible input (samples, target, rule) or a model returned
+    /// something malformed (wrong sizes, NaN/inf); the text names the sample or layer.
+    #[error("calibration: {what}")]
+    Calibration {
+        /// What is wrong, and where.
+        what: String,
+    },
 }
 
 /// Result alias of the core crate.

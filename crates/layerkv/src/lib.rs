@@ -35,6 +35,7 @@
 
 pub mod bits;
 mod cache;
+pub mod calibrate;
 mod compact;
 mod error;
 pub mod map;
