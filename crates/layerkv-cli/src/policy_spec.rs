@@ -1,7 +1,7 @@
 //! Policies named on the command line: a policy file path, or `MAP[+RETENTION]` where MAP is any
 //! [`LayerMap::preset`] name (`identity`, `cla:2`, `mlkv:4`, `lckv:1:1`, `sandwich-top:3`, a
 //! `layer_types` string) or `kvsharer:{"5":1,...}`, and RETENTION is `stream:SINKS:WINDOW`,
-//! `h2o:HEAVY:RECENT` or `snapkv:BUDGET[:OBSERVE[:POOL]]`.
+//! `h2o:HEAVY:RECENT`, `snapkv:BUDGET[:OBSERVE[:POOL]]` or `pyramid:AVG[:OBSERVE[:POOL[:BETA]]]`.
 
 use std::path::Path;
 
@@ -24,7 +24,26 @@ pub fn parse(spec: &str, num_layers: usize) -> Result<Policy> {
     };
     let mut builder = PolicyBuilder::new(map).name(spec);
     if let Some(r) = retention_part {
-        builder = builder.retention(parse_retention(r)?);
+        if let Some(args) = r.strip_prefix("pyramid:") {
+            // pyramid:AVERAGE[:OBSERVE[:POOL[:BETA]]]: SnapKV with PyramidKV's per-group budgets.
+            let parts: Vec<&str> = args.split(':').collect();
+            let num = |i: usize, default: f64| -> Result<f64> {
+                parts.get(i).map_or(Ok(default), |p| {
+                    p.parse()
+                        .with_context(|| format!("{r:?}: {p:?} is not a number"))
+                })
+            };
+            let average = num(0, f64::NAN)?;
+            anyhow::ensure!(average.is_finite(), "{r:?}: the average budget is missing");
+            builder = builder.pyramid(
+                average as usize,
+                num(1, 32.0)? as usize,
+                num(2, 7.0)? as usize,
+                num(3, 20.0)?,
+            );
+        } else {
+            builder = builder.retention(parse_retention(r)?);
+        }
     }
     Ok(builder.build()?)
 }
@@ -53,7 +72,9 @@ fn parse_retention(text: &str) -> Result<Retention> {
             observe: num(2, Some(32))?,
             pool: num(3, Some(7))?,
         },
-        other => bail!("unknown retention {other:?} (stream:S:W, h2o:H:R, snapkv:B[:O[:P]])"),
+        other => bail!(
+            "unknown retention {other:?} (stream:S:W, h2o:H:R, snapkv:B[:O[:P]], pyramid:AVG[:O[:P[:BETA]]])"
+        ),
     })
 }
 
@@ -78,5 +99,9 @@ mod tests {
         assert!(parse("nonsense", 4).is_err());
         assert!(parse("identity+stream:4", 4).is_err());
         assert!(parse("identity+snapkv:64", 4).is_ok());
+        let p = parse("identity+pyramid:96:16:5:4", 4).unwrap();
+        assert!(matches!(p.retention(0), Retention::SnapKv { .. }));
+        assert_ne!(p.retention(0), p.retention(3));
+        assert!(parse("identity+pyramid:x", 4).is_err());
     }
 }
