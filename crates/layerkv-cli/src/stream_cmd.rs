@@ -133,8 +133,8 @@ pub fn run(args: StreamArgs) -> Result<()> {
     let mut header = "| tokens |".to_string();
     let mut rule = "| --- |".to_string();
     for (spec, _, _) in &rows {
-        header.push_str(&format!(" {spec} NLL | KV MiB |"));
-        rule.push_str(" --- | --- |");
+        header.push_str(&format!(" {spec} NLL | KV MiB | tok/s |"));
+        rule.push_str(" --- | --- | --- |");
     }
     println!("{header}\n{rule}");
     let num_buckets = rows.iter().map(|r| r.1.len()).max().unwrap_or(0);
@@ -143,11 +143,12 @@ pub fn run(args: StreamArgs) -> Result<()> {
         for (_, buckets, _) in &rows {
             match buckets.get(b) {
                 Some(x) => line.push_str(&format!(
-                    " {:.3} | {:.1} |",
+                    " {:.3} | {:.1} | {:.0} |",
                     x.nll,
-                    x.kv_bytes as f64 / (1 << 20) as f64
+                    x.kv_bytes as f64 / (1 << 20) as f64,
+                    x.tokens_per_sec
                 )),
-                None => line.push_str(" - | - |"),
+                None => line.push_str(" - | - | - |"),
             }
         }
         println!("{line}");
@@ -177,7 +178,7 @@ pub fn run(args: StreamArgs) -> Result<()> {
                     "policy": spec,
                     "ppl": t.ppl,
                     "peak_kv_bytes": t.peak_kv_bytes,
-                    "buckets": b.iter().map(|x| serde_json::json!({"start": x.start, "nll": x.nll, "kv_bytes": x.kv_bytes})).collect::<Vec<_>>(),
+                    "buckets": b.iter().map(|x| serde_json::json!({"start": x.start, "nll": x.nll, "kv_bytes": x.kv_bytes, "tokens_per_sec": x.tokens_per_sec})).collect::<Vec<_>>(),
                 })
             })
             .collect();

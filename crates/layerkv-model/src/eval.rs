@@ -162,6 +162,8 @@ pub struct StreamBucket {
     pub nll: f64,
     /// Largest KV bytes the sequence held while the bucket streamed by.
     pub kv_bytes: usize,
+    /// Tokens per second of the steps that ended in the bucket (step cost at this depth).
+    pub tokens_per_sec: f64,
 }
 
 /// Streaming evaluation over one long sequence: mean NLL and peak KV bytes per bucket of
@@ -178,7 +180,9 @@ pub fn stream_nll(
     let n = tokens.len().div_ceil(bucket);
     let mut sums = vec![(0f64, 0usize); n];
     let mut bytes = vec![0usize; n];
+    let mut time = vec![(0f64, 0usize); n];
     let t0 = Instant::now();
+    let mut last = (Instant::now(), 0usize);
     let peak = run_sequence(
         engine,
         u64::MAX - 2,
@@ -192,8 +196,12 @@ pub fn stream_nll(
             b.1 += 1;
         },
         |end, kv| {
-            let b = &mut bytes[(end - 1) / bucket];
-            *b = (*b).max(kv);
+            let i = (end - 1) / bucket;
+            bytes[i] = bytes[i].max(kv);
+            let now = Instant::now();
+            time[i].0 += now.duration_since(last.0).as_secs_f64();
+            time[i].1 += end - last.1;
+            last = (now, end);
         },
     )?;
     let (sum, count) = sums.iter().fold((0.0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
@@ -201,12 +209,14 @@ pub fn stream_nll(
     let buckets = sums
         .iter()
         .zip(&bytes)
+        .zip(&time)
         .enumerate()
-        .filter(|(_, (b, _))| b.1 > 0)
-        .map(|(i, (b, &kv))| StreamBucket {
+        .filter(|(_, ((b, _), _))| b.1 > 0)
+        .map(|(i, ((b, &kv), t))| StreamBucket {
             start: i * bucket,
             nll: b.0 / b.1 as f64,
             kv_bytes: kv,
+            tokens_per_sec: t.1 as f64 / t.0.max(1e-9),
         })
         .collect();
     Ok((

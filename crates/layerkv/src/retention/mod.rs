@@ -448,9 +448,9 @@ impl Retention {
         Ok(())
     }
 
-    /// Upper bound on the tokens a sequence that has seen `num_tokens` keeps after a step
-    /// (SnapKV counts the whole sequence as its prompt, the way compression ratios are
-    /// reported). Used for capacity planning.
+    /// Upper bound on the tokens a sequence that has seen `num_tokens` keeps after a step. SnapKV
+    /// (and a union with it) bounds nothing: its prompt is held whole until the prompt ends, so
+    /// its saving shows after prefill, not at the peak. Used for capacity planning.
     pub fn max_tokens(&self, num_tokens: usize) -> usize {
         let kept = match self {
             Retention::Full => num_tokens,
@@ -458,7 +458,9 @@ impl Retention {
             Retention::HeavyHitter { heavy, recent } => {
                 heavy.resolve(num_tokens) + recent.resolve(num_tokens)
             }
-            Retention::SnapKv { budget, .. } => budget.resolve(num_tokens),
+            // Nothing is compressed before the prompt ends: a sequence that is all prompt holds
+            // all of it until then.
+            Retention::SnapKv { .. } => num_tokens,
             Retention::Union { parts } => parts.iter().map(|p| p.max_tokens(num_tokens)).sum(),
             Retention::Custom(c) => c.0.max_tokens(num_tokens),
         };
