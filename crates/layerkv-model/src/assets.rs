@@ -290,27 +290,7 @@ pub fn ensure_default_texts() -> Result<Texts> {
         if dest.exists() {
             continue;
         }
-        let deb = find_deb(&downloads, package);
-        let deb = match deb {
-            Some(d) => d,
-            None => {
-                tracing::info!("downloading Debian package {package} (once)");
-                let mut get = Command::new("apt-get");
-                get.arg("download").arg(package).current_dir(&downloads);
-                if run(&mut get).is_err() {
-                    run(Command::new("apt-get").args(["update", "-qq"]))?;
-                    run(Command::new("apt-get")
-                        .arg("download")
-                        .arg(package)
-                        .current_dir(&downloads))?;
-                }
-                find_deb(&downloads, package).ok_or_else(|| {
-                    ModelError::MissingFile(downloads.join(format!("{package}_*.deb")))
-                })?
-            }
-        };
-        let unpack = downloads.join(format!("{package}-unpacked"));
-        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpack))?;
+        let unpack = unpack_deb(&downloads, package)?;
         let gz = unpack.join(member);
         let out = Command::new("gzip")
             .arg("-dc")
@@ -328,6 +308,32 @@ pub fn ensure_default_texts() -> Result<Texts> {
         std::fs::rename(&tmp, dest).map_err(io(dest))?;
     }
     Ok(texts)
+}
+
+/// Downloads `package`'s `.deb` into `downloads` once (`apt-get download`, after
+/// `apt-get update` if that fails) and unpacks it; returns the unpacked root.
+fn unpack_deb(downloads: &Path, package: &str) -> Result<PathBuf> {
+    let deb = match find_deb(downloads, package) {
+        Some(d) => d,
+        None => {
+            tracing::info!("downloading Debian package {package} (once)");
+            let mut get = Command::new("apt-get");
+            get.arg("download").arg(package).current_dir(downloads);
+            if run(&mut get).is_err() {
+                run(Command::new("apt-get").args(["update", "-qq"]))?;
+                run(Command::new("apt-get")
+                    .arg("download")
+                    .arg(package)
+                    .current_dir(downloads))?;
+            }
+            find_deb(downloads, package).ok_or_else(|| {
+                ModelError::MissingFile(downloads.join(format!("{package}_*.deb")))
+            })?
+        }
+    };
+    let unpack = downloads.join(format!("{package}-unpacked"));
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpack))?;
+    Ok(unpack)
 }
 
 fn find_deb(dir: &Path, package: &str) -> Option<PathBuf> {
@@ -353,26 +359,7 @@ pub fn ensure_debian_file(package: &str, member: &str) -> Result<PathBuf> {
     }
     let downloads = root.join("downloads");
     std::fs::create_dir_all(&downloads).map_err(io(&downloads))?;
-    let deb = match find_deb(&downloads, package) {
-        Some(d) => d,
-        None => {
-            tracing::info!("downloading Debian package {package} (once)");
-            let mut get = Command::new("apt-get");
-            get.arg("download").arg(package).current_dir(&downloads);
-            if run(&mut get).is_err() {
-                run(Command::new("apt-get").args(["update", "-qq"]))?;
-                run(Command::new("apt-get")
-                    .arg("download")
-                    .arg(package)
-                    .current_dir(&downloads))?;
-            }
-            find_deb(&downloads, package).ok_or_else(|| {
-                ModelError::MissingFile(downloads.join(format!("{package}_*.deb")))
-            })?
-        }
-    };
-    let unpack = downloads.join(format!("{package}-unpacked"));
-    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpack))?;
+    let unpack = unpack_deb(&downloads, package)?;
     let src = unpack.join(member);
     if !src.exists() {
         return Err(ModelError::MissingFile(src));
