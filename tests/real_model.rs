@@ -190,10 +190,10 @@ fn embedded_default_model_and_text() {
             "{}: saves too little",
             spec.0
         );
-        // A 60-token window costs a lot on a 135M model (measured 80.25 for stream:4:60); the
-        // bound only catches a broken cache (garbage KV gives perplexities in the thousands).
+        // Measured: stream:4:60 28.292 (1.11x), h2o:32:32 26.235 (1.03x). A cache that loses
+        // its sinks after compaction measured 80.25 here (3.2x); garbage KV gives thousands.
         assert!(
-            p.ppl > ppl.ppl * 0.99 && p.ppl < ppl.ppl * 5.0,
+            p.ppl > ppl.ppl * 0.99 && p.ppl < ppl.ppl * 1.2,
             "{}: {}",
             spec.0,
             p.ppl

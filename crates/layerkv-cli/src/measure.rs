@@ -85,7 +85,10 @@ pub fn measure_all(
     let mut reference = engine(&model, identity.clone(), eval_pages, cfg)?;
     let budget_pages =
         cfg.budget_seqs * plan::pages_per_sequence(identity.as_ref(), BLOCK_SIZE, cfg.budget_len);
-    let agree_len = (cfg.context / 2).min(tokens.len());
+    // Agreement runs over a whole context window (a prompt of `min_prompt` tokens, or a
+    // quarter of it): shorter runs would end before a budget of half the context evicts.
+    let agree_len = cfg.context.min(tokens.len());
+    let agree_prompt = cfg.min_prompt.max(agree_len / 4).min(agree_len);
     let prompt = &tokens[..128.min(tokens.len() / 2)];
     let bar = ProgressBar::new(policies.len() as u64 * 4);
     bar.set_style(
@@ -114,7 +117,7 @@ pub fn measure_all(
             &mut reference,
             &mut e,
             &tokens[..agree_len],
-            agree_len / 4,
+            agree_prompt,
             cfg.chunk,
         )?;
         bar.inc(1);

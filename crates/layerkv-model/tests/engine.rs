@@ -532,13 +532,16 @@ fn streaming_matches_the_dense_cache_position_reference() {
 /// tokens with explicit probabilities (StreamingLLM sinks rotated to sit right before the first
 /// kept token after them, everything else at its text position); the mass is summed over heads
 /// and reader layers (all queries for H2O, the prompt's last `observe` queries for SnapKV); and
-/// after every token the policy's rule decides per group over the kept tokens. Token by token,
-/// with the prompt's first `prompt_len` tokens as the prompt.
+/// after every step the policy's rule decides per group over the kept tokens. Steps are
+/// `chunk` tokens (the prompt, its first `prompt_len` tokens, split into chunks, then decode
+/// steps of `chunk`): inside a step every row attends over what the last step kept plus the
+/// step's rows up to itself, and `last` sums the mass of the step's rows.
 fn retention_reference(
     model: &Model,
     policy: &Policy,
     text: &[u32],
     prompt_len: usize,
+    chunk: usize,
 ) -> Vec<Tensor> {
     use layerkv::{bits, Phase, RetainInput, Scores};
     let cfg = model.config();
@@ -555,8 +558,15 @@ fn retention_reference(
     let mut acc: Vec<Vec<f32>> = vec![Vec::new(); groups];
     let mut obs: Vec<Vec<f32>> = vec![Vec::new(); groups];
     let mut out = Vec::new();
+    let mut last: Vec<Vec<f32>> = vec![Vec::new(); groups];
+    let mut step_start = 0;
     for (t, &tok) in text.iter().enumerate() {
-        let mut last: Vec<Vec<f32>> = vec![Vec::new(); groups];
+        let step_end = if step_start < prompt_len {
+            (step_start + chunk).min(prompt_len)
+        } else {
+            step_start + chunk
+        }
+        .min(text.len());
         let mut x = model.embed(&[tok]).unwrap();
         for l in 0..map.num_layers() {
             let g = map.group_of(l);
@@ -568,7 +578,7 @@ fn retention_reference(
                 values[g].push(v);
                 acc[g].push(0.0);
                 obs[g].push(0.0);
-                last[g] = vec![0.0; pos[g].len()];
+                last[g].resize(pos[g].len(), 0.0);
             }
             let n = pos[g].len();
             let sinks = policy.retention(g).sinks();
@@ -623,6 +633,10 @@ fn retention_reference(
             x = model.attn_output_and_mlp(l, &x, &attn).unwrap();
         }
         out.push(model.logits(&x).unwrap());
+        if t + 1 < step_end {
+            continue;
+        }
+        step_start = step_end;
         let phase = if t + 1 < prompt_len {
             Phase::Prefill
         } else if t + 1 == prompt_len {
@@ -661,28 +675,43 @@ fn retention_reference(
             values[g] = kept.iter().map(|&j| values[g][j].clone()).collect();
             acc[g] = kept.iter().map(|&j| acc[g][j]).collect();
             obs[g] = kept.iter().map(|&j| obs[g][j]).collect();
+            last[g] = vec![0.0; kept.len()];
         }
     }
     out
 }
 
 /// Engine token by token (prompt in one call, split by the engine into 1-token steps) against
-/// the dense reference, with the budget checks after every step.
+/// the dense reference, with the budget checks after every step; then the same in steps of 3
+/// tokens (the prompt split by the engine, decode fed 3 at a time): retention between
+/// multi-token steps is what chunked prefill and chunked evaluation run.
 fn check_retention(policy: Policy, seed: u64, prompt_len: usize, total: usize) {
+    check_retention_chunked(policy.clone(), seed, prompt_len, total, 1, 4);
+    check_retention_chunked(policy, seed, prompt_len, total, 3, 4);
+}
+
+fn check_retention_chunked(
+    policy: Policy,
+    seed: u64,
+    prompt_len: usize,
+    total: usize,
+    chunk: usize,
+    block_size: usize,
+) {
     let model = load(&tiny_model(seed));
     let text: Vec<u32> = (0..total as u32)
         .map(|i| (i * 13 + 5) % VOCAB as u32)
         .collect();
-    let want = retention_reference(&model, &policy, &text, prompt_len);
+    let want = retention_reference(&model, &policy, &text, prompt_len, chunk);
     let cfg = EngineConfig {
-        block_size: 4,
+        block_size,
         num_pages: 512,
         kv_dtype: DType::F32,
         sliding_window: None,
         prefill: PrefillMode::TokenByToken,
-        prefill_chunk: 1,
+        prefill_chunk: chunk,
     };
-    let name = policy.name().to_string();
+    let name = format!("{} (steps of {chunk})", policy.name());
     let mut e = Engine::new(model.clone(), Arc::new(policy.clone()), cfg).unwrap();
     e.add_sequence(0).unwrap();
     let prompt = e
@@ -692,30 +721,35 @@ fn check_retention(policy: Policy, seed: u64, prompt_len: usize, total: usize) {
         .map(|r| prompt.narrow(0, r, 1).unwrap())
         .collect();
     let mut evicted = false;
-    for t in prompt_len..total {
-        got.push(e.step(&[(0, &text[t..t + 1])], LogitsRows::Last).unwrap());
+    let mut t = prompt_len;
+    while t < total {
+        let end = (t + chunk).min(total);
+        let logits = e.step(&[(0, &text[t..end])], LogitsRows::All).unwrap();
+        got.extend((0..end - t).map(|r| logits.narrow(0, r, 1).unwrap()));
+        let done = end;
         let r = e.cache().read();
         for g in 0..policy.layer_map().num_groups() {
             let table = r.table(0, g).unwrap();
-            let bound = policy.retention(g).max_tokens(t + 1);
+            let bound = policy.retention(g).max_tokens(done);
             if !matches!(policy.retention(g), Retention::SnapKv { .. }) {
                 assert!(
                     table.num_valid() <= bound,
-                    "{name} step {t} group {g}: {} > {bound}",
+                    "{name} step {done} group {g}: {} > {bound}",
                     table.num_valid()
                 );
             }
             // Holes never add up to a page: at most one page beyond the dense count.
             assert!(
-                table.num_pages_held() <= table.num_valid().div_ceil(4) + 1,
-                "{name} step {t} group {g}: {} pages for {} tokens",
+                table.num_pages_held() <= table.num_valid().div_ceil(block_size) + 1,
+                "{name} step {done} group {g}: {} pages for {} tokens",
                 table.num_pages_held(),
                 table.num_valid()
             );
-            evicted |= table.num_valid() < t + 1;
+            evicted |= table.num_valid() < done;
         }
         drop(r);
         e.cache().check_invariants().unwrap();
+        t = end;
     }
     assert!(
         evicted,
@@ -813,6 +847,42 @@ fn unions_and_windows_match_the_dense_reference() {
         9,
         30,
     );
+}
+
+#[test]
+fn long_windows_in_big_steps_match_the_dense_reference() {
+    use layerkv::Budget;
+    // Pages of 16 with windows of a page and a half: compaction packs the sinks towards the
+    // window (holes before them), and holes fall inside the recent range.
+    let stream = Retention::SinkWindow {
+        sinks: 4,
+        window: 20,
+    };
+    let union = Retention::Union {
+        parts: vec![
+            stream.clone(),
+            Retention::HeavyHitter {
+                heavy: Budget::Tokens(6),
+                recent: Budget::Tokens(4),
+            },
+        ],
+    };
+    let h2o = Retention::HeavyHitter {
+        heavy: Budget::Tokens(12),
+        recent: Budget::Tokens(12),
+    };
+    for (chunk, bs) in [(1, 16), (2, 16), (5, 16), (16, 16), (8, 8)] {
+        for (r, name) in [(&stream, "stream"), (&union, "sinks+h2o"), (&h2o, "h2o")] {
+            check_retention_chunked(
+                with(LayerMap::identity(LAYERS).unwrap(), r.clone(), name),
+                21,
+                10,
+                90,
+                chunk,
+                bs,
+            );
+        }
+    }
 }
 
 #[test]

@@ -931,8 +931,16 @@ impl Core {
                     continue;
                 }
                 let t = s.table(g);
-                // Sinks sit right before the first kept token after them.
-                let shift = match (sinks..t.num_slots).find(|&x| t.is_valid(x)) {
+                // The sinks are the first `sinks` valid slots (compaction may have moved them
+                // off slot 0, never out of order); they sit right before the first kept token
+                // after them.
+                let mut sinks_end = 0;
+                let mut found = 0;
+                while found < sinks && sinks_end < t.num_slots {
+                    found += usize::from(t.is_valid(sinks_end));
+                    sinks_end += 1;
+                }
+                let shift = match (sinks_end..t.num_slots).find(|&x| t.is_valid(x)) {
                     Some(x) if t.num_valid > sinks => {
                         t.position(x).expect("in range").saturating_sub(sinks)
                     }
@@ -943,7 +951,8 @@ impl Core {
                     let start = step.rerotation_slots.len();
                     let bs = self.config.block_size;
                     step.rerotation_slots.extend(
-                        (0..sinks.min(t.num_slots))
+                        (0..sinks_end)
+                            .filter(|&x| t.is_valid(x))
                             .map(|x| t.physical_slot(x, bs).expect("in range")),
                     );
                     step.rerotations.push(Rerotation {

@@ -17,8 +17,7 @@ pub(crate) fn select(
     keep: &mut [u64],
     scratch: &mut Vec<u32>,
 ) {
-    let recent_start = num_slots.saturating_sub(recent);
-    super::sink_window::select_recent(recent, num_slots, valid, keep);
+    let recent_start = super::sink_window::select_recent(recent, num_slots, valid, keep);
     top_k(heavy, 0..recent_start, valid, |s| scores[s], keep, scratch);
 }
 

@@ -534,6 +534,15 @@ mod tests {
             run(&r, 4, &all_valid(4), None, Phase::Decode),
             vec![0, 1, 2, 3]
         );
+        // After compaction packed the sinks towards the window: a hole before them and holes
+        // inside the recent range. Sinks and window are counted over valid slots.
+        let mut valid = all_valid(10);
+        for s in [0, 3, 7] {
+            bits::clear(&mut valid, s);
+        }
+        assert_eq!(run(&r, 10, &valid, None, Phase::Decode), vec![1, 2, 8, 9]);
+        bits::clear(&mut valid, 8);
+        assert_eq!(run(&r, 10, &valid, None, Phase::Decode), vec![1, 2, 6, 9]);
     }
 
     #[test]

@@ -20,8 +20,7 @@ pub(crate) fn select(
     keep: &mut [u64],
     scratch: &mut Vec<u32>,
 ) {
-    let window_start = num_slots.saturating_sub(observe);
-    super::sink_window::select_recent(observe, num_slots, valid, keep);
+    let window_start = super::sink_window::select_recent(observe, num_slots, valid, keep);
     let half = pool / 2;
     let pooled = |s: usize| {
         let lo = s.saturating_sub(half);
