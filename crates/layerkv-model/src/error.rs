@@ -58,6 +58,20 @@ pub enum ModelError {
         /// `vocab_size` of config.json.
         config: usize,
     },
+    /// The model has no chat template (a base model, or one converted without it).
+    #[error(
+        "{0} has no chat template (no `chat_template` in tokenizer_config.json, no \
+         chat_template.jinja): pass a plain prompt without --chat, or add a template there"
+    )]
+    NoChatTemplate(PathBuf),
+    /// The chat template does not compile or fails to render (`raise_exception`).
+    #[error("chat template of {path}: {what}")]
+    Template {
+        /// Where the template came from.
+        path: PathBuf,
+        /// The template engine's message.
+        what: String,
+    },
     /// Tokenizer failure.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
