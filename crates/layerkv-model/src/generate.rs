@@ -248,6 +248,10 @@ impl Sampler {
         self.candidates
             .extend(logits.iter().enumerate().map(|(i, &l)| (l, i as u32)));
         if cfg.penalises() {
+            if self.counts.len() < logits.len() {
+                // Once: every token id a row can pick then has its counter.
+                self.counts.resize(logits.len(), 0);
+            }
             for &t in &self.distinct {
                 let Some(c) = self.candidates.get_mut(t as usize) else {
                     continue;
