@@ -12,7 +12,7 @@ pub struct DeviceArgs {
     /// `--features cuda`).
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Weights, activations and KV storage dtype: f32, bf16 or f16.
+    /// Weights, activations and KV storage dtype: f32, f16 or bf16 (bf16 on cuda only).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
 }
@@ -20,7 +20,15 @@ pub struct DeviceArgs {
 impl DeviceArgs {
     /// The parsed device and dtype.
     pub fn resolve(&self) -> Result<(Device, DType)> {
-        Ok((device(&self.device)?, dtype(&self.dtype)?))
+        let dtype = dtype(&self.dtype)?;
+        let device = device(&self.device)?;
+        if device.is_cpu() && dtype == DType::BF16 {
+            bail!(
+                "--dtype bf16 on cpu: candle's CPU matmul has no bf16; use f16 or f32 on cpu \
+                 (bf16 runs on cuda)"
+            );
+        }
+        Ok((device, dtype))
     }
 }
 
@@ -84,6 +92,13 @@ mod tests {
             .to_string()
             .contains("built without CUDA"));
         assert_eq!(dtype("bf16").unwrap(), DType::BF16);
+        let args = |device: &str, dtype: &str| DeviceArgs {
+            device: device.into(),
+            dtype: dtype.into(),
+        };
+        assert!(args("cpu", "f16").resolve().is_ok());
+        let e = args("cpu", "bf16").resolve().unwrap_err().to_string();
+        assert!(e.contains("--dtype bf16 on cpu"), "{e}");
         assert!(dtype("f64").is_err());
     }
 }

@@ -1,8 +1,9 @@
 //! The `layerkv` binary as a user runs it, on tiny models written to a scratch directory:
 //! - user errors (a missing model file, an unknown architecture in config.json or GGUF, an
 //!   unknown GGUF pre-tokenizer, `--device cuda` on a CPU build, a model without a chat
-//!   template, bad usage) exit non-zero with exactly one line on stderr naming the problem
-//!   (logs are turned down to warnings so stderr holds only what the user must read);
+//!   template, a corrupt weights file, bad usage) exit non-zero with exactly one line on
+//!   stderr naming the problem, with `RUST_BACKTRACE=1` (logs are turned down to warnings so
+//!   stderr holds only what the user must read);
 //! - `chat` answers two piped turns, the second appended to the KV the first left (the
 //!   "after N held" figure), stops at the end-of-turn token the template closes turns with,
 //!   and exits 0 on end of input; `generate --chat` and plain `generate` stream to stdout;
@@ -211,6 +212,8 @@ fn layerkv(home: &Path, args: &[&str], stdin: &str, log: &str) -> Output {
         .args(args)
         .env("LAYERKV_HOME", home)
         .env("RUST_LOG", log)
+        // Backtraces on: errors must still be one short line (candle attaches them).
+        .env("RUST_BACKTRACE", "1")
         .env_remove("NO_COLOR")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -349,6 +352,20 @@ fn user_errors_are_one_line_naming_the_problem() {
         "generate", "--model", m, "--prompt", "x", "--policy", "bogus:3",
     ]);
     assert_one_line_error(&out, &["bogus"]);
+    let broken = dir.join("broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    tiny_model(&broken, Some(CHATML));
+    std::fs::write(
+        broken.join("model.safetensors"),
+        b"\x08\0\0\0\0\0\0\0{}garbage",
+    )
+    .unwrap();
+    let out = run(&["chat", "--model", broken.to_str().unwrap()]);
+    let line = assert_one_line_error(
+        &out,
+        &["model.safetensors", "not a readable safetensors file"],
+    );
+    assert!(line.len() < 400 && !line.contains("backtrace.rs"), "{line}");
     // Bad usage: clap's first line, status 2.
     let out = run(&["generate", "--model", m, "--prompt", "x", "--bogus"]);
     assert_one_line_error(&out, &["--bogus", "--help"]);
