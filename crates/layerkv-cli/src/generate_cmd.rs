@@ -30,7 +30,7 @@ pub struct ModelArgs {
     /// Model directory or GGUF file (default: the embedded default model).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Policy file or spec (see `policy --help`), e.g. `cla:2+stream:4:252`.
+    /// Policy file or spec (see `policy --help`), e.g. `identity+stream:4:1020`.
     #[arg(long, default_value = "identity")]
     pub policy: String,
     /// Window of the policy's sliding-window layers (`s`-suffixed layer_types, `yoco`).
