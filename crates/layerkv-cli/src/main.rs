@@ -5,12 +5,19 @@
 //!   sharing + StreamingLLM: perplexity, KV bytes, greedy agreement, batch-1 speed and
 //!   throughput at a fixed KV budget, in one table.
 //! - `eval`: the same table for any model directory, text and policies.
-//! - `generate`: text generation under a policy.
+//! - `generate`: text generation under a policy (`--chat`: through the model's chat template).
+//! - `chat`: a multi-turn conversation on stdin, replies streamed, one KV sequence throughout.
 //! - `policy`: writes a policy file from a spec.
 //! - `calibrate`: KVSharer calibration of a sharing map on a model and text.
+//!
+//! Errors are one line on stderr (`error: what: where`) and exit status 1 (2 for bad usage);
+//! tables go to stdout, logs to stderr, colours only to a terminal.
 
 mod calibrate_cmd;
+mod chat_cmd;
 mod convert_cmd;
+mod device;
+mod generate_cmd;
 mod measure;
 mod plan_cmd;
 mod plot;
@@ -18,17 +25,17 @@ mod policy_spec;
 mod report;
 mod stream_cmd;
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device};
 use clap::{Parser, Subcommand};
 use layerkv::LayerKvPolicy;
-use layerkv_model::engine::{Engine, EngineConfig};
-use layerkv_model::generate::{generate, Sampling};
 use layerkv_model::Model;
 
+// `crate::dtype` for the commands that name a dtype without running a model.
+use crate::device::dtype;
 use crate::measure::{measure_all, MeasureConfig};
 
 #[derive(Parser)]
@@ -63,30 +70,11 @@ enum Command {
         #[command(flatten)]
         opts: MeasureOpts,
     },
-    /// Generate text under a policy.
-    Generate {
-        /// Model directory or GGUF file (default: the embedded default model).
-        #[arg(long)]
-        model: Option<PathBuf>,
-        /// Policy file or spec.
-        #[arg(long, default_value = "identity")]
-        policy: String,
-        /// The prompt.
-        #[arg(long)]
-        prompt: String,
-        /// Tokens to generate.
-        #[arg(long, default_value_t = 64)]
-        max_new: usize,
-        /// 0 = greedy.
-        #[arg(long, default_value_t = 0.0)]
-        temperature: f32,
-        /// Nucleus sampling threshold.
-        #[arg(long, default_value_t = 1.0)]
-        top_p: f32,
-        /// RNG seed.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-    },
+    /// Generate text under a policy, streamed as it is generated.
+    Generate(generate_cmd::GenerateArgs),
+    /// Chat with the model: one line of stdin per user turn, replies streamed, earlier turns
+    /// kept in the KV cache under the policy.
+    Chat(chat_cmd::ChatArgs),
     /// Convert a llama, mistral or qwen2 GGUF file to a model directory.
     Convert(convert_cmd::ConvertArgs),
     /// Write a policy file. SPEC is `MAP[+RETENTION]`: MAP = identity | cla:S | mlkv:M | yoco |
@@ -127,9 +115,8 @@ struct MeasureOpts {
     /// Tokens per step (retention runs between steps; 1 = exact streaming semantics).
     #[arg(long, default_value_t = 16)]
     chunk: usize,
-    /// Weights and activations dtype: f32 or bf16.
-    #[arg(long, default_value = "f32")]
-    dtype: String,
+    #[command(flatten)]
+    device: device::DeviceArgs,
     /// Fixed KV budget for the throughput column, as identity sequences of `budget-len` tokens.
     #[arg(long, default_value_t = 4)]
     budget_seqs: usize,
@@ -144,7 +131,7 @@ struct MeasureOpts {
     /// Window of the policy's sliding-window layers (`s`-suffixed layer_types, `yoco`).
     #[arg(long)]
     window: Option<usize>,
-    /// Write the table as JSON.
+    /// Write the table as JSON (`-`: to stdout, the text table then goes to stderr).
     #[arg(long)]
     json: Option<PathBuf>,
     /// Write the table as CSV.
@@ -152,44 +139,76 @@ struct MeasureOpts {
     csv: Option<PathBuf>,
 }
 
-fn dtype(name: &str) -> Result<DType> {
-    match name {
-        "f32" => Ok(DType::F32),
-        "bf16" => Ok(DType::BF16),
-        "f16" => Ok(DType::F16),
-        other => anyhow::bail!("unknown dtype {other:?} (f32, bf16, f16)"),
-    }
-}
-
-fn main() -> Result<()> {
+fn main() {
+    let no_color = std::env::var_os("NO_COLOR").is_some();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_target(false)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal() && !no_color)
         .init();
-    match Cli::parse().command {
+    // A bug is still one line (no backtrace spread over the terminal).
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!(
+            "error: internal error (a bug in layerkv): {}",
+            one_line(&info.to_string())
+        );
+    }));
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("error: bad usage");
+            eprintln!("{} (see --help)", one_line(first));
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = run(cli.command) {
+        eprintln!("error: {}", one_line(&format!("{e:#}")));
+        std::process::exit(1);
+    }
+}
+
+/// `text` on one line: line breaks (a tool's stderr, a template excerpt) become `; `.
+fn one_line(text: &str) -> String {
+    text.split(['\n', '\r'])
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
         Command::Demo { opts } => {
             let dir = layerkv_model::assets::ensure_default_model()
                 .context("fetching the default model")?;
             let texts = layerkv_model::assets::ensure_default_texts()
                 .context("fetching the default texts")?;
-            let model = Arc::new(Model::load(&dir, dtype(&opts.dtype)?, &Device::Cpu)?);
+            let (device, dtype) = opts.device.resolve()?;
+            let model = Arc::new(
+                Model::load(&dir, dtype, &device)
+                    .with_context(|| format!("loading {}", dir.display()))?,
+            );
             let tokenizer = layerkv_model::tokenizer::load(&dir)?;
-            let text = std::fs::read_to_string(&texts.jargon)?;
+            let text = std::fs::read_to_string(&texts.jargon)
+                .with_context(|| format!("reading {}", texts.jargon.display()))?;
             let n = model.num_layers();
             let policies = vec![
                 policy_spec::parse("identity", n)?,
                 policy_spec::parse(measure::DEMO_SHARING, n)?,
                 policy_spec::parse(&format!("{}+stream:4:252", measure::DEMO_SHARING), n)?,
             ];
-            println!(
+            opts.say(&format!(
                 "model {} ({} layers), evaluation text: the Jargon File ({}), first {} tokens",
                 dir.display(),
                 n,
                 texts.jargon.display(),
                 opts.tokens
-            );
+            ));
             run_table(model, &tokenizer, &text, policies, &opts)
         }
         Command::Eval {
@@ -199,7 +218,11 @@ fn main() -> Result<()> {
             opts,
         } => {
             let model = layerkv_model::assets::resolve_model(&model)?;
-            let m = Arc::new(Model::load(&model, dtype(&opts.dtype)?, &Device::Cpu)?);
+            let (device, dtype) = opts.device.resolve()?;
+            let m = Arc::new(
+                Model::load(&model, dtype, &device)
+                    .with_context(|| format!("loading {}", model.display()))?,
+            );
             let tokenizer = layerkv_model::tokenizer::load(&model)?;
             let text = std::fs::read_to_string(&text)
                 .with_context(|| format!("reading {}", text.display()))?;
@@ -210,44 +233,8 @@ fn main() -> Result<()> {
             }
             run_table(m, &tokenizer, &text, list, &opts)
         }
-        Command::Generate {
-            model,
-            policy,
-            prompt,
-            max_new,
-            temperature,
-            top_p,
-            seed,
-        } => {
-            let dir = match model {
-                Some(d) => layerkv_model::assets::resolve_model(&d)?,
-                None => layerkv_model::assets::ensure_default_model()?,
-            };
-            let m = Arc::new(Model::load(&dir, DType::F32, &Device::Cpu)?);
-            let tokenizer = layerkv_model::tokenizer::load(&dir)?;
-            let policy = policy_spec::parse(&policy, m.num_layers())?;
-            let mut engine = Engine::new(m.clone(), Arc::new(policy), EngineConfig::default())?;
-            let ids = tokenizer.encode(&prompt)?;
-            let eos: Vec<u32> = m.config().eos_token_ids();
-            let g = generate(
-                &mut engine,
-                0,
-                &ids,
-                max_new,
-                Sampling {
-                    temperature,
-                    top_p,
-                    seed,
-                },
-                &eos,
-            )?;
-            println!("{}{}", prompt, tokenizer.decode(&g.tokens)?);
-            eprintln!(
-                "prefill {:.1} tok/s, decode {:.1} tok/s",
-                g.prefill_tokens_per_sec, g.decode_tokens_per_sec
-            );
-            Ok(())
-        }
+        Command::Generate(args) => generate_cmd::run(args),
+        Command::Chat(args) => chat_cmd::run(args),
         Command::Convert(args) => convert_cmd::run(args),
         Command::Policy {
             spec,
@@ -267,6 +254,17 @@ fn main() -> Result<()> {
         Command::Calibrate(args) => calibrate_cmd::run(args),
         Command::Plan(args) => plan_cmd::run(args),
         Command::Stream(args) => stream_cmd::run(args),
+    }
+}
+
+impl MeasureOpts {
+    /// Prints a line of the text report: to stdout, or to stderr when stdout carries the JSON.
+    fn say(&self, text: &str) {
+        if self.json.as_deref() == Some(std::path::Path::new("-")) {
+            eprintln!("{text}");
+        } else {
+            println!("{text}");
+        }
     }
 }
 
@@ -294,12 +292,12 @@ fn run_table(
         sliding_window: opts.window,
     };
     let rows = measure_all(model, &tokens, policies, &cfg)?;
-    println!("\n{}", report::table(&rows));
-    println!(
+    opts.say(&format!("\n{}", report::table(&rows)));
+    opts.say(&format!(
         "ppl: context {} stride {} chunk {} over {} tokens; x = ratio to identity; agree = teacher-forced greedy agreement; \
          tput@budget = batched decode tok/s with as many {}-token sequences as fit in identity's KV for {}",
         opts.context, opts.stride, opts.chunk, tokens.len(), opts.budget_len, opts.budget_seqs
-    );
+    ));
     if let Some(p) = &opts.json {
         report::write_json(p, &rows)?;
     }

@@ -128,10 +128,17 @@ pub fn measure_all(
         let batch = planner(&model, cfg)
             .max_sequences(policy.as_ref(), cfg.budget_len, budget_pages)
             .min(64);
+        let page_bytes = BLOCK_SIZE * model.config().kv_bytes_per_token_per_layer(4);
+        let sequence_pages =
+            planner(&model, cfg).pages_per_sequence(policy.as_ref(), cfg.budget_len);
         let tput = throughput(&model, policy, budget_pages, batch, tokens, cfg)?;
         bar.inc(1);
+        let fits = match batch {
+            0 => "no sequence fits the throughput budget".to_string(),
+            _ => format!("batch {batch} -> {tput:.1} tok/s"),
+        };
         let line = format!(
-            "{name}: ppl {:.3}, KV {} bytes, agreement {:.3}, decode {:.1} tok/s, batch {batch} -> {tput:.1} tok/s",
+            "{name}: ppl {:.3}, KV {} bytes, agreement {:.3}, decode {:.1} tok/s, {fits}",
             ppl.ppl, ppl.peak_kv_bytes, agreement, g.decode_tokens_per_sec
         );
         // indicatif drops println when stderr is not a terminal (CI logs): say it there anyway.
@@ -151,6 +158,8 @@ pub fn measure_all(
             decode_tps: g.decode_tokens_per_sec,
             batch_at_budget: batch,
             throughput_at_budget: tput,
+            budget_bytes: budget_pages * page_bytes,
+            sequence_bytes: sequence_pages * page_bytes,
         });
     }
     bar.finish_and_clear();

@@ -27,8 +27,12 @@ pub struct Row {
     pub decode_tps: f64,
     /// Sequences that fit in the fixed KV budget.
     pub batch_at_budget: usize,
-    /// Decode tokens/s with that batch.
+    /// Decode tokens/s with that batch (0 when nothing fits).
     pub throughput_at_budget: f64,
+    /// The fixed KV budget of the throughput column, in bytes.
+    pub budget_bytes: usize,
+    /// KV bytes one sequence of the throughput column needs at most under this policy.
+    pub sequence_bytes: usize,
 }
 
 /// Renders rows with every figure also as a ratio against the first row (the baseline).
@@ -51,9 +55,20 @@ pub fn table(rows: &[Row]) -> String {
         "tput@budget"
     );
     for r in rows {
+        // Nothing fits: say so instead of a meaningless `0.0 (0.00)`; the note below the
+        // table gives the budget that would fit one sequence.
+        let tput = if r.batch_at_budget == 0 {
+            format!("{:>14}", "none fits")
+        } else {
+            format!(
+                "{:>7.1} ({:>4.2})",
+                r.throughput_at_budget,
+                r.throughput_at_budget / base.throughput_at_budget.max(1e-9)
+            )
+        };
         let _ = writeln!(
             out,
-            "{:<34} {:>6} {:>9.3} {:>8.3} {:>11} {:>7.3} {:>7.3} {:>6.0} ({:>4.2}) {:>6.1} ({:>4.2}) {:>7} {:>7.1} ({:>4.2})",
+            "{:<34} {:>6} {:>9.3} {:>8.3} {:>11} {:>7.3} {:>7.3} {:>6.0} ({:>4.2}) {:>6.1} ({:>4.2}) {:>7} {tput}",
             truncate(&r.policy, 34),
             r.groups,
             r.ppl,
@@ -66,8 +81,17 @@ pub fn table(rows: &[Row]) -> String {
             r.decode_tps,
             r.decode_tps / base.decode_tps.max(1e-9),
             r.batch_at_budget,
-            r.throughput_at_budget,
-            r.throughput_at_budget / base.throughput_at_budget.max(1e-9),
+        );
+    }
+    for r in rows.iter().filter(|r| r.batch_at_budget == 0) {
+        let _ = writeln!(
+            out,
+            "{}: no sequence fits the throughput budget of {} bytes: one needs {} bytes \
+             (--budget-seqs {} would fit one)",
+            r.policy,
+            r.budget_bytes,
+            r.sequence_bytes,
+            r.sequence_bytes.div_ceil(base.sequence_bytes.max(1)).max(1),
         );
     }
     out
@@ -81,21 +105,25 @@ fn truncate(s: &str, n: usize) -> String {
     }
 }
 
-/// Writes rows as pretty JSON.
+/// Writes rows as pretty JSON (`-`: to stdout).
 pub fn write_json(path: &Path, rows: &[Row]) -> Result<()> {
-    std::fs::write(path, serde_json::to_string_pretty(rows)?)
-        .with_context(|| format!("writing {}", path.display()))
+    let text = serde_json::to_string_pretty(rows)?;
+    if path == Path::new("-") {
+        println!("{text}");
+        return Ok(());
+    }
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
 /// Writes rows as CSV.
 pub fn write_csv(path: &Path, rows: &[Row]) -> Result<()> {
     let mut out = String::from(
-        "policy,groups,ppl,nll,kv_bytes,agreement,prefill_tps,decode_tps,batch_at_budget,throughput_at_budget\n",
+        "policy,groups,ppl,nll,kv_bytes,agreement,prefill_tps,decode_tps,batch_at_budget,throughput_at_budget,budget_bytes,sequence_bytes\n",
     );
     for r in rows {
         let _ = writeln!(
             out,
-            "\"{}\",{},{},{},{},{},{},{},{},{}",
+            "\"{}\",{},{},{},{},{},{},{},{},{},{},{}",
             r.policy.replace('"', "\"\""),
             r.groups,
             r.ppl,
@@ -105,8 +133,47 @@ pub fn write_csv(path: &Path, rows: &[Row]) -> Result<()> {
             r.prefill_tps,
             r.decode_tps,
             r.batch_at_budget,
-            r.throughput_at_budget
+            r.throughput_at_budget,
+            r.budget_bytes,
+            r.sequence_bytes
         );
     }
     std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(policy: &str, batch: usize, sequence_bytes: usize) -> Row {
+        Row {
+            policy: policy.into(),
+            groups: 4,
+            ppl: 10.0,
+            nll: 2.3,
+            kv_bytes: 1000,
+            agreement: 1.0,
+            prefill_tps: 100.0,
+            decode_tps: 10.0,
+            batch_at_budget: batch,
+            throughput_at_budget: if batch == 0 { 0.0 } else { 40.0 },
+            budget_bytes: 4000,
+            sequence_bytes,
+        }
+    }
+
+    #[test]
+    fn a_budget_nothing_fits_is_said_plainly() {
+        let t = table(&[row("identity", 4, 1000), row("snapkv", 0, 5500)]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[1].ends_with("40.0 (1.00)"), "{t}");
+        assert!(lines[2].ends_with("0      none fits"), "{t}");
+        assert!(!lines[2].contains("0.0 (0.00)"), "{t}");
+        assert_eq!(
+            lines[3],
+            "snapkv: no sequence fits the throughput budget of 4000 bytes: one needs 5500 bytes \
+             (--budget-seqs 6 would fit one)"
+        );
+        assert_eq!(lines.len(), 4);
+    }
 }

@@ -95,11 +95,23 @@ impl ModelConfig {
             path: "config.json".into(),
             what: e.to_string(),
         })?;
-        let model_type = v
-            .get("model_type")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string();
+        // `model_type`, else the first of `architectures` (`LlamaForCausalLM` -> llama).
+        let model_type = match v.get("model_type").and_then(Value::as_str) {
+            Some(t) => t.to_string(),
+            None => {
+                let arch = v
+                    .get("architectures")
+                    .and_then(|a| a.get(0))
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                match arch {
+                    "LlamaForCausalLM" => "llama".into(),
+                    "MistralForCausalLM" => "mistral".into(),
+                    "Qwen2ForCausalLM" => "qwen2".into(),
+                    other => other.to_string(),
+                }
+            }
+        };
         if !matches!(model_type.as_str(), "llama" | "mistral" | "qwen2") {
             return Err(ModelError::UnknownArchitecture(model_type));
         }

@@ -37,7 +37,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
-use crate::error::{io, ModelError, Result};
+use crate::error::{candle_message, io, ModelError, Result};
 use crate::tokenizer::{
     canonical_pre, check_gguf_tokenizer_model, tokenizer_config_from_gguf,
     tokenizer_json_from_gguf, GgufVocab,
@@ -488,7 +488,10 @@ fn read_header(path: &Path) -> Result<(BufReader<File>, Content, u64)> {
         Ok(Err(e)) => {
             return Err(corrupt(
                 path,
-                format!("not a readable GGUF file (truncated or not GGUF?): {e}"),
+                format!(
+                    "not a readable GGUF file (truncated or not GGUF?): {}",
+                    candle_message(&e)
+                ),
             ))
         }
         Err(_) => {
@@ -1061,8 +1064,9 @@ fn read_tensor(
     }
     let q = content
         .tensor(reader, name, &Device::Cpu)
-        .map_err(|e| fail(e.to_string()))?;
-    q.dequantize(&Device::Cpu).map_err(|e| fail(e.to_string()))
+        .map_err(|e| fail(candle_message(&e)))?;
+    q.dequantize(&Device::Cpu)
+        .map_err(|e| fail(candle_message(&e)))
 }
 
 /// Q8K blocks (292 bytes: f32 scale, 256 i8 values, 16 i16 sums) to f32.
@@ -1149,8 +1153,12 @@ pub fn gguf_to_model_dir_with(
     let tok_path = out.join("tokenizer.json");
     std::fs::write(&tok_path, &p.tokenizer_json).map_err(io(&tok_path))?;
     let st_path: PathBuf = out.join("model.safetensors");
-    candle_core::safetensors::save(&tensors, &st_path)
-        .map_err(|e| corrupt(&st_path, format!("writing safetensors: {e}")))?;
+    candle_core::safetensors::save(&tensors, &st_path).map_err(|e| {
+        corrupt(
+            &st_path,
+            format!("writing safetensors: {}", candle_message(&e)),
+        )
+    })?;
     Ok(p.summary)
 }
 

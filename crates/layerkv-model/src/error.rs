@@ -58,6 +58,20 @@ pub enum ModelError {
         /// `vocab_size` of config.json.
         config: usize,
     },
+    /// The model has no chat template (a base model, or one converted without it).
+    #[error(
+        "{0} has no chat template (no `chat_template` in tokenizer_config.json, no \
+         chat_template.jinja): pass a plain prompt without --chat, or add a template there"
+    )]
+    NoChatTemplate(PathBuf),
+    /// The chat template does not compile or fails to render (`raise_exception`).
+    #[error("chat template of {path}: {what}")]
+    Template {
+        /// Where the template came from.
+        path: PathBuf,
+        /// The template engine's message.
+        what: String,
+    },
     /// Tokenizer failure.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
@@ -90,7 +104,7 @@ pub enum ModelError {
     Core(#[from] layerkv::Error),
     /// Error from the kernels.
     #[error(transparent)]
-    Kernel(#[from] layerkv_kernels::KernelError),
+    Kernel(layerkv_kernels::KernelError),
     /// Error from candle.
     #[error("candle: {0}")]
     Candle(String),
@@ -101,7 +115,28 @@ pub type Result<T, E = ModelError> = std::result::Result<T, E>;
 
 impl From<candle_core::Error> for ModelError {
     fn from(e: candle_core::Error) -> Self {
-        ModelError::Candle(e.to_string())
+        ModelError::Candle(candle_message(&e))
+    }
+}
+
+impl From<layerkv_kernels::KernelError> for ModelError {
+    fn from(e: layerkv_kernels::KernelError) -> Self {
+        match e {
+            layerkv_kernels::KernelError::Candle(c) => ModelError::Candle(candle_message(&c)),
+            other => ModelError::Kernel(other),
+        }
+    }
+}
+
+/// A candle error's message on one line, without the backtrace candle attaches when
+/// `RUST_BACKTRACE` is set (a user reads the message; a backtrace belongs in a debugger).
+pub(crate) fn candle_message(e: &candle_core::Error) -> String {
+    use candle_core::Error as E;
+    match e {
+        E::WithBacktrace { inner, .. } => candle_message(inner),
+        E::Context { inner, context } => format!("{context}: {}", candle_message(inner)),
+        E::WithPath { inner, path } => format!("{}: {}", path.display(), candle_message(inner)),
+        other => other.to_string().replace('\n', "; "),
     }
 }
 

@@ -4,11 +4,12 @@
 //! `layerkv` policy, the cross-layer block allocator and the paged kernels: loading Hugging Face
 //! model directories ([`weights`], [`config`], [`tokenizer`]), GGUF conversion ([`convert`]),
 //! the embedded default model and texts ([`assets`]), the policy-driven forward pass
-//! ([`engine`]), generation ([`generate`]), evaluation ([`eval`]) and the model side of KVSharer
-//! calibration ([`calibrate`]).
+//! ([`engine`]), chat templates ([`chat`]), sampling and generation ([`generate`]),
+//! evaluation ([`eval`]) and the model side of KVSharer calibration ([`calibrate`]).
 
 pub mod assets;
 pub mod calibrate;
+pub mod chat;
 pub mod config;
 pub mod convert;
 pub mod engine;

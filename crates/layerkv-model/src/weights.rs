@@ -47,7 +47,10 @@ impl Weights {
             let loaded = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| {
                 ModelError::Corrupt {
                     path: file.clone(),
-                    what: format!("not a readable safetensors file (truncated or corrupt?): {e}"),
+                    what: format!(
+                        "not a readable safetensors file (truncated or corrupt?): {}",
+                        crate::error::candle_message(&e)
+                    ),
                 }
             })?;
             for (name, t) in loaded {
