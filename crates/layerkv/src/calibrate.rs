@@ -500,6 +500,26 @@ impl Calibration {
     pub fn reached_target(&self) -> bool {
         self.num_shared() >= self.target_shared
     }
+
+    /// The map after the first `num_shared` accepted candidates (`None` when fewer were
+    /// accepted). It is exactly what the same search with the target `num_shared` returns: the
+    /// search's decisions do not depend on the target, it only stops once the target is
+    /// reached, so one search for `k` layers holds the searches for every smaller count.
+    pub fn map_at(&self, num_shared: usize) -> Option<LayerMap> {
+        if num_shared > self.num_shared() {
+            return None;
+        }
+        let mut source: Vec<usize> = (0..self.map.num_layers()).collect();
+        for c in self
+            .candidates
+            .iter()
+            .filter(|c| c.accepted)
+            .take(num_shared)
+        {
+            source[c.layer] = c.source;
+        }
+        LayerMap::new(source).ok()
+    }
 }
 
 /// Checks the samples: at least one, each with at least 2 tokens, all the same length.
@@ -920,6 +940,33 @@ mod tests {
         for k in 0..=3 {
             let cfg = config(ShareTarget::Layers(k), PairOrder::Dissimilar, lenient());
             assert_eq!(run(&mut Toy::new(6, 5, 1), &cfg).unwrap().num_shared(), k);
+        }
+    }
+
+    #[test]
+    fn map_at_is_the_search_for_a_smaller_target() {
+        for order in [
+            PairOrder::Dissimilar,
+            PairOrder::Similar,
+            PairOrder::Random { seed: 7 },
+            PairOrder::Adjacent,
+        ] {
+            let strict = Acceptance::Nll { max_increase: 0.02 };
+            let big = run(
+                &mut Toy::new(8, 5, 3),
+                &config(ShareTarget::Layers(5), order, strict),
+            )
+            .unwrap();
+            for k in 0..=big.num_shared() {
+                let small = run(
+                    &mut Toy::new(8, 5, 3),
+                    &config(ShareTarget::Layers(k), order, strict),
+                )
+                .unwrap();
+                assert_eq!(big.map_at(k).as_ref(), Some(&small.map), "{order} k = {k}");
+            }
+            assert_eq!(big.map_at(big.num_shared()).as_ref(), Some(&big.map));
+            assert_eq!(big.map_at(big.num_shared() + 1), None);
         }
     }
 
