@@ -60,6 +60,9 @@ pub struct CalibrateArgs {
     /// Threshold of the rule (instead of `--accept RULE:T`).
     #[arg(long)]
     pub threshold: Option<f64>,
+    /// Stop after scoring this many candidates (a strict rule may otherwise score every pair).
+    #[arg(long)]
+    pub max_candidates: Option<usize>,
     /// Also write the map after this many accepted layers (comma-separated counts), as
     /// `OUTPUT` with the extension `K.toml`: the same search stopped at `K`.
     #[arg(long, value_delimiter = ',')]
@@ -187,6 +190,7 @@ impl CalibrateArgs {
             target,
             order,
             acceptance,
+            max_candidates: self.max_candidates,
         }
     }
 }
@@ -349,6 +353,7 @@ pub fn calibrate_to_file(args: &CalibrateArgs, quiet: bool) -> Result<Calibrated
         "reference_nll": result.reference_nll,
         "final_nll": result.final_nll,
         "final_cosine": result.final_cosine,
+        "max_candidates": config.max_candidates,
         "num_skipped": result.num_skipped,
         "search_seconds": search_seconds,
         "candidates": result.candidates,
@@ -491,6 +496,10 @@ mod tests {
         assert!(parse(&["--accept", "l2"]).is_err());
         let w = Wrap::try_parse_from(["x", "--save-at", "4,8"]).unwrap();
         assert_eq!(w.args.save_at, vec![4, 8]);
+        assert_eq!(
+            parse(&["--max-candidates", "40"]).unwrap().max_candidates,
+            Some(40)
+        );
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub struct DemoCalibration {
     pub samples: usize,
     /// Tokens per sample.
     pub sample_len: usize,
+    /// Bound on the candidates scored.
+    pub max_candidates: Option<usize>,
 }
 
 /// The settings the demo calibrates with: see `docs/kvsharer-study.md` for why.
@@ -42,10 +44,11 @@ pub const DEMO_CALIBRATION: DemoCalibration = DemoCalibration {
     layers: 8,
     samples: 30,
     sample_len: 64,
+    max_candidates: Some(40),
 };
 
 /// Where the calibrated policy of `model_dir` on `text` with `settings` is cached:
-/// `<cache>/calibrated/<model>/kvsharer-<order>-<rule>-<layers>L-<samples>x<len>-<text>-<bytes>.toml`
+/// `<cache>/calibrated/<model>/kvsharer-<order>-<rule>-<layers>L-max<candidates>-<samples>x<len>-<text>-<bytes>.toml`
 /// (the text's file name and size stand for the text).
 pub fn cached_policy_path(
     cache: &Path,
@@ -63,10 +66,13 @@ pub fn cached_policy_path(
         .with_context(|| format!("reading {}", text.display()))?
         .len();
     Ok(cache.join("calibrated").join(name(model_dir)).join(format!(
-        "kvsharer-{}-{}-{}L-{}x{}-{}-{bytes}.toml",
+        "kvsharer-{}-{}-{}L-max{}-{}x{}-{}-{bytes}.toml",
         order_name(&settings.order),
         acceptance_name(&settings.acceptance),
         settings.layers,
+        settings
+            .max_candidates
+            .map_or_else(|| String::from("all"), |m| m.to_string()),
         settings.samples,
         settings.sample_len,
         name(text),
@@ -84,8 +90,13 @@ fn calibrated_policy(model_dir: &Path, text: &Path) -> Result<(Policy, String)> 
         &settings,
     )?;
     let what = format!(
-        "order {}, rule {:?}, {} layers asked, {} samples x {} tokens",
-        settings.order, settings.acceptance, settings.layers, settings.samples, settings.sample_len
+        "order {}, rule {:?}, {} layers asked, at most {:?} candidates, {} samples x {} tokens",
+        settings.order,
+        settings.acceptance,
+        settings.layers,
+        settings.max_candidates,
+        settings.samples,
+        settings.sample_len
     );
     let record = path.with_extension("candidates.json");
     if path.is_file() && record.is_file() {
@@ -119,6 +130,7 @@ fn calibrated_policy(model_dir: &Path, text: &Path) -> Result<(Policy, String)> 
         seed: None,
         accept: settings.acceptance.into(),
         threshold: None,
+        max_candidates: settings.max_candidates,
         save_at: Vec::new(),
         output: path.clone(),
     };

@@ -437,6 +437,7 @@ mod tests {
             target: ShareTarget::Layers(2),
             order: PairOrder::Dissimilar,
             acceptance: Acceptance::Cosine { threshold: -1.0 },
+            max_candidates: None,
         };
         let mut seen = 0;
         let result = calibrate(&mut cal, &samples, &cfg, &mut |_| seen += 1).unwrap();

@@ -156,6 +156,7 @@ fn config(target: ShareTarget, order: PairOrder, acceptance: Acceptance) -> Cali
         target,
         order,
         acceptance,
+        max_candidates: None,
     }
 }
 
@@ -433,8 +434,8 @@ fn check_cache(model: &Arc<Model>, policy: Policy, texts: &[Vec<u32>], prompts: 
         let logits = e
             .step(&[(seq as u64, &text[..p])], LogitsRows::All)
             .unwrap();
-        for t in 0..p {
-            let d = max_diff(&logits.narrow(0, t, 1).unwrap(), &want[seq][t]);
+        for (t, reference) in want[seq][..p].iter().enumerate() {
+            let d = max_diff(&logits.narrow(0, t, 1).unwrap(), reference);
             assert!(d <= 1e-4, "{name} seq {seq} prompt token {t}: {d}");
         }
         seen[seq] = p;

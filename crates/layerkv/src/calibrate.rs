@@ -19,8 +19,9 @@
 //!    source is always below the layer: no upward reference can arise); a pair that builds
 //!    the map of a pair rejected since the last acceptance is skipped too;
 //! 4. the candidate is scored with the [`Acceptance`] rule and accepted or rejected; the search
-//!    stops when the [`ShareTarget`] is reached or the pairs run out (then the result holds
-//!    fewer shared layers than asked: [`Calibration::reached_target`] is false, not an error).
+//!    stops when the [`ShareTarget`] is reached, the pairs run out or
+//!    [`CalibrationConfig::max_candidates`] were scored (then the result holds fewer shared
+//!    layers than asked: [`Calibration::reached_target`] is false, not an error).
 //!
 //! Invariants of the result: the map is downward only (`source < layer` for every sharing
 //! layer), layer 0 owns its KV, `pairs` lists exactly the sharing layers with their roots.
@@ -428,6 +429,9 @@ pub struct CalibrationConfig {
     pub order: PairOrder,
     /// When a candidate is accepted.
     pub acceptance: Acceptance,
+    /// Stop after scoring this many candidates (`None`: until the target is reached or the
+    /// pairs run out). Bounds the cost of a strict rule, which may otherwise score every pair.
+    pub max_candidates: Option<usize>,
 }
 
 impl Default for CalibrationConfig {
@@ -437,6 +441,7 @@ impl Default for CalibrationConfig {
             target: ShareTarget::Fraction(0.25),
             order: PairOrder::Dissimilar,
             acceptance: Acceptance::Cosine { threshold: 0.5 },
+            max_candidates: None,
         }
     }
 }
@@ -592,7 +597,9 @@ pub fn calibrate<M: CalibrationModel + ?Sized>(
     let mut rejected: BTreeSet<(usize, usize)> = BTreeSet::new();
 
     for (rank, (layer, pair_source)) in config.order.pairs(&distances).into_iter().enumerate() {
-        if num_shared >= target_shared {
+        if num_shared >= target_shared
+            || config.max_candidates.is_some_and(|m| candidates.len() >= m)
+        {
             break;
         }
         let is_source = (0..n).any(|l| l != layer && source[l] == layer);
@@ -848,6 +855,7 @@ mod tests {
             target,
             order,
             acceptance,
+            max_candidates: None,
         }
     }
 
@@ -1042,6 +1050,32 @@ mod tests {
         assert_eq!(seen, cal.candidates);
         assert!(seen.iter().all(|c| !c.accepted && c.score < 1.0));
         assert_eq!(cal.final_nll, cal.reference_nll);
+    }
+
+    #[test]
+    fn max_candidates_bounds_the_search() {
+        let strict = Acceptance::Cosine { threshold: 1.0 };
+        for m in [0, 1, 4] {
+            let cfg = CalibrationConfig {
+                max_candidates: Some(m),
+                ..config(ShareTarget::Layers(2), PairOrder::Dissimilar, strict)
+            };
+            let mut toy = Toy::new(6, 5, 2);
+            let cal = run(&mut toy, &cfg).unwrap();
+            assert_eq!(cal.candidates.len(), m);
+            assert_eq!(toy.runs, 1 + m);
+            assert!(!cal.reached_target());
+        }
+        // A bound the search does not reach changes nothing.
+        let cfg = config(ShareTarget::Layers(2), PairOrder::Similar, lenient());
+        let bounded = CalibrationConfig {
+            max_candidates: Some(100),
+            ..cfg
+        };
+        assert_eq!(
+            run(&mut Toy::new(6, 5, 2), &cfg).unwrap(),
+            run(&mut Toy::new(6, 5, 2), &bounded).unwrap()
+        );
     }
 
     #[test]
