@@ -37,11 +37,14 @@ pub struct DemoCalibration {
     pub max_candidates: Option<usize>,
 }
 
-/// The settings the demo calibrates with: see `docs/kvsharer-study.md` for why.
+/// The settings the demo calibrates with, the best honest result of `docs/kvsharer-study.md`
+/// at 4 of 30 layers: similar-first order (dissimilar-first, KVSharer's, was worse on this
+/// model at every count) with the NLL rule (calibration NLL within 10% of the unmodified
+/// model's; it found better maps than cosine > 0.5), at most 40 candidates (13 are scored).
 pub const DEMO_CALIBRATION: DemoCalibration = DemoCalibration {
     order: PairOrder::Similar,
-    acceptance: Acceptance::Nll { max_increase: 0.3 },
-    layers: 8,
+    acceptance: Acceptance::Nll { max_increase: 0.1 },
+    layers: 4,
     samples: 30,
     sample_len: 64,
     max_candidates: Some(40),
@@ -90,11 +93,13 @@ fn calibrated_policy(model_dir: &Path, text: &Path) -> Result<(Policy, String)> 
         &settings,
     )?;
     let what = format!(
-        "order {}, rule {:?}, {} layers asked, at most {:?} candidates, {} samples x {} tokens",
+        "order {}, rule {:?}, {} layers asked, {} candidates at most, {} samples x {} tokens",
         settings.order,
         settings.acceptance,
         settings.layers,
-        settings.max_candidates,
+        settings
+            .max_candidates
+            .map_or_else(|| String::from("all"), |m| m.to_string()),
         settings.samples,
         settings.sample_len
     );

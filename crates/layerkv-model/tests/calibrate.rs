@@ -11,6 +11,9 @@
 //!   logits equal a dense token-by-token reference of the same map and retention. (The
 //!   authors' released "real share" cache overwrote kept layers with a single token during
 //!   decode once there were more kept layers than the layer index.)
+//! - sinks + window under sharing in multi-token steps past the window (prefill chunks, decode
+//!   steps of several tokens, and a model of the real one's attention shape at page size 16)
+//!   equals the dense reference of the same steps.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -42,15 +45,25 @@ fn vocab() -> usize {
 /// Writes a tiny llama model directory with `layers` layers and seeded random weights;
 /// `nan_norm` puts a NaN into the final norm (NaN final hidden states, finite K/V).
 fn tiny_model(layers: usize, seed: u64, nan_norm: bool) -> PathBuf {
+    tiny_model_shaped(layers, seed, nan_norm, (HIDDEN, HEADS, KV_HEADS))
+}
+
+/// [`tiny_model`] with `(hidden, heads, kv_heads)`.
+fn tiny_model_shaped(
+    layers: usize,
+    seed: u64,
+    nan_norm: bool,
+    (hidden, heads, kv_heads): (usize, usize, usize),
+) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
-        "layerkv-calibrate-test-{}-{layers}-{seed}-{nan_norm}",
+        "layerkv-calibrate-test-{}-{layers}-{seed}-{nan_norm}-{hidden}-{heads}-{kv_heads}",
         std::process::id()
     ));
     std::fs::create_dir_all(&dir).unwrap();
     let config = serde_json::json!({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": HIDDEN, "intermediate_size": FFN, "num_hidden_layers": layers,
-        "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "rms_norm_eps": 1e-5,
+        "hidden_size": hidden, "intermediate_size": FFN, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0, "max_position_embeddings": 512, "vocab_size": vocab(),
         "tie_word_embeddings": false, "bos_token_id": 1, "eos_token_id": 2,
         "torch_dtype": "float32"
@@ -69,15 +82,15 @@ fn tiny_model(layers: usize, seed: u64, nan_norm: bool) -> PathBuf {
             .collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     };
-    let d = HIDDEN / HEADS;
-    let s = 1.0 / (HIDDEN as f32).sqrt();
+    let d = hidden / heads;
+    let s = 1.0 / (hidden as f32).sqrt();
     let mut t: HashMap<String, Tensor> = HashMap::new();
     t.insert(
         "model.embed_tokens.weight".into(),
-        rand(&[vocab(), HIDDEN], 1.0, 0.0),
+        rand(&[vocab(), hidden], 1.0, 0.0),
     );
-    t.insert("lm_head.weight".into(), rand(&[vocab(), HIDDEN], 0.3, 0.0));
-    let mut norm = rand(&[HIDDEN], 0.1, 1.0).to_vec1::<f32>().unwrap();
+    t.insert("lm_head.weight".into(), rand(&[vocab(), hidden], 0.3, 0.0));
+    let mut norm = rand(&[hidden], 0.1, 1.0).to_vec1::<f32>().unwrap();
     if nan_norm {
         norm[3] = f32::NAN;
     }
@@ -88,18 +101,18 @@ fn tiny_model(layers: usize, seed: u64, nan_norm: bool) -> PathBuf {
     for l in 0..layers {
         let p = format!("model.layers.{l}");
         for (name, shape, scale) in [
-            ("self_attn.q_proj", [HEADS * d, HIDDEN], 2.0 * s),
-            ("self_attn.k_proj", [KV_HEADS * d, HIDDEN], 2.0 * s),
-            ("self_attn.v_proj", [KV_HEADS * d, HIDDEN], s),
-            ("self_attn.o_proj", [HIDDEN, HEADS * d], s),
-            ("mlp.gate_proj", [FFN, HIDDEN], s),
-            ("mlp.up_proj", [FFN, HIDDEN], s),
-            ("mlp.down_proj", [HIDDEN, FFN], 1.0 / (FFN as f32).sqrt()),
+            ("self_attn.q_proj", [heads * d, hidden], 2.0 * s),
+            ("self_attn.k_proj", [kv_heads * d, hidden], 2.0 * s),
+            ("self_attn.v_proj", [kv_heads * d, hidden], s),
+            ("self_attn.o_proj", [hidden, heads * d], s),
+            ("mlp.gate_proj", [FFN, hidden], s),
+            ("mlp.up_proj", [FFN, hidden], s),
+            ("mlp.down_proj", [hidden, FFN], 1.0 / (FFN as f32).sqrt()),
         ] {
             t.insert(format!("{p}.{name}.weight"), rand(&shape, scale, 0.0));
         }
         for norm in ["input_layernorm", "post_attention_layernorm"] {
-            t.insert(format!("{p}.{norm}.weight"), rand(&[HIDDEN], 0.1, 1.0));
+            t.insert(format!("{p}.{norm}.weight"), rand(&[hidden], 0.1, 1.0));
         }
     }
     candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
@@ -284,6 +297,25 @@ fn bad_input_is_a_clear_error() {
 /// everything else at its text position); after every token a sinks+window group keeps its
 /// first `sinks` and last `window - 1` tokens. Returns each token's logits `[1, vocab]`.
 fn dense_reference(model: &Model, policy: &Policy, text: &[u32]) -> Vec<Tensor> {
+    dense_reference_in_steps(model, policy, text, &vec![1; text.len()])
+}
+
+/// [`dense_reference`] with the text in steps of `steps` tokens: retention runs after each
+/// step only, so a step's tokens attend to what the group kept before the step plus the step's
+/// own tokens up to themselves (the semantics of a multi-token engine step).
+fn dense_reference_in_steps(
+    model: &Model,
+    policy: &Policy,
+    text: &[u32],
+    steps: &[usize],
+) -> Vec<Tensor> {
+    let mut ends = std::collections::BTreeSet::new();
+    let mut end = 0;
+    for &s in steps {
+        end += s;
+        ends.insert(end);
+    }
+    assert_eq!(end, text.len());
     let cfg = model.config();
     let (heads, kvh, d) = (
         cfg.num_attention_heads,
@@ -336,6 +368,9 @@ fn dense_reference(model: &Model, policy: &Policy, text: &[u32]) -> Vec<Tensor> 
             x = model.attn_output_and_mlp(l, &x, &attn).unwrap();
         }
         out.push(model.logits(&x).unwrap());
+        if !ends.contains(&(t + 1)) {
+            continue;
+        }
         for g in 0..groups {
             if let Retention::SinkWindow { sinks, window } = *policy.retention(g) {
                 let n = pos[g].len();
@@ -515,4 +550,106 @@ fn every_group_keeps_what_its_retention_allows_under_a_calibrated_map() {
         .build()
         .unwrap();
     check_cache(&model, stream, &texts, &prompts);
+}
+
+/// Sinks + window under a map with several readers per group, past the window in multi-token
+/// steps: the prompt prefilled in chunks of 4 (`prefill_chunk`, retention between chunks), then
+/// decode steps of 3 tokens (as `layerkv eval --chunk 3` runs them), against the dense
+/// reference of the same steps.
+#[test]
+fn multi_token_steps_past_the_window_match_the_dense_reference() {
+    let model = load(&tiny_model(8, 10, false));
+    let map = LayerMap::new(vec![0, 0, 2, 0, 4, 2, 6, 6]).unwrap();
+    let policy = PolicyBuilder::new(map)
+        .name("shared+stream:2:6")
+        .retention(Retention::SinkWindow {
+            sinks: 2,
+            window: 6,
+        })
+        .build()
+        .unwrap();
+    let (prompt, decode, total) = (12, 3, 30);
+    let text: Vec<u32> = (0..total as u32)
+        .map(|i| (i * 11 + 4) % vocab() as u32)
+        .collect();
+    let mut steps = vec![4; prompt / 4];
+    steps.extend(vec![decode; (total - prompt) / decode]);
+    let want = dense_reference_in_steps(&model, &policy, &text, &steps);
+    let cfg = EngineConfig {
+        block_size: BLOCK,
+        num_pages: 512,
+        kv_dtype: DType::F32,
+        sliding_window: None,
+        prefill: PrefillMode::TokenByToken,
+        prefill_chunk: 4,
+    };
+    let mut e = Engine::new(model.clone(), Arc::new(policy.clone()), cfg).unwrap();
+    e.add_sequence(0).unwrap();
+    let mut rows = vec![e.step(&[(0, &text[..prompt])], LogitsRows::All).unwrap()];
+    for start in (prompt..total).step_by(decode) {
+        let step = &text[start..start + decode];
+        rows.push(e.step(&[(0, step)], LogitsRows::All).unwrap());
+        let seen = start + decode;
+        let table = e.cache().read().table(0, 0).unwrap().num_valid();
+        assert_eq!(
+            table,
+            policy.retention(0).max_tokens(seen),
+            "after {seen} tokens"
+        );
+    }
+    let got = Tensor::cat(&rows, 0).unwrap();
+    let bad: Vec<(usize, f32)> = want
+        .iter()
+        .enumerate()
+        .map(|(t, w)| (t, max_diff(&got.narrow(0, t, 1).unwrap(), w)))
+        .filter(|(_, d)| *d > 1e-4)
+        .collect();
+    assert!(bad.is_empty(), "tokens whose logits differ: {bad:?}");
+}
+
+/// The same on a model of the real one's attention shape (head_dim 64, 3 query heads per KV
+/// head) at page size 16 and a window of 100: contexts past the kernels' split threshold, a
+/// whole page evicted per 16-token step, as `layerkv eval --chunk 16` runs sinks + window.
+#[test]
+fn sixteen_token_steps_past_a_long_window_match_the_dense_reference() {
+    let model = load(&tiny_model_shaped(3, 11, false, (384, 6, 2)));
+    let map = LayerMap::new(vec![0, 0, 2]).unwrap();
+    let policy = PolicyBuilder::new(map)
+        .name("shared+stream:4:100")
+        .retention(Retention::SinkWindow {
+            sinks: 4,
+            window: 100,
+        })
+        .build()
+        .unwrap();
+    let (chunk, total) = (16, 224);
+    let text: Vec<u32> = (0..total as u32)
+        .map(|i| (i * 11 + 4) % vocab() as u32)
+        .collect();
+    let want = dense_reference_in_steps(&model, &policy, &text, &vec![chunk; total / chunk]);
+    let cfg = EngineConfig {
+        block_size: 16,
+        num_pages: 512,
+        kv_dtype: DType::F32,
+        sliding_window: None,
+        prefill: PrefillMode::TokenByToken,
+        prefill_chunk: chunk,
+    };
+    let mut e = Engine::new(model.clone(), Arc::new(policy.clone()), cfg).unwrap();
+    e.add_sequence(0).unwrap();
+    let mut rows = Vec::new();
+    for start in (0..total).step_by(chunk) {
+        rows.push(
+            e.step(&[(0, &text[start..start + chunk])], LogitsRows::All)
+                .unwrap(),
+        );
+    }
+    let got = Tensor::cat(&rows, 0).unwrap();
+    let bad: Vec<(usize, f32)> = want
+        .iter()
+        .enumerate()
+        .map(|(t, w)| (t, max_diff(&got.narrow(0, t, 1).unwrap(), w)))
+        .filter(|(_, d)| *d > 1e-3)
+        .collect();
+    assert!(bad.is_empty(), "tokens whose logits differ: {bad:?}");
 }
