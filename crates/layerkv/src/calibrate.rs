@@ -19,8 +19,9 @@
 //!    source is always below the layer: no upward reference can arise); a pair that builds
 //!    the map of a pair rejected since the last acceptance is skipped too;
 //! 4. the candidate is scored with the [`Acceptance`] rule and accepted or rejected; the search
-//!    stops when the [`ShareTarget`] is reached or the pairs run out (then the result holds
-//!    fewer shared layers than asked: [`Calibration::reached_target`] is false, not an error).
+//!    stops when the [`ShareTarget`] is reached, the pairs run out or
+//!    [`CalibrationConfig::max_candidates`] were scored (then the result holds fewer shared
+//!    layers than asked: [`Calibration::reached_target`] is false, not an error).
 //!
 //! Invariants of the result: the map is downward only (`source < layer` for every sharing
 //! layer), layer 0 owns its KV, `pairs` lists exactly the sharing layers with their roots.
@@ -428,6 +429,9 @@ pub struct CalibrationConfig {
     pub order: PairOrder,
     /// When a candidate is accepted.
     pub acceptance: Acceptance,
+    /// Stop after scoring this many candidates (`None`: until the target is reached or the
+    /// pairs run out). Bounds the cost of a strict rule, which may otherwise score every pair.
+    pub max_candidates: Option<usize>,
 }
 
 impl Default for CalibrationConfig {
@@ -437,6 +441,7 @@ impl Default for CalibrationConfig {
             target: ShareTarget::Fraction(0.25),
             order: PairOrder::Dissimilar,
             acceptance: Acceptance::Cosine { threshold: 0.5 },
+            max_candidates: None,
         }
     }
 }
@@ -499,6 +504,26 @@ impl Calibration {
     /// Whether the result has as many sharing layers as asked (false: the pairs ran out).
     pub fn reached_target(&self) -> bool {
         self.num_shared() >= self.target_shared
+    }
+
+    /// The map after the first `num_shared` accepted candidates (`None` when fewer were
+    /// accepted). It is exactly what the same search with the target `num_shared` returns: the
+    /// search's decisions do not depend on the target, it only stops once the target is
+    /// reached, so one search for `k` layers holds the searches for every smaller count.
+    pub fn map_at(&self, num_shared: usize) -> Option<LayerMap> {
+        if num_shared > self.num_shared() {
+            return None;
+        }
+        let mut source: Vec<usize> = (0..self.map.num_layers()).collect();
+        for c in self
+            .candidates
+            .iter()
+            .filter(|c| c.accepted)
+            .take(num_shared)
+        {
+            source[c.layer] = c.source;
+        }
+        LayerMap::new(source).ok()
     }
 }
 
@@ -572,7 +597,9 @@ pub fn calibrate<M: CalibrationModel + ?Sized>(
     let mut rejected: BTreeSet<(usize, usize)> = BTreeSet::new();
 
     for (rank, (layer, pair_source)) in config.order.pairs(&distances).into_iter().enumerate() {
-        if num_shared >= target_shared {
+        if num_shared >= target_shared
+            || config.max_candidates.is_some_and(|m| candidates.len() >= m)
+        {
             break;
         }
         let is_source = (0..n).any(|l| l != layer && source[l] == layer);
@@ -828,6 +855,7 @@ mod tests {
             target,
             order,
             acceptance,
+            max_candidates: None,
         }
     }
 
@@ -924,6 +952,33 @@ mod tests {
     }
 
     #[test]
+    fn map_at_is_the_search_for_a_smaller_target() {
+        for order in [
+            PairOrder::Dissimilar,
+            PairOrder::Similar,
+            PairOrder::Random { seed: 7 },
+            PairOrder::Adjacent,
+        ] {
+            let strict = Acceptance::Nll { max_increase: 0.02 };
+            let big = run(
+                &mut Toy::new(8, 5, 3),
+                &config(ShareTarget::Layers(5), order, strict),
+            )
+            .unwrap();
+            for k in 0..=big.num_shared() {
+                let small = run(
+                    &mut Toy::new(8, 5, 3),
+                    &config(ShareTarget::Layers(k), order, strict),
+                )
+                .unwrap();
+                assert_eq!(big.map_at(k).as_ref(), Some(&small.map), "{order} k = {k}");
+            }
+            assert_eq!(big.map_at(big.num_shared()).as_ref(), Some(&big.map));
+            assert_eq!(big.map_at(big.num_shared() + 1), None);
+        }
+    }
+
+    #[test]
     fn every_candidate_map_is_downward_and_changes_one_layer() {
         for order in [
             PairOrder::Dissimilar,
@@ -995,6 +1050,32 @@ mod tests {
         assert_eq!(seen, cal.candidates);
         assert!(seen.iter().all(|c| !c.accepted && c.score < 1.0));
         assert_eq!(cal.final_nll, cal.reference_nll);
+    }
+
+    #[test]
+    fn max_candidates_bounds_the_search() {
+        let strict = Acceptance::Cosine { threshold: 1.0 };
+        for m in [0, 1, 4] {
+            let cfg = CalibrationConfig {
+                max_candidates: Some(m),
+                ..config(ShareTarget::Layers(2), PairOrder::Dissimilar, strict)
+            };
+            let mut toy = Toy::new(6, 5, 2);
+            let cal = run(&mut toy, &cfg).unwrap();
+            assert_eq!(cal.candidates.len(), m);
+            assert_eq!(toy.runs, 1 + m);
+            assert!(!cal.reached_target());
+        }
+        // A bound the search does not reach changes nothing.
+        let cfg = config(ShareTarget::Layers(2), PairOrder::Similar, lenient());
+        let bounded = CalibrationConfig {
+            max_candidates: Some(100),
+            ..cfg
+        };
+        assert_eq!(
+            run(&mut Toy::new(6, 5, 2), &cfg).unwrap(),
+            run(&mut Toy::new(6, 5, 2), &bounded).unwrap()
+        );
     }
 
     #[test]

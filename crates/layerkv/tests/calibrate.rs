@@ -110,7 +110,7 @@ proptest! {
         len in 2usize..6,
     ) {
         let target = ShareTarget::Layers(want.min(num_layers - 1));
-        let config = CalibrationConfig { target, order, acceptance };
+        let config = CalibrationConfig { target, order, acceptance, max_candidates: None };
         let samples: Vec<Vec<u32>> = (0..num_samples)
             .map(|s| (0..len).map(|t| (s * 7 + t) as u32).collect())
             .collect();
