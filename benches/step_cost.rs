@@ -152,7 +152,7 @@ fn main() {
 
     println!(
         "decode step after N streamed tokens, SmolLM2-135M f32, CPU ({} threads), window {window}",
-        rayon_threads()
+        cpu_threads()
     );
     println!(
         "| N | policy | protocol ns/step | engine ms/step | KV bytes | vs same policy at {} | vs identity at N |",
@@ -189,6 +189,6 @@ fn main() {
     }
 }
 
-fn rayon_threads() -> usize {
+fn cpu_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
