@@ -13,7 +13,7 @@ use layerkv::{plan::Planner, LayerKvPolicy, SeqId};
 use layerkv_model::chat::{ChatTemplate, Message};
 use layerkv_model::engine::{Engine, EngineConfig};
 use layerkv_model::generate::{
-    complete, Completion, GenerationConfig, Sampler, Sampling, StopCriteria,
+    complete, stop_tokens, Completion, GenerationConfig, Sampler, Sampling, StopCriteria,
 };
 use layerkv_model::tokenizer::Tokenizer;
 use layerkv_model::Model;
@@ -187,17 +187,7 @@ impl Runner {
         let num_pages = planner.pages_per_sequence(policy.as_ref(), args.max_context)
             + policy.layer_map().num_groups();
         let engine = Engine::new(model.clone(), policy, EngineConfig { num_pages, ..cfg })?;
-        let mut stop_tokens = model.config().eos_token_ids();
-        stop_tokens.extend(gen.eos_token_ids);
-        if let Some(eos) = ChatTemplate::load(&dir)
-            .ok()
-            .map(|t| t.special_tokens().eos.clone())
-            .and_then(|e| tokenizer.token_id(&e))
-        {
-            stop_tokens.push(eos);
-        }
-        stop_tokens.sort_unstable();
-        stop_tokens.dedup();
+        let stop_tokens = stop_tokens(&dir, model.config(), &gen, &tokenizer);
         Ok(Self {
             dir,
             model,

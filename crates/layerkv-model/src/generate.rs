@@ -159,6 +159,29 @@ impl GenerationConfig {
     }
 }
 
+/// The tokens that end a reply of the model in `dir`: `config.json`'s and
+/// `generation_config.json`'s EOS ids and the `eos_token` of `tokenizer_config.json`, sorted,
+/// without duplicates. A chat adds its template's end of turn
+/// ([`crate::chat::ChatTemplate::end_of_turn`]).
+pub fn stop_tokens(
+    dir: &Path,
+    config: &crate::ModelConfig,
+    generation: &GenerationConfig,
+    tokenizer: &Tokenizer,
+) -> Vec<u32> {
+    let mut stop = config.eos_token_ids();
+    stop.extend(&generation.eos_token_ids);
+    if let Some(eos) = crate::chat::ChatTemplate::load(dir)
+        .ok()
+        .and_then(|t| tokenizer.token_id(&t.special_tokens().eos))
+    {
+        stop.push(eos);
+    }
+    stop.sort_unstable();
+    stop.dedup();
+    stop
+}
+
 /// A seeded sampler: [`Sampler::sample`] picks a token and adds it to the penalty window;
 /// [`Sampler::observe`] adds prompt tokens.
 #[derive(Debug, Clone)]

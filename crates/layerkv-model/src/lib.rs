@@ -3,7 +3,8 @@
 //! Llama-family decoders (llama, mistral, qwen2) on candle whose KV cache goes through a
 //! `layerkv` policy, the cross-layer block allocator and the paged kernels: loading Hugging Face
 //! model directories ([`weights`], [`config`], [`tokenizer`]), GGUF conversion ([`convert`]),
-//! the embedded default model and texts ([`assets`]), the policy-driven forward pass
+//! the embedded default model and texts ([`assets`]), the linear layers the forward pass is
+//! generic over ([`linear`]), the policy-driven forward pass
 //! ([`engine`]), chat templates ([`chat`]), sampling and generation ([`generate`]),
 //! evaluation ([`eval`]) and the model side of KVSharer calibration ([`calibrate`]).
 
@@ -16,6 +17,7 @@ pub mod engine;
 mod error;
 pub mod eval;
 pub mod generate;
+pub mod linear;
 mod model;
 pub mod rope;
 pub mod tokenizer;
@@ -23,4 +25,5 @@ pub mod weights;
 
 pub use config::ModelConfig;
 pub use error::{ModelError, Result};
-pub use model::Model;
+pub use linear::Projection;
+pub use model::{Layer, Model, ModelParts};

@@ -5,30 +5,57 @@
 //! (the demo compares them on the same weights). What the policy changes, which layers compute
 //! K/V and which cache they read, lives in [`crate::engine`]. K/V projections are counted
 //! ([`Model::kv_projections`]) so tests can prove that sharing layers skip them.
+//!
+//! Linear layers are [`Projection`]s: [`Model::load`] builds candle's dense ones, and an engine
+//! adapter hands in its own (quantized) ones through [`Model::from_parts`], so there is one
+//! forward pass whatever loaded the weights.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 use candle_nn::Linear;
 
 use crate::config::ModelConfig;
-use crate::error::Result;
+use crate::error::{ModelError, Result};
+use crate::linear::Projection;
 use crate::rope::Rope;
 use crate::weights::Weights;
 
-/// One decoder layer's weights.
+/// One decoder layer's weights: RMS norm weights `[hidden]` and the seven projections.
 #[derive(Debug)]
 pub struct Layer {
-    input_norm: Tensor,
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
-    post_norm: Tensor,
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    /// `input_layernorm.weight`.
+    pub input_norm: Tensor,
+    /// `hidden -> heads * head_dim` (qwen2: with bias).
+    pub q_proj: Box<dyn Projection>,
+    /// `hidden -> kv_heads * head_dim` (qwen2: with bias).
+    pub k_proj: Box<dyn Projection>,
+    /// `hidden -> kv_heads * head_dim` (qwen2: with bias).
+    pub v_proj: Box<dyn Projection>,
+    /// `heads * head_dim -> hidden`.
+    pub o_proj: Box<dyn Projection>,
+    /// `post_attention_layernorm.weight`.
+    pub post_norm: Tensor,
+    /// `hidden -> intermediate`.
+    pub gate_proj: Box<dyn Projection>,
+    /// `hidden -> intermediate`.
+    pub up_proj: Box<dyn Projection>,
+    /// `intermediate -> hidden`.
+    pub down_proj: Box<dyn Projection>,
+}
+
+/// Everything [`Model::from_parts`] needs besides the config.
+#[derive(Debug)]
+pub struct ModelParts {
+    /// Token embeddings `[vocab, hidden]`, in the activation dtype.
+    pub embed: Tensor,
+    /// The decoder layers, bottom first.
+    pub layers: Vec<Layer>,
+    /// Final norm weight `[hidden]`.
+    pub norm: Tensor,
+    /// `hidden -> vocab` (tied models: the embedding matrix).
+    pub lm_head: Box<dyn Projection>,
 }
 
 /// A llama-family decoder on one device.
@@ -38,7 +65,7 @@ pub struct Model {
     embed: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
-    lm_head: Tensor,
+    lm_head: Box<dyn Projection>,
     rope: Rope,
     dtype: DType,
     device: Device,
@@ -65,14 +92,14 @@ impl Model {
                       out_dim: usize,
                       in_dim: usize,
                       bias: bool|
-         -> Result<Linear> {
+         -> Result<Box<dyn Projection>> {
             let weight = w.take(&format!("{name}.weight"), &[out_dim, in_dim])?;
             let bias = if bias {
                 Some(w.take(&format!("{name}.bias"), &[out_dim])?)
             } else {
                 None
             };
-            Ok(Linear::new(weight, bias))
+            Ok(Box::new(Linear::new(weight, bias)))
         };
         let embed = w.take("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
@@ -114,15 +141,65 @@ impl Model {
         } else {
             w.take("lm_head.weight", &[cfg.vocab_size, h])?
         };
-        let dtype = embed.dtype();
-        let device = embed.device().clone();
-        Ok(Self {
-            rope: Rope::new(&cfg),
-            cfg,
+        let parts = ModelParts {
             embed,
             layers,
             norm,
-            lm_head,
+            lm_head: Box::new(Linear::new(lm_head, None)),
+        };
+        Self::from_parts(cfg, parts)
+    }
+
+    /// Builds the model from weights loaded elsewhere (an engine adapter's own loader and
+    /// quantized linears). Checks the layer count and the embedding and norm shapes against the
+    /// config; the projections are trusted to map the config's sizes.
+    pub fn from_parts(cfg: ModelConfig, parts: ModelParts) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let check = |name: &str, t: &Tensor, expected: &[usize]| -> Result<()> {
+            if t.dims() == expected {
+                Ok(())
+            } else {
+                Err(ModelError::ShapeMismatch {
+                    name: name.into(),
+                    expected: expected.to_vec(),
+                    actual: t.dims().to_vec(),
+                })
+            }
+        };
+        if parts.layers.len() != cfg.num_hidden_layers {
+            return Err(ModelError::Config(format!(
+                "{} decoder layers given, the config says num_hidden_layers = {}",
+                parts.layers.len(),
+                cfg.num_hidden_layers
+            )));
+        }
+        check(
+            "model.embed_tokens.weight",
+            &parts.embed,
+            &[cfg.vocab_size, h],
+        )?;
+        check("model.norm.weight", &parts.norm, &[h])?;
+        for (i, l) in parts.layers.iter().enumerate() {
+            check(
+                &format!("model.layers.{i}.input_layernorm.weight"),
+                &l.input_norm,
+                &[h],
+            )?;
+            check(
+                &format!("model.layers.{i}.post_attention_layernorm.weight"),
+                &l.post_norm,
+                &[h],
+            )?;
+        }
+        let dtype = parts.embed.dtype();
+        let device = parts.embed.device().clone();
+        Ok(Self {
+            rope: Rope::new(&cfg),
+            cfg,
+            embed: parts.embed,
+            layers: parts.layers,
+            norm: parts.norm,
+            lm_head: parts.lm_head,
             dtype,
             device,
             kv_projections: AtomicU64::new(0),
@@ -219,7 +296,7 @@ impl Model {
     /// The LM head alone, on final hidden states (the output of [`Model::final_hidden`] or
     /// [`crate::engine::Engine::step_hidden`]): f32 logits `[rows, vocab]`.
     pub fn head_logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(hidden.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
+        Ok(self.lm_head.forward(hidden)?.to_dtype(DType::F32)?)
     }
 
     /// Log-softmax of f32 logits along the vocabulary.

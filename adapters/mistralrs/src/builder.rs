@@ -1,0 +1,199 @@
+//! [`LayerKvModelBuilder`]: mistral.rs-style configuration of a model under a layerkv policy.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
+use layerkv::plan::Planner;
+use layerkv::{LayerKvPolicy, Policy};
+use layerkv_model::engine::{Engine, EngineConfig};
+use layerkv_model::generate::{stop_tokens, GenerationConfig, Sampling, StopCriteria};
+use layerkv_model::ModelConfig;
+use mistralrs_quant::IsqType;
+
+use crate::error::{AdapterError, Result};
+use crate::load::load_model;
+use crate::model::LayerKvModel;
+
+/// Token slots per KV page.
+const BLOCK_SIZE: usize = 16;
+
+/// Builds a [`LayerKvModel`] from a local Hugging Face model directory (llama, mistral or
+/// qwen2 safetensors), in the style of `mistralrs::TextModelBuilder`:
+///
+/// ```no_run
+/// use layerkv_mistralrs::{IsqType, LayerKvModelBuilder};
+/// let policy = layerkv::Policy::load("calibrated.toml")?;
+/// let mut model = LayerKvModelBuilder::new("models/SmolLM2-135M-Instruct")
+///     .with_policy(policy)
+///     .with_isq(IsqType::Q8_0)
+///     .build()?;
+/// let reply = model.generate("The KV cache is", |piece| print!("{piece}"))?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct LayerKvModelBuilder {
+    dir: PathBuf,
+    policy: Option<Policy>,
+    dtype: DType,
+    device: Device,
+    isq: Option<IsqType>,
+    max_context: usize,
+    max_sequences: usize,
+    max_tokens: Option<usize>,
+    sampling: Option<Sampling>,
+    stop_strings: Vec<String>,
+    sliding_window: Option<usize>,
+}
+
+impl LayerKvModelBuilder {
+    /// A builder for the model directory `dir`: identity policy, f32 on the CPU, no ISQ, a KV
+    /// pool for one sequence of 4096 tokens, sampling from `generation_config.json`.
+    pub fn new(dir: impl AsRef<Path>) -> Self {
+        Self {
+            dir: dir.as_ref().to_path_buf(),
+            policy: None,
+            dtype: DType::F32,
+            device: Device::Cpu,
+            isq: None,
+            max_context: 4096,
+            max_sequences: 1,
+            max_tokens: None,
+            sampling: None,
+            stop_strings: Vec::new(),
+            sliding_window: None,
+        }
+    }
+
+    /// The layerkv policy (sharing map and retention); it must have the model's layer count.
+    pub fn with_policy(mut self, policy: Policy) -> Self {
+        self.policy = Some(policy);
+        self
+    }
+
+    /// Activation and KV dtype (f32, bf16 or f16).
+    pub fn with_dtype(mut self, dtype: DType) -> Self {
+        self.dtype = dtype;
+        self
+    }
+
+    /// The device (the CPU unless the crate's `cuda` build gives another).
+    pub fn with_device(mut self, device: Device) -> Self {
+        self.device = device;
+        self
+    }
+
+    /// Quantizes the projections in situ while loading, with mistral.rs's ISQ (e.g. `Q8_0`,
+    /// `Q4K`).
+    pub fn with_isq(mut self, isq: IsqType) -> Self {
+        self.isq = Some(isq);
+        self
+    }
+
+    /// The longest sequence (prompt and reply) the KV pool is sized for under the policy.
+    pub fn with_max_context(mut self, tokens: usize) -> Self {
+        self.max_context = tokens;
+        self
+    }
+
+    /// How many sequences of [`Self::with_max_context`] tokens the KV pool holds at once (for
+    /// batched stepping through [`LayerKvModel::engine_mut`]; the convenience calls use one).
+    pub fn with_max_sequences(mut self, sequences: usize) -> Self {
+        self.max_sequences = sequences;
+        self
+    }
+
+    /// Most tokens per reply (default: `generation_config.json`'s `max_new_tokens`, else 256).
+    pub fn with_max_tokens(mut self, tokens: usize) -> Self {
+        self.max_tokens = Some(tokens);
+        self
+    }
+
+    /// Sampling (default: `generation_config.json`'s, else greedy).
+    pub fn with_sampling(mut self, sampling: Sampling) -> Self {
+        self.sampling = Some(sampling);
+        self
+    }
+
+    /// Strings that end a reply (cut before them).
+    pub fn with_stop_strings(mut self, stops: Vec<String>) -> Self {
+        self.stop_strings = stops;
+        self
+    }
+
+    /// Window of the layers a YOCO-style map marks sliding.
+    pub fn with_sliding_window(mut self, window: usize) -> Self {
+        self.sliding_window = Some(window);
+        self
+    }
+
+    /// Loads the weights through mistral.rs (quantizing them if asked), the tokenizer and the
+    /// generation defaults, and sizes the KV pool for [`Self::with_max_context`] tokens.
+    pub fn build(self) -> Result<LayerKvModel> {
+        let dir = self.dir;
+        let cfg = ModelConfig::load(&dir)?;
+        let layers = cfg.num_hidden_layers;
+        let policy = match self.policy {
+            Some(p) => p,
+            None => Policy::identity(layers)?,
+        };
+        if policy.layer_map().num_layers() != layers {
+            return Err(AdapterError::Policy(layerkv::Error::WrongLayerCount {
+                what: "policy for this model (config.json num_hidden_layers)",
+                expected: layers,
+                actual: policy.layer_map().num_layers(),
+            }));
+        }
+        if self.max_context == 0 || self.max_sequences == 0 {
+            return Err(AdapterError::Request(
+                "with_max_context and with_max_sequences must be positive".into(),
+            ));
+        }
+        let tokenizer = layerkv_model::tokenizer::load(&dir)?;
+        let generation = GenerationConfig::load(&dir)?;
+        let stop = StopCriteria {
+            max_new_tokens: self.max_tokens.or(generation.max_new_tokens).unwrap_or(256),
+            stop_tokens: stop_tokens(&dir, &cfg, &generation, &tokenizer),
+            stop_strings: self.stop_strings,
+        };
+        let sampling = self.sampling.unwrap_or_else(|| generation.sampling());
+        let model_window = cfg.sliding_window;
+        let model = Arc::new(load_model(&dir, cfg, self.dtype, &self.device, self.isq)?);
+        let engine_cfg = EngineConfig {
+            block_size: BLOCK_SIZE,
+            kv_dtype: self.dtype,
+            sliding_window: self.sliding_window,
+            ..EngineConfig::default()
+        };
+        let planner = Planner {
+            block_size: BLOCK_SIZE,
+            sliding_window: self.sliding_window,
+            model_window,
+            step_tokens: engine_cfg.prefill_chunk,
+        };
+        let policy_name = policy.name().to_string();
+        let policy: Arc<dyn LayerKvPolicy> = Arc::new(policy);
+        let num_pages = self.max_sequences
+            * (planner.pages_per_sequence(policy.as_ref(), self.max_context)
+                + policy.layer_map().num_groups());
+        let engine = Engine::new(
+            model,
+            policy,
+            EngineConfig {
+                num_pages,
+                ..engine_cfg
+            },
+        )?;
+        Ok(LayerKvModel {
+            dir,
+            engine,
+            tokenizer,
+            sampling,
+            stop,
+            planner,
+            isq: self.isq,
+            policy_name,
+            last_memory: None,
+        })
+    }
+}
