@@ -28,7 +28,8 @@ impl Projection for QuantLinear {
 
 /// The weights mistral.rs quantizes under ISQ for llama, mistral and qwen2: the LM head and the
 /// seven projections of every layer (its loaders' `isq_layer_regexes`, restated because they
-/// are private). Embeddings and norms stay dense, and a tied LM head is the dense embedding.
+/// are private). Embeddings and norms stay dense; a tied LM head is quantized too (see
+/// [`load_model`]).
 pub fn isq_predicates() -> Vec<Regex> {
     [
         r"lm_head\.(weight|bias)$",
@@ -131,10 +132,14 @@ pub fn load_model(
         });
     }
     let norm = vb_m.pp("norm").get(h, "weight").map_err(load_err)?;
-    // A tied head is the dense embedding, as in mistral.rs (its ISQ never sees it).
+    // A tied head is built from the embedding by mistral.rs's `ReplicatedLayer::from_linear`,
+    // which quantizes it under ISQ whatever the predicates say (as its llama/qwen2 loaders do).
     let lm_head: Box<dyn Projection> =
         if cfg.tie_word_embeddings && !vb.contains_tensor("lm_head.weight") {
-            Box::new(candle_nn::Linear::new(embed.clone(), None))
+            let head = candle_nn::Linear::new(embed.clone(), None);
+            Box::new(QuantLinear(
+                mistralrs_quant::ReplicatedLayer::from_linear(head).map_err(load_err)?,
+            ))
         } else {
             linear(vb.pp("lm_head"), h, cfg.vocab_size, false)?
         };

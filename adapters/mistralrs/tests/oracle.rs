@@ -161,6 +161,12 @@ fn identity_matches_mistralrs_on_llama_and_qwen2() {
 fn isq_q8_0_matches_mistralrs_isq_q8_0() {
     let dir = tiny("llama-q8", TinyModel::llama(9));
     check_against_mistralrs(&dir, Some(IsqType::Q8_0), 2e-3);
+    // A tied head (qwen2 here) is quantized from the embedding on both sides.
+    check_against_mistralrs(
+        &tiny("qwen2-q8", TinyModel::qwen2(13)),
+        Some(IsqType::Q8_0),
+        2e-3,
+    );
     // Both sides agree because both quantized: the 8-bit logits are not the dense ones.
     let mut dense = LayerKvModelBuilder::new(&dir).build().unwrap();
     let mut q8 = LayerKvModelBuilder::new(&dir)
