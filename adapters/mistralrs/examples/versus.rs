@@ -285,9 +285,9 @@ fn main() -> Res<()> {
     let theirs = oracle(&dir, None, theirs_n)?;
     let (_, n, secs, _) = complete_all(&theirs, &prompts[..theirs_n], DECODE_TOKENS)?;
     let their_tps = n as f64 / secs;
-    println!("| engine / policy | KV per sequence | sequences in budget | tok/s (prefill + decode) | vs mistral.rs |");
-    println!("|---|---|---|---|---|");
-    println!("| mistral.rs 0.8.1 | {per_seq} | {theirs_n} | {their_tps:.1} | 1.00x |");
+    println!("| engine / policy | KV bytes per sequence (x mistral.rs) | sequences in budget | tok/s, prefill + decode (x mistral.rs) |");
+    println!("|---|---|---|---|");
+    println!("| mistral.rs 0.8.1 | {per_seq} | {theirs_n} | {their_tps:.1} |");
     for policy in &policies {
         let name = policy.name().to_string();
         let mut m = LayerKvModelBuilder::new(&dir)
@@ -305,7 +305,8 @@ fn main() -> Res<()> {
         let (n, secs, peak) = ours_batch(&mut m, &prompts[..fit], DECODE_TOKENS)?;
         let tps = n as f64 / secs;
         println!(
-            "| layerkv {name} | {one} | {fit} (peak {peak}) | {tps:.1} | {:.2}x |",
+            "| layerkv {name} | {one} ({:.3}) | {fit} (peak {peak}) | {tps:.1} ({:.2}x) |",
+            one as f64 / per_seq as f64,
             tps / their_tps
         );
     }

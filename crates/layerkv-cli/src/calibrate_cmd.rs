@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device};
 use clap::Args;
 use layerkv::calibrate::{
     calibrate, Acceptance, Calibration, CalibrationConfig, Candidate, PairOrder, ShareTarget,
@@ -24,6 +23,7 @@ use layerkv_model::calibrate::{text_samples, EngineCalibrator};
 use layerkv_model::engine::EngineConfig;
 use layerkv_model::Model;
 
+use crate::device::DeviceArgs;
 use crate::plot;
 
 /// Options of `layerkv calibrate`.
@@ -38,6 +38,8 @@ pub struct CalibrateArgs {
     /// Number of calibration samples.
     #[arg(long, default_value_t = 30)]
     pub samples: usize,
+    #[command(flatten)]
+    pub device: DeviceArgs,
     /// Tokens per sample.
     #[arg(long, default_value_t = 64)]
     pub sample_len: usize,
@@ -262,7 +264,8 @@ pub fn calibrate_to_file(args: &CalibrateArgs, quiet: bool) -> Result<Calibrated
                 .python_docs
         }
     };
-    let model = Arc::new(Model::load(&dir, DType::F32, &Device::Cpu)?);
+    let (device, dtype) = args.device.resolve()?;
+    let model = Arc::new(Model::load(&dir, dtype, &device)?);
     let tokenizer = layerkv_model::tokenizer::load(&dir)?;
     let text = std::fs::read_to_string(&text_path)
         .with_context(|| format!("reading {}", text_path.display()))?;
@@ -278,7 +281,11 @@ pub fn calibrate_to_file(args: &CalibrateArgs, quiet: bool) -> Result<Calibrated
     }
     let config = args.config();
     let n = model.num_layers();
-    let mut calibrator = EngineCalibrator::new(model.clone(), EngineConfig::default());
+    let engine_config = EngineConfig {
+        kv_dtype: dtype,
+        ..EngineConfig::default()
+    };
+    let mut calibrator = EngineCalibrator::new(model.clone(), engine_config);
     if !quiet {
         eprintln!(
             "calibrating {} ({n} layers) on {} samples of {} tokens from {}: target {:?}, order {}, rule {:?}",

@@ -17,6 +17,7 @@ use layerkv::{LayerKvPolicy, Policy, PolicyBuilder, Retention};
 use layerkv_model::Model;
 
 use crate::calibrate_cmd::{acceptance_name, calibrate_to_file, order_name, CalibrateArgs};
+use crate::device::DeviceArgs;
 use crate::{run_table, MeasureOpts};
 
 /// The demo's calibration settings.
@@ -127,6 +128,10 @@ fn calibrated_policy(model_dir: &Path, text: &Path) -> Result<(Policy, String)> 
         model: Some(model_dir.to_path_buf()),
         text: Some(text.to_path_buf()),
         samples: settings.samples,
+        device: DeviceArgs {
+            device: "cpu".into(),
+            dtype: "f32".into(),
+        },
         sample_len: settings.sample_len,
         share: 0.0,
         layers: Some(settings.layers),

@@ -13,6 +13,7 @@ use layerkv_model::engine::{Engine, EngineConfig};
 use layerkv_model::eval::stream_nll;
 use layerkv_model::Model;
 
+use crate::device::DeviceArgs;
 use crate::policy_spec;
 
 /// Options of `layerkv stream`.
@@ -49,6 +50,8 @@ pub struct StreamArgs {
     /// Write the buckets as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 /// Runs the command.
@@ -61,11 +64,8 @@ pub fn run(args: StreamArgs) -> Result<()> {
         Some(p) => p.clone(),
         None => layerkv_model::assets::ensure_default_texts()?.python_docs,
     };
-    let model = Arc::new(Model::load(
-        &dir,
-        candle_core::DType::F32,
-        &candle_core::Device::Cpu,
-    )?);
+    let (device, dtype) = args.device.resolve()?;
+    let model = Arc::new(Model::load(&dir, dtype, &device)?);
     let tokenizer = layerkv_model::tokenizer::load(&dir)?;
     let text = std::fs::read_to_string(&text_path)
         .with_context(|| format!("reading {}", text_path.display()))?;
@@ -109,6 +109,7 @@ pub fn run(args: StreamArgs) -> Result<()> {
             EngineConfig {
                 num_pages: pages,
                 prefill_chunk: args.chunk.max(1),
+                kv_dtype: dtype,
                 ..EngineConfig::default()
             },
         )?;

@@ -8,7 +8,6 @@
 //! - StreamingLLM (stored keys + re-rotated sinks) == a dense implementation that re-rotates
 //!   every kept key at its cache position each step.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -18,6 +17,7 @@ use candle_transformers::models::llama as reference;
 use layerkv::{LayerKvPolicy, LayerMap, Policy, PolicyBuilder, Retention};
 use layerkv_model::engine::{Engine, EngineConfig, LogitsRows, PrefillMode};
 use layerkv_model::Model;
+use layerkv_testkit::{Arch, TinyModel};
 
 const VOCAB: usize = 64;
 const HIDDEN: usize = 32;
@@ -32,145 +32,34 @@ fn tiny_model(seed: u64) -> PathBuf {
 }
 
 /// Writes a tiny llama (or qwen2: q/k/v biases, tied embeddings) model directory with seeded
-/// random weights.
+/// random weights and a `t0..t63` byte-level BPE tokenizer (layerkv-testkit's writer).
 fn tiny_model_of(seed: u64, qwen2: bool) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "layerkv-engine-test-{}-{seed}-{qwen2}",
         std::process::id()
     ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut config = serde_json::json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": HIDDEN,
-        "intermediate_size": FFN,
-        "num_hidden_layers": LAYERS,
-        "num_attention_heads": HEADS,
-        "num_key_value_heads": KV_HEADS,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "max_position_embeddings": 512,
-        "vocab_size": VOCAB,
-        "tie_word_embeddings": false,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "torch_dtype": "float32"
-    });
-    if qwen2 {
-        let extra = serde_json::json!({
-            "architectures": ["Qwen2ForCausalLM"],
-            "model_type": "qwen2",
-            "tie_word_embeddings": true,
-            "sliding_window": 512,
-            "max_window_layers": LAYERS,
-            "use_sliding_window": false,
-            "hidden_act": "silu"
-        });
-        for (k, v) in extra.as_object().unwrap() {
-            config[k] = v.clone();
-        }
-    }
-    std::fs::write(
-        dir.join("config.json"),
-        serde_json::to_string_pretty(&config).unwrap(),
-    )
-    .unwrap();
-    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut rand = |shape: &[usize], scale: f32| -> Tensor {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    let llama = TinyModel {
+        arch: Arch::Llama,
+        vocab: VOCAB,
+        hidden: HIDDEN,
+        layers: LAYERS,
+        heads: HEADS,
+        kv_heads: KV_HEADS,
+        ffn: FFN,
+        tied: false,
+        seed,
+        chat_template: None,
     };
-    let d = HIDDEN / HEADS;
-    let mut t: HashMap<String, Tensor> = HashMap::new();
-    t.insert(
-        "model.embed_tokens.weight".into(),
-        rand(&[VOCAB, HIDDEN], 1.0),
-    );
-    if !qwen2 {
-        t.insert("lm_head.weight".into(), rand(&[VOCAB, HIDDEN], 0.3));
-    }
-    t.insert(
-        "model.norm.weight".into(),
-        (rand(&[HIDDEN], 0.1) + 1.0).unwrap(),
-    );
-    for l in 0..LAYERS {
-        let p = format!("model.layers.{l}");
-        let s = 1.0 / (HIDDEN as f32).sqrt();
-        t.insert(
-            format!("{p}.self_attn.q_proj.weight"),
-            rand(&[HEADS * d, HIDDEN], s * 2.0),
-        );
-        t.insert(
-            format!("{p}.self_attn.k_proj.weight"),
-            rand(&[KV_HEADS * d, HIDDEN], s * 2.0),
-        );
-        t.insert(
-            format!("{p}.self_attn.v_proj.weight"),
-            rand(&[KV_HEADS * d, HIDDEN], s),
-        );
-        t.insert(
-            format!("{p}.self_attn.o_proj.weight"),
-            rand(&[HIDDEN, HEADS * d], s),
-        );
-        if qwen2 {
-            for (name, rows) in [("q", HEADS * d), ("k", KV_HEADS * d), ("v", KV_HEADS * d)] {
-                t.insert(
-                    format!("{p}.self_attn.{name}_proj.bias"),
-                    rand(&[rows], 0.5),
-                );
-            }
+    let model = if qwen2 {
+        TinyModel {
+            arch: Arch::Qwen2,
+            tied: true,
+            ..llama
         }
-        t.insert(format!("{p}.mlp.gate_proj.weight"), rand(&[FFN, HIDDEN], s));
-        t.insert(format!("{p}.mlp.up_proj.weight"), rand(&[FFN, HIDDEN], s));
-        t.insert(
-            format!("{p}.mlp.down_proj.weight"),
-            rand(&[HIDDEN, FFN], 1.0 / (FFN as f32).sqrt()),
-        );
-        t.insert(
-            format!("{p}.input_layernorm.weight"),
-            (rand(&[HIDDEN], 0.1) + 1.0).unwrap(),
-        );
-        t.insert(
-            format!("{p}.post_attention_layernorm.weight"),
-            (rand(&[HIDDEN], 0.1) + 1.0).unwrap(),
-        );
-    }
-    candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
-    write_tokenizer(&dir);
-    dir
-}
-
-/// A real byte-level BPE tokenizer.json with VOCAB tokens (no merges), as the loader expects.
-fn write_tokenizer(dir: &Path) {
-    let mut vocab = serde_json::Map::new();
-    for i in 0..VOCAB {
-        vocab.insert(format!("t{i}"), serde_json::json!(i));
-    }
-    let tok = serde_json::json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": [],
-        "normalizer": null,
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
-        "post_processor": null,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "vocab": vocab, "merges": []}
-    });
-    std::fs::write(
-        dir.join("tokenizer.json"),
-        serde_json::to_string(&tok).unwrap(),
-    )
-    .unwrap();
+    } else {
+        llama
+    };
+    model.write(&dir)
 }
 
 fn load(dir: &Path) -> Arc<Model> {
