@@ -21,10 +21,12 @@ use candle_core::{Device, Tensor};
 use layerkv::{LayerKvPolicy, LayerMap, Policy, PolicyBuilder, Retention, SeqId};
 use layerkv_mistralrs::{IsqType, LayerKvModel, LayerKvModelBuilder};
 use layerkv_model::engine::LogitsRows;
-use mistralrs::{
-    Constraint, ModelDType, NormalRequest, Request, RequestMessage, Response, SamplingParams,
-    TextModelBuilder, TokenSource,
-};
+use layerkv_testkit::max_abs_diff;
+use mistralrs::{ModelDType, Response, TextModelBuilder, TokenSource};
+
+#[path = "../tests/common/mistralrs_request.rs"]
+mod mistralrs_request;
+use mistralrs_request::{describe, greedy_request};
 
 const PROMPT_TOKENS: usize = 256;
 const GREEDY_TOKENS: usize = 32;
@@ -54,38 +56,9 @@ fn tokio_rt() -> &'static tokio::runtime::Runtime {
     RT.get_or_init(|| tokio::runtime::Runtime::new().expect("tokio runtime"))
 }
 
-fn request(
-    ids: &[u32],
-    raw: bool,
-    max_len: usize,
-    id: usize,
-) -> (Request, tokio::sync::mpsc::Receiver<Response>) {
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let mut sampling = SamplingParams::deterministic();
-    sampling.max_len = Some(max_len);
-    let req = Request::Normal(Box::new(NormalRequest {
-        messages: RequestMessage::CompletionTokens(ids.to_vec()),
-        sampling_params: sampling,
-        response: tx,
-        return_logprobs: false,
-        is_streaming: false,
-        id,
-        constraint: Constraint::None,
-        suffix: None,
-        tools: None,
-        tool_choice: None,
-        logits_processors: None,
-        return_raw_logits: raw,
-        web_search_options: None,
-        model_id: None,
-        truncate_sequence: false,
-    }));
-    (req, rx)
-}
-
 fn raw_logits(m: &mistralrs::Model, ids: &[u32]) -> Res<Tensor> {
     tokio_rt().block_on(async {
-        let (req, mut rx) = request(ids, true, 1, 0);
+        let (req, mut rx) = greedy_request(ids, true, 1, 0);
         m.inner().get_sender(None)?.send(req).await?;
         match rx.recv().await {
             Some(Response::Raw { logits_chunks, .. }) => {
@@ -108,7 +81,7 @@ fn complete_all(
         let t0 = Instant::now();
         let mut rxs = Vec::new();
         for (i, p) in prompts.iter().enumerate() {
-            let (req, rx) = request(p, false, max_len, i);
+            let (req, rx) = greedy_request(p, false, max_len, i);
             sender.send(req).await?;
             rxs.push(rx);
         }
@@ -129,20 +102,6 @@ fn complete_all(
         }
         Ok((texts, tokens, t0.elapsed().as_secs_f64(), decode_rate))
     })
-}
-
-/// What a response that is not the expected one says.
-fn describe(r: Option<&Response>) -> String {
-    match r {
-        None => "no response (channel closed)".into(),
-        Some(Response::InternalError(e) | Response::ValidationError(e)) => e.to_string(),
-        Some(Response::ModelError(e, _) | Response::CompletionModelError(e, _)) => e.clone(),
-        Some(_) => "another kind of response".into(),
-    }
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> Res<f32> {
-    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
 }
 
 /// mistral.rs's KV bytes for one sequence of `len` tokens (its `NormalCache` layout, f32).
@@ -213,7 +172,7 @@ fn main() -> Res<()> {
         let mut mine = mine.build()?;
         let my_logits = mine.prompt_logits(&prompt)?;
         let their_logits = raw_logits(&theirs, &prompt)?;
-        let diff = max_diff(&my_logits, &their_logits)?;
+        let diff = max_abs_diff(&my_logits, &their_logits);
         // How far apart are two f32-equivalent computations under this quantization? Our own
         // logits with the prompt split in two steps differ from one step only by f32 rounding
         // (1e-6); 8-bit activation quantization can turn such rounding into whole steps.
@@ -225,7 +184,7 @@ fn main() -> Res<()> {
             e.free(9)?;
             Tensor::cat(&[a, b], 0)?
         };
-        let self_diff = max_diff(&my_logits, &split)?;
+        let self_diff = max_abs_diff(&my_logits, &split);
         let agree = {
             let (a, b) = (
                 my_logits.argmax(1)?.to_vec1::<u32>()?,

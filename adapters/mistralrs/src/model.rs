@@ -223,11 +223,10 @@ impl LayerKvModel {
 
     /// KV bytes of `tokens` tokens under the identity policy, in whole pages.
     pub fn identity_bytes(&self, tokens: usize) -> usize {
-        let cfg = self.engine.model().config();
-        let block = self.planner.block_size;
-        tokens.div_ceil(block)
-            * block
-            * cfg.num_hidden_layers
-            * cfg.kv_bytes_per_token_per_layer(self.engine.config().kv_dtype.size_in_bytes())
+        self.engine.model().config().identity_kv_bytes(
+            tokens,
+            self.planner.block_size,
+            self.engine.config().kv_dtype.size_in_bytes(),
+        )
     }
 }

@@ -12,11 +12,12 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use layerkv::{LayerMap, PolicyBuilder, Retention};
 use layerkv_mistralrs::{AdapterError, IsqType, LayerKvModelBuilder};
-use layerkv_testkit::{scratch, TinyModel};
-use mistralrs::{
-    Constraint, ModelDType, NormalRequest, Request, RequestMessage, Response, SamplingParams,
-    TextModelBuilder, TokenSource,
-};
+use layerkv_testkit::{max_abs_diff, scratch, TinyModel};
+use mistralrs::{ModelDType, Response, TextModelBuilder, TokenSource};
+
+#[path = "common/mistralrs_request.rs"]
+mod mistralrs_request;
+use mistralrs_request::{describe, greedy_request};
 
 const PROMPT: &str = "The KV cache holds keys and values of every layer.";
 const NEW_TOKENS: usize = 12;
@@ -42,45 +43,17 @@ fn oracle(rt: &tokio::runtime::Runtime, dir: &Path, isq: Option<IsqType>) -> mis
     rt.block_on(b.build()).unwrap()
 }
 
-fn request(
-    ids: &[u32],
-    raw: bool,
-    max_len: usize,
-) -> (Request, tokio::sync::mpsc::Receiver<Response>) {
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let mut sampling = SamplingParams::deterministic();
-    sampling.max_len = Some(max_len);
-    let req = Request::Normal(Box::new(NormalRequest {
-        messages: RequestMessage::CompletionTokens(ids.to_vec()),
-        sampling_params: sampling,
-        response: tx,
-        return_logprobs: false,
-        is_streaming: false,
-        id: 0,
-        constraint: Constraint::None,
-        suffix: None,
-        tools: None,
-        tool_choice: None,
-        logits_processors: None,
-        return_raw_logits: raw,
-        web_search_options: None,
-        model_id: None,
-        truncate_sequence: false,
-    }));
-    (req, rx)
-}
-
 /// mistral.rs's raw logits of every prompt position `[len, vocab]`.
 fn oracle_logits(rt: &tokio::runtime::Runtime, m: &mistralrs::Model, ids: &[u32]) -> Tensor {
     rt.block_on(async {
-        let (req, mut rx) = request(ids, true, 1);
+        let (req, mut rx) = greedy_request(ids, true, 1, 0);
         m.inner().get_sender(None).unwrap().send(req).await.unwrap();
-        match rx.recv().await.expect("mistral.rs answers") {
-            Response::Raw { logits_chunks, .. } => {
+        match rx.recv().await {
+            Some(Response::Raw { logits_chunks, .. }) => {
                 assert_eq!(logits_chunks.len(), 1, "one chunk on CPU at batch 1");
                 logits_chunks[0].to_device(&Device::Cpu).unwrap()
             }
-            other => panic!("expected raw logits, got {}", describe(other)),
+            other => panic!("expected raw logits, got {}", describe(other.as_ref())),
         }
     })
 }
@@ -88,36 +61,13 @@ fn oracle_logits(rt: &tokio::runtime::Runtime, m: &mistralrs::Model, ids: &[u32]
 /// mistral.rs's greedy continuation text of `ids`.
 fn oracle_greedy(rt: &tokio::runtime::Runtime, m: &mistralrs::Model, ids: &[u32]) -> String {
     rt.block_on(async {
-        let (req, mut rx) = request(ids, false, NEW_TOKENS);
+        let (req, mut rx) = greedy_request(ids, false, NEW_TOKENS, 0);
         m.inner().get_sender(None).unwrap().send(req).await.unwrap();
-        match rx.recv().await.expect("mistral.rs answers") {
-            Response::CompletionDone(r) => r.choices[0].text.clone(),
-            other => panic!("expected a completion, got {}", describe(other)),
+        match rx.recv().await {
+            Some(Response::CompletionDone(r)) => r.choices[0].text.clone(),
+            other => panic!("expected a completion, got {}", describe(other.as_ref())),
         }
     })
-}
-
-/// What an unexpected response says (mistral.rs's `Response` is not `Debug`).
-fn describe(r: Response) -> String {
-    match r {
-        Response::InternalError(e) | Response::ValidationError(e) => e.to_string(),
-        Response::ModelError(e, _) | Response::CompletionModelError(e, _) => e,
-        _ => "another kind of response".into(),
-    }
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn check_against_mistralrs(dir: &Path, isq: Option<IsqType>, tolerance: f32) {
@@ -132,7 +82,7 @@ fn check_against_mistralrs(dir: &Path, isq: Option<IsqType>, tolerance: f32) {
     assert!(ids.len() > 16);
     let theirs = oracle_logits(&rt, &theirs_model, &ids);
     let mine = ours.prompt_logits(&ids).unwrap();
-    let diff = max_diff(&mine, &theirs);
+    let diff = max_abs_diff(&mine, &theirs);
     eprintln!(
         "{} isq {isq:?}: logits max abs diff {diff:e}",
         dir.display()
@@ -174,7 +124,7 @@ fn isq_q8_0_matches_mistralrs_isq_q8_0() {
         .build()
         .unwrap();
     let ids = dense.tokenizer().encode(PROMPT).unwrap();
-    let gap = max_diff(
+    let gap = max_abs_diff(
         &dense.prompt_logits(&ids).unwrap(),
         &q8.prompt_logits(&ids).unwrap(),
     );

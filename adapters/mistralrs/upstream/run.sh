@@ -23,6 +23,7 @@ patch -s -d "$scratch" -p1 < "$here/kv-policy.patch"
 echo "patched mistralrs-core and mistralrs 0.8.1 in $scratch"
 
 cp "$here/check/main.rs" "$scratch/check/src/main.rs"
+cp "$here/../tests/common/mistralrs_request.rs" "$scratch/check/src/mistralrs_request.rs"
 cp "$repo/Cargo.lock" "$scratch/check/Cargo.lock"
 cat > "$scratch/check/Cargo.toml" <<TOML
 [package]

@@ -264,13 +264,11 @@ impl Runner {
     pub fn memory_line(&self, seq: SeqId) -> Result<String> {
         let held = self.engine.cache().memory(seq)?.total_bytes;
         let tokens = self.engine.cache().num_tokens(seq)?;
-        let identity = tokens.div_ceil(BLOCK_SIZE)
-            * BLOCK_SIZE
-            * self.model.num_layers()
-            * self
-                .model
-                .config()
-                .kv_bytes_per_token_per_layer(self.kv_dtype.size_in_bytes());
+        let identity = self.model.config().identity_kv_bytes(
+            tokens,
+            BLOCK_SIZE,
+            self.kv_dtype.size_in_bytes(),
+        );
         Ok(format!(
             "KV {} held for {tokens} tokens (identity: {}) under {}",
             human_bytes(held),

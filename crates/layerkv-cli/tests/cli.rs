@@ -21,6 +21,7 @@ use std::process::{Command, Output, Stdio};
 
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::{Device, Tensor};
+use layerkv_testkit::byte_chars;
 
 const HIDDEN: usize = 32;
 const LAYERS: usize = 4;
@@ -40,25 +41,6 @@ fn scratch(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-/// GPT-2's byte-to-character table: the vocabulary string of each byte token.
-fn byte_chars() -> Vec<String> {
-    let mut printable: Vec<u32> = (u32::from(b'!')..=u32::from(b'~')).collect();
-    printable.extend(0xa1..=0xac);
-    printable.extend(0xae..=0xff);
-    let mut extra = 0;
-    (0u32..256)
-        .map(|b| {
-            let c = if printable.contains(&b) {
-                b
-            } else {
-                extra += 1;
-                255 + extra
-            };
-            char::from_u32(c).unwrap().to_string()
-        })
-        .collect()
 }
 
 fn special_tokens() -> [&'static str; 3] {

@@ -232,6 +232,20 @@ impl ModelConfig {
     pub fn kv_bytes_per_token_per_layer(&self, bytes_per_value: usize) -> usize {
         2 * self.num_key_value_heads * self.head_dim * bytes_per_value
     }
+
+    /// KV bytes the identity policy holds for `tokens` tokens: every layer, whole pages of
+    /// `block_size` slots (the baseline a policy's memory is reported against).
+    pub fn identity_kv_bytes(
+        &self,
+        tokens: usize,
+        block_size: usize,
+        bytes_per_value: usize,
+    ) -> usize {
+        tokens.div_ceil(block_size)
+            * block_size
+            * self.num_hidden_layers
+            * self.kv_bytes_per_token_per_layer(bytes_per_value)
+    }
 }
 
 #[cfg(test)]

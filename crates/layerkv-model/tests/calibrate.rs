@@ -28,6 +28,7 @@ use layerkv_model::calibrate::{text_samples, EngineCalibrator};
 use layerkv_model::engine::{Engine, EngineConfig, LogitsRows, PrefillMode};
 use layerkv_model::rope::Rope;
 use layerkv_model::Model;
+use layerkv_testkit::max_abs_diff;
 
 const HIDDEN: usize = 32;
 const HEADS: usize = 4;
@@ -395,19 +396,6 @@ fn expected_positions(retention: &Retention, seen: usize) -> Vec<usize> {
     }
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 /// Prefill two sequences of different lengths, then decode them together; after every step,
 /// every owning group's table against its retention, and the logits against the reference.
 fn check_cache(model: &Arc<Model>, policy: Policy, texts: &[Vec<u32>], prompts: &[usize]) {
@@ -470,7 +458,7 @@ fn check_cache(model: &Arc<Model>, policy: Policy, texts: &[Vec<u32>], prompts: 
             .step(&[(seq as u64, &text[..p])], LogitsRows::All)
             .unwrap();
         for (t, reference) in want[seq][..p].iter().enumerate() {
-            let d = max_diff(&logits.narrow(0, t, 1).unwrap(), reference);
+            let d = max_abs_diff(&logits.narrow(0, t, 1).unwrap(), reference);
             assert!(d <= 1e-4, "{name} seq {seq} prompt token {t}: {d}");
         }
         seen[seq] = p;
@@ -489,7 +477,7 @@ fn check_cache(model: &Arc<Model>, policy: Policy, texts: &[Vec<u32>], prompts: 
         let logits = e.step(&batch, LogitsRows::Last).unwrap();
         for (row, &(seq, _)) in batch.iter().enumerate() {
             let s = seq as usize;
-            let d = max_diff(&logits.narrow(0, row, 1).unwrap(), &want[s][seen[s]]);
+            let d = max_abs_diff(&logits.narrow(0, row, 1).unwrap(), &want[s][seen[s]]);
             assert!(d <= 1e-4, "{name} decode step {step} seq {s}: {d}");
             seen[s] += 1;
             evicted |= policy.retention(0).max_tokens(seen[s]) < seen[s];
@@ -601,7 +589,7 @@ fn multi_token_steps_past_the_window_match_the_dense_reference() {
     let bad: Vec<(usize, f32)> = want
         .iter()
         .enumerate()
-        .map(|(t, w)| (t, max_diff(&got.narrow(0, t, 1).unwrap(), w)))
+        .map(|(t, w)| (t, max_abs_diff(&got.narrow(0, t, 1).unwrap(), w)))
         .filter(|(_, d)| *d > 1e-4)
         .collect();
     assert!(bad.is_empty(), "tokens whose logits differ: {bad:?}");
@@ -648,7 +636,7 @@ fn sixteen_token_steps_past_a_long_window_match_the_dense_reference() {
     let bad: Vec<(usize, f32)> = want
         .iter()
         .enumerate()
-        .map(|(t, w)| (t, max_diff(&got.narrow(0, t, 1).unwrap(), w)))
+        .map(|(t, w)| (t, max_abs_diff(&got.narrow(0, t, 1).unwrap(), w)))
         .filter(|(_, d)| *d > 1e-3)
         .collect();
     assert!(bad.is_empty(), "tokens whose logits differ: {bad:?}");

@@ -17,7 +17,7 @@ use candle_transformers::models::llama as reference;
 use layerkv::{LayerKvPolicy, LayerMap, Policy, PolicyBuilder, Retention};
 use layerkv_model::engine::{Engine, EngineConfig, LogitsRows, PrefillMode};
 use layerkv_model::Model;
-use layerkv_testkit::{Arch, TinyModel};
+use layerkv_testkit::{max_abs_diff, Arch, TinyModel};
 
 const VOCAB: usize = 64;
 const HIDDEN: usize = 32;
@@ -78,19 +78,6 @@ fn engine(model: &Arc<Model>, policy: Policy, prefill: PrefillMode) -> Engine {
     Engine::new(model.clone(), Arc::new(policy), cfg).unwrap()
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 fn argmax_row(t: &Tensor) -> u32 {
     t.flatten_all()
         .unwrap()
@@ -133,7 +120,7 @@ fn identity_matches_candle_transformers_llama() {
         .unsqueeze(0)
         .unwrap();
     let b = theirs.forward(&input, 0, &mut cache).unwrap();
-    let d = max_diff(&a, &b);
+    let d = max_abs_diff(&a, &b);
     assert!(d <= 1e-4, "prefill logits differ by {d}");
     let mut next = argmax_row(&a);
     assert_eq!(next, argmax_row(&b));
@@ -144,7 +131,7 @@ fn identity_matches_candle_transformers_llama() {
             .unsqueeze(0)
             .unwrap();
         let b = theirs.forward(&input, pos, &mut cache).unwrap();
-        let d = max_diff(&a, &b);
+        let d = max_abs_diff(&a, &b);
         assert!(d <= 1e-4, "decode step {step}: logits differ by {d}");
         assert_eq!(
             argmax_row(&a),
@@ -190,7 +177,7 @@ fn identity_matches_candle_transformers_qwen2() {
             .unwrap()
             .reshape(a.shape())
             .unwrap();
-        let d = max_diff(&a, &b);
+        let d = max_abs_diff(&a, &b);
         assert!(d <= 1e-4, "step {step}: logits differ by {d}");
         assert_eq!(
             argmax_row(&a),
@@ -248,7 +235,7 @@ fn iterative_prefill_matches_token_by_token_for_upward_sharing() {
     let a = slow.step(&[(0, &PROMPT)], LogitsRows::All).unwrap();
     let b = fast.step(&[(0, &PROMPT)], LogitsRows::All).unwrap();
     let fast_prefill = b.clone();
-    let d = max_diff(&a, &b);
+    let d = max_abs_diff(&a, &b);
     assert!(
         d <= 1e-4,
         "iterative prefill differs from token-by-token by {d}"
@@ -256,7 +243,7 @@ fn iterative_prefill_matches_token_by_token_for_upward_sharing() {
     // Decoding on top of either cache agrees too.
     let a = slow.step(&[(0, &[4])], LogitsRows::Last).unwrap();
     let b = fast.step(&[(0, &[4])], LogitsRows::Last).unwrap();
-    assert!(max_diff(&a, &b) <= 1e-4);
+    assert!(max_abs_diff(&a, &b) <= 1e-4);
     // And upward sharing really changes the model (the test is not vacuous): the same rows,
     // at the same positions, differ from the unmodified model's.
     let mut id = engine(
@@ -271,11 +258,11 @@ fn iterative_prefill_matches_token_by_token_for_upward_sharing() {
         id.step(&[(0, &[4])], LogitsRows::Last).unwrap();
         id.step(&[(0, &[9])], LogitsRows::Last).unwrap()
     };
-    let prefill = max_diff(
+    let prefill = max_abs_diff(
         &fast_prefill.narrow(0, 1, PROMPT.len() - 1).unwrap(),
         &c.narrow(0, 1, PROMPT.len() - 1).unwrap(),
     );
-    let decode = max_diff(&upward, &plain);
+    let decode = max_abs_diff(&upward, &plain);
     assert!(
         prefill > 1e-3 && decode > 1e-3,
         "LCKV equals identity: prefill rows differ by {prefill}, decode by {decode}"
@@ -315,7 +302,7 @@ fn batched_decode_matches_one_by_one() {
         let a = batched.step(&inputs, LogitsRows::Last).unwrap();
         for (i, t) in inputs.iter().enumerate() {
             let b = single.step(&[*t], LogitsRows::Last).unwrap();
-            let d = max_diff(&a.narrow(0, i, 1).unwrap(), &b);
+            let d = max_abs_diff(&a.narrow(0, i, 1).unwrap(), &b);
             assert!(d <= 1e-5, "step {step} seq {i}: {d}");
         }
     }
@@ -396,7 +383,7 @@ fn streaming_matches_the_dense_cache_position_reference() {
     let want = streaming_reference(&model, &text, sinks, window);
     for (t, tok) in text.iter().enumerate() {
         let got = stream.step(&[(0, &[*tok])], LogitsRows::Last).unwrap();
-        let d = max_diff(&got, &want[t]);
+        let d = max_abs_diff(&got, &want[t]);
         assert!(
             d <= 1e-4,
             "step {t}: streaming logits differ from the dense reference by {d}"
@@ -645,7 +632,7 @@ fn check_retention_chunked(
         "{name}: the rule never evicted, the test is vacuous"
     );
     for (t, (a, b)) in got.iter().zip(&want).enumerate() {
-        let d = max_diff(a, b);
+        let d = max_abs_diff(a, b);
         assert!(
             d <= 1e-4,
             "{name} token {t}: logits differ from the dense reference by {d}"
@@ -799,14 +786,14 @@ fn mixed_prefill_and_decode_batch_matches_one_by_one() {
         .unwrap();
     let b0 = single.step(&[(0, &[7])], LogitsRows::Last).unwrap();
     let b1 = single.step(&[(1, &PROMPT[..5])], LogitsRows::Last).unwrap();
-    assert!(max_diff(&a.narrow(0, 0, 1).unwrap(), &b0) <= 1e-5);
-    assert!(max_diff(&a.narrow(0, 1, 1).unwrap(), &b1) <= 1e-5);
+    assert!(max_abs_diff(&a.narrow(0, 0, 1).unwrap(), &b0) <= 1e-5);
+    assert!(max_abs_diff(&a.narrow(0, 1, 1).unwrap(), &b1) <= 1e-5);
     for step in 0..8u32 {
         let t = [(step * 5 + 1) % VOCAB as u32];
         let a = batched.step(&[(0, &t), (1, &t)], LogitsRows::Last).unwrap();
         for s in 0..2u64 {
             let b = single.step(&[(s, &t)], LogitsRows::Last).unwrap();
-            let d = max_diff(&a.narrow(0, s as usize, 1).unwrap(), &b);
+            let d = max_abs_diff(&a.narrow(0, s as usize, 1).unwrap(), &b);
             assert!(d <= 1e-5, "step {step} seq {s}: {d}");
         }
     }
@@ -845,7 +832,7 @@ fn fork_then_evict_matches_a_fresh_run() {
             let a = e.step(&[(s as u64, &[t])], LogitsRows::Last).unwrap();
             let b = fresh.step(&[(0, &[t])], LogitsRows::Last).unwrap();
             assert!(
-                max_diff(&a, &b) <= 1e-5,
+                max_abs_diff(&a, &b) <= 1e-5,
                 "branch {s}: fork differs from a fresh run"
             );
         }
@@ -897,6 +884,6 @@ fn a_failed_step_changes_nothing() {
     for t in [3u32, 8, 13, 21] {
         let a = e.step(&[(0, &[t])], LogitsRows::Last).unwrap();
         let b = fresh.step(&[(0, &[t])], LogitsRows::Last).unwrap();
-        assert!(max_diff(&a, &b) <= 1e-6);
+        assert!(max_abs_diff(&a, &b) <= 1e-6);
     }
 }

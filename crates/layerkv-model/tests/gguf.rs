@@ -27,6 +27,7 @@ use layerkv::Policy;
 use layerkv_model::convert::{gguf_name, gguf_to_model_dir, permute_qk, read_gguf_summary};
 use layerkv_model::engine::{Engine, EngineConfig, LogitsRows, PrefillMode};
 use layerkv_model::{Model, ModelConfig, ModelError};
+use layerkv_testkit::max_abs_diff;
 
 const VOCAB: usize = 64;
 const PROMPT: [u32; 11] = [3, 17, 42, 5, 9, 60, 33, 8, 21, 14, 50];
@@ -379,20 +380,6 @@ fn run_logits(dir: &Path) -> Tensor {
     Tensor::cat(&rows, 0).unwrap()
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 /// Writes the model of `arch` both ways, converts the GGUF and returns (direct, converted).
 fn both_ways(arch: &'static str, seed: u64, dtype: GgmlDType) -> (PathBuf, PathBuf) {
     let s = spec(arch);
@@ -416,7 +403,7 @@ fn check_f32_round_trip(arch: &'static str, seed: u64) {
     let want = ModelConfig::load(&direct).unwrap();
     let got = ModelConfig::load(&converted).unwrap();
     assert_eq!(got, want, "{arch}: converted config differs");
-    let d = max_diff(&run_logits(&converted), &run_logits(&direct));
+    let d = max_abs_diff(&run_logits(&converted), &run_logits(&direct));
     assert!(d <= 1e-4, "{arch}: converted logits differ by {d}");
     // The written config.json is what other loaders expect (candle-transformers' structs,
     // which mistral.rs's mirror).
@@ -460,7 +447,7 @@ fn converted_qwen2_runs_in_candle_transformers() {
     let a = run_logits(&converted)
         .narrow(0, PROMPT.len() - 1, 1)
         .unwrap();
-    let d = max_diff(&a, &b);
+    let d = max_abs_diff(&a, &b);
     assert!(d <= 1e-4, "candle-transformers' qwen2 differs by {d}");
 }
 
@@ -500,7 +487,7 @@ fn llama_gguf_without_the_permutation_converts_to_another_model() {
     write_gguf_with(&gguf, &s, &w, GgmlDType::F32, metadata(&s), false);
     let converted = tmp("llama-15-unpermuted");
     gguf_to_model_dir(&gguf, &converted).unwrap();
-    let d = max_diff(&run_logits(&converted), &run_logits(&direct));
+    let d = max_abs_diff(&run_logits(&converted), &run_logits(&direct));
     assert!(
         d > 1e-2,
         "un-permuting an unpermuted GGUF changed nothing ({d})"
@@ -552,7 +539,7 @@ fn llama3_rope_freqs_become_rope_scaling() {
         ModelConfig::load(&converted).unwrap(),
         ModelConfig::load(&direct).unwrap()
     );
-    let d = max_diff(&run_logits(&converted), &run_logits(&direct));
+    let d = max_abs_diff(&run_logits(&converted), &run_logits(&direct));
     assert!(d <= 1e-4, "llama-3 scaled logits differ by {d}");
 }
 
@@ -608,7 +595,7 @@ fn every_tensor_type_dequantises_like_candle() {
             let g = &got[name];
             assert_eq!(g.dtype(), DType::F32);
             if orig.rank() != 2 {
-                assert_eq!(max_diff(g, orig), 0.0, "{ty:?} {name}");
+                assert_eq!(max_abs_diff(g, orig), 0.0, "{ty:?} {name}");
                 continue;
             }
             // Quantising rows commutes with the row permutation, so the converted weight is
@@ -617,7 +604,7 @@ fn every_tensor_type_dequantises_like_candle() {
                 .unwrap()
                 .dequantize(&Device::Cpu)
                 .unwrap();
-            assert!(max_diff(g, &exact) <= 1e-6, "{ty:?} {name}");
+            assert!(max_abs_diff(g, &exact) <= 1e-6, "{ty:?} {name}");
             let amax = orig
                 .abs()
                 .unwrap()
@@ -627,7 +614,7 @@ fn every_tensor_type_dequantises_like_candle() {
                 .unwrap()
                 .to_scalar::<f32>()
                 .unwrap();
-            let err = max_diff(g, orig);
+            let err = max_abs_diff(g, orig);
             assert!(
                 err <= relative_bound(ty) * amax,
                 "{ty:?} {name}: error {err} > {} x {amax}",
@@ -646,7 +633,7 @@ fn q8_0_model_round_trips_within_tolerance() {
     let original = run_logits(&direct);
     let got = run_logits(&converted);
     // Against the original f32 weights: within the stated 0.05 (Q8_0 keeps ~2 decimal digits).
-    let d = max_diff(&got, &original);
+    let d = max_abs_diff(&got, &original);
     assert!(d <= 0.05, "Q8_0 logits differ from the f32 model by {d}");
     // Against the dequantised weights written directly: the conversion itself is exact.
     let deq: HashMap<String, Tensor> = w
@@ -665,7 +652,7 @@ fn q8_0_model_round_trips_within_tolerance() {
         .collect();
     let deq_dir = tmp("llama-17-dequantised");
     write_hf_dir(&deq_dir, &s, &deq);
-    let d = max_diff(&got, &run_logits(&deq_dir));
+    let d = max_abs_diff(&got, &run_logits(&deq_dir));
     assert!(
         d <= 1e-4,
         "Q8_0 logits differ from its dequantised weights by {d}"

@@ -1,7 +1,8 @@
 //! Test support: [`TinyModel`] writes a tiny seeded random-weight Hugging Face model directory
 //! (`config.json`, `model.safetensors` through candle's safetensors writer, a real byte-level BPE
 //! `tokenizer.json`, `tokenizer_config.json`, optionally a chat template) that the loaders users
-//! hit (layerkv's, mistral.rs's) read like any downloaded model.
+//! hit (layerkv's, mistral.rs's) read like any downloaded model; and the small comparisons the
+//! tests share ([`max_abs_diff`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -255,6 +256,21 @@ pub fn byte_chars() -> Vec<String> {
             char::from_u32(c).unwrap().to_string()
         })
         .collect()
+}
+
+/// The largest absolute difference between two tensors of the same shape (f32).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "max_abs_diff of different shapes");
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// A fresh empty directory under the system temp dir, unique to this process and `name`.

@@ -8,39 +8,16 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use layerkv::{LayerMap, PolicyBuilder};
 use layerkv_mistralrs::LayerKvModelBuilder;
-use mistralrs::{
-    Constraint, KvSharingMap, ModelDType, NormalRequest, Request, RequestMessage, Response,
-    SamplingParams, TextModelBuilder, TokenSource,
-};
+use mistralrs::{KvSharingMap, ModelDType, Response, TextModelBuilder, TokenSource};
+
+// `run.sh` copies tests/common/mistralrs_request.rs beside this file.
+mod mistralrs_request;
+use mistralrs_request::greedy_request;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
-fn request(ids: &[u32], raw: bool, max_len: usize) -> (Request, tokio::sync::mpsc::Receiver<Response>) {
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let mut sampling = SamplingParams::deterministic();
-    sampling.max_len = Some(max_len);
-    let req = Request::Normal(Box::new(NormalRequest {
-        messages: RequestMessage::CompletionTokens(ids.to_vec()),
-        sampling_params: sampling,
-        response: tx,
-        return_logprobs: false,
-        is_streaming: false,
-        id: 0,
-        constraint: Constraint::None,
-        suffix: None,
-        tools: None,
-        tool_choice: None,
-        logits_processors: None,
-        return_raw_logits: raw,
-        web_search_options: None,
-        model_id: None,
-        truncate_sequence: false,
-    }));
-    (req, rx)
-}
-
 async fn ask(m: &mistralrs::Model, ids: &[u32], raw: bool, max_len: usize) -> Res<Response> {
-    let (req, mut rx) = request(ids, raw, max_len);
+    let (req, mut rx) = greedy_request(ids, raw, max_len, 0);
     m.inner().get_sender(None)?.send(req).await?;
     rx.recv().await.ok_or_else(|| "no response".into())
 }
