@@ -4,7 +4,7 @@
 //! exhausted pool) is a variant that names what is wrong and where. A call that returns an
 //! error leaves every table, refcount and statistic as it was before the call.
 
-use crate::SeqId;
+use crate::ids::SeqId;
 
 /// Errors returned by the layerkv core.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

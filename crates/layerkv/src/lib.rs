@@ -23,9 +23,10 @@
 //! cache.add_sequence(1)?;
 //! let mut step = Step::new();
 //! for token in 0..200u32 {
-//!     cache.reserve(&[(1, &[token])], &mut step)?; // write K/V of group g at step.slots(0, g)
-//!     // ... attention over cache.read().view(1, g) ...
-//!     cache.retain(&mut step)?;                    // then execute step.moves() on the store
+//!     let reserved = cache.reserve(&[(1, &[token])], &mut step)?;
+//!     // ... write K/V of group g at reserved.group_slots(g), attend over cache.read().view(1, g);
+//!     // an early `?` here drops `reserved`, which rolls the step back ...
+//!     reserved.retain()?;                          // then execute step.moves() on the store
 //! }
 //! let memory = cache.memory(1)?;
 //! assert_eq!(memory.bytes_per_layer[1], 0);             // layer 1 reads layer 0's KV
@@ -37,7 +38,9 @@ pub mod bits;
 mod cache;
 pub mod calibrate;
 mod compact;
+mod config;
 mod error;
+mod ids;
 pub mod map;
 pub mod plan;
 mod policy;
@@ -46,9 +49,9 @@ pub mod retention;
 mod step;
 mod table;
 
-pub use cache::{
-    CacheConfig, CacheReader, CacheWriter, KvCache, MemoryReport, PageCopy, SeqId, SlotMapping,
-};
+pub use cache::{CacheReader, KvCache, MemoryReport, Reservation};
+pub use config::CacheConfig;
+pub use ids::SeqId;
 pub use compact::SlotMove;
 pub use error::{Error, Result};
 pub use map::{GroupId, LayerMap, Partition, Target};
@@ -57,7 +60,7 @@ pub use pool::{chain_hash, group_block_hash, BlockPool, PageId, PoolStats, NULL_
 pub use retention::{
     Budget, CustomRetention, Phase, RetainInput, Retention, RetentionRule, ScoreNeed, Scores,
 };
-pub use step::{Rerotation, RetainOutcome, Step};
+pub use step::{PageCopy, Rerotation, RetainOutcome, Step};
 pub use table::{BlockTable, TableView};
 
 #[cfg(test)]

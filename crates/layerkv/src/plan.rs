@@ -7,7 +7,7 @@
 //! group's holes reach a page, so a group holds at most one page beyond its live tokens. Sharing
 //! layers hold nothing. A plan never promises more than the allocator delivers. O(groups).
 
-use crate::cache::CacheConfig;
+use crate::config::CacheConfig;
 use crate::policy::LayerKvPolicy;
 
 /// Planning parameters: the cache's block size and windows, and the tokens one step appends

@@ -1,43 +1,55 @@
 //! [`Step`]: the step protocol any engine drives around its attention kernels so that a
 //! policy holds: what to write where, what to re-rotate, which attention mass to hand back,
 //! and which K/V rows to move after retention. The library owns the state and the plans; the
-//! engine only executes them on its tensors.
+//! engine only executes them on its tensors (`layerkv_kernels::StepExecutor` executes every
+//! plan on a `KvStore`).
 //!
 //! One step of a batch of sequences (each with one or more new tokens; prefill chunks and
-//! decode tokens mix freely):
+//! decode tokens mix freely). The rows of the step are the new tokens of every sequence in
+//! batch order: sequence `i` owns rows [`Step::rows`]`(i)`.
 //!
-//! 1. [`crate::KvCache::reserve`]: slots for every sequence's new tokens in every owning group,
-//!    all or nothing across the batch. The engine then copies pages for copy-on-write
-//!    ([`Step::copies`]) and re-rotates StreamingLLM sinks ([`Step::rerotations`]: write the
-//!    sinks' keys rotated at `first_position + j`; keep their pre-RoPE keys from the rows
+//! 1. [`crate::KvCache::reserve`] returns a [`crate::Reservation`]: slots for every sequence's
+//!    new tokens in every owning group, all or nothing across the batch, and the plans to
+//!    execute before attention: page copies for copy-on-write ([`Step::copies`]) and StreamingLLM
+//!    sink re-rotations ([`Step::rerotations`]; the sinks' pre-RoPE keys are kept from the rows
 //!    [`Step::sink_rows`] names when they are first written).
-//! 2. Per layer: owners project K/V, rotate K at [`Step::position`] + row (text positions) and
-//!    write K/V at [`Step::slots`]; every layer attends over its group's table
-//!    ([`crate::CacheReader::view`]) with its rows at logical slot [`Step::q_pos`]. Where the
-//!    group needs scores, pass [`Step::mass_mut`] to every layer reading the group (the kernels
-//!    add into it), and for SnapKV's observation window run the rows [`Step::observe_rows`]
-//!    once more into [`Step::observed_mass_mut`]. Hand back the mass of one real pass only:
-//!    call [`Step::clear_mass`] before each pass of an iterative prefill.
-//! 3. [`crate::KvCache::retain`]: each group's retention decides with each sequence's own
+//! 2. Per layer: owners project K/V, rotate K at the rows' positions ([`Step::position`] + row)
+//!    and write K/V at [`Step::group_slots`]; every layer attends over its group's table
+//!    ([`crate::CacheReader::view`]), row 0 of sequence `i` at logical slot
+//!    [`Step::first_slot`]. Where the group needs scores, every layer reading the group adds its
+//!    attention mass into [`Step::mass_mut`], and SnapKV's observation rows
+//!    ([`Step::observe_rows`]) run once more into [`Step::observed_mass_mut`]. Hand back the mass
+//!    of one real pass only: call [`Step::clear_mass`] before each pass of an iterative prefill.
+//! 3. [`crate::Reservation::retain`]: each group's retention decides with each sequence's own
 //!    [`Phase`]; emptied pages return to the pool at once and, when the holes add up to a page,
 //!    survivors are compacted: execute [`Step::moves`] (gather, then scatter) before the next
 //!    reserve.
-//! 4. On failure between 1 and 3: [`crate::KvCache::rollback`] restores every table, refcount,
-//!    score and sink shift.
+//! 4. On failure between 1 and 3, drop the reservation (or call
+//!    [`crate::Reservation::rollback`]): every table, refcount, score and sink shift is restored.
 //!
 //! A `Step` is reused from step to step: its buffers keep their capacity, so a warmed-up step
 //! allocates nothing. Per-step cost is O(new tokens + live slots of the batch), never the
-//! length of what has streamed by.
+//! length of what has streamed by. See `docs/glossary.md` for slot, position, page and group.
 
 use std::ops::Range;
 
-use crate::cache::{GroupScores, PageCopy, SeqId, SlotMapping};
 use crate::compact::SlotMove;
+use crate::ids::SeqId;
 use crate::map::GroupId;
+use crate::pool::PageId;
 use crate::retention::{Phase, ScoreNeed};
 
+/// A page the engine copies before any write of the step (copy-on-write after a fork).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageCopy {
+    /// The shared page to copy from.
+    pub src: PageId,
+    /// The sequence's new private page.
+    pub dst: PageId,
+}
+
 /// Re-rotation of one sequence's sinks in one group (StreamingLLM positions inside the cache):
-/// write the sinks' keys rotated at positions `first_position + j` into the slots
+/// write the sinks' keys rotated at positions `position + j` into the slots
 /// [`Step::rerotation_slots`] gives, sink `j` at the `j`-th slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rerotation {
@@ -45,8 +57,8 @@ pub struct Rerotation {
     pub index: usize,
     /// The group.
     pub group: GroupId,
-    /// RoPE position of sink 0.
-    pub first_position: usize,
+    /// RoPE position sink 0 is rotated to (the sinks sit right before the first kept token).
+    pub position: usize,
     pub(crate) slots: Range<usize>,
 }
 
@@ -73,6 +85,8 @@ pub(crate) enum StepState {
 pub(crate) struct StepSeq {
     pub(crate) seq: SeqId,
     pub(crate) num_new: usize,
+    /// First row of the sequence in the step.
+    pub(crate) row_start: usize,
     /// Text position of the first new token.
     pub(crate) position: usize,
     pub(crate) prompt_len: usize,
@@ -103,14 +117,20 @@ pub(crate) struct Undo {
 }
 
 /// One step of the protocol: the plans of [`crate::KvCache::reserve`] and
-/// [`crate::KvCache::retain`] and the attention-mass buffers in between. See the module docs.
+/// [`crate::Reservation::retain`] and the attention-mass buffers in between. See the module
+/// docs.
 #[derive(Debug, Default)]
 pub struct Step {
     pub(crate) state: StepState,
     pub(crate) num_groups: usize,
     pub(crate) seqs: Vec<StepSeq>,
-    pub(crate) mappings: Vec<SlotMapping>,
+    /// Per group: the physical slots of every row, in batch order.
+    pub(crate) slots: Vec<Vec<u32>>,
+    /// Per (sequence, group), `i * num_groups + g`: the logical slot of the sequence's row 0.
+    pub(crate) first_slots: Vec<usize>,
+    pub(crate) copies: Vec<PageCopy>,
     pub(crate) undo: Vec<Undo>,
+    /// The step's tokens, batch order (prefix caching registers full blocks at retain).
     pub(crate) tokens: Vec<u32>,
     pub(crate) rerotations: Vec<Rerotation>,
     pub(crate) rerotation_slots: Vec<u32>,
@@ -123,10 +143,6 @@ pub struct Step {
     pub(crate) needs: Vec<ScoreNeed>,
     pub(crate) sinks: Vec<usize>,
     pub(crate) moves: Vec<SlotMove>,
-    pub(crate) keep_words: Vec<u64>,
-    pub(crate) keep_ranges: Vec<(usize, GroupId, usize)>,
-    pub(crate) scratch: Vec<u32>,
-    pub(crate) score_scratch: Vec<GroupScores>,
     pub(crate) outcome: RetainOutcome,
 }
 
@@ -136,13 +152,16 @@ impl Step {
         Self::default()
     }
 
-    pub(crate) fn reset(&mut self, num_groups: usize, batch: usize) {
+    pub(crate) fn reset(&mut self, num_groups: usize) {
         self.state = StepState::Idle;
         self.num_groups = num_groups;
         self.seqs.clear();
-        if self.mappings.len() < batch {
-            self.mappings.resize_with(batch, SlotMapping::new);
+        self.slots.resize_with(num_groups, Vec::new);
+        for s in &mut self.slots {
+            s.clear();
         }
+        self.first_slots.clear();
+        self.copies.clear();
         self.undo.clear();
         self.tokens.clear();
         self.rerotations.clear();
@@ -160,8 +179,6 @@ impl Step {
         self.needs.clear();
         self.sinks.clear();
         self.moves.clear();
-        self.keep_words.clear();
-        self.keep_ranges.clear();
         self.outcome = RetainOutcome::default();
     }
 
@@ -196,26 +213,37 @@ impl Step {
         self.seqs[i].phase()
     }
 
+    /// Rows of the step (new tokens of every sequence).
+    pub fn num_rows(&self) -> usize {
+        self.seqs.last().map_or(0, |s| s.row_start + s.num_new)
+    }
+
+    /// The rows of sequence `i` among the step's rows.
+    pub fn rows(&self, i: usize) -> Range<usize> {
+        let s = &self.seqs[i];
+        s.row_start..s.row_start + s.num_new
+    }
+
     /// Physical slots of sequence `i`'s new tokens in `group`, in order.
     pub fn slots(&self, i: usize, group: GroupId) -> &[u32] {
-        self.mappings[i].slots(group)
+        &self.slots[group][self.rows(i)]
     }
 
-    /// Logical slot of sequence `i`'s first new token in `group` (the kernels' `q_pos`).
-    pub fn q_pos(&self, i: usize, group: GroupId) -> usize {
-        self.mappings[i].first_slot(group)
+    /// Physical slots of every row in `group`, in batch order (where an owner layer writes the
+    /// step's K/V).
+    pub fn group_slots(&self, group: GroupId) -> &[u32] {
+        &self.slots[group]
     }
 
-    /// Cache position of sequence `i`'s first new token in `group` (valid tokens before it).
-    pub fn cache_position(&self, i: usize, group: GroupId) -> usize {
-        self.mappings[i].first_position(group)
+    /// Logical slot of sequence `i`'s row 0 in `group`: row `r` sits at `first_slot + r` (the
+    /// kernels' [`crate::TableView`] numbering).
+    pub fn first_slot(&self, i: usize, group: GroupId) -> usize {
+        self.first_slots[i * self.num_groups + group]
     }
 
     /// Pages to copy, in order, before any write (copy-on-write after a fork).
-    pub fn copies(&self) -> impl Iterator<Item = PageCopy> + '_ {
-        self.mappings[..self.seqs.len()]
-            .iter()
-            .flat_map(|m| m.copies().iter().copied())
+    pub fn copies(&self) -> &[PageCopy] {
+        &self.copies
     }
 
     /// Sink re-rotations to execute before attention.

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use layerkv::{
-    CacheConfig, Error, KvCache, LayerMap, Policy, PolicyBuilder, Retention, SlotMapping,
+    CacheConfig, Error, KvCache, LayerMap, Policy, PolicyBuilder, Retention, Step,
 };
 
 fn cache(policy: Policy, num_pages: usize) -> KvCache {
@@ -107,9 +107,9 @@ fn pool_exhausted_in_the_middle_of_a_multi_group_append() {
     // 3 groups x 2 pages for 8 tokens: the third group cannot get its pages.
     let c = cache(Policy::identity(3).unwrap(), 5);
     c.add_sequence(1).unwrap();
-    let mut slots = SlotMapping::new();
+    let mut step = Step::new();
     let before = (c.pool_stats(), c.memory(1).unwrap());
-    let e = c.append(1, &[0; 8], &mut slots).unwrap_err();
+    let e = c.reserve(&[(1, &[0; 8])], &mut step).unwrap_err();
     assert_eq!(
         e,
         Error::PoolExhausted {
@@ -120,7 +120,10 @@ fn pool_exhausted_in_the_middle_of_a_multi_group_append() {
     assert_eq!((c.pool_stats(), c.memory(1).unwrap()), before);
     c.check_invariants().unwrap();
     // Still usable afterwards.
-    c.append(1, &[0; 4], &mut slots).unwrap();
+    c.reserve(&[(1, &[0; 4])], &mut step)
+        .unwrap()
+        .retain()
+        .unwrap();
     c.free(1).unwrap();
     assert_eq!(c.pool_stats().num_used, 0);
 }

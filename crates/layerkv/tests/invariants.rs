@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use layerkv::{
     Budget, CacheConfig, Error, KvCache, LayerKvPolicy, LayerMap, PolicyBuilder, Retention,
-    SlotMapping, Step,
+    Step,
 };
 use proptest::prelude::*;
 
@@ -149,7 +149,6 @@ proptest! {
         let cache = KvCache::new(Arc::new(policy), config).unwrap();
         let mut live: Vec<u64> = Vec::new();
         let mut next_id = 0u64;
-        let mut slots = SlotMapping::new();
         let mut step_buf = Step::new();
         let mut token = 0u32;
         for (step, op) in ops.into_iter().enumerate() {
@@ -165,14 +164,14 @@ proptest! {
                     let tokens: Vec<u32> = (0..n as u32).map(|i| (token + i) % 7).collect();
                     token += n as u32;
                     let before = (cache.pool_stats(), cache.memory(id).unwrap());
-                    match cache.append(id, &tokens, &mut slots) {
-                        Ok(()) => {
+                    match cache.reserve(&[(id, &tokens)], &mut step_buf) {
+                        Ok(reserved) => {
                             // Every written slot is on a page this table holds alone.
                             let r = cache.read();
                             for g in 0..num_groups {
-                                prop_assert_eq!(slots.slots(g).len(), n);
+                                prop_assert_eq!(reserved.slots(0, g).len(), n);
                                 let t = r.table(id, g).unwrap();
-                                for &s in slots.slots(g) {
+                                for &s in reserved.slots(0, g) {
                                     let page = s / block_size as u32;
                                     prop_assert!(t.pages().contains(&page));
                                     let holders = live.iter().filter(|&&o| {
@@ -181,6 +180,8 @@ proptest! {
                                     prop_assert_eq!(holders, 1, "{}: page {} written while shared", tag, page);
                                 }
                             }
+                            drop(r);
+                            reserved.retain().unwrap();
                         }
                         Err(Error::PoolExhausted { .. }) => {
                             prop_assert_eq!((cache.pool_stats(), cache.memory(id).unwrap()), before, "{}", tag);
@@ -193,15 +194,15 @@ proptest! {
                     // roll back every fourth time and check nothing changed).
                     let id = live[seq % live.len()];
                     let before = (cache.pool_stats(), cache.memory(id).unwrap(), cache.num_tokens(id).unwrap());
-                    match cache.reserve(&[(id, &[token % 7])], &mut step_buf) {
-                        Ok(()) => {}
+                    let mut reserved = match cache.reserve(&[(id, &[token % 7])], &mut step_buf) {
+                        Ok(reserved) => reserved,
                         Err(Error::PoolExhausted { .. }) => {
                             prop_assert_eq!((cache.pool_stats(), cache.memory(id).unwrap(), cache.num_tokens(id).unwrap()), before, "{}", tag);
                             check(&cache, &live, &tag)?;
                             continue;
                         }
                         Err(e) => return Err(TestCaseError::fail(format!("{tag}: {e}"))),
-                    }
+                    };
                     token += 1;
                     let fill = |buf: Option<&mut [f32]>, g: usize| {
                         for (i, m) in buf.into_iter().flatten().enumerate() {
@@ -209,11 +210,11 @@ proptest! {
                         }
                     };
                     for g in 0..num_groups {
-                        fill(step_buf.mass_mut(g), g);
-                        fill(step_buf.observed_mass_mut(g), g);
+                        fill(reserved.mass_mut(g), g);
+                        fill(reserved.observed_mass_mut(g), g);
                     }
                     if step % 4 == 0 {
-                        cache.rollback(&mut step_buf).unwrap();
+                        reserved.rollback().unwrap();
                         // Cached prefix pages the reserve recycled stay recycled (their contents
                         // are gone); everything held is as before.
                         let held = |s: layerkv::PoolStats| (s.num_used, s.num_free + s.num_cached);
@@ -221,7 +222,7 @@ proptest! {
                         prop_assert_eq!(held(after), held(before.0), "{}: rollback", tag);
                         prop_assert_eq!((cache.memory(id).unwrap(), cache.num_tokens(id).unwrap()), (before.1.clone(), before.2), "{}: rollback", tag);
                     } else {
-                        cache.retain(&mut step_buf).unwrap();
+                        reserved.retain().unwrap();
                         // Kept tokens never exceed what the retention allows.
                         let n_tokens = cache.num_tokens(id).unwrap();
                         let r = cache.read();
@@ -291,8 +292,8 @@ fn threads_share_one_cache_and_conserve_pages() {
                     cache.add_sequence(id).unwrap();
                     for step in 0..(20 + round % 40) {
                         match cache.reserve(&[(id, &[step as u32])], &mut protocol) {
-                            Ok(()) => {
-                                cache.retain(&mut protocol).unwrap();
+                            Ok(reserved) => {
+                                reserved.retain().unwrap();
                             }
                             Err(Error::PoolExhausted { .. }) => exhausted += 1,
                             Err(e) => panic!("{e}"),

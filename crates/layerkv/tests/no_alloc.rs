@@ -11,14 +11,15 @@
 //!   allocate nothing, ever, after construction (free-page and cached-page bookkeeping and the
 //!   prefix map are sized at construction), including while the prefix map turns over at full
 //!   occupancy (tombstones must be cleaned up in place, not by growing the table).
-//! - [`KvCache::append`] of one token with a reused [`SlotMapping`]: a table's page list and
+//! - a protocol step of one token under a policy that never evicts ([`KvCache::reserve`] +
+//!   [`layerkv::Reservation::retain`] with a reused [`Step`]): a table's page list and
 //!   validity bitset grow by `Vec` doubling, so a single append can reallocate. Exactly zero is
 //!   asserted over a stretch of appends that crosses no capacity doubling (from 4097 tokens held
 //!   to 8192, with 16-token pages: page lists stay within 257..=512 entries and bitsets within
 //!   65..=128 words, the capacities doubling growth reached at 4097 tokens), and the amortised
 //!   count is asserted from a fresh sequence: at most two `Vec`s per group reallocate, each at
 //!   most `log2(n) + 1` times over `n` appends.
-//! - a protocol step ([`KvCache::reserve`] + [`KvCache::retain`]) with `SinkWindow`: same
+//! - a protocol step with `SinkWindow`: same
 //!   stretch, exactly zero (the step's buffers, the keep bitsets and the compaction scratch are
 //!   reused; the tables are renumbered as pages leave, so they stay window-sized).
 
@@ -28,7 +29,7 @@ use std::sync::Arc;
 
 use layerkv::{
     BlockPool, CacheConfig, KvCache, LayerKvPolicy, LayerMap, Policy, PolicyBuilder, Retention,
-    SlotMapping, Step,
+    Step,
 };
 
 /// Counts allocations of the current thread while [`ACTIVE`] is on.
@@ -211,25 +212,14 @@ fn cache(policy: Policy, num_pages: usize) -> KvCache {
     .unwrap()
 }
 
-/// Appends tokens `from..to` one at a time to sequence 1; returns what the appends allocated.
-fn decode(c: &KvCache, mapping: &mut SlotMapping, from: u32, to: u32) -> Count {
-    let ((), counted) = count(|| {
-        for token in from..to {
-            c.append(1, &[token], mapping).unwrap();
-            std::hint::black_box(mapping.slots(0));
-        }
-    });
-    counted
-}
-
 /// Runs protocol steps of one token `from..to` on sequence 1 (reserve, then retain); returns
 /// what they allocated.
 fn decode_steps(c: &KvCache, step: &mut Step, from: u32, to: u32) -> Count {
     let ((), counted) = count(|| {
         for token in from..to {
-            c.reserve(&[(1, &[token])], step).unwrap();
-            std::hint::black_box(step.slots(0, 0));
-            c.retain(step).unwrap();
+            let reserved = c.reserve(&[(1, &[token])], step).unwrap();
+            std::hint::black_box(reserved.slots(0, 0));
+            reserved.retain().unwrap();
             std::hint::black_box(step.moves());
         }
     });
@@ -252,9 +242,9 @@ fn append_of_one_token_allocates_nothing_once_warm() {
         let groups = policy.layer_map().num_groups();
         let c = cache(policy, 600 * groups);
         c.add_sequence(1).unwrap();
-        let mut mapping = SlotMapping::new();
-        decode(&c, &mut mapping, 0, WARM);
-        let counted = decode(&c, &mut mapping, WARM, END);
+        let mut step = Step::new();
+        decode_steps(&c, &mut step, 0, WARM);
+        let counted = decode_steps(&c, &mut step, WARM, END);
         assert_eq!(
             counted,
             NONE,
@@ -277,10 +267,10 @@ fn append_allocations_are_amortised_logarithmic() {
         let groups = policy.layer_map().num_groups();
         let c = cache(policy, 700 * groups);
         c.add_sequence(1).unwrap();
-        let mut mapping = SlotMapping::new();
-        // The first append sizes the mapping (one slot list per group) and the tables.
-        decode(&c, &mut mapping, 0, 1);
-        let counted = decode(&c, &mut mapping, 1, N);
+        let mut step = Step::new();
+        // The first step sizes the step's buffers (one slot list per group) and the tables.
+        decode_steps(&c, &mut step, 0, 1);
+        let counted = decode_steps(&c, &mut step, 1, N);
         // Per group: the page list and the validity bitset, each doubling at most
         // log2(N) + 1 times.
         let bound = groups * 2 * (N.ilog2() as usize + 1);

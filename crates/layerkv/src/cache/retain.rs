@@ -1,0 +1,203 @@
+//! Step protocol 3/3: [`Core::retain`] folds the step's attention mass into each group's
+//! scores, asks each group's retention which slots stay (per sequence, with its own phase),
+//! returns emptied pages to the pool and plans compaction moves into the [`Step`].
+//!
+//! Two phases: the first decides into [`RetainScratch`] and changes nothing (an error leaves
+//! the step reserved, so it can still be rolled back); the second installs the decisions and
+//! cannot fail on a consistent state. Cost O(live slots of the batch).
+
+use crate::bits;
+use crate::error::{Error, Result};
+use crate::map::GroupId;
+use crate::retention::{RetainInput, Scores};
+use crate::step::{RetainOutcome, Step, StepState};
+
+use super::sequence::{GroupScores, State};
+use super::Core;
+
+/// Retain's decisions and score copies, reused from step to step (it lives in the cache's
+/// state, under the same lock as the tables it decides for).
+#[derive(Debug, Default)]
+pub(crate) struct RetainScratch {
+    /// Keep bits of every decided (sequence, group), back to back.
+    keep_words: Vec<u64>,
+    /// (sequence index, group, offset into `keep_words`) of every decision.
+    keep_ranges: Vec<(usize, GroupId, usize)>,
+    /// The retentions' own scratch.
+    rule: Vec<u32>,
+    /// Per decision: the scores with this step's mass folded in.
+    scores: Vec<GroupScores>,
+}
+
+impl Core {
+    /// See [`crate::Reservation::retain`].
+    pub(crate) fn retain(&self, st: &mut State, step: &mut Step) -> Result<RetainOutcome> {
+        if step.state != StepState::Reserved {
+            return Err(Error::InvalidConfig(
+                "retain: no reserved step (call reserve first, once per step)".into(),
+            ));
+        }
+        let groups = self.num_groups();
+        let bs = self.config.block_size;
+        step.moves.clear();
+        let State {
+            pool,
+            seqs,
+            compactor,
+            scratch: rs,
+        } = st;
+        rs.keep_words.clear();
+        rs.keep_ranges.clear();
+        // Phase 1 (fallible, changes nothing): fold the step's mass into scratch copies of the
+        // scores and decide what every (sequence, group) keeps.
+        for (i, ss) in step.seqs.iter().enumerate() {
+            let s = seqs
+                .get_mut(&ss.seq)
+                .ok_or(Error::UnknownSequence(ss.seq))?;
+            let phase = ss.phase();
+            for g in 0..groups {
+                if !self.evicts[g] {
+                    continue;
+                }
+                let t = s.table_mut(g);
+                t.materialise();
+                let n = t.num_slots;
+                let lo = step.offsets[g * (step.seqs.len() + 1) + i];
+                let seg = lo..lo + n;
+                let need = self.needs[g];
+                let pair = rs.keep_ranges.len();
+                if rs.scores.len() <= pair {
+                    rs.scores.push(GroupScores::default());
+                }
+                let scratch = &mut rs.scores[pair];
+                let sc = s.scores.get(g);
+                fold(
+                    &mut scratch.accumulated,
+                    need.accumulated,
+                    sc.map(|x| &x.accumulated[..]),
+                    step.wants_mass[g].then(|| &step.mass[g][seg.clone()]),
+                );
+                fold(
+                    &mut scratch.last,
+                    need.last,
+                    None,
+                    step.wants_mass[g].then(|| &step.mass[g][seg.clone()]),
+                );
+                fold(
+                    &mut scratch.observed,
+                    need.observe > 0,
+                    sc.map(|x| &x.observed[..]),
+                    step.wants_observed[g].then(|| &step.observed_mass[g][seg.clone()]),
+                );
+                let words = bits::words_for(n);
+                let start = rs.keep_words.len();
+                rs.keep_words.resize(start + words, 0);
+                let keep = &mut rs.keep_words[start..];
+                let retention = self.policy.retention(g);
+                let t = s.table(g);
+                if !retention.is_full() {
+                    let input = RetainInput {
+                        num_slots: n,
+                        num_tokens: s.num_tokens,
+                        valid: &t.valid,
+                        positions: &t.positions,
+                        scores: Scores {
+                            accumulated: need.accumulated.then_some(&scratch.accumulated[..]),
+                            last: need.last.then_some(&scratch.last[..]),
+                            observed: (need.observe > 0).then_some(&scratch.observed[..]),
+                        },
+                        phase,
+                    };
+                    retention.select(&input, keep, &mut rs.rule)?;
+                } else {
+                    keep.copy_from_slice(&t.valid[..words]);
+                }
+                if let Some(w) = self.windows[g] {
+                    // No reader looks further back than `w - 1` slots from the next token.
+                    let cut = n.saturating_sub(w.saturating_sub(1));
+                    for x in 0..cut {
+                        bits::clear(keep, x);
+                    }
+                }
+                for (k, v) in keep.iter_mut().zip(&t.valid) {
+                    *k &= v;
+                }
+                rs.keep_ranges.push((i, g, start));
+            }
+        }
+        // Phase 2 (cannot fail on a consistent state): install scores, clear dropped slots,
+        // free and compact pages.
+        let mut outcome = RetainOutcome::default();
+        for (pair, &(i, g, start)) in rs.keep_ranges.iter().enumerate() {
+            let ss = &step.seqs[i];
+            let s = seqs.get_mut(&ss.seq).expect("checked in phase 1");
+            if let Some(sc) = s.scores.get_mut(g) {
+                let scratch = &mut rs.scores[pair];
+                std::mem::swap(&mut sc.accumulated, &mut scratch.accumulated);
+                std::mem::swap(&mut sc.last, &mut scratch.last);
+                std::mem::swap(&mut sc.observed, &mut scratch.observed);
+            }
+            let t = s.table_mut(g);
+            let words = bits::words_for(t.num_slots);
+            let keep = &rs.keep_words[start..start + words];
+            let mut dropped = 0;
+            for (v, &k) in t.valid.iter_mut().zip(keep) {
+                dropped += (*v & !k).count_ones() as usize;
+                *v &= k;
+            }
+            t.num_valid -= dropped;
+            outcome.evicted_slots += dropped;
+            let t = s.table(g);
+            if compactor.plan(t, bs, |p| pool.refcount(p).is_ok_and(|rc| rc > 1)) {
+                let before = step.moves.len();
+                let t = if g == 0 {
+                    &mut s.first
+                } else {
+                    &mut s.rest[g - 1]
+                };
+                match s.scores.get_mut(g) {
+                    Some(sc) => compactor.apply(
+                        t,
+                        bs,
+                        &mut [&mut sc.accumulated, &mut sc.last, &mut sc.observed],
+                        &mut step.moves,
+                    ),
+                    None => compactor.apply(t, bs, &mut [], &mut step.moves),
+                }
+                for &p in &compactor.freed {
+                    pool.release(p)?;
+                }
+                outcome.freed_pages += compactor.freed.len();
+                outcome.moved_slots += step.moves.len() - before;
+            }
+        }
+        if self.caching {
+            let mut off = 0;
+            for ss in &step.seqs {
+                let s = seqs.get_mut(&ss.seq).expect("in the step");
+                let tokens = &step.tokens[off..off + ss.num_new];
+                off += ss.num_new;
+                self.register_full_blocks(pool, s, tokens)?;
+            }
+        }
+        step.outcome = outcome;
+        step.state = StepState::Retained;
+        Ok(outcome)
+    }
+}
+
+/// `dst = old + mass` for one score kind, `dst = mass` when there is no `old` (the latest
+/// step's mass), `dst = old` without mass; leaves `dst` empty when the kind is not `needed`.
+fn fold(dst: &mut Vec<f32>, needed: bool, old: Option<&[f32]>, mass: Option<&[f32]>) {
+    dst.clear();
+    if !needed {
+        return;
+    }
+    match (old, mass) {
+        (Some(o), Some(m)) => dst.extend(o.iter().zip(m).map(|(a, b)| a + b)),
+        (Some(o), None) => dst.extend_from_slice(o),
+        (None, Some(m)) => dst.extend_from_slice(m),
+        (None, None) => {}
+    }
+}
+
