@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use criterion::Criterion;
-use layerkv::{CacheConfig, KvCache, LayerMap, Policy, PolicyBuilder, SlotMapping};
+use layerkv::{CacheConfig, KvCache, LayerMap, Policy, PolicyBuilder, Step};
 use mistralrs_block_pool::paged_attention::block_pool::BlockPool as MistralPool;
 
 const BLOCK: usize = 16;
@@ -100,7 +100,7 @@ trait Allocator {
 
 struct Ours {
     cache: KvCache,
-    slots: SlotMapping,
+    step: Step,
     tokens: Vec<u32>,
 }
 
@@ -114,7 +114,7 @@ impl Ours {
         };
         Self {
             cache: KvCache::new(Arc::new(policy), config).unwrap(),
-            slots: SlotMapping::new(),
+            step: Step::new(),
             tokens: vec![0; 1024],
         }
     }
@@ -125,10 +125,12 @@ impl Allocator for Ours {
         match op {
             Op::Add(id) => self.cache.add_sequence(id).unwrap(),
             Op::Append(id, n) => {
-                self.cache
-                    .append(id, &self.tokens[..n as usize], &mut self.slots)
+                let reserved = self
+                    .cache
+                    .reserve(&[(id, &self.tokens[..n as usize])], &mut self.step)
                     .unwrap();
-                black_box(self.slots.slots(0));
+                black_box(reserved.group_slots(0));
+                reserved.retain().unwrap();
             }
             Op::Fork(p, c) => self.cache.fork(p, c).unwrap(),
             Op::Free(id) => self.cache.free(id).unwrap(),
@@ -465,46 +467,7 @@ fn make(name: &str) -> Box<dyn Allocator> {
     }
 }
 
-/// `layerkv` driven as a single-threaded scheduler would: one `KvCache::lock()` per step
-/// (`STEP` operations), not one lock round trip per operation.
-const STEP: usize = 256;
-
-fn run_locked(t: &Trace) -> (f64, usize) {
-    let cache = KvCache::new(
-        Arc::new(Policy::identity(1).unwrap()),
-        CacheConfig {
-            block_size: BLOCK,
-            num_pages: NUM_PAGES,
-            bytes_per_token: 1,
-            ..CacheConfig::default()
-        },
-    )
-    .unwrap();
-    let mut slots = SlotMapping::new();
-    let tokens = vec![0u32; 1024];
-    let t0 = Instant::now();
-    for step in t.ops.chunks(STEP) {
-        let mut w = cache.lock();
-        for &op in step {
-            match op {
-                Op::Add(id) => w.add_sequence(id).unwrap(),
-                Op::Append(id, n) => {
-                    w.append(id, &tokens[..n as usize], &mut slots).unwrap();
-                    black_box(slots.slots(0));
-                }
-                Op::Fork(p, c) => w.fork(p, c).unwrap(),
-                Op::Free(id) => w.free(id).unwrap(),
-            }
-        }
-    }
-    let secs = t0.elapsed().as_secs_f64();
-    (secs, cache.pool_stats().num_used)
-}
-
 fn run_trace(name: &str, t: &Trace) -> (f64, usize) {
-    if name == "layerkv-step-lock" {
-        return run_locked(t);
-    }
     let mut a = make(name);
     let t0 = Instant::now();
     for &op in &t.ops {
@@ -518,7 +481,6 @@ fn main() {
     let bench = std::env::args().any(|a| a == "--bench");
     let names = [
         "layerkv",
-        "layerkv-step-lock",
         "hashmap",
         "mistralrs",
         "layerkv-cla2-30l",
@@ -527,7 +489,6 @@ fn main() {
         // Test mode: one small trace; all allocators must agree and end empty.
         let t = trace(32, 20_000, 7);
         let mut mid = Vec::new();
-        assert_eq!(run_locked(&t).1, 0, "layerkv-step-lock leaked pages");
         for name in ["layerkv", "hashmap", "mistralrs", "layerkv-cla2-30l"] {
             let mut a = make(name);
             for (i, &op) in t.ops.iter().enumerate() {

@@ -13,7 +13,8 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use criterion::Criterion;
-use layerkv_kernels::{paged_attention, AttentionParams, KvStore, SeqKv, SeqQuery};
+use layerkv::TableView;
+use layerkv_kernels::{paged_attention, AttentionParams, KvStore, SeqQuery};
 use rayon::prelude::*;
 
 const BLOCK: usize = 16;
@@ -90,14 +91,14 @@ fn ours(c: &Case, p: &Prepared) -> Tensor {
         .iter()
         .enumerate()
         .map(|(b, t)| SeqQuery {
-            kv: SeqKv {
+            kv: TableView {
                 pages: t,
                 num_slots: c.ctx,
                 valid: None,
             },
             q_start: b,
             num_q: 1,
-            q_pos: c.ctx - 1,
+            first_slot: c.ctx - 1,
         })
         .collect();
     let params = AttentionParams {

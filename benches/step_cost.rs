@@ -60,8 +60,9 @@ fn protocol_step_ns(window: Option<usize>, streamed: usize) -> (f64, usize) {
         let n = (streamed - done).min(256);
         cache
             .reserve(&[(0, &chunk[..n])], &mut step)
-            .expect("reserve");
-        cache.retain(&mut step).expect("retain");
+            .expect("reserve")
+            .retain()
+            .expect("retain");
         done += n;
     }
     let one = [0u32];
@@ -69,8 +70,8 @@ fn protocol_step_ns(window: Option<usize>, streamed: usize) -> (f64, usize) {
     for _ in 0..9 {
         let t = Instant::now();
         for _ in 0..200 {
-            cache.reserve(&[(0, &one)], &mut step).expect("reserve");
-            cache.retain(&mut step).expect("retain");
+            let reserved = cache.reserve(&[(0, &one)], &mut step).expect("reserve");
+            reserved.retain().expect("retain");
         }
         samples.push(t.elapsed().as_nanos() as f64 / 200.0);
     }

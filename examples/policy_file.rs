@@ -4,7 +4,8 @@
 
 use layerkv::{Budget, LayerKvPolicy, LayerMap, Policy, PolicyBuilder, Retention};
 
-fn main() -> layerkv::Result<()> {
+/// Runs the example (the test suite calls it too).
+pub fn main() -> layerkv::Result<()> {
     let map = LayerMap::from_kvsharer_json(30, r#"{"29": 5, "27": 3, "25": 1}"#)?;
     let policy = PolicyBuilder::new(map)
         .name("kvsharer3+streaming, snapkv on layer 0")

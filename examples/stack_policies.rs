@@ -20,15 +20,16 @@ fn stream(policy: Policy, tokens: u32) -> layerkv::Result<usize> {
     cache.add_sequence(0)?;
     let mut step = Step::new();
     for t in 0..tokens {
-        cache.reserve(&[(0, &[t])], &mut step)?;
-        // An engine writes K/V at step.slots(0, group) and attends here.
-        cache.retain(&mut step)?;
+        let reserved = cache.reserve(&[(0, &[t])], &mut step)?;
+        // An engine writes K/V at reserved.group_slots(group) and attends here.
+        reserved.retain()?;
         // ... and executes step.moves() on its page tensors here.
     }
     Ok(cache.memory(0)?.total_bytes)
 }
 
-fn main() -> layerkv::Result<()> {
+/// Runs the example (the test suite calls it too).
+pub fn main() -> layerkv::Result<()> {
     let n = 30;
     let window = Retention::SinkWindow {
         sinks: 4,

@@ -4,19 +4,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device};
-use layerkv::plan::Planner;
 use layerkv::{LayerKvPolicy, Policy};
-use layerkv_model::engine::{Engine, EngineConfig};
-use layerkv_model::generate::{stop_tokens, GenerationConfig, Sampling, StopCriteria};
-use layerkv_model::ModelConfig;
+use layerkv_model::generate::Sampling;
+use layerkv_model::{ModelConfig, Session, SessionOptions};
 use mistralrs_quant::IsqType;
 
 use crate::error::{AdapterError, Result};
 use crate::load::load_model;
 use crate::model::LayerKvModel;
-
-/// Token slots per KV page.
-const BLOCK_SIZE: usize = 16;
 
 /// Builds a [`LayerKvModel`] from a local Hugging Face model directory (llama, mistral or
 /// qwen2 safetensors), in the style of `mistralrs::TextModelBuilder`:
@@ -69,6 +64,15 @@ impl LayerKvModelBuilder {
     pub fn with_policy(mut self, policy: Policy) -> Self {
         self.policy = Some(policy);
         self
+    }
+
+    /// The policy from a spec, the grammar the `layerkv` CLI takes (`cla:2+stream:4:252`,
+    /// `calibrated.toml+snapkv:512`, a policy file; see [`Policy::from_spec`]), parsed for
+    /// the model's layer count.
+    pub fn with_policy_spec(mut self, spec: &str) -> Result<Self> {
+        let layers = ModelConfig::load(&self.dir)?.num_hidden_layers;
+        self.policy = Some(Policy::from_spec(spec, layers)?);
+        Ok(self)
     }
 
     /// Activation and KV dtype (f32, bf16 or f16).
@@ -149,50 +153,20 @@ impl LayerKvModelBuilder {
                 "with_max_context and with_max_sequences must be positive".into(),
             ));
         }
-        let tokenizer = layerkv_model::tokenizer::load(&dir)?;
-        let generation = GenerationConfig::load(&dir)?;
-        let stop = StopCriteria {
-            max_new_tokens: self.max_tokens.or(generation.max_new_tokens).unwrap_or(256),
-            stop_tokens: stop_tokens(&dir, &cfg, &generation, &tokenizer),
-            stop_strings: self.stop_strings,
-        };
-        let sampling = self.sampling.unwrap_or_else(|| generation.sampling());
-        let model_window = cfg.sliding_window;
         let model = Arc::new(load_model(&dir, cfg, self.dtype, &self.device, self.isq)?);
-        let engine_cfg = EngineConfig {
-            block_size: BLOCK_SIZE,
+        let options = SessionOptions {
+            max_context: self.max_context,
+            max_sequences: self.max_sequences,
             kv_dtype: self.dtype,
             sliding_window: self.sliding_window,
-            ..EngineConfig::default()
+            max_tokens: self.max_tokens,
+            sampling: self.sampling,
+            stop_strings: self.stop_strings,
         };
-        let planner = Planner {
-            block_size: BLOCK_SIZE,
-            sliding_window: self.sliding_window,
-            model_window,
-            step_tokens: engine_cfg.prefill_chunk,
-        };
-        let policy_name = policy.name().to_string();
-        let policy: Arc<dyn LayerKvPolicy> = Arc::new(policy);
-        let num_pages = self.max_sequences
-            * (planner.pages_per_sequence(policy.as_ref(), self.max_context)
-                + policy.layer_map().num_groups());
-        let engine = Engine::new(
-            model,
-            policy,
-            EngineConfig {
-                num_pages,
-                ..engine_cfg
-            },
-        )?;
+        let session = Session::new(&dir, model, policy, options)?;
         Ok(LayerKvModel {
-            dir,
-            engine,
-            tokenizer,
-            sampling,
-            stop,
-            planner,
+            session,
             isq: self.isq,
-            policy_name,
             last_memory: None,
         })
     }

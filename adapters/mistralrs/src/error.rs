@@ -5,9 +5,9 @@ use std::path::PathBuf;
 /// Errors of the mistral.rs adapter.
 #[derive(Debug, thiserror::Error)]
 pub enum AdapterError {
-    /// The model runner (config, tokenizer, engine, policy, sampling) failed.
+    /// The model runner (config, tokenizer, engine, sampling) failed.
     #[error(transparent)]
-    Model(#[from] layerkv_model::ModelError),
+    Model(layerkv_model::ModelError),
     /// A policy could not be built or read.
     #[error(transparent)]
     Policy(#[from] layerkv::Error),
@@ -30,6 +30,16 @@ pub enum AdapterError {
     /// A request the model cannot serve (an empty prompt, a conversation longer than the pool).
     #[error("{0}")]
     Request(String),
+}
+
+impl From<layerkv_model::ModelError> for AdapterError {
+    fn from(e: layerkv_model::ModelError) -> Self {
+        match e {
+            layerkv_model::ModelError::Request(what) => Self::Request(what),
+            layerkv_model::ModelError::Core(e) => Self::Policy(e),
+            e => Self::Model(e),
+        }
+    }
 }
 
 impl From<candle_core::Error> for AdapterError {

@@ -44,3 +44,9 @@ pub use layerkv_model::chat::Message;
 pub use layerkv_model::generate::{Completion, Sampling, StopReason};
 pub use mistralrs_quant::IsqType;
 pub use model::{KvMemory, LayerKvModel};
+
+/// README's Rust snippets, compiled (and, where they need no model file, run) as doctests so
+/// they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;

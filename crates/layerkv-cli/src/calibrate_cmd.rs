@@ -379,7 +379,7 @@ pub fn calibrate_to_file(args: &CalibrateArgs, quiet: bool) -> Result<Calibrated
     if let Err(e) = plot::heatmap(&png_path, result.distances.rows(), &title, "layer") {
         eprintln!("warning: heatmap not written: {e:#}");
     }
-    // Quality after each accepted step (DESIGN.md: "quality and memory after each step").
+    // Quality after each accepted step, as KVSharer reports it (quality and memory per step).
     let steps_path = beside(&args.output, "steps.png");
     let mut steps = vec![(0.0, result.reference_nll)];
     steps.extend(

@@ -20,7 +20,7 @@ use layerkv::SeqId;
 use layerkv_model::chat::Message;
 use layerkv_model::generate::{Sampler, StopReason};
 
-use crate::generate_cmd::{ModelArgs, Runner, SamplingArgs};
+use crate::generate_cmd::{memory_line, reply, ModelArgs, SamplingArgs};
 
 /// `layerkv chat` flags.
 #[derive(clap::Args, Clone, Debug)]
@@ -38,10 +38,9 @@ const SEQ: SeqId = 0;
 
 /// Runs `layerkv chat` until `/exit` or the end of stdin.
 pub fn run(args: ChatArgs) -> Result<()> {
-    let mut r = Runner::load(&args.model, &args.sampling)?;
-    let template = r.chat_template()?;
-    let encoder = r.tokenizer.clone().with_bos_prefix(None);
-    let mut sampler = Sampler::new(r.sampling);
+    let mut session = args.model.session(&args.sampling)?;
+    session.chat_template()?;
+    let mut sampler = Sampler::new(session.sampling());
     let opening: Vec<Message> = args
         .system
         .iter()
@@ -50,7 +49,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
     let mut messages = opening.clone();
     // The text the sequence holds (None: unknown, re-prefill on the next turn).
     let mut held: Option<String> = Some(String::new());
-    r.engine.add_sequence(SEQ)?;
+    session.engine_mut().add_sequence(SEQ)?;
     let interactive = std::io::stdin().is_terminal();
     let mut out = std::io::stdout();
     let (mut turns, mut generated, mut decode_secs) = (0usize, 0usize, 0f64);
@@ -72,8 +71,8 @@ pub fn run(args: ChatArgs) -> Result<()> {
         match line {
             "/exit" | "/quit" => break,
             "/reset" => {
-                r.engine.free(SEQ)?;
-                r.engine.add_sequence(SEQ)?;
+                session.engine_mut().free(SEQ)?;
+                session.engine_mut().add_sequence(SEQ)?;
                 messages = opening.clone();
                 held = Some(String::new());
                 continue;
@@ -81,23 +80,23 @@ pub fn run(args: ChatArgs) -> Result<()> {
             _ => {}
         }
         messages.push(Message::new("user", line));
-        let full = template.render(&messages, true)?;
+        let full = session.chat_text(&messages)?;
         let (text, cached) = match held.as_deref().and_then(|h| full.strip_prefix(h)) {
             Some(rest) => (rest, held.as_ref().map_or(0, String::len) > 0),
             None => {
                 tracing::debug!("the conversation does not extend the held text: re-prefilling");
-                r.engine.free(SEQ)?;
-                r.engine.add_sequence(SEQ)?;
+                session.engine_mut().free(SEQ)?;
+                session.engine_mut().add_sequence(SEQ)?;
                 (full.as_str(), false)
             }
         };
         let reused = if cached {
-            r.engine.cache().num_tokens(SEQ)?
+            session.engine().cache().num_tokens(SEQ)?
         } else {
             0
         };
-        let ids = encoder.encode(text)?;
-        let c = r.reply(SEQ, &ids, &mut sampler)?;
+        let ids = session.encode_chat(text)?;
+        let c = reply(&mut session, SEQ, &ids, &mut sampler)?;
         turns += 1;
         generated += c.tokens.len();
         decode_secs += c.tokens.len().saturating_sub(1) as f64 / c.decode_tokens_per_sec.max(1e-9);
@@ -125,8 +124,8 @@ pub fn run(args: ChatArgs) -> Result<()> {
     eprintln!(
         "chat: {turns} turns, {generated} tokens generated, decode {:.1} tok/s; {}",
         generated.saturating_sub(turns) as f64 / decode_secs.max(1e-9),
-        r.memory_line(SEQ)?
+        memory_line(&session, SEQ)?
     );
-    r.engine.free(SEQ)?;
+    session.engine_mut().free(SEQ)?;
     Ok(())
 }

@@ -184,7 +184,7 @@ pub fn run(opts: &MeasureOpts) -> Result<()> {
             window: 252,
         })
         .build()?;
-    let policies = vec![crate::policy_spec::parse("identity", n)?, shared, stacked];
+    let policies = vec![layerkv::Policy::from_spec("identity", n)?, shared, stacked];
     opts.say(&format!(
         "model {} ({} layers), evaluation text: the Jargon File ({}), first {} tokens",
         dir.display(),

@@ -1,28 +1,19 @@
 //! `layerkv generate`: one prompt, one reply streamed to stdout as it is generated; `--chat`
 //! wraps the prompt in the model's own chat template. Also the pieces `chat` shares: the model,
-//! policy and device flags ([`ModelArgs`]), the sampling flags ([`SamplingArgs`]) and the
-//! loaded [`Runner`] (model, tokenizer, engine sized for `--max-context`, stop criteria).
+//! policy and device flags ([`ModelArgs`]), the sampling flags ([`SamplingArgs`]), and the
+//! [`Session`] they load.
 
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{ensure, Context, Result};
-use candle_core::DType;
-use layerkv::{plan::Planner, LayerKvPolicy, SeqId};
+use layerkv::{Policy, SeqId};
 use layerkv_model::chat::{ChatTemplate, Message};
-use layerkv_model::engine::{Engine, EngineConfig};
-use layerkv_model::generate::{
-    complete, stop_tokens, Completion, GenerationConfig, Sampler, Sampling, StopCriteria,
-};
-use layerkv_model::tokenizer::Tokenizer;
-use layerkv_model::Model;
+use layerkv_model::generate::{Completion, GenerationConfig, Sampler, Sampling};
+use layerkv_model::{Model, Session, SessionOptions};
 
 use crate::device::DeviceArgs;
-use crate::policy_spec;
-
-/// Token slots per KV page of the engines built here.
-const BLOCK_SIZE: usize = 16;
 
 /// Which model runs where, under which policy.
 #[derive(clap::Args, Clone, Debug)]
@@ -134,31 +125,12 @@ impl SamplingArgs {
     }
 }
 
-/// A model loaded for generation: tokenizer, engine under the policy, stop criteria, sampling.
-pub struct Runner {
-    /// The model directory.
-    pub dir: PathBuf,
-    /// The model.
-    pub model: Arc<Model>,
-    /// Its tokenizer (with the BOS prefix `tokenizer_config.json` asks for).
-    pub tokenizer: Tokenizer,
-    /// The engine (one KV pool sized for `max_context` tokens under the policy).
-    pub engine: Engine,
-    /// Sampling settings.
-    pub sampling: Sampling,
-    /// EOS ids, stop strings and the token budget per reply.
-    pub stop: StopCriteria,
-    planner: Planner,
-    kv_dtype: DType,
-    policy_name: String,
-}
-
-impl Runner {
-    /// Loads the model of `args` (converting a GGUF once), its tokenizer and generation
-    /// defaults, and builds an engine under the policy.
-    pub fn load(args: &ModelArgs, flags: &SamplingArgs) -> Result<Self> {
-        let (device, dtype) = args.device.resolve()?;
-        let dir = match &args.model {
+impl ModelArgs {
+    /// Loads the model (converting a GGUF once), its tokenizer and generation defaults, and a
+    /// session under `--policy` whose pool holds `--max-context` tokens.
+    pub fn session(&self, flags: &SamplingArgs) -> Result<Session> {
+        let (device, dtype) = self.device.resolve()?;
+        let dir = match &self.model {
             Some(d) => layerkv_model::assets::resolve_model(d)?,
             None => layerkv_model::assets::ensure_default_model()
                 .context("fetching the default model")?,
@@ -167,115 +139,50 @@ impl Runner {
             Model::load(&dir, dtype, &device)
                 .with_context(|| format!("loading {}", dir.display()))?,
         );
-        let tokenizer = layerkv_model::tokenizer::load(&dir)?;
-        let gen = GenerationConfig::load(&dir)?;
-        let (sampling, max_new_tokens) = flags.resolve(&gen)?;
-        let policy = Arc::new(policy_spec::parse(&args.policy, model.num_layers())?);
-        let cfg = EngineConfig {
-            block_size: BLOCK_SIZE,
-            sliding_window: args.window,
+        let (sampling, max_tokens) = flags.resolve(&GenerationConfig::load(&dir)?)?;
+        let policy = Policy::from_spec(&self.policy, model.num_layers())?;
+        let options = SessionOptions {
+            max_context: self.max_context,
             kv_dtype: dtype,
-            ..EngineConfig::default()
+            sliding_window: self.window,
+            max_tokens: Some(max_tokens),
+            sampling: Some(sampling),
+            stop_strings: flags.stop.clone(),
+            ..SessionOptions::default()
         };
-        let planner = Planner {
-            block_size: BLOCK_SIZE,
-            sliding_window: args.window,
-            model_window: model.config().sliding_window,
-            step_tokens: cfg.prefill_chunk,
-        };
-        ensure!(args.max_context > 0, "--max-context must be positive");
-        let num_pages = planner.pages_per_sequence(policy.as_ref(), args.max_context)
-            + policy.layer_map().num_groups();
-        let engine = Engine::new(model.clone(), policy, EngineConfig { num_pages, ..cfg })?;
-        let stop_tokens = stop_tokens(&dir, model.config(), &gen, &tokenizer);
-        Ok(Self {
-            dir,
-            model,
-            tokenizer,
-            engine,
-            sampling,
-            stop: StopCriteria {
-                max_new_tokens,
-                stop_tokens,
-                stop_strings: flags.stop.clone(),
-            },
-            planner,
-            kv_dtype: dtype,
-            policy_name: args.policy.clone(),
-        })
+        Ok(Session::new(&dir, model, policy, options)
+            .context("--max-context (the KV pool is sized for it)")?)
     }
+}
 
-    /// The model's chat template; its end-of-turn token joins the stop tokens.
-    pub fn chat_template(&mut self) -> Result<ChatTemplate> {
-        let t = ChatTemplate::load(&self.dir)?;
-        if let Some(id) = t.end_of_turn().and_then(|m| self.tokenizer.token_id(&m)) {
-            if !self.stop.stop_tokens.contains(&id) {
-                self.stop.stop_tokens.push(id);
-            }
-        }
-        Ok(t)
-    }
+/// Generates a reply to `prompt` appended to `seq`, streaming its text to stdout.
+pub fn reply(
+    session: &mut Session,
+    seq: SeqId,
+    prompt: &[u32],
+    sampler: &mut Sampler,
+) -> Result<Completion> {
+    let mut out = std::io::stdout();
+    let c = session.complete(seq, prompt, sampler, |piece| {
+        // A closed stdout (`| head`) ends nothing here: the reply still completes.
+        let _ = out.write_all(piece.as_bytes());
+        let _ = out.flush();
+    })?;
+    let _ = writeln!(out);
+    Ok(c)
+}
 
-    /// Errors unless `seq` can take `new_tokens` more tokens plus a full reply within the pool.
-    pub fn check_room(&self, seq: SeqId, new_tokens: usize) -> Result<()> {
-        let held = self.engine.cache().num_tokens(seq)?;
-        let need = held + new_tokens + self.stop.max_new_tokens;
-        let pages = self
-            .planner
-            .pages_per_sequence(self.engine.policy().as_ref(), need);
-        let have = self.engine.config().num_pages;
-        ensure!(
-            pages <= have,
-            "the conversation would reach {need} tokens, more than the KV pool sized by \
-             --max-context holds under this policy ({pages} pages needed, {have} allocated): \
-             raise --max-context, /reset, or use a policy that evicts (e.g. identity+stream:4:1020)"
-        );
-        Ok(())
-    }
-
-    /// Generates a reply to `prompt` appended to `seq`, streaming its text to stdout.
-    pub fn reply(
-        &mut self,
-        seq: SeqId,
-        prompt: &[u32],
-        sampler: &mut Sampler,
-    ) -> Result<Completion> {
-        self.check_room(seq, prompt.len())?;
-        let mut out = std::io::stdout();
-        let c = complete(
-            &mut self.engine,
-            seq,
-            prompt,
-            sampler,
-            &self.stop,
-            &self.tokenizer,
-            |piece| {
-                // A closed stdout (`| head`) ends nothing here: the reply still completes.
-                let _ = out.write_all(piece.as_bytes());
-                let _ = out.flush();
-            },
-        )?;
-        let _ = writeln!(out);
-        Ok(c)
-    }
-
-    /// "KV 1.2 MiB held for 812 tokens (identity: 21.9 MiB)" for `seq`, from the cache's own
-    /// accounting.
-    pub fn memory_line(&self, seq: SeqId) -> Result<String> {
-        let held = self.engine.cache().memory(seq)?.total_bytes;
-        let tokens = self.engine.cache().num_tokens(seq)?;
-        let identity = self.model.config().identity_kv_bytes(
-            tokens,
-            BLOCK_SIZE,
-            self.kv_dtype.size_in_bytes(),
-        );
-        Ok(format!(
-            "KV {} held for {tokens} tokens (identity: {}) under {}",
-            human_bytes(held),
-            human_bytes(identity),
-            self.policy_name
-        ))
-    }
+/// "KV 1.2 MiB held for 812 tokens (identity: 21.9 MiB) under POLICY" for `seq`, from the
+/// cache's own accounting.
+pub fn memory_line(session: &Session, seq: SeqId) -> Result<String> {
+    let m = session.memory(seq)?;
+    Ok(format!(
+        "KV {} held for {} tokens (identity: {}) under {}",
+        human_bytes(m.held_bytes),
+        m.tokens,
+        human_bytes(m.identity_bytes),
+        session.policy_name()
+    ))
 }
 
 /// Bytes with a binary unit.
@@ -312,37 +219,33 @@ pub struct GenerateArgs {
 
 /// Runs `layerkv generate`.
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let mut r = Runner::load(&args.model, &args.sampling)?;
-    let mut sampler = Sampler::new(r.sampling);
-    let seq: SeqId = 0;
+    let mut session = args.model.session(&args.sampling)?;
+    let mut sampler = Sampler::new(session.sampling());
     let ids = if args.chat {
-        let template = r.chat_template()?;
         let mut messages = Vec::new();
         if let Some(s) = &args.system {
             messages.push(Message::new("system", s.as_str()));
         }
         messages.push(Message::new("user", args.prompt.as_str()));
-        let text = template.render(&messages, true)?;
-        // The template writes the special tokens (BOS included) itself.
-        r.tokenizer.clone().with_bos_prefix(None).encode(&text)?
+        session.chat_prompt(&messages)?
     } else {
-        if ChatTemplate::load(&r.dir).is_ok() {
+        if ChatTemplate::load(session.dir()).is_ok() {
             tracing::info!("the model has a chat template: `--chat` applies it (instruct models answer that way)");
         }
         print!("{}", args.prompt);
-        r.tokenizer.encode(&args.prompt)?
+        session.tokenizer().encode(&args.prompt)?
     };
-    ensure!(!ids.is_empty(), "--prompt is empty");
-    r.engine.add_sequence(seq)?;
-    let c = r.reply(seq, &ids, &mut sampler)?;
+    let seq: SeqId = 0;
+    session.engine_mut().add_sequence(seq)?;
+    let c = reply(&mut session, seq, &ids, &mut sampler)?;
     eprintln!(
         "{} prompt tokens, {} generated; prefill {:.1} tok/s, decode {:.1} tok/s; {}",
         c.num_prompt_tokens,
         c.tokens.len(),
         c.prefill_tokens_per_sec,
         c.decode_tokens_per_sec,
-        r.memory_line(seq)?
+        memory_line(&session, seq)?
     );
-    r.engine.free(seq)?;
+    session.engine_mut().free(seq)?;
     Ok(())
 }

@@ -23,7 +23,6 @@ mod generate_cmd;
 mod measure;
 mod plan_cmd;
 mod plot;
-mod policy_spec;
 mod report;
 mod stream_cmd;
 
@@ -202,9 +201,9 @@ fn run(command: Command) -> Result<()> {
             let text = std::fs::read_to_string(&text)
                 .with_context(|| format!("reading {}", text.display()))?;
             let n = m.num_layers();
-            let mut list = vec![policy_spec::parse("identity", n)?];
+            let mut list = vec![layerkv::Policy::from_spec("identity", n)?];
             for p in &policies {
-                list.push(policy_spec::parse(p, n)?);
+                list.push(layerkv::Policy::from_spec(p, n)?);
             }
             run_table(m, &tokenizer, &text, list, &opts)
         }
@@ -216,7 +215,7 @@ fn run(command: Command) -> Result<()> {
             layers,
             output,
         } => {
-            let p = policy_spec::parse(&spec, layers)?;
+            let p = layerkv::Policy::from_spec(&spec, layers)?;
             p.save(&output)?;
             println!(
                 "wrote {} ({} KV groups of {} layers)",

@@ -9,7 +9,6 @@ use layerkv::plan::Planner;
 use layerkv::{LayerKvPolicy, Policy};
 use layerkv_model::ModelConfig;
 
-use crate::policy_spec;
 
 /// Options of `layerkv plan`.
 #[derive(clap::Args)]
@@ -130,7 +129,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
     let n = cfg.num_hidden_layers;
     let mut policies: Vec<Policy> = vec![Policy::identity(n)?];
     for p in &args.policies {
-        policies.push(policy_spec::parse(p, n)?);
+        policies.push(layerkv::Policy::from_spec(p, n)?);
     }
     println!(
         "model {} ({n} layers, {} KV heads x {}, {}), budget {} = {num_pages} pages of {} tokens ({}), context {context}",

@@ -14,7 +14,6 @@ use layerkv_model::eval::stream_nll;
 use layerkv_model::Model;
 
 use crate::device::DeviceArgs;
-use crate::policy_spec;
 
 /// Options of `layerkv stream`.
 #[derive(clap::Args)]
@@ -99,7 +98,7 @@ pub fn run(args: StreamArgs) -> Result<()> {
     let mut series = Vec::new();
     let mut rows = Vec::new();
     for spec in &specs {
-        let policy: Policy = policy_spec::parse(spec, n)?;
+        let policy: Policy = layerkv::Policy::from_spec(spec, n)?;
         let full = (0..policy.layer_map().num_groups()).all(|g| policy.retention(g).is_full());
         let len = if full { identity_limit } else { tokens.len() };
         let pages = policy.layer_map().num_groups() * (len / 16 + args.chunk / 16 + 4);

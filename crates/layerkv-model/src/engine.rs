@@ -1,9 +1,9 @@
 //! [`Engine`]: runs a [`Model`] with a [`LayerKvPolicy`] by driving `layerkv`'s step protocol
 //! ([`layerkv::Step`]): the cache reserves slots and plans copies, sink re-rotations and score
-//! rows; the engine projects, rotates, writes and attends; the cache retains and plans
-//! compaction moves, which the engine executes on its [`KvStore`]. Everything a policy needs
-//! lives in the library; this runner is one client of it (the `custom_engine` example is
-//! another).
+//! rows ([`layerkv::Reservation`]); the kernels' [`StepExecutor`] executes those plans on the
+//! [`KvStore`] and runs attention; the cache retains and plans compaction moves, which the
+//! executor executes. Everything a policy needs lives in the libraries; this runner is one
+//! client of them (the `custom_engine` example is another).
 //!
 //! One step takes a batch of sequences, each with one or more new tokens (decode, prefill and
 //! chunked prefill mix freely). Per layer: owners project K/V, rotate K at the tokens' text
@@ -11,7 +11,7 @@
 //! paged attention over the group it reads, adding its attention mass into the step's buffers
 //! where the group's retention needs scores. After the step each group's retention runs.
 //!
-//! Semantics (DESIGN.md):
+//! Semantics (docs/glossary.md names the terms):
 //! - downward sharing runs in one pass per step;
 //! - upward sharing (a layer reads a higher layer's group) never sees its own token's KV
 //!   (diagonal masked); decode is one pass, prefill runs token by token or LCKV's iterative
@@ -23,12 +23,11 @@
 //! - under a policy that evicts, prompts longer than [`EngineConfig::prefill_chunk`] are split
 //!   into chunks with retention in between, so memory stays within the policy's bound.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
-use layerkv::{CacheConfig, GroupId, KvCache, LayerKvPolicy, SeqId, Step};
-use layerkv_kernels::{paged_attention, AttentionParams, KvStore, SeqKv, SeqQuery};
+use layerkv::{CacheConfig, KvCache, LayerKvPolicy, SeqId, Step};
+use layerkv_kernels::{AttentionParams, KvStore, StepExecutor};
 
 use crate::error::{ModelError, Result};
 use crate::model::Model;
@@ -103,12 +102,9 @@ impl Default for EngineConfig {
     }
 }
 
-/// Row layout of one pass over a batch.
-struct Layout {
-    row_start: Vec<usize>,
+/// The tokens of a step's rows and their RoPE tables (text positions).
+struct Rows {
     tokens: Vec<u32>,
-    /// Physical slots of all rows, per group.
-    slots: Vec<Vec<u32>>,
     cos: Tensor,
     sin: Tensor,
 }
@@ -120,12 +116,9 @@ pub struct Engine {
     policy: Arc<dyn LayerKvPolicy>,
     cache: KvCache,
     store: KvStore,
+    exec: StepExecutor,
     config: EngineConfig,
     step: Step,
-    /// Pre-RoPE keys of each sequence's StreamingLLM sinks, per group (deep copies).
-    sinks: HashMap<(SeqId, GroupId), Tensor>,
-    /// Sink keys captured during the current step, committed when it retains.
-    staged: HashMap<(SeqId, GroupId), Vec<Tensor>>,
 }
 
 impl Engine {
@@ -176,10 +169,9 @@ impl Engine {
             policy,
             cache,
             store,
+            exec: StepExecutor::new(),
             config,
             step: Step::new(),
-            sinks: HashMap::new(),
-            staged: HashMap::new(),
         })
     }
 
@@ -208,6 +200,14 @@ impl Engine {
         &self.config
     }
 
+    /// Whether any group can drop tokens (a retention that is not `Full`, or a window): such
+    /// a policy prefills long prompts in chunks, and can stream past the model's context.
+    pub fn evicts(&self) -> bool {
+        let map = self.policy.layer_map();
+        (0..map.num_groups())
+            .any(|g| !self.policy.retention(g).is_full() || self.cache.group_window(g).is_some())
+    }
+
     /// Registers a new, empty sequence (its first step is its prompt unless
     /// [`Engine::set_prompt_len`] says otherwise).
     pub fn add_sequence(&mut self, seq: SeqId) -> Result<()> {
@@ -222,20 +222,14 @@ impl Engine {
     /// A child sequence sharing every page of `parent` (parallel sampling).
     pub fn fork(&mut self, parent: SeqId, child: SeqId) -> Result<()> {
         self.cache.fork(parent, child)?;
-        let copies: Vec<_> = self
-            .sinks
-            .iter()
-            .filter(|((s, _), _)| *s == parent)
-            .map(|(&(_, g), k)| ((child, g), k.clone()))
-            .collect();
-        self.sinks.extend(copies);
+        self.exec.fork(parent, child);
         Ok(())
     }
 
     /// Frees a sequence and all its pages.
     pub fn free(&mut self, seq: SeqId) -> Result<()> {
         self.cache.free(seq)?;
-        self.sinks.retain(|(s, _), _| *s != seq);
+        self.exec.free(seq);
         Ok(())
     }
 
@@ -260,8 +254,7 @@ impl Engine {
         let map = self.policy.layer_map();
         let upward = map.needs_upward();
         let longest = batch.iter().map(|(_, t)| t.len()).max().unwrap_or(0);
-        let evicts = (0..map.num_groups())
-            .any(|g| !self.policy.retention(g).is_full() || self.cache.group_window(g).is_some());
+        let evicts = self.evicts();
         let chunk = if upward && self.config.prefill == PrefillMode::TokenByToken {
             1
         } else if evicts {
@@ -324,8 +317,8 @@ impl Engine {
         Ok(Tensor::cat(&picked, 0)?)
     }
 
-    /// One protocol step: reserve, run the layers (iteratively for upward prefill), retain;
-    /// roll back if anything fails in between.
+    /// One protocol step: reserve, run the layers (iteratively for upward prefill), retain.
+    /// The reservation rolls the step back if anything fails before it is retained.
     fn one_step(
         &mut self,
         batch: &[(SeqId, &[u32])],
@@ -333,173 +326,132 @@ impl Engine {
         out: Output,
         iterative: bool,
     ) -> Result<Tensor> {
-        self.staged.clear();
-        let mut step = std::mem::take(&mut self.step);
-        let result = self
-            .cache
-            .reserve(batch, &mut step)
-            .map_err(ModelError::from);
-        let result = result.and_then(|()| {
-            let r = self.forward(&mut step, batch, iterative, rows, out);
-            match r {
-                Ok(x) => match self.cache.retain(&mut step) {
-                    Ok(_) => Ok(x),
-                    Err(e) => {
-                        self.cache.rollback(&mut step)?;
-                        Err(e.into())
-                    }
-                },
-                Err(e) => {
-                    self.cache.rollback(&mut step)?;
-                    Err(e)
-                }
-            }
-        });
-        let result = result.and_then(|x| {
-            // Compaction moves, then the sink keys this step captured.
-            let moves = step.moves();
-            if !moves.is_empty() {
-                let src: Vec<u32> = moves.iter().map(|m| m.src).collect();
-                let dst: Vec<u32> = moves.iter().map(|m| m.dst).collect();
-                self.store.move_slots(&src, &dst)?;
-            }
-            for (key, parts) in self.staged.drain() {
-                let mut all: Vec<Tensor> = self.sinks.remove(&key).into_iter().collect();
-                all.extend(parts);
-                self.sinks.insert(key, Tensor::cat(&all, 0)?);
-            }
-            Ok(x)
-        });
-        self.step = step;
-        result
-    }
-
-    /// Copies, re-rotations and the layer passes of a reserved step; returns the requested
-    /// rows (logits or hidden states).
-    fn forward(
-        &mut self,
-        step: &mut Step,
-        batch: &[(SeqId, &[u32])],
-        iterative: bool,
-        rows: LogitsRows,
-        out: Output,
-    ) -> Result<Tensor> {
-        for c in step.copies().collect::<Vec<_>>() {
-            self.store.copy_page(c.src, c.dst)?;
-        }
-        self.rerotate_sinks(step)?;
-        let layout = self.layout(step, batch)?;
+        let mut reserved = self.cache.reserve(batch, &mut self.step)?;
+        let layers = Layers::new(&self.model, self.policy.layer_map(), &self.cache, batch, &reserved)?;
+        self.exec.begin(&reserved, &mut self.store, self.model.rope())?;
         let x = if iterative {
-            self.zero_upward_targets(&layout)?;
-            let (max_passes, tolerance) = match self.config.prefill {
-                PrefillMode::Iterative {
-                    max_passes,
-                    tolerance,
-                } => (max_passes, tolerance),
-                PrefillMode::TokenByToken => (1, 0.0),
-            };
-            let mut prev: Option<Vec<Tensor>> = None;
-            let mut x = None;
-            for _ in 0..max_passes.max(1) {
-                // Only the final pass's attention mass counts.
-                step.clear_mass();
-                self.staged.clear();
-                let mut keys = Vec::new();
-                x = Some(self.run_layers(step, &layout, Some(&mut keys))?);
-                let done = match &prev {
-                    Some(p) => max_abs_diff(p, &keys)? <= tolerance,
-                    None => keys.is_empty(),
-                };
-                prev = Some(keys);
-                if done {
-                    break;
-                }
-            }
-            x.expect("at least one pass ran")
+            let prefill = self.config.prefill;
+            layers.iterate(&mut self.store, &mut self.exec, &self.config, &mut reserved, prefill)?
         } else {
-            self.run_layers(step, &layout, None)?
+            layers.run(&mut self.store, &mut self.exec, &mut reserved, None)?
         };
         let x = match rows {
             LogitsRows::All => x,
             LogitsRows::Last => {
-                let idx: Vec<u32> = (0..step.len())
-                    .map(|i| (layout.row_start[i] + step.num_new(i) - 1) as u32)
+                let idx: Vec<u32> = (0..reserved.len())
+                    .map(|i| (reserved.rows(i).end - 1) as u32)
                     .collect();
                 x.index_select(&Tensor::new(idx.as_slice(), x.device())?, 0)?
             }
         };
-        match out {
-            Output::Logits => self.model.logits(&x),
-            Output::Hidden => self.model.final_hidden(&x),
-        }
-    }
-
-    /// Row layout and RoPE tables (text positions) of a reserved step.
-    fn layout(&self, step: &Step, batch: &[(SeqId, &[u32])]) -> Result<Layout> {
-        let num_groups = self.policy.layer_map().num_groups();
-        let mut layout = Layout {
-            row_start: Vec::with_capacity(step.len()),
-            tokens: Vec::new(),
-            slots: vec![Vec::new(); num_groups],
-            cos: Tensor::zeros(1, DType::F32, self.model.device())?,
-            sin: Tensor::zeros(1, DType::F32, self.model.device())?,
+        let x = match out {
+            Output::Logits => self.model.logits(&x)?,
+            Output::Hidden => self.model.final_hidden(&x)?,
         };
-        let mut positions = Vec::new();
-        for (i, (_, tokens)) in batch.iter().enumerate() {
-            layout.tokens.extend_from_slice(tokens);
-            layout.row_start.push(positions.len());
+        reserved.retain()?;
+        self.exec.finish(&self.step, &mut self.store)?;
+        Ok(x)
+    }
+}
+
+/// One pass of every layer over a reserved step's rows.
+struct Layers<'a> {
+    model: &'a Model,
+    map: &'a layerkv::LayerMap,
+    cache: &'a KvCache,
+    rows: Rows,
+}
+
+impl<'a> Layers<'a> {
+    /// The rows of a reserved step: tokens in batch order, RoPE tables at text positions.
+    fn new(
+        model: &'a Model,
+        map: &'a layerkv::LayerMap,
+        cache: &'a KvCache,
+        batch: &[(SeqId, &[u32])],
+        step: &Step,
+    ) -> Result<Self> {
+        let mut tokens = Vec::with_capacity(step.num_rows());
+        let mut positions = Vec::with_capacity(step.num_rows());
+        for (i, (_, t)) in batch.iter().enumerate() {
+            tokens.extend_from_slice(t);
             positions.extend((0..step.num_new(i)).map(|j| step.position(i) + j));
-            for (g, slots) in layout.slots.iter_mut().enumerate() {
-                slots.extend_from_slice(step.slots(i, g));
-            }
         }
-        let (cos, sin) =
-            self.model
-                .rope()
-                .tables(&positions, self.model.dtype(), self.model.device())?;
-        layout.cos = cos;
-        layout.sin = sin;
-        Ok(layout)
+        let (cos, sin) = model
+            .rope()
+            .tables(&positions, model.dtype(), model.device())?;
+        Ok(Self {
+            model,
+            map,
+            cache,
+            rows: Rows { tokens, cos, sin },
+        })
     }
 
-    /// Writes each planned sink re-rotation: the sinks' pre-RoPE keys rotated at their new
-    /// positions inside the cache.
-    fn rerotate_sinks(&mut self, step: &Step) -> Result<()> {
-        for r in step.rerotations() {
-            let seq = step.seq(r.index);
-            let slots = step.rerotation_slots(r);
-            let keys = self.sinks.get(&(seq, r.group)).ok_or_else(|| {
-                ModelError::Config(format!(
-                    "sequence {seq} group {}: sink keys were never captured",
-                    r.group
-                ))
-            })?;
-            let n = slots.len().min(keys.dim(0)?);
-            let positions: Vec<usize> = (0..n).map(|j| r.first_position + j).collect();
-            let (cos, sin) =
-                self.model
-                    .rope()
-                    .tables(&positions, self.model.dtype(), self.model.device())?;
-            let k = Rope::apply(&keys.narrow(0, 0, n)?, &cos, &sin)?;
-            self.store.write_keys(&slots[..n], &k)?;
+    /// LCKV's iterative parallel prefill: passes until the upward targets' keys change by at
+    /// most the tolerance; an error if they never do within `max_passes` (or turn NaN).
+    fn iterate(
+        &self,
+        store: &mut KvStore,
+        exec: &mut StepExecutor,
+        config: &EngineConfig,
+        step: &mut Step,
+        prefill: PrefillMode,
+    ) -> Result<Tensor> {
+        self.zero_upward_targets(store, config, step)?;
+        let (max_passes, tolerance) = match prefill {
+            PrefillMode::Iterative {
+                max_passes,
+                tolerance,
+            } => (max_passes.max(1), tolerance),
+            PrefillMode::TokenByToken => (1, 0.0),
+        };
+        let mut prev: Option<Vec<Tensor>> = None;
+        let mut change = f32::INFINITY;
+        for _ in 0..max_passes {
+            // Only the final pass's attention mass counts.
+            step.clear_mass();
+            let mut keys = Vec::new();
+            let x = self.run(store, exec, step, Some(&mut keys))?;
+            change = match &prev {
+                Some(p) => max_abs_diff(p, &keys)?,
+                None if keys.is_empty() => 0.0,
+                None => f32::INFINITY,
+            };
+            if change.is_nan() {
+                return Err(ModelError::Config(
+                    "iterative prefill: the upward targets' keys are NaN".into(),
+                ));
+            }
+            if change <= tolerance {
+                return Ok(x);
+            }
+            prev = Some(keys);
         }
-        Ok(())
+        Err(ModelError::Config(format!(
+            "iterative prefill did not converge in {max_passes} passes (last change {change:e} > \
+             tolerance {tolerance:e}); raise max_passes or use PrefillMode::TokenByToken"
+        )))
     }
 
     /// Writes zeros into this step's slots of groups that layers below their owner read, so
     /// the first iterative pass sees zero KV (as LCKV initialises it).
-    fn zero_upward_targets(&mut self, layout: &Layout) -> Result<()> {
-        let map = self.policy.layer_map().clone();
+    fn zero_upward_targets(
+        &self,
+        store: &mut KvStore,
+        config: &EngineConfig,
+        step: &Step,
+    ) -> Result<()> {
         let cfg = self.model.config();
-        for g in 0..map.num_groups() {
-            if map.readers(g).iter().any(|&l| map.is_upward(l)) {
-                let rows = layout.slots[g].len();
+        for g in 0..self.map.num_groups() {
+            if self.map.readers(g).iter().any(|&l| self.map.is_upward(l)) {
+                let slots = step.group_slots(g);
                 let z = Tensor::zeros(
-                    (rows, cfg.num_key_value_heads, cfg.head_dim()),
-                    self.config.kv_dtype,
+                    (slots.len(), cfg.num_key_value_heads, cfg.head_dim()),
+                    config.kv_dtype,
                     self.model.device(),
                 )?;
-                self.store.write(&layout.slots[g], &z, &z)?;
+                store.write(slots, &z, &z)?;
             }
         }
         Ok(())
@@ -507,28 +459,27 @@ impl Engine {
 
     /// Runs every layer over the step's rows; returns the last layer's output. When
     /// `target_keys` is given, the rotated keys of upward-target groups are pushed to it.
-    fn run_layers(
-        &mut self,
+    fn run(
+        &self,
+        store: &mut KvStore,
+        exec: &mut StepExecutor,
         step: &mut Step,
-        layout: &Layout,
         mut target_keys: Option<&mut Vec<Tensor>>,
     ) -> Result<Tensor> {
-        let model = self.model.clone();
-        let policy = self.policy.clone();
-        let map = policy.layer_map();
-        let mut x = model.embed(&layout.tokens)?;
+        let (model, map) = (self.model, self.map);
+        let Rows { tokens, cos, sin } = &self.rows;
+        let mut x = model.embed(tokens)?;
         for layer in 0..map.num_layers() {
             let g = map.group_of(layer);
             let (normed, q) = model.attn_input(layer, &x)?;
-            let q = Rope::apply(&q, &layout.cos, &layout.sin)?;
+            let q = Rope::apply(&q, cos, sin)?;
             if map.owns_kv(layer) {
                 let (k, v) = model.kv(layer, &normed)?;
-                self.capture_sinks(step, layout, g, &k)?;
-                let k = Rope::apply(&k, &layout.cos, &layout.sin)?;
-                self.store.write(&layout.slots[g], &k, &v)?;
+                let k_rotated = Rope::apply(&k, cos, sin)?;
+                exec.write(step, store, g, &k, &k_rotated, &v)?;
                 if let Some(keys) = target_keys.as_deref_mut() {
                     if map.readers(g).iter().any(|&l| map.is_upward(l)) {
-                        keys.push(k);
+                        keys.push(k_rotated);
                     }
                 }
             }
@@ -537,85 +488,28 @@ impl Engine {
                 window: self.cache.layer_window(layer),
                 include_diagonal: !map.is_upward(layer),
             };
-            let reader = self.cache.read();
-            let mut seqs = Vec::with_capacity(step.len());
-            for i in 0..step.len() {
-                let view = reader.view(step.seq(i), g)?;
-                seqs.push(SeqQuery {
-                    kv: SeqKv {
-                        pages: view.pages,
-                        num_slots: view.num_slots,
-                        valid: view.valid,
-                    },
-                    q_start: layout.row_start[i],
-                    num_q: step.num_new(i),
-                    q_pos: step.q_pos(i, g),
-                });
-            }
-            let out = paged_attention(&q, &self.store, &seqs, &params, step.mass_mut(g))?;
-            if step.observed_mass_mut(g).is_some() {
-                // SnapKV: the mass of the prompt's observation rows only, from a second call.
-                let mut rows = Vec::new();
-                let mut obs = Vec::with_capacity(seqs.len());
-                for (i, s) in seqs.iter().enumerate() {
-                    let r = step.observe_rows(i, g);
-                    let start = rows.len();
-                    rows.extend((r.start..r.end).map(|j| (s.q_start + j) as u32));
-                    obs.push(SeqQuery {
-                        kv: s.kv,
-                        q_start: start,
-                        num_q: r.len(),
-                        q_pos: s.q_pos + r.start,
-                    });
-                }
-                let idx = Tensor::new(rows.as_slice(), q.device())?;
-                let q_obs = q.index_select(&idx, 0)?;
-                paged_attention(
-                    &q_obs,
-                    &self.store,
-                    &obs,
-                    &params,
-                    step.observed_mass_mut(g),
-                )?;
-            }
-            drop(seqs);
-            drop(reader);
+            let out = exec.attend(&q, store, self.cache, step, g, &params)?;
             x = model.attn_output_and_mlp(layer, &x, &out)?;
         }
         Ok(x)
     }
-
-    /// Stages deep copies of the pre-RoPE keys of the rows that are sinks of group `g`.
-    fn capture_sinks(
-        &mut self,
-        step: &Step,
-        layout: &Layout,
-        g: GroupId,
-        k: &Tensor,
-    ) -> Result<()> {
-        for i in 0..step.len() {
-            let r = step.sink_rows(i, g);
-            if r.is_empty() {
-                continue;
-            }
-            let rows = k
-                .narrow(0, layout.row_start[i] + r.start, r.len())?
-                .copy()?;
-            self.staged.entry((step.seq(i), g)).or_default().push(rows);
-        }
-        Ok(())
-    }
 }
 
+/// The largest absolute difference, NaN if any element of either side is NaN (candle's `max`
+/// skips NaN after the first element, so it is not used here).
 fn max_abs_diff(a: &[Tensor], b: &[Tensor]) -> Result<f32> {
     let mut worst = 0f32;
     for (x, y) in a.iter().zip(b) {
         let d = (x.to_dtype(DType::F32)? - y.to_dtype(DType::F32)?)?
             .abs()?
             .flatten_all()?
-            .max(0)?
-            .to_scalar::<f32>()?;
-        worst = worst.max(d);
+            .to_vec1::<f32>()?;
+        for v in d {
+            if v.is_nan() {
+                return Ok(f32::NAN);
+            }
+            worst = worst.max(v);
+        }
     }
     Ok(worst)
 }

@@ -99,6 +99,11 @@ pub enum ModelError {
         /// The parse error.
         what: String,
     },
+    /// A request the session cannot run: an empty prompt, a prompt over the model's context,
+    /// or a sequence larger than the KV pool holds under the policy. The text says which and
+    /// by how much.
+    #[error("{0}")]
+    Request(String),
     /// Error from the KV core (policy, cache).
     #[error(transparent)]
     Core(#[from] layerkv::Error),

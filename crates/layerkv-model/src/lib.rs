@@ -5,8 +5,9 @@
 //! model directories ([`weights`], [`config`], [`tokenizer`]), GGUF conversion ([`convert`]),
 //! the embedded default model and texts ([`assets`]), the linear layers the forward pass is
 //! generic over ([`linear`]), the policy-driven forward pass
-//! ([`engine`]), chat templates ([`chat`]), sampling and generation ([`generate`]),
-//! evaluation ([`eval`]) and the model side of KVSharer calibration ([`calibrate`]).
+//! ([`engine`]), chat templates ([`chat`]), sampling and generation ([`generate`]), the
+//! session every client serves requests through ([`session`]), evaluation ([`eval`]) and the
+//! model side of KVSharer calibration ([`calibrate`]).
 
 pub mod assets;
 pub mod calibrate;
@@ -20,6 +21,7 @@ pub mod generate;
 pub mod linear;
 mod model;
 pub mod rope;
+pub mod session;
 pub mod tokenizer;
 pub mod weights;
 
@@ -27,3 +29,4 @@ pub use config::ModelConfig;
 pub use error::{ModelError, Result};
 pub use linear::Projection;
 pub use model::{Layer, Model, ModelParts};
+pub use session::{KvMemory, Session, SessionOptions};

@@ -82,3 +82,10 @@ impl Rope {
         candle_nn::rotary_emb::rope_thd(&x4.contiguous()?, cos, sin)?.reshape((rows, heads, d))
     }
 }
+
+impl layerkv_kernels::KeyRotation for Rope {
+    fn rotate_keys(&self, keys: &Tensor, positions: &[usize]) -> Result<Tensor> {
+        let (cos, sin) = self.tables(positions, keys.dtype(), keys.device())?;
+        Rope::apply(keys, &cos, &sin)
+    }
+}

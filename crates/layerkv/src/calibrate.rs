@@ -7,7 +7,7 @@
 //! (final hidden states per sample, mean next-token NLL). This module holds no tensors, only
 //! flattened `f32` slices, so any engine can calibrate.
 //!
-//! The search ([`calibrate`]) follows the authors' code (DESIGN.md, "KVSharer"):
+//! The search ([`calibrate`]) follows the KVSharer authors' code:
 //! 1. the reference K/V give the [`DistanceMatrix`]: for layers `i > j`, the mean over heads
 //!    and tokens of the L2 norm over `head_dim` of `K_i - K_j`, the same for V, the two averaged;
 //! 2. the unmodified model runs once (the reference of every score);

@@ -1,5 +1,7 @@
 //! [`CacheConfig`]: the sizes of a cache (pages, slots per page, bytes per slot, windows). Plain
-//! data, read by the cache and by the planner.
+//! data, read by the cache and by the planner, with the one rule for windows both apply.
+
+use crate::map::{GroupId, LayerMap};
 
 /// Sizes of a cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,3 +52,31 @@ impl CacheConfig {
     }
 }
 
+/// The attention window of `layer`: `sliding` for the layers the map marks sliding, `model`
+/// (a model-wide sliding window, or `None` for full attention) for the others.
+pub(crate) fn layer_window(
+    map: &LayerMap,
+    layer: usize,
+    sliding: Option<usize>,
+    model: Option<usize>,
+) -> Option<usize> {
+    if map.is_sliding(layer) {
+        sliding
+    } else {
+        model
+    }
+}
+
+/// The window beyond which no reader of `group` looks: the widest reader's window, `None` as
+/// soon as one reader attends to everything.
+pub(crate) fn group_window(
+    map: &LayerMap,
+    group: GroupId,
+    sliding: Option<usize>,
+    model: Option<usize>,
+) -> Option<usize> {
+    map.readers(group)
+        .iter()
+        .map(|&l| layer_window(map, l, sliding, model))
+        .try_fold(0usize, |acc, w| w.map(|w| acc.max(w)))
+}

@@ -46,6 +46,7 @@ pub mod plan;
 mod policy;
 mod pool;
 pub mod retention;
+mod spec;
 mod step;
 mod table;
 

@@ -7,7 +7,7 @@
 //! group's holes reach a page, so a group holds at most one page beyond its live tokens. Sharing
 //! layers hold nothing. A plan never promises more than the allocator delivers. O(groups).
 
-use crate::config::CacheConfig;
+use crate::config::{group_window, CacheConfig};
 use crate::policy::LayerKvPolicy;
 
 /// Planning parameters: the cache's block size and windows, and the tokens one step appends
@@ -61,17 +61,7 @@ impl Planner {
         let bs = self.block_size.max(1);
         let map = policy.layer_map();
         let full = seq_len.div_ceil(bs);
-        let window = map
-            .readers(group)
-            .iter()
-            .map(|&l| {
-                if map.is_sliding(l) {
-                    self.sliding_window
-                } else {
-                    self.model_window
-                }
-            })
-            .try_fold(0usize, |acc, w| w.map(|w| acc.max(w)));
+        let window = group_window(map, group, self.sliding_window, self.model_window);
         let retention = policy.retention(group);
         if retention.is_full() && window.is_none() {
             return full;

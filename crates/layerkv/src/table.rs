@@ -48,6 +48,14 @@ pub struct TableView<'a> {
     pub valid: Option<&'a [u64]>,
 }
 
+impl TableView<'_> {
+    /// Whether logical slot `s` holds a live token (filled and its validity bit set).
+    #[inline]
+    pub fn is_valid(&self, s: usize) -> bool {
+        s < self.num_slots && self.valid.is_none_or(|v| v[s / 64] >> (s % 64) & 1 == 1)
+    }
+}
+
 impl BlockTable {
     /// Page ids in logical order (every one held by this table).
     pub fn pages(&self) -> &[PageId] {

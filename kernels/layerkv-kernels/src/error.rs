@@ -35,6 +35,9 @@ pub enum KernelError {
     /// Any other inconsistent argument.
     #[error("{0}")]
     Invalid(String),
+    /// An error from the cache (a table the step names is gone, an unknown group).
+    #[error(transparent)]
+    Cache(#[from] layerkv::Error),
     /// An error from candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

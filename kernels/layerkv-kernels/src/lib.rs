@@ -6,22 +6,25 @@
 //! diagonal masking for upward cross-layer sharing, and an optional per-slot attention-mass
 //! output for score-based retention (H2O, SnapKV).
 //!
-//! The kernels never see a policy: they read pages, lengths and masks ([`SeqKv`]) and the rule
-//! ([`AttentionParams`]). [`reference`] is a naive dense implementation used by the tests.
+//! The kernels never see a policy: they read pages, lengths and masks (the allocator's
+//! [`layerkv::TableView`]) and the rule ([`AttentionParams`]). [`StepExecutor`] executes the
+//! step protocol's plans (page copies, sink re-rotations, compaction moves) on a [`KvStore`].
+//! [`reference`] is a naive dense implementation used by the tests.
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
-//! use layerkv_kernels::{paged_attention, AttentionParams, KvStore, SeqKv, SeqQuery};
+//! use layerkv::TableView;
+//! use layerkv_kernels::{paged_attention, AttentionParams, KvStore, SeqQuery};
 //!
 //! let mut store = KvStore::new(8, 4, 2, 16, DType::F32, &Device::Cpu)?;
 //! let k = Tensor::randn(0f32, 1.0, (6, 2, 16), &Device::Cpu)?;
 //! store.write(&[12, 13, 14, 15, 4, 5], &k, &k)?;        // pages 3 and 1
 //! let q = Tensor::randn(0f32, 1.0, (1, 4, 16), &Device::Cpu)?;
 //! let seq = SeqQuery {
-//!     kv: SeqKv { pages: &[3, 1], num_slots: 6, valid: None },
+//!     kv: TableView { pages: &[3, 1], num_slots: 6, valid: None },
 //!     q_start: 0,
 //!     num_q: 1,
-//!     q_pos: 5,
+//!     first_slot: 5,
 //! };
 //! let params = AttentionParams { scale: 0.25, window: None, include_diagonal: true };
 //! let out = paged_attention(&q, &store, &[seq], &params, None)?;
@@ -32,22 +35,21 @@
 mod cpu;
 pub mod cuda;
 mod error;
+mod exec;
 pub mod reference;
 mod store;
 mod view;
 
 pub use error::{KernelError, Result};
+pub use exec::{KeyRotation, StepExecutor};
 pub use store::KvStore;
-pub use view::{AttentionParams, SeqKv, SeqQuery};
-
-/// Marks a logical page that eviction returned to the pool: all its slots are invalid.
-pub const NULL_PAGE: u32 = u32::MAX;
+pub use view::{AttentionParams, SeqQuery};
 
 /// Paged attention for a batch of sequences.
 ///
 /// `q`: `[total_q, heads, head_dim]` (f32/f16/bf16, on the store's device), `heads` a multiple
 /// of the store's `kv_heads`. Row r of sequence s attends, with f32 accumulation, to the valid
-/// slots of `s.kv` visible from logical position `s.q_pos + r` under `params`; a row that sees no
+/// slots of `s.kv` visible from logical slot `s.first_slot + r` under `params`; a row that sees no
 /// slot outputs zeros. Returns `[total_q, heads, head_dim]` in q's dtype.
 ///
 /// `mass`: if given, *adds* to it, per sequence, the attention probability each logical slot
@@ -141,11 +143,9 @@ fn validate(
                 )));
             }
         }
-        if let Some(&p) =
-            s.kv.pages
-                .iter()
-                .find(|&&p| p != NULL_PAGE && p as usize >= store.num_pages())
-        {
+        // Every page must be in the store (tables hold only live pages), so the kernels need
+        // no per-slot page check.
+        if let Some(&p) = s.kv.pages.iter().find(|&&p| p as usize >= store.num_pages()) {
             return Err(KernelError::Page {
                 what: format!("sequence {i}"),
                 page: p,

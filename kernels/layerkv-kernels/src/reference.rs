@@ -8,7 +8,6 @@ use candle_core::{DType, Device, Tensor, D};
 use crate::error::Result;
 use crate::store::KvStore;
 use crate::view::{AttentionParams, SeqQuery};
-use crate::NULL_PAGE;
 
 /// Dense attention for the same inputs as [`crate::paged_attention`]. Returns the output
 /// (`[total_q, heads, head_dim]`, f32) and the per-slot attention mass (concatenated per
@@ -41,16 +40,8 @@ pub fn dense_attention(
             mass.extend(seg);
             continue;
         }
-        // Physical rows (page 0 stands in for evicted pages; the mask hides them).
         let rows: Vec<u32> = (0..n)
-            .map(|l| {
-                let p = s.kv.pages[l / bs];
-                if p == NULL_PAGE {
-                    0
-                } else {
-                    p * bs as u32 + (l % bs) as u32
-                }
-            })
+            .map(|l| s.kv.pages[l / bs] * bs as u32 + (l % bs) as u32)
             .collect();
         let idx = Tensor::new(rows.as_slice(), dev)?;
         // [kvh, n, d] -> repeat each KV head for its query heads -> [heads, n, d].
@@ -65,9 +56,9 @@ pub fn dense_attention(
         let scores = (qs.matmul(&k.t()?.contiguous()?)? * f64::from(params.scale))?; // [heads, rows, n]
         let mut mask = vec![0f32; s.num_q * n];
         for r in 0..s.num_q {
-            let (lo, hi) = params.visible(s.q_pos + r, n);
+            let (lo, hi) = params.visible(s.first_slot + r, n);
             for slot in lo..hi {
-                if s.kv.is_valid(slot, bs) {
+                if s.kv.is_valid(slot) {
                     mask[r * n + slot] = 1.0;
                 }
             }

@@ -9,6 +9,7 @@
 //! page tensors never reallocate after `new`.
 
 use candle_core::{CpuStorage, DType, Device, InplaceOp2, Layout, Tensor};
+use layerkv::SlotMove;
 
 use crate::error::{KernelError, Result};
 
@@ -163,22 +164,19 @@ impl KvStore {
         Ok(())
     }
 
-    /// Executes a compaction plan: K and V rows move from physical slot `src[i]` to `dst[i]`.
-    /// All sources are gathered before any destination is written, so the plan's sources and
-    /// destinations may overlap. O(moves x kv_heads x head_dim), on any device.
-    pub fn move_slots(&mut self, src: &[u32], dst: &[u32]) -> Result<()> {
-        if src.len() != dst.len() {
-            return Err(KernelError::Invalid(format!(
-                "move_slots: {} sources but {} destinations",
-                src.len(),
-                dst.len()
-            )));
-        }
-        self.check_slots("move_slots source", src)?;
-        self.check_slots("move_slots destination", dst)?;
-        if src.is_empty() {
+    /// Executes a compaction plan ([`layerkv::Step::moves`]): K and V rows move from physical
+    /// slot `src` to `dst` of each move. All sources are gathered before any destination is
+    /// written, so the plan's sources and destinations may overlap. O(moves x kv_heads x
+    /// head_dim), on any device.
+    pub fn move_slots(&mut self, moves: &[SlotMove]) -> Result<()> {
+        if moves.is_empty() {
             return Ok(());
         }
+        let src: Vec<u32> = moves.iter().map(|m| m.src).collect();
+        let dst: Vec<u32> = moves.iter().map(|m| m.dst).collect();
+        let (src, dst) = (&src[..], &dst[..]);
+        self.check_slots("move_slots source", src)?;
+        self.check_slots("move_slots destination", dst)?;
         let total = self.num_pages * self.block_size;
         let row = self.kv_heads * self.head_dim;
         let idx = Tensor::new(src, self.k.device())?;
@@ -347,14 +345,17 @@ mod tests {
         let v = (&k * 10.0).unwrap();
         store.write(&[0, 1, 2, 3, 4, 5, 6, 7], &k, &v).unwrap();
         // Slot 2 is read and written by the same plan.
-        store.move_slots(&[2, 3, 5], &[1, 2, 3]).unwrap();
+        let mv = |src, dst| SlotMove { src, dst };
+        store
+            .move_slots(&[mv(2, 1), mv(3, 2), mv(5, 3)])
+            .unwrap();
         assert_eq!(rows(store.k()), vec![0., 2., 3., 5., 4., 5., 6., 7.]);
         assert_eq!(rows(store.v()), vec![0., 20., 30., 50., 40., 50., 60., 70.]);
         let sink = Tensor::full(9f32, (1, 1, 2), &Device::Cpu).unwrap();
         store.write_keys(&[7], &sink).unwrap();
         assert_eq!(rows(store.k())[7], 9.0);
         assert_eq!(rows(store.v())[7], 70.0);
-        assert!(store.move_slots(&[1], &[8]).is_err());
-        assert!(store.move_slots(&[1, 2], &[3]).is_err());
+        assert!(store.move_slots(&[mv(1, 8)]).is_err());
+        assert!(store.move_slots(&[mv(8, 1)]).is_err());
     }
 }

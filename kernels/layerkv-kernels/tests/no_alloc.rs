@@ -16,7 +16,8 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 
 use candle_core::{DType, Device, Tensor};
-use layerkv_kernels::{paged_attention, AttentionParams, KvStore, SeqKv, SeqQuery};
+use layerkv::TableView;
+use layerkv_kernels::{paged_attention, AttentionParams, KvStore, SeqQuery};
 
 struct Counting;
 
@@ -109,14 +110,14 @@ fn measure(c: &Case) -> (usize, usize) {
         .iter()
         .enumerate()
         .map(|(b, t)| SeqQuery {
-            kv: SeqKv {
+            kv: TableView {
                 pages: t,
                 num_slots: c.ctx,
                 valid: None,
             },
             q_start: b * c.num_q,
             num_q: c.num_q,
-            q_pos: c.ctx - c.num_q,
+            first_slot: c.ctx - c.num_q,
         })
         .collect();
     let params = AttentionParams {

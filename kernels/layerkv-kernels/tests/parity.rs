@@ -7,7 +7,7 @@
 use candle_core::{DType, Device, Tensor};
 use layerkv_kernels::reference::dense_attention;
 use layerkv_kernels::{
-    paged_attention, AttentionParams, KernelError, KvStore, SeqKv, SeqQuery, NULL_PAGE,
+    paged_attention, AttentionParams, KernelError, KvStore, SeqQuery,
 };
 
 struct Rng(u64);
@@ -30,7 +30,7 @@ struct Case {
     valid: Vec<Option<Vec<u64>>>,
     num_slots: Vec<usize>,
     num_q: Vec<usize>,
-    q_pos: Vec<usize>,
+    first_slot: Vec<usize>,
     q: Tensor,
     params: AttentionParams,
 }
@@ -76,7 +76,7 @@ fn build_sized(seed: u64, dtype: DType, max_len: usize) -> Case {
     let holes = rng.below(3) == 0;
     for &n in &num_slots {
         let np = n.div_ceil(bs);
-        let mut p: Vec<u32> = ids[next..next + np].to_vec();
+        let p: Vec<u32> = ids[next..next + np].to_vec();
         next += np;
         if holes {
             let mut v = vec![0u64; n.div_ceil(64)];
@@ -85,10 +85,9 @@ fn build_sized(seed: u64, dtype: DType, max_len: usize) -> Case {
                     v[s / 64] |= 1 << (s % 64);
                 }
             }
-            // Evict whole pages in the middle: their slots are invalid and the page is NULL.
-            for (i, page) in p.iter_mut().enumerate() {
+            // Evict whole pages in the middle: none of their slots is valid.
+            for i in 0..p.len() {
                 if (i + 1) * bs < n && rng.below(4) == 0 {
-                    *page = NULL_PAGE;
                     for s in i * bs..(i + 1) * bs {
                         v[s / 64] &= !(1 << (s % 64));
                     }
@@ -112,7 +111,7 @@ fn build_sized(seed: u64, dtype: DType, max_len: usize) -> Case {
         .unwrap()
         .to_dtype(dtype)
         .unwrap();
-    let q_pos = num_slots
+    let first_slot = num_slots
         .iter()
         .zip(&num_q)
         .map(|(&n, &nq)| n - nq + usize::from(rng.below(4) == 0).min(nq))
@@ -128,7 +127,7 @@ fn build_sized(seed: u64, dtype: DType, max_len: usize) -> Case {
         valid,
         num_slots,
         num_q,
-        q_pos,
+        first_slot,
         q,
         params,
     }
@@ -139,14 +138,14 @@ fn seqs(c: &Case) -> Vec<SeqQuery<'_>> {
     (0..c.pages.len())
         .map(|i| {
             let s = SeqQuery {
-                kv: SeqKv {
+                kv: layerkv::TableView {
                     pages: &c.pages[i],
                     num_slots: c.num_slots[i],
                     valid: c.valid[i].as_deref(),
                 },
                 q_start: start,
                 num_q: c.num_q[i],
-                q_pos: c.q_pos[i],
+                first_slot: c.first_slot[i],
             };
             start += c.num_q[i];
             s
@@ -231,8 +230,7 @@ fn mass_sums_to_rows_times_heads() {
         let sum: f32 = mass[off..off + c.num_slots[i]].iter().sum();
         let rows_seeing = (0..seq.num_q)
             .filter(|&r| {
-                (0..=(seq.q_pos + r).min(seq.kv.num_slots - 1))
-                    .any(|x| seq.kv.is_valid(x, c.store.block_size()))
+                (0..=(seq.first_slot + r).min(seq.kv.num_slots - 1)).any(|x| seq.kv.is_valid(x))
             })
             .count();
         assert!(
@@ -300,14 +298,14 @@ fn bad_arguments_are_typed_errors() {
         include_diagonal: true,
     };
     let seq = |pages: &'static [u32], n| SeqQuery {
-        kv: SeqKv {
+        kv: layerkv::TableView {
             pages,
             num_slots: n,
             valid: None,
         },
         q_start: 0,
         num_q: 1,
-        q_pos: 0,
+        first_slot: 0,
     };
     let q = Tensor::zeros((1, 4, 8), DType::F32, &dev).unwrap();
     assert!(paged_attention(&q, &store, &[seq(&[0], 5)], &params, None).is_err());

@@ -31,7 +31,7 @@ use std::sync::Arc;
 use parking_lot::{RwLock, RwLockReadGuard};
 
 use crate::compact::Compactor;
-use crate::config::CacheConfig;
+use crate::config::{group_window, layer_window, CacheConfig};
 use crate::error::{Error, Result};
 use crate::ids::SeqId;
 use crate::map::GroupId;
@@ -124,20 +124,8 @@ impl KvCache {
             }
         }
         let groups = map.num_groups();
-        let layer_window = |l: usize| {
-            if map.is_sliding(l) {
-                config.sliding_window
-            } else {
-                config.model_window
-            }
-        };
         let windows: Vec<Option<usize>> = (0..groups)
-            .map(|g| {
-                map.readers(g)
-                    .iter()
-                    .map(|&l| layer_window(l))
-                    .try_fold(0usize, |acc, w| w.map(|w| acc.max(w)))
-            })
+            .map(|g| group_window(map, g, config.sliding_window, config.model_window))
             .collect();
         let needs: Vec<ScoreNeed> = (0..groups).map(|g| policy.score_need(g)).collect();
         let sinks: Vec<usize> = (0..groups).map(|g| policy.retention(g).sinks()).collect();
@@ -183,11 +171,13 @@ impl KvCache {
     /// The attention window of `layer` in cache slots (`None`: full attention). Engines pass it
     /// to the kernels so the cache and the kernels agree.
     pub fn layer_window(&self, layer: usize) -> Option<usize> {
-        if self.core.policy.layer_map().is_sliding(layer) {
-            self.core.config.sliding_window
-        } else {
-            self.core.config.model_window
-        }
+        let c = &self.core.config;
+        layer_window(
+            self.core.policy.layer_map(),
+            layer,
+            c.sliding_window,
+            c.model_window,
+        )
     }
 
     /// The window beyond which no reader of `group` looks (every reader slides), so the cache

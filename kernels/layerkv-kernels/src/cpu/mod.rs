@@ -608,13 +608,13 @@ fn work_item_body<T: Elem, M: Madd>(
         for r in 0..seq.num_q {
             let qrow = seq.q_start + r;
             let qs = &q[(qrow * heads + h * group) * d..(qrow * heads + (h + 1) * group) * d];
-            let (lo, hi) = params.visible(seq.q_pos + r, n);
+            let (lo, hi) = params.visible(seq.first_slot + r, n);
             let mut max = vec_max_init(group);
             // Pass 1: scores, one pass over each key row for the whole group.
             for s in lo..hi {
                 prefetch_slot(k, seq, s + PREFETCH, hi, bs, &slot_row, d);
                 let sc = &mut scores[s * group..(s + 1) * group];
-                if !seq.kv.is_valid(s, bs) {
+                if !seq.kv.is_valid(s) {
                     sc.fill(f32::NEG_INFINITY);
                     continue;
                 }
@@ -658,7 +658,7 @@ fn work_item_body<T: Elem, M: Madd>(
                 let mut count = 0;
                 while count < VB && s < hi {
                     prefetch_slot(v, seq, s + PREFETCH, hi, bs, &slot_row, d);
-                    if seq.kv.is_valid(s, bs) {
+                    if seq.kv.is_valid(s) {
                         let base = slot_row(seq.kv.pages[s / bs], s % bs);
                         let src = &v[base..base + d];
                         block[count] = match T::as_f32(src) {
@@ -727,9 +727,6 @@ fn prefetch_slot<T>(
         return;
     }
     let page = seq.kv.pages[s / bs];
-    if page == crate::NULL_PAGE {
-        return;
-    }
     let base = slot_row(page, s % bs);
     prefetch(&data[base..base + d]);
 }
@@ -765,7 +762,7 @@ fn vec_max_init(group: usize) -> [f32; MAX_GROUP] {
 mod tests {
     use super::*;
     use crate::reference::dense_attention;
-    use crate::view::SeqKv;
+    use layerkv::TableView as SeqKv;
 
     /// Both instantiations of the loops (baseline and AVX2+FMA where the CPU has them) against
     /// the dense reference, with a GQA group of 6 (one 4-wide block + two singles), head_dim 20
@@ -789,7 +786,7 @@ mod tests {
                 },
                 q_start: 0,
                 num_q: 3,
-                q_pos: 16,
+                first_slot: 16,
             }];
             let params = AttentionParams {
                 scale: 0.3,
@@ -858,7 +855,9 @@ mod tests {
             let slots: Vec<u32> = (0..64).rev().collect();
             store.write(&slots, &k, &v).unwrap();
             let a = [9u32, 2, 14, 0, 7, 3, 11, 5, 1];
-            let b = [4u32, crate::NULL_PAGE, 12, 6, 8];
+            // b's second page holds no valid slot (its bits are clear).
+            let b = [4u32, 15, 12, 6, 8];
+            let valid_b = [0b11_1111_1111_0000_1111u64];
             let c = [10u32];
             let valid_a = [0b1011_1111_0111_1111_1111_1111_1101_1111_1110u64];
             for (window, include_diagonal) in [(None, true), (Some(9), true), (None, false)] {
@@ -871,17 +870,17 @@ mod tests {
                         },
                         q_start: 0,
                         num_q: 1,
-                        q_pos: 34,
+                        first_slot: 34,
                     },
                     SeqQuery {
                         kv: SeqKv {
                             pages: &b,
                             num_slots: 18,
-                            valid: None,
+                            valid: Some(&valid_b),
                         },
                         q_start: 1,
                         num_q: 1,
-                        q_pos: 17,
+                        first_slot: 17,
                     },
                     SeqQuery {
                         kv: SeqKv {
@@ -891,7 +890,7 @@ mod tests {
                         },
                         q_start: 2,
                         num_q: 1,
-                        q_pos: 0,
+                        first_slot: 0,
                     },
                 ];
                 let params = AttentionParams {

@@ -119,7 +119,7 @@ fn make_plan(
     block_size: usize,
     split: Split,
 ) {
-    let visible = |s: &SeqQuery<'_>| params.visible(s.q_pos, s.kv.num_slots);
+    let visible = |s: &SeqQuery<'_>| params.visible(s.first_slot, s.kv.num_slots);
     let len = match split {
         Split::Slots(n) => n.max(1),
         _ => {
@@ -237,7 +237,7 @@ fn part_body<T: Elem, M: Madd>(
         let qs: &[f32] = qs;
         let token = |s: usize| (seq.kv.pages[s / bs] as usize * bs + s % bs) * row;
         let prefetch = |data: &[T], s: usize| {
-            if s < part.end && seq.kv.pages[s / bs] != crate::NULL_PAGE {
+            if s < part.end {
                 let base = token(s);
                 super::prefetch(&data[base..base + row]);
             }
@@ -255,7 +255,7 @@ fn part_body<T: Elem, M: Madd>(
             let mut n = 0;
             while n < VB && s < part.end {
                 prefetch(k, s + PREFETCH);
-                if seq.kv.is_valid(s, bs) {
+                if seq.kv.is_valid(s) {
                     let base = token(s);
                     keys[n] = k[base..base + row].as_ptr();
                     out[n] = score_row(s);
@@ -298,7 +298,7 @@ fn part_body<T: Elem, M: Madd>(
             let mut count = 0;
             while count < VB && s < part.end {
                 prefetch(v, s + PREFETCH);
-                if seq.kv.is_valid(s, bs) {
+                if seq.kv.is_valid(s) {
                     let base = token(s);
                     block[count] = v[base..base + row].as_ptr();
                     // SAFETY: `s - part.start < len`: score row `s` lies inside `scores`, and

@@ -4,8 +4,9 @@
 //
 // Semantics match the CPU kernel (`cpu.rs`): a query row at logical slot p sees slots s in
 // [lo, hi) with hi = p + 1 (p when the diagonal is masked for upward sharing), clipped to the
-// filled slots, lo = p + 1 - window under a sliding window; a slot counts only if its page is
-// held (not NULL_PAGE) and its validity bit is set. Scores, softmax and accumulation are f32.
+// filled slots, lo = p + 1 - window under a sliding window; a slot counts only if its validity
+// bit is set (the host checks that every page is in the store). Scores, softmax and
+// accumulation are f32.
 //
 // Work split (flash-decoding): grid (query row, kv head, split); a split covers `chunks` chunks
 // of `part` logical slots. For each chunk a block computes the scores of every query head of
@@ -16,7 +17,6 @@
 // size, whichever is larger (long prefill gets one split of many chunks per row; short batches
 // get many one-chunk splits to fill the GPU).
 
-#define NULL_PAGE 0xffffffffu
 #define NEG_INF __int_as_float(0xff800000)
 #define WARPS 4
 #define THREADS (WARPS * 32)
@@ -105,8 +105,7 @@ __device__ void block_scores(const Params& P, const T* k, const unsigned int* pa
     const int valid_off = si[SI_VALID_OFF];
     for (int s = lo + warp; s < hi; s += WARPS) {
         unsigned int page = seq_pages[s / P.block_size];
-        bool ok = page != NULL_PAGE;
-        if (ok && valid_off >= 0) ok = (valid[valid_off + (s >> 6)] >> (s & 63)) & 1ull;
+        bool ok = valid_off < 0 || ((valid[valid_off + (s >> 6)] >> (s & 63)) & 1ull);
         if (!ok) {
             if (lane == 0) {
                 phys[s - lo] = -1;

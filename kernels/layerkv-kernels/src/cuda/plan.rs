@@ -59,7 +59,7 @@ pub struct LaunchPlan {
     pub params: LaunchParams,
     /// Sequence index of each query row (-1: the row belongs to no sequence and outputs 0).
     pub row_seq: Vec<i32>,
-    /// `SEQ_INFO` ints per sequence: q_start, num_q, q_pos, num_slots, page offset, validity
+    /// `SEQ_INFO` ints per sequence: q_start, num_q, first_slot, num_slots, page offset, validity
     /// word offset (-1: all valid), mass offset, padding.
     pub seq_info: Vec<i32>,
     /// Every sequence's page ids, concatenated (never empty: device buffers need a length; the
@@ -129,7 +129,7 @@ pub fn plan(
         seq_info.extend([
             int("q_start", s.q_start)?,
             int("num_q", s.num_q)?,
-            int("q_pos", s.q_pos)?,
+            int("first_slot", s.first_slot)?,
             int("num_slots", s.kv.num_slots)?,
             int("page offset", pages.len())?,
             valid_off,
@@ -141,7 +141,7 @@ pub fn plan(
         max_slots = max_slots.max(s.kv.num_slots);
     }
     if pages.is_empty() {
-        pages.push(crate::NULL_PAGE);
+        pages.push(0);
     }
     if seq_info.is_empty() {
         seq_info.extend([0; SEQ_INFO]);
@@ -187,7 +187,7 @@ pub fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::view::SeqKv;
+    use layerkv::TableView as SeqKv;
 
     #[test]
     fn flattens_sequences_in_order() {
@@ -202,7 +202,7 @@ mod tests {
                 },
                 q_start: 0,
                 num_q: 1,
-                q_pos: 5,
+                first_slot: 5,
             },
             SeqQuery {
                 kv: SeqKv {
@@ -212,7 +212,7 @@ mod tests {
                 },
                 q_start: 2,
                 num_q: 2,
-                q_pos: 2,
+                first_slot: 2,
             },
         ];
         let params = AttentionParams {
@@ -242,7 +242,7 @@ mod tests {
             },
             q_start: 0,
             num_q: 1,
-            q_pos: 999,
+            first_slot: 999,
         };
         let params = AttentionParams {
             scale: 1.0,
@@ -281,7 +281,7 @@ mod tests {
             },
             q_start,
             num_q,
-            q_pos: num_slots - num_q,
+            first_slot: num_slots - num_q,
         };
         // 8k-token prefill: 4096 rows x 8 KV heads are blocks enough; one split of 32 chunks.
         let p = plan(&[seq(0, 4096, 8192)], 4096, 32, 8, 128, 16, &params).unwrap();

@@ -1,0 +1,360 @@
+//! [`Session`]: a model under a policy, ready to serve requests. The one place that sizes the
+//! KV pool from the planner, checks that a request fits (the model's context, the pool under
+//! the policy), knows the stop tokens (EOS, the chat template's end of turn) and runs
+//! completions. The CLI's `generate` and `chat`, the mistral.rs adapter and the server are its
+//! clients; none of them repeats this bookkeeping.
+//!
+//! The model comes from the caller ([`Session::load`] reads a model directory; the adapter
+//! hands in a model whose projections mistral.rs loaded), the policy too (parse one with
+//! [`layerkv::Policy::from_spec`]).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
+use layerkv::plan::Planner;
+use layerkv::{LayerKvPolicy, Policy, SeqId};
+
+use crate::chat::{ChatTemplate, Message};
+use crate::engine::{Engine, EngineConfig};
+use crate::error::{ModelError, Result};
+use crate::generate::{complete, stop_tokens, Completion, GenerationConfig, Sampler, Sampling, StopCriteria};
+use crate::model::Model;
+use crate::tokenizer::Tokenizer;
+
+/// Token slots per KV page in every session.
+pub const BLOCK_SIZE: usize = 16;
+
+/// How a session is sized and how it samples. `Default` gives one sequence of 4096 tokens,
+/// f32 KV, `generation_config.json`'s sampling and reply length.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionOptions {
+    /// The longest sequence (prompt and reply) the pool is sized for under the policy.
+    pub max_context: usize,
+    /// How many such sequences the pool holds at once.
+    pub max_sequences: usize,
+    /// KV page dtype (f32, f16, bf16).
+    pub kv_dtype: DType,
+    /// Window of the layers the policy's map marks sliding (YOCO's `s` layers).
+    pub sliding_window: Option<usize>,
+    /// Most tokens per reply (`None`: `generation_config.json`'s `max_new_tokens`, else 256).
+    pub max_tokens: Option<usize>,
+    /// Sampling (`None`: `generation_config.json`'s, else greedy).
+    pub sampling: Option<Sampling>,
+    /// Strings that end a reply (the text is cut before them).
+    pub stop_strings: Vec<String>,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        Self {
+            max_context: 4096,
+            max_sequences: 1,
+            kv_dtype: DType::F32,
+            sliding_window: None,
+            max_tokens: None,
+            sampling: None,
+            stop_strings: Vec::new(),
+        }
+    }
+}
+
+/// KV memory of a sequence under the policy beside what the identity policy would hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvMemory {
+    /// Tokens the sequence has seen.
+    pub tokens: usize,
+    /// KV bytes its pages hold under the policy.
+    pub held_bytes: usize,
+    /// KV bytes the identity policy holds for as many tokens (every layer, every token, whole
+    /// pages).
+    pub identity_bytes: usize,
+}
+
+impl KvMemory {
+    /// `held / identity` (1.0 when nothing is held).
+    pub fn ratio(&self) -> f64 {
+        if self.identity_bytes == 0 {
+            1.0
+        } else {
+            self.held_bytes as f64 / self.identity_bytes as f64
+        }
+    }
+}
+
+/// A model, its tokenizer and an engine under a policy, with the stop criteria and sampling
+/// defaults of its directory. See the module docs.
+#[derive(Debug)]
+pub struct Session {
+    dir: PathBuf,
+    engine: Engine,
+    tokenizer: Tokenizer,
+    sampling: Sampling,
+    stop: StopCriteria,
+    planner: Planner,
+    policy_name: String,
+    template: Option<ChatTemplate>,
+}
+
+impl Session {
+    /// Loads the model directory `dir` (safetensors, f32/f16/bf16 on `device`) and builds a
+    /// session under `policy`.
+    pub fn load(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        policy: Policy,
+        options: SessionOptions,
+    ) -> Result<Self> {
+        let model = Arc::new(Model::load(dir, dtype, device)?);
+        Self::new(dir, model, policy, options)
+    }
+
+    /// A session for `model` (loaded from `dir` by any loader) under `policy`: the tokenizer,
+    /// the generation defaults and the chat template come from `dir`; the pool holds
+    /// `max_sequences` sequences of `max_context` tokens at the policy's peak.
+    pub fn new(
+        dir: &Path,
+        model: Arc<Model>,
+        policy: Policy,
+        options: SessionOptions,
+    ) -> Result<Self> {
+        if options.max_context == 0 || options.max_sequences == 0 {
+            return Err(ModelError::Config(
+                "max_context and max_sequences must be positive".into(),
+            ));
+        }
+        policy.layer_map().require_layers(model.num_layers())?;
+        let tokenizer = crate::tokenizer::load(dir)?;
+        let vocab = model.config().vocab_size;
+        if tokenizer.vocab_size() > vocab {
+            return Err(ModelError::VocabMismatch {
+                tokenizer: tokenizer.vocab_size(),
+                config: vocab,
+            });
+        }
+        let generation = GenerationConfig::load(dir)?;
+        let stop = StopCriteria {
+            max_new_tokens: options
+                .max_tokens
+                .or(generation.max_new_tokens)
+                .unwrap_or(256),
+            stop_tokens: stop_tokens(dir, model.config(), &generation, &tokenizer),
+            stop_strings: options.stop_strings,
+        };
+        let sampling = options.sampling.unwrap_or_else(|| generation.sampling());
+        let engine_config = EngineConfig {
+            block_size: BLOCK_SIZE,
+            kv_dtype: options.kv_dtype,
+            sliding_window: options.sliding_window,
+            ..EngineConfig::default()
+        };
+        let planner = Planner {
+            block_size: BLOCK_SIZE,
+            sliding_window: options.sliding_window,
+            model_window: model.config().sliding_window,
+            step_tokens: engine_config.prefill_chunk,
+        };
+        // One page per group of slack: a partly filled page at each end of the live range.
+        let num_pages = options.max_sequences
+            * (planner.pages_per_sequence(&policy, options.max_context)
+                + policy.layer_map().num_groups());
+        let policy_name = policy.name().to_string();
+        let engine = Engine::new(
+            model,
+            Arc::new(policy),
+            EngineConfig {
+                num_pages,
+                ..engine_config
+            },
+        )?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            engine,
+            tokenizer,
+            sampling,
+            stop,
+            planner,
+            policy_name,
+            template: None,
+        })
+    }
+
+    /// The model directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Arc<Model> {
+        self.engine.model()
+    }
+
+    /// The engine (cache, store, policy), for batched stepping with the step protocol.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The engine, mutably.
+    pub fn engine_mut(&mut self) -> &mut Engine {
+        &mut self.engine
+    }
+
+    /// The tokenizer (with the BOS prefix `tokenizer_config.json` asks for).
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The default sampling settings.
+    pub fn sampling(&self) -> Sampling {
+        self.sampling
+    }
+
+    /// When replies end: reply length, stop tokens (EOS, and the end of turn once the chat
+    /// template was loaded) and stop strings.
+    pub fn stop_criteria(&self) -> &StopCriteria {
+        &self.stop
+    }
+
+    /// The stop criteria, to change the reply length or the stop strings.
+    pub fn stop_criteria_mut(&mut self) -> &mut StopCriteria {
+        &mut self.stop
+    }
+
+    /// The policy's name.
+    pub fn policy_name(&self) -> &str {
+        &self.policy_name
+    }
+
+    /// The capacity planner the pool was sized with.
+    pub fn planner(&self) -> &Planner {
+        &self.planner
+    }
+
+    /// The model's chat template (loaded once); its end-of-turn token joins the stop tokens.
+    pub fn chat_template(&mut self) -> Result<&ChatTemplate> {
+        if self.template.is_none() {
+            let t = ChatTemplate::load(&self.dir)?;
+            if let Some(id) = t.end_of_turn().and_then(|m| self.tokenizer.token_id(&m)) {
+                if !self.stop.stop_tokens.contains(&id) {
+                    self.stop.stop_tokens.push(id);
+                }
+            }
+            self.template = Some(t);
+        }
+        Ok(self.template.as_ref().expect("loaded above"))
+    }
+
+    /// `messages` rendered through the chat template, opening the assistant's reply.
+    pub fn chat_text(&mut self, messages: &[Message]) -> Result<String> {
+        self.chat_template()?.render(messages, true)
+    }
+
+    /// Token ids of `text` the chat template rendered (the template writes BOS and the role
+    /// markers itself, so no BOS is added).
+    pub fn encode_chat(&self, text: &str) -> Result<Vec<u32>> {
+        self.tokenizer.clone().with_bos_prefix(None).encode(text)
+    }
+
+    /// Token ids of `messages` rendered through the chat template, ready for the assistant's
+    /// reply.
+    pub fn chat_prompt(&mut self, messages: &[Message]) -> Result<Vec<u32>> {
+        let text = self.chat_text(messages)?;
+        self.encode_chat(&text)
+    }
+
+    /// Errors unless `seq` (`None`: a new sequence) can take `new_tokens` more tokens and then
+    /// `reply_tokens` generated ones: the prompt is not empty, a policy that never evicts stays
+    /// within the model's context, and the pool holds the sequence at the policy's peak.
+    pub fn check_room(
+        &self,
+        seq: Option<SeqId>,
+        new_tokens: usize,
+        reply_tokens: usize,
+    ) -> Result<()> {
+        if new_tokens == 0 {
+            return Err(ModelError::Request("the prompt is empty".into()));
+        }
+        let held = match seq {
+            Some(s) => self.engine.cache().num_tokens(s)?,
+            None => 0,
+        };
+        let policy = self.engine.policy();
+        let context = self.model().config().max_position_embeddings;
+        if !self.engine.evicts() && held + new_tokens > context {
+            return Err(ModelError::Request(format!(
+                "{} tokens exceed the model's context of {context} tokens (policy {:?} keeps \
+                 every token; a policy that evicts, e.g. identity+stream:4:1020, streams past it)",
+                held + new_tokens,
+                self.policy_name
+            )));
+        }
+        let need = held + new_tokens + reply_tokens;
+        let pages = self.planner.pages_per_sequence(policy.as_ref(), need);
+        let have = self.engine.config().num_pages;
+        if pages > have {
+            return Err(ModelError::Request(format!(
+                "{need} tokens ({held} held + {new_tokens} new + {reply_tokens} to generate) need \
+                 {pages} KV pages under policy {:?}, the pool has {have}: raise the context the \
+                 pool is sized for, or use a policy that evicts",
+                self.policy_name
+            )));
+        }
+        Ok(())
+    }
+
+    /// Appends `prompt` to the live sequence `seq` and generates a reply with `sampler`, text
+    /// streamed to `on_text` (see [`crate::generate::complete`]); checks the room first.
+    pub fn complete(
+        &mut self,
+        seq: SeqId,
+        prompt: &[u32],
+        sampler: &mut Sampler,
+        on_text: impl FnMut(&str),
+    ) -> Result<Completion> {
+        self.check_room(Some(seq), prompt.len(), self.stop.max_new_tokens)?;
+        complete(
+            &mut self.engine,
+            seq,
+            prompt,
+            sampler,
+            &self.stop,
+            &self.tokenizer,
+            on_text,
+        )
+    }
+
+    /// Runs `f` on a fresh sequence `seq` and frees it afterwards, whatever `f` returned;
+    /// returns what `f` returned and the sequence's memory when it ended.
+    pub fn with_sequence<T>(
+        &mut self,
+        seq: SeqId,
+        f: impl FnOnce(&mut Self) -> Result<T>,
+    ) -> Result<(T, KvMemory)> {
+        self.engine.add_sequence(seq)?;
+        let out = f(self);
+        let memory = self.memory(seq);
+        self.engine.free(seq)?;
+        Ok((out?, memory?))
+    }
+
+    /// What `seq` holds under the policy beside what identity would hold.
+    pub fn memory(&self, seq: SeqId) -> Result<KvMemory> {
+        let cache = self.engine.cache();
+        let tokens = cache.num_tokens(seq)?;
+        Ok(KvMemory {
+            tokens,
+            held_bytes: cache.memory(seq)?.total_bytes,
+            identity_bytes: self.identity_bytes(tokens),
+        })
+    }
+
+    /// KV bytes of `tokens` tokens under the identity policy, in whole pages.
+    pub fn identity_bytes(&self, tokens: usize) -> usize {
+        self.model().config().identity_kv_bytes(
+            tokens,
+            BLOCK_SIZE,
+            self.engine.config().kv_dtype.size_in_bytes(),
+        )
+    }
+}

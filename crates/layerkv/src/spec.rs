@@ -1,0 +1,180 @@
+//! Policy specs: the one text grammar every client parses ([`Policy::from_spec`]), so the
+//! CLI, the mistral.rs adapter and the server accept the same `--policy` values.
+//!
+//! A spec is a policy file path, or `MAP[+RETENTION]`:
+//! - MAP: any [`LayerMap::preset`] name (`identity`, `cla:2`, `mlkv:4`, `lckv:1:1`,
+//!   `sandwich-top:3`, a `layer_types` string), `kvsharer:{"5":1,...}`, or a policy file, whose
+//!   map is taken and whose retention is replaced (`calibrated.toml+stream:4:252`);
+//! - RETENTION: `stream:SINKS:WINDOW`, `h2o:HEAVY:RECENT`, `snapkv:BUDGET[:OBSERVE[:POOL]]` or
+//!   `pyramid:AVG[:OBSERVE[:POOL[:BETA]]]`.
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::map::LayerMap;
+use crate::policy::{LayerKvPolicy, Policy, PolicyBuilder};
+use crate::retention::{Budget, Retention};
+
+/// What the retention part of a spec accepts, for error messages.
+const RETENTIONS: &str =
+    "stream:S:W, h2o:H:R, snapkv:B[:O[:P]], pyramid:AVG[:O[:P[:BETA]]]";
+
+impl Policy {
+    /// Parses a policy spec (see the module docs) for a model of `num_layers` layers. A file
+    /// path is loaded as a policy file and checked against `num_layers`.
+    pub fn from_spec(spec: &str, num_layers: usize) -> Result<Policy> {
+        let policy = parse(spec, num_layers)?;
+        policy.layer_map().require_layers(num_layers)?;
+        Ok(policy)
+    }
+}
+
+fn parse(spec: &str, num_layers: usize) -> Result<Policy> {
+    let spec = spec.trim();
+    if spec.is_empty() {
+        return Err(spec_error(spec, "empty spec"));
+    }
+    if Path::new(spec).is_file() {
+        return Policy::load(spec);
+    }
+    let (map_part, retention_part) = match spec.split_once('+') {
+        Some((m, r)) => (m, Some(r)),
+        None => (spec, None),
+    };
+    let mut name = spec.to_string();
+    let map = match map_part.strip_prefix("kvsharer:") {
+        Some(json) => LayerMap::from_kvsharer_json(num_layers, json)?,
+        // A policy file's map with another retention (a calibrated map + stream:4:252), named
+        // after the file's policy.
+        None if Path::new(map_part).is_file() => {
+            let file = Policy::load(map_part)?;
+            name = format!("{}+{}", file.name(), retention_part.unwrap_or(""));
+            file.layer_map().clone()
+        }
+        None => LayerMap::preset(map_part, num_layers)?,
+    };
+    let mut builder = PolicyBuilder::new(map).name(name);
+    if let Some(r) = retention_part {
+        if let Some(args) = r.strip_prefix("pyramid:") {
+            // pyramid:AVERAGE[:OBSERVE[:POOL[:BETA]]]: SnapKV with PyramidKV's per-group budgets.
+            let parts: Vec<&str> = args.split(':').collect();
+            let average = number(r, &parts, 0, None)?;
+            let beta = match parts.get(3) {
+                Some(p) => p
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|b| b.is_finite())
+                    .ok_or_else(|| spec_error(r, &format!("{p:?} is not a number")))?,
+                None => 20.0,
+            };
+            builder = builder.pyramid(
+                average,
+                number(r, &parts, 1, Some(32))?,
+                number(r, &parts, 2, Some(7))?,
+                beta,
+            );
+        } else {
+            builder = builder.retention(parse_retention(r)?);
+        }
+    }
+    builder.build()
+}
+
+fn parse_retention(text: &str) -> Result<Retention> {
+    let parts: Vec<&str> = text.split(':').collect();
+    let args = &parts[1..];
+    let num = |i, default| number(text, args, i, default);
+    Ok(match parts[0] {
+        "stream" => Retention::SinkWindow {
+            sinks: num(0, Some(4))?,
+            window: num(1, None)?,
+        },
+        "h2o" => Retention::HeavyHitter {
+            heavy: Budget::Tokens(num(0, None)?),
+            recent: Budget::Tokens(num(1, None)?),
+        },
+        "snapkv" => Retention::SnapKv {
+            budget: Budget::Tokens(num(0, None)?),
+            observe: num(1, Some(32))?,
+            pool: num(2, Some(7))?,
+        },
+        other => {
+            return Err(spec_error(
+                text,
+                &format!("unknown retention {other:?} (one of {RETENTIONS})"),
+            ))
+        }
+    })
+}
+
+/// Argument `i` of a retention (`default` when it is absent).
+fn number(text: &str, args: &[&str], i: usize, default: Option<usize>) -> Result<usize> {
+    match args.get(i) {
+        Some(p) => p
+            .parse()
+            .map_err(|_| spec_error(text, &format!("{p:?} is not a whole number"))),
+        None => default.ok_or_else(|| spec_error(text, &format!("argument {} is missing", i + 1))),
+    }
+}
+
+fn spec_error(spec: &str, reason: &str) -> Error {
+    Error::Parse {
+        format: "policy spec",
+        position: format!("{spec:?}"),
+        reason: reason.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse() {
+        let p = Policy::from_spec("cla:2+stream:4:60", 4).unwrap();
+        assert_eq!(p.layer_map().num_groups(), 2);
+        assert_eq!(
+            p.retention(0),
+            &Retention::SinkWindow {
+                sinks: 4,
+                window: 60
+            }
+        );
+        let p = Policy::from_spec(r#"kvsharer:{"3":1}"#, 4).unwrap();
+        assert_eq!(p.layer_map().source(3), 1);
+        assert!(Policy::from_spec("nonsense", 4).is_err());
+        let e = Policy::from_spec("identity+stream:4", 4).unwrap_err();
+        assert!(e.to_string().contains("argument 2 is missing"), "{e}");
+        assert!(Policy::from_spec("identity+snapkv:64", 4).is_ok());
+        let p = Policy::from_spec("identity+pyramid:96:16:5:4", 4).unwrap();
+        assert!(matches!(p.retention(0), Retention::SnapKv { .. }));
+        assert_ne!(p.retention(0), p.retention(3));
+        let e = Policy::from_spec("identity+pyramid:x", 4).unwrap_err();
+        assert!(e.to_string().contains("\"x\" is not a whole number"), "{e}");
+        let e = Policy::from_spec("identity+lru:4", 4).unwrap_err();
+        assert!(e.to_string().contains("unknown retention \"lru\""), "{e}");
+        assert!(Policy::from_spec("", 4).is_err());
+    }
+
+    #[test]
+    fn a_policy_file_takes_another_retention() {
+        let dir = std::env::temp_dir().join(format!("layerkv-spec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("cal.toml");
+        Policy::from_spec(r#"kvsharer:{"3":1,"2":0}+stream:2:8"#, 4)
+            .unwrap()
+            .save(&file)
+            .unwrap();
+        let path = file.display().to_string();
+        let same = Policy::from_spec(&path, 4).unwrap();
+        assert!(matches!(same.retention(0), Retention::SinkWindow { .. }));
+        let p = Policy::from_spec(&format!("{path}+h2o:4:4"), 4).unwrap();
+        assert_eq!(p.layer_map().sources(), &[0, 1, 0, 1]);
+        assert!(matches!(p.retention(0), Retention::HeavyHitter { .. }));
+        assert_eq!(p.name(), format!("{}+h2o:4:4", same.name()));
+        // A file for another layer count is refused with the counts.
+        let e = Policy::from_spec(&path, 6).unwrap_err();
+        assert!(matches!(e, Error::WrongLayerCount { .. }), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,190 @@
+//! [`StepExecutor`]: executes the step protocol's plans on a [`KvStore`], so an engine's loop
+//! is reserve, then per layer [`StepExecutor::write`] and [`StepExecutor::attend`], then retain
+//! and [`StepExecutor::finish`], with nothing else to remember:
+//!
+//! - [`StepExecutor::begin`]: page copies (copy-on-write after a fork), then StreamingLLM sink
+//!   re-rotations from the executor's own stash of the sinks' pre-RoPE keys;
+//! - [`StepExecutor::write`]: an owner layer's K (rotated) and V into the step's slots, staging
+//!   a deep copy of the pre-RoPE keys of rows that become sinks;
+//! - [`StepExecutor::attend`]: paged attention of one layer over its group's tables, adding the
+//!   attention mass (and SnapKV's observation mass) into the step's buffers where the group
+//!   needs it;
+//! - [`StepExecutor::finish`], after a successful retain: compaction moves, then the staged
+//!   sink keys join the stash. A step that is rolled back never reaches `finish`, and the next
+//!   `begin` drops what it staged.
+//!
+//! The stash holds `sinks x kv_heads x head_dim` keys per (sequence, group) with sinks:
+//! O(sinks) work per step, independent of the stream's length.
+
+use std::collections::HashMap;
+
+use candle_core::Tensor;
+use layerkv::{GroupId, KvCache, SeqId, Step};
+
+use crate::error::{KernelError, Result};
+use crate::store::KvStore;
+use crate::view::{AttentionParams, SeqQuery};
+use crate::paged_attention;
+
+/// How keys are rotated (the model's RoPE): the executor re-rotates sinks with it.
+pub trait KeyRotation {
+    /// `keys` `[rows, kv_heads, head_dim]` (pre-RoPE), row `j` rotated at `positions[j]`.
+    fn rotate_keys(&self, keys: &Tensor, positions: &[usize]) -> candle_core::Result<Tensor>;
+}
+
+/// Executes a step's plans on a store and owns the sinks' pre-RoPE keys. See the module docs.
+#[derive(Debug, Default)]
+pub struct StepExecutor {
+    /// Pre-RoPE keys of each sequence's StreamingLLM sinks, per group (deep copies).
+    sinks: HashMap<(SeqId, GroupId), Tensor>,
+    /// Sink keys captured during the current step, committed by `finish`.
+    staged: HashMap<(SeqId, GroupId), Tensor>,
+    positions: Vec<usize>,
+    rows: Vec<u32>,
+}
+
+impl StepExecutor {
+    /// An executor with an empty stash.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Before the layers of a reserved step: page copies, then sink re-rotations (the sinks'
+    /// stashed pre-RoPE keys rotated by `rope` at their new positions). Drops what an
+    /// unfinished earlier step staged.
+    pub fn begin(
+        &mut self,
+        step: &Step,
+        store: &mut KvStore,
+        rope: &dyn KeyRotation,
+    ) -> Result<()> {
+        self.staged.clear();
+        for c in step.copies() {
+            store.copy_page(c.src, c.dst)?;
+        }
+        for r in step.rerotations() {
+            let seq = step.seq(r.index);
+            let slots = step.rerotation_slots(r);
+            let keys = self.sinks.get(&(seq, r.group)).ok_or_else(|| {
+                KernelError::Invalid(format!(
+                    "sequence {seq} group {}: sink keys were never written through this \
+                     executor",
+                    r.group
+                ))
+            })?;
+            let n = slots.len().min(keys.dim(0)?);
+            self.positions.clear();
+            self.positions.extend((0..n).map(|j| r.position + j));
+            let k = rope.rotate_keys(&keys.narrow(0, 0, n)?, &self.positions)?;
+            store.write_keys(&slots[..n], &k)?;
+        }
+        Ok(())
+    }
+
+    /// Writes an owner layer's K/V of every row of the step into `group`'s slots: `k` pre-RoPE
+    /// (the rows that become sinks are staged from it), `k_rotated` at the rows' positions.
+    /// Writing a group again in the same step (an iterative prefill pass) replaces what the
+    /// earlier pass staged.
+    pub fn write(
+        &mut self,
+        step: &Step,
+        store: &mut KvStore,
+        group: GroupId,
+        k: &Tensor,
+        k_rotated: &Tensor,
+        v: &Tensor,
+    ) -> Result<()> {
+        for i in 0..step.len() {
+            let r = step.sink_rows(i, group);
+            if r.is_empty() {
+                continue;
+            }
+            let rows = k.narrow(0, step.rows(i).start + r.start, r.len())?.copy()?;
+            self.staged.insert((step.seq(i), group), rows);
+        }
+        store.write(step.group_slots(group), k_rotated, v)
+    }
+
+    /// Paged attention of one layer reading `group`, `q` `[rows, heads, head_dim]` for every
+    /// row of the step. Adds the layer's attention mass into the step's buffers where the
+    /// group needs scores, and runs SnapKV's observation rows once more into the observation
+    /// buffer.
+    pub fn attend(
+        &mut self,
+        q: &Tensor,
+        store: &KvStore,
+        cache: &KvCache,
+        step: &mut Step,
+        group: GroupId,
+        params: &AttentionParams,
+    ) -> Result<Tensor> {
+        let reader = cache.read();
+        let mut seqs = Vec::with_capacity(step.len());
+        for i in 0..step.len() {
+            seqs.push(SeqQuery {
+                kv: reader.view(step.seq(i), group)?,
+                q_start: step.rows(i).start,
+                num_q: step.num_new(i),
+                first_slot: step.first_slot(i, group),
+            });
+        }
+        let out = paged_attention(q, store, &seqs, params, step.mass_mut(group))?;
+        if step.observed_mass_mut(group).is_some() {
+            // SnapKV: the mass of the prompt's observation rows only, from a second call.
+            self.rows.clear();
+            let mut obs = Vec::with_capacity(seqs.len());
+            for (i, s) in seqs.iter().enumerate() {
+                let r = step.observe_rows(i, group);
+                let start = self.rows.len();
+                self.rows
+                    .extend((r.start..r.end).map(|j| (s.q_start + j) as u32));
+                obs.push(SeqQuery {
+                    kv: s.kv,
+                    q_start: start,
+                    num_q: r.len(),
+                    first_slot: s.first_slot + r.start,
+                });
+            }
+            let idx = Tensor::new(self.rows.as_slice(), q.device())?;
+            let q_obs = q.index_select(&idx, 0)?;
+            paged_attention(
+                &q_obs,
+                store,
+                &obs,
+                params,
+                step.observed_mass_mut(group),
+            )?;
+        }
+        Ok(out)
+    }
+
+    /// After a successful retain: executes the compaction moves, then stashes the sink keys
+    /// this step captured.
+    pub fn finish(&mut self, step: &Step, store: &mut KvStore) -> Result<()> {
+        store.move_slots(step.moves())?;
+        for (key, part) in self.staged.drain() {
+            let all = match self.sinks.remove(&key) {
+                Some(prev) => Tensor::cat(&[prev, part], 0)?,
+                None => part,
+            };
+            self.sinks.insert(key, all);
+        }
+        Ok(())
+    }
+
+    /// Gives `child` a copy of `parent`'s stashed sink keys (after [`KvCache::fork`]).
+    pub fn fork(&mut self, parent: SeqId, child: SeqId) {
+        let copies: Vec<_> = self
+            .sinks
+            .iter()
+            .filter(|((s, _), _)| *s == parent)
+            .map(|(&(_, g), k)| ((child, g), k.clone()))
+            .collect();
+        self.sinks.extend(copies);
+    }
+
+    /// Drops `seq`'s stashed sink keys (after [`KvCache::free`]).
+    pub fn free(&mut self, seq: SeqId) {
+        self.sinks.retain(|(s, _), _| *s != seq);
+    }
+}
