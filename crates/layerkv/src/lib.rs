@@ -43,6 +43,7 @@ pub mod plan;
 mod policy;
 mod pool;
 pub mod retention;
+mod sched;
 mod step;
 mod table;
 
@@ -57,6 +58,10 @@ pub use pool::{chain_hash, group_block_hash, BlockPool, PageId, PoolStats, NULL_
 pub use retention::{
     Budget, CustomRetention, Phase, RetainInput, Retention, RetentionRule, ScoreNeed, Scores,
 };
+pub use sched::{
+    FinishReason, FinishedRequest, RequestId, RequestInfo, RequestState, ScheduledKind,
+    ScheduledRequest, Scheduler, SchedulerConfig, SchedulerOutput,
+};
 pub use step::{Rerotation, RetainOutcome, Step};
 pub use table::{BlockTable, TableView};
 
@@ -68,5 +73,6 @@ mod send_sync {
     fn cache_is_send_and_sync() {
         assert_send_sync::<super::KvCache>();
         assert_send_sync::<super::Policy>();
+        assert_send_sync::<super::Scheduler>();
     }
 }
