@@ -490,7 +490,7 @@ mod tests {
 
     #[test]
     fn recycle_keeps_the_allocation() {
-        let tokens = vec![1u32, 2, 3];
+        let tokens = [1u32, 2, 3];
         let mut batch: Vec<(SeqId, &[u32])> = Vec::with_capacity(8);
         batch.push((1, &tokens[..]));
         let ptr = batch.as_ptr() as usize;
