@@ -88,7 +88,7 @@ impl SchedulerOutput {
         &self.scheduled
     }
 
-    /// The tokens `entry` feeds.
+    /// The tokens `entry` (an entry of this output) feeds.
     pub fn tokens(&self, entry: &ScheduledRequest) -> &[u32] {
         &self.tokens[entry.tokens.clone()]
     }

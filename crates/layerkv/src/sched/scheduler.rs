@@ -197,7 +197,9 @@ impl Scheduler {
     ///
     /// Fails, changing nothing, when `out` is not the last scheduled output, was already
     /// updated, or `sampled` does not list exactly the sampling entries' ids in order
-    /// ([`Error::UpdateMismatch`]). O(batch).
+    /// ([`Error::UpdateMismatch`]). A finished request whose sequence was freed behind the
+    /// scheduler's back still finishes; the cache's error is returned after the update.
+    /// O(batch).
     pub fn update(
         &mut self,
         cache: &KvCache,
