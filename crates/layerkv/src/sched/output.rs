@@ -70,9 +70,14 @@ impl SchedulerOutput {
 
     pub(crate) fn clear(&mut self, step: u64) {
         self.step = step;
+        self.preempted.clear();
+        self.clear_entries();
+    }
+
+    /// Drops the scheduled entries (nothing was reserved), keeping the preemptions.
+    pub(crate) fn clear_entries(&mut self) {
         self.scheduled.clear();
         self.tokens.clear();
-        self.preempted.clear();
         self.num_scheduled_tokens = 0;
         self.num_samples = 0;
     }

@@ -169,7 +169,13 @@ impl Scheduler {
                     return Ok(());
                 }
                 Err(Error::PoolExhausted { .. }) => {
-                    let victim = self.preempt_newest(cache)?;
+                    let victim = match self.preempt_newest(cache) {
+                        Ok(victim) => victim,
+                        Err(e) => {
+                            out.clear_entries();
+                            return Err(e);
+                        }
+                    };
                     out.preempted.push(victim);
                     if let Some(i) = out.scheduled.iter().position(|e| e.id == victim) {
                         let e = out.scheduled.remove(i);
@@ -178,9 +184,7 @@ impl Scheduler {
                     }
                 }
                 Err(e) => {
-                    out.scheduled.clear();
-                    out.num_scheduled_tokens = 0;
-                    out.num_samples = 0;
+                    out.clear_entries();
                     return Err(e);
                 }
             }
