@@ -479,12 +479,7 @@ fn run_trace(name: &str, t: &Trace) -> (f64, usize) {
 
 fn main() {
     let bench = std::env::args().any(|a| a == "--bench");
-    let names = [
-        "layerkv",
-        "hashmap",
-        "mistralrs",
-        "layerkv-cla2-30l",
-    ];
+    let names = ["layerkv", "hashmap", "mistralrs", "layerkv-cla2-30l"];
     if !bench {
         // Test mode: one small trace; all allocators must agree and end empty.
         let t = trace(32, 20_000, 7);

@@ -16,8 +16,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use layerkv::{
-    Budget, CacheConfig, KvCache, LayerKvPolicy, LayerMap, Policy, PolicyBuilder, Retention,
-    Step,
+    Budget, CacheConfig, KvCache, LayerKvPolicy, LayerMap, Policy, PolicyBuilder, Retention, Step,
 };
 use layerkv_kernels::{AttentionParams, KvStore, StepExecutor};
 use layerkv_model::rope::Rope;
@@ -45,7 +44,10 @@ pub fn policy(n: usize) -> layerkv::Result<Policy> {
     PolicyBuilder::new(LayerMap::kvsharer(n, &[pair].into_iter().collect())?)
         .retention(Retention::Union {
             parts: vec![
-                Retention::SinkWindow { sinks: 4, window: 64 },
+                Retention::SinkWindow {
+                    sinks: 4,
+                    window: 64,
+                },
                 Retention::HeavyHitter {
                     heavy: Budget::Tokens(32),
                     recent: Budget::Tokens(1),
@@ -56,7 +58,11 @@ pub fn policy(n: usize) -> layerkv::Result<Policy> {
 }
 
 /// Streams `text` token by token through a hand-written loop on the model in `dir`.
-pub fn run(dir: &Path, text: &str, report_every: usize) -> Result<Summary, Box<dyn std::error::Error>> {
+pub fn run(
+    dir: &Path,
+    text: &str,
+    report_every: usize,
+) -> Result<Summary, Box<dyn std::error::Error>> {
     let model = Model::load(dir, DType::F32, &Device::Cpu)?;
     let tok = tokenizer::load(dir)?;
     let cfg = model.config().clone();

@@ -64,11 +64,7 @@ fn custom_engine_matches_the_engine() {
 fn long_stream_holds_flat_memory() {
     let dir = TinyModel::llama(12).write(&scratch("example-long-stream"));
     let reports = long_stream::run(&dir, &text().repeat(2), 1024, 128).unwrap();
-    let after_window: Vec<usize> = reports
-        .iter()
-        .filter(|r| r.0 >= 512)
-        .map(|r| r.1)
-        .collect();
+    let after_window: Vec<usize> = reports.iter().filter(|r| r.0 >= 512).map(|r| r.1).collect();
     assert!(after_window.len() >= 3, "{reports:?}");
     let (lo, hi) = (
         after_window.iter().min().unwrap(),

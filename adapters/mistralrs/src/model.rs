@@ -102,7 +102,11 @@ impl LayerKvModel {
     }
 
     /// Continues the token ids `prompt` (used as given).
-    pub fn generate_ids(&mut self, prompt: &[u32], on_text: impl FnMut(&str)) -> Result<Completion> {
+    pub fn generate_ids(
+        &mut self,
+        prompt: &[u32],
+        on_text: impl FnMut(&str),
+    ) -> Result<Completion> {
         let mut sampler = Sampler::new(self.session.sampling());
         self.run(|s| s.complete(SEQ, prompt, &mut sampler, on_text))
     }
@@ -137,10 +141,7 @@ impl LayerKvModel {
     }
 
     /// Runs `f` on a fresh sequence, records its memory and frees it whatever `f` returned.
-    fn run<T>(
-        &mut self,
-        f: impl FnOnce(&mut Session) -> layerkv_model::Result<T>,
-    ) -> Result<T> {
+    fn run<T>(&mut self, f: impl FnOnce(&mut Session) -> layerkv_model::Result<T>) -> Result<T> {
         let (out, memory) = self.session.with_sequence(SEQ, f)?;
         self.last_memory = Some(memory);
         Ok(out)

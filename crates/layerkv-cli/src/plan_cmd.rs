@@ -9,7 +9,6 @@ use layerkv::plan::Planner;
 use layerkv::{LayerKvPolicy, Policy};
 use layerkv_model::ModelConfig;
 
-
 /// Options of `layerkv plan`.
 #[derive(clap::Args)]
 pub struct PlanArgs {

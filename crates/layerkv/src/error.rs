@@ -4,7 +4,7 @@
 //! exhausted pool) is a variant that names what is wrong and where. A call that returns an
 //! error leaves every table, refcount and statistic as it was before the call.
 
-use crate::ids::SeqId;
+use crate::ids::{RequestId, SeqId};
 
 /// Errors returned by the layerkv core.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -141,6 +141,44 @@ pub enum Error {
         /// What is wrong, and where.
         what: String,
     },
+    /// A scheduler configuration value is impossible (zero sizes, a prefill chunk that can never
+    /// fit the token budget, a scheduler used with another cache than its own).
+    #[error("scheduler config: {0}")]
+    InvalidSchedulerConfig(String),
+    /// A request was submitted with an empty prompt.
+    #[error("request {0}: the prompt is empty")]
+    EmptyPrompt(RequestId),
+    /// A request was submitted with `max_tokens == 0`.
+    #[error("request {0}: max_tokens must be at least 1")]
+    ZeroMaxTokens(RequestId),
+    /// A request id that the scheduler still holds (waiting or running) was submitted again.
+    #[error("request {0} already exists")]
+    RequestExists(RequestId),
+    /// The request id is not held by the scheduler (never added, finished or cancelled).
+    #[error("unknown request {0}")]
+    UnknownRequest(RequestId),
+    /// The waiting queue is at its cap: the request was not queued; try again later (a server
+    /// answers 429 or 503).
+    #[error("waiting queue full ({max_waiting} requests)")]
+    QueueFull {
+        /// The queue's cap ([`crate::SchedulerConfig::max_waiting`]).
+        max_waiting: usize,
+    },
+    /// The request's minimum need, its planned peak pages under the policy, exceeds the whole
+    /// pool: it could never run (a server answers 400).
+    #[error("request {request} needs {pages_needed} pages at its peak, the pool has {num_pages}")]
+    RequestTooLarge {
+        /// The request.
+        request: RequestId,
+        /// Its planned peak pages (prompt + max_tokens, phase-aware, under the policy).
+        pages_needed: usize,
+        /// Pages in the whole pool.
+        num_pages: usize,
+    },
+    /// [`crate::Scheduler::update`] got an output that is not the last scheduled one, or
+    /// sampled tokens that do not match the output's sampling requests.
+    #[error("scheduler update: {0}")]
+    UpdateMismatch(String),
 }
 
 /// Result alias of the core crate.

@@ -46,20 +46,25 @@ pub mod plan;
 mod policy;
 mod pool;
 pub mod retention;
+mod sched;
 mod spec;
 mod step;
 mod table;
 
 pub use cache::{CacheReader, KvCache, MemoryReport, Reservation};
-pub use config::CacheConfig;
-pub use ids::SeqId;
 pub use compact::SlotMove;
+pub use config::CacheConfig;
 pub use error::{Error, Result};
+pub use ids::SeqId;
 pub use map::{GroupId, LayerMap, Partition, Target};
 pub use policy::{LayerKvPolicy, Policy, PolicyBuilder};
 pub use pool::{chain_hash, group_block_hash, BlockPool, PageId, PoolStats, NULL_PAGE};
 pub use retention::{
     Budget, CustomRetention, Phase, RetainInput, Retention, RetentionRule, ScoreNeed, Scores,
+};
+pub use sched::{
+    FinishReason, FinishedRequest, RequestId, RequestInfo, RequestState, ScheduledKind,
+    ScheduledRequest, Scheduler, SchedulerConfig, SchedulerOutput,
 };
 pub use step::{PageCopy, Rerotation, RetainOutcome, Step};
 pub use table::{BlockTable, TableView};
@@ -72,5 +77,6 @@ mod send_sync {
     fn cache_is_send_and_sync() {
         assert_send_sync::<super::KvCache>();
         assert_send_sync::<super::Policy>();
+        assert_send_sync::<super::Scheduler>();
     }
 }

@@ -16,8 +16,7 @@ use crate::policy::{LayerKvPolicy, Policy, PolicyBuilder};
 use crate::retention::{Budget, Retention};
 
 /// What the retention part of a spec accepts, for error messages.
-const RETENTIONS: &str =
-    "stream:S:W, h2o:H:R, snapkv:B[:O[:P]], pyramid:AVG[:O[:P[:BETA]]]";
+const RETENTIONS: &str = "stream:S:W, h2o:H:R, snapkv:B[:O[:P]], pyramid:AVG[:O[:P[:BETA]]]";
 
 impl Policy {
     /// Parses a policy spec (see the module docs) for a model of `num_layers` layers. A file

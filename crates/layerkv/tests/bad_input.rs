@@ -3,9 +3,7 @@
 
 use std::sync::Arc;
 
-use layerkv::{
-    CacheConfig, Error, KvCache, LayerMap, Policy, PolicyBuilder, Retention, Step,
-};
+use layerkv::{CacheConfig, Error, KvCache, LayerMap, Policy, PolicyBuilder, Retention, Step};
 
 fn cache(policy: Policy, num_pages: usize) -> KvCache {
     let config = CacheConfig {

@@ -9,8 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use layerkv::{
-    Budget, CacheConfig, Error, KvCache, LayerKvPolicy, LayerMap, PolicyBuilder, Retention,
-    Step,
+    Budget, CacheConfig, Error, KvCache, LayerKvPolicy, LayerMap, PolicyBuilder, Retention, Step,
 };
 use proptest::prelude::*;
 

@@ -22,9 +22,9 @@ use candle_core::Tensor;
 use layerkv::{GroupId, KvCache, SeqId, Step};
 
 use crate::error::{KernelError, Result};
+use crate::paged_attention;
 use crate::store::KvStore;
 use crate::view::{AttentionParams, SeqQuery};
-use crate::paged_attention;
 
 /// How keys are rotated (the model's RoPE): the executor re-rotates sinks with it.
 pub trait KeyRotation {
@@ -147,13 +147,7 @@ impl StepExecutor {
             }
             let idx = Tensor::new(self.rows.as_slice(), q.device())?;
             let q_obs = q.index_select(&idx, 0)?;
-            paged_attention(
-                &q_obs,
-                store,
-                &obs,
-                params,
-                step.observed_mass_mut(group),
-            )?;
+            paged_attention(&q_obs, store, &obs, params, step.observed_mass_mut(group))?;
         }
         Ok(out)
     }

@@ -145,7 +145,11 @@ fn validate(
         }
         // Every page must be in the store (tables hold only live pages), so the kernels need
         // no per-slot page check.
-        if let Some(&p) = s.kv.pages.iter().find(|&&p| p as usize >= store.num_pages()) {
+        if let Some(&p) =
+            s.kv.pages
+                .iter()
+                .find(|&&p| p as usize >= store.num_pages())
+        {
             return Err(KernelError::Page {
                 what: format!("sequence {i}"),
                 page: p,

@@ -346,9 +346,7 @@ mod tests {
         store.write(&[0, 1, 2, 3, 4, 5, 6, 7], &k, &v).unwrap();
         // Slot 2 is read and written by the same plan.
         let mv = |src, dst| SlotMove { src, dst };
-        store
-            .move_slots(&[mv(2, 1), mv(3, 2), mv(5, 3)])
-            .unwrap();
+        store.move_slots(&[mv(2, 1), mv(3, 2), mv(5, 3)]).unwrap();
         assert_eq!(rows(store.k()), vec![0., 2., 3., 5., 4., 5., 6., 7.]);
         assert_eq!(rows(store.v()), vec![0., 20., 30., 50., 40., 50., 60., 70.]);
         let sink = Tensor::full(9f32, (1, 1, 2), &Device::Cpu).unwrap();

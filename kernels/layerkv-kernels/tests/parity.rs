@@ -6,9 +6,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use layerkv_kernels::reference::dense_attention;
-use layerkv_kernels::{
-    paged_attention, AttentionParams, KernelError, KvStore, SeqQuery,
-};
+use layerkv_kernels::{paged_attention, AttentionParams, KernelError, KvStore, SeqQuery};
 
 struct Rng(u64);
 

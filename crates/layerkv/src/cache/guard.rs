@@ -21,7 +21,9 @@ pub struct Reservation<'a> {
 }
 
 impl<'a> Reservation<'a> {
-    pub(super) fn new(cache: &'a KvCache, step: &'a mut Step) -> Self {
+    /// The guard of a step `cache` has just reserved (state `Reserved`).
+    pub(crate) fn new(cache: &'a KvCache, step: &'a mut Step) -> Self {
+        debug_assert_eq!(step.state, StepState::Reserved);
         Self { cache, step }
     }
 

@@ -247,8 +247,18 @@ impl KvCache {
         batch: &[(SeqId, &[u32])],
         step: &'a mut Step,
     ) -> Result<Reservation<'a>> {
-        self.core.reserve(&mut self.state.write(), batch, step)?;
+        self.reserve_unguarded(batch, step)?;
         Ok(Reservation::new(self, step))
+    }
+
+    /// [`KvCache::reserve`] without the guard, for callers in the crate that retry a reserve
+    /// in a loop (the scheduler) and wrap the step in a [`Reservation`] once it succeeds.
+    pub(crate) fn reserve_unguarded(
+        &self,
+        batch: &[(SeqId, &[u32])],
+        step: &mut Step,
+    ) -> Result<()> {
+        self.core.reserve(&mut self.state.write(), batch, step)
     }
 
     /// A child sequence that shares every page of `parent` (refcounts + 1) and a copy of its
@@ -329,7 +339,6 @@ pub(crate) struct Core {
     any_scores: bool,
     any_sinks: bool,
 }
-
 
 impl Core {
     pub(crate) fn empty_sequence(&self) -> Sequence {

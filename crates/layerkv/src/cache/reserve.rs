@@ -335,4 +335,3 @@ pub(crate) fn pages_needed(t: &BlockTable, n: usize, b: Blocks, pool: &BlockPool
     };
     grow + tail
 }
-

@@ -200,4 +200,3 @@ fn fold(dst: &mut Vec<f32>, needed: bool, old: Option<&[f32]>, mass: Option<&[f3
         (None, None) => {}
     }
 }
-

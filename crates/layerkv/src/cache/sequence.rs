@@ -98,4 +98,3 @@ pub(crate) struct State {
     /// Retain's decisions and score copies, reused from step to step.
     pub(crate) scratch: RetainScratch,
 }
-
