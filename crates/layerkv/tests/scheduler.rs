@@ -151,14 +151,13 @@ impl Harness {
         fingerprints.resize(step.len(), 0xcbf2_9ce4_8422_2325);
         for g in 0..num_groups {
             let mut offset = 0;
-            for i in 0..step.len() {
+            for (i, fp) in fingerprints.iter_mut().enumerate() {
                 let table = reader.table(step.seq(i), g).unwrap();
                 let n = table.num_slots();
                 let q0 = step.position(i);
                 let rows = q0..q0 + step.num_new(i);
                 let observed = step.observe_rows(i, g);
                 let observed = q0 + observed.start..q0 + observed.end;
-                let fp = &mut fingerprints[i];
                 for s in 0..n {
                     if !table.is_valid(s) {
                         continue;
