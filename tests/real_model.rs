@@ -13,6 +13,7 @@ use candle_transformers::models::llama as reference;
 use layerkv::{LayerMap, Policy, PolicyBuilder};
 use layerkv_model::engine::{Engine, EngineConfig, LogitsRows};
 use layerkv_model::{assets, eval, tokenizer, Model, ModelConfig};
+use layerkv_testkit::max_abs_diff;
 
 fn engine(model: &Arc<Model>, policy: Policy) -> Engine {
     let cfg = EngineConfig {
@@ -87,16 +88,8 @@ fn embedded_default_model_and_text() {
         )
         .unwrap();
     for step in 0..6 {
-        let d = (&a - &b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        // NaN-aware: NaN logits fail `d <= 1e-3` (a `max(0)` reduction let them pass).
+        let d = max_abs_diff(&a, &b);
         assert!(d <= 1e-3, "step {step}: logits differ by {d}");
         let ta = a
             .flatten_all()

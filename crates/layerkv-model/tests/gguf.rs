@@ -614,6 +614,8 @@ fn every_tensor_type_dequantises_like_candle() {
                 .unwrap()
                 .to_scalar::<f32>()
                 .unwrap();
+            // A tolerance scaled by an infinite (or NaN-skipping) maximum would accept anything.
+            assert!(amax.is_finite(), "{ty:?} {name}: max |weight| {amax}");
             let err = max_abs_diff(g, orig);
             assert!(
                 err <= relative_bound(ty) * amax,
@@ -761,12 +763,43 @@ fn sentencepiece_tokenizer_converts() {
     assert_eq!(tc["unk_token"], "<unk>");
 }
 
+/// Set in the child process that runs the body of
+/// `resolve_model_converts_once_and_reuses_the_cache`.
+const RESOLVE_CHILD: &str = "LAYERKV_GGUF_TEST_RESOLVE_CHILD";
+
+/// `resolve_model` caches under `$LAYERKV_HOME`. Setting that variable in this process
+/// (`set_var`) would race with every other test thread reading the environment (`temp_dir`
+/// reads `TMPDIR`; glibc's `setenv` may move `environ` under a concurrent `getenv`), so the body
+/// runs in a child process of this test binary, started with `LAYERKV_HOME` pointing at a
+/// scratch directory. The parent checks the child ran exactly this test and passed. Shown to
+/// fail: with a test name that matches nothing (the child runs 0 tests) and with the child's
+/// `starts_with(&home)` assertion inverted.
 #[test]
 fn resolve_model_converts_once_and_reuses_the_cache() {
     let _clean = Clean;
-    let home = tmp("home");
-    // The only test of this binary that reads LAYERKV_HOME.
-    std::env::set_var("LAYERKV_HOME", &home);
+    let Some(home) = std::env::var_os(RESOLVE_CHILD).map(PathBuf::from) else {
+        let home = tmp("home");
+        let name = "resolve_model_converts_once_and_reuses_the_cache";
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", name, "--test-threads=1", "--nocapture"])
+            .env("LAYERKV_HOME", &home)
+            .env(RESOLVE_CHILD, &home)
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(
+            out.status.success() && stdout.contains("test result: ok. 1 passed"),
+            "child run failed:\n{stdout}\n{stderr}"
+        );
+        assert!(
+            home.join("models").is_dir(),
+            "the child did not cache under LAYERKV_HOME"
+        );
+        return;
+    };
     let s = spec("qwen2");
     let gguf = tmp("resolve.gguf");
     write_gguf(&gguf, &s, &weights(&s, 21), GgmlDType::F32);

@@ -258,19 +258,35 @@ pub fn byte_chars() -> Vec<String> {
         .collect()
 }
 
-/// The largest absolute difference between two tensors of the same shape (f32).
+/// The largest absolute difference between two tensors of the same shape, compared in f32,
+/// such that `max_abs_diff(a, b) <= tol` fails on any NaN: NaN when either tensor holds a NaN,
+/// infinity when an infinity is not matched by the same infinity at the same index (equal
+/// infinities differ by 0). A tensor reduction would not do: candle's CPU `max` skips a NaN
+/// after index 0.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "max_abs_diff of different shapes");
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    let values = |t: &Tensor| {
+        t.flatten_all()
+            .and_then(|t| t.to_dtype(candle_core::DType::F32))
+            .and_then(|t| t.to_vec1::<f32>())
+            .unwrap()
+    };
+    max_abs_diff_f32(&values(a), &values(b))
+}
+
+/// [`max_abs_diff`] of two slices of the same length.
+pub fn max_abs_diff_f32(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "max_abs_diff of different lengths");
+    let mut worst = 0f32;
+    for (&x, &y) in a.iter().zip(b) {
+        // `x == y` first: equal infinities match (their difference would be NaN).
+        let d = if x == y { 0.0 } else { (x - y).abs() };
+        if d.is_nan() {
+            return f32::NAN;
+        }
+        worst = worst.max(d);
+    }
+    worst
 }
 
 /// A fresh empty directory under the system temp dir, unique to this process and `name`.
@@ -279,4 +295,55 @@ pub fn scratch(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(v: &[f32]) -> Tensor {
+        Tensor::new(v, &Device::Cpu).unwrap()
+    }
+
+    /// Shown to fail: with the previous body (`(a - b).abs().flatten_all().max(0)`), the NaN
+    /// after index 0 came back as 0.0 and `d <= 1e-4` held.
+    #[test]
+    fn nan_and_unmatched_infinities_fail_a_tolerance() {
+        let base = [1.0, 2.0, 3.0, 4.0];
+        for (i, bad) in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY]
+            .into_iter()
+            .enumerate()
+        {
+            for at in [0, 2, 3] {
+                let mut v = base;
+                v[at] = bad;
+                for d in [
+                    max_abs_diff(&t(&v), &t(&base)),
+                    max_abs_diff(&t(&base), &t(&v)),
+                ] {
+                    let within_tolerance = d <= 1e-4;
+                    assert!(!within_tolerance, "value {i} at {at}: {d}");
+                    assert!(d.is_nan() || d == f32::INFINITY, "value {i} at {at}: {d}");
+                }
+            }
+        }
+        // NaN on both sides at the same index is still a NaN, not a match.
+        let v = [1.0, f32::NAN];
+        assert!(max_abs_diff(&t(&v), &t(&v)).is_nan());
+        // Opposite infinities differ; equal ones match.
+        let (p, n) = ([0.0, f32::INFINITY], [0.0, f32::NEG_INFINITY]);
+        assert_eq!(max_abs_diff(&t(&p), &t(&n)), f32::INFINITY);
+        assert_eq!(max_abs_diff(&t(&p), &t(&p)), 0.0);
+    }
+
+    #[test]
+    fn finite_differences_are_the_largest_absolute_one() {
+        let a = Tensor::new(&[[1.0f32, -2.0], [3.0, 4.5]], &Device::Cpu).unwrap();
+        let b = Tensor::new(&[[1.5f32, -2.0], [1.0, 4.0]], &Device::Cpu).unwrap();
+        assert_eq!(max_abs_diff(&a, &b), 2.0);
+        // Other dtypes compare in f32.
+        let a16 = a.to_dtype(candle_core::DType::BF16).unwrap();
+        let b16 = b.to_dtype(candle_core::DType::BF16).unwrap();
+        assert_eq!(max_abs_diff(&a16, &b16), 2.0);
+    }
 }

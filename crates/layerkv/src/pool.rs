@@ -13,7 +13,13 @@
 //! Page states: *used* (refcount > 0), *free* (refcount 0, no hash) and *cached* (refcount 0,
 //! with a prefix hash: its contents can be reused by a later sequence with the same prefix).
 //! Allocation takes a free page first and evicts the least recently released cached page (LRU)
-//! only when none is left. Invariant: `free + cached + used == total`.
+//! only when none is left. Invariant: `free + cached + used == total`, where `used` is its own
+//! counter (moved when a refcount leaves or reaches 0), not the remainder of the other two, so
+//! [`BlockPool::check_invariants`] can compare it against a recount.
+//!
+//! The pool also keeps a high-water mark, [`PoolStats::peak_used`]: the most pages in use at
+//! any moment since creation or the last [`BlockPool::reset_peak`], updated in O(1) wherever a
+//! page goes into use (allocate, a prefix hit reviving a cached page).
 //!
 //! Refcounts never saturate: releasing a page with refcount 0 is [`Error::RefCountUnderflow`].
 //! The prefix map is a `HashMap` reserved to twice the pool size at construction, so inserts
@@ -45,12 +51,21 @@ struct Meta {
 }
 
 /// Counters of a pool, for reports and invariant checks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+///
+/// Equality compares every field except [`PoolStats::peak_used`]: the peak is the history of a
+/// measurement, which a rolled-back step raises (its pages were in use) but does not lower, so
+/// "the state after a rollback equals the state before the step" stays a plain `==`. Compare
+/// `peak_used` explicitly where it matters.
+#[derive(Debug, Clone, Copy, Eq, Default)]
 pub struct PoolStats {
     /// Pages in the pool.
     pub num_pages: usize,
-    /// Pages held by at least one table.
+    /// Pages held by at least one table (counted on its own, not derived from the others).
     pub num_used: usize,
+    /// The most pages in use at any moment since the pool was created or
+    /// [`BlockPool::reset_peak`] was last called: the high-water mark, which a footprint read
+    /// between steps can miss (a prompt held whole until retention compresses it).
+    pub peak_used: usize,
     /// Unheld pages without a prefix hash.
     pub num_free: usize,
     /// Unheld pages that keep a prefix hash (reusable, evicted LRU on demand).
@@ -63,6 +78,39 @@ pub struct PoolStats {
     pub cache_evictions: u64,
 }
 
+impl PartialEq for PoolStats {
+    fn eq(&self, other: &Self) -> bool {
+        // Destructured so that a new field must be placed here (or left out on purpose).
+        let Self {
+            num_pages,
+            num_used,
+            peak_used: _,
+            num_free,
+            num_cached,
+            prefix_hits,
+            prefix_misses,
+            cache_evictions,
+        } = *self;
+        (
+            num_pages,
+            num_used,
+            num_free,
+            num_cached,
+            prefix_hits,
+            prefix_misses,
+            cache_evictions,
+        ) == (
+            other.num_pages,
+            other.num_used,
+            other.num_free,
+            other.num_cached,
+            other.prefix_hits,
+            other.prefix_misses,
+            other.cache_evictions,
+        )
+    }
+}
+
 /// The page allocator. Not thread-safe by itself; [`crate::KvCache`] wraps it in a lock.
 #[derive(Debug, Clone)]
 pub struct BlockPool {
@@ -72,6 +120,10 @@ pub struct BlockPool {
     free: Vec<PageId>,
     num_pages: u32,
     num_cached: usize,
+    /// Pages with refcount > 0, moved on every 0 <-> 1 transition.
+    num_used: usize,
+    /// High-water mark of `num_used` since creation or [`BlockPool::reset_peak`].
+    peak_used: usize,
     prefix: HashMap<u64, PageId>,
     stats: PoolStats,
 }
@@ -111,6 +163,8 @@ impl BlockPool {
             free: (0..n).rev().collect(),
             num_pages: n,
             num_cached: 0,
+            num_used: 0,
+            peak_used: 0,
             // Twice the pages: with at most `num_pages` live keys, hashbrown then clears
             // tombstones by rehashing in place instead of growing (an allocation).
             prefix: HashMap::with_capacity(2 * num_pages),
@@ -170,11 +224,25 @@ impl BlockPool {
     pub fn stats(&self) -> PoolStats {
         PoolStats {
             num_pages: self.num_pages as usize,
-            num_used: self.num_pages as usize - self.free.len() - self.num_cached,
+            num_used: self.num_used,
+            peak_used: self.peak_used,
             num_free: self.free.len(),
             num_cached: self.num_cached,
             ..self.stats
         }
+    }
+
+    /// Starts a new measurement of [`PoolStats::peak_used`]: the peak becomes the pages in use
+    /// now. O(1).
+    pub fn reset_peak(&mut self) {
+        self.peak_used = self.num_used;
+    }
+
+    /// A page went from refcount 0 to 1.
+    #[inline]
+    fn mark_used(&mut self) {
+        self.num_used += 1;
+        self.peak_used = self.peak_used.max(self.num_used);
     }
 
     /// Takes one page (refcount 1). O(1), no allocation. Evicts the LRU cached page only when
@@ -183,6 +251,7 @@ impl BlockPool {
     pub fn allocate(&mut self) -> Result<PageId> {
         if let Some(page) = self.free.pop() {
             self.counts[page as usize] = 1;
+            self.mark_used();
             return Ok(page);
         }
         let page = self.meta[self.head() as usize].next;
@@ -195,6 +264,7 @@ impl BlockPool {
         // No free page left: evict the least recently released cached page.
         self.unlink(page);
         self.counts[page as usize] = 1;
+        self.mark_used();
         let hash = std::mem::take(&mut self.meta[page as usize].hash);
         self.num_cached -= 1;
         self.stats.cache_evictions += 1;
@@ -243,6 +313,7 @@ impl BlockPool {
         }
         self.counts[i] = c - 1;
         if (c - 1) & COUNT == 0 {
+            self.num_used -= 1;
             if c & HASHED != 0 {
                 self.num_cached += 1;
                 let before_tail = self.meta[self.tail() as usize].prev;
@@ -270,6 +341,7 @@ impl BlockPool {
         if self.counts[page as usize] & COUNT == 0 {
             self.unlink(page);
             self.num_cached -= 1;
+            self.mark_used();
         }
         self.counts[page as usize] += 1;
         Some(page)
@@ -355,6 +427,18 @@ impl BlockPool {
             }
         }
         let used = self.counts.iter().filter(|&&c| c & COUNT > 0).count();
+        if used != self.num_used {
+            return Err(format!(
+                "{used} pages have a refcount, counter says {}",
+                self.num_used
+            ));
+        }
+        if self.peak_used < self.num_used || self.peak_used > self.num_pages as usize {
+            return Err(format!(
+                "peak {} outside [{} used, {} pages]",
+                self.peak_used, self.num_used, self.num_pages
+            ));
+        }
         if used + self.free.len() + cached != self.num_pages as usize {
             return Err(format!(
                 "{used} used + {} free + {cached} cached != {}",
@@ -465,6 +549,83 @@ mod tests {
             (1, 2, 1)
         );
         pool.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn used_is_counted_on_its_own_and_checked() {
+        let mut pool = BlockPool::new(4).unwrap();
+        let a = pool.allocate().unwrap();
+        pool.allocate().unwrap();
+        pool.retain(a).unwrap();
+        // Two pages in use however many holders: a retain is not a new page.
+        assert_eq!(pool.stats().num_used, 2);
+        pool.check_invariants().unwrap();
+        // A counter that drifts from the refcounts is caught (the recount is independent of
+        // the free list and the cached list).
+        pool.num_used += 1;
+        let e = pool.check_invariants().unwrap_err();
+        assert!(e.contains("3"), "{e}");
+        pool.num_used -= 1;
+        pool.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn peak_is_the_high_water_mark_until_reset() {
+        let mut pool = BlockPool::new(4).unwrap();
+        let pages: Vec<_> = (0..3).map(|_| pool.allocate().unwrap()).collect();
+        pool.retain(pages[0]).unwrap();
+        for &p in &pages {
+            pool.release(p).unwrap();
+        }
+        // Page 0 is still held by its second holder; the other two went back.
+        let s = pool.stats();
+        assert_eq!((s.num_used, s.peak_used), (1, 3));
+        pool.reset_peak();
+        assert_eq!(pool.stats().peak_used, 1);
+        let b = pool.allocate().unwrap();
+        assert_eq!(pool.stats().peak_used, 2);
+        pool.release(b).unwrap();
+        assert_eq!(pool.stats().peak_used, 2, "a release never lowers the peak");
+        pool.check_invariants().unwrap();
+
+        // A prefix hit that revives a cached page puts it back in use, and so does an
+        // allocation that evicts one.
+        let mut pool = BlockPool::new(2).unwrap();
+        let a = pool.allocate().unwrap();
+        let b = pool.allocate().unwrap();
+        assert!(pool.register(a, 7).unwrap());
+        assert!(pool.register(b, 8).unwrap());
+        pool.release(a).unwrap();
+        pool.release(b).unwrap();
+        pool.reset_peak();
+        assert_eq!(pool.stats().peak_used, 0);
+        assert_eq!(pool.lookup(7), Some(a));
+        assert_eq!(pool.stats().peak_used, 1);
+        assert_eq!(pool.allocate().unwrap(), b);
+        let s = pool.stats();
+        assert_eq!((s.num_used, s.peak_used, s.cache_evictions), (2, 2, 1));
+        pool.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn stats_equality_leaves_the_peak_out() {
+        let mut pool = BlockPool::new(3).unwrap();
+        let before = pool.stats();
+        let a = pool.allocate().unwrap();
+        pool.release(a).unwrap();
+        let after = pool.stats();
+        assert_eq!((before.peak_used, after.peak_used), (0, 1));
+        assert_eq!(before, after);
+        // Every other field still counts.
+        pool.allocate().unwrap();
+        assert_ne!(pool.stats(), after);
+        assert_ne!(
+            PoolStats {
+                prefix_misses: 1,
+                ..after
+            },
+            after
+        );
     }
 
     #[test]

@@ -3,6 +3,9 @@
 //! holes, evicted (NULL) pages, GQA ratios 1/3/4 and MQA, sliding windows, masked diagonals,
 //! batches mixing decode and chunked prefill, f32/f16/bf16 storage; plus the attention mass.
 //! Tolerances: f32 storage 1e-5 (relative to the output's scale), f16/bf16 storage 2e-2.
+//!
+//! Every input (shapes, page ids, masks and the Q/K/V values) comes from the case's seed, so a
+//! failure names a case that reruns identically. Comparisons are NaN-aware ([`max_abs_diff`]).
 
 use candle_core::{DType, Device, Tensor};
 use layerkv_kernels::reference::dense_attention;
@@ -20,6 +23,61 @@ impl Rng {
     fn below(&mut self, n: usize) -> usize {
         (self.next() % n.max(1) as u64) as usize
     }
+    /// Uniform in (0, 1].
+    fn unit(&mut self) -> f32 {
+        ((self.next() >> 40) as f32 + 1.0) / (1u64 << 24) as f32
+    }
+    /// `n` standard normal values (Box-Muller).
+    fn normals(&mut self, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                let (u, v) = (self.unit(), self.unit());
+                (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
+            })
+            .collect()
+    }
+    /// A seeded standard normal f32 tensor (`Tensor::randn` on the CPU is unseeded).
+    fn randn(&mut self, shape: (usize, usize, usize), dev: &Device) -> Tensor {
+        Tensor::from_vec(self.normals(shape.0 * shape.1 * shape.2), shape, dev).unwrap()
+    }
+}
+
+/// The largest `|a - b|`, NaN when either side holds a NaN and infinity when an infinity is not
+/// matched by the same one, so that `d <= tol` fails on them (candle's CPU `max` skips a NaN
+/// after index 0; `f32::max` skips any).
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let mut worst = 0f32;
+    for (&x, &y) in a.iter().zip(b) {
+        let d = if x == y { 0.0 } else { (x - y).abs() };
+        if d.is_nan() {
+            return f32::NAN;
+        }
+        worst = worst.max(d);
+    }
+    worst
+}
+
+/// The values of `t` as f32, flattened (from any device).
+fn values(t: &Tensor) -> Vec<f32> {
+    t.to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
+/// The output scale a relative tolerance applies to: the largest magnitude, at least 1.
+/// Non-finite outputs fail here (a tolerance scaled by infinity would accept anything).
+fn scale_of(want: &[f32], what: &str) -> f32 {
+    assert!(
+        want.iter().all(|x| x.is_finite()),
+        "{what}: non-finite reference"
+    );
+    want.iter().fold(1f32, |m, x| m.max(x.abs()))
 }
 
 struct Case {
@@ -100,13 +158,13 @@ fn build_sized(seed: u64, dtype: DType, max_len: usize) -> Case {
     let dev = Device::Cpu;
     let mut store = KvStore::new(total_pages, bs, kv_heads, head_dim, dtype, &dev).unwrap();
     let all = total_pages * bs;
-    let k = Tensor::randn(0f32, 1.0, (all, kv_heads, head_dim), &dev).unwrap();
-    let v = Tensor::randn(0f32, 1.0, (all, kv_heads, head_dim), &dev).unwrap();
+    let k = rng.randn((all, kv_heads, head_dim), &dev);
+    let v = rng.randn((all, kv_heads, head_dim), &dev);
     let slots: Vec<u32> = (0..all as u32).collect();
     store.write(&slots, &k, &v).unwrap();
     let total_q: usize = num_q.iter().sum();
-    let q = Tensor::randn(0f32, 1.0, (total_q, kv_heads * group, head_dim), &dev)
-        .unwrap()
+    let q = rng
+        .randn((total_q, kv_heads * group, head_dim), &dev)
         .to_dtype(dtype)
         .unwrap();
     let first_slot = num_slots
@@ -151,6 +209,9 @@ fn seqs(c: &Case) -> Vec<SeqQuery<'_>> {
         .collect()
 }
 
+/// Paged vs dense on case `seed`. Shown to fail: with a NaN written into the last output value
+/// (the `max(0)` reduction this replaced let it through), and with `Tensor::randn` inputs
+/// (`cases_are_reproducible_from_their_seed`).
 fn check(seed: u64, dtype: DType, tol: f32) {
     let c = build(seed, dtype);
     let s = seqs(&c);
@@ -159,32 +220,15 @@ fn check(seed: u64, dtype: DType, tol: f32) {
     let got = paged_attention(&c.q, &c.store, &s, &c.params, Some(&mut mass)).unwrap();
     assert_eq!(got.dtype(), dtype);
     let (want, want_mass) = dense_attention(&c.q, &c.store, &s, &c.params).unwrap();
-    let got = got.to_dtype(DType::F32).unwrap();
-    let scale = want
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-        .max(1.0);
-    let diff = (&got - &want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let (got, want) = (values(&got), values(&want));
+    let scale = scale_of(&want, &format!("seed {seed} {dtype:?}"));
+    let diff = max_abs_diff(&got, &want);
     assert!(
         diff <= tol * scale,
         "seed {seed} {dtype:?}: max diff {diff} (scale {scale}), params {:?}",
         c.params
     );
+    scale_of(&want_mass, &format!("seed {seed} {dtype:?} mass"));
     for (i, (m, w)) in mass.iter().zip(&want_mass).enumerate() {
         assert!(
             (m - 0.5 - w).abs() <= 1e-3 * w.max(1.0),
@@ -206,6 +250,27 @@ fn paged_matches_reference_f16_bf16() {
     for seed in 0..60 {
         check(seed, DType::F16, 2e-2);
         check(seed + 1000, DType::BF16, 2e-2);
+    }
+}
+
+/// A seed names one case: building it twice gives the same inputs bit for bit, so a failure
+/// reruns. Shown to fail with `Tensor::randn` back in `build_sized`.
+#[test]
+fn cases_are_reproducible_from_their_seed() {
+    for seed in [0, 7, 1003] {
+        let (a, b) = (build(seed, DType::F32), build(seed, DType::F32));
+        for (x, y) in [
+            (a.store.k(), b.store.k()),
+            (a.store.v(), b.store.v()),
+            (&a.q, &b.q),
+        ] {
+            let (x, y) = (values(x), values(y));
+            assert!(
+                x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "seed {seed}"
+            );
+        }
+        assert_eq!((a.pages, a.q_pos), (b.pages, b.q_pos), "seed {seed}");
     }
 }
 
@@ -384,22 +449,9 @@ fn cuda_matches_cpu() {
             let want = paged_attention(&c.q, &c.store, &s, &c.params, Some(&mut m_cpu)).unwrap();
             let q = c.q.to_device(&dev).unwrap();
             let got = paged_attention(&q, &gpu, &s, &c.params, Some(&mut m_gpu)).unwrap();
-            let to32 = |t: &Tensor| {
-                t.to_device(&Device::Cpu)
-                    .unwrap()
-                    .to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-            };
-            let (got, want) = (to32(&got), to32(&want));
-            let scale = want.iter().fold(1f32, |m, x| m.max(x.abs()));
-            let diff = got
-                .iter()
-                .zip(&want)
-                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            let (got, want) = (values(&got), values(&want));
+            let scale = scale_of(&want, &format!("seed {seed} {dtype:?}"));
+            let diff = max_abs_diff(&got, &want);
             assert!(
                 diff <= tol * scale,
                 "seed {seed} {dtype:?}: CUDA vs CPU {diff}"

@@ -90,6 +90,10 @@ impl KvCache {
                 }
             }
         }
+        // Copy-on-write sources held by reserved steps.
+        for &p in &st.pinned {
+            *holders.entry(p).or_default() += 1;
+        }
         for page in 0..st.pool.num_pages() as PageId {
             let rc = st.pool.refcount(page).map_err(|e| e.to_string())?;
             let held = holders.get(&page).copied().unwrap_or(0);

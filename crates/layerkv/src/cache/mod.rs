@@ -90,6 +90,12 @@ impl CacheReader<'_> {
     pub fn pool_stats(&self) -> PoolStats {
         self.state.pool.stats()
     }
+
+    /// Shared pages that reserved steps copied away from and still hold until they retain or
+    /// roll back (copy-on-write sources): held by no table, counted as used by the pool.
+    pub fn pinned_pages(&self) -> &[crate::pool::PageId] {
+        &self.state.pinned
+    }
 }
 
 impl KvCache {
@@ -149,6 +155,7 @@ impl KvCache {
                 seqs: HashMap::default(),
                 compactor: Compactor::default(),
                 scratch: RetainScratch::default(),
+                pinned: Vec::new(),
             }),
         })
     }

@@ -8,7 +8,7 @@
 
 use crate::error::{Error, Result};
 use crate::ids::SeqId;
-use crate::pool::BlockPool;
+use crate::pool::{BlockPool, PageId};
 use crate::step::{PageCopy, Rerotation, Step, StepSeq, StepState, Undo};
 use crate::table::BlockTable;
 
@@ -139,8 +139,9 @@ impl Core {
                 let last = t.pages.len() - 1;
                 let page = t.tail;
                 if t.tail_shared && st.pool.refcount(page)? > 1 {
+                    // The source stays held (pinned) until the step retains or rolls back.
                     let dst = st.pool.allocate()?;
-                    st.pool.release(page)?;
+                    st.pinned.push(page);
                     let copy = PageCopy { src: page, dst };
                     step.copies.push(copy);
                     undo.copy = Some(copy);
@@ -260,7 +261,7 @@ impl Core {
                 }
                 t.truncate_pages(u.num_pages);
                 if let Some(c) = u.copy {
-                    st.pool.retain(c.src)?;
+                    unpin(&mut st.pinned, c.src);
                     st.pool.release(c.dst)?;
                     let last = t.pages.len() - 1;
                     t.set_page(last, c.src);
@@ -283,6 +284,15 @@ impl Core {
         }
         step.state = StepState::Idle;
         Ok(())
+    }
+}
+
+/// Drops one pin of `page` (a reserved step's copy-on-write source).
+pub(crate) fn unpin(pinned: &mut Vec<PageId>, page: PageId) {
+    if let Some(i) = pinned.iter().position(|&p| p == page) {
+        pinned.swap_remove(i);
+    } else {
+        debug_assert!(false, "page {page} was not pinned");
     }
 }
 

@@ -12,6 +12,7 @@ use crate::map::GroupId;
 use crate::retention::{RetainInput, Scores};
 use crate::step::{RetainOutcome, Step, StepState};
 
+use super::reserve::unpin;
 use super::sequence::{GroupScores, State};
 use super::Core;
 
@@ -45,6 +46,7 @@ impl Core {
             seqs,
             compactor,
             scratch: rs,
+            pinned,
         } = st;
         rs.keep_words.clear();
         rs.keep_ranges.clear();
@@ -178,6 +180,13 @@ impl Core {
                 let tokens = &step.tokens[off..off + ss.num_new];
                 off += ss.num_new;
                 self.register_full_blocks(pool, s, tokens)?;
+            }
+        }
+        // The copy-on-write sources this step held: the step is committed, so let go.
+        for u in &step.undo {
+            if let Some(c) = u.copy {
+                unpin(pinned, c.src);
+                pool.release(c.src)?;
             }
         }
         step.outcome = outcome;

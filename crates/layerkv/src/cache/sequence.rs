@@ -8,7 +8,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use crate::compact::Compactor;
 use crate::ids::SeqId;
 use crate::map::GroupId;
-use crate::pool::BlockPool;
+use crate::pool::{BlockPool, PageId};
 use crate::table::BlockTable;
 
 use super::retain::RetainScratch;
@@ -97,4 +97,8 @@ pub(crate) struct State {
     pub(crate) compactor: Compactor,
     /// Retain's decisions and score copies, reused from step to step.
     pub(crate) scratch: RetainScratch,
+    /// Shared pages that reserved steps copied away from (copy-on-write): each is held by its
+    /// step until the step retains (then released) or rolls back (then its table points at it
+    /// again), so another sequence letting go of it in between cannot free it under the step.
+    pub(crate) pinned: Vec<PageId>,
 }

@@ -764,6 +764,29 @@ mod tests {
     use crate::reference::dense_attention;
     use layerkv::TableView as SeqKv;
 
+    /// The largest `|a - b|` (compared in f32), NaN when either side holds a NaN and infinity
+    /// when an infinity is not matched by the same one: `d < tol` fails on them, where a
+    /// `max(0)` reduction would not (candle's CPU `max` skips a NaN after index 0).
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let values = |t: &Tensor| {
+            t.to_dtype(DType::F32)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1::<f32>())
+                .unwrap()
+        };
+        let (a, b) = (values(a), values(b));
+        assert_eq!(a.len(), b.len());
+        let mut worst = 0f32;
+        for (&x, &y) in a.iter().zip(&b) {
+            let d = if x == y { 0.0 } else { (x - y).abs() };
+            if d.is_nan() {
+                return f32::NAN;
+            }
+            worst = worst.max(d);
+        }
+        worst
+    }
+
     /// Both instantiations of the loops (baseline and AVX2+FMA where the CPU has them) against
     /// the dense reference, with a GQA group of 6 (one 4-wide block + two singles), head_dim 20
     /// (a tail after the 8-wide chunks), f32 and f16.
@@ -807,16 +830,7 @@ mod tests {
                     Split::Auto,
                 )
                 .unwrap();
-                let diff = (&got - &want)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let diff = max_abs_diff(&got, &want);
                 assert!(diff < 1e-5, "{dtype:?} baseline={baseline}: {diff}");
                 for (m, w) in mass.iter().zip(&want_mass) {
                     assert!((m - w).abs() < 1e-4, "{dtype:?} baseline={baseline}: mass");
@@ -904,16 +918,7 @@ mod tests {
                     for baseline in [true, false] {
                         let got = attention_with(&q, &store, &seqs, &params, None, baseline, split)
                             .unwrap();
-                        let diff = (&got - &want)
-                            .unwrap()
-                            .abs()
-                            .unwrap()
-                            .flatten_all()
-                            .unwrap()
-                            .max(0)
-                            .unwrap()
-                            .to_scalar::<f32>()
-                            .unwrap();
+                        let diff = max_abs_diff(&got, &want);
                         assert!(
                             diff < 1e-5,
                             "{dtype:?} kv_heads={kv_heads} d={d} heads={heads} {window:?} \
