@@ -25,9 +25,10 @@ pub struct Perplexity {
     pub ppl: f64,
     /// Predicted tokens.
     pub num_predicted: usize,
-    /// Largest KV bytes one sequence held during the run.
+    /// Most KV bytes one sequence held at any moment of the run: the pool's high-water mark,
+    /// inside prefill chunks too (SnapKV holds its whole prompt until the prompt ends).
     pub peak_kv_bytes: usize,
-    /// KV bytes per layer at that peak.
+    /// KV bytes per layer at the largest footprint seen after a step.
     pub kv_bytes_per_layer: Vec<usize>,
     /// Tokens processed per second (all chunks).
     pub tokens_per_sec: f64,
@@ -43,9 +44,11 @@ pub fn token_nll(logits: &Tensor, targets: &[u32]) -> Result<Vec<f32>> {
 /// Runs `tokens` through a fresh sequence: the first `prompt_len` tokens as its prompt (one
 /// engine step, which the engine splits into prefill chunks under an evicting policy), then the
 /// rest in steps of `chunk` tokens, and calls `on_nll(position, nll)` for every token whose
-/// position is `>= score_from` (`score_from >= 1`). Returns peak KV bytes and per-layer bytes
-/// at the peak, measured after every step (each also reported to `on_memory(end, bytes)`). The
-/// sequence is freed at the end.
+/// position is `>= score_from` (`score_from >= 1`). Returns the peak KV bytes, the pool's
+/// high-water mark while the sequence ran (inside the engine's prefill chunks too, so SnapKV's
+/// whole prompt counts), and the per-layer bytes of the largest footprint seen after a step
+/// (each footprint also reported to `on_memory(end, bytes)`). The sequence is freed at the
+/// end; other sequences of the engine are held constant meanwhile.
 #[allow(clippy::too_many_arguments)]
 fn run_sequence(
     engine: &mut Engine,
@@ -58,6 +61,8 @@ fn run_sequence(
     mut on_memory: impl FnMut(usize, usize),
 ) -> Result<(usize, Vec<usize>)> {
     engine.add_sequence(seq)?;
+    let before = engine.cache().pool_stats().num_used;
+    engine.cache().reset_peak();
     let result = (|| {
         let mut peak = (0, Vec::new());
         let mut start = 0;
@@ -89,6 +94,9 @@ fn run_sequence(
             }
             start = end;
         }
+        let stats = engine.cache().pool_stats();
+        let page_bytes = engine.cache().config().page_bytes();
+        peak.0 = peak.0.max(stats.peak_used.saturating_sub(before) * page_bytes);
         Ok(peak)
     })();
     engine.free(seq)?;

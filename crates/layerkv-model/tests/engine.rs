@@ -887,3 +887,45 @@ fn a_failed_step_changes_nothing() {
         assert!(max_abs_diff(&a, &b) <= 1e-6);
     }
 }
+
+/// Peak means high-water mark: under SnapKV a prompt prefilled in chunks is held whole until
+/// its last chunk compresses it, so the peak is the whole prompt, far above the footprint any
+/// step leaves behind. (Shown failing: with the peak read after each engine step, as before
+/// the pool tracked its high-water mark, the figure is the compressed footprint: 18,432 bytes
+/// against the whole prompt's 147,456.)
+#[test]
+fn a_chunked_snapkv_prompt_peaks_at_the_whole_prompt() {
+    use layerkv::Budget;
+    use layerkv_model::eval::perplexity;
+    let model = load(&tiny_model(23));
+    let policy = with(
+        LayerMap::identity(LAYERS).unwrap(),
+        Retention::SnapKv {
+            observe: 4,
+            budget: Budget::Tokens(16),
+            pool: 1,
+        },
+        "snapkv",
+    );
+    let cfg = EngineConfig {
+        block_size: 4,
+        num_pages: 1024,
+        prefill_chunk: 32,
+        ..EngineConfig::default()
+    };
+    let mut e = Engine::new(model, Arc::new(policy), cfg).unwrap();
+    let tokens: Vec<u32> = (0..200u32).map(|i| (i * 7 + 3) % VOCAB as u32).collect();
+    // Windows of 200 tokens whose first 192 are the prompt (prefilled in chunks of 32).
+    let p = perplexity(&mut e, &tokens, 200, 200, 4, 192).unwrap();
+    let page_bytes = e.cache().config().page_bytes();
+    let whole_prompt = LAYERS * 192usize.div_ceil(4) * page_bytes;
+    assert!(
+        p.peak_kv_bytes >= whole_prompt,
+        "peak {} < the whole prompt's {whole_prompt}",
+        p.peak_kv_bytes
+    );
+    // What the last step left: the budget and the tokens after the prompt.
+    let after: usize = p.kv_bytes_per_layer.iter().sum();
+    assert!(after * 4 < p.peak_kv_bytes, "{after} vs {}", p.peak_kv_bytes);
+    assert_eq!(e.cache().pool_stats().num_used, 0, "the window's sequence is freed");
+}

@@ -318,6 +318,13 @@ impl KvCache {
         self.state.read().pool.stats()
     }
 
+    /// Starts a new high-water measurement: [`PoolStats::peak_used`] becomes the pages in use
+    /// now, and from here on counts the most pages in use at any moment (inside steps too,
+    /// where a chunked prompt or a copy-on-write peaks).
+    pub fn reset_peak(&self) {
+        self.state.write().pool.reset_peak();
+    }
+
     /// How many sequences of `seq_len` tokens this cache's pool can hold under the policy
     /// (worst case over token placement, steps of one token).
     pub fn capacity(&self, seq_len: usize) -> usize {
