@@ -334,6 +334,38 @@ fn user_errors_are_one_line_naming_the_problem() {
         "generate", "--model", m, "--prompt", "x", "--policy", "bogus:3",
     ]);
     assert_one_line_error(&out, &["bogus"]);
+    // An empty prompt, and one past the model's 512-token context under a policy that keeps
+    // every token (a policy that evicts streams past it). Shown failing: without the session's
+    // room check the long prompt runs to completion and exits 0.
+    let out = run(&["generate", "--model", m, "--prompt", ""]);
+    assert_one_line_error(&out, &["the prompt is empty"]);
+    let long = "y".repeat(600);
+    let out = run(&[
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        &long,
+        "--max-tokens",
+        "2",
+    ]);
+    assert_one_line_error(&out, &["600 tokens exceed the model's context of 512"]);
+    let out = run(&[
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        &long,
+        "--max-tokens",
+        "2",
+        "--policy",
+        "identity+stream:4:60",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let broken = dir.join("broken");
     std::fs::create_dir_all(&broken).unwrap();
     tiny_model(&broken, Some(CHATML));

@@ -96,7 +96,9 @@ fn run_sequence(
         }
         let stats = engine.cache().pool_stats();
         let page_bytes = engine.cache().config().page_bytes();
-        peak.0 = peak.0.max(stats.peak_used.saturating_sub(before) * page_bytes);
+        peak.0 = peak
+            .0
+            .max(stats.peak_used.saturating_sub(before) * page_bytes);
         Ok(peak)
     })();
     engine.free(seq)?;

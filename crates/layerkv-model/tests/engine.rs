@@ -926,6 +926,14 @@ fn a_chunked_snapkv_prompt_peaks_at_the_whole_prompt() {
     );
     // What the last step left: the budget and the tokens after the prompt.
     let after: usize = p.kv_bytes_per_layer.iter().sum();
-    assert!(after * 4 < p.peak_kv_bytes, "{after} vs {}", p.peak_kv_bytes);
-    assert_eq!(e.cache().pool_stats().num_used, 0, "the window's sequence is freed");
+    assert!(
+        after * 4 < p.peak_kv_bytes,
+        "{after} vs {}",
+        p.peak_kv_bytes
+    );
+    assert_eq!(
+        e.cache().pool_stats().num_used,
+        0,
+        "the window's sequence is freed"
+    );
 }
