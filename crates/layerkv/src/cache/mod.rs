@@ -23,6 +23,8 @@ mod guard;
 mod prefix;
 mod reserve;
 mod retain;
+mod scores;
+mod scratch;
 mod sequence;
 
 use std::collections::HashMap;
@@ -42,8 +44,9 @@ use crate::step::Step;
 use crate::table::{BlockTable, TableView};
 
 pub use guard::Reservation;
-use retain::RetainScratch;
-use sequence::{GroupScores, Sequence, State};
+use scores::GroupScores;
+use scratch::RetainScratch;
+use sequence::{Sequence, State};
 
 /// Memory held by one sequence.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,11 +8,11 @@
 
 use crate::error::{Error, Result};
 use crate::ids::SeqId;
-use crate::pool::{BlockPool, PageId};
+use crate::pool::BlockPool;
 use crate::step::{PageCopy, Rerotation, Step, StepSeq, StepState, Undo};
 use crate::table::BlockTable;
 
-use super::sequence::State;
+use super::sequence::{unpin, State};
 use super::Core;
 
 impl Core {
@@ -284,15 +284,6 @@ impl Core {
         }
         step.state = StepState::Idle;
         Ok(())
-    }
-}
-
-/// Drops one pin of `page` (a reserved step's copy-on-write source).
-pub(crate) fn unpin(pinned: &mut Vec<PageId>, page: PageId) {
-    if let Some(i) = pinned.iter().position(|&p| p == page) {
-        pinned.swap_remove(i);
-    } else {
-        debug_assert!(false, "page {page} was not pinned");
     }
 }
 

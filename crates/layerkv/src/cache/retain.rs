@@ -8,27 +8,12 @@
 
 use crate::bits;
 use crate::error::{Error, Result};
-use crate::map::GroupId;
 use crate::retention::{RetainInput, Scores};
 use crate::step::{RetainOutcome, Step, StepState};
 
-use super::reserve::unpin;
-use super::sequence::{GroupScores, State};
+use super::scores::GroupScores;
+use super::sequence::{unpin, State};
 use super::Core;
-
-/// Retain's decisions and score copies, reused from step to step (it lives in the cache's
-/// state, under the same lock as the tables it decides for).
-#[derive(Debug, Default)]
-pub(crate) struct RetainScratch {
-    /// Keep bits of every decided (sequence, group), back to back.
-    keep_words: Vec<u64>,
-    /// (sequence index, group, offset into `keep_words`) of every decision.
-    keep_ranges: Vec<(usize, GroupId, usize)>,
-    /// The retentions' own scratch.
-    rule: Vec<u32>,
-    /// Per decision: the scores with this step's mass folded in.
-    scores: Vec<GroupScores>,
-}
 
 impl Core {
     /// See [`crate::Reservation::retain`].

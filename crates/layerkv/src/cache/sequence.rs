@@ -11,7 +11,8 @@ use crate::map::GroupId;
 use crate::pool::{BlockPool, PageId};
 use crate::table::BlockTable;
 
-use super::retain::RetainScratch;
+use super::scores::GroupScores;
+use super::scratch::RetainScratch;
 
 /// Hashes engine-chosen `u64` sequence ids with one folded multiply (SipHash would dominate a
 /// single-token append).
@@ -34,14 +35,6 @@ impl Hasher for SeqHasher {
         let m = u128::from(x ^ self.0) * 0x9e37_79b9_7f4a_7c15_u128;
         self.0 = (m as u64) ^ ((m >> 64) as u64);
     }
-}
-
-/// A group's per-slot scores (only the kinds its retention needs are kept non-empty).
-#[derive(Debug, Clone, Default)]
-pub(crate) struct GroupScores {
-    pub(crate) accumulated: Vec<f32>,
-    pub(crate) last: Vec<f32>,
-    pub(crate) observed: Vec<f32>,
 }
 
 #[derive(Debug, Clone)]
@@ -101,4 +94,13 @@ pub(crate) struct State {
     /// step until the step retains (then released) or rolls back (then its table points at it
     /// again), so another sequence letting go of it in between cannot free it under the step.
     pub(crate) pinned: Vec<PageId>,
+}
+
+/// Drops one pin of `page` (a reserved step's copy-on-write source).
+pub(crate) fn unpin(pinned: &mut Vec<PageId>, page: PageId) {
+    if let Some(i) = pinned.iter().position(|&p| p == page) {
+        pinned.swap_remove(i);
+    } else {
+        debug_assert!(false, "page {page} was not pinned");
+    }
 }

@@ -7,8 +7,7 @@
 
 use std::ops::Range;
 
-use super::request::RequestId;
-use crate::ids::SeqId;
+use crate::ids::{RequestId, SeqId};
 
 /// What a scheduled request feeds this step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
