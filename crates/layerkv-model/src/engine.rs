@@ -327,24 +327,11 @@ impl Engine {
         iterative: bool,
     ) -> Result<Tensor> {
         let mut reserved = self.cache.reserve(batch, &mut self.step)?;
-        let layers = Layers::new(
-            &self.model,
-            self.policy.layer_map(),
-            &self.cache,
-            batch,
-            &reserved,
-        )?;
-        self.exec
-            .begin(&reserved, &mut self.store, self.model.rope())?;
+        let layers = Layers::new(&self.model, self.policy.layer_map(), &self.cache, batch, &reserved)?;
+        self.exec.begin(&reserved, &mut self.store, self.model.rope())?;
         let x = if iterative {
             let prefill = self.config.prefill;
-            layers.iterate(
-                &mut self.store,
-                &mut self.exec,
-                &self.config,
-                &mut reserved,
-                prefill,
-            )?
+            layers.iterate(&mut self.store, &mut self.exec, &self.config, &mut reserved, prefill)?
         } else {
             layers.run(&mut self.store, &mut self.exec, &mut reserved, None)?
         };

@@ -18,9 +18,7 @@ use layerkv::{LayerKvPolicy, Policy, SeqId};
 use crate::chat::{ChatTemplate, Message};
 use crate::engine::{Engine, EngineConfig};
 use crate::error::{ModelError, Result};
-use crate::generate::{
-    complete, stop_tokens, Completion, GenerationConfig, Sampler, Sampling, StopCriteria,
-};
+use crate::generate::{complete, stop_tokens, Completion, GenerationConfig, Sampler, Sampling, StopCriteria};
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
 
