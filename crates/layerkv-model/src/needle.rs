@@ -829,19 +829,22 @@ fn run_agnostic(session: &mut Session, sample: &Sample) -> Result<Vec<Turn>> {
         let seen_tokens = session.engine().cache().num_tokens(SAMPLE_SEQ)?;
         let held_now = held_tokens(session, SAMPLE_SEQ)?;
         let c = session.complete(SAMPLE_SEQ, &ids, &mut sampler, |_| {})?;
-        // The sequence holds every sampled token but the last.
+        // The sequence holds every sampled token but the last: the conversation goes on from
+        // their text (not the reply's, which may end in a token the sequence lacks, or decode
+        // differently when cut inside a character), so the next render extends `held`.
         let kept = &c.tokens[..c.tokens.len().saturating_sub(1)];
-        held = format!("{full}{}", session.tokenizer().decode(kept)?);
+        let kept_text = session.tokenizer().decode(kept)?;
+        held = format!("{full}{kept_text}");
         turns.push(Turn {
             question: q.question.clone(),
             expected: q.answers.clone(),
             correct: matches_all(&c.text, &q.answers),
-            answer: c.text.clone(),
+            answer: c.text,
             seen_tokens,
             held_tokens: held_now,
             new_tokens: ids.len(),
         });
-        messages.push(Message::new("assistant", c.text));
+        messages.push(Message::new("assistant", kept_text));
     }
     Ok(turns)
 }
