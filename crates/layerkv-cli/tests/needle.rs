@@ -4,9 +4,8 @@
 //! itself is 1 (or `-` when it found nothing), the JSON parses and holds one record per sample,
 //! policy and mode, and a heatmap PNG is written per policy and mode.
 //!
-//! Shown to fail: dropping the identity row that `needle` adds when it is not named (the first
-//! row then named the stream policy), and dividing `correct` by the sample count of the whole
-//! grid instead of the cell's (the record count per row no longer matched `right`).
+//! Shown to fail: dropping the identity run that `needle` adds when it is not named (no
+//! `[identity]` progress line, no identity rows).
 
 use std::path::Path;
 use std::process::Command;

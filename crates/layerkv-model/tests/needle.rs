@@ -8,8 +8,7 @@
 //! the question's turn appends only the question.
 //!
 //! Shown to fail: reading `held_tokens` after the question's completion instead of before it
-//! (identity's held count then exceeded the tokens seen before the question), and prefilling
-//! the agnostic context together with the first question (held 0, as in the aware mode).
+//! (identity's held count then differed from the tokens seen before the question).
 
 use std::path::Path;
 
