@@ -10,6 +10,7 @@
 //! - `chat`: a multi-turn conversation on stdin, replies streamed, one KV sequence throughout.
 //! - `policy`: writes a policy file from a spec.
 //! - `calibrate`: KVSharer calibration of a sharing map on a model and text.
+//! - `needle`: retrieval accuracy (pass key, needles) per policy, query-aware and -agnostic.
 //!
 //! Errors are one line on stderr (`error: what: where`) and exit status 1 (2 for bad usage);
 //! tables go to stdout, logs to stderr, colours only to a terminal.
@@ -21,6 +22,7 @@ mod demo_cmd;
 mod device;
 mod generate_cmd;
 mod measure;
+mod needle_cmd;
 mod plan_cmd;
 mod plot;
 mod report;
@@ -100,6 +102,9 @@ enum Command {
     /// Stream one long text far past the model's context: NLL and KV bytes per 1k tokens, a
     /// table and a PNG of the curves.
     Stream(stream_cmd::StreamArgs),
+    /// Retrieval accuracy (pass key and needle tasks, exact match) per policy, query-aware and
+    /// query-agnostic: a table, heatmaps and JSON.
+    Needle(needle_cmd::NeedleArgs),
 }
 
 #[derive(clap::Args, Clone)]
@@ -228,6 +233,7 @@ fn run(command: Command) -> Result<()> {
         Command::Calibrate(args) => calibrate_cmd::run(args),
         Command::Plan(args) => plan_cmd::run(args),
         Command::Stream(args) => stream_cmd::run(args),
+        Command::Needle(args) => needle_cmd::run(args),
     }
 }
 

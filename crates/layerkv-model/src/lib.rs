@@ -6,8 +6,9 @@
 //! the embedded default model and texts ([`assets`]), the linear layers the forward pass is
 //! generic over ([`linear`]), the policy-driven forward pass
 //! ([`engine`]), chat templates ([`chat`]), sampling and generation ([`generate`]), the
-//! session every client serves requests through ([`session`]), evaluation ([`eval`]) and the
-//! model side of KVSharer calibration ([`calibrate`]).
+//! session every client serves requests through ([`session`]), evaluation ([`eval`]),
+//! retrieval tasks under a policy ([`needle`]) and the model side of KVSharer calibration
+//! ([`calibrate`]).
 
 pub mod assets;
 pub mod calibrate;
@@ -20,6 +21,7 @@ pub mod eval;
 pub mod generate;
 pub mod linear;
 mod model;
+pub mod needle;
 pub mod rope;
 pub mod session;
 pub mod tokenizer;

@@ -1,0 +1,142 @@
+//! `layerkv needle` as a user runs it, on a tiny random llama written by `layerkv-testkit`
+//! (its answers are noise; what is checked is the harness): two policies, both modes, a small
+//! grid; the table lists identity first, every accuracy lies in [0, 1], identity's ratio to
+//! itself is 1 (or `-` when it found nothing), the JSON parses and holds one record per sample,
+//! policy and mode, and a heatmap PNG is written per policy and mode.
+//!
+//! Shown to fail: dropping the identity run that `needle` adds when it is not named (no
+//! `[identity]` progress line, no identity rows).
+
+use std::path::Path;
+use std::process::Command;
+
+use layerkv_testkit::{scratch, TinyModel};
+
+/// Raises the tiny model's context to 2048 tokens: its byte-level tokenizer spends a token per
+/// byte, and the preamble, a multi-query question and the template alone take ~400.
+fn long_context(dir: &Path) {
+    let path = dir.join("config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    c["max_position_embeddings"] = 2048.into();
+    std::fs::write(&path, c.to_string()).unwrap();
+}
+
+fn haystack(dir: &Path) -> std::path::PathBuf {
+    let text: String = (0..400)
+        .map(|i| format!("Entry {i}: the hacker wrote code until the sun came up. "))
+        .collect();
+    let path = dir.join("haystack.txt");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn needle_reports_accuracy_per_policy_task_and_mode() {
+    let dir = scratch("cli-needle");
+    let model = TinyModel::llama(3).write(&dir.join("model"));
+    long_context(&model);
+    let text = haystack(&dir);
+    let json = dir.join("needle.json");
+    let plots = dir.join("plots");
+    let out = Command::new(env!("CARGO_BIN_EXE_layerkv"))
+        .args(["needle", "--model"])
+        .arg(&model)
+        .args([
+            "--policy",
+            "identity+stream:4:28",
+            "--task",
+            "passkey,multiquery",
+        ])
+        .args([
+            "--lengths",
+            "96,160",
+            "--depths",
+            "0.2,0.8",
+            "--samples",
+            "1",
+        ])
+        .args(["--mode", "both", "--seed", "4", "--text"])
+        .arg(&text)
+        .arg("--json")
+        .arg(&json)
+        .arg("--plot-dir")
+        .arg(&plots)
+        .env("LAYERKV_HOME", &dir)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(
+        stderr.contains("[identity] 1/8 passkey len 96 depth 0.2 #0 aware"),
+        "{stderr}"
+    );
+
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(lines[0].starts_with("policy"), "{stdout}");
+    let rows: Vec<Vec<&str>> = lines[1..]
+        .iter()
+        .take_while(|l| !l.starts_with("accuracy:"))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    // 2 policies x 2 tasks x 2 modes, identity first.
+    assert_eq!(rows.len(), 8, "{stdout}");
+    assert!(rows[..4].iter().all(|r| r[0] == "identity"), "{stdout}");
+    assert!(
+        rows[4..].iter().all(|r| r[0] == "identity+stream:4:28"),
+        "{stdout}"
+    );
+    for r in &rows {
+        assert_eq!(r.len(), 6, "{r:?}");
+        assert!(["passkey", "multiquery"].contains(&r[1]), "{r:?}");
+        assert!(["aware", "agnostic"].contains(&r[2]), "{r:?}");
+        assert!(r[3].ends_with("/4"), "4 samples per task and mode: {r:?}");
+        let acc: f64 = r[4].parse().unwrap();
+        assert!((0.0..=1.0).contains(&acc), "{r:?}");
+        if r[0] == "identity" {
+            assert!(r[5] == "-" || r[5] == "1.00", "{r:?}");
+        }
+    }
+    assert!(stdout.contains("accuracy: exact match"), "{stdout}");
+
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let records = report["records"].as_array().unwrap();
+    // 2 tasks x 2 lengths x 2 depths x 1 sample, under 2 policies, in 2 modes.
+    assert_eq!(records.len(), 32);
+    for r in records {
+        let correct = r["correct"].as_bool().unwrap();
+        let recall = r["recall"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&recall));
+        assert!(!correct || recall == 1.0, "{r}");
+    }
+    let table = report["rows"].as_array().unwrap();
+    assert_eq!(table.len(), 8);
+    for row in table {
+        let acc = row["accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&acc), "{row}");
+        let cell = records
+            .iter()
+            .filter(|r| r["policy"] == row["policy"] && r["task"] == row["task"])
+            .filter(|r| r["mode"] == row["mode"])
+            .collect::<Vec<_>>();
+        let right = cell.iter().filter(|r| r["correct"] == true).count();
+        assert_eq!(row["correct"].as_u64().unwrap() as usize, right, "{row}");
+        assert_eq!(
+            row["samples"].as_u64().unwrap() as usize,
+            cell.len(),
+            "{row}"
+        );
+    }
+    for name in [
+        "needle-identity-aware.png",
+        "needle-identity-agnostic.png",
+        "needle-identity_stream_4_28-aware.png",
+        "needle-identity_stream_4_28-agnostic.png",
+    ] {
+        let png = std::fs::read(plots.join(name)).unwrap();
+        assert!(png.starts_with(b"\x89PNG"), "{name}");
+    }
+}
