@@ -150,8 +150,12 @@ impl ModelArgs {
             stop_strings: flags.stop.clone(),
             ..SessionOptions::default()
         };
-        Ok(Session::new(&dir, model, policy, options)
-            .context("--max-context (the KV pool is sized for it)")?)
+        Session::new(&dir, model, policy, options).with_context(|| {
+            format!(
+                "--policy {} with --max-context {}",
+                self.policy, self.max_context
+            )
+        })
     }
 }
 
