@@ -3,7 +3,10 @@
 
 use std::sync::Arc;
 
-use layerkv::{CacheConfig, Error, KvCache, LayerMap, Policy, PolicyBuilder, Retention, Step};
+use layerkv::{
+    bits, BlockPool, CacheConfig, CustomRetention, Error, KvCache, LayerKvPolicy, LayerMap, Policy,
+    PolicyBuilder, RetainInput, Retention, RetentionRule, ScoreNeed, Step,
+};
 
 fn cache(policy: Policy, num_pages: usize) -> KvCache {
     let config = CacheConfig {
@@ -177,4 +180,247 @@ fn retention_override_for_a_layer_that_shares() {
         .build()
         .unwrap_err();
     assert_eq!(e, Error::NotAnOwner { layer: 1 });
+}
+
+/// A pool of zero pages is a typed error at construction (not a cache on which every step
+/// fails, and not a panic), and so is a budget that buys no page. Shown to fail with the
+/// `num_pages == 0` check removed from `BlockPool::new` (the cache is built; its first reserve
+/// is `PoolExhausted`).
+#[test]
+fn zero_pages() {
+    let policy = || Arc::new(Policy::identity(2).unwrap());
+    for config in [
+        CacheConfig {
+            num_pages: 0,
+            ..CacheConfig::default()
+        },
+        // 16 tokens of 64 bytes per page: 1000 bytes buy none.
+        CacheConfig::for_budget(16, 64, 1000),
+    ] {
+        assert_eq!(config.num_pages, 0);
+        let e = KvCache::new(policy(), config).unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidConfig(m) if m.contains("got 0")),
+            "{e}"
+        );
+    }
+    assert!(matches!(
+        BlockPool::new(0).unwrap_err(),
+        Error::InvalidConfig(_)
+    ));
+}
+
+/// A custom rule written against the public trait: keep the slots at even text positions, and
+/// always the newest token.
+#[derive(Debug)]
+struct EvenPositions;
+
+impl RetentionRule for EvenPositions {
+    fn name(&self) -> String {
+        "even-positions".into()
+    }
+
+    fn score_need(&self) -> ScoreNeed {
+        ScoreNeed::NONE
+    }
+
+    fn select(
+        &self,
+        input: &RetainInput<'_>,
+        keep: &mut [u64],
+        _scratch: &mut Vec<u32>,
+    ) -> layerkv::Result<()> {
+        let newest = (0..input.num_slots)
+            .rev()
+            .find(|&s| bits::get(input.valid, s));
+        for s in 0..input.num_slots {
+            if input.positions[s] % 2 == 0 || Some(s) == newest {
+                bits::set(keep, s);
+            }
+        }
+        Ok(())
+    }
+
+    fn max_tokens(&self, num_tokens: usize) -> usize {
+        num_tokens.div_ceil(2) + 1
+    }
+}
+
+/// A custom rule that refuses to decide once the sequence reaches `at` tokens.
+#[derive(Debug)]
+struct FailsAt {
+    at: usize,
+}
+
+impl RetentionRule for FailsAt {
+    fn name(&self) -> String {
+        format!("fails-at-{}", self.at)
+    }
+
+    fn score_need(&self) -> ScoreNeed {
+        ScoreNeed::NONE
+    }
+
+    fn select(
+        &self,
+        input: &RetainInput<'_>,
+        keep: &mut [u64],
+        _scratch: &mut Vec<u32>,
+    ) -> layerkv::Result<()> {
+        if input.num_tokens >= self.at {
+            return Err(Error::InvalidRetention {
+                retention: self.name(),
+                reason: format!("{} tokens", input.num_tokens),
+            });
+        }
+        keep.copy_from_slice(&input.valid[..keep.len()]);
+        Ok(())
+    }
+}
+
+fn kept_positions(c: &KvCache, seq: u64, group: usize) -> Vec<usize> {
+    let r = c.read();
+    let t = r.table(seq, group).unwrap();
+    (0..t.num_slots())
+        .filter(|&s| t.is_valid(s))
+        .map(|s| t.position(s).unwrap())
+        .collect()
+}
+
+/// `Retention::Custom` through the public `RetentionRule` trait: the cache calls it like a
+/// built-in rule, in every group, with the text positions of the renumbered slots. Shown to
+/// fail with `% 2 == 0` changed to `% 2 == 1` in the rule (the kept positions differ).
+#[test]
+fn custom_retention_keeps_what_it_selects() {
+    let rule = Retention::Custom(CustomRetention(Arc::new(EvenPositions)));
+    let policy = PolicyBuilder::new(LayerMap::cla(4, 2).unwrap())
+        .retention(rule)
+        .build()
+        .unwrap();
+    assert_eq!(policy.retention(1).to_string(), "even-positions");
+    let c = cache(policy, 32);
+    c.add_sequence(1).unwrap();
+    let mut step = Step::new();
+    for t in 0..21u32 {
+        c.reserve(&[(1, &[t])], &mut step)
+            .unwrap()
+            .retain()
+            .unwrap();
+        c.check_invariants().unwrap();
+    }
+    // Even positions 0..=20; 19 was the newest once and was dropped when 20 came.
+    let even: Vec<usize> = (0..=20).step_by(2).collect();
+    for g in 0..2 {
+        assert_eq!(kept_positions(&c, 1, g), even, "group {g}");
+    }
+    // The table shrank with what it keeps: 11 tokens in 4-slot pages, at most one page of
+    // holes (the compaction bound).
+    assert!(c.memory(1).unwrap().pages_per_group.iter().all(|&p| p <= 4));
+}
+
+/// A custom rule's error comes back from `retain` as it is, and the failed retain rolls the
+/// step back (the reservation is dropped). Shown to fail with the rule's error ignored in
+/// `retain` (`let _ =` for `?`: the retain succeeds and evicts).
+#[test]
+fn custom_retention_errors_leave_the_step_to_roll_back() {
+    let rule = Retention::Custom(CustomRetention(Arc::new(FailsAt { at: 6 })));
+    let policy = PolicyBuilder::new(LayerMap::identity(1).unwrap())
+        .retention(rule)
+        .build()
+        .unwrap();
+    let c = cache(policy, 8);
+    c.add_sequence(1).unwrap();
+    let mut step = Step::new();
+    c.reserve(&[(1, &[1, 2, 3, 4, 5])], &mut step)
+        .unwrap()
+        .retain()
+        .unwrap();
+    let before = (
+        c.pool_stats(),
+        c.memory(1).unwrap(),
+        c.read().table(1, 0).unwrap().clone(),
+    );
+    let reserved = c.reserve(&[(1, &[6])], &mut step).unwrap();
+    let e = reserved.retain().unwrap_err();
+    assert!(
+        matches!(&e, Error::InvalidRetention { retention, .. } if retention == "fails-at-6"),
+        "{e}"
+    );
+    assert_eq!(c.pool_stats(), before.0);
+    assert_eq!(c.memory(1).unwrap(), before.1);
+    assert_eq!(c.read().table(1, 0).unwrap().pages(), before.2.pages());
+    assert_eq!(kept_positions(&c, 1, 0), vec![0, 1, 2, 3, 4]);
+    assert_eq!(c.num_tokens(1).unwrap(), 5);
+    c.check_invariants().unwrap();
+}
+
+fn prefix_cache(retention: Retention, model_window: Option<usize>, caching: bool) -> KvCache {
+    let policy = PolicyBuilder::new(LayerMap::cla(4, 2).unwrap())
+        .retention(retention)
+        .build()
+        .unwrap();
+    let config = CacheConfig {
+        block_size: 4,
+        num_pages: 64,
+        bytes_per_token: 8,
+        prefix_caching: caching,
+        model_window,
+        ..CacheConfig::default()
+    };
+    KvCache::new(Arc::new(policy), config).unwrap()
+}
+
+/// Pages in use after two sequences with the same 14-token prompt, each added through a prefix
+/// lookup and stepped (reserve + retain) over the part not found; and what the second lookup
+/// reused.
+fn two_sequences_with_one_prompt(c: &KvCache) -> (usize, usize, usize) {
+    let prompt: Vec<u32> = (100..114).collect();
+    let mut step = Step::new();
+    let mut reused = Vec::new();
+    for seq in [1, 2] {
+        let r = c.add_sequence_with_prefix(seq, &prompt).unwrap();
+        c.reserve(&[(seq, &prompt[r..])], &mut step)
+            .unwrap()
+            .retain()
+            .unwrap();
+        reused.push(r);
+    }
+    c.check_invariants().unwrap();
+    assert_eq!(reused[0], 0, "nothing to find for the first sequence");
+    (
+        c.pool_stats().num_used,
+        reused[1],
+        c.pool_stats().prefix_hits as usize,
+    )
+}
+
+/// Prefix caching is only on for policies that never evict: asked for with an evicting
+/// retention or a window, it switches itself off (a block's KV would depend on more than its
+/// prefix); with full retention it is on and the second sequence reuses the first one's full
+/// blocks. Shown to fail with `BlockPool::lookup` always missing (no page reused, 2 x 8 pages
+/// used) and with the cache's `caching` flag ignoring `evicts` (an evicting policy reports
+/// prefix caching on).
+#[test]
+fn prefix_caching_is_on_only_for_policies_that_never_evict() {
+    let streaming = Retention::SinkWindow {
+        sinks: 1,
+        window: 8,
+    };
+    assert!(!prefix_cache(streaming.clone(), None, true).prefix_caching());
+    assert!(!prefix_cache(Retention::Full, Some(8), true).prefix_caching());
+    assert!(!prefix_cache(Retention::Full, None, false).prefix_caching());
+    let on = prefix_cache(Retention::Full, None, true);
+    assert!(on.prefix_caching());
+
+    // 14 tokens in 4-slot pages: 4 pages a group, 2 groups. The second sequence finds the 3
+    // full blocks (12 tokens, 6 pages) and takes 2 new pages for the last 2 tokens.
+    let (used, reused, hits) = two_sequences_with_one_prompt(&on);
+    assert_eq!((reused, hits), (12, 6));
+    assert_eq!(used, 8 + 2);
+    // Without prefix caching the same two sequences hold twice the pages of one.
+    let off = prefix_cache(Retention::Full, None, false);
+    assert_eq!(two_sequences_with_one_prompt(&off), (2 * 8, 0, 0));
+    // And an evicting policy that asked for it reuses nothing either.
+    let evicting = prefix_cache(Retention::Full, Some(64), true);
+    assert_eq!(two_sequences_with_one_prompt(&evicting), (2 * 8, 0, 0));
 }
