@@ -12,15 +12,25 @@ use layerkv_model::engine::{Engine, EngineConfig, LogitsRows};
 use layerkv_model::eval::token_nll;
 use layerkv_model::{assets, tokenizer, Model};
 
+/// One line of the stream's report.
+#[derive(Debug, Clone, Copy)]
+pub struct Report {
+    /// Tokens streamed so far.
+    pub tokens: usize,
+    /// KV bytes held.
+    pub kv_bytes: usize,
+    /// Running perplexity.
+    pub perplexity: f64,
+}
+
 /// Streams the first `total` tokens of `text` through the model in `dir` under 4 sinks + a
-/// 252-token window, 32 tokens a step; returns (tokens streamed, KV bytes held, running
-/// perplexity) every `report_every` tokens and at the end.
+/// 252-token window, 32 tokens a step; reports every `report_every` tokens and at the end.
 pub fn run(
     dir: &Path,
     text: &str,
     total: usize,
     report_every: usize,
-) -> Result<Vec<(usize, usize, f64)>, Box<dyn std::error::Error>> {
+) -> Result<Vec<Report>, Box<dyn std::error::Error>> {
     let model = Arc::new(Model::load(dir, DType::F32, &Device::Cpu)?);
     let tok = tokenizer::load(dir)?;
     let mut ids = tok.encode(text)?;
@@ -56,7 +66,11 @@ pub fn run(
             let bytes = engine.cache().memory(0)?.total_bytes;
             let ppl = (nll / count.max(1) as f64).exp();
             println!("{done:>6} tokens: KV {bytes:>9} bytes, running perplexity {ppl:.2}");
-            reports.push((done, bytes, ppl));
+            reports.push(Report {
+                tokens: done,
+                kv_bytes: bytes,
+                perplexity: ppl,
+            });
         }
     }
     engine.free(0)?;

@@ -64,7 +64,11 @@ fn custom_engine_matches_the_engine() {
 fn long_stream_holds_flat_memory() {
     let dir = TinyModel::llama(12).write(&scratch("example-long-stream"));
     let reports = long_stream::run(&dir, &text().repeat(2), 1024, 128).unwrap();
-    let after_window: Vec<usize> = reports.iter().filter(|r| r.0 >= 512).map(|r| r.1).collect();
+    let after_window: Vec<usize> = reports
+        .iter()
+        .filter(|r| r.tokens >= 512)
+        .map(|r| r.kv_bytes)
+        .collect();
     assert!(after_window.len() >= 3, "{reports:?}");
     let (lo, hi) = (
         after_window.iter().min().unwrap(),
@@ -74,7 +78,10 @@ fn long_stream_holds_flat_memory() {
     // heads x 16 dims x f32 x K and V = 256 bytes a token).
     assert!(*hi <= 4 * 18 * 16 * 256, "{reports:?}");
     assert!(hi - lo <= 4 * 2 * 16 * 256, "{reports:?}");
-    assert!(reports.iter().all(|r| r.2.is_finite()), "{reports:?}");
+    assert!(
+        reports.iter().all(|r| r.perplexity.is_finite()),
+        "{reports:?}"
+    );
 }
 
 #[test]

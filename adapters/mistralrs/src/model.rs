@@ -91,7 +91,7 @@ impl LayerKvModel {
     /// request returns them; `ids` are used as given (no BOS is added).
     pub fn prompt_logits(&mut self, ids: &[u32]) -> Result<Tensor> {
         self.session.check_room(None, ids.len(), 0)?;
-        self.run(|s| Ok(s.engine_mut().step(&[(SEQ, ids)], LogitsRows::All)?))
+        self.run(|s| s.engine_mut().step(&[(SEQ, ids)], LogitsRows::All))
     }
 
     /// Continues `prompt` (plain text; the tokenizer adds BOS if the model wants it), handing

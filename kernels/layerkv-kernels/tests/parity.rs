@@ -270,7 +270,11 @@ fn cases_are_reproducible_from_their_seed() {
                 "seed {seed}"
             );
         }
-        assert_eq!((a.pages, a.q_pos), (b.pages, b.q_pos), "seed {seed}");
+        assert_eq!(
+            (a.pages, a.first_slot),
+            (b.pages, b.first_slot),
+            "seed {seed}"
+        );
     }
 }
 

@@ -762,7 +762,7 @@ fn vec_max_init(group: usize) -> [f32; MAX_GROUP] {
 mod tests {
     use super::*;
     use crate::reference::dense_attention;
-    use layerkv::TableView as SeqKv;
+    use layerkv::TableView;
 
     /// The largest `|a - b|` (compared in f32), NaN when either side holds a NaN and infinity
     /// when an infinity is not matched by the same one: `d < tol` fails on them, where a
@@ -802,7 +802,7 @@ mod tests {
             let pages = [5u32, 2, 0, 3, 1];
             let valid = [0b1111_0111_1111_1101_1111u64];
             let seqs = [SeqQuery {
-                kv: SeqKv {
+                kv: TableView {
                     pages: &pages,
                     num_slots: 19,
                     valid: Some(&valid),
@@ -877,7 +877,7 @@ mod tests {
             for (window, include_diagonal) in [(None, true), (Some(9), true), (None, false)] {
                 let seqs = [
                     SeqQuery {
-                        kv: SeqKv {
+                        kv: TableView {
                             pages: &a,
                             num_slots: 35,
                             valid: Some(&valid_a),
@@ -887,7 +887,7 @@ mod tests {
                         first_slot: 34,
                     },
                     SeqQuery {
-                        kv: SeqKv {
+                        kv: TableView {
                             pages: &b,
                             num_slots: 18,
                             valid: Some(&valid_b),
@@ -897,7 +897,7 @@ mod tests {
                         first_slot: 17,
                     },
                     SeqQuery {
-                        kv: SeqKv {
+                        kv: TableView {
                             pages: &c,
                             num_slots: 1,
                             valid: None,

@@ -187,7 +187,7 @@ pub fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use layerkv::TableView as SeqKv;
+    use layerkv::TableView;
 
     #[test]
     fn flattens_sequences_in_order() {
@@ -195,7 +195,7 @@ mod tests {
         let mask = [0b1011u64];
         let seqs = [
             SeqQuery {
-                kv: SeqKv {
+                kv: TableView {
                     pages: &p0,
                     num_slots: 6,
                     valid: None,
@@ -205,7 +205,7 @@ mod tests {
                 first_slot: 5,
             },
             SeqQuery {
-                kv: SeqKv {
+                kv: TableView {
                     pages: &p1,
                     num_slots: 4,
                     valid: Some(&mask),
@@ -235,7 +235,7 @@ mod tests {
     fn long_contexts_split_and_wide_groups_shrink_the_split() {
         let pages: Vec<u32> = (0..64).collect();
         let seq = SeqQuery {
-            kv: SeqKv {
+            kv: TableView {
                 pages: &pages,
                 num_slots: 1000,
                 valid: None,
@@ -274,7 +274,7 @@ mod tests {
             include_diagonal: true,
         };
         let seq = |q_start, num_q, num_slots| SeqQuery {
-            kv: SeqKv {
+            kv: TableView {
                 pages: &pages,
                 num_slots,
                 valid: None,
