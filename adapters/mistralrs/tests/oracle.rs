@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use layerkv::{LayerMap, PolicyBuilder, Retention};
 use layerkv_mistralrs::{AdapterError, IsqType, LayerKvModelBuilder};
+use layerkv_model::engine::EngineConfig;
 use layerkv_testkit::{max_abs_diff, scratch, TinyModel};
 use mistralrs::{ModelDType, Response, TextModelBuilder, TokenSource};
 
@@ -136,7 +137,7 @@ fn sharing_skips_kv_projections_and_holds_less() {
     let dir = tiny("share", TinyModel::llama(10));
     let mut identity = LayerKvModelBuilder::new(&dir).build().unwrap();
     let map = LayerMap::from_kvsharer_json(4, r#"{"1":0,"3":2}"#).unwrap();
-    let policy = PolicyBuilder::new(map)
+    let policy = PolicyBuilder::new(map.clone())
         .retention(Retention::SinkWindow {
             sinks: 4,
             window: 12,
@@ -147,19 +148,28 @@ fn sharing_skips_kv_projections_and_holds_less() {
         .with_policy(policy)
         .build()
         .unwrap();
-    let ids: Vec<u32> = identity.tokenizer().encode(&PROMPT.repeat(2)).unwrap();
+    // Longer than the engine's prefill chunk, so the evicting policy runs it in two steps.
+    let ids: Vec<u32> = identity.tokenizer().encode(&PROMPT.repeat(6)).unwrap();
+    let chunk = EngineConfig::default().prefill_chunk;
+    let passes = ids.len().div_ceil(chunk) as u64;
+    assert_eq!(passes, 2, "{} tokens in chunks of {chunk}", ids.len());
+    let before = identity.model().kv_projections();
     identity.prompt_logits(&ids).unwrap();
+    // `Model::kv` projects K and V of one layer for one step and counts one. A policy that
+    // never evicts runs the prompt as one step: every layer projects once.
+    let num_layers = map.num_layers() as u64;
+    assert_eq!(identity.model().kv_projections() - before, num_layers);
     let before = shared.model().kv_projections();
     let logits = shared.prompt_logits(&ids).unwrap();
     assert_eq!(logits.dims(), &[ids.len(), 259]);
-    // Two owning layers per step; the prompt runs in retention chunks.
+    // Only the 2 owning layers project, once per step. Shown to fail with the engine's layer
+    // loop calling `model.kv` for the sharing layers too: 8 projections, which the former
+    // `projections % 2 == 0` accepted.
+    let owners = (0..map.num_layers()).filter(|&l| map.owns_kv(l)).count() as u64;
+    assert_eq!(owners, 2);
     let projections = shared.model().kv_projections() - before;
-    assert!(projections > 0 && projections % 2 == 0, "{projections}");
-    assert_eq!(
-        identity.model().kv_projections() % 4,
-        0,
-        "identity projects every layer"
-    );
+    assert_eq!(projections, owners * passes);
+    assert_ne!(projections, num_layers * passes, "sharing was ignored");
     let (a, b) = (
         identity.last_memory().unwrap(),
         shared.last_memory().unwrap(),

@@ -389,6 +389,53 @@ proptest! {
     }
 }
 
+/// `std::sync::Barrier` that a panicking thread breaks: its waiters panic instead of waiting
+/// for a thread that will never arrive (a failing check must fail the test, not hang it).
+struct Rendezvous {
+    state: Mutex<(usize, u64, bool)>,
+    arrived: std::sync::Condvar,
+    threads: usize,
+}
+
+impl Rendezvous {
+    fn new(threads: usize) -> Self {
+        Self {
+            state: Mutex::new((0, 0, false)),
+            arrived: std::sync::Condvar::new(),
+            threads,
+        }
+    }
+
+    fn wait(&self) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let generation = s.1;
+        s.0 += 1;
+        if s.0 == self.threads {
+            *s = (0, generation + 1, s.2);
+            self.arrived.notify_all();
+        }
+        while s.1 == generation && !s.2 {
+            s = self.arrived.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        assert!(!s.2, "another thread panicked");
+    }
+
+    /// A guard that breaks the barrier if its thread unwinds.
+    fn abort_on_panic(&self) -> impl Drop + '_ {
+        struct Guard<'a>(&'a Rendezvous);
+        impl Drop for Guard<'_> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    let mut s = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
+                    s.2 = true;
+                    self.0.arrived.notify_all();
+                }
+            }
+        }
+        Guard(self)
+    }
+}
+
 /// Four threads on one cache whose pool is smaller than what one thread alone holds at its
 /// peak (two sequences of up to 27 pages in 40 pages): exhaustion happens whatever the
 /// interleaving. Each thread streams its own sequences and, every round, forks an idle sequence
@@ -433,7 +480,7 @@ fn threads_share_one_cache_and_conserve_pages() {
     // Operations hold it shared; a check holds it exclusively, so it sees no half-done
     // operation and the registry lists exactly the cache's sequences.
     let gate = Arc::new(RwLock::new(()));
-    let barrier = Arc::new(std::sync::Barrier::new(THREADS as usize));
+    let barrier = Arc::new(Rendezvous::new(THREADS as usize));
     let next_id = Arc::new(AtomicU64::new(0));
     let checks = Arc::new(AtomicUsize::new(0));
     let check_now = {
@@ -463,6 +510,9 @@ fn threads_share_one_cache_and_conserve_pages() {
             let (barrier, next_id, check_now) =
                 (barrier.clone(), next_id.clone(), check_now.clone());
             std::thread::spawn(move || {
+                // A thread that panics releases the others from the barrier (they panic too)
+                // instead of leaving them waiting for it.
+                let _abort = barrier.abort_on_panic();
                 let mut protocol = Step::new();
                 let (mut exhausted, mut steps, mut foreign_forks) = (0, 0, 0);
                 for round in 0..ROUNDS {
