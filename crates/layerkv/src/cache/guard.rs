@@ -41,13 +41,22 @@ impl<'a> Reservation<'a> {
 
     /// Rolls the step back now (what dropping the reservation does), reporting an error if the
     /// cache's state did not match the step.
-    pub fn rollback(self) -> Result<()> {
+    pub fn rollback(mut self) -> Result<()> {
+        self.undo()
+        // `step.state` is no longer `Reserved`: `drop` does nothing.
+    }
+
+    /// Rolls the step back under the cache's lock. A failed rollback (a cache whose state does
+    /// not match the step) still leaves the step unreserved, so `drop` never tries it twice.
+    fn undo(&mut self) -> Result<()> {
         let r = self
             .cache
             .core
             .rollback(&mut self.cache.state.write(), self.step);
+        if r.is_err() {
+            self.step.state = StepState::Idle;
+        }
         r
-        // `step.state` is no longer `Reserved`: `drop` does nothing.
     }
 }
 
@@ -68,10 +77,7 @@ impl DerefMut for Reservation<'_> {
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
         if self.step.state == StepState::Reserved {
-            let r = self
-                .cache
-                .core
-                .rollback(&mut self.cache.state.write(), self.step);
+            let r = self.undo();
             debug_assert!(r.is_ok(), "rollback of a reserved step failed: {r:?}");
         }
     }

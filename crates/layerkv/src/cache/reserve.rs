@@ -290,13 +290,13 @@ impl Core {
 /// Slot arithmetic for a power-of-two block size: shifts and masks instead of divisions, which
 /// would cost more than the rest of a single-token append.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Blocks {
+struct Blocks {
     size: usize,
     shift: u32,
 }
 
 impl Blocks {
-    pub(crate) fn new(size: usize) -> Self {
+    fn new(size: usize) -> Self {
         debug_assert!(size.is_power_of_two());
         Self {
             size,
@@ -306,25 +306,25 @@ impl Blocks {
 
     /// Logical page of slot `s`.
     #[inline]
-    pub(crate) fn index(self, s: usize) -> usize {
+    fn index(self, s: usize) -> usize {
         s >> self.shift
     }
 
     /// Offset of slot `s` in its page.
     #[inline]
-    pub(crate) fn offset(self, s: usize) -> usize {
+    fn offset(self, s: usize) -> usize {
         s & (self.size - 1)
     }
 
     /// Pages that hold `n` slots.
     #[inline]
-    pub(crate) fn count(self, n: usize) -> usize {
+    fn count(self, n: usize) -> usize {
         (n + self.size - 1) >> self.shift
     }
 }
 
 /// Pages an append of `n` tokens needs in table `t`.
-pub(crate) fn pages_needed(t: &BlockTable, n: usize, b: Blocks, pool: &BlockPool) -> usize {
+fn pages_needed(t: &BlockTable, n: usize, b: Blocks, pool: &BlockPool) -> usize {
     if n == 0 {
         return 0;
     }
