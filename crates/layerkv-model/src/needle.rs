@@ -140,30 +140,8 @@ impl fmt::Display for QueryMode {
     }
 }
 
-/// A small seeded random stream (splitmix64): the only randomness of the generator.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    /// A stream starting from `seed`.
-    pub fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// A number in `0..n` (`n > 0`).
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-}
+/// The generator's only randomness: the core's seeded splitmix64 stream.
+pub type Rng = layerkv::SplitMix64;
 
 /// A seed mixed with the parts that name a cell, so every cell has its own stream.
 fn mix(seed: u64, parts: &[u64]) -> u64 {

@@ -37,6 +37,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::map::LayerMap;
+use crate::rng::SplitMix64;
 
 /// One layer's K and V, each flattened row-major as `[kv_heads, seq, head_dim]`.
 #[derive(Debug, Clone, PartialEq)]
@@ -305,9 +306,9 @@ impl PairOrder {
             }
             PairOrder::Random { seed } => {
                 let mut pairs: Vec<(usize, usize)> = all().collect();
-                let mut rng = SplitMix64(seed);
+                let mut rng = SplitMix64::new(seed);
                 for k in (1..pairs.len()).rev() {
-                    let r = (rng.next() % (k as u64 + 1)) as usize;
+                    let r = (rng.next_u64() % (k as u64 + 1)) as usize;
                     pairs.swap(k, r);
                 }
                 pairs
@@ -325,19 +326,6 @@ impl fmt::Display for PairOrder {
             PairOrder::Random { seed } => write!(f, "random(seed {seed})"),
             PairOrder::Adjacent => f.write_str("adjacent"),
         }
-    }
-}
-
-/// splitmix64: a tiny deterministic generator (no `rand` dependency).
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
     }
 }
 
@@ -756,9 +744,9 @@ mod tests {
 
     impl Toy {
         fn new(num_layers: usize, seq: usize, seed: u64) -> Self {
-            let mut rng = SplitMix64(seed);
+            let mut rng = SplitMix64::new(seed);
             let len = HEADS * seq * HEAD_DIM;
-            let mut uniform = move || (rng.next() >> 11) as f32 / (1u64 << 53) as f32 - 0.5;
+            let mut uniform = move || (rng.next_u64() >> 11) as f32 / (1u64 << 53) as f32 - 0.5;
             let kv = (0..num_layers)
                 .map(|l| {
                     let scale = 1.0 + l as f32 * 0.37;

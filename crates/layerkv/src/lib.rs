@@ -46,6 +46,7 @@ pub mod plan;
 mod policy;
 mod pool;
 pub mod retention;
+mod rng;
 mod sched;
 mod spec;
 mod step;
@@ -62,6 +63,7 @@ pub use pool::{chain_hash, group_block_hash, BlockPool, PageId, PoolStats, NULL_
 pub use retention::{
     Budget, CustomRetention, Phase, RetainInput, Retention, RetentionRule, ScoreNeed, Scores,
 };
+pub use rng::SplitMix64;
 pub use sched::{
     FinishReason, FinishedRequest, RequestId, RequestInfo, RequestState, ScheduledKind,
     ScheduledRequest, Scheduler, SchedulerConfig, SchedulerOutput,

@@ -53,25 +53,12 @@ const MAX_TOKENS: usize = 600;
 /// Rounds (one policy and one cache each) a run is split into.
 const ROUNDS: usize = 8;
 
-/// SplitMix64: small, seeded, good enough to drive a test.
-struct Rng(u64);
+/// The core's seeded stream, with the one draw the soak adds.
+type Rng = layerkv::SplitMix64;
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-
-    fn chance(&mut self, percent: usize) -> bool {
-        self.below(100) < percent
-    }
+/// True `percent` times in 100.
+fn chance(rng: &mut Rng, percent: usize) -> bool {
+    rng.below(100) < percent
 }
 
 /// TOVA-like custom retention: keeps the `keep - 1` valid slots that the latest step's queries
@@ -212,11 +199,11 @@ fn setup(round: usize, rng: &mut Rng) -> Setup {
     let cache = KvCache::new(Arc::new(policy), config).unwrap();
     // Nested prompts over one stem, each with its own tail: later prompts find earlier ones'
     // blocks.
-    let stem: Vec<u32> = (0..48).map(|_| rng.next() as u32 >> 1).collect();
+    let stem: Vec<u32> = (0..48).map(|_| rng.next_u64() as u32 >> 1).collect();
     let prompts = (0..6)
         .map(|i| {
             let mut p = stem[..(i + 1) * 8].to_vec();
-            p.extend((0..1 + i).map(|_| rng.next() as u32 >> 1));
+            p.extend((0..1 + i).map(|_| rng.next_u64() as u32 >> 1));
             p
         })
         .collect();
@@ -376,8 +363,8 @@ fn drive_step(
         }
     };
     for g in 0..groups {
-        fill(reserved.mass_mut(g), rng.next());
-        fill(reserved.observed_mass_mut(g), rng.next());
+        fill(reserved.mass_mut(g), rng.next_u64());
+        fill(reserved.observed_mass_mut(g), rng.next_u64());
     }
     match ending {
         Ending::Rollback => {
@@ -442,7 +429,7 @@ impl Round {
 
 /// One thread's run of `ops` operations.
 fn worker(round: &Round, me: usize, seed: u64, ops: usize) -> Result<Counts, String> {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut c = Counts::default();
     let cache = &round.setup.cache;
     let mut step = Step::new();
@@ -474,7 +461,7 @@ fn worker(round: &Round, me: usize, seed: u64, ops: usize) -> Result<Counts, Str
             let _op = round.gate.shared();
             let id = round.next_id.fetch_add(1, Ordering::Relaxed);
             cache.add_sequence(id).map_err(|e| fail(i, e.to_string()))?;
-            if round.setup.declare_prompts && rng.chance(50) {
+            if round.setup.declare_prompts && chance(&mut rng, 50) {
                 let len = 2 + rng.below(60);
                 cache
                     .set_prompt_len(id, len)
@@ -575,8 +562,12 @@ fn worker(round: &Round, me: usize, seed: u64, ops: usize) -> Result<Counts, Str
             let tokens: Vec<Vec<u32>> = ids
                 .iter()
                 .map(|_| {
-                    let len = if rng.chance(20) { 2 + rng.below(24) } else { 1 };
-                    (0..len).map(|_| rng.next() as u32 >> 1).collect()
+                    let len = if chance(&mut rng, 20) {
+                        2 + rng.below(24)
+                    } else {
+                        1
+                    };
+                    (0..len).map(|_| rng.next_u64() as u32 >> 1).collect()
                 })
                 .collect();
             let batch: Vec<(SeqId, &[u32])> = ids
@@ -584,7 +575,7 @@ fn worker(round: &Round, me: usize, seed: u64, ops: usize) -> Result<Counts, Str
                 .copied()
                 .zip(tokens.iter().map(Vec::as_slice))
                 .collect();
-            let ending = if rng.chance(20) {
+            let ending = if chance(&mut rng, 20) {
                 Ending::Rollback
             } else {
                 Ending::Retain
@@ -612,7 +603,7 @@ fn worker(round: &Round, me: usize, seed: u64, ops: usize) -> Result<Counts, Str
             let mut reg = round.lock();
             let longest = ids.iter().copied().max_by_key(|id| reg[id].history.len());
             let victim = match longest {
-                Some(id) if exhausted && rng.chance(50) => Some(id),
+                Some(id) if exhausted && chance(&mut rng, 50) => Some(id),
                 Some(id) if reg[&id].history.len() > MAX_TOKENS => Some(id),
                 _ => None,
             };
@@ -689,13 +680,13 @@ fn soak(total_ops: usize, base_seed: u64, races: bool) -> (Counts, f64) {
     let mut total = Counts::default();
     let mut secs = 0.0;
     for r in 0..ROUNDS {
-        let mut rng = Rng(base_seed ^ (r as u64).wrapping_mul(0xa076_1d64_78bd_642f));
+        let mut rng = Rng::new(base_seed ^ (r as u64).wrapping_mul(0xa076_1d64_78bd_642f));
         let setup = setup(r, &mut rng);
         let (num_pages, bs) = (
             setup.cache.config().num_pages,
             setup.cache.config().block_size,
         );
-        let seeds: Vec<u64> = (0..THREADS).map(|_| rng.next()).collect();
+        let seeds: Vec<u64> = (0..THREADS).map(|_| rng.next_u64()).collect();
         let round = Round {
             shadow: Shadow::new(num_pages, bs),
             setup,
