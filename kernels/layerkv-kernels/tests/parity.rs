@@ -1,15 +1,17 @@
 //! The CPU paged kernel against the dense reference on seeded random cases: shapes, block sizes
 //! (1, 4, 16, 32), shuffled page ids, lengths at and around page boundaries, validity masks with
-//! holes, evicted (NULL) pages, GQA ratios 1/3/4 and MQA, sliding windows, masked diagonals,
+//! holes, whole evicted pages (no valid slot), GQA ratios 1/3/4 and MQA, sliding windows, masked diagonals,
 //! batches mixing decode and chunked prefill, f32/f16/bf16 storage; plus the attention mass.
 //! Tolerances: f32 storage 1e-5 (relative to the output's scale), f16/bf16 storage 2e-2.
 //!
 //! Every input (shapes, page ids, masks and the Q/K/V values) comes from the case's seed, so a
-//! failure names a case that reruns identically. Comparisons are NaN-aware ([`max_abs_diff`]).
+//! failure names a case that reruns identically. Comparisons are NaN-aware (the testkit's
+//! `max_abs_diff_f32`).
 
 use candle_core::{DType, Device, Tensor};
 use layerkv_kernels::reference::dense_attention;
 use layerkv_kernels::{paged_attention, AttentionParams, KernelError, KvStore, SeqQuery};
+use layerkv_testkit::max_abs_diff_f32;
 
 struct Rng(u64);
 
@@ -40,22 +42,6 @@ impl Rng {
     fn randn(&mut self, shape: (usize, usize, usize), dev: &Device) -> Tensor {
         Tensor::from_vec(self.normals(shape.0 * shape.1 * shape.2), shape, dev).unwrap()
     }
-}
-
-/// The largest `|a - b|`, NaN when either side holds a NaN and infinity when an infinity is not
-/// matched by the same one, so that `d <= tol` fails on them (candle's CPU `max` skips a NaN
-/// after index 0; `f32::max` skips any).
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let mut worst = 0f32;
-    for (&x, &y) in a.iter().zip(b) {
-        let d = if x == y { 0.0 } else { (x - y).abs() };
-        if d.is_nan() {
-            return f32::NAN;
-        }
-        worst = worst.max(d);
-    }
-    worst
 }
 
 /// The values of `t` as f32, flattened (from any device).
@@ -222,7 +208,7 @@ fn check(seed: u64, dtype: DType, tol: f32) {
     let (want, want_mass) = dense_attention(&c.q, &c.store, &s, &c.params).unwrap();
     let (got, want) = (values(&got), values(&want));
     let scale = scale_of(&want, &format!("seed {seed} {dtype:?}"));
-    let diff = max_abs_diff(&got, &want);
+    let diff = max_abs_diff_f32(&got, &want);
     assert!(
         diff <= tol * scale,
         "seed {seed} {dtype:?}: max diff {diff} (scale {scale}), params {:?}",
@@ -455,7 +441,7 @@ fn cuda_matches_cpu() {
             let got = paged_attention(&q, &gpu, &s, &c.params, Some(&mut m_gpu)).unwrap();
             let (got, want) = (values(&got), values(&want));
             let scale = scale_of(&want, &format!("seed {seed} {dtype:?}"));
-            let diff = max_abs_diff(&got, &want);
+            let diff = max_abs_diff_f32(&got, &want);
             assert!(
                 diff <= tol * scale,
                 "seed {seed} {dtype:?}: CUDA vs CPU {diff}"

@@ -763,29 +763,8 @@ mod tests {
     use super::*;
     use crate::reference::dense_attention;
     use layerkv::TableView;
-
-    /// The largest `|a - b|` (compared in f32), NaN when either side holds a NaN and infinity
-    /// when an infinity is not matched by the same one: `d < tol` fails on them, where a
-    /// `max(0)` reduction would not (candle's CPU `max` skips a NaN after index 0).
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        let values = |t: &Tensor| {
-            t.to_dtype(DType::F32)
-                .and_then(|t| t.flatten_all())
-                .and_then(|t| t.to_vec1::<f32>())
-                .unwrap()
-        };
-        let (a, b) = (values(a), values(b));
-        assert_eq!(a.len(), b.len());
-        let mut worst = 0f32;
-        for (&x, &y) in a.iter().zip(&b) {
-            let d = if x == y { 0.0 } else { (x - y).abs() };
-            if d.is_nan() {
-                return f32::NAN;
-            }
-            worst = worst.max(d);
-        }
-        worst
-    }
+    // NaN-aware: NaN anywhere, or an unmatched infinity, fails `d < tol`.
+    use layerkv_testkit::max_abs_diff;
 
     /// Both instantiations of the loops (baseline and AVX2+FMA where the CPU has them) against
     /// the dense reference, with a GQA group of 6 (one 4-wide block + two singles), head_dim 20
