@@ -125,20 +125,31 @@ impl SamplingArgs {
     }
 }
 
+/// The model directory of `--model` (a GGUF is converted once; none: the embedded default,
+/// fetched on first use) and the model loaded from it on `--device` in `--dtype`. Returns the
+/// directory, the model and the dtype.
+pub fn load_model(
+    model: Option<&PathBuf>,
+    device: &DeviceArgs,
+) -> Result<(PathBuf, Arc<Model>, candle_core::DType)> {
+    let (device, dtype) = device.resolve()?;
+    let dir = match model {
+        Some(d) => layerkv_model::assets::resolve_model(d)?,
+        None => {
+            layerkv_model::assets::ensure_default_model().context("fetching the default model")?
+        }
+    };
+    let model = Arc::new(
+        Model::load(&dir, dtype, &device).with_context(|| format!("loading {}", dir.display()))?,
+    );
+    Ok((dir, model, dtype))
+}
+
 impl ModelArgs {
     /// Loads the model (converting a GGUF once), its tokenizer and generation defaults, and a
     /// session under `--policy` whose pool holds `--max-context` tokens.
     pub fn session(&self, flags: &SamplingArgs) -> Result<Session> {
-        let (device, dtype) = self.device.resolve()?;
-        let dir = match &self.model {
-            Some(d) => layerkv_model::assets::resolve_model(d)?,
-            None => layerkv_model::assets::ensure_default_model()
-                .context("fetching the default model")?,
-        };
-        let model = Arc::new(
-            Model::load(&dir, dtype, &device)
-                .with_context(|| format!("loading {}", dir.display()))?,
-        );
+        let (dir, model, dtype) = load_model(self.model.as_ref(), &self.device)?;
         let (sampling, max_tokens) = flags.resolve(&GenerationConfig::load(&dir)?)?;
         let policy = Policy::from_spec(&self.policy, model.num_layers())?;
         let options = SessionOptions {

@@ -11,12 +11,11 @@
 //! Progress lines go to stderr.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context, Result};
 use layerkv::Policy;
 use layerkv_model::needle::{run_sample, Generator, Grid, Outcome, QueryMode, Sample, Task};
-use layerkv_model::{Model, Session, SessionOptions};
+use layerkv_model::{Session, SessionOptions};
 use serde::Serialize;
 
 use crate::device::DeviceArgs;
@@ -151,21 +150,12 @@ pub fn run(args: NeedleArgs) -> Result<()> {
         "--depths needs fractions in 0..=1"
     );
     ensure!(args.samples > 0, "--samples must be positive");
-    let (device, dtype) = args.device.resolve()?;
-    let dir = match &args.model {
-        Some(d) => layerkv_model::assets::resolve_model(d)?,
-        None => {
-            layerkv_model::assets::ensure_default_model().context("fetching the default model")?
-        }
-    };
+    let (dir, model, dtype) = crate::generate_cmd::load_model(args.model.as_ref(), &args.device)?;
     let text_path = match &args.text {
         Some(p) => p.clone(),
         None => layerkv_model::assets::ensure_default_texts()?.jargon,
     };
     let text = read_text(&text_path)?;
-    let model = Arc::new(
-        Model::load(&dir, dtype, &device).with_context(|| format!("loading {}", dir.display()))?,
-    );
     let n = model.num_layers();
     let mut specs = vec!["identity".to_string()];
     specs.extend(args.policies.iter().filter(|p| *p != "identity").cloned());
