@@ -162,6 +162,7 @@ impl LayerKvModelBuilder {
             max_tokens: self.max_tokens,
             sampling: self.sampling,
             stop_strings: self.stop_strings,
+            ..SessionOptions::default()
         };
         let session = Session::new(&dir, model, policy, options)?;
         Ok(LayerKvModel {

@@ -26,7 +26,9 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
-use layerkv::{CacheConfig, KvCache, LayerKvPolicy, SeqId, Step};
+use layerkv::{
+    CacheConfig, KvCache, LayerKvPolicy, Reservation, Scheduler, SchedulerOutput, SeqId, Step,
+};
 use layerkv_kernels::{AttentionParams, KvStore, StepExecutor};
 
 use crate::error::{ModelError, Result};
@@ -326,43 +328,139 @@ impl Engine {
         out: Output,
         iterative: bool,
     ) -> Result<Tensor> {
-        let mut reserved = self.cache.reserve(batch, &mut self.step)?;
-        let layers = Layers::new(
-            &self.model,
-            self.policy.layer_map(),
-            &self.cache,
+        let reserved = self.cache.reserve(batch, &mut self.step)?;
+        let pick = match rows {
+            LogitsRows::All => None,
+            LogitsRows::Last => Some((0..batch.len()).collect::<Vec<_>>()),
+        };
+        let x = Execute {
+            model: &self.model,
+            policy: &self.policy,
+            cache: &self.cache,
+            config: &self.config,
+        }
+        .run(
+            &mut self.store,
+            &mut self.exec,
+            reserved,
             batch,
-            &reserved,
+            pick.as_deref(),
+            out,
+            iterative,
         )?;
-        self.exec
-            .begin(&reserved, &mut self.store, self.model.rope())?;
+        self.exec.finish(&self.step, &mut self.store)?;
+        Ok(x)
+    }
+
+    /// Runs the step `scheduler` schedules into `out` (continuous batching, see
+    /// [`layerkv::sched`]): the scheduler admits, batches and reserves (preempting when the pool
+    /// is out of pages), then the layers run and the step is retained. Returns the f32 logits
+    /// `[n, vocab]` of the entries that [`layerkv::ScheduledRequest::samples`], in `out`'s
+    /// order (`n` may be 0), or `None` when nothing was scheduled. The caller samples and hands
+    /// the tokens to [`Scheduler::update`].
+    ///
+    /// Steps keep the scheduler's fixed prefill chunks, so give it this engine's
+    /// [`EngineConfig::prefill_chunk`] as its `prefill_chunk`: a policy that evicts then sees
+    /// the same steps as under [`Engine::step`]. Sequences the scheduler frees (preemption,
+    /// [`Scheduler::finish`], length) must also be dropped from the engine's executor with
+    /// [`Engine::forget`].
+    pub fn step_scheduled(
+        &mut self,
+        scheduler: &mut Scheduler,
+        out: &mut SchedulerOutput,
+    ) -> Result<Option<Tensor>> {
+        let scheduled = scheduler.schedule(&self.cache, &mut self.step, out);
+        for &id in out.preempted() {
+            self.exec.free(id);
+        }
+        let Some(reserved) = scheduled? else {
+            return Ok(None);
+        };
+        let batch: Vec<(SeqId, &[u32])> = out
+            .scheduled()
+            .iter()
+            .map(|e| (e.seq, out.tokens(e)))
+            .collect();
+        let pick: Vec<usize> = (0..batch.len())
+            .filter(|&i| out.scheduled()[i].samples)
+            .collect();
+        let upward = self.policy.layer_map().needs_upward();
+        let iterative = upward && batch.iter().any(|(_, t)| t.len() > 1);
+        let x = Execute {
+            model: &self.model,
+            policy: &self.policy,
+            cache: &self.cache,
+            config: &self.config,
+        }
+        .run(
+            &mut self.store,
+            &mut self.exec,
+            reserved,
+            &batch,
+            Some(&pick),
+            Output::Logits,
+            iterative,
+        )?;
+        self.exec.finish(&self.step, &mut self.store)?;
+        Ok(Some(x))
+    }
+
+    /// Drops the executor's state of `seq` (its sinks' stashed keys) after something other than
+    /// [`Engine::free`] freed it in the cache: a [`Scheduler`] finishing, cancelling or
+    /// preempting a request. Unknown sequences are ignored.
+    pub fn forget(&mut self, seq: SeqId) {
+        self.exec.free(seq);
+    }
+}
+
+/// What running a reserved step reads.
+struct Execute<'a> {
+    model: &'a Model,
+    policy: &'a Arc<dyn LayerKvPolicy>,
+    cache: &'a KvCache,
+    config: &'a EngineConfig,
+}
+
+impl Execute<'_> {
+    /// Runs the layers of the reserved step (iteratively for upward prefill) and retains it;
+    /// returns `out` for every row (`pick` `None`) or for the last row of the batch entries
+    /// `pick` lists. The caller then runs [`StepExecutor::finish`]. Dropping the reservation on
+    /// an error rolls the step back.
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        store: &mut KvStore,
+        exec: &mut StepExecutor,
+        mut reserved: Reservation<'_>,
+        batch: &[(SeqId, &[u32])],
+        pick: Option<&[usize]>,
+        out: Output,
+        iterative: bool,
+    ) -> Result<Tensor> {
+        let model = self.model;
+        let layers = Layers::new(model, self.policy.layer_map(), self.cache, batch, &reserved)?;
+        exec.begin(&reserved, store, model.rope())?;
         let x = if iterative {
             let prefill = self.config.prefill;
-            layers.iterate(
-                &mut self.store,
-                &mut self.exec,
-                &self.config,
-                &mut reserved,
-                prefill,
-            )?
+            layers.iterate(store, exec, self.config, &mut reserved, prefill)?
         } else {
-            layers.run(&mut self.store, &mut self.exec, &mut reserved, None)?
+            layers.run(store, exec, &mut reserved, None)?
         };
-        let x = match rows {
-            LogitsRows::All => x,
-            LogitsRows::Last => {
-                let idx: Vec<u32> = (0..reserved.len())
-                    .map(|i| (reserved.rows(i).end - 1) as u32)
+        let x = match pick {
+            None => x,
+            Some(entries) => {
+                let idx: Vec<u32> = entries
+                    .iter()
+                    .map(|&i| (reserved.rows(i).end - 1) as u32)
                     .collect();
                 x.index_select(&Tensor::new(idx.as_slice(), x.device())?, 0)?
             }
         };
         let x = match out {
-            Output::Logits => self.model.logits(&x)?,
-            Output::Hidden => self.model.final_hidden(&x)?,
+            Output::Logits => model.logits(&x)?,
+            Output::Hidden => model.final_hidden(&x)?,
         };
         reserved.retain()?;
-        self.exec.finish(&self.step, &mut self.store)?;
         Ok(x)
     }
 }

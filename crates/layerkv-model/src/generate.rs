@@ -384,9 +384,8 @@ pub fn argmax(logits: &[f32]) -> u32 {
 /// Each token decodes a window from the previous piece's start (the "prefix offset" method of
 /// text-generation-inference), so the cost per token is O(window), not O(text).
 #[derive(Debug)]
-pub struct TextStream<'a> {
-    tokenizer: &'a Tokenizer,
-    stop_strings: &'a [String],
+pub struct TextStream {
+    stop_strings: Vec<String>,
     tokens: Vec<u32>,
     prefix_offset: usize,
     read_offset: usize,
@@ -395,11 +394,12 @@ pub struct TextStream<'a> {
     stopped: Option<usize>,
 }
 
-impl<'a> TextStream<'a> {
-    /// A stream decoding with `tokenizer`, stopping at any of `stop_strings`.
-    pub fn new(tokenizer: &'a Tokenizer, stop_strings: &'a [String]) -> Self {
+impl TextStream {
+    /// A stream stopping at any of `stop_strings` (each [`TextStream::push`] decodes with the
+    /// tokenizer it is given, so a server can keep one stream per request beside one
+    /// tokenizer).
+    pub fn new(stop_strings: Vec<String>) -> Self {
         Self {
-            tokenizer,
             stop_strings,
             tokens: Vec::new(),
             prefix_offset: 0,
@@ -412,15 +412,13 @@ impl<'a> TextStream<'a> {
 
     /// Adds a token; returns the text that became final (possibly empty). After a stop string
     /// completes, [`TextStream::stopped`] names it and further tokens are ignored.
-    pub fn push(&mut self, token: u32) -> Result<&str> {
+    pub fn push(&mut self, tokenizer: &Tokenizer, token: u32) -> Result<&str> {
         if self.stopped.is_some() {
             return Ok("");
         }
         self.tokens.push(token);
-        let prefix = self
-            .tokenizer
-            .decode(&self.tokens[self.prefix_offset..self.read_offset])?;
-        let full = self.tokenizer.decode(&self.tokens[self.prefix_offset..])?;
+        let prefix = tokenizer.decode(&self.tokens[self.prefix_offset..self.read_offset])?;
+        let full = tokenizer.decode(&self.tokens[self.prefix_offset..])?;
         if full.len() > prefix.len() && !full.ends_with('\u{fffd}') {
             let delta = match full.strip_prefix(prefix.as_str()) {
                 Some(d) => d,
@@ -455,7 +453,7 @@ impl<'a> TextStream<'a> {
             return &self.text[start..at];
         }
         let mut hold = 0;
-        for s in self.stop_strings {
+        for s in &self.stop_strings {
             for (k, _) in s.char_indices().skip(1) {
                 if k > hold && k <= self.text.len() - start && self.text.ends_with(&s[..k]) {
                     hold = k;
@@ -607,14 +605,14 @@ pub fn complete(
     tokenizer: &Tokenizer,
     mut on_text: impl FnMut(&str),
 ) -> Result<Completion> {
-    let mut stream = TextStream::new(tokenizer, &stop.stop_strings);
+    let mut stream = TextStream::new(stop.stop_strings.clone());
     let mut reason = StopReason::MaxTokens;
     let (tokens, prefill, decode) = run(engine, seq, prompt, sampler, stop.max_new_tokens, |t| {
         if stop.stop_tokens.contains(&t) {
             reason = StopReason::Token(t);
             return Ok(true);
         }
-        let piece = stream.push(t)?;
+        let piece = stream.push(tokenizer, t)?;
         if !piece.is_empty() {
             on_text(piece);
         }
@@ -862,10 +860,10 @@ mod tests {
     fn stream(text: &str, stops: &[&str]) -> (Vec<String>, String, Option<usize>) {
         let tok = byte_tokenizer();
         let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
-        let mut s = TextStream::new(&tok, &stops);
+        let mut s = TextStream::new(stops);
         let mut pieces = Vec::new();
         for &b in text.as_bytes() {
-            let piece = s.push(u32::from(b)).unwrap();
+            let piece = s.push(&tok, u32::from(b)).unwrap();
             pieces.push(piece.to_string());
         }
         pieces.push(s.finish().to_string());

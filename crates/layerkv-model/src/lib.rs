@@ -11,6 +11,7 @@
 //! ([`calibrate`]).
 
 pub mod assets;
+pub mod batch;
 pub mod calibrate;
 pub mod chat;
 pub mod config;

@@ -45,6 +45,10 @@ pub struct SessionOptions {
     pub sampling: Option<Sampling>,
     /// Strings that end a reply (the text is cut before them).
     pub stop_strings: Vec<String>,
+    /// Pages in the KV pool, when the pool is sized by a memory budget (a server's
+    /// `--kv-budget`, see [`Session::page_bytes_for`]) rather than by `max_sequences`
+    /// sequences of `max_context` tokens (`None`). Must hold at least one page per group.
+    pub num_pages: Option<usize>,
 }
 
 impl Default for SessionOptions {
@@ -57,6 +61,7 @@ impl Default for SessionOptions {
             max_tokens: None,
             sampling: None,
             stop_strings: Vec::new(),
+            num_pages: None,
         }
     }
 }
@@ -157,10 +162,21 @@ impl Session {
             model_window: model.config().sliding_window,
             step_tokens: engine_config.prefill_chunk,
         };
-        // One page per group of slack: a partly filled page at each end of the live range.
-        let num_pages = options.max_sequences
-            * (planner.pages_per_sequence(&policy, options.max_context)
-                + policy.layer_map().num_groups());
+        let num_groups = policy.layer_map().num_groups();
+        let num_pages = match options.num_pages {
+            Some(n) if n < num_groups => {
+                return Err(ModelError::Config(format!(
+                    "a pool of {n} KV pages cannot hold one page for each of the policy's \
+                     {num_groups} KV groups"
+                )))
+            }
+            Some(n) => n,
+            // One page per group of slack: a partly filled page at each end of the live range.
+            None => {
+                options.max_sequences
+                    * (planner.pages_per_sequence(&policy, options.max_context) + num_groups)
+            }
+        };
         let policy_name = policy.name().to_string();
         let engine = Engine::new(
             model,
@@ -349,6 +365,13 @@ impl Session {
             held_bytes: cache.memory(seq)?.total_bytes,
             identity_bytes: self.identity_bytes(tokens),
         })
+    }
+
+    /// Bytes of one KV page of `model` with `kv_dtype` (K and V of [`BLOCK_SIZE`] tokens of
+    /// one layer group): a memory budget divided by it is a pool size.
+    pub fn page_bytes_for(model: &Model, kv_dtype: DType) -> usize {
+        let cfg = model.config();
+        BLOCK_SIZE * 2 * cfg.num_key_value_heads * cfg.head_dim() * kv_dtype.size_in_bytes()
     }
 
     /// KV bytes of `tokens` tokens under the identity policy, in whole pages.

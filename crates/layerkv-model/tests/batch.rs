@@ -1,0 +1,298 @@
+//! [`Batcher`] on a tiny random llama written through the testkit and loaded by the loader
+//! users hit: continuous batching gives every request the tokens it gets alone, under every
+//! family of policy, with and without preemption; cancellation and bad requests leave the pool
+//! as it was.
+//!
+//! Shown to fail: giving the batcher's scheduler a prefill chunk of 64 instead of the engine's
+//! 256 (the window policy's batched and preempted outputs then differed from the unbatched
+//! ones); sampling every request from the first sampling row's logits (all three output
+//! comparisons failed).
+
+use candle_core::{DType, Device};
+use layerkv::{FinishReason, Policy, RequestId, SchedulerConfig};
+use layerkv_model::batch::{BatchEvent, BatchRequest, Batcher};
+use layerkv_model::generate::{generate, Sampling};
+use layerkv_model::{ModelError, Session, SessionOptions};
+use layerkv_testkit::{scratch, TinyModel};
+
+const POLICIES: [&str; 5] = [
+    "identity",
+    "identity+stream:4:44",
+    "identity+h2o:24:24",
+    "identity+snapkv:64",
+    "cla:2",
+];
+
+fn model_dir() -> std::path::PathBuf {
+    TinyModel::llama(11).write(&scratch("batch-model"))
+}
+
+fn session(dir: &std::path::Path, spec: &str, num_pages: Option<usize>) -> Session {
+    let policy = Policy::from_spec(spec, 4).unwrap();
+    let options = SessionOptions {
+        max_context: 512,
+        max_sequences: 8,
+        num_pages,
+        ..SessionOptions::default()
+    };
+    Session::load(dir, DType::F32, &Device::Cpu, policy, options).unwrap()
+}
+
+/// Prompts of varied lengths, one over the engine's prefill chunk (256), from a seeded stream.
+fn prompts() -> Vec<Vec<u32>> {
+    let mut rng = layerkv::SplitMix64::new(5);
+    [3usize, 40, 17, 300, 90, 1, 130, 64]
+        .iter()
+        .map(|&n| (0..n).map(|_| 3 + rng.below(250) as u32).collect())
+        .collect()
+}
+
+fn greedy(prompt: &[u32], max_tokens: usize) -> BatchRequest {
+    BatchRequest {
+        prompt: prompt.to_vec(),
+        max_tokens,
+        sampling: Sampling::greedy(),
+        stop_strings: Vec::new(),
+    }
+}
+
+/// Steps until every request ended; returns each request's tokens and end, by id.
+fn drain(batcher: &mut Batcher) -> Vec<(RequestId, Vec<u32>, FinishReason)> {
+    let mut tokens: std::collections::BTreeMap<RequestId, Vec<u32>> = Default::default();
+    let mut ends = Vec::new();
+    let mut events = Vec::new();
+    let mut idle = 0;
+    while batcher.has_work() {
+        events.clear();
+        if !batcher.step(&mut events).unwrap() {
+            idle += 1;
+            assert!(idle < 100, "the batcher stopped making progress");
+        }
+        for e in &events {
+            match e {
+                BatchEvent::Token { id, token, .. } => tokens.entry(*id).or_default().push(*token),
+                BatchEvent::Done { id, reason, .. } => ends.push((*id, *reason)),
+                BatchEvent::Failed { id, message } => panic!("request {id} failed: {message}"),
+            }
+        }
+    }
+    ends.sort_by_key(|e| e.0);
+    ends.into_iter()
+        .map(|(id, reason)| (id, tokens.remove(&id).unwrap_or_default(), reason))
+        .collect()
+}
+
+/// Each prompt alone through `generate` (one sequence, `Engine::step`), stopping where the
+/// batcher stops.
+fn alone(dir: &std::path::Path, spec: &str, max_tokens: usize) -> Vec<Vec<u32>> {
+    let mut s = session(dir, spec, None);
+    s.chat_template().unwrap();
+    let stops = s.stop_criteria().stop_tokens.clone();
+    prompts()
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let g = generate(
+                s.engine_mut(),
+                i as u64,
+                p,
+                max_tokens,
+                Sampling::greedy(),
+                &stops,
+            );
+            g.unwrap().tokens
+        })
+        .collect()
+}
+
+#[test]
+fn batched_greedy_outputs_equal_each_request_run_alone() {
+    let dir = model_dir();
+    for spec in POLICIES {
+        let want = alone(&dir, spec, 20);
+        let config = SchedulerConfig {
+            max_num_seqs: 4,
+            max_num_batched_tokens: 300,
+            ..SchedulerConfig::default()
+        };
+        let mut b = Batcher::new(session(&dir, spec, None), config).unwrap();
+        for (i, p) in prompts().iter().enumerate() {
+            b.add(i as u64, greedy(p, 20)).unwrap();
+        }
+        let got = drain(&mut b);
+        assert_eq!(got.len(), want.len(), "{spec}");
+        for ((id, tokens, reason), w) in got.iter().zip(&want) {
+            assert_eq!(tokens, w, "{spec}: request {id}");
+            let expect = if w.len() == 20 {
+                FinishReason::Length
+            } else {
+                FinishReason::Stop
+            };
+            assert_eq!(*reason, expect, "{spec}: request {id}");
+        }
+        let stats = b.stats();
+        assert_eq!(
+            (stats.pages_used, stats.running, stats.waiting),
+            (0, 0, 0),
+            "{spec}"
+        );
+        assert!(stats.steps > 0 && stats.generated_tokens > 0, "{spec}");
+        assert_eq!(
+            stats.prompt_tokens,
+            prompts().iter().map(|p| p.len() as u64).sum::<u64>()
+        );
+    }
+}
+
+#[test]
+fn preempted_requests_give_the_same_greedy_outputs() {
+    let dir = model_dir();
+    for spec in ["identity", "identity+stream:4:44", "identity+snapkv:64"] {
+        let want = alone(&dir, spec, 24);
+        // 100 pages for 8 requests that plan up to 84 pages each (identity: 224 in all),
+        // admission overcommitted 4x: the pool runs out while they run, and the newest is
+        // preempted by recompute.
+        let config = SchedulerConfig {
+            max_num_seqs: 8,
+            max_num_batched_tokens: 300,
+            admission_pages: Some(400),
+            ..SchedulerConfig::default()
+        };
+        let mut b = Batcher::new(session(&dir, spec, Some(100)), config).unwrap();
+        for (i, p) in prompts().iter().enumerate() {
+            b.add(i as u64, greedy(p, 24)).unwrap();
+        }
+        let got = drain(&mut b);
+        let stats = b.stats();
+        assert!(stats.preemptions > 0, "{spec}: the pool never ran out");
+        for ((id, tokens, _), w) in got.iter().zip(&want) {
+            assert_eq!(tokens, w, "{spec}: request {id} after preemption");
+        }
+        assert_eq!(stats.pages_used, 0, "{spec}");
+        assert!(stats.pages_peak <= 100, "{spec}");
+    }
+}
+
+#[test]
+fn a_seeded_request_samples_the_same_tokens_alone_and_in_a_batch() {
+    let dir = model_dir();
+    let sampled = |others: usize| {
+        let mut b = Batcher::new(
+            session(&dir, "identity", None),
+            SchedulerConfig {
+                max_num_seqs: 8,
+                max_num_batched_tokens: 512,
+                ..SchedulerConfig::default()
+            },
+        )
+        .unwrap();
+        let p = prompts();
+        for i in 0..others {
+            b.add(100 + i as u64, greedy(&p[i], 7)).unwrap();
+        }
+        let request = BatchRequest {
+            sampling: Sampling {
+                temperature: 0.9,
+                top_p: 0.95,
+                seed: 1234,
+                ..Sampling::greedy()
+            },
+            ..greedy(&p[4], 16)
+        };
+        b.add(1, request).unwrap();
+        drain(&mut b).into_iter().find(|r| r.0 == 1).unwrap().1
+    };
+    let lone = sampled(0);
+    assert_eq!(lone.len(), 16);
+    assert_eq!(sampled(5), lone);
+}
+
+#[test]
+fn cancelling_frees_pages_and_bad_requests_change_nothing() {
+    let dir = model_dir();
+    let mut b = Batcher::new(
+        session(&dir, "identity", Some(100)),
+        SchedulerConfig {
+            max_num_seqs: 4,
+            max_num_batched_tokens: 300,
+            max_waiting: 2,
+            ..SchedulerConfig::default()
+        },
+    )
+    .unwrap();
+    let p = prompts();
+    b.add(1, greedy(&p[3], 50)).unwrap();
+    let mut events = Vec::new();
+    assert!(b.step(&mut events).unwrap());
+    assert!(b.stats().pages_used > 0);
+    let before = b.stats();
+    let request_error = |e: ModelError| match e {
+        ModelError::Request(m) => m,
+        other => panic!("expected a request error, got {other:?}"),
+    };
+    // Empty prompt, zero max_tokens, a token outside the vocabulary, prompt + max_tokens over
+    // the context of 512.
+    let m = request_error(b.add(2, greedy(&[], 4)).unwrap_err());
+    assert!(m.contains("empty"), "{m}");
+    let m = request_error(b.add(2, greedy(&p[0], 0)).unwrap_err());
+    assert!(m.contains("max_tokens"), "{m}");
+    let m = request_error(b.add(2, greedy(&[5, 9999], 4)).unwrap_err());
+    assert!(m.contains("9999") && m.contains("259"), "{m}");
+    let m = request_error(b.add(2, greedy(&p[3], 300)).unwrap_err());
+    assert!(m.contains("512") && m.contains("600"), "{m}");
+    // More pages than the whole pool: 300 + 110 tokens need 26 pages in each of 4 groups.
+    match b.add(2, greedy(&p[3], 110)).unwrap_err() {
+        ModelError::Core(layerkv::Error::RequestTooLarge {
+            pages_needed,
+            num_pages,
+            ..
+        }) => {
+            assert_eq!((pages_needed, num_pages), (104, 100));
+        }
+        other => panic!("expected RequestTooLarge, got {other:?}"),
+    }
+    // A duplicate id.
+    assert!(b.add(1, greedy(&p[0], 4)).is_err());
+    let after = b.stats();
+    assert_eq!(
+        (
+            after.pages_used,
+            after.running,
+            after.waiting,
+            after.prompt_tokens
+        ),
+        (
+            before.pages_used,
+            before.running,
+            before.waiting,
+            before.prompt_tokens
+        )
+    );
+    // The queue holds 2: the third waiting request is refused as overload.
+    b.add(3, greedy(&p[3], 90)).unwrap();
+    b.add(4, greedy(&p[3], 90)).unwrap();
+    assert!(matches!(
+        b.add(5, greedy(&p[0], 4)).unwrap_err(),
+        ModelError::Core(layerkv::Error::QueueFull { .. })
+    ));
+    // Cancelling the running and the waiting requests empties the pool at once.
+    events.clear();
+    for id in [1, 3, 4] {
+        assert!(b.cancel(id, &mut events).unwrap());
+    }
+    assert!(!b.cancel(1, &mut events).unwrap(), "already ended");
+    assert_eq!(events.len(), 3);
+    assert!(events.iter().all(|e| matches!(
+        e,
+        BatchEvent::Done {
+            reason: FinishReason::Cancelled,
+            ..
+        }
+    )));
+    let s = b.stats();
+    assert_eq!(
+        (s.pages_used, s.running, s.waiting, s.cancelled),
+        (0, 0, 0, 3)
+    );
+    assert!(!b.has_work());
+}
