@@ -11,10 +11,13 @@
 //! - `policy`: writes a policy file from a spec.
 //! - `calibrate`: KVSharer calibration of a sharing map on a model and text.
 //! - `needle`: retrieval accuracy (pass key, needles) per policy, query-aware and -agnostic.
+//! - `serve`: an OpenAI-compatible server under a policy, continuous batching in a KV budget.
+//! - `bench-serve`: a load benchmark against any OpenAI-compatible server.
 //!
 //! Errors are one line on stderr (`error: what: where`) and exit status 1 (2 for bad usage);
 //! tables go to stdout, logs to stderr, colours only to a terminal.
 
+mod bench_serve_cmd;
 mod calibrate_cmd;
 mod chat_cmd;
 mod convert_cmd;
@@ -26,6 +29,7 @@ mod needle_cmd;
 mod plan_cmd;
 mod plot;
 mod report;
+mod serve_cmd;
 mod stream_cmd;
 
 use std::io::IsTerminal;
@@ -105,6 +109,13 @@ enum Command {
     /// Retrieval accuracy (pass key and needle tasks, exact match) per policy, query-aware and
     /// query-agnostic: a table, heatmaps and JSON.
     Needle(needle_cmd::NeedleArgs),
+    /// Serve the model under a policy over an OpenAI-compatible HTTP API (completions and chat,
+    /// streamed or not, /v1/models, /health, /metrics), batching requests continuously in a KV
+    /// pool of `--kv-budget` bytes.
+    Serve(serve_cmd::ServeArgs),
+    /// Load benchmark against any OpenAI-compatible server: Poisson arrivals, TTFT, TPOT, ITL,
+    /// end-to-end latency and throughput.
+    BenchServe(bench_serve_cmd::BenchServeArgs),
 }
 
 #[derive(clap::Args, Clone)]
@@ -234,6 +245,8 @@ fn run(command: Command) -> Result<()> {
         Command::Plan(args) => plan_cmd::run(args),
         Command::Stream(args) => stream_cmd::run(args),
         Command::Needle(args) => needle_cmd::run(args),
+        Command::Serve(args) => serve_cmd::run(args),
+        Command::BenchServe(args) => bench_serve_cmd::run(args),
     }
 }
 

@@ -85,7 +85,7 @@ pub fn parse_tokens(text: &str) -> Result<usize> {
     Ok(n * scale)
 }
 
-fn human(bytes: usize) -> String {
+pub fn human(bytes: usize) -> String {
     let b = bytes as f64;
     if b >= 1024f64.powi(3) {
         format!("{:.2} GiB", b / 1024f64.powi(3))

@@ -36,6 +36,9 @@ pub struct BatchRequest {
     pub sampling: Sampling,
     /// Strings that end the reply; the text is cut before the first one.
     pub stop_strings: Vec<String>,
+    /// Generate `max_tokens` tokens whatever the stop tokens (load benchmarks; vLLM's
+    /// `ignore_eos`). Stop strings still apply.
+    pub ignore_eos: bool,
 }
 
 /// What happened to a request during a step.
@@ -119,6 +122,7 @@ struct Live {
     text: TextStream,
     prompt_tokens: usize,
     generated: usize,
+    ignore_eos: bool,
 }
 
 /// Continuous batching over a [`Session`]. See the module docs.
@@ -193,6 +197,7 @@ impl Batcher {
             max_tokens,
             sampling,
             stop_strings,
+            ignore_eos,
         } = request;
         if prompt.is_empty() {
             return Err(ModelError::Request("the prompt is empty".into()));
@@ -227,6 +232,7 @@ impl Batcher {
                 text: TextStream::new(stop_strings),
                 prompt_tokens,
                 generated: 0,
+                ignore_eos,
             },
         );
         self.stats.prompt_tokens += prompt_tokens as u64;
@@ -314,7 +320,7 @@ impl Batcher {
             let live = self.live.get_mut(&id).expect("sampled requests are live");
             live.generated += 1;
             self.stats.generated_tokens += 1;
-            if self.stop_tokens.contains(&token) {
+            if !live.ignore_eos && self.stop_tokens.contains(&token) {
                 events.push(BatchEvent::Token {
                     id,
                     token,

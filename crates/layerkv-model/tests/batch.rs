@@ -23,8 +23,9 @@ const POLICIES: [&str; 5] = [
     "cla:2",
 ];
 
-fn model_dir() -> std::path::PathBuf {
-    TinyModel::llama(11).write(&scratch("batch-model"))
+/// The model, written once per test (tests run in parallel threads of one process).
+fn model_dir(test: &str) -> std::path::PathBuf {
+    TinyModel::llama(11).write(&scratch(&format!("batch-{test}")))
 }
 
 fn session(dir: &std::path::Path, spec: &str, num_pages: Option<usize>) -> Session {
@@ -53,6 +54,7 @@ fn greedy(prompt: &[u32], max_tokens: usize) -> BatchRequest {
         max_tokens,
         sampling: Sampling::greedy(),
         stop_strings: Vec::new(),
+        ignore_eos: false,
     }
 }
 
@@ -107,7 +109,7 @@ fn alone(dir: &std::path::Path, spec: &str, max_tokens: usize) -> Vec<Vec<u32>> 
 
 #[test]
 fn batched_greedy_outputs_equal_each_request_run_alone() {
-    let dir = model_dir();
+    let dir = model_dir("batched");
     for spec in POLICIES {
         let want = alone(&dir, spec, 20);
         let config = SchedulerConfig {
@@ -146,7 +148,7 @@ fn batched_greedy_outputs_equal_each_request_run_alone() {
 
 #[test]
 fn preempted_requests_give_the_same_greedy_outputs() {
-    let dir = model_dir();
+    let dir = model_dir("preempted");
     for spec in ["identity", "identity+stream:4:44", "identity+snapkv:64"] {
         let want = alone(&dir, spec, 24);
         // 100 pages for 8 requests that plan up to 84 pages each (identity: 224 in all),
@@ -175,7 +177,7 @@ fn preempted_requests_give_the_same_greedy_outputs() {
 
 #[test]
 fn a_seeded_request_samples_the_same_tokens_alone_and_in_a_batch() {
-    let dir = model_dir();
+    let dir = model_dir("seeded");
     let sampled = |others: usize| {
         let mut b = Batcher::new(
             session(&dir, "identity", None),
@@ -187,8 +189,8 @@ fn a_seeded_request_samples_the_same_tokens_alone_and_in_a_batch() {
         )
         .unwrap();
         let p = prompts();
-        for i in 0..others {
-            b.add(100 + i as u64, greedy(&p[i], 7)).unwrap();
+        for (i, prompt) in p.iter().take(others).enumerate() {
+            b.add(100 + i as u64, greedy(prompt, 7)).unwrap();
         }
         let request = BatchRequest {
             sampling: Sampling {
@@ -209,7 +211,7 @@ fn a_seeded_request_samples_the_same_tokens_alone_and_in_a_batch() {
 
 #[test]
 fn cancelling_frees_pages_and_bad_requests_change_nothing() {
-    let dir = model_dir();
+    let dir = model_dir("cancel");
     let mut b = Batcher::new(
         session(&dir, "identity", Some(100)),
         SchedulerConfig {

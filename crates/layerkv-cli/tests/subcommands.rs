@@ -1,0 +1,789 @@
+//! Every `layerkv` subcommand that `cli.rs` and `needle.rs` do not cover, end to end on tiny
+//! random models written by `layerkv-testkit`: `eval`, `plan`, `stream`, `calibrate`, `policy`,
+//! `convert` and `demo`. Each test checks the exit status, the output's format (table header
+//! and columns, JSON keys, files written) and at least one figure against an expectation the
+//! test computes on its own from the model's shape (pages of 16 token slots, each holding
+//! `2 x kv_heads x head_dim` floats per token), never a value it passed in.
+//!
+//! Nothing here touches the network: texts are written to the scratch directory, `demo` finds
+//! its model and texts already in a scratch `LAYERKV_HOME`, and every command runs with `PATH`
+//! pointing at an empty directory, so the downloaders (`pip`, `apt-get`) could not even start.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use layerkv_model::convert::{gguf_name, permute_qk};
+use layerkv_testkit::{byte_chars, scratch, TinyModel, SPECIAL_TOKENS};
+use serde_json::Value as Json;
+
+/// Token slots per page in `eval`, `demo` and `stream`, and `plan`'s default.
+const BLOCK: usize = 16;
+
+/// Sentences of the evaluation text.
+const SENTENCES: [&str; 8] = [
+    "The quick brown fox jumps over the lazy dog while the farmer counts his sheep.",
+    "Rivers carry silt to the sea, and in spring the valley floods with meltwater.",
+    "A careful engineer measures twice, writes the test first and reads the error slowly.",
+    "Old libraries smell of paper and dust; their catalogues list books nobody opened.",
+    "When the train was late again, the passengers shared bread and argued about maps.",
+    "Bees return to the hive at dusk, heavy with pollen from the clover by the road.",
+    "She tuned the violin by ear, then played a slow waltz her grandmother had taught her.",
+    "Compilers are patient teachers: they repeat the same complaint until you listen.",
+];
+
+/// About 15 KB of prose in 40 blank-line separated paragraphs of four sentences each (byte
+/// level: a token per byte), in a varying order.
+fn prose(dir: &Path) -> PathBuf {
+    let text: String = (0..40)
+        .map(|p| {
+            let body: Vec<&str> = (0..4).map(|s| SENTENCES[(p * 3 + s * 5) % 8]).collect();
+            format!("{}\n\n", body.join(" "))
+        })
+        .collect();
+    let path = dir.join("prose.txt");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Runs `layerkv ARGS` with `home` as `LAYERKV_HOME` and no programs on `PATH`; asserts exit 0
+/// and returns (stdout, stderr).
+fn layerkv(home: &Path, args: &[&str]) -> (String, String) {
+    let no_programs = home.join("empty-path");
+    std::fs::create_dir_all(&no_programs).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_layerkv"))
+        .args(args)
+        .env("LAYERKV_HOME", home)
+        .env("PATH", &no_programs)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        out.status.success(),
+        "layerkv {args:?} failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    (stdout, stderr)
+}
+
+fn read_json(path: &Path) -> Json {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn keys(v: &Json) -> BTreeSet<&str> {
+    v.as_object().unwrap().keys().map(String::as_str).collect()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Bytes of one page of one layer of `model`'s KV: 16 slots of K and V, `dtype_bytes` each.
+fn page_bytes(model: &TinyModel, dtype_bytes: usize) -> usize {
+    BLOCK * 2 * model.kv_heads * (model.hidden / model.heads) * dtype_bytes
+}
+
+/// Pages one group holds at most under StreamingLLM with `sinks + window` kept and steps of
+/// `step` tokens appended on top before eviction, plus one page of holes (computed here the
+/// way the cache behaves, not through `layerkv::plan`).
+fn stream_pages(sinks: usize, window: usize, step: usize, seq_len: usize) -> usize {
+    let live = (sinks + window + 1 + (step - 1)).min(seq_len);
+    (live.div_ceil(BLOCK) + 1).min(seq_len.div_ceil(BLOCK))
+}
+
+/// The comparison table of `eval` and `demo`: its header's words and each row's cells.
+fn table_rows(stdout: &str) -> Vec<Vec<&str>> {
+    let lines: Vec<&str> = stdout.lines().collect();
+    let header = lines
+        .iter()
+        .position(|l| l.starts_with("policy "))
+        .unwrap_or_else(|| panic!("no table header in\n{stdout}"));
+    assert_eq!(
+        lines[header].split_whitespace().collect::<Vec<_>>(),
+        [
+            "policy",
+            "groups",
+            "ppl",
+            "x",
+            "KV",
+            "bytes",
+            "x",
+            "agree",
+            "prefill",
+            "t/s",
+            "decode",
+            "t/s",
+            "batch",
+            "tput@budget"
+        ],
+        "{stdout}"
+    );
+    lines[header + 1..]
+        .iter()
+        .take_while(|l| !l.trim().is_empty())
+        .map(|l| l.split_whitespace().collect())
+        .collect()
+}
+
+/// The keys of one row of `eval --json` and `demo --json`.
+const ROW_KEYS: [&str; 12] = [
+    "agreement",
+    "batch_at_budget",
+    "budget_bytes",
+    "decode_tps",
+    "groups",
+    "kv_bytes",
+    "nll",
+    "policy",
+    "ppl",
+    "prefill_tps",
+    "sequence_bytes",
+    "throughput_at_budget",
+];
+
+/// Shown to fail: expecting the stream row without its page of holes (3 pages a group instead
+/// of 4), the kv_bytes assertion failed, 65536 != 49152.
+#[test]
+fn eval_reports_kv_bytes_of_identity_and_of_a_streaming_policy() {
+    let dir = scratch("sub-eval");
+    let tiny = TinyModel::llama(7);
+    let model = tiny.write(&dir.join("model"));
+    let text = prose(&dir);
+    let json = dir.join("eval.json");
+    let (context, chunk): (usize, usize) = (128, 16);
+    let (stdout, _) = layerkv(
+        &dir,
+        &[
+            "eval",
+            "--model",
+            s(&model),
+            "--text",
+            s(&text),
+            "--policy",
+            "identity+stream:4:28",
+            "--policy",
+            "cla:2",
+            "--tokens",
+            "1024",
+            "--context",
+            "128",
+            "--stride",
+            "64",
+            "--chunk",
+            "16",
+            "--budget-len",
+            "64",
+            "--budget-seqs",
+            "2",
+            "--json",
+            s(&json),
+        ],
+    );
+    let rows = table_rows(&stdout);
+    let names: Vec<&str> = rows.iter().map(|r| r[0]).collect();
+    assert_eq!(
+        names,
+        ["identity", "identity+stream:4:28", "cla:2"],
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("ppl: context 128 stride 64 chunk 16 over 1024 tokens"),
+        "{stdout}"
+    );
+    let report = read_json(&json);
+    let report = report.as_array().unwrap();
+    assert_eq!(report.len(), 3);
+    for r in report {
+        assert_eq!(keys(r), ROW_KEYS.into_iter().collect(), "{r}");
+    }
+
+    // Identity holds every layer's every token of a window: whole pages of `context` tokens.
+    let page = page_bytes(&tiny, 4);
+    let identity = tiny.layers * context.div_ceil(BLOCK) * page;
+    assert_eq!(report[0]["kv_bytes"], identity, "{stdout}");
+    // Sinks + window, the chunk on top until eviction runs, and one page of holes.
+    let stream = tiny.layers * stream_pages(4, 28, chunk, context) * page;
+    assert!(stream < identity);
+    assert_eq!(report[1]["kv_bytes"], stream, "{stdout}");
+    // cla:2 keeps every token of half the layers.
+    assert_eq!(report[2]["groups"], tiny.layers / 2);
+    assert_eq!(report[2]["kv_bytes"], identity / 2, "{stdout}");
+    // The table's KV ratio column (the 6th cell): 1 for identity, the ratio above for stream.
+    assert_eq!(rows[0][5], "1.000", "{stdout}");
+    let ratio = format!("{:.3}", stream as f64 / identity as f64);
+    assert_eq!(rows[1][5], ratio, "{stdout}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Shown to fail: with the identity row's pages computed as `1000 / 16` (62, rounding down)
+/// instead of rounding up, the expected cell `992.0 KiB` was not in the row `1008.0 KiB`.
+#[test]
+fn plan_counts_whole_pages_per_group_and_the_sequences_that_fit() {
+    let dir = scratch("sub-plan");
+    let tiny = TinyModel::llama(7);
+    let model = tiny.write(&dir.join("model"));
+    let context: usize = 1000; // not a multiple of the page: the last page is partly used
+    let (stdout, _) = layerkv(
+        &dir,
+        &[
+            "plan",
+            "--model",
+            s(&model),
+            "--policy",
+            "cla:2",
+            "--policy",
+            "identity+stream:4:28",
+            "--budget",
+            "1MiB",
+            "--context",
+            "1000",
+            "--dtype",
+            "f32",
+        ],
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(
+        lines[0].starts_with("model ") && lines[0].contains("(4 layers, 2 KV heads x 16, f32)"),
+        "{stdout}"
+    );
+    assert_eq!(
+        lines[1],
+        "| policy | KV groups | KV per sequence at 1000 | sequences that fit | longest single context |"
+    );
+    assert_eq!(lines[2], "| --- | --- | --- | --- | --- |");
+    let rows: Vec<Vec<&str>> = lines[3..]
+        .iter()
+        .map(|l| l.trim_matches('|').split(" | ").map(str::trim).collect())
+        .collect();
+    assert_eq!(rows.len(), 3, "{stdout}");
+
+    let page = page_bytes(&tiny, 4);
+    let num_pages = (1 << 20) / page;
+    for (row, name, groups) in [(&rows[0], "identity", 4), (&rows[1], "cla:2", 2)] {
+        let pages = context.div_ceil(BLOCK) * groups;
+        let kib = (pages * page) as f64 / 1024.0;
+        let longest = num_pages / groups * BLOCK;
+        let want = [
+            name.to_string(),
+            groups.to_string(),
+            format!("{kib:.1} KiB"),
+            (num_pages / pages).to_string(),
+            format!("{longest} tokens"),
+        ];
+        assert_eq!(row, &want, "{stdout}");
+    }
+    // StreamingLLM: flat memory; a step is plan's default chunk of 256 tokens.
+    let pages = 4 * stream_pages(4, 28, 256, context);
+    assert_eq!(
+        rows[2],
+        [
+            "identity+stream:4:28".to_string(),
+            "4".into(),
+            format!("{:.1} KiB", (pages * page) as f64 / 1024.0),
+            (num_pages / pages).to_string(),
+            "unbounded (memory stays flat)".into(),
+        ],
+        "{stdout}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Shown to fail: the same flatness assertion applied to identity's buckets (which keep every
+/// token) failed with `KV not flat: [262144, 524288]`.
+#[test]
+fn stream_keeps_the_kv_footprint_flat_past_the_window() {
+    let dir = scratch("sub-stream");
+    let tiny = TinyModel::llama(7);
+    let model = tiny.write(&dir.join("model"));
+    let text = prose(&dir);
+    let (json, plot) = (dir.join("stream.json"), dir.join("stream.png"));
+    let streaming = "identity+stream:4:60";
+    let (stdout, _) = layerkv(
+        &dir,
+        &[
+            "stream",
+            "--model",
+            s(&model),
+            "--text",
+            s(&text),
+            "--tokens",
+            "2048",
+            "--policy",
+            "identity",
+            "--policy",
+            streaming,
+            "--bucket",
+            "256",
+            "--chunk",
+            "16",
+            "--identity-limit",
+            "512",
+            "--plot",
+            s(&plot),
+            "--json",
+            s(&json),
+        ],
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines[0],
+        format!("| tokens | identity NLL | KV MiB | tok/s | {streaming} NLL | KV MiB | tok/s |")
+    );
+    assert_eq!(lines[1], "| --- | --- | --- | --- | --- | --- | --- |");
+    // 2048 / 256 buckets; identity stops after 512 tokens (its later cells are `-`).
+    let table: Vec<Vec<&str>> = lines[2..10]
+        .iter()
+        .map(|l| l.trim_matches('|').split(" | ").map(str::trim).collect())
+        .collect();
+    for (b, row) in table.iter().enumerate() {
+        assert_eq!(row.len(), 7, "{row:?}");
+        assert_eq!(row[1] == "-", b >= 2, "{stdout}");
+        assert!(row[4].parse::<f64>().unwrap() > 0.0, "{stdout}");
+    }
+    assert!(lines[10].starts_with("identity: ppl "), "{stdout}");
+    assert!(
+        lines[11].starts_with(&format!("{streaming}: ppl ")),
+        "{stdout}"
+    );
+    assert!(std::fs::read(&plot).unwrap().starts_with(b"\x89PNG"));
+
+    let report = read_json(&json);
+    let report = report.as_array().unwrap();
+    assert_eq!(report.len(), 2);
+    for r in report {
+        assert_eq!(
+            keys(r),
+            BTreeSet::from(["buckets", "peak_kv_bytes", "policy", "ppl"])
+        );
+        for b in r["buckets"].as_array().unwrap() {
+            assert_eq!(
+                keys(b),
+                BTreeSet::from(["kv_bytes", "nll", "start", "tokens_per_sec"])
+            );
+        }
+    }
+    let kv = |r: &Json| -> Vec<usize> {
+        r["buckets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["kv_bytes"].as_u64().unwrap() as usize)
+            .collect()
+    };
+    let page = page_bytes(&tiny, 4);
+    // Identity grows: its last bucket holds every token of its 512.
+    let identity = kv(&report[0]);
+    assert_eq!(identity.len(), 2);
+    assert_eq!(identity[1], tiny.layers * 512 / BLOCK * page);
+    // Sinks + window: every bucket (all past the 64 kept tokens) holds the same, between the
+    // kept tokens' whole pages and one page of holes more per layer.
+    let streamed = kv(&report[1]);
+    assert_eq!(streamed.len(), 8);
+    assert!(
+        streamed.iter().all(|&b| b == streamed[0]),
+        "KV not flat: {streamed:?}"
+    );
+    let kept = tiny.layers * (4 + 60usize).div_ceil(BLOCK) * page;
+    assert!(
+        (kept..=kept + tiny.layers * page).contains(&streamed[0]),
+        "{streamed:?} vs {kept}"
+    );
+    assert!(streamed[0] < identity[1]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Shown to fail: expecting the first candidate to be the *least* distant pair (the
+/// `similar` order instead of the default `dissimilar`) failed, (3, 2) != (1, 0).
+#[test]
+fn calibrate_writes_a_map_of_the_models_layers_searched_most_dissimilar_first() {
+    let dir = scratch("sub-calibrate");
+    let tiny = TinyModel::llama(7);
+    let model = tiny.write(&dir.join("model"));
+    let text = prose(&dir);
+    let out = dir.join("cal").join("map.json");
+    let (stdout, _) = layerkv(
+        &dir,
+        &[
+            "calibrate",
+            "--model",
+            s(&model),
+            "--text",
+            s(&text),
+            "--samples",
+            "8",
+            "--sample-len",
+            "32",
+            "--layers",
+            "2",
+            "-o",
+            s(&out),
+        ],
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    assert!(
+        lines[0].starts_with("2 of 2 target layers share (target reached): map "),
+        "{stdout}"
+    );
+    assert!(lines[1].contains("KV kept 50.0% of layers"), "{stdout}");
+    assert!(lines[2].starts_with("scored "), "{stdout}");
+    for beside in ["distances.json", "candidates.json"] {
+        read_json(&out.with_extension(beside));
+    }
+    for png in ["heatmap.png", "steps.png"] {
+        let bytes = std::fs::read(out.with_extension(png)).unwrap();
+        assert!(bytes.starts_with(b"\x89PNG"), "{png}");
+    }
+
+    // The map covers the model's layers (config.json), two of them reading another's KV.
+    let config = read_json(&model.join("config.json"));
+    let layers = config["num_hidden_layers"].as_u64().unwrap() as usize;
+    let policy = read_json(&out);
+    assert_eq!(policy["layer_map"]["num_layers"], layers);
+    let sources: Vec<usize> = policy["layer_map"]["kv_source"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .collect();
+    assert_eq!(sources.len(), layers);
+    assert_eq!(
+        sources.iter().enumerate().filter(|(l, s)| l != *s).count(),
+        2
+    );
+
+    // KVSharer's order: the first pair tried is the most distant one of the distance matrix.
+    let distances = read_json(&out.with_extension("distances.json"));
+    let d: Vec<Vec<f64>> = distances["distance"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        })
+        .collect();
+    assert_eq!(d.len(), layers);
+    let mut farthest = (0, 0);
+    for i in 0..layers {
+        for j in 0..i {
+            if d[i][j] > d[farthest.0][farthest.1] {
+                farthest = (i, j);
+            }
+        }
+    }
+    let record = read_json(&out.with_extension("candidates.json"));
+    let first = &record["candidates"][0];
+    let pair = (
+        first["layer"].as_u64().unwrap() as usize,
+        first["pair_source"].as_u64().unwrap() as usize,
+    );
+    assert_eq!(pair, farthest, "{d:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Shown to fail: expecting layer 3 to read layer 3's own KV (the pair `"3":1` ignored) failed
+/// on the written `kv_source`, [0, 1, 0, 1] != [0, 1, 0, 3].
+#[test]
+fn policy_writes_the_layer_map_it_was_given() {
+    let dir = scratch("sub-policy");
+    let tiny = TinyModel::llama(7);
+    let model = tiny.write(&dir.join("model"));
+    // Layer 3 reads layer 1's KV, layer 2 reads layer 0's.
+    let pairs = [(3usize, 1usize), (2, 0)];
+    let spec = r#"kvsharer:{"3":1,"2":0}+h2o:8:8"#;
+    let mut want: Vec<usize> = (0..tiny.layers).collect();
+    for (layer, source) in pairs {
+        want[layer] = source;
+    }
+    let groups = tiny.layers - pairs.len();
+    for ext in ["json", "toml"] {
+        let out = dir.join(format!("p.{ext}"));
+        let (stdout, _) = layerkv(&dir, &["policy", spec, "--layers", "4", "-o", s(&out)]);
+        assert_eq!(
+            stdout,
+            format!("wrote {} ({groups} KV groups of 4 layers)\n", out.display())
+        );
+    }
+    let p = read_json(&dir.join("p.json"));
+    assert_eq!(keys(&p), BTreeSet::from(["layer_map", "name", "retention"]));
+    assert_eq!(p["name"], spec);
+    assert_eq!(p["layer_map"]["num_layers"], 4);
+    assert_eq!(p["layer_map"]["kv_source"], serde_json::json!(want));
+    assert_eq!(
+        p["retention"]["default"],
+        serde_json::json!({"kind": "heavy_hitter", "heavy": 8, "recent": 8})
+    );
+    let toml = std::fs::read_to_string(dir.join("p.toml")).unwrap();
+    let line = format!("kv_source = {want:?}");
+    assert!(toml.contains(&line), "{line} not in\n{toml}");
+    // The file is a policy other commands take: plan reads its groups.
+    let (stdout, _) = layerkv(
+        &dir,
+        &[
+            "plan",
+            "--model",
+            s(&model),
+            "--policy",
+            s(&dir.join("p.toml")),
+            "--context",
+            "256",
+        ],
+    );
+    assert!(
+        stdout.contains(&format!("| {spec} | {groups} | ")),
+        "{stdout}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Writes `tiny`'s weights as a llama GGUF the way llama.cpp's converter does (its tensor
+/// names, Q/K permuted per head, F32), with the byte-level vocabulary in its metadata.
+fn write_gguf(path: &Path, tiny: &TinyModel) -> usize {
+    let weights = tiny.weights();
+    let mut names: Vec<&String> = weights.keys().collect();
+    names.sort();
+    let mut tensors = Vec::new();
+    for hf in names {
+        let mut t = weights[hf].clone();
+        if hf.contains("q_proj") {
+            t = permute_qk(&t, tiny.heads).unwrap();
+        } else if hf.contains("k_proj") {
+            t = permute_qk(&t, tiny.kv_heads).unwrap();
+        }
+        let name = gguf_name(hf).unwrap();
+        tensors.push((name, QTensor::quantize(&t, GgmlDType::F32).unwrap()));
+    }
+    let mut tokens: Vec<Value> = byte_chars().into_iter().map(Value::String).collect();
+    tokens.extend(SPECIAL_TOKENS.iter().map(|t| Value::String(t.to_string())));
+    let types = (0..tokens.len())
+        .map(|i| Value::I32(if i < 256 { 1 } else { 3 }))
+        .collect();
+    let u32 = |n: usize| Value::U32(n as u32);
+    let meta: Vec<(&str, Value)> = vec![
+        ("general.architecture", Value::String("llama".into())),
+        ("llama.block_count", u32(tiny.layers)),
+        ("llama.context_length", u32(512)),
+        ("llama.embedding_length", u32(tiny.hidden)),
+        ("llama.feed_forward_length", u32(tiny.ffn)),
+        ("llama.attention.head_count", u32(tiny.heads)),
+        ("llama.attention.head_count_kv", u32(tiny.kv_heads)),
+        ("llama.rope.freq_base", Value::F32(10000.0)),
+        ("llama.rope.dimension_count", u32(tiny.hidden / tiny.heads)),
+        ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
+        ("tokenizer.ggml.model", Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre", Value::String("llama-bpe".into())),
+        ("tokenizer.ggml.tokens", Value::Array(tokens)),
+        ("tokenizer.ggml.token_type", Value::Array(types)),
+        ("tokenizer.ggml.merges", Value::Array(Vec::new())),
+        ("tokenizer.ggml.bos_token_id", u32(257)),
+        ("tokenizer.ggml.eos_token_id", u32(256)),
+        ("tokenizer.ggml.add_bos_token", Value::Bool(false)),
+    ];
+    let meta: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = std::fs::File::create(path).unwrap();
+    gguf_file::write(&mut f, &meta, &tensor_refs).unwrap();
+    weights.len()
+}
+
+/// Perplexity per policy of `eval --json` on `model`.
+fn eval_ppl(home: &Path, model: &Path, text: &Path, json: &Path) -> HashMap<String, f64> {
+    layerkv(
+        home,
+        &[
+            "eval",
+            "--model",
+            s(model),
+            "--text",
+            s(text),
+            "--policy",
+            "cla:2",
+            "--tokens",
+            "512",
+            "--context",
+            "128",
+            "--stride",
+            "64",
+            "--budget-len",
+            "64",
+            "--budget-seqs",
+            "1",
+            "--json",
+            s(json),
+        ],
+    );
+    read_json(json)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["policy"].as_str().unwrap().to_string(),
+                r["ppl"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Shown to fail: writing the GGUF without llama.cpp's Q/K permutation (the converter
+/// un-permutes every llama GGUF, so attention ran on scrambled rotary pairs), the converted
+/// model's perplexity differed: `cla:2: converted ppl 628.68 vs 598.91`.
+#[test]
+fn convert_writes_a_directory_that_evaluates_like_the_original() {
+    let dir = scratch("sub-convert");
+    let tiny = TinyModel::llama(5);
+    let direct = tiny.write(&dir.join("direct"));
+    let gguf = dir.join("tiny.gguf");
+    let num_tensors = write_gguf(&gguf, &tiny);
+    let out = dir.join("converted");
+    let (stdout, _) = layerkv(&dir, &["convert", s(&gguf), "-o", s(&out)]);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], format!("read {}:", gguf.display()));
+    for want in [
+        "architecture   llama".to_string(),
+        format!("layers         {}", tiny.layers),
+        "heads          4 (KV heads 2, head dim 16)".into(),
+        format!(
+            "vocab          {} embedding rows, {} tokens",
+            tiny.vocab, tiny.vocab
+        ),
+        format!("tensors        {num_tensors} ({num_tensors} F32)"),
+        "lm head        output.weight; Q/K/V biases no".into(),
+    ] {
+        assert!(lines.contains(&want.as_str()), "{want:?} not in\n{stdout}");
+    }
+    let wrote = lines
+        .iter()
+        .position(|l| l.starts_with(&format!("wrote {} (F32):", out.display())))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    let files: Vec<&str> = lines[wrote + 1..]
+        .iter()
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    assert_eq!(
+        files,
+        [
+            "config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "model.safetensors"
+        ]
+    );
+
+    // The converted directory is the same model: same perplexities on the same text.
+    let text = prose(&dir);
+    let want = eval_ppl(&dir, &direct, &text, &dir.join("direct.json"));
+    let got = eval_ppl(&dir, &out, &text, &dir.join("converted.json"));
+    assert_eq!(got.len(), 2);
+    for (policy, ppl) in &want {
+        let rel = (got[policy] - ppl).abs() / ppl;
+        assert!(
+            rel < 1e-5,
+            "{policy}: converted ppl {} vs {ppl}",
+            got[policy]
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Shown to fail: expecting the stacked row to hold only the kept 256 tokens' 16 pages a group
+/// (no chunk on top, no page of holes) failed, 294912 != 262144.
+#[test]
+fn demo_runs_offline_on_a_seeded_cache_and_calibrates_once() {
+    let home = scratch("sub-demo");
+    // The cache as `demo` leaves it after its downloads: the default model's directory (here
+    // an 8-layer tiny llama, so the demo's 4 shared layers leave 4 groups) and both texts.
+    let tiny = TinyModel {
+        layers: 8,
+        ..TinyModel::llama(9)
+    };
+    tiny.write(&home.join("models").join(layerkv_model::assets::MODEL_DIR));
+    let text = prose(&home);
+    std::fs::create_dir_all(home.join("text")).unwrap();
+    for name in ["jargon.txt", "python3.11.info.txt"] {
+        std::fs::copy(&text, home.join("text").join(name)).unwrap();
+    }
+    let json = home.join("demo.json");
+    let args = [
+        "demo",
+        "--tokens",
+        "1024",
+        "--context",
+        "512",
+        "--stride",
+        "256",
+        "--budget-len",
+        "64",
+        "--budget-seqs",
+        "2",
+        "--json",
+        s(&json),
+    ];
+    let (stdout, stderr) = layerkv(&home, &args);
+    assert!(
+        stderr.contains("calibrating the demo's sharing map once"),
+        "{stderr}"
+    );
+    assert!(stdout.contains("(calibrated now on "), "{stdout}");
+    assert!(stdout.contains("4 of 4 layers share"), "{stdout}");
+    let calibrated = home
+        .join("calibrated")
+        .join(layerkv_model::assets::MODEL_DIR);
+    let cached: Vec<PathBuf> = std::fs::read_dir(&calibrated)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    assert_eq!(cached.len(), 1, "{cached:?}");
+    let rows = table_rows(&stdout);
+    assert_eq!(rows.len(), 3, "{stdout}");
+    let first = read_json(&json);
+    let report = first.as_array().unwrap();
+    for r in report {
+        assert_eq!(keys(r), ROW_KEYS.into_iter().collect(), "{r}");
+    }
+    let shared = report[1]["policy"].as_str().unwrap();
+    assert_eq!(report[0]["policy"], "identity");
+    assert!(
+        shared.starts_with("kvsharer-similar-nll0.1-4of8"),
+        "{shared}"
+    );
+    assert_eq!(report[2]["policy"], format!("{shared}+stream:4:252"));
+
+    // Identity: 8 layers x the 512-token window; the map: 4 groups; the stack: 4 groups of
+    // sinks + window with a 16-token chunk on top and a page of holes.
+    let page = page_bytes(&tiny, 4);
+    assert_eq!(report[0]["kv_bytes"], 8 * 512 / BLOCK * page);
+    assert_eq!(report[1]["groups"], 4);
+    assert_eq!(report[1]["kv_bytes"], 4 * 512 / BLOCK * page);
+    assert_eq!(
+        report[2]["kv_bytes"],
+        4 * stream_pages(4, 252, 16, 512) * page
+    );
+
+    // The second run takes the cached map and measures the same.
+    let (stdout, _) = layerkv(&home, &args);
+    assert!(
+        stdout.contains("(cached; KVSharer calibration on "),
+        "{stdout}"
+    );
+    let second = read_json(&json);
+    for (a, b) in first
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(second.as_array().unwrap())
+    {
+        assert_eq!(a["policy"], b["policy"]);
+        assert_eq!(a["ppl"], b["ppl"]);
+        assert_eq!(a["kv_bytes"], b["kv_bytes"]);
+    }
+    std::fs::remove_dir_all(&home).unwrap();
+}
