@@ -39,6 +39,9 @@ pub struct BenchServeArgs {
     /// Seed of the arrivals and prompts.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Fraction of clients that disconnect after their first streamed chunk (soak testing).
+    #[arg(long, default_value_t = 0.0)]
+    pub disconnect: f64,
     /// Also write the report as JSON to this file (`-`: stdout).
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -58,6 +61,9 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
             Some(r)
         }
     };
+    if !(0.0..=1.0).contains(&args.disconnect) {
+        bail!("--disconnect must be in [0, 1], got {}", args.disconnect);
+    }
     let path = match &args.text {
         Some(p) => p.clone(),
         None => {
@@ -79,6 +85,7 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
         max_tokens: args.max_tokens,
         text,
         seed: args.seed,
+        disconnect: args.disconnect,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -18,6 +18,7 @@ use layerkv_model::Model;
 
 use crate::calibrate_cmd::{acceptance_name, calibrate_to_file, order_name, CalibrateArgs};
 use crate::device::DeviceArgs;
+use crate::served::{self, ServedOpts};
 use crate::{run_table, MeasureOpts};
 
 /// The demo's calibration settings.
@@ -163,7 +164,7 @@ fn calibrated_policy(model_dir: &Path, text: &Path) -> Result<(Policy, String)> 
 }
 
 /// Runs the demo.
-pub fn run(opts: &MeasureOpts) -> Result<()> {
+pub fn run(opts: &MeasureOpts, served_opts: &ServedOpts) -> Result<()> {
     let dir =
         layerkv_model::assets::ensure_default_model().context("fetching the default model")?;
     let texts =
@@ -184,7 +185,9 @@ pub fn run(opts: &MeasureOpts) -> Result<()> {
             window: 252,
         })
         .build()?;
-    let policies = vec![layerkv::Policy::from_spec("identity", n)?, shared, stacked];
+    let identity = layerkv::Policy::from_spec("identity", n)?;
+    let served_policies = [identity.clone(), stacked.clone()];
+    let policies = vec![identity, shared, stacked];
     opts.say(&format!(
         "model {} ({} layers), evaluation text: the Jargon File ({}), first {} tokens",
         dir.display(),
@@ -193,7 +196,40 @@ pub fn run(opts: &MeasureOpts) -> Result<()> {
         opts.tokens
     ));
     opts.say(&from);
-    run_table(model, &tokenizer, &text, policies, opts)
+    run_table(model.clone(), &tokenizer, &text, policies, opts)?;
+    if served_opts.served_requests == 0 {
+        return Ok(());
+    }
+    let rows = served::run(
+        &dir,
+        &model,
+        dtype,
+        &tokenizer,
+        &text,
+        &served_policies,
+        served_opts,
+    )?;
+    let first = &rows[0];
+    opts.say(&format!(
+        "\nserved over loopback HTTP (layerkv serve's engine): a burst of {} requests of ~{} \
+         prompt tokens ({:.0} counted) and {} generated, KV pool {:.1} MiB (2 identity requests), \
+         prefill chunk {}\n{}",
+        served_opts.served_requests,
+        first.report.mean_prompt_tokens.round(),
+        first.report.mean_prompt_tokens,
+        served_opts.served_max_tokens,
+        first.budget_bytes as f64 / (1 << 20) as f64,
+        served_opts.served_chunk,
+        served::table(&rows)
+    ));
+    if let Some(p) = &opts.json {
+        if p != Path::new("-") {
+            let path = p.with_extension("served.json");
+            std::fs::write(&path, serde_json::to_string_pretty(&rows)?)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

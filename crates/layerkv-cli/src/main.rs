@@ -4,7 +4,8 @@
 //!   the Python docs from Debian) on first use, calibrates a KVSharer map on the Python docs once
 //!   (cached), then compares identity, that map and map + StreamingLLM on the Jargon File:
 //!   perplexity, KV bytes, greedy agreement, batch-1 speed and throughput at a fixed KV budget,
-//!   in one table.
+//!   in one table; then a burst of requests served over loopback HTTP under identity and the
+//!   stacked policy at one KV budget (requests per second, p99 TTFT).
 //! - `eval`: the same table for any model directory, text and policies.
 //! - `generate`: text generation under a policy (`--chat`: through the model's chat template).
 //! - `chat`: a multi-turn conversation on stdin, replies streamed, one KV sequence throughout.
@@ -30,6 +31,7 @@ mod plan_cmd;
 mod plot;
 mod report;
 mod serve_cmd;
+mod served;
 mod stream_cmd;
 
 use std::io::IsTerminal;
@@ -62,6 +64,8 @@ enum Command {
     Demo {
         #[command(flatten)]
         opts: MeasureOpts,
+        #[command(flatten)]
+        served: served::ServedOpts,
     },
     /// Compare policies on a model directory and a text file.
     Eval {
@@ -200,7 +204,7 @@ fn one_line(text: &str) -> String {
 
 fn run(command: Command) -> Result<()> {
     match command {
-        Command::Demo { opts } => demo_cmd::run(&opts),
+        Command::Demo { opts, served } => demo_cmd::run(&opts, &served),
         Command::Eval {
             model,
             text,

@@ -47,6 +47,11 @@ pub struct ServeArgs {
     /// of pages; above 1, preemption by recompute handles the shortfall).
     #[arg(long, default_value_t = 1.0)]
     pub overcommit: f64,
+    /// Prompt tokens per request per step: retention runs between chunks, so under a policy
+    /// that evicts, a request's peak is its kept tokens plus one chunk (smaller chunks admit
+    /// more requests; larger ones prefill faster).
+    #[arg(long, default_value_t = 256)]
+    pub prefill_chunk: usize,
     /// A reply's length when the request gives no `max_tokens`.
     #[arg(long, default_value_t = 256)]
     pub max_tokens: usize,
@@ -82,6 +87,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         kv_dtype: dtype,
         sliding_window: args.window,
         num_pages: Some(num_pages),
+        prefill_chunk: Some(args.prefill_chunk),
         ..SessionOptions::default()
     };
     let session = Session::new(&dir, model, policy, options)

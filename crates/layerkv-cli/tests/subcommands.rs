@@ -768,6 +768,27 @@ fn demo_runs_offline_on_a_seeded_cache_and_calibrates_once() {
         4 * stream_pages(4, 252, 16, 512) * page
     );
 
+    // The served run: the same burst through the real server under identity and the stack, in
+    // a pool of two identity requests (416-token prompts, the tiny model's 512-token context
+    // less the 32 generated and 64 of room), so identity runs at most 2 at once and the stack
+    // (4 groups of window + chunk) more.
+    assert!(stdout.contains("served over loopback HTTP"), "{stdout}");
+    let served = read_json(&home.join("demo.served.json"));
+    let served = served.as_array().unwrap();
+    assert_eq!(served.len(), 2);
+    assert_eq!(served[0]["policy"], "identity");
+    assert_eq!(
+        served[0]["budget_bytes"],
+        2 * (416 + 32 + 16) / BLOCK * 8 * page
+    );
+    for r in served {
+        assert_eq!(r["report"]["completed"], 12, "{r}");
+        assert_eq!(r["report"]["errors"], 0, "{r}");
+        assert_eq!(r["report"]["output_tokens"], 12 * 32, "{r}");
+    }
+    assert!(served[0]["report"]["peak_running"].as_f64().unwrap() <= 2.0);
+    assert!(served[1]["report"]["peak_running"].as_f64().unwrap() > 2.0);
+
     // The second run takes the cached map and measures the same.
     let (stdout, _) = layerkv(&home, &args);
     assert!(
@@ -785,5 +806,79 @@ fn demo_runs_offline_on_a_seeded_cache_and_calibrates_once() {
         assert_eq!(a["ppl"], b["ppl"]);
         assert_eq!(a["kv_bytes"], b["kv_bytes"]);
     }
+    std::fs::remove_dir_all(&home).unwrap();
+}
+
+/// `serve` on the tiny model, driven by `bench-serve` over loopback: every request answered with
+/// the prompt and output tokens the server counted (byte-level tokenizer: one token per
+/// character, no BOS), then SIGTERM ends it with status 0.
+///
+/// Shown to fail: expecting 5 output tokens per request when `ignore_eos` is dropped from the
+/// bench's requests (the tiny model then stops at random EOS tokens).
+#[test]
+fn serve_answers_bench_serve_and_exits_0_on_sigterm() {
+    use std::io::{BufRead, BufReader};
+    let home = scratch("sub-serve");
+    let dir = TinyModel::llama(5).write(&home.join("model"));
+    let text = prose(&home);
+    let mut server = Command::new(env!("CARGO_BIN_EXE_layerkv"))
+        .args([
+            "serve",
+            "--model",
+            s(&dir),
+            "--port",
+            "0",
+            "--kv-budget",
+            "2MiB",
+        ])
+        .env("LAYERKV_HOME", &home)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
+    let line = lines.next().unwrap().unwrap();
+    let url = line
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("{line}"));
+    let (stdout, _) = layerkv(
+        &home,
+        &[
+            "bench-serve",
+            "--url",
+            url,
+            "--requests",
+            "6",
+            "--max-concurrency",
+            "3",
+            "--prompt-tokens",
+            "20",
+            "--chars-per-token",
+            "1",
+            "--max-tokens",
+            "5",
+            "--text",
+            s(&text),
+            "--json",
+            "-",
+        ],
+    );
+    let report: Json = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["completed"], 6, "{report}");
+    assert_eq!(report["errors"], 0, "{report}");
+    assert_eq!(report["mean_prompt_tokens"], 20.0, "{report}");
+    assert_eq!(report["output_tokens"], 30, "{report}");
+    assert!(
+        report["peak_running"].as_f64().is_some(),
+        "layerkv /metrics was read: {report}"
+    );
+    let status = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = server.wait().unwrap();
+    assert!(exit.success(), "serve exited with {exit}");
     std::fs::remove_dir_all(&home).unwrap();
 }

@@ -49,6 +49,10 @@ pub struct SessionOptions {
     /// `--kv-budget`, see [`Session::page_bytes_for`]) rather than by `max_sequences`
     /// sequences of `max_context` tokens (`None`). Must hold at least one page per group.
     pub num_pages: Option<usize>,
+    /// Most prompt tokens of one sequence per step under a policy that evicts (retention runs
+    /// between chunks, so a window holds its window plus one chunk at its peak); `None`:
+    /// [`EngineConfig`]'s default (256).
+    pub prefill_chunk: Option<usize>,
 }
 
 impl Default for SessionOptions {
@@ -62,6 +66,7 @@ impl Default for SessionOptions {
             sampling: None,
             stop_strings: Vec::new(),
             num_pages: None,
+            prefill_chunk: None,
         }
     }
 }
@@ -150,11 +155,13 @@ impl Session {
             stop_strings: options.stop_strings,
         };
         let sampling = options.sampling.unwrap_or_else(|| generation.sampling());
+        let defaults = EngineConfig::default();
         let engine_config = EngineConfig {
             block_size: BLOCK_SIZE,
             kv_dtype: options.kv_dtype,
             sliding_window: options.sliding_window,
-            ..EngineConfig::default()
+            prefill_chunk: options.prefill_chunk.unwrap_or(defaults.prefill_chunk),
+            ..defaults
         };
         let planner = Planner {
             block_size: BLOCK_SIZE,

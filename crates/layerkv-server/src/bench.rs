@@ -44,6 +44,9 @@ pub struct BenchConfig {
     pub text: String,
     /// Seed of the arrivals and the prompt offsets.
     pub seed: u64,
+    /// Fraction of requests whose client disconnects after the first streamed chunk (a soak's
+    /// cancellations); they count as `disconnected`, not as errors.
+    pub disconnect: f64,
 }
 
 /// Mean, median and 99th percentile of one latency, in milliseconds.
@@ -82,8 +85,12 @@ pub struct BenchReport {
     pub requests: usize,
     /// Requests answered completely.
     pub completed: usize,
-    /// Requests that failed (HTTP errors, broken streams), with the first error's text.
+    /// Requests that failed (HTTP errors other than 429, broken streams).
     pub errors: usize,
+    /// Requests refused with 429 (the server's queue was full).
+    pub refused: usize,
+    /// Requests whose client disconnected on purpose ([`BenchConfig::disconnect`]).
+    pub disconnected: usize,
     /// The first error, if any.
     pub first_error: Option<String>,
     /// Wall time from the first send to the last answer, seconds.
@@ -109,6 +116,15 @@ pub struct BenchReport {
     pub peak_running: Option<f64>,
     /// Preemptions during the run, from `/metrics`.
     pub preemptions: Option<f64>,
+}
+
+/// How one request ended.
+#[derive(Debug)]
+enum Outcome {
+    Done(Measured),
+    Refused,
+    Disconnected,
+    Failed(String),
 }
 
 /// One request's measurements.
@@ -182,6 +198,8 @@ pub async fn run(config: &BenchConfig) -> Result<BenchReport, String> {
             "stream_options": {"include_usage": true},
             "ignore_eos": true,
         });
+        let leave = config.disconnect > 0.0
+            && ((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < config.disconnect;
         let permit = gate
             .clone()
             .acquire_owned()
@@ -189,7 +207,7 @@ pub async fn run(config: &BenchConfig) -> Result<BenchReport, String> {
             .map_err(|e| e.to_string())?;
         let (client, url) = (client.clone(), format!("{base}/v1/completions"));
         tasks.push(tokio::spawn(async move {
-            let r = one(&client, &url, &body).await;
+            let r = one(&client, &url, &body, leave).await;
             drop(permit);
             r
         }));
@@ -221,7 +239,7 @@ pub async fn run(config: &BenchConfig) -> Result<BenchReport, String> {
 
 fn summarise(
     requests: usize,
-    results: Vec<Result<Measured, String>>,
+    results: Vec<Outcome>,
     duration: f64,
     peak_running: Option<f64>,
     preemptions: Option<f64>,
@@ -237,7 +255,9 @@ fn summarise(
         (vec![], vec![], vec![], vec![], vec![]);
     for r in results {
         match r {
-            Ok(m) => {
+            Outcome::Refused => report.refused += 1,
+            Outcome::Disconnected => report.disconnected += 1,
+            Outcome::Done(m) => {
                 report.completed += 1;
                 report.output_tokens += m.output_tokens;
                 ttft.extend(m.ttft);
@@ -250,7 +270,7 @@ fn summarise(
                 e2e.push(m.e2e);
                 prompt.extend(m.prompt_tokens);
             }
-            Err(e) => {
+            Outcome::Failed(e) => {
                 report.errors += 1;
                 report.first_error.get_or_insert(e);
             }
@@ -279,20 +299,35 @@ async fn scrape(client: &reqwest::Client, base: &str) -> Option<String> {
     page.contains("layerkv_requests_running").then_some(page)
 }
 
-/// Sends one streamed completion and times its chunks.
-async fn one(client: &reqwest::Client, url: &str, body: &Value) -> Result<Measured, String> {
+/// Sends one streamed completion and times its chunks; `leave`: disconnects after the first
+/// chunk.
+async fn one(client: &reqwest::Client, url: &str, body: &Value, leave: bool) -> Outcome {
     let t0 = Instant::now();
-    let r = client
-        .post(url)
-        .json(body)
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
+    let r = match client.post(url).json(body).send().await {
+        Ok(r) => r,
+        Err(e) => return Outcome::Failed(e.to_string()),
+    };
     let status = r.status();
+    if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+        return Outcome::Refused;
+    }
     if !status.is_success() {
         let text = r.text().await.unwrap_or_default();
-        return Err(format!("HTTP {status}: {text}"));
+        return Outcome::Failed(format!("HTTP {status}: {text}"));
     }
+    if leave {
+        let mut stream = r.bytes_stream();
+        let _ = stream.next().await;
+        return Outcome::Disconnected;
+    }
+    match read(r, t0).await {
+        Ok(m) => Outcome::Done(m),
+        Err(e) => Outcome::Failed(e),
+    }
+}
+
+/// Reads a streamed completion to its end, timing the chunks that carry text.
+async fn read(r: reqwest::Response, t0: Instant) -> Result<Measured, String> {
     let mut m = Measured::default();
     let mut last = None::<Instant>;
     let mut buf = String::new();
@@ -349,8 +384,9 @@ pub fn table(r: &BenchReport) -> String {
     let mut s = String::new();
     let opt = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.0}"));
     s += &format!(
-        "requests {} | completed {} | errors {} | duration {:.2} s\n",
-        r.requests, r.completed, r.errors, r.duration_s
+        "requests {} | completed {} | refused (429) {} | disconnected {} | errors {} | duration \
+         {:.2} s\n",
+        r.requests, r.completed, r.refused, r.disconnected, r.errors, r.duration_s
     );
     s += &format!(
         "request throughput {:.3} req/s | output throughput {:.1} tok/s | mean prompt {:.0} tokens\n",
