@@ -30,7 +30,9 @@ pub struct SchedulerConfig {
     /// below it. `None`: the pool's pages, so admitted requests never run out of pages while the
     /// planner's bound holds. A value above the pool overcommits (more requests run at once,
     /// betting that they stop before `max_tokens`), and preemption handles the pages that run
-    /// out. Must not be below the pool's pages.
+    /// out; an overcommitted admission also needs the head's first chunk free in the pool (its
+    /// whole peak once it was preempted), so a preempted request is not readmitted on the
+    /// pages its preemption freed. Must not be below the pool's pages.
     pub admission_pages: Option<usize>,
 }
 

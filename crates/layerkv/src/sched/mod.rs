@@ -19,7 +19,8 @@
 //! - **Admission** (waiting to running, FIFO, head-of-line): the queue's head runs when fewer
 //!   than `max_num_seqs` requests run and the running requests' planned peaks plus its own fit
 //!   the admission pages (the pool's, unless [`SchedulerConfig::admission_pages`]
-//!   overcommits). Counting the policy's peak and never identity's is what lets a 25%-KV
+//!   overcommits; then the pool must also have the head's first chunk free, or its whole peak
+//!   once it was preempted). Counting the policy's peak and never identity's is what lets a 25%-KV
 //!   policy run about 4x the requests. Admission creates the cache sequence and declares the
 //!   original prompt length (also after a preemption), so retention sees each step's phase.
 //! - **Batch** (per step): running decodes and replays first, one token each, then prefill

@@ -408,6 +408,28 @@ impl Scheduler {
             if self.planned_pages + r.peak_pages > self.admission_pages {
                 break;
             }
+            if self.admission_pages > self.num_pages {
+                // Overcommitted: the plan no longer guarantees pages. Admit only while the
+                // pool has the head's first chunk free beyond one page per group for each
+                // running request (each may open a page this step), and a request that was
+                // preempted only when its whole peak is free: otherwise it is readmitted on
+                // the pages its own preemption freed and preempted again.
+                let first = if r.num_preemptions > 0 {
+                    r.peak_pages
+                } else {
+                    self.planner.pages_per_sequence(
+                        self.policy.as_ref(),
+                        r.prompt.len().min(self.config.prefill_chunk),
+                    )
+                };
+                let groups = self.policy.layer_map().num_groups();
+                let stats = cache.pool_stats();
+                let spare = (stats.num_free + stats.num_cached)
+                    .saturating_sub(self.running.len() * groups);
+                if first > spare {
+                    break;
+                }
+            }
             cache.add_sequence(id)?;
             if let Err(e) = cache.set_prompt_len(id, r.prompt.len()) {
                 cache.free(id)?;
