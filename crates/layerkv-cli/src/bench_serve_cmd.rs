@@ -42,6 +42,10 @@ pub struct BenchServeArgs {
     /// Fraction of clients that disconnect after their first streamed chunk (soak testing).
     #[arg(long, default_value_t = 0.0)]
     pub disconnect: f64,
+    /// Token ids to ban with `logit_bias` -100 (comma-separated), for servers that ignore
+    /// `ignore_eos`: pass the model's end-of-sequence ids so they generate `--max-tokens` too.
+    #[arg(long, value_delimiter = ',')]
+    pub ban_tokens: Vec<u32>,
     /// Also write the report as JSON to this file (`-`: stdout).
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -86,6 +90,7 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
         text,
         seed: args.seed,
         disconnect: args.disconnect,
+        ban_tokens: args.ban_tokens.clone(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -101,6 +101,7 @@ pub fn run(
             text: text.to_string(),
             seed: 7,
             disconnect: 0.0,
+            ban_tokens: Vec::new(),
         };
         let report = runtime.block_on(async move {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

@@ -47,6 +47,10 @@ pub struct BenchConfig {
     /// Fraction of requests whose client disconnects after the first streamed chunk (a soak's
     /// cancellations); they count as `disconnected`, not as errors.
     pub disconnect: f64,
+    /// Token ids sent with a `logit_bias` of -100, for servers that ignore `ignore_eos`
+    /// (llama-cpp-python's): banning the end-of-sequence tokens makes them generate
+    /// `max_tokens` tokens too.
+    pub ban_tokens: Vec<u32>,
 }
 
 /// Mean, median and 99th percentile of one latency, in milliseconds.
@@ -198,6 +202,15 @@ pub async fn run(config: &BenchConfig) -> Result<BenchReport, String> {
             "stream_options": {"include_usage": true},
             "ignore_eos": true,
         });
+        let mut body = body;
+        if !config.ban_tokens.is_empty() {
+            let bias: serde_json::Map<String, Value> = config
+                .ban_tokens
+                .iter()
+                .map(|t| (t.to_string(), json!(-100)))
+                .collect();
+            body["logit_bias"] = Value::Object(bias);
+        }
         let leave = config.disconnect > 0.0
             && ((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < config.disconnect;
         let permit = gate
@@ -337,7 +350,13 @@ async fn read(r: reqwest::Response, t0: Instant) -> Result<Measured, String> {
     let mut done = false;
     while let Some(bytes) = stream.next().await {
         let bytes = bytes.map_err(|e| e.to_string())?;
-        buf.push_str(&String::from_utf8_lossy(&bytes));
+        // Servers end lines with \n or \r\n (sse-starlette, llama-cpp-python's); JSON data
+        // never holds a raw \r.
+        buf.extend(
+            String::from_utf8_lossy(&bytes)
+                .chars()
+                .filter(|&c| c != '\r'),
+        );
         while let Some(end) = buf.find("\n\n") {
             let event: String = buf.drain(..end + 2).collect();
             for line in event.lines() {

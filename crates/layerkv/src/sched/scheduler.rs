@@ -424,8 +424,8 @@ impl Scheduler {
                 };
                 let groups = self.policy.layer_map().num_groups();
                 let stats = cache.pool_stats();
-                let spare = (stats.num_free + stats.num_cached)
-                    .saturating_sub(self.running.len() * groups);
+                let spare =
+                    (stats.num_free + stats.num_cached).saturating_sub(self.running.len() * groups);
                 if first > spare {
                     break;
                 }
