@@ -18,6 +18,7 @@ use layerkv_model::Model;
 
 use crate::calibrate_cmd::{acceptance_name, calibrate_to_file, order_name, CalibrateArgs};
 use crate::device::DeviceArgs;
+use crate::retrieval;
 use crate::served::{self, ServedOpts};
 use crate::{run_table, MeasureOpts};
 
@@ -188,6 +189,7 @@ pub fn run(opts: &MeasureOpts, served_opts: &ServedOpts) -> Result<()> {
     let identity = layerkv::Policy::from_spec("identity", n)?;
     let served_policies = [identity.clone(), stacked.clone()];
     let policies = vec![identity, shared, stacked];
+    let checked = policies.clone();
     opts.say(&format!(
         "model {} ({} layers), evaluation text: the Jargon File ({}), first {} tokens",
         dir.display(),
@@ -197,6 +199,27 @@ pub fn run(opts: &MeasureOpts, served_opts: &ServedOpts) -> Result<()> {
     ));
     opts.say(&from);
     run_table(model.clone(), &tokenizer, &text, policies, opts)?;
+    let length = (served_opts.retrieval_len > 0)
+        .then(|| retrieval::length(&model, served_opts.retrieval_len))
+        .flatten();
+    if let Some(length) = length {
+        let rows = retrieval::run(&dir, &model, dtype, &tokenizer, &text, &checked, length)?;
+        opts.say(&format!(
+            "\nretrieval: a 5-digit pass key in {length} tokens of the Jargon File at depths \
+             0.1, 0.5 and 0.9, asked after the context (query-aware) and as a later turn on the \
+             compressed context (query-agnostic); right answers, greedy\n{}",
+            retrieval::table(&rows)
+        ));
+        if let Some(p) = &opts.json {
+            if p != Path::new("-") {
+                let path = p.with_extension("retrieval.json");
+                std::fs::write(&path, serde_json::to_string_pretty(&rows)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+        }
+    } else if served_opts.retrieval_len > 0 {
+        opts.say("\nretrieval: skipped (the model's context leaves under 128 tokens for it)");
+    }
     if served_opts.served_requests == 0 {
         return Ok(());
     }

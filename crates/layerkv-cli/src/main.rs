@@ -4,8 +4,9 @@
 //!   the Python docs from Debian) on first use, calibrates a KVSharer map on the Python docs once
 //!   (cached), then compares identity, that map and map + StreamingLLM on the Jargon File:
 //!   perplexity, KV bytes, greedy agreement, batch-1 speed and throughput at a fixed KV budget,
-//!   in one table; then a burst of requests served over loopback HTTP under identity and the
-//!   stacked policy at one KV budget (requests per second, p99 TTFT).
+//!   in one table; then a pass key retrieved at three depths under each policy, and a burst of
+//!   requests served over loopback HTTP under identity and the stacked policy at one KV budget
+//!   (requests per second, p99 TTFT).
 //! - `eval`: the same table for any model directory, text and policies.
 //! - `generate`: text generation under a policy (`--chat`: through the model's chat template).
 //! - `chat`: a multi-turn conversation on stdin, replies streamed, one KV sequence throughout.
@@ -30,6 +31,7 @@ mod needle_cmd;
 mod plan_cmd;
 mod plot;
 mod report;
+mod retrieval;
 mod serve_cmd;
 mod served;
 mod stream_cmd;

@@ -101,7 +101,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         prefill_chunk: chunk,
         max_waiting: args.max_waiting,
         admission_pages: (args.overcommit > 1.0)
-            .then(|| (num_pages as f64 * args.overcommit) as usize),
+            .then_some((num_pages as f64 * args.overcommit) as usize),
     };
     let batcher = Batcher::new(session, config).context("the scheduler's sizes")?;
     let name = args.served_model_name.clone().unwrap_or_else(|| {

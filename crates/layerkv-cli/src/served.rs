@@ -30,6 +30,10 @@ pub struct ServedOpts {
     /// Prefill chunk of the served run (a window policy's peak is its window plus a chunk).
     #[arg(long, default_value_t = 32)]
     pub served_chunk: usize,
+    /// Context length of the retrieval check (a pass key at three depths, both query modes;
+    /// capped to the model's context less 1024; 0: no check).
+    #[arg(long, default_value_t = 1024)]
+    pub retrieval_len: usize,
 }
 
 /// One policy's served run.

@@ -704,7 +704,13 @@ fn demo_runs_offline_on_a_seeded_cache_and_calibrates_once() {
         layers: 8,
         ..TinyModel::llama(9)
     };
-    tiny.write(&home.join("models").join(layerkv_model::assets::MODEL_DIR));
+    let model_dir = tiny.write(&home.join("models").join(layerkv_model::assets::MODEL_DIR));
+    // A 2048-token context, so the retrieval check (1024 tokens of context and 1024 of room)
+    // and the served run (768-token prompts) fit.
+    let config_path = model_dir.join("config.json");
+    let mut config = read_json(&config_path);
+    config["max_position_embeddings"] = 2048.into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
     let text = prose(&home);
     std::fs::create_dir_all(home.join("text")).unwrap();
     for name in ["jargon.txt", "python3.11.info.txt"] {
@@ -768,10 +774,23 @@ fn demo_runs_offline_on_a_seeded_cache_and_calibrates_once() {
         4 * stream_pages(4, 252, 16, 512) * page
     );
 
+    // The retrieval check: a pass key at 3 depths in 1024 tokens, both modes, each policy.
+    assert!(stdout.contains("retrieval (pass key)"), "{stdout}");
+    let retrieval = read_json(&home.join("demo.retrieval.json"));
+    let retrieval = retrieval.as_array().unwrap();
+    assert_eq!(retrieval.len(), 3);
+    for r in retrieval {
+        assert_eq!(
+            (r["length"].as_u64(), r["samples"].as_u64()),
+            (Some(1024), Some(3)),
+            "{r}"
+        );
+        assert!(r["aware"].as_u64().unwrap() <= 3 && r["agnostic"].as_u64().unwrap() <= 3);
+    }
+
     // The served run: the same burst through the real server under identity and the stack, in
-    // a pool of two identity requests (416-token prompts, the tiny model's 512-token context
-    // less the 32 generated and 64 of room), so identity runs at most 2 at once and the stack
-    // (4 groups of window + chunk) more.
+    // a pool of two identity requests (768-token prompts, 32 generated, a page of room), so
+    // identity runs at most 2 at once and the stack (4 groups of window + chunk) more.
     assert!(stdout.contains("served over loopback HTTP"), "{stdout}");
     let served = read_json(&home.join("demo.served.json"));
     let served = served.as_array().unwrap();
@@ -779,7 +798,7 @@ fn demo_runs_offline_on_a_seeded_cache_and_calibrates_once() {
     assert_eq!(served[0]["policy"], "identity");
     assert_eq!(
         served[0]["budget_bytes"],
-        2 * (416 + 32 + 16) / BLOCK * 8 * page
+        2 * (768 + 32 + 16) / BLOCK * 8 * page
     );
     for r in served {
         assert_eq!(r["report"]["completed"], 12, "{r}");
