@@ -107,21 +107,28 @@ fn heatmap_with(
             .x_label_area_size(45)
             .y_label_area_size(55);
     }
-    // Segmented axes: tick labels sit at the centre of each row and column.
+    // Cell (c, r) spans [c, c + 1) x [r, r + 1); ticks sit at the cells' lower edges, labelled
+    // with their index. (Segmented axes drew nothing for a single row or column.)
     let mut chart = builder
-        .build_cartesian_2d(
-            (0..cols - 1).into_segmented(),
-            (0..rows - 1).into_segmented(),
-        )
+        .build_cartesian_2d(0f64..cols as f64, 0f64..rows as f64)
         .map_err(&err)?;
     if text {
+        let index = |v: &f64| {
+            if v.fract().abs() < 1e-9 {
+                format!("{v:.0}")
+            } else {
+                String::new()
+            }
+        };
         chart
             .configure_mesh()
             .disable_mesh()
             .x_desc(axis_label)
             .y_desc(axis_label)
-            .x_labels(cols.min(16))
-            .y_labels(rows.min(16))
+            .x_labels((cols + 1).min(17))
+            .y_labels((rows + 1).min(17))
+            .x_label_formatter(&index)
+            .y_label_formatter(&index)
             .label_style(("sans-serif", 15))
             .axis_desc_style(("sans-serif", 18))
             .draw()
@@ -134,11 +141,11 @@ fn heatmap_with(
             RGBColor(160, 160, 160)
         }
     };
-    let cell = |c: usize, r: usize| (SegmentValue::Exact(c), SegmentValue::Exact(r));
     chart
         .draw_series(matrix.iter().enumerate().flat_map(|(r, row)| {
             row.iter().enumerate().map(move |(c, &v)| {
-                Rectangle::new([cell(c, r), cell(c + 1, r + 1)], colour(v).filled())
+                let (x, y) = (c as f64, r as f64);
+                Rectangle::new([(x, y), (x + 1.0, y + 1.0)], colour(v).filled())
             })
         }))
         .map_err(&err)?;
@@ -344,6 +351,35 @@ mod tests {
         let path = tmp("heat-public.png");
         heatmap(&path, &matrix(), "distances", "layer").unwrap();
         assert_eq!(png_size(&path), SIZE);
+    }
+
+    /// Pixels of `path` (RGB or RGBA) equal to `rgb`.
+    fn count_colour(path: &Path, rgb: RGBColor) -> usize {
+        let file = std::fs::File::open(path).unwrap();
+        let mut reader = png::Decoder::new(file).read_info().unwrap();
+        let mut buf = vec![0; reader.output_buffer_size()];
+        let info = reader.next_frame(&mut buf).unwrap();
+        let channels = info.color_type.samples();
+        buf[..info.buffer_size()]
+            .chunks(channels)
+            .filter(|p| p[0] == rgb.0 && p[1] == rgb.1 && p[2] == rgb.2)
+            .count()
+    }
+
+    /// A single column (one context length, several depths: the needle grid's usual shape) is
+    /// drawn: its lowest and highest cells' colours cover a cell's area each.
+    ///
+    /// Seen failing with the segmented axes: the PNG held no pixel of either colour.
+    #[test]
+    fn a_single_column_heatmap_draws_its_cells() {
+        let path = tmp("heat-column.png");
+        heatmap_with(&path, &[vec![0.0], vec![1.0], vec![0.5]], "t", "l", false).unwrap();
+        let low = ViridisRGB.get_color_normalized(0.0, 0.0, 1.0);
+        let high = ViridisRGB.get_color_normalized(1.0, 0.0, 1.0);
+        for c in [low, high] {
+            let n = count_colour(&path, c);
+            assert!(n > 10_000, "{n} pixels of {c:?}");
+        }
     }
 
     #[test]
