@@ -52,6 +52,10 @@ pub struct ServeArgs {
     /// more requests; larger ones prefill faster).
     #[arg(long, default_value_t = 256)]
     pub prefill_chunk: usize,
+    /// Reuse the KV pages of prompt prefixes across requests (a shared system prompt is
+    /// computed once). Only for policies that never evict; others ignore it.
+    #[arg(long)]
+    pub prefix_caching: bool,
     /// A reply's length when the request gives no `max_tokens`.
     #[arg(long, default_value_t = 256)]
     pub max_tokens: usize,
@@ -88,6 +92,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         sliding_window: args.window,
         num_pages: Some(num_pages),
         prefill_chunk: Some(args.prefill_chunk),
+        prefix_caching: args.prefix_caching,
         ..SessionOptions::default()
     };
     let session = Session::new(&dir, model, policy, options)

@@ -86,6 +86,11 @@ pub struct EngineConfig {
     /// Under a policy that evicts, the most tokens of one sequence a step appends before
     /// retention runs (longer prompts are split).
     pub prefill_chunk: usize,
+    /// Reuse the KV pages of prompt prefixes across sequences (full pages, looked up when a
+    /// scheduler admits a request, see [`layerkv::KvCache::add_sequence_with_prefix`]). The
+    /// cache turns it off for a policy that evicts, whose pages depend on more than their
+    /// prefix ([`layerkv::KvCache::prefix_caching`] says whether it is on).
+    pub prefix_caching: bool,
 }
 
 impl Default for EngineConfig {
@@ -100,6 +105,7 @@ impl Default for EngineConfig {
                 tolerance: 1e-4,
             },
             prefill_chunk: 256,
+            prefix_caching: false,
         }
     }
 }
@@ -153,7 +159,7 @@ impl Engine {
                 block_size: config.block_size,
                 num_pages: config.num_pages,
                 bytes_per_token,
-                prefix_caching: false,
+                prefix_caching: config.prefix_caching,
                 sliding_window: config.sliding_window,
                 model_window: cfg.sliding_window,
             },

@@ -53,6 +53,9 @@ pub struct SessionOptions {
     /// between chunks, so a window holds its window plus one chunk at its peak); `None`:
     /// [`EngineConfig`]'s default (256).
     pub prefill_chunk: Option<usize>,
+    /// Reuse the KV pages of prompt prefixes across requests ([`EngineConfig::prefix_caching`];
+    /// off by itself under a policy that evicts).
+    pub prefix_caching: bool,
 }
 
 impl Default for SessionOptions {
@@ -67,6 +70,7 @@ impl Default for SessionOptions {
             stop_strings: Vec::new(),
             num_pages: None,
             prefill_chunk: None,
+            prefix_caching: false,
         }
     }
 }
@@ -161,6 +165,7 @@ impl Session {
             kv_dtype: options.kv_dtype,
             sliding_window: options.sliding_window,
             prefill_chunk: options.prefill_chunk.unwrap_or(defaults.prefill_chunk),
+            prefix_caching: options.prefix_caching,
             ..defaults
         };
         let planner = Planner {

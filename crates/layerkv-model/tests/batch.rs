@@ -298,3 +298,62 @@ fn cancelling_frees_pages_and_bad_requests_change_nothing() {
     );
     assert!(!b.has_work());
 }
+
+/// Prefix caching through the batcher: requests that repeat a finished request's 100-token
+/// prefix reuse its pages (the pool counts the hits) and still get the tokens they get alone
+/// without caching; under a policy that evicts the option is ignored.
+///
+/// Seen failing with the scheduler's admission through `add_sequence` (no lookup): no prefix
+/// hit.
+#[test]
+fn prefix_cached_requests_give_the_uncached_outputs() {
+    let dir = model_dir("prefix");
+    let prefix = prompts()[3][..100].to_vec();
+    let tails: [&[u32]; 3] = [&[5, 6, 7], &[9; 20], &[40, 41]];
+    let prompts: Vec<Vec<u32>> = tails.iter().map(|t| [&prefix[..], t].concat()).collect();
+    for (spec, hits) in [("identity", true), ("identity+stream:4:44", false)] {
+        let mut alone = session(&dir, spec, None);
+        alone.chat_template().unwrap();
+        let stops = alone.stop_criteria().stop_tokens.clone();
+        let want: Vec<Vec<u32>> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let g = generate(
+                    alone.engine_mut(),
+                    i as u64,
+                    p,
+                    12,
+                    Sampling::greedy(),
+                    &stops,
+                );
+                g.unwrap().tokens
+            })
+            .collect();
+        let options = SessionOptions {
+            max_context: 512,
+            max_sequences: 8,
+            prefix_caching: true,
+            ..SessionOptions::default()
+        };
+        let policy = Policy::from_spec(spec, 4).unwrap();
+        let cached = Session::load(&dir, DType::F32, &Device::Cpu, policy, options).unwrap();
+        let mut b = Batcher::new(cached, SchedulerConfig::default()).unwrap();
+        // The first request registers the prefix's pages; the others arrive after it ended.
+        b.add(0, greedy(&prompts[0], 12)).unwrap();
+        let mut got = drain(&mut b);
+        for (i, p) in prompts.iter().enumerate().skip(1) {
+            b.add(i as u64, greedy(p, 12)).unwrap();
+        }
+        got.extend(drain(&mut b));
+        for ((id, tokens, _), w) in got.iter().zip(&want) {
+            assert_eq!(tokens, w, "{spec}: request {id}");
+        }
+        let cache = b.session().engine().cache();
+        assert_eq!(cache.prefix_caching(), hits, "{spec}");
+        // 100 shared tokens: 6 full pages of 16 in each of 4 groups, for 2 requests.
+        let expected = if hits { 2 * 6 * 4 } else { 0 };
+        assert_eq!(cache.pool_stats().prefix_hits, expected, "{spec}");
+        assert_eq!(b.stats().pages_used, 0, "{spec}");
+    }
+}

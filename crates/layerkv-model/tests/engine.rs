@@ -74,6 +74,7 @@ fn engine(model: &Arc<Model>, policy: Policy, prefill: PrefillMode) -> Engine {
         sliding_window: None,
         prefill,
         prefill_chunk: 256,
+        prefix_caching: false,
     };
     Engine::new(model.clone(), Arc::new(policy), cfg).unwrap()
 }

@@ -435,6 +435,38 @@ fn overcommit_does_not_readmit_what_it_just_preempted() {
     assert_eq!(h.cache.pool_stats().num_used, 0);
 }
 
+/// With the cache's prefix caching on, a request whose prompt repeats a finished request's
+/// starts after the cached full pages (a policy that never evicts); under a policy that evicts
+/// the cache keeps prefix caching off and the same request starts at 0.
+///
+/// Seen failing with admission through `add_sequence` (no lookup): the repeated request's first
+/// entry started at 0 under the full-retention policy too.
+#[test]
+fn admission_reuses_cached_prompt_prefixes_when_the_policy_never_evicts() {
+    let full = || policy(LayerMap::cla(4, 2).unwrap(), Retention::Full);
+    for (policy, reuse) in [(full(), true), (h2o(), false)] {
+        let (mut cache, config) = h2o_config(200, None);
+        cache.prefix_caching = true;
+        let mut h = Harness::new(policy, cache, config);
+        assert_eq!(h.cache.prefix_caching(), reuse);
+        // 21 tokens: 5 full pages of 4 are cached, the last token is computed again.
+        let shared: Vec<u32> = (0..21).map(|i| 7000 + i).collect();
+        h.sched.add_request(1, shared.clone(), 3).unwrap();
+        h.run();
+        h.sched.add_request(2, shared, 3).unwrap();
+        h.run();
+        let first = &h.traces[&2][0];
+        assert_eq!(
+            first.positions.start,
+            if reuse { 20 } else { 0 },
+            "{first:?}"
+        );
+        assert_eq!(h.finished[&2].output.len(), 3);
+        assert_eq!(h.cache.pool_stats().prefix_hits > 0, reuse);
+        assert_eq!(h.cache.pool_stats().num_used, 0);
+    }
+}
+
 #[test]
 fn preempted_requests_resume_with_the_unpreempted_outputs_h2o() {
     check_resumption(h2o, 16, 64);

@@ -23,6 +23,9 @@
 //!   once it was preempted). Counting the policy's peak and never identity's is what lets a 25%-KV
 //!   policy run about 4x the requests. Admission creates the cache sequence and declares the
 //!   original prompt length (also after a preemption), so retention sees each step's phase.
+//!   With the cache's prefix caching on (policies that never evict), the prompt's longest
+//!   cached run of full pages is reused and counts as computed
+//!   ([`crate::KvCache::add_sequence_with_prefix`]).
 //! - **Batch** (per step): running decodes and replays first, one token each, then prefill
 //!   chunks, under `max_num_batched_tokens`. **Chunk boundaries are fixed** at multiples of
 //!   `prefill_chunk` from the stream's start: a prefilling request gets its whole next chunk or

@@ -430,14 +430,15 @@ impl Scheduler {
                     break;
                 }
             }
-            cache.add_sequence(id)?;
+            // With prefix caching on, the prompt's cached full pages are taken as computed.
+            let cached = cache.add_sequence_with_prefix(id, &r.prompt)?;
             if let Err(e) = cache.set_prompt_len(id, r.prompt.len()) {
                 cache.free(id)?;
                 return Err(e);
             }
             self.waiting.pop_front();
             r.running = true;
-            r.num_computed = 0;
+            r.num_computed = cached;
             self.planned_pages += r.peak_pages;
             self.running.push(id);
         }
