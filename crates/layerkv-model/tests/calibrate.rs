@@ -412,6 +412,7 @@ fn check_cache(model: &Arc<Model>, policy: Policy, texts: &[Vec<u32>], prompts: 
         sliding_window: None,
         prefill: PrefillMode::TokenByToken,
         prefill_chunk: 1,
+        prefix_caching: false,
     };
     let mut e = Engine::new(model.clone(), Arc::new(policy.clone()), cfg).unwrap();
     let check = |e: &Engine, seen: &[usize], step: &str| {
@@ -570,6 +571,7 @@ fn multi_token_steps_past_the_window_match_the_dense_reference() {
         sliding_window: None,
         prefill: PrefillMode::TokenByToken,
         prefill_chunk: 4,
+        prefix_caching: false,
     };
     let mut e = Engine::new(model.clone(), Arc::new(policy.clone()), cfg).unwrap();
     e.add_sequence(0).unwrap();
@@ -622,6 +624,7 @@ fn sixteen_token_steps_past_a_long_window_match_the_dense_reference() {
         sliding_window: None,
         prefill: PrefillMode::TokenByToken,
         prefill_chunk: chunk,
+        prefix_caching: false,
     };
     let mut e = Engine::new(model.clone(), Arc::new(policy.clone()), cfg).unwrap();
     e.add_sequence(0).unwrap();

@@ -587,6 +587,7 @@ fn check_retention_chunked(
         sliding_window: None,
         prefill: PrefillMode::TokenByToken,
         prefill_chunk: chunk,
+        prefix_caching: false,
     };
     let name = format!("{} (steps of {chunk})", policy.name());
     let mut e = Engine::new(model.clone(), Arc::new(policy.clone()), cfg).unwrap();

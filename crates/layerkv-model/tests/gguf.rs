@@ -359,6 +359,7 @@ fn run_logits(dir: &Path) -> Tensor {
         sliding_window: None,
         prefill: PrefillMode::TokenByToken,
         prefill_chunk: 256,
+        prefix_caching: false,
     };
     let layers = model.num_layers();
     let mut e = Engine::new(model, Arc::new(Policy::identity(layers).unwrap()), cfg).unwrap();
