@@ -105,6 +105,19 @@ fn truncate(s: &str, n: usize) -> String {
     }
 }
 
+/// `s` in at most `n` characters, cut at the start (`…` then its end): for stacked policy names,
+/// whose retention (the part that tells rows apart) comes last.
+pub fn truncate_start(s: &str, n: usize) -> String {
+    let count = s.chars().count();
+    if count <= n {
+        s.to_string()
+    } else {
+        std::iter::once('…')
+            .chain(s.chars().skip(count - (n - 1)))
+            .collect()
+    }
+}
+
 /// Writes rows as pretty JSON (`-`: to stdout).
 pub fn write_json(path: &Path, rows: &[Row]) -> Result<()> {
     let text = serde_json::to_string_pretty(rows)?;
@@ -160,6 +173,15 @@ mod tests {
             budget_bytes: 4000,
             sequence_bytes,
         }
+    }
+
+    /// `truncate` (cut at the end) would give `kvsharer-similar-nl…`, which this rejects.
+    #[test]
+    fn truncate_start_keeps_the_end() {
+        let name = "kvsharer-similar-nll0.1-4of30+stream:4:252";
+        assert_eq!(truncate_start(name, 20), "…-4of30+stream:4:252");
+        assert_eq!(truncate_start(name, 20).chars().count(), 20);
+        assert_eq!(truncate_start("identity", 20), "identity");
     }
 
     #[test]

@@ -15,6 +15,8 @@ use layerkv_model::tokenizer::Tokenizer;
 use layerkv_model::{Model, Session, SessionOptions};
 use serde::Serialize;
 
+use crate::report::truncate_start;
+
 /// Tokens of room beside the context (preamble, chat template, question, answer).
 const SLACK: usize = 1024;
 
@@ -101,15 +103,9 @@ pub fn table(rows: &[RetrievalRow]) -> String {
         "retrieval (pass key)", "query-aware", "query-agnostic"
     );
     for r in rows {
-        let name: String = if r.policy.chars().count() > 48 {
-            let tail: Vec<char> = r.policy.chars().rev().take(47).collect();
-            format!("…{}", tail.into_iter().rev().collect::<String>())
-        } else {
-            r.policy.clone()
-        };
         s += &format!(
             "{:<48} {:>14} {:>14}\n",
-            name,
+            truncate_start(&r.policy, 48),
             format!("{}/{}", r.aware, r.samples),
             format!("{}/{}", r.agnostic, r.samples)
         );

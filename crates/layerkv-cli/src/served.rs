@@ -15,6 +15,8 @@ use layerkv_model::{Model, Session, SessionOptions};
 use layerkv_server::bench::{BenchConfig, BenchReport};
 use serde::Serialize;
 
+use crate::report::truncate_start;
+
 /// Flags of the demo's served run.
 #[derive(clap::Args, Clone)]
 pub struct ServedOpts {
@@ -148,23 +150,9 @@ pub fn table(rows: &[ServedRow]) -> String {
     );
     for r in rows {
         let b = &r.report;
-        let name: String = if r.policy.chars().count() > 40 {
-            let tail: String = r
-                .policy
-                .chars()
-                .rev()
-                .take(39)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect();
-            format!("…{tail}")
-        } else {
-            r.policy.clone()
-        };
         s += &format!(
             "{:<40} {:>8.3} {:>7.2} {:>11.2} {:>7.2} {:>8}\n",
-            name,
+            truncate_start(&r.policy, 40),
             b.request_throughput,
             b.request_throughput / base.report.request_throughput.max(1e-12),
             b.ttft.p99_ms / 1e3,

@@ -136,7 +136,6 @@ pub struct Batcher {
     sampled: Vec<(RequestId, u32)>,
     /// Requests the last update finished at their length, with their preemptions.
     by_length: Vec<(RequestId, usize)>,
-    logits: Vec<f32>,
     stats: BatchStats,
 }
 
@@ -166,7 +165,6 @@ impl Batcher {
             stop_tokens,
             sampled: Vec::new(),
             by_length: Vec::new(),
-            logits: Vec::new(),
             stats,
         })
     }
@@ -292,18 +290,14 @@ impl Batcher {
         };
         self.stats.steps += 1;
         let vocab = logits.dim(1)?;
-        self.logits.clear();
-        self.logits
-            .extend(logits.flatten_all()?.to_vec1::<f32>()?.iter());
+        let logits = logits.flatten_all()?.to_vec1::<f32>()?;
         self.sampled.clear();
         let sampling = self.out.scheduled().iter().filter(|e| e.samples);
         for (k, e) in sampling.enumerate() {
             let live = self.live.get_mut(&e.id).ok_or_else(|| {
                 ModelError::Config(format!("request {} was scheduled but is not live", e.id))
             })?;
-            let token = live
-                .sampler
-                .sample(&self.logits[k * vocab..(k + 1) * vocab]);
+            let token = live.sampler.sample(&logits[k * vocab..(k + 1) * vocab]);
             self.sampled.push((e.id, token));
         }
         let cache = self.session.engine().cache();

@@ -334,27 +334,14 @@ impl Engine {
         out: Output,
         iterative: bool,
     ) -> Result<Tensor> {
-        let reserved = self.cache.reserve(batch, &mut self.step)?;
+        let (mut run, step) = self.parts();
+        let reserved = run.cache.reserve(batch, step)?;
         let pick = match rows {
             LogitsRows::All => None,
             LogitsRows::Last => Some((0..batch.len()).collect::<Vec<_>>()),
         };
-        let x = Execute {
-            model: &self.model,
-            policy: &self.policy,
-            cache: &self.cache,
-            config: &self.config,
-        }
-        .run(
-            &mut self.store,
-            &mut self.exec,
-            reserved,
-            batch,
-            pick.as_deref(),
-            out,
-            iterative,
-        )?;
-        self.exec.finish(&self.step, &mut self.store)?;
+        let x = run.run(reserved, batch, pick.as_deref(), out, iterative)?;
+        run.finish(step)?;
         Ok(x)
     }
 
@@ -375,9 +362,10 @@ impl Engine {
         scheduler: &mut Scheduler,
         out: &mut SchedulerOutput,
     ) -> Result<Option<Tensor>> {
-        let scheduled = scheduler.schedule(&self.cache, &mut self.step, out);
+        let (mut run, step) = self.parts();
+        let scheduled = scheduler.schedule(run.cache, step, out);
         for &id in out.preempted() {
-            self.exec.free(id);
+            run.exec.free(id);
         }
         let Some(reserved) = scheduled? else {
             return Ok(None);
@@ -390,25 +378,25 @@ impl Engine {
         let pick: Vec<usize> = (0..batch.len())
             .filter(|&i| out.scheduled()[i].samples)
             .collect();
-        let upward = self.policy.layer_map().needs_upward();
+        let upward = run.policy.layer_map().needs_upward();
         let iterative = upward && batch.iter().any(|(_, t)| t.len() > 1);
-        let x = Execute {
+        let x = run.run(reserved, &batch, Some(&pick), Output::Logits, iterative)?;
+        run.finish(step)?;
+        Ok(Some(x))
+    }
+
+    /// The engine split for one step: what runs it, and the step buffer it is reserved into
+    /// (borrowed apart, so a reservation of the step can live beside the runner).
+    fn parts(&mut self) -> (Execute<'_>, &mut Step) {
+        let run = Execute {
             model: &self.model,
             policy: &self.policy,
             cache: &self.cache,
             config: &self.config,
-        }
-        .run(
-            &mut self.store,
-            &mut self.exec,
-            reserved,
-            &batch,
-            Some(&pick),
-            Output::Logits,
-            iterative,
-        )?;
-        self.exec.finish(&self.step, &mut self.store)?;
-        Ok(Some(x))
+            store: &mut self.store,
+            exec: &mut self.exec,
+        };
+        (run, &mut self.step)
     }
 
     /// Drops the executor's state of `seq` (its sinks' stashed keys) after something other than
@@ -419,31 +407,31 @@ impl Engine {
     }
 }
 
-/// What running a reserved step reads.
+/// What runs a reserved step: the model and its policy, the cache, the page tensors and the
+/// step executor.
 struct Execute<'a> {
     model: &'a Model,
     policy: &'a Arc<dyn LayerKvPolicy>,
     cache: &'a KvCache,
     config: &'a EngineConfig,
+    store: &'a mut KvStore,
+    exec: &'a mut StepExecutor,
 }
 
 impl Execute<'_> {
     /// Runs the layers of the reserved step (iteratively for upward prefill) and retains it;
     /// returns `out` for every row (`pick` `None`) or for the last row of the batch entries
-    /// `pick` lists. The caller then runs [`StepExecutor::finish`]. Dropping the reservation on
-    /// an error rolls the step back.
-    #[allow(clippy::too_many_arguments)]
+    /// `pick` lists. The caller then runs [`Execute::finish`]. Dropping the reservation on an
+    /// error rolls the step back.
     fn run(
-        &self,
-        store: &mut KvStore,
-        exec: &mut StepExecutor,
+        &mut self,
         mut reserved: Reservation<'_>,
         batch: &[(SeqId, &[u32])],
         pick: Option<&[usize]>,
         out: Output,
         iterative: bool,
     ) -> Result<Tensor> {
-        let model = self.model;
+        let (model, store, exec) = (self.model, &mut *self.store, &mut *self.exec);
         let layers = Layers::new(model, self.policy.layer_map(), self.cache, batch, &reserved)?;
         exec.begin(&reserved, store, model.rope())?;
         let x = if iterative {
@@ -468,6 +456,11 @@ impl Execute<'_> {
         };
         reserved.retain()?;
         Ok(x)
+    }
+
+    /// After a retained step: the executor's compaction moves and staged sink keys.
+    fn finish(&mut self, step: &Step) -> Result<()> {
+        Ok(self.exec.finish(step, self.store)?)
     }
 }
 

@@ -185,7 +185,7 @@ pub async fn run(config: &BenchConfig) -> Result<BenchReport, String> {
     let mut tasks = Vec::with_capacity(config.requests);
     for i in 0..config.requests {
         if let Some(rate) = config.rate {
-            let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+            let u = rng.next_f64();
             next_at += -(1.0 - u).ln() / rate;
             let wait = Duration::from_secs_f64(next_at).saturating_sub(start.elapsed());
             tokio::time::sleep(wait).await;
@@ -211,8 +211,7 @@ pub async fn run(config: &BenchConfig) -> Result<BenchReport, String> {
                 .collect();
             body["logit_bias"] = Value::Object(bias);
         }
-        let leave = config.disconnect > 0.0
-            && ((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < config.disconnect;
+        let leave = config.disconnect > 0.0 && rng.next_f64() < config.disconnect;
         let permit = gate
             .clone()
             .acquire_owned()

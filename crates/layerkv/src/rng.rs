@@ -21,6 +21,11 @@ impl SplitMix64 {
         z ^ (z >> 31)
     }
 
+    /// A number in `[0, 1)` from the top 53 bits (every `f64` step of the interval).
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
     /// A number in `0..n` (0 when `n` is 0), by modulo.
     pub fn below(&mut self, n: usize) -> usize {
         (self.next_u64() % n.max(1) as u64) as usize
@@ -37,5 +42,12 @@ mod tests {
         let mut r = SplitMix64::new(0);
         assert_eq!(r.next_u64(), 0xe220_a839_7b1d_cdaf);
         assert_eq!(r.next_u64(), 0x6e78_9e6a_a1b9_65f4);
+        // The first draw's top 53 bits over 2^53.
+        let u = SplitMix64::new(0).next_f64();
+        assert_eq!(
+            u,
+            (0xe220_a839_7b1d_cdafu64 >> 11) as f64 / 9_007_199_254_740_992.0
+        );
+        assert!((0.0..1.0).contains(&u));
     }
 }
