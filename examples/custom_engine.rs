@@ -113,10 +113,12 @@ pub fn run(
             x = model.attn_output_and_mlp(layer, &x, &out)?;
         }
         let logits = model.logits(&x)?;
-        // 3. Retain: each group's rule decides, emptied pages return, holes get compacted; the
-        //    executor moves the rows and keeps the new sinks' keys.
-        let outcome = reserved.retain()?;
-        exec.finish(&step, &mut store)?;
+        // 3. Retain: each group's rule decides, holes get compacted, and the executor moves
+        //    the rows and keeps the new sinks' keys, as one transaction (emptied pages return
+        //    to the pool once the rows moved; a failed move puts the step back). An engine
+        //    that carries on after errors also calls `exec.abort(&mut store)` when a step
+        //    fails after `begin` (it writes back the sinks' keys re-rotated in place).
+        let outcome = reserved.retain_with(|step| exec.finish(step, &mut store))?;
 
         (evicted, moved) = (evicted + outcome.evicted_slots, moved + outcome.moved_slots);
         if let Some(&next) = ids.get(t + 1) {

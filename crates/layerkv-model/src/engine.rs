@@ -110,6 +110,37 @@ impl Default for EngineConfig {
     }
 }
 
+/// A stage of a protocol step where [`Engine::inject_fault`] makes the step fail, to test that
+/// a failure anywhere changes nothing (the cache, the store's rows for live slots, the scores).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailStage {
+    /// Right after the reserve, before anything is written.
+    AfterReserve,
+    /// After the copy-on-write page copies (only a step with copies reaches it).
+    AfterCopies,
+    /// After the sinks' in-place re-rotation (only a step with re-rotations reaches it).
+    AfterRerotation,
+    /// In layer `l`, after its K/V were written and before it attends (every layer of the
+    /// first pass of an iterative prefill).
+    Layer(usize),
+    /// After the logits, before the retain.
+    BeforeRetain,
+    /// After the retain, with the compaction moves gathered but not yet written (only a step
+    /// with moves reaches it).
+    InMoves,
+}
+
+/// A failure armed by [`Engine::inject_fault`]: at `stage` of the `step`-th protocol step (0:
+/// the first) of the next engine call. A prompt split into chunks runs one protocol step per
+/// chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fault {
+    /// Protocol step of the next call (its prefill chunk).
+    pub step: usize,
+    /// Where in that step.
+    pub stage: FailStage,
+}
+
 /// The tokens of a step's rows and their RoPE tables (text positions).
 struct Rows {
     tokens: Vec<u32>,
@@ -127,6 +158,10 @@ pub struct Engine {
     exec: StepExecutor,
     config: EngineConfig,
     step: Step,
+    /// Armed by [`Engine::inject_fault`] for the next call.
+    fault: Option<Fault>,
+    /// Protocol steps the current call has run (where the armed fault fires).
+    steps_in_call: usize,
 }
 
 impl Engine {
@@ -180,7 +215,20 @@ impl Engine {
             exec: StepExecutor::new(),
             config,
             step: Step::new(),
+            fault: None,
+            steps_in_call: 0,
         })
+    }
+
+    /// Arms a failure for the next [`Engine::step`], [`Engine::step_hidden`] or
+    /// [`Engine::step_scheduled`] call (a failpoint, as fail-rs's): that call fails with
+    /// [`ModelError::Fault`] when its protocol step `fault.step` reaches `fault.stage`, and
+    /// disarms either way. For tests of what a failure leaves behind: nothing, in the cache
+    /// and in the store's rows for live slots, with one exception: a prompt split into chunks
+    /// that fails after its first chunk keeps the chunks already retained, unless the
+    /// sequence was empty before the call (then it is empty again).
+    pub fn inject_fault(&mut self, fault: Fault) {
+        self.fault = Some(fault);
     }
 
     /// The model.
@@ -254,6 +302,18 @@ impl Engine {
     }
 
     fn run(&mut self, batch: &[(SeqId, &[u32])], rows: LogitsRows, out: Output) -> Result<Tensor> {
+        self.steps_in_call = 0;
+        let r = self.dispatch(batch, rows, out);
+        self.fault = None;
+        r
+    }
+
+    fn dispatch(
+        &mut self,
+        batch: &[(SeqId, &[u32])],
+        rows: LogitsRows,
+        out: Output,
+    ) -> Result<Tensor> {
         if batch.is_empty() || batch.iter().any(|(_, t)| t.is_empty()) {
             return Err(ModelError::Config(
                 "a step needs at least one token per sequence".into(),
@@ -277,7 +337,10 @@ impl Engine {
     }
 
     /// Splits the batch's tokens into steps of at most `chunk` tokens per sequence (retention
-    /// between them); a sequence's first step then declares its whole prompt.
+    /// between them); a sequence's first step then declares its whole prompt. On failure, the
+    /// sequences that were empty are emptied again (what earlier chunks retained cannot be
+    /// rolled back, but an empty sequence can be restored exactly); the others keep what the
+    /// chunks before the failed one appended.
     fn chunked(
         &mut self,
         batch: &[(SeqId, &[u32])],
@@ -285,11 +348,38 @@ impl Engine {
         out: Output,
         chunk: usize,
     ) -> Result<Tensor> {
+        let mut fresh = Vec::new();
+        for &(seq, _) in batch {
+            if self.cache.num_tokens(seq)? == 0 {
+                fresh.push((seq, self.cache.prompt_len(seq)?));
+            }
+        }
         for &(seq, tokens) in batch {
             if self.cache.num_tokens(seq)? == 0 {
                 self.cache.set_prompt_len(seq, tokens.len())?;
             }
         }
+        let r = self.chunks(batch, rows, out, chunk);
+        if r.is_err() {
+            for &(seq, prompt_len) in &fresh {
+                self.cache.free(seq)?;
+                self.exec.free(seq);
+                self.cache.add_sequence(seq)?;
+                if let Some(p) = prompt_len {
+                    self.cache.set_prompt_len(seq, p)?;
+                }
+            }
+        }
+        r
+    }
+
+    fn chunks(
+        &mut self,
+        batch: &[(SeqId, &[u32])],
+        rows: LogitsRows,
+        out: Output,
+        chunk: usize,
+    ) -> Result<Tensor> {
         let longest = batch.iter().map(|(_, t)| t.len()).max().unwrap_or(0);
         let mut per_seq: Vec<Vec<Tensor>> = vec![Vec::new(); batch.len()];
         let upward = self.policy.layer_map().needs_upward();
@@ -340,9 +430,7 @@ impl Engine {
             LogitsRows::All => None,
             LogitsRows::Last => Some((0..batch.len()).collect::<Vec<_>>()),
         };
-        let x = run.run(reserved, batch, pick.as_deref(), out, iterative)?;
-        run.finish(step)?;
-        Ok(x)
+        run.run(reserved, batch, pick.as_deref(), out, iterative)
     }
 
     /// Runs the step `scheduler` schedules into `out` (continuous batching, see
@@ -358,6 +446,17 @@ impl Engine {
     /// [`Scheduler::finish`], length) must also be dropped from the engine's executor with
     /// [`Engine::forget`].
     pub fn step_scheduled(
+        &mut self,
+        scheduler: &mut Scheduler,
+        out: &mut SchedulerOutput,
+    ) -> Result<Option<Tensor>> {
+        self.steps_in_call = 0;
+        let r = self.scheduled(scheduler, out);
+        self.fault = None;
+        r
+    }
+
+    fn scheduled(
         &mut self,
         scheduler: &mut Scheduler,
         out: &mut SchedulerOutput,
@@ -381,14 +480,19 @@ impl Engine {
         let upward = run.policy.layer_map().needs_upward();
         let iterative = upward && batch.iter().any(|(_, t)| t.len() > 1);
         let x = run.run(reserved, &batch, Some(&pick), Output::Logits, iterative)?;
-        run.finish(step)?;
         Ok(Some(x))
     }
 
     /// The engine split for one step: what runs it, and the step buffer it is reserved into
     /// (borrowed apart, so a reservation of the step can live beside the runner).
     fn parts(&mut self) -> (Execute<'_>, &mut Step) {
+        let fault = self
+            .fault
+            .filter(|f| f.step == self.steps_in_call)
+            .map(|f| f.stage);
+        self.steps_in_call += 1;
         let run = Execute {
+            fault,
             model: &self.model,
             policy: &self.policy,
             cache: &self.cache,
@@ -410,6 +514,8 @@ impl Engine {
 /// What runs a reserved step: the model and its policy, the cache, the page tensors and the
 /// step executor.
 struct Execute<'a> {
+    /// Where this step fails on purpose ([`Engine::inject_fault`]).
+    fault: Option<FailStage>,
     model: &'a Model,
     policy: &'a Arc<dyn LayerKvPolicy>,
     cache: &'a KvCache,
@@ -418,12 +524,36 @@ struct Execute<'a> {
     exec: &'a mut StepExecutor,
 }
 
+/// [`ModelError::Fault`] when the armed stage is `here`.
+fn fail_at(armed: Option<FailStage>, here: FailStage) -> Result<()> {
+    match armed {
+        Some(a) if a == here => Err(ModelError::Fault(here)),
+        _ => Ok(()),
+    }
+}
+
 impl Execute<'_> {
-    /// Runs the layers of the reserved step (iteratively for upward prefill) and retains it;
-    /// returns `out` for every row (`pick` `None`) or for the last row of the batch entries
-    /// `pick` lists. The caller then runs [`Execute::finish`]. Dropping the reservation on an
-    /// error rolls the step back.
+    /// Runs the reserved step: its plans, the layers (iteratively for upward prefill), the
+    /// logits, then the retain with the compaction moves as one transaction; returns `out`
+    /// for every row (`pick` `None`) or for the last row of the batch entries `pick` lists.
+    /// On any failure the cache is rolled back (the reservation's drop) and the executor
+    /// writes back what it overwrote in place, so the step changed nothing.
     fn run(
+        &mut self,
+        reserved: Reservation<'_>,
+        batch: &[(SeqId, &[u32])],
+        pick: Option<&[usize]>,
+        out: Output,
+        iterative: bool,
+    ) -> Result<Tensor> {
+        let r = self.execute(reserved, batch, pick, out, iterative);
+        if r.is_err() {
+            self.exec.abort(self.store)?;
+        }
+        r
+    }
+
+    fn execute(
         &mut self,
         mut reserved: Reservation<'_>,
         batch: &[(SeqId, &[u32])],
@@ -431,9 +561,19 @@ impl Execute<'_> {
         out: Output,
         iterative: bool,
     ) -> Result<Tensor> {
-        let (model, store, exec) = (self.model, &mut *self.store, &mut *self.exec);
-        let layers = Layers::new(model, self.policy.layer_map(), self.cache, batch, &reserved)?;
-        exec.begin(&reserved, store, model.rope())?;
+        let (model, store, exec, fault) =
+            (self.model, &mut *self.store, &mut *self.exec, self.fault);
+        fail_at(fault, FailStage::AfterReserve)?;
+        let mut layers = Layers::new(model, self.policy.layer_map(), self.cache, batch, &reserved)?;
+        layers.fault = fault;
+        exec.copy_pages(&reserved, store)?;
+        if !reserved.copies().is_empty() {
+            fail_at(fault, FailStage::AfterCopies)?;
+        }
+        exec.rerotate(&reserved, store, model.rope())?;
+        if !reserved.rerotations().is_empty() {
+            fail_at(fault, FailStage::AfterRerotation)?;
+        }
         let x = if iterative {
             let prefill = self.config.prefill;
             layers.iterate(store, exec, self.config, &mut reserved, prefill)?
@@ -454,13 +594,16 @@ impl Execute<'_> {
             Output::Logits => model.logits(&x)?,
             Output::Hidden => model.final_hidden(&x)?,
         };
-        reserved.retain()?;
+        fail_at(fault, FailStage::BeforeRetain)?;
+        reserved.retain_with(|step| {
+            let gathered = exec.gather(step, store)?;
+            if gathered.is_some() {
+                fail_at(fault, FailStage::InMoves)?;
+            }
+            exec.complete(gathered, store)?;
+            Ok::<(), ModelError>(())
+        })?;
         Ok(x)
-    }
-
-    /// After a retained step: the executor's compaction moves and staged sink keys.
-    fn finish(&mut self, step: &Step) -> Result<()> {
-        Ok(self.exec.finish(step, self.store)?)
     }
 }
 
@@ -470,6 +613,8 @@ struct Layers<'a> {
     map: &'a layerkv::LayerMap,
     cache: &'a KvCache,
     rows: Rows,
+    /// Where the step fails on purpose ([`FailStage::Layer`]).
+    fault: Option<FailStage>,
 }
 
 impl<'a> Layers<'a> {
@@ -495,6 +640,7 @@ impl<'a> Layers<'a> {
             map,
             cache,
             rows: Rows { tokens, cos, sin },
+            fault: None,
         })
     }
 
@@ -593,6 +739,7 @@ impl<'a> Layers<'a> {
                     }
                 }
             }
+            fail_at(self.fault, FailStage::Layer(layer))?;
             let params = AttentionParams {
                 scale: 1.0 / (model.config().head_dim() as f32).sqrt(),
                 window: self.cache.layer_window(layer),

@@ -104,6 +104,9 @@ pub enum ModelError {
     /// by how much.
     #[error("{0}")]
     Request(String),
+    /// A failure injected on purpose ([`crate::engine::Engine::inject_fault`]).
+    #[error("injected fault at {0:?}")]
+    Fault(crate::engine::FailStage),
     /// Error from the KV core (policy, cache).
     #[error(transparent)]
     Core(#[from] layerkv::Error),

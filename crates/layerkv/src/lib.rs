@@ -52,7 +52,7 @@ mod spec;
 mod step;
 mod table;
 
-pub use cache::{CacheReader, KvCache, MemoryReport, Reservation};
+pub use cache::{CacheReader, CacheSnapshot, KvCache, MemoryReport, Reservation, SequenceSnapshot};
 pub use compact::SlotMove;
 pub use config::CacheConfig;
 pub use error::{Error, Result};

@@ -20,11 +20,12 @@
 //!    attention mass into [`Step::mass_mut`], and SnapKV's observation rows
 //!    ([`Step::observe_rows`]) run once more into [`Step::observed_mass_mut`]. Hand back the mass
 //!    of one real pass only: call [`Step::clear_mass`] before each pass of an iterative prefill.
-//! 3. [`crate::Reservation::retain`]: each group's retention decides with each sequence's own
-//!    [`Phase`]; emptied pages return to the pool at once and, when the holes add up to a page,
-//!    survivors are compacted: execute [`Step::moves`] (gather, then scatter) before the next
-//!    reserve.
-//! 4. On failure between 1 and 3, drop the reservation (or call
+//! 3. [`crate::Reservation::retain_with`]: each group's retention decides with each sequence's
+//!    own [`Phase`] and, when the holes add up to a page, survivors are compacted; the engine
+//!    executes [`Step::moves`] (gather, then scatter) inside it, and the emptied pages return
+//!    to the pool once the moves ran. ([`crate::Reservation::retain`] returns them at once: then
+//!    execute the moves before any other reserve.)
+//! 4. On failure between 1 and 3 (the moves included), drop the reservation (or call
 //!    [`crate::Reservation::rollback`]): every table, refcount, score and sink shift is restored.
 //!
 //! A `Step` is reused from step to step: its buffers keep their capacity, so a warmed-up step
@@ -33,11 +34,13 @@
 
 use std::ops::Range;
 
+use crate::cache::GroupScores;
 use crate::compact::SlotMove;
 use crate::ids::SeqId;
 use crate::map::GroupId;
 use crate::pool::PageId;
 use crate::retention::{Phase, ScoreNeed};
+use crate::table::BlockTable;
 
 /// A page the engine copies before any write of the step (copy-on-write after a fork).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,7 +81,21 @@ pub(crate) enum StepState {
     #[default]
     Idle,
     Reserved,
+    /// Retained by [`crate::Reservation::retain_with`], its moves not yet executed: the
+    /// tables show the new layout, the pages compaction emptied are still held (pinned) and
+    /// [`Step::retain_undo`] can put everything back.
+    Retaining,
     Retained,
+}
+
+/// What a transactional retain restores of one (sequence, group): the table and scores as
+/// they were after reserve.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct RetainUndo {
+    pub(crate) index: usize,
+    pub(crate) group: GroupId,
+    pub(crate) table: BlockTable,
+    pub(crate) scores: GroupScores,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -144,6 +161,12 @@ pub struct Step {
     pub(crate) sinks: Vec<usize>,
     pub(crate) moves: Vec<SlotMove>,
     pub(crate) outcome: RetainOutcome,
+    /// Transactional retain: the (sequence, group) states it changed, the first
+    /// `retain_undo_len` entries (the buffers keep their capacity from step to step).
+    pub(crate) retain_undo: Vec<RetainUndo>,
+    pub(crate) retain_undo_len: usize,
+    /// Transactional retain: pages compaction emptied, held (pinned) until the moves ran.
+    pub(crate) held: Vec<PageId>,
 }
 
 impl Step {
@@ -180,6 +203,8 @@ impl Step {
         self.sinks.clear();
         self.moves.clear();
         self.outcome = RetainOutcome::default();
+        self.retain_undo_len = 0;
+        self.held.clear();
     }
 
     /// Sequences in the step, in batch order.

@@ -18,7 +18,7 @@ use crate::bits;
 use crate::pool::PageId;
 
 /// One sequence's pages of one KV group.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockTable {
     pub(crate) pages: Vec<PageId>,
     pub(crate) num_slots: usize,
@@ -35,6 +35,22 @@ pub struct BlockTable {
     /// `pages.last()` (when there is one), kept beside the counters so an append inside the
     /// tail page computes its slots without touching `pages`.
     pub(crate) tail: PageId,
+}
+
+impl Default for BlockTable {
+    /// An empty table (its tail is the null page, as after its last page left).
+    fn default() -> Self {
+        Self {
+            pages: Vec::new(),
+            num_slots: 0,
+            valid: Vec::new(),
+            positions: Vec::new(),
+            bitset: false,
+            num_valid: 0,
+            tail_shared: false,
+            tail: crate::pool::NULL_PAGE,
+        }
+    }
 }
 
 /// What the attention kernel needs of one table (borrowed, no copies).

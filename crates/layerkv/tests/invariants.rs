@@ -197,8 +197,12 @@ fn tables(cache: &KvCache, live: &[SeqId]) -> Vec<TableState> {
         .collect()
 }
 
+/// The error the failing moves of an aborted step return.
+const MOVES_FAILED: &str = "moves failed";
+
 /// One protocol step as an engine drives it: reserve, copies and K/V writes into the shadow,
-/// attention mass (a function of `salt`), then retain and the compaction moves, or rollback.
+/// attention mass (a function of `salt`), then retain and the compaction moves, or (when
+/// `rollback`) a rollback or, for odd `salt`, a `retain_with` whose moves fail.
 fn step_once(
     cache: &KvCache,
     shadow: &Shadow,
@@ -219,7 +223,16 @@ fn step_once(
         fill(reserved.mass_mut(g), g);
         fill(reserved.observed_mass_mut(g), g);
     }
-    if rollback {
+    if rollback && salt % 2 == 1 {
+        // A transactional retain whose moves fail must put everything back as a rollback does
+        // (shown failing: with `Core::abort` skipping the table restore, the rollback after it
+        // underflows on the compacted table and the case fails).
+        match reserved.retain_with(|_| Err(Error::InvalidConfig(MOVES_FAILED.into()))) {
+            Err(Error::InvalidConfig(m)) if m == MOVES_FAILED => Ok(()),
+            Err(e) => Err(e),
+            Ok(_) => Err(Error::InvalidConfig("a failed retain_with retained".into())),
+        }
+    } else if rollback {
         reserved.rollback()
     } else {
         reserved.retain()?;

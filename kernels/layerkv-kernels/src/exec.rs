@@ -9,9 +9,13 @@
 //! - [`StepExecutor::attend`]: paged attention of one layer over its group's tables, adding the
 //!   attention mass (and SnapKV's observation mass) into the step's buffers where the group
 //!   needs it;
-//! - [`StepExecutor::finish`], after a successful retain: compaction moves, then the staged
-//!   sink keys join the stash. A step that is rolled back never reaches `finish`, and the next
-//!   `begin` drops what it staged.
+//! - [`StepExecutor::finish`], inside [`layerkv::Reservation::retain_with`]: compaction
+//!   moves (gathered, then scattered), then the staged sink keys join the stash.
+//! - [`StepExecutor::abort`], when the step fails anywhere after `begin`: the sinks' keys that
+//!   re-rotation overwrote in place are written back and the staged keys dropped, so with the
+//!   cache's rollback the store's rows for live slots are as before the step. (Without it the
+//!   cache would roll the sink shift back while the store kept the keys rotated for the failed
+//!   step, and a next step that plans no re-rotation would attend to wrongly rotated sinks.)
 //!
 //! The stash holds `sinks x kv_heads x head_dim` keys per (sequence, group) with sinks:
 //! O(sinks) work per step, independent of the stream's length.
@@ -23,7 +27,7 @@ use layerkv::{GroupId, KvCache, SeqId, Step};
 
 use crate::error::{KernelError, Result};
 use crate::paged_attention;
-use crate::store::KvStore;
+use crate::store::{GatheredMoves, KvStore};
 use crate::view::{AttentionParams, SeqQuery};
 
 /// How keys are rotated (the model's RoPE): the executor re-rotates sinks with it.
@@ -39,6 +43,8 @@ pub struct StepExecutor {
     sinks: HashMap<(SeqId, GroupId), Tensor>,
     /// Sink keys captured during the current step, committed by `finish`.
     staged: HashMap<(SeqId, GroupId), Tensor>,
+    /// Keys the current step's re-rotations overwrote, with their slots, for `abort`.
+    overwritten: Vec<(Vec<u32>, Tensor)>,
     positions: Vec<usize>,
     rows: Vec<u32>,
 }
@@ -49,19 +55,38 @@ impl StepExecutor {
         Self::default()
     }
 
-    /// Before the layers of a reserved step: page copies, then sink re-rotations (the sinks'
-    /// stashed pre-RoPE keys rotated by `rope` at their new positions). Drops what an
-    /// unfinished earlier step staged.
+    /// Before the layers of a reserved step: [`StepExecutor::copy_pages`], then
+    /// [`StepExecutor::rerotate`].
     pub fn begin(
         &mut self,
         step: &Step,
         store: &mut KvStore,
         rope: &dyn KeyRotation,
     ) -> Result<()> {
+        self.copy_pages(step, store)?;
+        self.rerotate(step, store, rope)
+    }
+
+    /// The step's page copies (copy-on-write after a fork), into pages only this step holds.
+    /// Drops what an unfinished earlier step staged.
+    pub fn copy_pages(&mut self, step: &Step, store: &mut KvStore) -> Result<()> {
         self.staged.clear();
+        self.overwritten.clear();
         for c in step.copies() {
             store.copy_page(c.src, c.dst)?;
         }
+        Ok(())
+    }
+
+    /// The step's sink re-rotations: the sinks' stashed pre-RoPE keys rotated by `rope` at
+    /// their new positions, written in place (the keys they replace are kept for
+    /// [`StepExecutor::abort`]). After [`StepExecutor::copy_pages`].
+    pub fn rerotate(
+        &mut self,
+        step: &Step,
+        store: &mut KvStore,
+        rope: &dyn KeyRotation,
+    ) -> Result<()> {
         for r in step.rerotations() {
             let seq = step.seq(r.index);
             let slots = step.rerotation_slots(r);
@@ -76,7 +101,9 @@ impl StepExecutor {
             self.positions.clear();
             self.positions.extend((0..n).map(|j| r.position + j));
             let k = rope.rotate_keys(&keys.narrow(0, 0, n)?, &self.positions)?;
+            let old = store.read_keys(&slots[..n])?;
             store.write_keys(&slots[..n], &k)?;
+            self.overwritten.push((slots[..n].to_vec(), old));
         }
         Ok(())
     }
@@ -152,16 +179,47 @@ impl StepExecutor {
         Ok(out)
     }
 
-    /// After a successful retain: executes the compaction moves, then stashes the sink keys
-    /// this step captured.
+    /// After retain (inside [`layerkv::Reservation::retain_with`]): executes the compaction
+    /// moves, then stashes the sink keys this step captured.
     pub fn finish(&mut self, step: &Step, store: &mut KvStore) -> Result<()> {
-        store.move_slots(step.moves())?;
-        for (key, part) in self.staged.drain() {
-            let all = match self.sinks.remove(&key) {
+        let gathered = self.gather(step, store)?;
+        self.complete(gathered, store)
+    }
+
+    /// The first half of [`StepExecutor::finish`]: the moves' source rows, copied out
+    /// ([`KvStore::gather_moves`]); nothing is written, so a failure here can still abort.
+    pub fn gather(&self, step: &Step, store: &KvStore) -> Result<Option<GatheredMoves>> {
+        store.gather_moves(step.moves())
+    }
+
+    /// The second half of [`StepExecutor::finish`]: writes the gathered rows, then stashes the
+    /// sink keys this step captured.
+    pub fn complete(&mut self, gathered: Option<GatheredMoves>, store: &mut KvStore) -> Result<()> {
+        // The fallible part first, so a failure leaves the store unwritten.
+        let mut stash = Vec::with_capacity(self.staged.len());
+        for (key, part) in &self.staged {
+            let all = match self.sinks.get(key) {
                 Some(prev) => Tensor::cat(&[prev, part], 0)?,
-                None => part,
+                None => part.clone(),
             };
-            self.sinks.insert(key, all);
+            stash.push((*key, all));
+        }
+        if let Some(g) = gathered {
+            store.scatter_moves(g)?;
+        }
+        self.staged.clear();
+        self.overwritten.clear();
+        self.sinks.extend(stash);
+        Ok(())
+    }
+
+    /// After a step failed anywhere past [`StepExecutor::begin`] (and before
+    /// [`StepExecutor::complete`]): writes back the sink keys its re-rotations overwrote (last
+    /// first) and drops the keys it staged. The cache's rollback does the rest.
+    pub fn abort(&mut self, store: &mut KvStore) -> Result<()> {
+        self.staged.clear();
+        while let Some((slots, old)) = self.overwritten.pop() {
+            store.write_keys(&slots, &old)?;
         }
         Ok(())
     }

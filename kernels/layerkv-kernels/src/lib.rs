@@ -42,7 +42,7 @@ mod view;
 
 pub use error::{KernelError, Result};
 pub use exec::{KeyRotation, StepExecutor};
-pub use store::KvStore;
+pub use store::{GatheredMoves, KvStore};
 pub use view::{AttentionParams, SeqQuery};
 
 /// Paged attention for a batch of sequences.

@@ -169,29 +169,55 @@ impl KvStore {
     /// written, so the plan's sources and destinations may overlap. O(moves x kv_heads x
     /// head_dim), on any device.
     pub fn move_slots(&mut self, moves: &[SlotMove]) -> Result<()> {
+        match self.gather_moves(moves)? {
+            Some(g) => self.scatter_moves(g),
+            None => Ok(()),
+        }
+    }
+
+    /// The first half of [`KvStore::move_slots`]: checks the plan and copies every source row
+    /// out, writing nothing (`None` for an empty plan). A failure here leaves the store as it
+    /// was, which is what lets a step abort after its retain.
+    pub fn gather_moves(&self, moves: &[SlotMove]) -> Result<Option<GatheredMoves>> {
         if moves.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let src: Vec<u32> = moves.iter().map(|m| m.src).collect();
         let dst: Vec<u32> = moves.iter().map(|m| m.dst).collect();
-        let (src, dst) = (&src[..], &dst[..]);
-        self.check_slots("move_slots source", src)?;
-        self.check_slots("move_slots destination", dst)?;
+        self.check_slots("move_slots source", &src)?;
+        self.check_slots("move_slots destination", &dst)?;
+        let k = self.read_rows(&self.k, &src)?;
+        let v = self.read_rows(&self.v, &src)?;
+        Ok(Some(GatheredMoves { dst, k, v }))
+    }
+
+    /// The second half of [`KvStore::move_slots`]: writes the gathered rows to their
+    /// destinations (checked when gathered).
+    pub fn scatter_moves(&mut self, gathered: GatheredMoves) -> Result<()> {
+        self.write(&gathered.dst, &gathered.k, &gathered.v)
+    }
+
+    /// The keys at physical `slots`, `[n, kv_heads, head_dim]` in the store's dtype (a copy).
+    pub fn read_keys(&self, slots: &[u32]) -> Result<Tensor> {
+        self.check_slots("read_keys", slots)?;
+        self.read_rows(&self.k, slots)
+    }
+
+    /// The values at physical `slots`, `[n, kv_heads, head_dim]` in the store's dtype (a copy).
+    pub fn read_values(&self, slots: &[u32]) -> Result<Tensor> {
+        self.check_slots("read_values", slots)?;
+        self.read_rows(&self.v, slots)
+    }
+
+    fn read_rows(&self, t: &Tensor, slots: &[u32]) -> Result<Tensor> {
         let total = self.num_pages * self.block_size;
         let row = self.kv_heads * self.head_dim;
-        let idx = Tensor::new(src, self.k.device())?;
-        let shape = (src.len(), self.kv_heads, self.head_dim);
-        let k = self
-            .k
-            .reshape((total, row))?
-            .index_select(&idx, 0)?
-            .reshape(shape)?;
-        let v = self
-            .v
-            .reshape((total, row))?
-            .index_select(&idx, 0)?
-            .reshape(shape)?;
-        self.write(dst, &k, &v)
+        let idx = Tensor::new(slots, t.device())?;
+        Ok(t.reshape((total, row))?.index_select(&idx, 0)?.reshape((
+            slots.len(),
+            self.kv_heads,
+            self.head_dim,
+        ))?)
     }
 
     fn check_slots(&self, what: &str, slots: &[u32]) -> Result<()> {
@@ -228,6 +254,14 @@ impl KvStore {
         }
         Ok(())
     }
+}
+
+/// K/V rows a compaction plan gathered and has not written yet ([`KvStore::gather_moves`]).
+#[derive(Debug)]
+pub struct GatheredMoves {
+    dst: Vec<u32>,
+    k: Tensor,
+    v: Tensor,
 }
 
 /// Scatters contiguous source rows into destination rows of a contiguous tensor.

@@ -90,7 +90,8 @@ impl KvCache {
                 }
             }
         }
-        // Copy-on-write sources held by reserved steps.
+        // Copy-on-write sources held by reserved steps, and pages a transactional retain holds
+        // until its moves ran.
         for &p in &st.pinned {
             *holders.entry(p).or_default() += 1;
         }

@@ -3,6 +3,7 @@
 //! (an early `?`, a panic unwinding through the engine) rolls every table, refcount, score and
 //! sink shift back to before the reserve. This is TGI's RAII allocation and llama.cpp's
 //! plan/apply split in one value: nothing an engine forgets can leave the cache reserved.
+//! [`Reservation::retain_with`] extends the transaction over the engine's compaction moves.
 
 use std::ops::{Deref, DerefMut};
 
@@ -32,11 +33,41 @@ impl<'a> Reservation<'a> {
     /// compaction moves ([`Step::moves`]) the engine executes before its next reserve.
     ///
     /// On error nothing was retained and the step is rolled back.
+    ///
+    /// The pages compaction empties go back to the pool at once, so execute [`Step::moves`]
+    /// before any other reserve on this cache (another thread's included), or use
+    /// [`Reservation::retain_with`], which keeps them until the moves ran.
     pub fn retain(self) -> Result<RetainOutcome> {
         self.cache
             .core
-            .retain(&mut self.cache.state.write(), self.step)
+            .retain(&mut self.cache.state.write(), self.step, false)
         // On error the step is still reserved: `drop` rolls it back.
+    }
+
+    /// [`Reservation::retain`] as one transaction with the engine's execution of the
+    /// compaction moves: retains, runs `execute` on the retained step (move the K/V rows of
+    /// [`Step::moves`]), then commits. If `execute` fails (or panics), every table, score and
+    /// page is put back as before the reserve and the error is returned, so the store's rows
+    /// for live slots are still right as long as `execute` wrote nothing it did not finish
+    /// (gather every source first, as `KvStore::move_slots` does). The pages compaction
+    /// empties stay held until the commit, so no other step can reuse one before its rows
+    /// moved out; the cache's lock is not held while `execute` runs.
+    ///
+    /// Costs a copy of each retained (sequence, group)'s table and scores, O(live slots).
+    pub fn retain_with<E: From<crate::Error>>(
+        self,
+        execute: impl FnOnce(&Step) -> std::result::Result<(), E>,
+    ) -> std::result::Result<RetainOutcome, E> {
+        let outcome = self
+            .cache
+            .core
+            .retain(&mut self.cache.state.write(), self.step, true)?;
+        // On an error below the step is `Retaining`: `drop` aborts the retain and rolls back.
+        execute(self.step)?;
+        self.cache
+            .core
+            .commit(&mut self.cache.state.write(), self.step)?;
+        Ok(outcome)
     }
 
     /// Rolls the step back now (what dropping the reservation does), reporting an error if the
@@ -76,9 +107,22 @@ impl DerefMut for Reservation<'_> {
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
-        if self.step.state == StepState::Reserved {
-            let r = self.undo();
-            debug_assert!(r.is_ok(), "rollback of a reserved step failed: {r:?}");
+        match self.step.state {
+            StepState::Reserved => {
+                let r = self.undo();
+                debug_assert!(r.is_ok(), "rollback of a reserved step failed: {r:?}");
+            }
+            StepState::Retaining => {
+                let r = self
+                    .cache
+                    .core
+                    .abort(&mut self.cache.state.write(), self.step);
+                if r.is_err() {
+                    self.step.state = StepState::Idle;
+                }
+                debug_assert!(r.is_ok(), "abort of a retained step failed: {r:?}");
+            }
+            StepState::Idle | StepState::Retained => {}
         }
     }
 }

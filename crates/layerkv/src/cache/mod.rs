@@ -44,7 +44,7 @@ use crate::step::Step;
 use crate::table::{BlockTable, TableView};
 
 pub use guard::Reservation;
-use scores::GroupScores;
+pub(crate) use scores::GroupScores;
 use scratch::RetainScratch;
 use sequence::{Sequence, State};
 
@@ -57,6 +57,36 @@ pub struct MemoryReport {
     pub bytes_per_layer: Vec<usize>,
     /// Total bytes (pages held x page bytes).
     pub total_bytes: usize,
+}
+
+/// A deep copy of one sequence's bookkeeping ([`KvCache::snapshot`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SequenceSnapshot {
+    /// Tokens appended so far.
+    pub num_tokens: usize,
+    /// The declared (or first step's) prompt length.
+    pub prompt_len: Option<usize>,
+    /// One table per group.
+    pub tables: Vec<BlockTable>,
+    /// Per group: the accumulated, last-step and observed per-slot scores (empty where the
+    /// group's retention needs none).
+    pub scores: Vec<[Vec<f32>; 3]>,
+    /// Per group: the position the sinks are rotated to (empty without sinks).
+    pub sink_shift: Vec<usize>,
+    /// Prefix caching: the token-chain hash after each full block, and the partial block.
+    pub prefix: (Vec<u64>, Vec<u32>),
+}
+
+/// A deep copy of the cache's bookkeeping: what a failed step must leave exactly as it was.
+/// Equality ignores the pool's high-water mark (see [`PoolStats`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheSnapshot {
+    /// Pool counters.
+    pub pool: PoolStats,
+    /// Pages held by reserved steps (sorted).
+    pub pinned: Vec<crate::pool::PageId>,
+    /// Every sequence, by id.
+    pub sequences: std::collections::BTreeMap<SeqId, SequenceSnapshot>,
 }
 
 /// The KV-cache manager for one model and one policy.
@@ -94,8 +124,9 @@ impl CacheReader<'_> {
         self.state.pool.stats()
     }
 
-    /// Shared pages that reserved steps copied away from and still hold until they retain or
-    /// roll back (copy-on-write sources): held by no table, counted as used by the pool.
+    /// Pages steps hold outside any table, counted as used by the pool: shared pages reserved
+    /// steps copied away from (copy-on-write sources, until they retain or roll back), and
+    /// pages a [`Reservation::retain_with`] emptied (until its moves ran).
     pub fn pinned_pages(&self) -> &[crate::pool::PageId] {
         &self.state.pinned
     }
@@ -232,6 +263,52 @@ impl KvCache {
         }
         s.prompt_len = Some(prompt_len);
         Ok(())
+    }
+
+    /// The prompt length of `seq`: declared, or taken from its first step; `None` before.
+    pub fn prompt_len(&self, seq: SeqId) -> Result<Option<usize>> {
+        let st = self.state.read();
+        Ok(st
+            .seqs
+            .get(&seq)
+            .ok_or(Error::UnknownSequence(seq))?
+            .prompt_len)
+    }
+
+    /// A deep copy of every sequence's tables, scores, counters and the pool's counters, for
+    /// tests and debugging: compare one taken before a step with one taken after it failed.
+    /// O(pages + slots).
+    pub fn snapshot(&self) -> CacheSnapshot {
+        let st = self.state.read();
+        let mut pinned = st.pinned.clone();
+        pinned.sort_unstable();
+        let groups = self.core.num_groups();
+        let sequences = st
+            .seqs
+            .iter()
+            .map(|(&id, s)| {
+                let scores = (0..groups)
+                    .map(|g| match s.scores.get(g) {
+                        Some(sc) => [sc.accumulated.clone(), sc.last.clone(), sc.observed.clone()],
+                        None => Default::default(),
+                    })
+                    .collect();
+                let snap = SequenceSnapshot {
+                    num_tokens: s.num_tokens,
+                    prompt_len: s.prompt_len,
+                    tables: s.tables().cloned().collect(),
+                    scores,
+                    sink_shift: s.sink_shift.clone(),
+                    prefix: (s.chain.clone(), s.partial.clone()),
+                };
+                (id, snap)
+            })
+            .collect();
+        CacheSnapshot {
+            pool: st.pool.stats(),
+            pinned,
+            sequences,
+        }
     }
 
     /// Tokens appended to `seq` so far (the text position of its next token).

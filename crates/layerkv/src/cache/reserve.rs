@@ -23,7 +23,7 @@ impl Core {
         batch: &[(SeqId, &[u32])],
         step: &mut Step,
     ) -> Result<()> {
-        if step.state == StepState::Reserved {
+        if matches!(step.state, StepState::Reserved | StepState::Retaining) {
             return Err(Error::InvalidConfig(
                 "reserve: the previous step was neither retained nor rolled back".into(),
             ));

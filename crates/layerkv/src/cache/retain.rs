@@ -5,6 +5,13 @@
 //! Two phases: the first decides into [`RetainScratch`] and changes nothing (an error leaves
 //! the step reserved, so it can still be rolled back); the second installs the decisions and
 //! cannot fail on a consistent state. Cost O(live slots of the batch).
+//!
+//! A transactional retain ([`crate::Reservation::retain_with`]) also copies each decided
+//! (sequence, group)'s table and scores into the step and holds the pages compaction empties
+//! (pinned, as copy-on-write sources are) until the engine has executed the moves:
+//! [`Core::commit`] then lets them go, and [`Core::abort`] puts the copies back and rolls the
+//! reservation back, so a failure while moving changes nothing. The copies cost
+//! O(live slots) of memcpy, the same order as the decision itself.
 
 use crate::bits;
 use crate::error::{Error, Result};
@@ -17,7 +24,12 @@ use super::Core;
 
 impl Core {
     /// See [`crate::Reservation::retain`].
-    pub(crate) fn retain(&self, st: &mut State, step: &mut Step) -> Result<RetainOutcome> {
+    pub(crate) fn retain(
+        &self,
+        st: &mut State,
+        step: &mut Step,
+        transactional: bool,
+    ) -> Result<RetainOutcome> {
         if step.state != StepState::Reserved {
             return Err(Error::InvalidConfig(
                 "retain: no reserved step (call reserve first, once per step)".into(),
@@ -35,6 +47,8 @@ impl Core {
         } = st;
         rs.keep_words.clear();
         rs.keep_ranges.clear();
+        step.retain_undo_len = 0;
+        step.held.clear();
         // Phase 1 (fallible, changes nothing): fold the step's mass into scratch copies of the
         // scores and decide what every (sequence, group) keeps.
         for (i, ss) in step.seqs.iter().enumerate() {
@@ -45,6 +59,26 @@ impl Core {
             for g in 0..groups {
                 if !self.evicts[g] {
                     continue;
+                }
+                if transactional {
+                    // Before `materialise`, so an abort restores the exact representation.
+                    let k = step.retain_undo_len;
+                    if step.retain_undo.len() <= k {
+                        step.retain_undo.push(Default::default());
+                    }
+                    let u = &mut step.retain_undo[k];
+                    u.index = i;
+                    u.group = g;
+                    u.table.clone_from(s.table(g));
+                    match s.scores.get(g) {
+                        Some(sc) => u.scores.clone_from(sc),
+                        None => {
+                            u.scores.accumulated.clear();
+                            u.scores.last.clear();
+                            u.scores.observed.clear();
+                        }
+                    }
+                    step.retain_undo_len += 1;
                 }
                 let t = s.table_mut(g);
                 t.materialise();
@@ -151,13 +185,44 @@ impl Core {
                     ),
                     None => compactor.apply(t, bs, &mut [], &mut step.moves),
                 }
-                for &p in &compactor.freed {
-                    pool.release(p)?;
+                if transactional {
+                    // Held until the moves ran: nothing else may reuse them before.
+                    pinned.extend_from_slice(&compactor.freed);
+                    step.held.extend_from_slice(&compactor.freed);
+                } else {
+                    for &p in &compactor.freed {
+                        pool.release(p)?;
+                    }
                 }
                 outcome.freed_pages += compactor.freed.len();
                 outcome.moved_slots += step.moves.len() - before;
             }
         }
+        step.outcome = outcome;
+        step.state = StepState::Retaining;
+        if !transactional {
+            self.commit(st, step)?;
+        }
+        Ok(outcome)
+    }
+
+    /// Commits a retained step whose moves have run: releases the pages compaction emptied
+    /// and the copy-on-write sources, and registers the step's full blocks for prefix
+    /// caching.
+    pub(crate) fn commit(&self, st: &mut State, step: &mut Step) -> Result<()> {
+        if step.state != StepState::Retaining {
+            return Err(Error::InvalidConfig(
+                "commit: no retained step to commit".into(),
+            ));
+        }
+        let State {
+            pool, seqs, pinned, ..
+        } = st;
+        for &p in &step.held {
+            unpin(pinned, p);
+            pool.release(p)?;
+        }
+        step.held.clear();
         if self.caching {
             let mut off = 0;
             for ss in &step.seqs {
@@ -174,9 +239,38 @@ impl Core {
                 pool.release(c.src)?;
             }
         }
-        step.outcome = outcome;
+        step.retain_undo_len = 0;
         step.state = StepState::Retained;
-        Ok(outcome)
+        Ok(())
+    }
+
+    /// Undoes a transactional retain whose moves failed (the tables, scores and held pages as
+    /// after reserve), then rolls the reservation back.
+    pub(crate) fn abort(&self, st: &mut State, step: &mut Step) -> Result<()> {
+        if step.state != StepState::Retaining {
+            return Err(Error::InvalidConfig(
+                "abort: no retained step to abort".into(),
+            ));
+        }
+        for k in 0..step.retain_undo_len {
+            let u = &mut step.retain_undo[k];
+            let seq = step.seqs[u.index].seq;
+            let s = st.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq))?;
+            std::mem::swap(s.table_mut(u.group), &mut u.table);
+            if let Some(sc) = s.scores.get_mut(u.group) {
+                std::mem::swap(sc, &mut u.scores);
+            }
+        }
+        step.retain_undo_len = 0;
+        // The emptied pages are back in the restored tables, which still hold their reference.
+        for &p in &step.held {
+            unpin(&mut st.pinned, p);
+        }
+        step.held.clear();
+        step.moves.clear();
+        step.outcome = RetainOutcome::default();
+        step.state = StepState::Reserved;
+        self.rollback(st, step)
     }
 }
 
