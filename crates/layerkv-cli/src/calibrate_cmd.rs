@@ -8,6 +8,13 @@
 //! [`layerkv::calibrate::calibrate`] over [`EngineCalibrator`]; every scored candidate is
 //! printed to stderr. Cost: one dense forward per sample for the distances, then one engine run
 //! of all samples per scored candidate.
+//!
+//! The retrieval rule (`--retrieval-probes N`, default 3; 0 turns it off): `N` pass keys hidden
+//! in the calibration text at `--retrieval-len` tokens (depths spread evenly), asked through the
+//! chat template under the unmodified model and then under every candidate the acceptance rule
+//! accepts; a candidate that loses a pass key the current map finds is rejected. Perplexity and
+//! hidden-state similarity do not see a forgotten fact; this does. Cost: `N` chats of
+//! `--retrieval-len` tokens per probed map.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,9 +26,10 @@ use layerkv::calibrate::{
     calibrate, Acceptance, Calibration, CalibrationConfig, Candidate, PairOrder, ShareTarget,
 };
 use layerkv::{LayerMap, Policy, PolicyBuilder};
-use layerkv_model::calibrate::{text_samples, EngineCalibrator};
+use layerkv_model::calibrate::{text_samples, EngineCalibrator, RetrievalProbes};
 use layerkv_model::engine::EngineConfig;
-use layerkv_model::Model;
+use layerkv_model::needle::{Generator, Grid, Task};
+use layerkv_model::{Model, SessionOptions};
 
 use crate::device::DeviceArgs;
 use crate::plot;
@@ -69,6 +77,13 @@ pub struct CalibrateArgs {
     /// `OUTPUT` with the extension `K.toml`: the same search stopped at `K`.
     #[arg(long, value_delimiter = ',')]
     pub save_at: Vec<usize>,
+    /// Retrieval probes (pass keys in the text, query-aware, greedy): a candidate that loses
+    /// one the current map finds is rejected. 0 turns the rule off.
+    #[arg(long, default_value_t = 3)]
+    pub retrieval_probes: usize,
+    /// Context length of the retrieval probes, in tokens (capped by the model's context).
+    #[arg(long, default_value_t = 1024)]
+    pub retrieval_len: usize,
     /// Policy file to write (.toml or .json); the distances, the candidates and the plots go
     /// beside it.
     #[arg(long, short, default_value = "policy.toml")]
@@ -286,6 +301,35 @@ pub fn calibrate_to_file(args: &CalibrateArgs, quiet: bool) -> Result<Calibrated
         ..EngineConfig::default()
     };
     let mut calibrator = EngineCalibrator::new(model.clone(), engine_config);
+    let probe_len = crate::retrieval::length(&model, args.retrieval_len);
+    if args.retrieval_probes > 0 && probe_len.is_none() {
+        eprintln!(
+            "warning: the model's context ({} tokens) leaves no room for a pass-key probe of at \
+             least 128 tokens; calibrating without the retrieval rule",
+            model.config().max_position_embeddings
+        );
+    }
+    if let Some(length) = probe_len.filter(|_| args.retrieval_probes > 0) {
+        let n = args.retrieval_probes;
+        let grid = Grid {
+            tasks: vec![Task::Passkey],
+            lengths: vec![length],
+            depths: (0..n).map(|i| (i as f64 + 0.5) / n as f64).collect(),
+            samples: 1,
+        };
+        let samples = Generator::new(&text, &tokenizer)
+            .and_then(|g| g.grid(&grid, 0))
+            .with_context(|| format!("retrieval probes from {}", text_path.display()))?;
+        calibrator = calibrator.with_retrieval(RetrievalProbes {
+            model_dir: dir.clone(),
+            samples,
+            options: SessionOptions {
+                max_context: length + crate::retrieval::SLACK,
+                kv_dtype: dtype,
+                ..SessionOptions::default()
+            },
+        });
+    }
     if !quiet {
         eprintln!(
             "calibrating {} ({n} layers) on {} samples of {} tokens from {}: target {:?}, order {}, rule {:?}",
@@ -302,8 +346,13 @@ pub fn calibrate_to_file(args: &CalibrateArgs, quiet: bool) -> Result<Calibrated
         if quiet {
             return;
         }
+        let retrieval = match (c.retrieval, c.lost_retrieval) {
+            (Some(r), true) => format!("  retrieval {r} (lost a pass key)"),
+            (Some(r), false) => format!("  retrieval {r}"),
+            (None, _) => String::new(),
+        };
         eprintln!(
-            "pair {:>2}->{:<2}{} distance {:>8.3}  cosine {:>8.5}  nll {:.4}  {}  (shared {})",
+            "pair {:>2}->{:<2}{} distance {:>8.3}  cosine {:>8.5}  nll {:.4}  {}{retrieval}  (shared {})",
             c.layer,
             c.pair_source,
             if c.source == c.pair_source {
@@ -360,6 +409,10 @@ pub fn calibrate_to_file(args: &CalibrateArgs, quiet: bool) -> Result<Calibrated
         "reference_nll": result.reference_nll,
         "final_nll": result.final_nll,
         "final_cosine": result.final_cosine,
+        "retrieval_probes": result.num_probes,
+        "retrieval_len": probe_len.filter(|_| result.num_probes > 0),
+        "reference_retrieval": result.reference_retrieval,
+        "final_retrieval": result.final_retrieval,
         "max_candidates": config.max_candidates,
         "num_skipped": result.num_skipped,
         "search_seconds": search_seconds,
@@ -433,6 +486,18 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
         result.final_nll,
         result.final_cosine,
     );
+    if let (Some(r), Some(f)) = (result.reference_retrieval, result.final_retrieval) {
+        let lost = result
+            .candidates
+            .iter()
+            .filter(|c| c.lost_retrieval)
+            .count();
+        println!(
+            "retrieval probes (pass keys): unmodified model {r}/{n}, calibrated map {f}/{n}; \
+             {lost} candidates rejected for losing one",
+            n = result.num_probes
+        );
+    }
     println!(
         "scored {} candidates ({} pairs skipped) in {:.1}s; wrote {} and its .distances.json, \
          .candidates.json, .heatmap.png, .steps.png; total {:.1}s",

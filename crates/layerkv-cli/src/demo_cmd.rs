@@ -37,6 +37,10 @@ pub struct DemoCalibration {
     pub sample_len: usize,
     /// Bound on the candidates scored.
     pub max_candidates: Option<usize>,
+    /// Pass-key probes of the retrieval rule (0: off) and their context length.
+    pub retrieval_probes: usize,
+    /// Context length of the probes, in tokens.
+    pub retrieval_len: usize,
 }
 
 /// The settings the demo calibrates with, the best honest result of `docs/kvsharer-study.md`
@@ -50,6 +54,8 @@ pub const DEMO_CALIBRATION: DemoCalibration = DemoCalibration {
     samples: 30,
     sample_len: 64,
     max_candidates: Some(40),
+    retrieval_probes: 3,
+    retrieval_len: 1024,
 };
 
 /// Where the calibrated policy of `model_dir` on `text` with `settings` is cached:
@@ -71,7 +77,7 @@ pub fn cached_policy_path(
         .with_context(|| format!("reading {}", text.display()))?
         .len();
     Ok(cache.join("calibrated").join(name(model_dir)).join(format!(
-        "kvsharer-{}-{}-{}L-max{}-{}x{}-{}-{bytes}.toml",
+        "kvsharer-{}-{}-{}L-max{}-{}x{}-r{}x{}-{}-{bytes}.toml",
         order_name(&settings.order),
         acceptance_name(&settings.acceptance),
         settings.layers,
@@ -80,6 +86,8 @@ pub fn cached_policy_path(
             .map_or_else(|| String::from("all"), |m| m.to_string()),
         settings.samples,
         settings.sample_len,
+        settings.retrieval_probes,
+        settings.retrieval_len,
         name(text),
     )))
 }
@@ -95,7 +103,8 @@ fn calibrated_policy(model_dir: &Path, text: &Path) -> Result<(Policy, String)> 
         &settings,
     )?;
     let what = format!(
-        "order {}, rule {:?}, {} layers asked, {} candidates at most, {} samples x {} tokens",
+        "order {}, rule {:?}, {} layers asked, {} candidates at most, {} samples x {} tokens, \
+         {} pass-key probes of {} tokens",
         settings.order,
         settings.acceptance,
         settings.layers,
@@ -103,7 +112,9 @@ fn calibrated_policy(model_dir: &Path, text: &Path) -> Result<(Policy, String)> 
             .max_candidates
             .map_or_else(|| String::from("all"), |m| m.to_string()),
         settings.samples,
-        settings.sample_len
+        settings.sample_len,
+        settings.retrieval_probes,
+        settings.retrieval_len
     );
     let record = path.with_extension("candidates.json");
     if path.is_file() && record.is_file() {
@@ -143,6 +154,8 @@ fn calibrated_policy(model_dir: &Path, text: &Path) -> Result<(Policy, String)> 
         threshold: None,
         max_candidates: settings.max_candidates,
         save_at: Vec::new(),
+        retrieval_probes: settings.retrieval_probes,
+        retrieval_len: settings.retrieval_len,
         output: path.clone(),
     };
     let done = calibrate_to_file(&args, false)?;
@@ -275,6 +288,14 @@ mod tests {
         assert_ne!(
             p,
             cached_policy_path(Path::new("/c"), model, &text, &other).unwrap()
+        );
+        let probes = DemoCalibration {
+            retrieval_probes: 0,
+            ..DEMO_CALIBRATION
+        };
+        assert_ne!(
+            p,
+            cached_policy_path(Path::new("/c"), model, &text, &probes).unwrap()
         );
         let name = p.file_name().unwrap().to_string_lossy().into_owned();
         assert!(name.contains("docs.txt-10"), "{name}");

@@ -18,7 +18,7 @@ use serde::Serialize;
 use crate::report::truncate_start;
 
 /// Tokens of room beside the context (preamble, chat template, question, answer).
-const SLACK: usize = 1024;
+pub const SLACK: usize = 1024;
 
 /// Needle depths of the check.
 const DEPTHS: [f64; 3] = [0.1, 0.5, 0.9];

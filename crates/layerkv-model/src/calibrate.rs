@@ -11,10 +11,15 @@
 //!   returns the final hidden states (after the final norm) directly; the NLL comes from
 //!   [`Model::head_logits`] on those same states, one sample at a time.
 //!
+//! - Retrieval probes (optional, [`EngineCalibrator::with_retrieval`]): needle samples asked
+//!   through a [`Session`] under the candidate map, query-aware and greedy, the path users
+//!   chat through; calibration rejects a candidate that loses one the current map answers.
+//!
 //! Cost: per run, one engine forward of every sample's tokens plus one `[seq, hidden] x
 //! [hidden, vocab]` LM-head product per sample; the engine's pool holds
 //! `samples x ceil(seq / block_size)` pages per KV group for the run.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
@@ -25,7 +30,9 @@ use crate::engine::{Engine, EngineConfig};
 use crate::error::{ModelError, Result};
 use crate::eval::token_nll;
 use crate::model::Model;
+use crate::needle::{run_sample, QueryMode, Sample};
 use crate::rope::Rope;
+use crate::session::{Session, SessionOptions};
 use crate::tokenizer::Tokenizer;
 
 /// Runs a [`Model`] for calibration: reference K/V from a dense forward, candidate maps through
@@ -34,13 +41,55 @@ use crate::tokenizer::Tokenizer;
 pub struct EngineCalibrator {
     model: Arc<Model>,
     config: EngineConfig,
+    probes: Option<RetrievalProbes>,
+}
+
+/// The retrieval probes of calibration's retrieval rule: needle samples (say pass keys at a
+/// few depths, from [`crate::needle::Generator`]) asked under each candidate map.
+#[derive(Debug, Clone)]
+pub struct RetrievalProbes {
+    /// The model directory (tokenizer, chat template).
+    pub model_dir: PathBuf,
+    /// The samples, asked in this order.
+    pub samples: Vec<Sample>,
+    /// Options of the probe sessions (context length, KV dtype; sampling is greedy anyway).
+    pub options: SessionOptions,
 }
 
 impl EngineCalibrator {
     /// A calibrator for `model`, running candidates with engines of `config` (its `num_pages`
     /// is raised to what a run of all samples needs).
     pub fn new(model: Arc<Model>, config: EngineConfig) -> Self {
-        Self { model, config }
+        Self {
+            model,
+            config,
+            probes: None,
+        }
+    }
+
+    /// Turns the retrieval rule on with these probes.
+    pub fn with_retrieval(mut self, probes: RetrievalProbes) -> Self {
+        self.probes = Some(probes);
+        self
+    }
+
+    /// Which probes the model answers under `map` (`None` without probes).
+    fn probe(&self, map: &LayerMap) -> Result<Option<Vec<bool>>> {
+        let Some(p) = &self.probes else {
+            return Ok(None);
+        };
+        let policy = PolicyBuilder::new(map.clone())
+            .name(format!("calibration candidate {map}"))
+            .build()?;
+        let mut session =
+            Session::new(&p.model_dir, self.model.clone(), policy, p.options.clone())?;
+        session.chat_template()?;
+        let answers = p
+            .samples
+            .iter()
+            .map(|s| Ok(run_sample(&mut session, s, QueryMode::QueryAware)?.correct()))
+            .collect::<Result<Vec<bool>>>()?;
+        Ok(Some(answers))
     }
 
     /// Per layer, K after RoPE and V of one sample, `[kv_heads, seq, head_dim]` f32, and the last
@@ -246,6 +295,10 @@ impl CalibrationModel for EngineCalibrator {
 
     fn run(&mut self, map: &LayerMap, samples: &[Vec<u32>]) -> layerkv::Result<RunOutput> {
         self.run_map(map, samples).map_err(to_core)
+    }
+
+    fn retrieval(&mut self, map: &LayerMap) -> layerkv::Result<Option<Vec<bool>>> {
+        self.probe(map).map_err(to_core)
     }
 }
 

@@ -10,11 +10,11 @@
 //! reached is asserted, so a scenario that stops reaching a stage (no moves, no copies) fails
 //! instead of passing vacuously.
 //!
-//! Shown failing: with `Execute::run` not calling `StepExecutor::abort`, the re-rotation cells
-//! of `stream` differ in the sinks' stored keys (and the continuation's logits differ by ~0.1);
-//! with `retain_with` replaced by `retain` + `finish`, every `in-moves` cell differs in its
-//! tables; without the fresh-sequence restore in `Engine::chunked`, the chunk cells differ in
-//! `num_tokens` and pages.
+//! Shown failing: with `Execute::run` not calling `StepExecutor::abort`, the first
+//! re-rotation cell (`stream`, fork) differs in a sink's stored key (`row (seq 0, group 0,
+//! slot 0) differs`); with `retain_with` committing at once (plain `retain`), the first
+//! `in-moves` cell differs in the pool (18 pages used before, 30 after); without the
+//! fresh-sequence restore in `Engine::chunked`, the first chunk cell differs in the pool.
 
 use std::path::PathBuf;
 use std::sync::Arc;

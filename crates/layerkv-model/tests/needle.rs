@@ -107,3 +107,79 @@ fn needle_modes_differ_in_what_the_cache_holds_when_the_question_arrives() {
         session(&dir, "identity").stop_criteria().max_new_tokens
     );
 }
+
+/// Calibration's retrieval probes ([`EngineCalibrator::with_retrieval`]) ask each sample
+/// through a session of the candidate map, query-aware. Probe 0 expects a word the identity
+/// session really answers and probe 1 a word it never says, so the identity answers must be
+/// exactly `[true, false]` (shown failing with the probes asked query-agnostic: probe 0's
+/// answer changed and it read `[false, false]`); a calibration with the probes reports them
+/// and keeps probe 0 in every map it accepts.
+#[test]
+fn calibration_probes_ask_the_samples_under_the_candidate_map() {
+    use std::sync::Arc;
+
+    use layerkv::calibrate::{
+        calibrate, Acceptance, CalibrationConfig, CalibrationModel, PairOrder, ShareTarget,
+    };
+    use layerkv::LayerMap;
+    use layerkv_model::calibrate::{text_samples, EngineCalibrator, RetrievalProbes};
+    use layerkv_model::engine::EngineConfig;
+    use layerkv_model::Model;
+
+    let dir = TinyModel::llama(7).write(&scratch("needle-probes"));
+    long_context(&dir);
+    let options = SessionOptions {
+        max_context: 2048,
+        ..SessionOptions::default()
+    };
+    let mut identity = session(&dir, "identity");
+    let g = Generator::new(&haystack(), identity.tokenizer()).unwrap();
+    let mut samples = vec![
+        g.sample(Task::Passkey, 160, 0.2, 0, 3).unwrap(),
+        g.sample(Task::Passkey, 160, 0.8, 0, 4).unwrap(),
+    ];
+    // What identity answers to probe 0, query-aware: its first word becomes the expected value.
+    let said = run_sample(&mut identity, &samples[0], QueryMode::QueryAware).unwrap();
+    let answer = &said.turns[0].answer;
+    let word = answer
+        .split(|c: char| !c.is_alphanumeric())
+        .find(|w| !w.is_empty())
+        .unwrap_or_else(|| panic!("no word in identity's answer {answer:?}"))
+        .to_string();
+    samples[0].question.answers = vec![word.clone()];
+    samples[0].turns[0].answers = vec![word];
+    samples[1].question.answers = vec!["zzqqxxneverzz".into()];
+    samples[1].turns[0].answers = vec!["zzqqxxneverzz".into()];
+
+    let model = Arc::new(Model::load(&dir, DType::F32, &Device::Cpu).unwrap());
+    let probes = RetrievalProbes {
+        model_dir: dir.clone(),
+        samples,
+        options,
+    };
+    let mut cal = EngineCalibrator::new(model, EngineConfig::default()).with_retrieval(probes);
+    let got = cal.retrieval(&LayerMap::identity(4).unwrap()).unwrap();
+    assert_eq!(got, Some(vec![true, false]));
+
+    let tokenizer = identity.tokenizer().clone();
+    let text: String = (0..8)
+        .map(|i| format!("Paragraph {i} says {} things.\n\n", "many ".repeat(30)))
+        .collect();
+    let cal_samples = text_samples(&tokenizer, &text, 4, 32).unwrap();
+    let config = CalibrationConfig {
+        target: ShareTarget::Layers(2),
+        order: PairOrder::Similar,
+        acceptance: Acceptance::Cosine { threshold: -2.0 },
+        max_candidates: Some(6),
+    };
+    let result = calibrate(&mut cal, &cal_samples, &config, &mut |_| {}).unwrap();
+    assert_eq!(result.num_probes, 2);
+    assert_eq!(result.reference_retrieval, Some(1));
+    assert!(result.final_retrieval.is_some_and(|r| r >= 1));
+    for c in &result.candidates {
+        // The lenient rule accepts every candidate, so every one was probed.
+        let r = c.retrieval.expect("probed");
+        assert_eq!(c.lost_retrieval, r == 0, "{c:?}");
+        assert_eq!(c.accepted, r >= 1, "{c:?}");
+    }
+}

@@ -18,7 +18,10 @@
 //!    candidate map is the current map plus `i` reading `j`'s root (chains collapse, so the
 //!    source is always below the layer: no upward reference can arise); a pair that builds
 //!    the map of a pair rejected since the last acceptance is skipped too;
-//! 4. the candidate is scored with the [`Acceptance`] rule and accepted or rejected; the search
+//! 4. the candidate is scored with the [`Acceptance`] rule and accepted or rejected. When the
+//!    engine has retrieval probes ([`CalibrationModel::retrieval`]), a candidate the rule
+//!    accepts is also asked them, and rejected if it loses one that the current map answers
+//!    (perplexity and hidden-state similarity do not see a forgotten fact). The search
 //!    stops when the [`ShareTarget`] is reached, the pairs run out or
 //!    [`CalibrationConfig::max_candidates`] were scored (then the result holds fewer shared
 //!    layers than asked: [`Calibration::reached_target`] is false, not an error).
@@ -28,7 +31,8 @@
 //!
 //! Cost: the distance matrix is O(L^2 x kv_heads x seq x head_dim) on the CPU
 //! (L = layers); the search runs the model `1 + C` times, C = pairs scored
-//! (at most L (L - 1) / 2), and holds one reference run's hidden states.
+//! (at most L (L - 1) / 2), and holds one reference run's hidden states; with probes, the
+//! probes run once for the unmodified model and once per candidate the rule accepts.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -113,6 +117,15 @@ pub trait CalibrationModel {
     /// Runs the model under `map` on every sample: flattened final hidden states per sample
     /// (after the final norm) and the mean next-token NLL over the samples.
     fn run(&mut self, map: &LayerMap, samples: &[Vec<u32>]) -> Result<RunOutput>;
+
+    /// Which of the engine's retrieval probes (questions about facts planted in a context,
+    /// such as a pass key) the model answers right under `map`: one entry per probe, the same
+    /// probes in the same order for every map. `None` (the default) means no probes, which
+    /// turns the retrieval rule off.
+    fn retrieval(&mut self, map: &LayerMap) -> Result<Option<Vec<bool>>> {
+        let _ = map;
+        Ok(None)
+    }
 }
 
 /// Symmetric `n x n` matrix of layer distances with a zero diagonal.
@@ -455,6 +468,12 @@ pub struct Candidate {
     pub score: f64,
     /// Whether the candidate was accepted.
     pub accepted: bool,
+    /// Retrieval probes the candidate answers right (`None`: not probed, because the engine
+    /// has no probes or the acceptance rule rejected it first).
+    pub retrieval: Option<usize>,
+    /// Whether it was rejected for losing a probe the current map answers (the acceptance
+    /// rule alone would have accepted it).
+    pub lost_retrieval: bool,
     /// Sharing layers after this decision.
     pub num_shared: usize,
 }
@@ -481,6 +500,12 @@ pub struct Calibration {
     pub final_nll: f64,
     /// Mean cosine of the calibrated map to the unmodified run (1 when nothing was accepted).
     pub final_cosine: f64,
+    /// Retrieval probes of the engine (0: none, the rule was off).
+    pub num_probes: usize,
+    /// Probes the unmodified model answers right (`None` without probes).
+    pub reference_retrieval: Option<usize>,
+    /// Probes the calibrated map answers right (`None` without probes).
+    pub final_retrieval: Option<usize>,
 }
 
 impl Calibration {
@@ -573,6 +598,10 @@ pub fn calibrate<M: CalibrationModel + ?Sized>(
 
     let identity = LayerMap::identity(n)?;
     let reference = checked_run(model, &identity, samples, None)?;
+    // What the current map answers (the retrieval rule: never lose one of these).
+    let mut answered = model.retrieval(&identity)?;
+    let num_probes = answered.as_ref().map_or(0, Vec::len);
+    let reference_retrieval = answered.as_ref().map(|a| count(a));
     let width = reference.hidden[0].len();
     let mut source: Vec<usize> = (0..n).collect();
     let mut map = identity;
@@ -606,7 +635,20 @@ pub fn calibrate<M: CalibrationModel + ?Sized>(
         let cand_map = LayerMap::new(cand_source.clone())?;
         let out = checked_run(model, &cand_map, samples, Some(width))?;
         let cosine = mean_cosine(&reference.hidden, &out.hidden);
-        let (score, accepted) = config.acceptance.decide(cosine, out.nll, reference.nll);
+        let (score, mut accepted) = config.acceptance.decide(cosine, out.nll, reference.nll);
+        let (mut retrieval, mut lost_retrieval) = (None, false);
+        if accepted {
+            if let Some(current) = &answered {
+                let got = checked_retrieval(model, &cand_map, current.len())?;
+                retrieval = Some(count(&got));
+                lost_retrieval = current.iter().zip(&got).any(|(&was, &is)| was && !is);
+                if lost_retrieval {
+                    accepted = false;
+                } else {
+                    answered = Some(got);
+                }
+            }
+        }
         if accepted {
             source = cand_source;
             map = cand_map;
@@ -627,6 +669,8 @@ pub fn calibrate<M: CalibrationModel + ?Sized>(
             nll: out.nll,
             score,
             accepted,
+            retrieval,
+            lost_retrieval,
             num_shared,
         };
         progress(&candidate);
@@ -646,7 +690,34 @@ pub fn calibrate<M: CalibrationModel + ?Sized>(
         reference_nll: reference.nll,
         final_nll,
         final_cosine,
+        num_probes,
+        reference_retrieval,
+        final_retrieval: answered.as_ref().map(|a| count(a)),
     })
+}
+
+/// Probes answered right.
+fn count(answers: &[bool]) -> usize {
+    answers.iter().filter(|&&a| a).count()
+}
+
+/// [`CalibrationModel::retrieval`] under `map`, checked to answer the `num_probes` probes the
+/// unmodified model was asked.
+fn checked_retrieval<M: CalibrationModel + ?Sized>(
+    model: &mut M,
+    map: &LayerMap,
+    num_probes: usize,
+) -> Result<Vec<bool>> {
+    match model.retrieval(map)? {
+        Some(got) if got.len() == num_probes => Ok(got),
+        Some(got) => Err(calibration(format!(
+            "the retrieval probes under map {map} returned {} answers, the unmodified model {num_probes}",
+            got.len()
+        ))),
+        None => Err(calibration(format!(
+            "the engine answered {num_probes} retrieval probes for the unmodified model but none under map {map}"
+        ))),
+    }
 }
 
 /// Runs the model and checks what it returned: one hidden vector per sample, all of `width`
@@ -851,7 +922,7 @@ mod tests {
         Acceptance::Cosine { threshold: -2.0 }
     }
 
-    fn run(toy: &mut Toy, cfg: &CalibrationConfig) -> Result<Calibration> {
+    fn run<M: CalibrationModel>(toy: &mut M, cfg: &CalibrationConfig) -> Result<Calibration> {
         calibrate(toy, &samples(3, 5), cfg, &mut |_| {})
     }
 
@@ -1288,6 +1359,113 @@ mod tests {
         assert_eq!(cal.num_shared(), 0);
         assert!(cal.reached_target());
         assert!(cal.candidates.is_empty());
+    }
+
+    /// [`Toy`] with three retrieval probes: probe 0 is lost when layer `fragile` stops owning
+    /// its KV; `answers` overrides the answer count (a broken engine).
+    struct Probed {
+        toy: Toy,
+        fragile: usize,
+        answers: Option<usize>,
+        probed: Vec<LayerMap>,
+    }
+
+    impl CalibrationModel for Probed {
+        fn num_layers(&self) -> usize {
+            self.toy.num_layers()
+        }
+
+        fn reference_kv(&mut self, samples: &[Vec<u32>]) -> Result<Vec<LayerKv>> {
+            self.toy.reference_kv(samples)
+        }
+
+        fn run(&mut self, map: &LayerMap, samples: &[Vec<u32>]) -> Result<RunOutput> {
+            self.toy.run(map, samples)
+        }
+
+        fn retrieval(&mut self, map: &LayerMap) -> Result<Option<Vec<bool>>> {
+            self.probed.push(map.clone());
+            let mut got = vec![map.owns_kv(self.fragile), true, false];
+            if let Some(n) = self.answers {
+                got.resize(n, true);
+            }
+            Ok(Some(got))
+        }
+    }
+
+    /// The retrieval rule rejects exactly the candidate that loses a probe the current map
+    /// answers, and that changes the result (without probes the same search shares the
+    /// fragile layer; shown failing with the rule's rejection removed).
+    #[test]
+    fn a_candidate_that_loses_a_probe_is_rejected() {
+        let cfg = config(ShareTarget::Layers(3), PairOrder::Dissimilar, lenient());
+        let plain = run(&mut Toy::new(6, 5, 1), &cfg).unwrap();
+        let fragile = *plain
+            .pairs
+            .keys()
+            .next()
+            .expect("the plain search shares a layer");
+        assert_eq!(plain.num_probes, 0);
+        assert_eq!(plain.reference_retrieval, None);
+        assert!(plain.candidates.iter().all(|c| c.retrieval.is_none()));
+
+        let mut probed = Probed {
+            toy: Toy::new(6, 5, 1),
+            fragile,
+            answers: None,
+            probed: Vec::new(),
+        };
+        let cal = run(&mut probed, &cfg).unwrap();
+        assert!(cal.map.owns_kv(fragile), "{:?}", cal.pairs);
+        assert_eq!(cal.num_probes, 3);
+        assert_eq!(cal.reference_retrieval, Some(2));
+        assert_eq!(cal.final_retrieval, Some(2));
+        let lost: Vec<&Candidate> = cal.candidates.iter().filter(|c| c.lost_retrieval).collect();
+        assert!(!lost.is_empty());
+        for c in &lost {
+            assert_eq!(c.layer, fragile);
+            assert!(!c.accepted);
+            assert_eq!(c.retrieval, Some(1));
+        }
+        for c in cal.candidates.iter().filter(|c| c.accepted) {
+            assert_eq!(c.retrieval, Some(2));
+        }
+        // Probed: the unmodified model, then every candidate the rule accepted, no other.
+        let by_rule = cal
+            .candidates
+            .iter()
+            .filter(|c| c.accepted || c.lost_retrieval)
+            .count();
+        assert_eq!(probed.probed.len(), 1 + by_rule);
+        assert_eq!(probed.probed[0], LayerMap::identity(6).unwrap());
+
+        // An engine whose probe count changes between maps is an error, not a decision.
+        let mut broken = Probed {
+            toy: Toy::new(6, 5, 1),
+            fragile,
+            answers: None,
+            probed: Vec::new(),
+        };
+        let mut calls = 0;
+        struct Flaky<'a>(&'a mut Probed, &'a mut usize);
+        impl CalibrationModel for Flaky<'_> {
+            fn num_layers(&self) -> usize {
+                self.0.num_layers()
+            }
+            fn reference_kv(&mut self, samples: &[Vec<u32>]) -> Result<Vec<LayerKv>> {
+                self.0.reference_kv(samples)
+            }
+            fn run(&mut self, map: &LayerMap, samples: &[Vec<u32>]) -> Result<RunOutput> {
+                self.0.run(map, samples)
+            }
+            fn retrieval(&mut self, map: &LayerMap) -> Result<Option<Vec<bool>>> {
+                *self.1 += 1;
+                self.0.answers = (*self.1 > 1).then_some(4);
+                self.0.retrieval(map)
+            }
+        }
+        let err = run(&mut Flaky(&mut broken, &mut calls), &cfg).unwrap_err();
+        assert!(err.to_string().contains("returned 4 answers"), "{err}");
     }
 
     #[test]
