@@ -26,7 +26,11 @@
 //!     let reserved = cache.reserve(&[(1, &[token])], &mut step)?;
 //!     // ... write K/V of group g at reserved.group_slots(g), attend over cache.read().view(1, g);
 //!     // an early `?` here drops `reserved`, which rolls the step back ...
-//!     reserved.retain()?;                          // then execute step.moves() on the store
+//!     // Retain, and move the rows compaction planned (step.moves()) in the same transaction.
+//!     reserved.retain_with(|step| {
+//!         let _moves = step.moves(); // ... gather every source row, then scatter ...
+//!         Ok::<(), layerkv::Error>(())
+//!     })?;
 //! }
 //! let memory = cache.memory(1)?;
 //! assert_eq!(memory.bytes_per_layer[1], 0);             // layer 1 reads layer 0's KV

@@ -72,7 +72,7 @@
 //!     let Some(reserved) = scheduler.schedule(&cache, &mut step, &mut out)? else { break };
 //!     assert!(out.num_scheduled_tokens() <= 16);
 //!     // ... the engine writes K/V at reserved.group_slots(g) and attends ...
-//!     reserved.retain()?;
+//!     reserved.retain_with(|_step| Ok::<(), layerkv::Error>(()))?; // (identity: no moves)
 //!     sampled.clear();
 //!     sampled.extend(out.scheduled().iter().filter(|e| e.samples).map(|e| (e.id, 42)));
 //!     scheduler.update(&cache, &out, &sampled)?;
