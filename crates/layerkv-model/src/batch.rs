@@ -261,33 +261,59 @@ impl Batcher {
     }
 
     /// Runs one step and pushes its events. `false` when nothing could run (no requests, or
-    /// every scheduled request was preempted). On an engine error every live request is
-    /// dropped with a [`BatchEvent::Failed`] (the step was rolled back) and the error is
+    /// every scheduled request was preempted). When the engine's step fails, it changed
+    /// nothing (the engine rolls a failed step back), so only the requests it ran are dropped,
+    /// each with a [`BatchEvent::Failed`]; the others carry on. A failure after the step
+    /// (sampling, the scheduler's update) drops every live request. Either way the error is
     /// returned.
     pub fn step(&mut self, events: &mut Vec<BatchEvent>) -> Result<bool> {
-        match self.try_step(events) {
-            Ok(ran) => Ok(ran),
+        let engine: &mut Engine = self.session.engine_mut();
+        let logits = match engine.step_scheduled(&mut self.scheduler, &mut self.out) {
+            Ok(Some(logits)) => logits,
+            Ok(None) => return Ok(false),
             Err(e) => {
-                let message = e.to_string();
-                let ids: Vec<RequestId> = self.live.keys().copied().collect();
-                for id in ids {
-                    self.end(id, FinishReason::Cancelled, true)?;
-                    self.stats.failed += 1;
-                    events.push(BatchEvent::Failed {
-                        id,
-                        message: message.clone(),
-                    });
+                let mut ids: Vec<RequestId> = self.out.scheduled().iter().map(|x| x.id).collect();
+                ids.retain(|id| self.live.contains_key(id));
+                if ids.is_empty() {
+                    ids = self.live.keys().copied().collect();
                 }
-                Err(e)
+                return self.fail(ids, e, events);
+            }
+        };
+        match self.after_step(&logits, events) {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                let ids = self.live.keys().copied().collect();
+                self.fail(ids, e, events)
             }
         }
     }
 
-    fn try_step(&mut self, events: &mut Vec<BatchEvent>) -> Result<bool> {
-        let engine: &mut Engine = self.session.engine_mut();
-        let Some(logits) = engine.step_scheduled(&mut self.scheduler, &mut self.out)? else {
-            return Ok(false);
-        };
+    /// Ends `ids` with [`BatchEvent::Failed`] and returns `e`.
+    fn fail(
+        &mut self,
+        ids: Vec<RequestId>,
+        e: ModelError,
+        events: &mut Vec<BatchEvent>,
+    ) -> Result<bool> {
+        let message = e.to_string();
+        for id in ids {
+            self.end(id, FinishReason::Cancelled, true)?;
+            self.stats.failed += 1;
+            events.push(BatchEvent::Failed {
+                id,
+                message: message.clone(),
+            });
+        }
+        Err(e)
+    }
+
+    /// Samples the step's tokens, updates the scheduler and pushes the events.
+    fn after_step(
+        &mut self,
+        logits: &candle_core::Tensor,
+        events: &mut Vec<BatchEvent>,
+    ) -> Result<()> {
         self.stats.steps += 1;
         let vocab = logits.dim(1)?;
         let logits = logits.flatten_all()?.to_vec1::<f32>()?;
@@ -337,7 +363,7 @@ impl Batcher {
                 self.finish(id, reason, at_length, events)?;
             }
         }
-        Ok(true)
+        Ok(())
     }
 
     /// Ends a request that stopped or reached its length (`at_length`: the scheduler already

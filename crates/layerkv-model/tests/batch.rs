@@ -357,3 +357,57 @@ fn prefix_cached_requests_give_the_uncached_outputs() {
         assert_eq!(b.stats().pages_used, 0, "{spec}");
     }
 }
+
+/// A failed engine step (a failpoint inside a layer, under a policy that evicts) drops only the
+/// requests it ran, each with a `Failed` event; a request that was waiting then runs to the
+/// tokens it gets alone, and every page comes back. (Shown failing with the batcher dropping
+/// every live request on an engine error, as it did before: the waiting request failed too.)
+#[test]
+fn a_failed_step_fails_only_the_requests_it_ran() {
+    use layerkv_model::engine::{FailStage, Fault};
+    let dir = model_dir("fault");
+    let spec = "identity+h2o:24:24";
+    let mut b = Batcher::new(
+        session(&dir, spec, None),
+        SchedulerConfig {
+            max_num_seqs: 2,
+            max_num_batched_tokens: 512,
+            ..SchedulerConfig::default()
+        },
+    )
+    .unwrap();
+    let p = prompts();
+    for id in 0..3u64 {
+        b.add(id, greedy(&p[id as usize], 12)).unwrap();
+    }
+    let mut events = Vec::new();
+    assert!(b.step(&mut events).unwrap());
+    b.session_mut().engine_mut().inject_fault(Fault {
+        step: 0,
+        stage: FailStage::Layer(2),
+    });
+    events.clear();
+    let err = b.step(&mut events).unwrap_err();
+    assert!(
+        matches!(err, ModelError::Fault(FailStage::Layer(2))),
+        "{err}"
+    );
+    let failed: Vec<RequestId> = events
+        .iter()
+        .filter_map(|e| match e {
+            BatchEvent::Failed { id, .. } => Some(*id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(failed, [0, 1], "{events:?}");
+    assert_eq!(b.live().collect::<Vec<_>>(), [2]);
+    let rest = drain(&mut b);
+    assert_eq!(rest.len(), 1);
+    assert_eq!(
+        rest[0].1,
+        alone(&dir, spec, 12)[2],
+        "request 2 after the failure"
+    );
+    assert_eq!(b.stats().pages_used, 0);
+    b.session().engine().cache().check_invariants().unwrap();
+}
