@@ -348,18 +348,18 @@ impl Engine {
         out: Output,
         chunk: usize,
     ) -> Result<Tensor> {
+        // Sequences empty before the call, with the prompt length they had declared.
         let mut fresh = Vec::new();
-        for &(seq, _) in batch {
-            if self.cache.num_tokens(seq)? == 0 {
-                fresh.push((seq, self.cache.prompt_len(seq)?));
+        let mut declare = || -> Result<()> {
+            for &(seq, tokens) in batch {
+                if self.cache.num_tokens(seq)? == 0 {
+                    fresh.push((seq, self.cache.prompt_len(seq)?));
+                    self.cache.set_prompt_len(seq, tokens.len())?;
+                }
             }
-        }
-        for &(seq, tokens) in batch {
-            if self.cache.num_tokens(seq)? == 0 {
-                self.cache.set_prompt_len(seq, tokens.len())?;
-            }
-        }
-        let r = self.chunks(batch, rows, out, chunk);
+            Ok(())
+        };
+        let r = declare().and_then(|()| self.chunks(batch, rows, out, chunk));
         if r.is_err() {
             for &(seq, prompt_len) in &fresh {
                 self.cache.free(seq)?;
