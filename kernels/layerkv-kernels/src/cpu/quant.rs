@@ -1,0 +1,416 @@
+//! Quantized matrix products on the CPU for the GGUF types candle leaves on its scalar path:
+//! today Q4_1 (the default GGUF's type), whose `Q4_1 x Q8_1` dot product candle 0.10.2 runs
+//! one nibble at a time.
+//!
+//! The scheme is llama.cpp's (`ggml-quants.c`, `ggml-cpu/arch/x86/quants.c`): activations are
+//! quantized per 32-element block to [`BlockQ8_1`] (i8 values, a scale `d` and `s = d * sum`),
+//! and a weight block `w = d_w * q + m_w` (q in 0..16) dots an activation block as
+//! `d_w * d_x * sum(q * q_x) + m_w * s_x`. Our Q8_1 blocks keep `d` and `s` in f32 (llama.cpp
+//! rounds them to f16), so they are a hair more precise than llama.cpp's.
+//!
+//! The dot product runs on AVX2+FMA+F16C when the CPU has them (detected at run time with
+//! `is_x86_feature_detected!`; the build needs no target flags) and on a portable loop
+//! otherwise; both give the same sums up to f32 rounding. [`matmul_q4_1`] quantizes the
+//! activation rows once, then splits the weight rows over rayon's pool in chunks; within a
+//! chunk, activation rows go in tiles so a tile stays in cache while the chunk's weight rows
+//! (a few KiB) stay in L1. Cost: `m * n * k / 32` block dots; memory: the quantized
+//! activations (`m * k / 32` blocks of 40 bytes) plus, for `m > 1`, one `[n, m]` f32 buffer.
+
+use rayon::prelude::*;
+
+use crate::error::{KernelError, Result};
+
+/// Elements per block of Q4_1 and Q8_1.
+pub const QK: usize = 32;
+/// Bytes of one GGUF Q4_1 block: f16 `d`, f16 `m`, 16 bytes of nibbles (element `j` in the low
+/// nibble of byte `j`, element `j + 16` in its high nibble).
+pub const Q4_1_BLOCK_BYTES: usize = 20;
+
+/// One block of 32 activations quantized to i8: `x ~ d * qs`, and `s = d * sum(qs)` (the
+/// term a Q4_1 block's minimum multiplies).
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[repr(C)]
+pub struct BlockQ8_1 {
+    /// Scale: `max |x| / 127`.
+    pub d: f32,
+    /// `d * sum(qs)`.
+    pub s: f32,
+    /// The quantized values.
+    pub qs: [i8; QK],
+}
+
+impl BlockQ8_1 {
+    /// An all-zero block.
+    pub const ZERO: Self = Self {
+        d: 0.0,
+        s: 0.0,
+        qs: [0; QK],
+    };
+}
+
+/// Quantizes `x` (a multiple of 32 long) into `out` (`x.len() / 32` blocks), as llama.cpp's
+/// `quantize_row_q8_1` does (round half away from zero).
+pub fn quantize_q8_1(x: &[f32], out: &mut [BlockQ8_1]) -> Result<()> {
+    if x.len() != out.len() * QK {
+        return Err(KernelError::Invalid(format!(
+            "quantize_q8_1: {} values do not fill {} blocks of {QK}",
+            x.len(),
+            out.len()
+        )));
+    }
+    for (block, out) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, &v) in out.qs.iter_mut().zip(block) {
+            let r = (v * id).round() as i32;
+            *q = r as i8;
+            sum += r;
+        }
+        out.d = d;
+        out.s = d * sum as f32;
+    }
+    Ok(())
+}
+
+/// Dequantizes Q4_1 blocks (`w.len()` a multiple of 20 bytes) into `out` (32 values a block).
+pub fn dequantize_q4_1(w: &[u8], out: &mut [f32]) -> Result<()> {
+    if w.len() % Q4_1_BLOCK_BYTES != 0 || out.len() != w.len() / Q4_1_BLOCK_BYTES * QK {
+        return Err(KernelError::Invalid(format!(
+            "dequantize_q4_1: {} bytes and {} outputs are not whole blocks of each other",
+            w.len(),
+            out.len()
+        )));
+    }
+    for (b, out) in w
+        .chunks_exact(Q4_1_BLOCK_BYTES)
+        .zip(out.chunks_exact_mut(QK))
+    {
+        let (d, m) = block_dm(b);
+        for j in 0..QK / 2 {
+            out[j] = d * (b[4 + j] & 0x0F) as f32 + m;
+            out[j + QK / 2] = d * (b[4 + j] >> 4) as f32 + m;
+        }
+    }
+    Ok(())
+}
+
+fn block_dm(b: &[u8]) -> (f32, f32) {
+    (
+        half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
+        half::f16::from_le_bytes([b[2], b[3]]).to_f32(),
+    )
+}
+
+/// The portable `Q4_1 x Q8_1` dot product of one weight row (`x.len()` blocks of 20 bytes) and
+/// one quantized activation row.
+pub fn dot_q4_1_q8_1_portable(w: &[u8], x: &[BlockQ8_1]) -> f32 {
+    let mut sum = 0f32;
+    for (b, y) in w.chunks_exact(Q4_1_BLOCK_BYTES).zip(x) {
+        let (d, m) = block_dm(b);
+        let mut isum = 0i32;
+        for j in 0..QK / 2 {
+            isum += (b[4 + j] & 0x0F) as i32 * y.qs[j] as i32;
+            isum += (b[4 + j] >> 4) as i32 * y.qs[j + QK / 2] as i32;
+        }
+        sum += d * y.d * isum as f32 + m * y.s;
+    }
+    sum
+}
+
+/// Whether this CPU runs the AVX2+FMA+F16C dot product.
+pub fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The `Q4_1 x Q8_1` dot product of one weight row and one activation row of `x.len()` blocks,
+/// on the widest units this CPU has.
+pub fn dot_q4_1_q8_1(w: &[u8], x: &[BlockQ8_1]) -> Result<f32> {
+    if w.len() != x.len() * Q4_1_BLOCK_BYTES {
+        return Err(KernelError::Invalid(format!(
+            "dot_q4_1_q8_1: {} weight bytes for {} activation blocks",
+            w.len(),
+            x.len()
+        )));
+    }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the features are present and the lengths were checked.
+        return Ok(unsafe { avx2::dot(w, x) });
+    }
+    Ok(dot_q4_1_q8_1_portable(w, x))
+}
+
+/// Weight rows a rayon task computes.
+const ROWS_PER_TASK: usize = 16;
+/// Activation rows computed against a task's weight rows before moving on (cache tile).
+const ACT_TILE: usize = 64;
+
+/// `y [m, n] = x [m, k] W^T` for a Q4_1 weight `W [n, k]` given as its GGUF bytes (row `j` is
+/// bytes `j * k / 32 * 20 ..`). `k` must be a multiple of 32.
+pub fn matmul_q4_1(w: &[u8], n: usize, k: usize, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
+    if k % QK != 0 {
+        return Err(KernelError::Invalid(format!(
+            "matmul_q4_1: k = {k} is not a multiple of {QK}"
+        )));
+    }
+    let kb = k / QK;
+    let row_bytes = kb * Q4_1_BLOCK_BYTES;
+    if w.len() != n * row_bytes || x.len() != m * k || y.len() != m * n {
+        return Err(KernelError::Invalid(format!(
+            "matmul_q4_1: [{n}, {k}] weight needs {} bytes (got {}), x [{m}, {k}] {} values \
+             (got {}), y [{m}, {n}] {} (got {})",
+            n * row_bytes,
+            w.len(),
+            m * k,
+            x.len(),
+            m * n,
+            y.len()
+        )));
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let mut xq = vec![BlockQ8_1::ZERO; m * kb];
+    if kb > 0 {
+        xq.par_chunks_mut(kb)
+            .zip(x.par_chunks(k))
+            .try_for_each(|(q, r)| quantize_q8_1(r, q))?;
+    }
+    let avx2 = has_avx2();
+    // One task: weight rows `first..`, outputs `out[j - first][i]` for every activation row i.
+    let task = |first: usize, out: &mut [f32]| {
+        let rows = out.len() / m;
+        for tile in (0..m).step_by(ACT_TILE) {
+            let tile_end = (tile + ACT_TILE).min(m);
+            for r in 0..rows {
+                let j = first + r;
+                let wrow = &w[j * row_bytes..(j + 1) * row_bytes];
+                let out = &mut out[r * m..(r + 1) * m];
+                rows_dot(avx2, wrow, &xq, kb, tile, tile_end, out);
+            }
+        }
+    };
+    if m == 1 {
+        y.par_chunks_mut(ROWS_PER_TASK)
+            .enumerate()
+            .for_each(|(c, out)| task(c * ROWS_PER_TASK, out));
+        return Ok(());
+    }
+    let mut yt = vec![0f32; n * m];
+    yt.par_chunks_mut(ROWS_PER_TASK * m)
+        .enumerate()
+        .for_each(|(c, out)| task(c * ROWS_PER_TASK, out));
+    y.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
+        for (j, v) in row.iter_mut().enumerate() {
+            *v = yt[j * m + i];
+        }
+    });
+    Ok(())
+}
+
+/// `out[i] = dot(wrow, xq row i)` for activation rows `from..to`.
+fn rows_dot(
+    avx2: bool,
+    wrow: &[u8],
+    xq: &[BlockQ8_1],
+    kb: usize,
+    from: usize,
+    to: usize,
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        // SAFETY: `avx2` is `has_avx2()`; `wrow` is `kb` blocks and `xq` holds `to` rows of `kb`.
+        unsafe { avx2::rows(wrow, xq, kb, from, to, out) };
+        return;
+    }
+    let _ = avx2;
+    for i in from..to {
+        out[i] = dot_q4_1_q8_1_portable(wrow, &xq[i * kb..(i + 1) * kb]);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{BlockQ8_1, Q4_1_BLOCK_BYTES};
+
+    /// Sum of the eight lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    /// ggml's `ggml_vec_dot_q4_1_q8_1` AVX2 path: nibbles unpacked to bytes, `maddubs` against
+    /// the i8 activations, pairs summed to i32, scaled by `d_w * d_x` into an f32 accumulator;
+    /// the minimum's term `m_w * s_x` summed on the side.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C must be present; `w` must hold `x.len()` blocks.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot(w: &[u8], x: &[BlockQ8_1]) -> f32 {
+        let low = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut mins = _mm_setzero_ps();
+        let p = w.as_ptr();
+        let mut b = 0;
+        while b < x.len() {
+            // SAFETY: block b is inside `w` (20 bytes) and `x` (the caller's lengths).
+            unsafe {
+                let blk = p.add(b * Q4_1_BLOCK_BYTES);
+                let y = x.get_unchecked(b);
+                // d and m (two f16) to f32 in one conversion.
+                let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
+                    blk as *const i32,
+                )));
+                let ds = _mm_set_ps(0.0, 0.0, y.s, y.d);
+                // lanes: d_w * d_x, m_w * s_x
+                let prod = _mm_mul_ps(dm, ds);
+                mins = _mm_add_ss(mins, _mm_shuffle_ps(prod, prod, 1));
+                let tmp = _mm_loadu_si128(blk.add(4) as *const __m128i);
+                let qx = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp), low);
+                let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
+                let dot = _mm256_madd_epi16(ones, _mm256_maddubs_epi16(qx, qy));
+                let scale = _mm256_broadcastss_ps(prod);
+                if b % 2 == 0 {
+                    acc0 = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), acc0);
+                } else {
+                    acc1 = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), acc1);
+                }
+            }
+            b += 1;
+        }
+        hsum(_mm256_add_ps(acc0, acc1)) + _mm_cvtss_f32(mins)
+    }
+
+    /// [`dot`] of one weight row against four activation rows `i..i + 4` at once: each weight
+    /// block is unpacked once for the four (prefill's reuse).
+    ///
+    /// # Safety
+    /// As [`dot`]; `w` holds `kb` blocks, `x` at least `(i + 4) * kb` blocks.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot4(w: &[u8], x: &[BlockQ8_1], kb: usize, i: usize) -> [f32; 4] {
+        let low = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut mins = _mm_setzero_ps();
+        let p = w.as_ptr();
+        for b in 0..kb {
+            // SAFETY: block b of the row and of rows i..i + 4 are in bounds (the caller's
+            // lengths).
+            unsafe {
+                let blk = p.add(b * Q4_1_BLOCK_BYTES);
+                let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
+                    blk as *const i32,
+                )));
+                let d = _mm_cvtss_f32(dm);
+                let m = _mm_shuffle_ps(dm, dm, 0b01_01_01_01);
+                let ys = [
+                    x.get_unchecked(i * kb + b),
+                    x.get_unchecked((i + 1) * kb + b),
+                    x.get_unchecked((i + 2) * kb + b),
+                    x.get_unchecked((i + 3) * kb + b),
+                ];
+                mins = _mm_fmadd_ps(m, _mm_set_ps(ys[3].s, ys[2].s, ys[1].s, ys[0].s), mins);
+                let tmp = _mm_loadu_si128(blk.add(4) as *const __m128i);
+                let qx = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp), low);
+                for r in 0..4 {
+                    let qy = _mm256_loadu_si256(ys[r].qs.as_ptr() as *const __m256i);
+                    let dot = _mm256_madd_epi16(ones, _mm256_maddubs_epi16(qx, qy));
+                    acc[r] = _mm256_fmadd_ps(
+                        _mm256_set1_ps(d * ys[r].d),
+                        _mm256_cvtepi32_ps(dot),
+                        acc[r],
+                    );
+                }
+            }
+        }
+        let mut m = [0f32; 4];
+        // SAFETY: four f32 fit in `m`.
+        unsafe { _mm_storeu_ps(m.as_mut_ptr(), mins) };
+        [
+            hsum(acc[0]) + m[0],
+            hsum(acc[1]) + m[1],
+            hsum(acc[2]) + m[2],
+            hsum(acc[3]) + m[3],
+        ]
+    }
+
+    /// [`dot`] of one weight row against activation rows `from..to` into `out[from..to]`,
+    /// four rows at a time.
+    ///
+    /// # Safety
+    /// As [`dot`]; `w` holds `kb` blocks, `x` at least `to * kb` blocks, `out` `to` values.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn rows(
+        w: &[u8],
+        x: &[BlockQ8_1],
+        kb: usize,
+        from: usize,
+        to: usize,
+        out: &mut [f32],
+    ) {
+        let mut i = from;
+        while i + 4 <= to {
+            // SAFETY: rows i..i + 4 are below `to`.
+            out[i..i + 4].copy_from_slice(&unsafe { dot4(w, x, kb, i) });
+            i += 4;
+        }
+        while i < to {
+            // SAFETY: the caller's lengths.
+            out[i] = unsafe { dot(w, &x[i * kb..(i + 1) * kb]) };
+            i += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn q8_1_blocks_hold_scale_and_sum() {
+        let x: Vec<f32> = (0..64).map(|i| (i as f32 - 20.0) / 7.0).collect();
+        let mut q = [BlockQ8_1::ZERO; 2];
+        quantize_q8_1(&x, &mut q).unwrap();
+        for (b, block) in q.iter().zip(x.chunks(QK)) {
+            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert_eq!(b.d, amax / 127.0);
+            assert!(b.qs.iter().any(|&v| v.abs() == 127));
+            let sum: i32 = b.qs.iter().map(|&v| v as i32).sum();
+            assert_eq!(b.s, b.d * sum as f32);
+        }
+        assert!(quantize_q8_1(&x[..63], &mut q).is_err());
+    }
+
+    #[test]
+    fn bad_lengths_are_errors() {
+        let mut y = [0f32; 2];
+        assert!(matmul_q4_1(&[0; 20], 1, 33, &[0.0; 33], 1, &mut y[..1]).is_err());
+        assert!(matmul_q4_1(&[0; 19], 1, 32, &[0.0; 32], 1, &mut y[..1]).is_err());
+        assert!(matmul_q4_1(&[0; 20], 1, 32, &[0.0; 32], 2, &mut y).is_err());
+        assert!(dot_q4_1_q8_1(&[0; 20], &[BlockQ8_1::ZERO; 2]).is_err());
+    }
+}
