@@ -5,9 +5,10 @@
 //!
 //! What stays quantized and what does not:
 //! - every projection and the LM head: matmuls run on the quantized blocks with the activations
-//!   quantized to the type's dot-product blocks (Q8_0/Q8_1/Q8K), as llama.cpp does: Q4_1 on the
-//!   CPU through [`layerkv_kernels::quant::matmul_q4_1`] (AVX2, rayon over weight rows; candle's
-//!   Q4_1 dot product is scalar), every other type through candle's [`QMatMul`];
+//!   quantized to the type's dot-product blocks (Q8_0/Q8_1/Q8K), as llama.cpp does: Q4_1 and
+//!   Q8_0 on the CPU through [`layerkv_kernels::quant::matmul`] (AVX2 picked at run time, rayon
+//!   over weight rows; candle's dot products are scalar unless built with AVX enabled), every
+//!   other type through candle's [`QMatMul`];
 //! - the token embedding ([`QuantizedEmbedding`]): only the looked-up rows are dequantized
 //!   (llama.cpp's `get_rows`); a tied model's LM head is the same quantized matrix;
 //! - norm weights and biases: f32 (a few KiB per layer).
@@ -63,8 +64,9 @@ impl QuantizedLinear {
         self.weight.dtype()
     }
 
-    /// Q4_1 on the CPU: layerkv's AVX2 `Q4_1 x Q8_1` kernel (candle's is scalar).
-    fn forward_q4_1(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// Q4_1 and Q8_0 on the CPU: layerkv's AVX2 kernels (candle's run scalar in a default
+    /// build).
+    fn forward_cpu(&self, ty: quant::WeightType, x: &Tensor) -> candle_core::Result<Tensor> {
         let (n, k) = self.weight.shape().dims2()?;
         let mut dims = x.dims().to_vec();
         if dims.last() != Some(&k) {
@@ -74,7 +76,7 @@ impl QuantizedLinear {
         let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
         let mut y = vec![0f32; m * n];
         let w = self.weight.data()?;
-        quant::matmul_q4_1(&w, n, k, &xs, m, &mut y)
+        quant::matmul(ty, &w, n, k, &xs, m, &mut y)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         if let Some(last) = dims.last_mut() {
             *last = n;
@@ -87,13 +89,16 @@ impl Projection for QuantizedLinear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?.contiguous()?;
-        let y = if self.weight.dtype() == GgmlDType::Q4_1
-            && x.device().is_cpu()
-            && self.weight.device().is_cpu()
-        {
-            self.forward_q4_1(&x)?
-        } else {
-            self.matmul.forward(&x)?
+        let kernel = match self.weight.dtype() {
+            GgmlDType::Q4_1 => Some(quant::WeightType::Q4_1),
+            GgmlDType::Q8_0 => Some(quant::WeightType::Q8_0),
+            _ => None,
+        };
+        let y = match kernel {
+            Some(ty) if x.device().is_cpu() && self.weight.device().is_cpu() => {
+                self.forward_cpu(ty, &x)?
+            }
+            _ => self.matmul.forward(&x)?,
         };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,

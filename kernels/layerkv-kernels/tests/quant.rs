@@ -1,9 +1,10 @@
-//! The Q4_1 x Q8_1 kernels against dequantize-then-f32 on seeded random blocks:
+//! The Q4_1 x Q8_1 and Q8_0 x Q8_0 kernels against dequantize-then-f32 on seeded random
+//! blocks, for each weight type:
 //! - the dispatched dot product (AVX2+FMA+F16C on a CPU that has them) equals the portable one
 //!   and the f32 dot of the dequantized weight and dequantized activations (relative 1e-5), for
 //!   odd block counts;
 //! - against the unquantized activations, within the Q8 rounding bound;
-//! - `matmul_q4_1` equals the per-row dot products for m = 1, a few rows, and more rows than
+//! - `matmul` equals the per-row dot products for m = 1, a few rows, and more rows than
 //!   one cache tile, with a row count that leaves a partial rayon chunk.
 //!
 //! Fails if a nibble goes to the wrong element (e.g. swapping the high and low halves in the
@@ -12,9 +13,10 @@
 
 use half::f16;
 use layerkv_kernels::quant::{
-    dequantize_q4_1, dot_q4_1_q8_1, dot_q4_1_q8_1_portable, has_avx2, matmul_q4_1, quantize_q8_1,
-    BlockQ8_1, Q4_1_BLOCK_BYTES, QK,
+    dequantize, dot, dot_portable, has_avx2, matmul, quantize_q8_1, BlockQ8_1, WeightType, QK,
 };
+
+const TYPES: [WeightType; 2] = [WeightType::Q4_1, WeightType::Q8_0];
 
 /// xorshift64: seeded, dependency-free.
 struct Rng(u64);
@@ -32,16 +34,29 @@ impl Rng {
     }
 }
 
-/// `blocks` random Q4_1 blocks: scales like real weights (d ~ 0.01, m ~ -8 d).
-fn q4_1_blocks(rng: &mut Rng, blocks: usize) -> Vec<u8> {
-    let mut w = Vec::with_capacity(blocks * Q4_1_BLOCK_BYTES);
+/// `blocks` random blocks of `ty`: scales like real weights (Q4_1: d ~ 0.01, m ~ -8 d;
+/// Q8_0: d ~ 0.001).
+fn weight_blocks(rng: &mut Rng, ty: WeightType, blocks: usize) -> Vec<u8> {
+    let mut w = Vec::with_capacity(blocks * ty.block_bytes());
     for _ in 0..blocks {
-        let d = 0.002 + 0.02 * rng.unit().abs();
-        let m = -8.0 * d * (1.0 + 0.2 * rng.unit());
-        w.extend_from_slice(&f16::from_f32(d).to_le_bytes());
-        w.extend_from_slice(&f16::from_f32(m).to_le_bytes());
-        for _ in 0..16 {
-            w.push(rng.next() as u8);
+        match ty {
+            WeightType::Q4_1 => {
+                let d = 0.002 + 0.02 * rng.unit().abs();
+                let m = -8.0 * d * (1.0 + 0.2 * rng.unit());
+                w.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                w.extend_from_slice(&f16::from_f32(m).to_le_bytes());
+                for _ in 0..16 {
+                    w.push(rng.next() as u8);
+                }
+            }
+            WeightType::Q8_0 => {
+                let d = 0.0002 + 0.002 * rng.unit().abs();
+                w.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                for _ in 0..QK {
+                    // -127..=127, as llama.cpp's quantizer writes.
+                    w.push((rng.next() % 255) as u8 ^ 0x80);
+                }
+            }
         }
     }
     w
@@ -57,7 +72,7 @@ fn dequantize_q8_1(x: &[BlockQ8_1]) -> Vec<f32> {
         .collect()
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f64 {
+fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
     a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
 }
 
@@ -65,29 +80,32 @@ fn dot(a: &[f32], b: &[f32]) -> f64 {
 fn dot_product_matches_dequantized_f32() {
     eprintln!("AVX2+FMA+F16C path: {}", has_avx2());
     let mut rng = Rng(0x5eed_0001);
-    for blocks in [1usize, 3, 5, 17, 19, 37] {
+    for (ty, blocks) in TYPES
+        .iter()
+        .flat_map(|&t| [1usize, 3, 5, 17, 19, 37].map(|b| (t, b)))
+    {
         for _ in 0..20 {
-            let w = q4_1_blocks(&mut rng, blocks);
+            let w = weight_blocks(&mut rng, ty, blocks);
             let x = activations(&mut rng, blocks * QK);
             let mut xq = vec![BlockQ8_1::ZERO; blocks];
             quantize_q8_1(&x, &mut xq).unwrap();
             let mut wf = vec![0f32; blocks * QK];
-            dequantize_q4_1(&w, &mut wf).unwrap();
+            dequantize(ty, &w, &mut wf).unwrap();
             let xf = dequantize_q8_1(&xq);
-            let want = dot(&wf, &xf);
+            let want = dot_f64(&wf, &xf);
             let scale: f64 = wf.iter().zip(&xf).map(|(a, b)| (a * b).abs() as f64).sum();
-            let got = dot_q4_1_q8_1(&w, &xq).unwrap() as f64;
-            let portable = dot_q4_1_q8_1_portable(&w, &xq) as f64;
+            let got = dot(ty, &w, &xq).unwrap() as f64;
+            let portable = dot_portable(ty, &w, &xq) as f64;
             assert!(
                 (got - want).abs() <= 1e-5 * scale,
-                "{blocks} blocks: kernel {got} vs dequantized f32 {want} (scale {scale})"
+                "{ty:?}, {blocks} blocks: kernel {got} vs dequantized f32 {want} (scale {scale})"
             );
             assert!(
                 (portable - want).abs() <= 1e-5 * scale,
-                "{blocks} blocks: portable {portable} vs dequantized f32 {want}"
+                "{ty:?}, {blocks} blocks: portable {portable} vs dequantized f32 {want}"
             );
             // Against the unquantized activations: each x moves by at most d/2 = amax/254.
-            let exact = dot(&wf, &x);
+            let exact = dot_f64(&wf, &x);
             let bound: f64 = wf
                 .chunks(QK)
                 .zip(&xq)
@@ -95,7 +113,7 @@ fn dot_product_matches_dequantized_f32() {
                 .sum();
             assert!(
                 (got - exact).abs() <= bound * 1.001 + 1e-5 * scale,
-                "{blocks} blocks: {got} vs f32 {exact}, bound {bound}"
+                "{ty:?}, {blocks} blocks: {got} vs f32 {exact}, bound {bound}"
             );
         }
     }
@@ -106,30 +124,32 @@ fn matmul_matches_row_dots() {
     let mut rng = Rng(0x5eed_0002);
     let (n, kb) = (37usize, 5usize);
     let k = kb * QK;
-    let w = q4_1_blocks(&mut rng, n * kb);
-    for m in [1usize, 3, 70] {
-        let x = activations(&mut rng, m * k);
-        let mut y = vec![f32::NAN; m * n];
-        matmul_q4_1(&w, n, k, &x, m, &mut y).unwrap();
+    for ty in TYPES {
+        let w = weight_blocks(&mut rng, ty, n * kb);
         let mut wf = vec![0f32; n * k];
-        dequantize_q4_1(&w, &mut wf).unwrap();
-        for i in 0..m {
-            let mut xq = vec![BlockQ8_1::ZERO; kb];
-            quantize_q8_1(&x[i * k..(i + 1) * k], &mut xq).unwrap();
-            let xf = dequantize_q8_1(&xq);
-            for j in 0..n {
-                let wrow = &wf[j * k..(j + 1) * k];
-                let want = dot(wrow, &xf);
-                let scale: f64 = wrow
-                    .iter()
-                    .zip(&xf)
-                    .map(|(a, b)| (a * b).abs() as f64)
-                    .sum();
-                let got = y[i * n + j] as f64;
-                assert!(
-                    (got - want).abs() <= 1e-5 * scale,
-                    "m {m}: y[{i}, {j}] = {got}, dequantized f32 {want}"
-                );
+        dequantize(ty, &w, &mut wf).unwrap();
+        for m in [1usize, 3, 70] {
+            let x = activations(&mut rng, m * k);
+            let mut y = vec![f32::NAN; m * n];
+            matmul(ty, &w, n, k, &x, m, &mut y).unwrap();
+            for i in 0..m {
+                let mut xq = vec![BlockQ8_1::ZERO; kb];
+                quantize_q8_1(&x[i * k..(i + 1) * k], &mut xq).unwrap();
+                let xf = dequantize_q8_1(&xq);
+                for j in 0..n {
+                    let wrow = &wf[j * k..(j + 1) * k];
+                    let want = dot_f64(wrow, &xf);
+                    let scale: f64 = wrow
+                        .iter()
+                        .zip(&xf)
+                        .map(|(a, b)| (a * b).abs() as f64)
+                        .sum();
+                    let got = y[i * n + j] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * scale,
+                        "{ty:?}, m {m}: y[{i}, {j}] = {got}, dequantized f32 {want}"
+                    );
+                }
             }
         }
     }

@@ -1,27 +1,51 @@
-//! Quantized matrix products on the CPU for the GGUF types candle leaves on its scalar path:
-//! today Q4_1 (the default GGUF's type), whose `Q4_1 x Q8_1` dot product candle 0.10.2 runs
-//! one nibble at a time.
+//! Quantized matrix products on the CPU for the GGUF types that candle 0.10.2 runs on its
+//! scalar path in a default build (its AVX dot products are compiled only under
+//! `-C target-feature=+avx`): Q4_1 (the default GGUF's linear layers) and Q8_0 (its token
+//! embedding, which a tied model's LM head multiplies by).
 //!
 //! The scheme is llama.cpp's (`ggml-quants.c`, `ggml-cpu/arch/x86/quants.c`): activations are
-//! quantized per 32-element block to [`BlockQ8_1`] (i8 values, a scale `d` and `s = d * sum`),
-//! and a weight block `w = d_w * q + m_w` (q in 0..16) dots an activation block as
-//! `d_w * d_x * sum(q * q_x) + m_w * s_x`. Our Q8_1 blocks keep `d` and `s` in f32 (llama.cpp
-//! rounds them to f16), so they are a hair more precise than llama.cpp's.
+//! quantized per 32-element block to [`BlockQ8_1`] (i8 values, a scale `d` and `s = d * sum`).
+//! A Q4_1 weight block `w = d_w * q + m_w` (q in 0..16) dots an activation block as
+//! `d_w * d_x * sum(q * q_x) + m_w * s_x` (`Q4_1 x Q8_1`); a Q8_0 block `w = d_w * q` as
+//! `d_w * d_x * sum(q * q_x)` (`Q8_0 x Q8_0`, `s` unused). Our activation blocks keep `d` and
+//! `s` in f32 (llama.cpp rounds them to f16), so they are a hair more precise than llama.cpp's.
 //!
-//! The dot product runs on AVX2+FMA+F16C when the CPU has them (detected at run time with
-//! `is_x86_feature_detected!`; the build needs no target flags) and on a portable loop
-//! otherwise; both give the same sums up to f32 rounding. [`matmul_q4_1`] quantizes the
-//! activation rows once, then splits the weight rows over rayon's pool in chunks; within a
-//! chunk, activation rows go in tiles so a tile stays in cache while the chunk's weight rows
-//! (a few KiB) stay in L1. Cost: `m * n * k / 32` block dots; memory: the quantized
-//! activations (`m * k / 32` blocks of 40 bytes) plus, for `m > 1`, one `[n, m]` f32 buffer.
+//! The dot products run on AVX2+FMA+F16C when the CPU has them (detected at run time with
+//! `is_x86_feature_detected!`; the build needs no target flags) and on portable loops
+//! otherwise; both give the same sums up to f32 rounding. [`matmul`] quantizes the activation
+//! rows once, then splits the weight rows over rayon's pool in chunks; within a chunk,
+//! activation rows go in tiles so a tile stays in cache while the chunk's weight rows (a few
+//! KiB) stay in L1, and Q4_1 unpacks each weight block once for four activation rows. Cost:
+//! `m * n * k / 32` block dots; memory: the quantized activations (`m * k / 32` blocks of 40
+//! bytes) plus, for `m > 1`, one `[n, m]` f32 buffer.
 
 use rayon::prelude::*;
 
 use crate::error::{KernelError, Result};
 
-/// Elements per block of Q4_1 and Q8_1.
+/// Elements per block of Q4_1, Q8_0 and Q8_1.
 pub const QK: usize = 32;
+/// Bytes of one GGUF Q8_0 block: f16 `d`, 32 i8 values.
+pub const Q8_0_BLOCK_BYTES: usize = 34;
+
+/// A GGUF weight type these kernels run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightType {
+    /// 4-bit values with a scale and a minimum per 32 (20 bytes a block).
+    Q4_1,
+    /// 8-bit values with a scale per 32 (34 bytes a block).
+    Q8_0,
+}
+
+impl WeightType {
+    /// Bytes of one block of 32 weights.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            Self::Q4_1 => Q4_1_BLOCK_BYTES,
+            Self::Q8_0 => Q8_0_BLOCK_BYTES,
+        }
+    }
+}
 /// Bytes of one GGUF Q4_1 block: f16 `d`, f16 `m`, 16 bytes of nibbles (element `j` in the low
 /// nibble of byte `j`, element `j + 16` in its high nibble).
 pub const Q4_1_BLOCK_BYTES: usize = 20;
@@ -74,23 +98,31 @@ pub fn quantize_q8_1(x: &[f32], out: &mut [BlockQ8_1]) -> Result<()> {
     Ok(())
 }
 
-/// Dequantizes Q4_1 blocks (`w.len()` a multiple of 20 bytes) into `out` (32 values a block).
-pub fn dequantize_q4_1(w: &[u8], out: &mut [f32]) -> Result<()> {
-    if w.len() % Q4_1_BLOCK_BYTES != 0 || out.len() != w.len() / Q4_1_BLOCK_BYTES * QK {
+/// Dequantizes blocks of `ty` (`w.len()` whole blocks) into `out` (32 values a block).
+pub fn dequantize(ty: WeightType, w: &[u8], out: &mut [f32]) -> Result<()> {
+    let bb = ty.block_bytes();
+    if w.len() % bb != 0 || out.len() != w.len() / bb * QK {
         return Err(KernelError::Invalid(format!(
-            "dequantize_q4_1: {} bytes and {} outputs are not whole blocks of each other",
+            "dequantize {ty:?}: {} bytes and {} outputs are not whole blocks of each other",
             w.len(),
             out.len()
         )));
     }
-    for (b, out) in w
-        .chunks_exact(Q4_1_BLOCK_BYTES)
-        .zip(out.chunks_exact_mut(QK))
-    {
-        let (d, m) = block_dm(b);
-        for j in 0..QK / 2 {
-            out[j] = d * (b[4 + j] & 0x0F) as f32 + m;
-            out[j + QK / 2] = d * (b[4 + j] >> 4) as f32 + m;
+    for (b, out) in w.chunks_exact(bb).zip(out.chunks_exact_mut(QK)) {
+        match ty {
+            WeightType::Q4_1 => {
+                let (d, m) = block_dm(b);
+                for j in 0..QK / 2 {
+                    out[j] = d * (b[4 + j] & 0x0F) as f32 + m;
+                    out[j + QK / 2] = d * (b[4 + j] >> 4) as f32 + m;
+                }
+            }
+            WeightType::Q8_0 => {
+                let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+                for (o, &q) in out.iter_mut().zip(&b[2..]) {
+                    *o = d * (q as i8) as f32;
+                }
+            }
         }
     }
     Ok(())
@@ -103,18 +135,31 @@ fn block_dm(b: &[u8]) -> (f32, f32) {
     )
 }
 
-/// The portable `Q4_1 x Q8_1` dot product of one weight row (`x.len()` blocks of 20 bytes) and
-/// one quantized activation row.
-pub fn dot_q4_1_q8_1_portable(w: &[u8], x: &[BlockQ8_1]) -> f32 {
+/// The portable dot product of one weight row of `ty` (`x.len()` blocks) and one quantized
+/// activation row.
+pub fn dot_portable(ty: WeightType, w: &[u8], x: &[BlockQ8_1]) -> f32 {
     let mut sum = 0f32;
-    for (b, y) in w.chunks_exact(Q4_1_BLOCK_BYTES).zip(x) {
-        let (d, m) = block_dm(b);
-        let mut isum = 0i32;
-        for j in 0..QK / 2 {
-            isum += (b[4 + j] & 0x0F) as i32 * y.qs[j] as i32;
-            isum += (b[4 + j] >> 4) as i32 * y.qs[j + QK / 2] as i32;
+    for (b, y) in w.chunks_exact(ty.block_bytes()).zip(x) {
+        match ty {
+            WeightType::Q4_1 => {
+                let (d, m) = block_dm(b);
+                let mut isum = 0i32;
+                for j in 0..QK / 2 {
+                    isum += (b[4 + j] & 0x0F) as i32 * y.qs[j] as i32;
+                    isum += (b[4 + j] >> 4) as i32 * y.qs[j + QK / 2] as i32;
+                }
+                sum += d * y.d * isum as f32 + m * y.s;
+            }
+            WeightType::Q8_0 => {
+                let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+                let isum: i32 = b[2..]
+                    .iter()
+                    .zip(&y.qs)
+                    .map(|(&q, &v)| (q as i8) as i32 * v as i32)
+                    .sum();
+                sum += d * y.d * isum as f32;
+            }
         }
-        sum += d * y.d * isum as f32 + m * y.s;
     }
     sum
 }
@@ -133,22 +178,19 @@ pub fn has_avx2() -> bool {
     }
 }
 
-/// The `Q4_1 x Q8_1` dot product of one weight row and one activation row of `x.len()` blocks,
-/// on the widest units this CPU has.
-pub fn dot_q4_1_q8_1(w: &[u8], x: &[BlockQ8_1]) -> Result<f32> {
-    if w.len() != x.len() * Q4_1_BLOCK_BYTES {
+/// The dot product of one weight row of `ty` and one activation row of `x.len()` blocks, on
+/// the widest units this CPU has.
+pub fn dot(ty: WeightType, w: &[u8], x: &[BlockQ8_1]) -> Result<f32> {
+    if w.len() != x.len() * ty.block_bytes() {
         return Err(KernelError::Invalid(format!(
-            "dot_q4_1_q8_1: {} weight bytes for {} activation blocks",
+            "dot {ty:?}: {} weight bytes for {} activation blocks",
             w.len(),
             x.len()
         )));
     }
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: the features are present and the lengths were checked.
-        return Ok(unsafe { avx2::dot(w, x) });
-    }
-    Ok(dot_q4_1_q8_1_portable(w, x))
+    let mut out = [0f32];
+    rows_dot(ty, has_avx2(), w, x, x.len(), 0, 1, &mut out);
+    Ok(out[0])
 }
 
 /// Weight rows a rayon task computes.
@@ -156,19 +198,27 @@ const ROWS_PER_TASK: usize = 16;
 /// Activation rows computed against a task's weight rows before moving on (cache tile).
 const ACT_TILE: usize = 64;
 
-/// `y [m, n] = x [m, k] W^T` for a Q4_1 weight `W [n, k]` given as its GGUF bytes (row `j` is
-/// bytes `j * k / 32 * 20 ..`). `k` must be a multiple of 32.
-pub fn matmul_q4_1(w: &[u8], n: usize, k: usize, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
+/// `y [m, n] = x [m, k] W^T` for a weight `W [n, k]` of `ty` given as its GGUF bytes (row `j`
+/// is bytes `j * k / 32 * block_bytes ..`). `k` must be a multiple of 32.
+pub fn matmul(
+    ty: WeightType,
+    w: &[u8],
+    n: usize,
+    k: usize,
+    x: &[f32],
+    m: usize,
+    y: &mut [f32],
+) -> Result<()> {
     if k % QK != 0 {
         return Err(KernelError::Invalid(format!(
-            "matmul_q4_1: k = {k} is not a multiple of {QK}"
+            "matmul {ty:?}: k = {k} is not a multiple of {QK}"
         )));
     }
     let kb = k / QK;
-    let row_bytes = kb * Q4_1_BLOCK_BYTES;
+    let row_bytes = kb * ty.block_bytes();
     if w.len() != n * row_bytes || x.len() != m * k || y.len() != m * n {
         return Err(KernelError::Invalid(format!(
-            "matmul_q4_1: [{n}, {k}] weight needs {} bytes (got {}), x [{m}, {k}] {} values \
+            "matmul {ty:?}: [{n}, {k}] weight needs {} bytes (got {}), x [{m}, {k}] {} values \
              (got {}), y [{m}, {n}] {} (got {})",
             n * row_bytes,
             w.len(),
@@ -197,7 +247,7 @@ pub fn matmul_q4_1(w: &[u8], n: usize, k: usize, x: &[f32], m: usize, y: &mut [f
                 let j = first + r;
                 let wrow = &w[j * row_bytes..(j + 1) * row_bytes];
                 let out = &mut out[r * m..(r + 1) * m];
-                rows_dot(avx2, wrow, &xq, kb, tile, tile_end, out);
+                rows_dot(ty, avx2, wrow, &xq, kb, tile, tile_end, out);
             }
         }
     };
@@ -220,7 +270,9 @@ pub fn matmul_q4_1(w: &[u8], n: usize, k: usize, x: &[f32], m: usize, y: &mut [f
 }
 
 /// `out[i] = dot(wrow, xq row i)` for activation rows `from..to`.
+#[allow(clippy::too_many_arguments)]
 fn rows_dot(
+    ty: WeightType,
     avx2: bool,
     wrow: &[u8],
     xq: &[BlockQ8_1],
@@ -232,12 +284,17 @@ fn rows_dot(
     #[cfg(target_arch = "x86_64")]
     if avx2 {
         // SAFETY: `avx2` is `has_avx2()`; `wrow` is `kb` blocks and `xq` holds `to` rows of `kb`.
-        unsafe { avx2::rows(wrow, xq, kb, from, to, out) };
+        unsafe {
+            match ty {
+                WeightType::Q4_1 => avx2::rows_q4_1(wrow, xq, kb, from, to, out),
+                WeightType::Q8_0 => avx2::rows_q8_0(wrow, xq, kb, from, to, out),
+            }
+        };
         return;
     }
     let _ = avx2;
     for i in from..to {
-        out[i] = dot_q4_1_q8_1_portable(wrow, &xq[i * kb..(i + 1) * kb]);
+        out[i] = dot_portable(ty, wrow, &xq[i * kb..(i + 1) * kb]);
     }
 }
 
@@ -245,7 +302,7 @@ fn rows_dot(
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{BlockQ8_1, Q4_1_BLOCK_BYTES};
+    use super::{BlockQ8_1, Q4_1_BLOCK_BYTES, Q8_0_BLOCK_BYTES};
 
     /// Sum of the eight lanes.
     #[inline]
@@ -267,7 +324,7 @@ mod avx2 {
     /// AVX2, FMA and F16C must be present; `w` must hold `x.len()` blocks.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot(w: &[u8], x: &[BlockQ8_1]) -> f32 {
+    unsafe fn dot_q4_1(w: &[u8], x: &[BlockQ8_1]) -> f32 {
         let low = _mm256_set1_epi8(0x0F);
         let ones = _mm256_set1_epi16(1);
         let mut acc0 = _mm256_setzero_ps();
@@ -304,14 +361,14 @@ mod avx2 {
         hsum(_mm256_add_ps(acc0, acc1)) + _mm_cvtss_f32(mins)
     }
 
-    /// [`dot`] of one weight row against four activation rows `i..i + 4` at once: each weight
+    /// [`dot_q4_1`] of one weight row against four activation rows `i..i + 4` at once: each weight
     /// block is unpacked once for the four (prefill's reuse).
     ///
     /// # Safety
-    /// As [`dot`]; `w` holds `kb` blocks, `x` at least `(i + 4) * kb` blocks.
+    /// As [`dot_q4_1`]; `w` holds `kb` blocks, `x` at least `(i + 4) * kb` blocks.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot4(w: &[u8], x: &[BlockQ8_1], kb: usize, i: usize) -> [f32; 4] {
+    unsafe fn dot4_q4_1(w: &[u8], x: &[BlockQ8_1], kb: usize, i: usize) -> [f32; 4] {
         let low = _mm256_set1_epi8(0x0F);
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); 4];
@@ -358,13 +415,13 @@ mod avx2 {
         ]
     }
 
-    /// [`dot`] of one weight row against activation rows `from..to` into `out[from..to]`,
+    /// [`dot_q4_1`] of one weight row against activation rows `from..to` into `out[from..to]`,
     /// four rows at a time.
     ///
     /// # Safety
-    /// As [`dot`]; `w` holds `kb` blocks, `x` at least `to * kb` blocks, `out` `to` values.
+    /// As [`dot_q4_1`]; `w` holds `kb` blocks, `x` at least `to * kb` blocks, `out` `to` values.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn rows(
+    pub(super) unsafe fn rows_q4_1(
         w: &[u8],
         x: &[BlockQ8_1],
         kb: usize,
@@ -375,13 +432,68 @@ mod avx2 {
         let mut i = from;
         while i + 4 <= to {
             // SAFETY: rows i..i + 4 are below `to`.
-            out[i..i + 4].copy_from_slice(&unsafe { dot4(w, x, kb, i) });
+            out[i..i + 4].copy_from_slice(&unsafe { dot4_q4_1(w, x, kb, i) });
             i += 4;
         }
         while i < to {
             // SAFETY: the caller's lengths.
-            out[i] = unsafe { dot(w, &x[i * kb..(i + 1) * kb]) };
+            out[i] = unsafe { dot_q4_1(w, &x[i * kb..(i + 1) * kb]) };
             i += 1;
+        }
+    }
+    /// ggml's `ggml_vec_dot_q8_0_q8_0` AVX2 path: signs moved onto the activations so
+    /// `maddubs` multiplies |w| (unsigned) by sign(w) * x (signed), pairs summed to i32,
+    /// scaled by `d_w * d_x` into f32 accumulators.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C must be present; `w` must hold `x.len()` Q8_0 blocks.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_q8_0(w: &[u8], x: &[BlockQ8_1]) -> f32 {
+        let ones = _mm256_set1_epi16(1);
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let p = w.as_ptr();
+        for (b, y) in x.iter().enumerate() {
+            // SAFETY: block b is inside `w` (34 bytes; the caller's lengths).
+            unsafe {
+                let blk = p.add(b * Q8_0_BLOCK_BYTES);
+                let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
+                    blk as *const u16,
+                ) as i32)));
+                let qw = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+                let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
+                let ax = _mm256_sign_epi8(qw, qw);
+                let sy = _mm256_sign_epi8(qy, qw);
+                let dot = _mm256_madd_epi16(ones, _mm256_maddubs_epi16(ax, sy));
+                let scale = _mm256_set1_ps(d * y.d);
+                if b % 2 == 0 {
+                    acc0 = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), acc0);
+                } else {
+                    acc1 = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), acc1);
+                }
+            }
+        }
+        hsum(_mm256_add_ps(acc0, acc1))
+    }
+
+    /// [`dot_q8_0`] of one weight row against activation rows `from..to` into `out[from..to]`.
+    ///
+    /// # Safety
+    /// As [`dot_q8_0`]; `w` holds `kb` blocks, `x` at least `to * kb` blocks, `out` `to`
+    /// values.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn rows_q8_0(
+        w: &[u8],
+        x: &[BlockQ8_1],
+        kb: usize,
+        from: usize,
+        to: usize,
+        out: &mut [f32],
+    ) {
+        for i in from..to {
+            // SAFETY: the caller's lengths.
+            out[i] = unsafe { dot_q8_0(w, &x[i * kb..(i + 1) * kb]) };
         }
     }
 }
@@ -408,9 +520,11 @@ mod tests {
     #[test]
     fn bad_lengths_are_errors() {
         let mut y = [0f32; 2];
-        assert!(matmul_q4_1(&[0; 20], 1, 33, &[0.0; 33], 1, &mut y[..1]).is_err());
-        assert!(matmul_q4_1(&[0; 19], 1, 32, &[0.0; 32], 1, &mut y[..1]).is_err());
-        assert!(matmul_q4_1(&[0; 20], 1, 32, &[0.0; 32], 2, &mut y).is_err());
-        assert!(dot_q4_1_q8_1(&[0; 20], &[BlockQ8_1::ZERO; 2]).is_err());
+        let q = WeightType::Q4_1;
+        assert!(matmul(q, &[0; 20], 1, 33, &[0.0; 33], 1, &mut y[..1]).is_err());
+        assert!(matmul(q, &[0; 19], 1, 32, &[0.0; 32], 1, &mut y[..1]).is_err());
+        assert!(matmul(q, &[0; 20], 1, 32, &[0.0; 32], 2, &mut y).is_err());
+        assert!(dot(q, &[0; 20], &[BlockQ8_1::ZERO; 2]).is_err());
+        assert!(dot(WeightType::Q8_0, &[0; 20], &[BlockQ8_1::ZERO; 1]).is_err());
     }
 }
