@@ -325,40 +325,47 @@ mod avx2 {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot_q4_1(w: &[u8], x: &[BlockQ8_1]) -> f32 {
-        let low = _mm256_set1_epi8(0x0F);
-        let ones = _mm256_set1_epi16(1);
-        let mut acc0 = _mm256_setzero_ps();
-        let mut acc1 = _mm256_setzero_ps();
-        let mut mins = _mm_setzero_ps();
+        let mut acc = [_mm256_setzero_ps(); 2];
+        // Lane 1 accumulates m_w * s_x (lane 0 holds d_w * d_x sums, unused).
+        let mut mins = [_mm_setzero_ps(); 2];
         let p = w.as_ptr();
-        let mut b = 0;
-        while b < x.len() {
-            // SAFETY: block b is inside `w` (20 bytes) and `x` (the caller's lengths).
-            unsafe {
-                let blk = p.add(b * Q4_1_BLOCK_BYTES);
-                let y = x.get_unchecked(b);
-                // d and m (two f16) to f32 in one conversion.
-                let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
-                    blk as *const i32,
-                )));
-                let ds = _mm_set_ps(0.0, 0.0, y.s, y.d);
-                // lanes: d_w * d_x, m_w * s_x
-                let prod = _mm_mul_ps(dm, ds);
-                mins = _mm_add_ss(mins, _mm_shuffle_ps(prod, prod, 1));
-                let tmp = _mm_loadu_si128(blk.add(4) as *const __m128i);
-                let qx = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp), low);
-                let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
-                let dot = _mm256_madd_epi16(ones, _mm256_maddubs_epi16(qx, qy));
-                let scale = _mm256_broadcastss_ps(prod);
-                if b % 2 == 0 {
-                    acc0 = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), acc0);
-                } else {
-                    acc1 = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), acc1);
-                }
-            }
-            b += 1;
+        // Two independent chains, so the adds do not wait on each other's latency.
+        for (b, y) in x.iter().enumerate() {
+            let c = b & 1;
+            // SAFETY: block b is inside `w` (20 bytes; the caller's lengths).
+            let (scale, dot, prod) = unsafe { q4_1_block(p.add(b * Q4_1_BLOCK_BYTES), y) };
+            acc[c] = _mm256_fmadd_ps(scale, dot, acc[c]);
+            mins[c] = _mm_add_ps(mins[c], prod);
         }
-        hsum(_mm256_add_ps(acc0, acc1)) + _mm_cvtss_f32(mins)
+        let m = _mm_add_ps(mins[0], mins[1]);
+        hsum(_mm256_add_ps(acc[0], acc[1])) + _mm_cvtss_f32(_mm_shuffle_ps(m, m, 1))
+    }
+
+    /// One Q4_1 block at `blk` against `y`: `(d_w * d_x` in every lane, the eight i32 pair
+    /// sums of `q * q_x` as f32, `[d_w * d_x, m_w * s_x, 0, 0])`.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C must be present; 20 bytes must be readable at `blk`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_1_block(blk: *const u8, y: &BlockQ8_1) -> (__m256, __m256, __m128) {
+        // SAFETY: the caller's 20 bytes; `y.d` and `y.s` are adjacent f32 (`repr(C)`).
+        unsafe {
+            // d and m (two f16) to f32 in one conversion; [d_x, s_x] in one load.
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
+                blk as *const i32,
+            )));
+            let ds = _mm_castpd_ps(_mm_load_sd((y as *const BlockQ8_1).cast::<f64>()));
+            let prod = _mm_mul_ps(dm, ds);
+            let tmp = _mm_loadu_si128(blk.add(4) as *const __m128i);
+            let qx = _mm256_and_si256(
+                _mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp),
+                _mm256_set1_epi8(0x0F),
+            );
+            let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
+            let dot = _mm256_madd_epi16(_mm256_set1_epi16(1), _mm256_maddubs_epi16(qx, qy));
+            (_mm256_broadcastss_ps(prod), _mm256_cvtepi32_ps(dot), prod)
+        }
     }
 
     /// [`dot_q4_1`] of one weight row against four activation rows `i..i + 4` at once: each weight
