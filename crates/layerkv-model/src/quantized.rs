@@ -8,7 +8,9 @@
 //!   quantized to the type's dot-product blocks (Q8_0/Q8_1/Q8K), as llama.cpp does: Q4_1 and
 //!   Q8_0 on the CPU through [`layerkv_kernels::quant::matmul`] (AVX2 picked at run time, rayon
 //!   over weight rows; candle's dot products are scalar unless built with AVX enabled), every
-//!   other type through candle's [`QMatMul`];
+//!   other type through candle's [`QMatMul`]; from [`DENSE_FROM_ROWS`] rows (prefill), Q4_1
+//!   and Q8_0 products dequantize their weight in chunks and run candle's f32 matmul instead,
+//!   as llama.cpp's BLAS backend does, so prefill keeps the f32 path's speed;
 //! - the token embedding ([`QuantizedEmbedding`]): only the looked-up rows are dequantized
 //!   (llama.cpp's `get_rows`); a tied model's LM head is the same quantized matrix;
 //! - norm weights and biases: f32 (a few KiB per layer).
@@ -46,6 +48,33 @@ pub struct QuantizedLinear {
     weight: Arc<QTensor>,
     matmul: QMatMul,
     bias: Option<Tensor>,
+    dense_from_rows: Option<usize>,
+}
+
+/// Rows from which a Q4_1 or Q8_0 product on the CPU dequantizes its weight into f32 chunks
+/// and runs candle's f32 matmul (prefill): the dequantization is paid once for all rows, and
+/// the f32 matmul uses the widest units the CPU has (llama.cpp's BLAS backend does the same
+/// from 32 rows).
+pub const DENSE_FROM_ROWS: usize = 32;
+
+/// Most f32 values a dense product dequantizes at a time (16 MiB): a large LM head goes in
+/// chunks of its rows, so the scratch stays small.
+const DENSE_CHUNK_VALUES: usize = 1 << 22;
+
+/// How [`load_gguf_with`] builds the quantized layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuantizedOptions {
+    /// Rows from which Q4_1 and Q8_0 products on the CPU run dense (see [`DENSE_FROM_ROWS`]);
+    /// `None`: always on the quantized kernels (activations quantized to Q8 blocks).
+    pub dense_from_rows: Option<usize>,
+}
+
+impl Default for QuantizedOptions {
+    fn default() -> Self {
+        Self {
+            dense_from_rows: Some(DENSE_FROM_ROWS),
+        }
+    }
 }
 
 impl QuantizedLinear {
@@ -56,7 +85,15 @@ impl QuantizedLinear {
             weight,
             matmul,
             bias,
+            dense_from_rows: Some(DENSE_FROM_ROWS),
         })
+    }
+
+    /// Sets the rows from which Q4_1 and Q8_0 products run dense ([`DENSE_FROM_ROWS`]);
+    /// `None`: never.
+    pub fn with_dense_from_rows(mut self, rows: Option<usize>) -> Self {
+        self.dense_from_rows = rows;
+        self
     }
 
     /// The weight's GGUF type.
@@ -73,14 +110,35 @@ impl QuantizedLinear {
             candle_core::bail!("input {dims:?} does not end in the weight's {k} columns");
         }
         let m = x.elem_count() / k;
-        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let mut y = vec![0f32; m * n];
         let w = self.weight.data()?;
-        quant::matmul(ty, &w, n, k, &xs, m, &mut y)
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let fail = |e: layerkv_kernels::KernelError| candle_core::Error::Msg(e.to_string());
         if let Some(last) = dims.last_mut() {
             *last = n;
         }
+        if self.dense_from_rows.is_some_and(|r| m >= r) {
+            // Dequantize chunks of weight rows and multiply in f32.
+            let x = x.reshape((m, k))?;
+            let row_bytes = k / quant::QK * ty.block_bytes();
+            let rows_per_chunk = (DENSE_CHUNK_VALUES / k.max(1)).clamp(1, n.max(1));
+            let mut parts = Vec::with_capacity(n.div_ceil(rows_per_chunk));
+            for first in (0..n).step_by(rows_per_chunk) {
+                let rows = rows_per_chunk.min(n - first);
+                let mut buf = vec![0f32; rows * k];
+                let bytes = &w[first * row_bytes..(first + rows) * row_bytes];
+                quant::dequantize(ty, bytes, &mut buf).map_err(fail)?;
+                let chunk = Tensor::from_vec(buf, (rows, k), x.device())?;
+                parts.push(x.matmul(&chunk.t()?)?);
+            }
+            let y = if parts.len() == 1 {
+                parts.remove(0)
+            } else {
+                Tensor::cat(&parts, 1)?
+            };
+            return y.reshape(dims);
+        }
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let mut y = vec![0f32; m * n];
+        quant::matmul(ty, &w, n, k, &xs, m, &mut y).map_err(fail)?;
         Tensor::from_vec(y, dims, x.device())
     }
 }
@@ -174,6 +232,7 @@ struct Reader<'a> {
     path: &'a Path,
     reader: BufReader<File>,
     plan: &'a Plan,
+    opts: QuantizedOptions,
 }
 
 impl Reader<'_> {
@@ -282,7 +341,9 @@ impl Reader<'_> {
         } else {
             None
         };
-        Ok(Box::new(QuantizedLinear::new(w, b)?))
+        Ok(Box::new(
+            QuantizedLinear::new(w, b)?.with_dense_from_rows(self.opts.dense_from_rows),
+        ))
     }
 }
 
@@ -314,6 +375,11 @@ pub struct GgufModel {
 /// projections; the embedding table stays on the CPU. Errors name the file and the tensor
 /// (unsupported types and architectures, shapes, truncation).
 pub fn load_gguf(gguf: &Path, device: &Device) -> Result<GgufModel> {
+    load_gguf_with(gguf, device, &QuantizedOptions::default())
+}
+
+/// [`load_gguf`] with options (when products run dense).
+pub fn load_gguf_with(gguf: &Path, device: &Device, opts: &QuantizedOptions) -> Result<GgufModel> {
     let (mut reader, content, len) = read_header(gguf)?;
     let mut p = plan(gguf, content, len)?;
     apply_rope_freqs(gguf, &mut reader, &mut p)?;
@@ -323,6 +389,7 @@ pub fn load_gguf(gguf: &Path, device: &Device) -> Result<GgufModel> {
         path: gguf,
         reader,
         plan: &p,
+        opts: *opts,
     };
     let (h, d) = (cfg.hidden_size, cfg.head_dim());
     let (q_out, kv_out) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d);
@@ -358,10 +425,12 @@ pub fn load_gguf(gguf: &Path, device: &Device) -> Result<GgufModel> {
         r.linear("output", cfg.vocab_size, h, false, None, device)?
     } else if matches!(device, Device::Cpu) {
         // Tied: the LM head multiplies by the embedding's own quantized matrix (one copy).
-        Box::new(QuantizedLinear::new(embed.clone(), None)?)
+        Box::new(
+            QuantizedLinear::new(embed.clone(), None)?.with_dense_from_rows(opts.dense_from_rows),
+        )
     } else {
         let head = r.qtensor("token_embd.weight", &[cfg.vocab_size, h], None, device)?;
-        Box::new(QuantizedLinear::new(head, None)?)
+        Box::new(QuantizedLinear::new(head, None)?.with_dense_from_rows(opts.dense_from_rows))
     };
     let embed = QuantizedEmbedding::new(embed)?;
     let model = Model::from_quantized_parts(cfg, embed, layers, norm, lm_head, device)?;

@@ -19,7 +19,8 @@
 //!   converted to f32, within what quantizing the activations to Q8 blocks costs (llama, with
 //!   its Q/K permutation undone on quantized rows, and qwen2 with biases and a tied head); a
 //!   wrong tensor shape is an error naming the tensor, an unsupported type one naming the file
-//!   and the tensor.
+//!   and the tensor; from `dense_from_rows` rows a prefill runs on the dequantized weights and
+//!   gives the f32 conversion's logits.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -31,7 +32,7 @@ use candle_core::{DType, Device, Tensor};
 use layerkv::Policy;
 use layerkv_model::convert::{gguf_name, gguf_to_model_dir, permute_qk, read_gguf_summary};
 use layerkv_model::engine::{Engine, EngineConfig, LogitsRows, PrefillMode};
-use layerkv_model::quantized::load_gguf;
+use layerkv_model::quantized::{load_gguf, load_gguf_with, QuantizedOptions};
 use layerkv_model::{Model, ModelConfig, ModelError};
 use layerkv_testkit::max_abs_diff;
 
@@ -967,9 +968,11 @@ fn amax(t: &Tensor) -> f32 {
 
 /// The quantized model of `gguf` against the same file converted to f32: the weights are the
 /// same numbers, so what differs is the activations' quantization to Q8 blocks (llama.cpp's
-/// scheme). Returns the max |logit difference| relative to the largest |logit|.
-fn quantized_vs_converted(gguf: &Path, converted: &Path) -> f32 {
-    let q = load_gguf(gguf, &Device::Cpu).unwrap();
+/// scheme; with `dense_from_rows` at most the prompt's length, none: the prompt runs on the
+/// dequantized weights in f32). Returns the max |logit difference| relative to the largest
+/// |logit|.
+fn quantized_vs_converted(gguf: &Path, converted: &Path, opts: QuantizedOptions) -> f32 {
+    let q = load_gguf_with(gguf, &Device::Cpu, &opts).unwrap();
     // The prompt's rows only: the greedy continuation may part at a near tie of a random model.
     let rows = PROMPT.len();
     let got = run_model_logits(Arc::new(q.model))
@@ -1013,7 +1016,10 @@ fn quantized_gguf_runs_like_its_f32_conversion() {
         write_gguf(&gguf, &wide, &w, ty);
         let converted = tmp(&format!("q-{ty:?}"));
         gguf_to_model_dir(&gguf, &converted).unwrap();
-        let rel = quantized_vs_converted(&gguf, &converted);
+        let kernels = QuantizedOptions {
+            dense_from_rows: None,
+        };
+        let rel = quantized_vs_converted(&gguf, &converted, kernels);
         // Measured: 0.0056-0.0093 for the quantized types, 0 for F16 and BF16 (prompt rows,
         // seed 21).
         assert!(
@@ -1028,10 +1034,40 @@ fn quantized_gguf_runs_like_its_f32_conversion() {
         write_gguf(&gguf, &s, &w, GgmlDType::Q4_1);
         let converted = tmp(&format!("{arch}-q4_1"));
         gguf_to_model_dir(&gguf, &converted).unwrap();
-        let rel = quantized_vs_converted(&gguf, &converted);
+        let rel = quantized_vs_converted(&gguf, &converted, QuantizedOptions::default());
         assert!(
             rel <= 0.02,
             "{arch}: quantized vs f32 logits differ by {rel} (relative)"
+        );
+    }
+}
+
+#[test]
+fn quantized_prefill_runs_dense_on_the_dequantized_weights() {
+    // From `dense_from_rows` rows, Q4_1 and Q8_0 products dequantize their weight and multiply
+    // in f32: the prompt's logits are the f32 conversion's. Fails if the dense path reads the
+    // wrong weight bytes; the chunking of large weights is checked on the real model's LM head
+    // (tests/quantized.rs).
+    let _clean = Clean;
+    let s = Spec {
+        hidden: 256,
+        layers: 2,
+        ffn: 256,
+        ..spec("llama")
+    };
+    let w = weights(&s, 26);
+    for ty in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        let gguf = tmp(&format!("dense-{ty:?}.gguf"));
+        write_gguf(&gguf, &s, &w, ty);
+        let converted = tmp(&format!("dense-{ty:?}"));
+        gguf_to_model_dir(&gguf, &converted).unwrap();
+        let dense = QuantizedOptions {
+            dense_from_rows: Some(2),
+        };
+        let rel = quantized_vs_converted(&gguf, &converted, dense);
+        assert!(
+            rel <= 1e-5,
+            "{ty:?}: dense prefill differs by {rel} (relative)"
         );
     }
 }

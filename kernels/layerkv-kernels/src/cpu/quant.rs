@@ -108,6 +108,15 @@ pub fn dequantize(ty: WeightType, w: &[u8], out: &mut [f32]) -> Result<()> {
             out.len()
         )));
     }
+    // Chunks of 64 blocks over rayon's pool (a prefill dequantizes whole weights).
+    w.par_chunks(64 * bb)
+        .zip(out.par_chunks_mut(64 * QK))
+        .for_each(|(w, out)| dequantize_blocks(ty, w, out));
+    Ok(())
+}
+
+fn dequantize_blocks(ty: WeightType, w: &[u8], out: &mut [f32]) {
+    let bb = ty.block_bytes();
     for (b, out) in w.chunks_exact(bb).zip(out.chunks_exact_mut(QK)) {
         match ty {
             WeightType::Q4_1 => {
@@ -125,7 +134,6 @@ pub fn dequantize(ty: WeightType, w: &[u8], out: &mut [f32]) -> Result<()> {
             }
         }
     }
-    Ok(())
 }
 
 fn block_dm(b: &[u8]) -> (f32, f32) {
