@@ -17,7 +17,6 @@
 //! `--retrieval-len` tokens per probed map.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -29,7 +28,7 @@ use layerkv::{LayerMap, Policy, PolicyBuilder};
 use layerkv_model::calibrate::{text_samples, EngineCalibrator, RetrievalProbes};
 use layerkv_model::engine::EngineConfig;
 use layerkv_model::needle::{Generator, Grid, Task};
-use layerkv_model::{Model, SessionOptions};
+use layerkv_model::SessionOptions;
 
 use crate::device::DeviceArgs;
 use crate::plot;
@@ -265,12 +264,6 @@ pub struct Calibrated {
 /// (`.candidates.json`), the heatmap (`.heatmap.png`), the NLL after each accepted layer
 /// (`.steps.png`) and the `--save-at` maps. Progress goes to stderr unless `quiet`.
 pub fn calibrate_to_file(args: &CalibrateArgs, quiet: bool) -> Result<Calibrated> {
-    let dir = match &args.model {
-        Some(d) => layerkv_model::assets::resolve_model(d)?,
-        None => {
-            layerkv_model::assets::ensure_default_model().context("fetching the default model")?
-        }
-    };
     let text_path = match &args.text {
         Some(t) => t.clone(),
         None => {
@@ -279,8 +272,7 @@ pub fn calibrate_to_file(args: &CalibrateArgs, quiet: bool) -> Result<Calibrated
                 .python_docs
         }
     };
-    let (device, dtype) = args.device.resolve()?;
-    let model = Arc::new(Model::load(&dir, dtype, &device)?);
+    let (dir, model, dtype) = args.device.load_model(args.model.as_deref())?;
     let tokenizer = layerkv_model::tokenizer::load(&dir)?;
     let text = std::fs::read_to_string(&text_path)
         .with_context(|| format!("reading {}", text_path.display()))?;

@@ -144,6 +144,7 @@ fn calibrated_policy(model_dir: &Path, text: &Path) -> Result<(Policy, String)> 
         device: DeviceArgs {
             device: "cpu".into(),
             dtype: "f32".into(),
+            weights: "quantized".into(),
         },
         sample_len: settings.sample_len,
         share: 0.0,

@@ -1,9 +1,14 @@
-//! `--device cpu|cuda[:N]` and `--dtype f32|bf16|f16`: where a command runs the model and in
-//! which float type. CUDA is a build-time feature (`cargo build --features cuda`, which needs
+//! `--device cpu|cuda[:N]`, `--dtype f32|bf16|f16` and `--weights quantized|f32`: where a
+//! command runs the model, in which float type, and whether a GGUF runs in its own quantized
+//! types or converted to a dense model directory ([`DeviceArgs::load_model`]). CUDA is a build-time feature (`cargo build --features cuda`, which needs
 //! the CUDA toolkit); a binary built without it says so in one line instead of failing later.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
+use layerkv_model::{assets, quantized, Model};
 
 /// The device and dtype flags of the commands that run a model.
 #[derive(clap::Args, Clone, Debug)]
@@ -15,6 +20,29 @@ pub struct DeviceArgs {
     /// Weights, activations and KV storage dtype: f32, f16 or bf16 (bf16 on cuda only).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// How a GGUF `--model` runs: `quantized` (its own tensor types, f32 activations, about
+    /// the file's size in memory) or `f32` (converted once to a dense model directory, where
+    /// `--dtype` applies). Model directories always run dense.
+    #[arg(long, default_value = "quantized")]
+    pub weights: String,
+}
+
+/// How a GGUF file's weights run (`--weights`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Weights {
+    /// In the file's own tensor types ([`quantized::load_gguf`]).
+    Quantized,
+    /// Converted once to a dense model directory.
+    Dense,
+}
+
+/// Parses a `--weights` value.
+pub fn weights(name: &str) -> Result<Weights> {
+    match name {
+        "quantized" => Ok(Weights::Quantized),
+        "f32" | "dense" => Ok(Weights::Dense),
+        other => bail!("--weights {other:?}: unknown (quantized, f32)"),
+    }
 }
 
 impl DeviceArgs {
@@ -29,6 +57,40 @@ impl DeviceArgs {
             );
         }
         Ok((device, dtype))
+    }
+
+    /// The model directory of `model` and the model loaded from it: a GGUF file under
+    /// `--weights quantized` loads in its own types (the directory then holds its config and
+    /// tokenizer only); any other path is resolved (a GGUF converted once) and loaded dense in
+    /// `--dtype`; none is the embedded default, fetched on first use. Returns the directory,
+    /// the model and the activation (and KV) dtype.
+    pub fn load_model(&self, model: Option<&Path>) -> Result<(PathBuf, Arc<Model>, DType)> {
+        let (device, dtype) = self.resolve()?;
+        let mode = weights(&self.weights)?;
+        if let Some(path) = model {
+            if mode == Weights::Quantized && assets::is_gguf_file(path)? {
+                if dtype != DType::F32 {
+                    bail!(
+                        "--dtype {} with a GGUF run quantized: quantized weights take f32 \
+                         activations; pass --weights f32 to run the GGUF converted in {}",
+                        self.dtype,
+                        self.dtype
+                    );
+                }
+                let dir = assets::gguf_metadata_dir(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                let q = quantized::load_gguf(path, &device)
+                    .with_context(|| format!("loading {} quantized", path.display()))?;
+                return Ok((dir, Arc::new(q.model), DType::F32));
+            }
+        }
+        let dir = match model {
+            Some(d) => assets::resolve_model(d)?,
+            None => assets::ensure_default_model().context("fetching the default model")?,
+        };
+        let m = Model::load(&dir, dtype, &device)
+            .with_context(|| format!("loading {}", dir.display()))?;
+        Ok((dir, Arc::new(m), dtype))
     }
 }
 
@@ -95,7 +157,13 @@ mod tests {
         let args = |device: &str, dtype: &str| DeviceArgs {
             device: device.into(),
             dtype: dtype.into(),
+            weights: "quantized".into(),
         };
+        assert_eq!(weights("f32").unwrap(), Weights::Dense);
+        assert!(weights("q4")
+            .unwrap_err()
+            .to_string()
+            .contains("quantized, f32"));
         assert!(args("cpu", "f16").resolve().is_ok());
         let e = args("cpu", "bf16").resolve().unwrap_err().to_string();
         assert!(e.contains("--dtype bf16 on cpu"), "{e}");

@@ -125,24 +125,14 @@ impl SamplingArgs {
     }
 }
 
-/// The model directory of `--model` (a GGUF is converted once; none: the embedded default,
-/// fetched on first use) and the model loaded from it on `--device` in `--dtype`. Returns the
-/// directory, the model and the dtype.
+/// The model directory of `--model` and the model loaded from it (see
+/// [`DeviceArgs::load_model`]: a GGUF runs quantized unless `--weights f32`; none: the
+/// embedded default, fetched on first use). Returns the directory, the model and the dtype.
 pub fn load_model(
     model: Option<&PathBuf>,
     device: &DeviceArgs,
 ) -> Result<(PathBuf, Arc<Model>, candle_core::DType)> {
-    let (device, dtype) = device.resolve()?;
-    let dir = match model {
-        Some(d) => layerkv_model::assets::resolve_model(d)?,
-        None => {
-            layerkv_model::assets::ensure_default_model().context("fetching the default model")?
-        }
-    };
-    let model = Arc::new(
-        Model::load(&dir, dtype, &device).with_context(|| format!("loading {}", dir.display()))?,
-    );
-    Ok((dir, model, dtype))
+    device.load_model(model.map(PathBuf::as_path))
 }
 
 impl ModelArgs {

@@ -213,12 +213,7 @@ fn run(command: Command) -> Result<()> {
             policies,
             opts,
         } => {
-            let model = layerkv_model::assets::resolve_model(&model)?;
-            let (device, dtype) = opts.device.resolve()?;
-            let m = Arc::new(
-                Model::load(&model, dtype, &device)
-                    .with_context(|| format!("loading {}", model.display()))?,
-            );
+            let (model, m, _) = opts.device.load_model(Some(&model))?;
             let tokenizer = layerkv_model::tokenizer::load(&model)?;
             let text = std::fs::read_to_string(&text)
                 .with_context(|| format!("reading {}", text.display()))?;

@@ -99,6 +99,10 @@ pub fn human(bytes: usize) -> String {
 /// Runs the command: prints one row per policy.
 pub fn run(args: PlanArgs) -> Result<()> {
     let dir = match &args.model {
+        // A GGUF's config is in its header: no conversion needed.
+        Some(p) if layerkv_model::assets::is_gguf_file(p)? => {
+            layerkv_model::assets::gguf_metadata_dir(p)?
+        }
         Some(p) => layerkv_model::assets::resolve_model(p)?,
         None => layerkv_model::assets::ensure_default_model()?,
     };

@@ -11,7 +11,6 @@ use anyhow::{Context, Result};
 use layerkv::{LayerKvPolicy, Policy};
 use layerkv_model::engine::{Engine, EngineConfig};
 use layerkv_model::eval::stream_nll;
-use layerkv_model::Model;
 
 use crate::device::DeviceArgs;
 
@@ -55,16 +54,11 @@ pub struct StreamArgs {
 
 /// Runs the command.
 pub fn run(args: StreamArgs) -> Result<()> {
-    let dir = match &args.model {
-        Some(p) => layerkv_model::assets::resolve_model(p)?,
-        None => layerkv_model::assets::ensure_default_model()?,
-    };
     let text_path = match &args.text {
         Some(p) => p.clone(),
         None => layerkv_model::assets::ensure_default_texts()?.python_docs,
     };
-    let (device, dtype) = args.device.resolve()?;
-    let model = Arc::new(Model::load(&dir, dtype, &device)?);
+    let (dir, model, dtype) = args.device.load_model(args.model.as_deref())?;
     let tokenizer = layerkv_model::tokenizer::load(&dir)?;
     let text = std::fs::read_to_string(&text_path)
         .with_context(|| format!("reading {}", text_path.display()))?;

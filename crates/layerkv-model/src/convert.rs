@@ -155,14 +155,14 @@ pub struct GgufSummary {
     pub has_chat_template: bool,
 }
 
-fn corrupt(path: &Path, what: impl Into<String>) -> ModelError {
+pub(crate) fn corrupt(path: &Path, what: impl Into<String>) -> ModelError {
     ModelError::Corrupt {
         path: path.into(),
         what: what.into(),
     }
 }
 
-fn unsupported(path: &Path, what: impl Into<String>) -> ModelError {
+pub(crate) fn unsupported(path: &Path, what: impl Into<String>) -> ModelError {
     ModelError::Unsupported {
         path: path.into(),
         what: what.into(),
@@ -443,7 +443,7 @@ pub fn llama3_rope_factors(
 }
 
 /// Bytes a tensor of `elems` elements of `dtype` takes, or why it cannot be stored.
-fn tensor_bytes(dtype: GgmlDType, elems: usize) -> std::result::Result<usize, String> {
+pub(crate) fn tensor_bytes(dtype: GgmlDType, elems: usize) -> std::result::Result<usize, String> {
     let block = dtype.block_size();
     if elems % block != 0 {
         return Err(format!(
@@ -454,15 +454,15 @@ fn tensor_bytes(dtype: GgmlDType, elems: usize) -> std::result::Result<usize, St
 }
 
 /// Header of a GGUF file plus everything decided from it, before any tensor is read.
-struct Plan {
-    content: Content,
-    summary: GgufSummary,
-    config: serde_json::Value,
-    tokenizer_json: String,
-    tokenizer_config: serde_json::Value,
+pub(crate) struct Plan {
+    pub(crate) content: Content,
+    pub(crate) summary: GgufSummary,
+    pub(crate) config: serde_json::Value,
+    pub(crate) tokenizer_json: String,
+    pub(crate) tokenizer_config: serde_json::Value,
 }
 
-fn read_header(path: &Path) -> Result<(BufReader<File>, Content, u64)> {
+pub(crate) fn read_header(path: &Path) -> Result<(BufReader<File>, Content, u64)> {
     if !path.exists() {
         return Err(ModelError::MissingFile(path.into()));
     }
@@ -701,7 +701,7 @@ fn ggml_type_problem(ty: u32) -> Option<String> {
     ))
 }
 
-fn plan(path: &Path, content: Content, file_len: u64) -> Result<Plan> {
+pub(crate) fn plan(path: &Path, content: Content, file_len: u64) -> Result<Plan> {
     let m = Meta { c: &content, path };
     let arch_name = m
         .opt_string("general.architecture")?
@@ -1010,7 +1010,11 @@ pub fn read_gguf_summary(gguf: &Path) -> Result<GgufSummary> {
     Ok(p.summary)
 }
 
-fn apply_rope_freqs(path: &Path, reader: &mut BufReader<File>, p: &mut Plan) -> Result<()> {
+pub(crate) fn apply_rope_freqs(
+    path: &Path,
+    reader: &mut BufReader<File>,
+    p: &mut Plan,
+) -> Result<()> {
     if !p.content.tensor_infos.contains_key("rope_freqs.weight") {
         return Ok(());
     }
@@ -1070,7 +1074,7 @@ fn read_tensor(
 }
 
 /// Q8K blocks (292 bytes: f32 scale, 256 i8 values, 16 i16 sums) to f32.
-fn dequantize_q8k(raw: &[u8]) -> Vec<f32> {
+pub(crate) fn dequantize_q8k(raw: &[u8]) -> Vec<f32> {
     const QK_K: usize = 256;
     const BLOCK: usize = 4 + QK_K + QK_K / 16 * 2;
     let mut out = Vec::with_capacity(raw.len() / BLOCK * QK_K);
@@ -1079,6 +1083,35 @@ fn dequantize_q8k(raw: &[u8]) -> Vec<f32> {
         out.extend(block[4..4 + QK_K].iter().map(|&q| d * (q as i8) as f32));
     }
     out
+}
+
+/// Writes `config.json` (`config`), `tokenizer.json` and `tokenizer_config.json` of a planned
+/// file into `out` (created): everything a session reads from a model directory but the weights.
+pub(crate) fn write_metadata(out: &Path, config: &serde_json::Value, p: &Plan) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    let write_json = |name: &str, v: &serde_json::Value| -> Result<()> {
+        let path = out.join(name);
+        let text = serde_json::to_string_pretty(v).map_err(|e| ModelError::Json {
+            path: path.clone(),
+            what: e.to_string(),
+        })?;
+        std::fs::write(&path, text).map_err(io(&path))
+    };
+    write_json("config.json", config)?;
+    write_json("tokenizer_config.json", &p.tokenizer_config)?;
+    let tok_path = out.join("tokenizer.json");
+    std::fs::write(&tok_path, &p.tokenizer_json).map_err(io(&tok_path))
+}
+
+/// Writes the metadata of a GGUF file as a model directory without weights (`config.json`,
+/// `tokenizer.json`, `tokenizer_config.json`): what a session reads beside a model loaded with
+/// [`crate::quantized::load_gguf`]. Reads no tensor data but a llama-3 `rope_freqs.weight`.
+pub fn gguf_metadata_to_dir(gguf: &Path, out: &Path) -> Result<GgufSummary> {
+    let (mut reader, content, len) = read_header(gguf)?;
+    let mut p = plan(gguf, content, len)?;
+    apply_rope_freqs(gguf, &mut reader, &mut p)?;
+    write_metadata(out, &p.config, &p)?;
+    Ok(p.summary)
 }
 
 /// Converts a llama, mistral or qwen2 GGUF file into a model directory at `out` (created;
@@ -1139,19 +1172,7 @@ pub fn gguf_to_model_dir_with(
         DType::BF16 => "bfloat16",
         _ => "float32",
     });
-    std::fs::create_dir_all(out).map_err(io(out))?;
-    let write_json = |name: &str, v: &serde_json::Value| -> Result<()> {
-        let path = out.join(name);
-        let text = serde_json::to_string_pretty(v).map_err(|e| ModelError::Json {
-            path: path.clone(),
-            what: e.to_string(),
-        })?;
-        std::fs::write(&path, text).map_err(io(&path))
-    };
-    write_json("config.json", &config)?;
-    write_json("tokenizer_config.json", &p.tokenizer_config)?;
-    let tok_path = out.join("tokenizer.json");
-    std::fs::write(&tok_path, &p.tokenizer_json).map_err(io(&tok_path))?;
+    write_metadata(out, &config, &p)?;
     let st_path: PathBuf = out.join("model.safetensors");
     candle_core::safetensors::save(&tensors, &st_path).map_err(|e| {
         corrupt(

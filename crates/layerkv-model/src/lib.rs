@@ -2,7 +2,7 @@
 //!
 //! Llama-family decoders (llama, mistral, qwen2) on candle whose KV cache goes through a
 //! `layerkv` policy, the cross-layer block allocator and the paged kernels: loading Hugging Face
-//! model directories ([`weights`], [`config`], [`tokenizer`]), GGUF conversion ([`convert`]),
+//! model directories ([`weights`], [`config`], [`tokenizer`]), GGUF conversion ([`convert`]), GGUF models run in their own quantized types ([`quantized`]),
 //! the embedded default model and texts ([`assets`]), the linear layers the forward pass is
 //! generic over ([`linear`]), the policy-driven forward pass
 //! ([`engine`]), chat templates ([`chat`]), sampling and generation ([`generate`]), the
@@ -23,6 +23,7 @@ pub mod generate;
 pub mod linear;
 mod model;
 pub mod needle;
+pub mod quantized;
 pub mod rope;
 pub mod session;
 pub mod tokenizer;

@@ -7,7 +7,9 @@
 //! ([`Model::kv_projections`]) so tests can prove that sharing layers skip them.
 //!
 //! Linear layers are [`Projection`]s: [`Model::load`] builds candle's dense ones, and an engine
-//! adapter hands in its own (quantized) ones through [`Model::from_parts`], so there is one
+//! adapter hands in its own (quantized) ones through [`Model::from_parts`], and
+//! [`crate::quantized::load_gguf`] builds a GGUF's in their own types through
+//! [`Model::from_quantized_parts`] (its token embedding stays quantized too), so there is one
 //! forward pass whatever loaded the weights.
 
 use std::path::Path;
@@ -19,6 +21,7 @@ use candle_nn::Linear;
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::linear::Projection;
+use crate::quantized::QuantizedEmbedding;
 use crate::rope::Rope;
 use crate::weights::Weights;
 
@@ -58,11 +61,18 @@ pub struct ModelParts {
     pub lm_head: Box<dyn Projection>,
 }
 
+/// The token embedding table: dense rows, or quantized rows dequantized on lookup.
+#[derive(Debug)]
+enum Embedding {
+    Dense(Tensor),
+    Quantized(QuantizedEmbedding),
+}
+
 /// A llama-family decoder on one device.
 #[derive(Debug)]
 pub struct Model {
     cfg: ModelConfig,
-    embed: Tensor,
+    embed: Embedding,
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Box<dyn Projection>,
@@ -154,6 +164,66 @@ impl Model {
     /// quantized linears). Checks the layer count and the embedding and norm shapes against the
     /// config; the projections are trusted to map the config's sizes.
     pub fn from_parts(cfg: ModelConfig, parts: ModelParts) -> Result<Self> {
+        let check_embed = (cfg.vocab_size, cfg.hidden_size);
+        if parts.embed.dims() != [check_embed.0, check_embed.1] {
+            return Err(ModelError::ShapeMismatch {
+                name: "model.embed_tokens.weight".into(),
+                expected: vec![check_embed.0, check_embed.1],
+                actual: parts.embed.dims().to_vec(),
+            });
+        }
+        let dtype = parts.embed.dtype();
+        let device = parts.embed.device().clone();
+        Self::assemble(
+            cfg,
+            Embedding::Dense(parts.embed),
+            parts.layers,
+            parts.norm,
+            parts.lm_head,
+            dtype,
+            device,
+        )
+    }
+
+    /// Builds a model whose token embedding stays quantized (rows are dequantized on lookup,
+    /// as llama.cpp's `get_rows` does); activations are f32 on `device`. Checks what
+    /// [`Model::from_parts`] checks.
+    pub fn from_quantized_parts(
+        cfg: ModelConfig,
+        embed: QuantizedEmbedding,
+        layers: Vec<Layer>,
+        norm: Tensor,
+        lm_head: Box<dyn Projection>,
+        device: &Device,
+    ) -> Result<Self> {
+        let expected = [cfg.vocab_size, cfg.hidden_size];
+        if embed.dims() != expected {
+            return Err(ModelError::ShapeMismatch {
+                name: "model.embed_tokens.weight".into(),
+                expected: expected.to_vec(),
+                actual: embed.dims().to_vec(),
+            });
+        }
+        Self::assemble(
+            cfg,
+            Embedding::Quantized(embed),
+            layers,
+            norm,
+            lm_head,
+            DType::F32,
+            device.clone(),
+        )
+    }
+
+    fn assemble(
+        cfg: ModelConfig,
+        embed: Embedding,
+        layers: Vec<Layer>,
+        norm: Tensor,
+        lm_head: Box<dyn Projection>,
+        dtype: DType,
+        device: Device,
+    ) -> Result<Self> {
         let h = cfg.hidden_size;
         let check = |name: &str, t: &Tensor, expected: &[usize]| -> Result<()> {
             if t.dims() == expected {
@@ -166,20 +236,15 @@ impl Model {
                 })
             }
         };
-        if parts.layers.len() != cfg.num_hidden_layers {
+        if layers.len() != cfg.num_hidden_layers {
             return Err(ModelError::Config(format!(
                 "{} decoder layers given, the config says num_hidden_layers = {}",
-                parts.layers.len(),
+                layers.len(),
                 cfg.num_hidden_layers
             )));
         }
-        check(
-            "model.embed_tokens.weight",
-            &parts.embed,
-            &[cfg.vocab_size, h],
-        )?;
-        check("model.norm.weight", &parts.norm, &[h])?;
-        for (i, l) in parts.layers.iter().enumerate() {
+        check("model.norm.weight", &norm, &[h])?;
+        for (i, l) in layers.iter().enumerate() {
             check(
                 &format!("model.layers.{i}.input_layernorm.weight"),
                 &l.input_norm,
@@ -191,15 +256,13 @@ impl Model {
                 &[h],
             )?;
         }
-        let dtype = parts.embed.dtype();
-        let device = parts.embed.device().clone();
         Ok(Self {
             rope: Rope::new(&cfg),
             cfg,
-            embed: parts.embed,
-            layers: parts.layers,
-            norm: parts.norm,
-            lm_head: parts.lm_head,
+            embed,
+            layers,
+            norm,
+            lm_head,
             dtype,
             device,
             kv_projections: AtomicU64::new(0),
@@ -238,8 +301,13 @@ impl Model {
 
     /// Token embeddings `[rows, hidden]`.
     pub fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
-        let ids = Tensor::new(tokens, &self.device)?;
-        Ok(self.embed.index_select(&ids, 0)?)
+        match &self.embed {
+            Embedding::Dense(table) => {
+                let ids = Tensor::new(tokens, &self.device)?;
+                Ok(table.index_select(&ids, 0)?)
+            }
+            Embedding::Quantized(table) => table.lookup(tokens, &self.device),
+        }
     }
 
     fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {

@@ -14,7 +14,13 @@
 //! - `resolve_model` converts once and reuses the cache;
 //! - unknown architecture, unknown pre-tokenizer and tokenizer model, truncated and missing files
 //!   give errors that name the problem;
-//! - a SentencePiece (tokenizer.ggml.model = llama) vocabulary becomes a working tokenizer.
+//! - a SentencePiece (tokenizer.ggml.model = llama) vocabulary becomes a working tokenizer;
+//! - run quantized ([`load_gguf`]), every weight type gives the logits of the same file
+//!   converted to f32, within what quantizing the activations to Q8 blocks costs (llama, with
+//!   its Q/K permutation undone on quantized rows, and qwen2 with biases and a tied head); a
+//!   wrong tensor shape is an error naming the tensor, an unsupported type one naming the file
+//!   and the tensor; from `dense_from_rows` rows a prefill runs on the dequantized weights and
+//!   gives the f32 conversion's logits.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -26,6 +32,7 @@ use candle_core::{DType, Device, Tensor};
 use layerkv::Policy;
 use layerkv_model::convert::{gguf_name, gguf_to_model_dir, permute_qk, read_gguf_summary};
 use layerkv_model::engine::{Engine, EngineConfig, LogitsRows, PrefillMode};
+use layerkv_model::quantized::{load_gguf, load_gguf_with, QuantizedOptions};
 use layerkv_model::{Model, ModelConfig, ModelError};
 use layerkv_testkit::max_abs_diff;
 
@@ -351,7 +358,13 @@ fn write_gguf_with(
 /// Logits of the prompt (every row) and of four greedy decode steps under the identity policy.
 /// The one place that drives the engine (its step API is being reworked).
 fn run_logits(dir: &Path) -> Tensor {
-    let model = Arc::new(Model::load(dir, DType::F32, &Device::Cpu).unwrap());
+    run_model_logits(Arc::new(
+        Model::load(dir, DType::F32, &Device::Cpu).unwrap(),
+    ))
+}
+
+/// [`run_logits`] of a loaded model.
+fn run_model_logits(model: Arc<Model>) -> Tensor {
     let cfg = EngineConfig {
         block_size: 4,
         num_pages: 256,
@@ -874,11 +887,23 @@ fn unsupported_files_are_clear_errors() {
             if what.contains("IQ4_XS") && what.contains("output.weight")),
         "{e}"
     );
+    // Run quantized, the same file is refused the same way, naming the file and the tensor.
+    let e = load_gguf(&gguf, &Device::Cpu).unwrap_err();
+    assert!(
+        matches!(&e, ModelError::Unsupported { what, path }
+            if what.contains("IQ4_XS") && what.contains("output.weight") && path == &gguf),
+        "{e}"
+    );
     // Q8_1 is a type candle reads but cannot dequantise.
     let s = spec("llama");
     let gguf = tmp("q8_1.gguf");
     write_gguf(&gguf, &s, &weights(&s, 24), GgmlDType::Q8_1);
     let e = gguf_to_model_dir(&gguf, &tmp("q8_1-out")).unwrap_err();
+    assert!(
+        matches!(&e, ModelError::Unsupported { what, .. } if what.contains("Q8_1")),
+        "{e}"
+    );
+    let e = load_gguf(&gguf, &Device::Cpu).unwrap_err();
     assert!(
         matches!(&e, ModelError::Unsupported { what, .. } if what.contains("Q8_1")),
         "{e}"
@@ -927,4 +952,138 @@ fn truncated_and_missing_files_are_clear_errors() {
     ));
     let e = gguf_to_model_dir(&tmp("missing.gguf"), &tmp("missing-out")).unwrap_err();
     assert!(matches!(e, ModelError::MissingFile(_)), "{e}");
+}
+
+/// Largest |logit| of `t`.
+fn amax(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// The quantized model of `gguf` against the same file converted to f32: the weights are the
+/// same numbers, so what differs is the activations' quantization to Q8 blocks (llama.cpp's
+/// scheme; with `dense_from_rows` at most the prompt's length, none: the prompt runs on the
+/// dequantized weights in f32). Returns the max |logit difference| relative to the largest
+/// |logit|.
+fn quantized_vs_converted(gguf: &Path, converted: &Path, opts: QuantizedOptions) -> f32 {
+    let q = load_gguf_with(gguf, &Device::Cpu, &opts).unwrap();
+    // The prompt's rows only: the greedy continuation may part at a near tie of a random model.
+    let rows = PROMPT.len();
+    let got = run_model_logits(Arc::new(q.model))
+        .narrow(0, 0, rows)
+        .unwrap();
+    let want = run_logits(converted).narrow(0, 0, rows).unwrap();
+    let scale = amax(&want);
+    assert!(scale.is_finite() && scale > 0.0, "max |logit| {scale}");
+    max_abs_diff(&got, &want) / scale
+}
+
+#[test]
+fn quantized_gguf_runs_like_its_f32_conversion() {
+    // Fails if the quantized loader skips the Q/K un-permutation of quantized rows (llama's
+    // error jumps to ~1), drops qwen2's biases, or mis-reads a type's blocks.
+    let _clean = Clean;
+    // 256-wide rows so the K-quants' 256-element blocks fit.
+    let wide = Spec {
+        hidden: 256,
+        layers: 2,
+        ffn: 256,
+        ..spec("llama")
+    };
+    let w = weights(&wide, 21);
+    for ty in [
+        GgmlDType::F16,
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q2K,
+        GgmlDType::Q3K,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+        GgmlDType::Q8K,
+        GgmlDType::BF16,
+    ] {
+        let gguf = tmp(&format!("q-{ty:?}.gguf"));
+        write_gguf(&gguf, &wide, &w, ty);
+        let converted = tmp(&format!("q-{ty:?}"));
+        gguf_to_model_dir(&gguf, &converted).unwrap();
+        let kernels = QuantizedOptions {
+            dense_from_rows: None,
+        };
+        let rel = quantized_vs_converted(&gguf, &converted, kernels);
+        // Measured: 0.0056-0.0093 for the quantized types, 0 for F16 and BF16 (prompt rows,
+        // seed 21).
+        assert!(
+            rel <= 0.02,
+            "{ty:?}: quantized vs f32 logits differ by {rel} (relative)"
+        );
+    }
+    for arch in ["llama", "qwen2"] {
+        let s = spec(arch);
+        let w = weights(&s, 22);
+        let gguf = tmp(&format!("{arch}-q4_1.gguf"));
+        write_gguf(&gguf, &s, &w, GgmlDType::Q4_1);
+        let converted = tmp(&format!("{arch}-q4_1"));
+        gguf_to_model_dir(&gguf, &converted).unwrap();
+        let rel = quantized_vs_converted(&gguf, &converted, QuantizedOptions::default());
+        assert!(
+            rel <= 0.02,
+            "{arch}: quantized vs f32 logits differ by {rel} (relative)"
+        );
+    }
+}
+
+#[test]
+fn quantized_prefill_runs_dense_on_the_dequantized_weights() {
+    // From `dense_from_rows` rows, Q4_1 and Q8_0 products dequantize their weight and multiply
+    // in f32: the prompt's logits are the f32 conversion's. Fails if the dense path reads the
+    // wrong weight bytes; the chunking of large weights is checked on the real model's LM head
+    // (tests/quantized.rs).
+    let _clean = Clean;
+    let s = Spec {
+        hidden: 256,
+        layers: 2,
+        ffn: 256,
+        ..spec("llama")
+    };
+    let w = weights(&s, 26);
+    for ty in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        let gguf = tmp(&format!("dense-{ty:?}.gguf"));
+        write_gguf(&gguf, &s, &w, ty);
+        let converted = tmp(&format!("dense-{ty:?}"));
+        gguf_to_model_dir(&gguf, &converted).unwrap();
+        let dense = QuantizedOptions {
+            dense_from_rows: Some(2),
+        };
+        let rel = quantized_vs_converted(&gguf, &converted, dense);
+        assert!(
+            rel <= 1e-5,
+            "{ty:?}: dense prefill differs by {rel} (relative)"
+        );
+    }
+}
+
+#[test]
+fn quantized_gguf_with_a_wrong_shape_names_the_tensor() {
+    let _clean = Clean;
+    let s = spec("llama");
+    let mut w = weights(&s, 23);
+    let up = "model.layers.1.mlp.up_proj.weight";
+    w.insert(up.into(), w[up].narrow(0, 0, s.ffn - 32).unwrap());
+    let gguf = tmp("bad-shape.gguf");
+    write_gguf(&gguf, &s, &w, GgmlDType::Q8_0);
+    let err = load_gguf(&gguf, &Device::Cpu).unwrap_err();
+    assert!(
+        matches!(&err, ModelError::ShapeMismatch { name, .. } if name.contains("blk.1.ffn_up.weight")),
+        "{err}"
+    );
 }

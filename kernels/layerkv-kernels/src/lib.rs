@@ -9,7 +9,9 @@
 //! The kernels never see a policy: they read pages, lengths and masks (the allocator's
 //! [`layerkv::TableView`]) and the rule ([`AttentionParams`]). [`StepExecutor`] executes the
 //! step protocol's plans (page copies, sink re-rotations, compaction moves) on a [`KvStore`].
-//! [`reference`] is a naive dense implementation used by the tests.
+//! [`reference`] is a naive dense implementation used by the tests. [`quant`] holds the
+//! quantized matrix products (Q4_1 x Q8_1, AVX2 with a portable fallback) that GGUF models run
+//! in their own types use where candle has no vectorised path.
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
@@ -40,6 +42,7 @@ pub mod reference;
 mod store;
 mod view;
 
+pub use cpu::quant;
 pub use error::{KernelError, Result};
 pub use exec::{KeyRotation, StepExecutor};
 pub use store::{GatheredMoves, KvStore};
