@@ -92,27 +92,37 @@ fn is_model_dir(dir: &Path) -> bool {
         && dir.join("config.json").exists()
 }
 
-/// Converts `gguf` into `dir` atomically: a temp dir next to it, then a rename. If another
-/// process finished the same directory first, its result is kept.
+/// Converts `gguf` into `dir` atomically (see [`write_dir_atomically`]).
 fn convert_into(gguf: &Path, dir: &Path) -> Result<()> {
+    write_dir_atomically(dir, is_model_dir, |tmp| {
+        gguf_to_model_dir(gguf, tmp).map(|_| ())
+    })
+}
+
+/// Writes a directory with `write` into a temp dir next to `dir`, then renames it into place.
+/// If another process finished `dir` first (`done`), its result is kept: it may be in use.
+fn write_dir_atomically(
+    dir: &Path,
+    done: impl Fn(&Path) -> bool,
+    write: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
     let parent = dir.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(io(parent))?;
-    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("model");
+    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("dir");
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    if let Err(e) = gguf_to_model_dir(gguf, &tmp) {
+    if let Err(e) = write(&tmp) {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
-    if is_model_dir(dir) {
-        // Another process won the race: keep its directory (it may be in use).
+    if done(dir) {
         let _ = std::fs::remove_dir_all(&tmp);
         return Ok(());
     }
     let _ = std::fs::remove_dir_all(dir);
     if let Err(e) = std::fs::rename(&tmp, dir) {
         let _ = std::fs::remove_dir_all(&tmp);
-        if is_model_dir(dir) {
+        if done(dir) {
             return Ok(());
         }
         return Err(io(dir)(e));
@@ -262,23 +272,10 @@ pub fn gguf_metadata_dir(gguf: &Path) -> Result<PathBuf> {
     dir.push("-meta");
     let dir = PathBuf::from(dir);
     let done = |d: &Path| d.join("config.json").exists() && d.join("tokenizer.json").exists();
-    if done(&dir) {
-        return Ok(dir);
-    }
-    let parent = dir.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(io(parent))?;
-    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("meta");
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    if let Err(e) = gguf_metadata_to_dir(gguf, &tmp) {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    if let Err(e) = std::fs::rename(&tmp, &dir) {
-        let _ = std::fs::remove_dir_all(&tmp);
-        if !done(&dir) {
-            return Err(io(&dir)(e));
-        }
+    if !done(&dir) {
+        write_dir_atomically(&dir, done, |tmp| {
+            gguf_metadata_to_dir(gguf, tmp).map(|_| ())
+        })?;
     }
     Ok(dir)
 }

@@ -302,8 +302,14 @@ impl Engine {
     }
 
     fn run(&mut self, batch: &[(SeqId, &[u32])], rows: LogitsRows, out: Output) -> Result<Tensor> {
+        self.call(|e| e.dispatch(batch, rows, out))
+    }
+
+    /// One engine call: its protocol steps count from 0 for the armed fault, which is disarmed
+    /// after it whether it fired or not.
+    fn call<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
         self.steps_in_call = 0;
-        let r = self.dispatch(batch, rows, out);
+        let r = f(self);
         self.fault = None;
         r
     }
@@ -450,10 +456,7 @@ impl Engine {
         scheduler: &mut Scheduler,
         out: &mut SchedulerOutput,
     ) -> Result<Option<Tensor>> {
-        self.steps_in_call = 0;
-        let r = self.scheduled(scheduler, out);
-        self.fault = None;
-        r
+        self.call(|e| e.scheduled(scheduler, out))
     }
 
     fn scheduled(

@@ -571,32 +571,39 @@ fn relative_bound(t: GgmlDType) -> f32 {
     }
 }
 
+/// Every tensor type candle writes and the loaders read.
+const ALL_TYPES: [GgmlDType; 13] = [
+    GgmlDType::F16,
+    GgmlDType::BF16,
+    GgmlDType::Q4_0,
+    GgmlDType::Q4_1,
+    GgmlDType::Q5_0,
+    GgmlDType::Q5_1,
+    GgmlDType::Q8_0,
+    GgmlDType::Q2K,
+    GgmlDType::Q3K,
+    GgmlDType::Q4K,
+    GgmlDType::Q5K,
+    GgmlDType::Q6K,
+    GgmlDType::Q8K,
+];
+
+/// A llama spec of `layers` layers with 256-wide rows, so the K-quants' 256-element blocks fit.
+fn wide_spec(layers: usize) -> Spec {
+    Spec {
+        hidden: 256,
+        layers,
+        ffn: 256,
+        ..spec("llama")
+    }
+}
+
 #[test]
 fn every_tensor_type_dequantises_like_candle() {
     let _clean = Clean;
-    // 256-wide rows so the K-quants' 256-element blocks fit.
-    let s = Spec {
-        hidden: 256,
-        layers: 1,
-        ffn: 256,
-        ..spec("llama")
-    };
+    let s = wide_spec(1);
     let w = weights(&s, 16);
-    for ty in [
-        GgmlDType::F16,
-        GgmlDType::BF16,
-        GgmlDType::Q4_0,
-        GgmlDType::Q4_1,
-        GgmlDType::Q5_0,
-        GgmlDType::Q5_1,
-        GgmlDType::Q8_0,
-        GgmlDType::Q2K,
-        GgmlDType::Q3K,
-        GgmlDType::Q4K,
-        GgmlDType::Q5K,
-        GgmlDType::Q6K,
-        GgmlDType::Q8K,
-    ] {
+    for ty in ALL_TYPES {
         let gguf = tmp(&format!("types-{ty:?}.gguf"));
         write_gguf(&gguf, &s, &w, ty);
         let summary = read_gguf_summary(&gguf).unwrap();
@@ -989,29 +996,9 @@ fn quantized_gguf_runs_like_its_f32_conversion() {
     // Fails if the quantized loader skips the Q/K un-permutation of quantized rows (llama's
     // error jumps to ~1), drops qwen2's biases, or mis-reads a type's blocks.
     let _clean = Clean;
-    // 256-wide rows so the K-quants' 256-element blocks fit.
-    let wide = Spec {
-        hidden: 256,
-        layers: 2,
-        ffn: 256,
-        ..spec("llama")
-    };
+    let wide = wide_spec(2);
     let w = weights(&wide, 21);
-    for ty in [
-        GgmlDType::F16,
-        GgmlDType::Q4_0,
-        GgmlDType::Q4_1,
-        GgmlDType::Q5_0,
-        GgmlDType::Q5_1,
-        GgmlDType::Q8_0,
-        GgmlDType::Q2K,
-        GgmlDType::Q3K,
-        GgmlDType::Q4K,
-        GgmlDType::Q5K,
-        GgmlDType::Q6K,
-        GgmlDType::Q8K,
-        GgmlDType::BF16,
-    ] {
+    for ty in ALL_TYPES {
         let gguf = tmp(&format!("q-{ty:?}.gguf"));
         write_gguf(&gguf, &wide, &w, ty);
         let converted = tmp(&format!("q-{ty:?}"));
@@ -1049,12 +1036,7 @@ fn quantized_prefill_runs_dense_on_the_dequantized_weights() {
     // wrong weight bytes; the chunking of large weights is checked on the real model's LM head
     // (tests/quantized.rs).
     let _clean = Clean;
-    let s = Spec {
-        hidden: 256,
-        layers: 2,
-        ffn: 256,
-        ..spec("llama")
-    };
+    let s = wide_spec(2);
     let w = weights(&s, 26);
     for ty in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
         let gguf = tmp(&format!("dense-{ty:?}.gguf"));

@@ -18,19 +18,19 @@ use layerkv_kernels::quant::{
 
 const TYPES: [WeightType; 2] = [WeightType::Q4_1, WeightType::Q8_0];
 
-/// xorshift64: seeded, dependency-free.
-struct Rng(u64);
+/// The project's seeded generator, with uniforms in [-1, 1).
+struct Rng(layerkv::SplitMix64);
 
 impl Rng {
+    fn new(seed: u64) -> Self {
+        Self(layerkv::SplitMix64::new(seed))
+    }
     fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
+        self.0.next_u64()
     }
     /// Uniform in [-1, 1).
     fn unit(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        (2.0 * self.0.next_f64() - 1.0) as f32
     }
 }
 
@@ -79,7 +79,7 @@ fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
 #[test]
 fn dot_product_matches_dequantized_f32() {
     eprintln!("AVX2+FMA+F16C path: {}", has_avx2());
-    let mut rng = Rng(0x5eed_0001);
+    let mut rng = Rng::new(0x5eed_0001);
     for (ty, blocks) in TYPES
         .iter()
         .flat_map(|&t| [1usize, 3, 5, 17, 19, 37].map(|b| (t, b)))
@@ -121,7 +121,7 @@ fn dot_product_matches_dequantized_f32() {
 
 #[test]
 fn matmul_matches_row_dots() {
-    let mut rng = Rng(0x5eed_0002);
+    let mut rng = Rng::new(0x5eed_0002);
     let (n, kb) = (37usize, 5usize);
     let k = kb * QK;
     for ty in TYPES {
