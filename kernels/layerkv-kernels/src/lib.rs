@@ -43,6 +43,7 @@ mod store;
 mod view;
 
 pub use cpu::quant;
+pub use cpu::spin;
 pub use error::{KernelError, Result};
 pub use exec::{KeyRotation, StepExecutor};
 pub use store::{GatheredMoves, KvStore};

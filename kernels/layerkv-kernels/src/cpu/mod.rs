@@ -26,6 +26,7 @@ use crate::view::{AttentionParams, SeqQuery};
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 pub mod quant;
+pub mod spin;
 mod split;
 pub(crate) use split::Split;
 

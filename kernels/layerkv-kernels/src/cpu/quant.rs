@@ -21,7 +21,22 @@
 
 use rayon::prelude::*;
 
+use super::spin::{SpinPool, MAX_TASKS};
 use crate::error::{KernelError, Result};
+
+/// The output of a product, shared by the tasks that write disjoint rows of it.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint ranges (see the uses).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// The pointer (a method, so closures capture the `Sync` wrapper, not the raw field).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
 
 /// Elements per block of Q4_1, Q8_0 and Q8_1.
 pub const QK: usize = 32;
@@ -240,7 +255,10 @@ pub fn matmul(
         return Ok(());
     }
     let mut xq = vec![BlockQ8_1::ZERO; m * kb];
-    if kb > 0 {
+    if m == 1 {
+        // Inline: a rayon call from outside its pool parks the caller until a worker ran it.
+        quantize_q8_1(x, &mut xq)?;
+    } else if kb > 0 {
         xq.par_chunks_mut(kb)
             .zip(x.par_chunks(k))
             .try_for_each(|(q, r)| quantize_q8_1(r, q))?;
@@ -259,6 +277,20 @@ pub fn matmul(
             }
         }
     };
+    let chunks = n.div_ceil(ROWS_PER_TASK);
+    if m == 1 && chunks <= MAX_TASKS {
+        // Decode: on the spinning pool, whose workers are still awake from the previous product.
+        let out = OutPtr(y.as_mut_ptr());
+        SpinPool::global().run(chunks, &|c| {
+            let first = c * ROWS_PER_TASK;
+            let rows = ROWS_PER_TASK.min(n - first);
+            // SAFETY: task `c` alone writes rows `first..first + rows` of `y`, which outlives
+            // `run`.
+            let out = unsafe { std::slice::from_raw_parts_mut(out.get().add(first), rows) };
+            task(first, out);
+        });
+        return Ok(());
+    }
     if m == 1 {
         y.par_chunks_mut(ROWS_PER_TASK)
             .enumerate()
