@@ -118,7 +118,7 @@ impl QuantizedLinear {
         if self.dense_from_rows.is_some_and(|r| m >= r) {
             // Dequantize chunks of weight rows and multiply in f32.
             let x = x.reshape((m, k))?;
-            let row_bytes = k / quant::QK * ty.block_bytes();
+            let row_bytes = k / ty.block_elems() * ty.block_bytes();
             let rows_per_chunk = (DENSE_CHUNK_VALUES / k.max(1)).clamp(1, n.max(1));
             let mut parts = Vec::with_capacity(n.div_ceil(rows_per_chunk));
             for first in (0..n).step_by(rows_per_chunk) {
@@ -148,8 +148,14 @@ impl Projection for QuantizedLinear {
         let dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?.contiguous()?;
         let kernel = match self.weight.dtype() {
+            GgmlDType::Q4_0 => Some(quant::WeightType::Q4_0),
             GgmlDType::Q4_1 => Some(quant::WeightType::Q4_1),
+            GgmlDType::Q5_0 => Some(quant::WeightType::Q5_0),
+            GgmlDType::Q5_1 => Some(quant::WeightType::Q5_1),
             GgmlDType::Q8_0 => Some(quant::WeightType::Q8_0),
+            GgmlDType::Q4K => Some(quant::WeightType::Q4K),
+            GgmlDType::Q5K => Some(quant::WeightType::Q5K),
+            GgmlDType::Q6K => Some(quant::WeightType::Q6K),
             _ => None,
         };
         let y = match kernel {

@@ -1031,14 +1031,23 @@ fn quantized_gguf_runs_like_its_f32_conversion() {
 
 #[test]
 fn quantized_prefill_runs_dense_on_the_dequantized_weights() {
-    // From `dense_from_rows` rows, Q4_1 and Q8_0 products dequantize their weight and multiply
-    // in f32: the prompt's logits are the f32 conversion's. Fails if the dense path reads the
-    // wrong weight bytes; the chunking of large weights is checked on the real model's LM head
-    // (tests/quantized.rs).
+    // From `dense_from_rows` rows, products of the types layerkv's kernels run dequantize their
+    // weight and multiply in f32: the prompt's logits are the f32 conversion's. Fails if the
+    // dense path reads the wrong weight bytes (a K-quant row is k / 256 super-blocks); the
+    // chunking of large weights is checked on the real model's LM head (tests/quantized.rs).
     let _clean = Clean;
     let s = wide_spec(2);
     let w = weights(&s, 26);
-    for ty in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+    for ty in [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+    ] {
         let gguf = tmp(&format!("dense-{ty:?}.gguf"));
         write_gguf(&gguf, &s, &w, ty);
         let converted = tmp(&format!("dense-{ty:?}"));

@@ -10,8 +10,9 @@
 //! [`layerkv::TableView`]) and the rule ([`AttentionParams`]). [`StepExecutor`] executes the
 //! step protocol's plans (page copies, sink re-rotations, compaction moves) on a [`KvStore`].
 //! [`reference`] is a naive dense implementation used by the tests. [`quant`] holds the
-//! quantized matrix products (Q4_1 x Q8_1, AVX2 with a portable fallback) that GGUF models run
-//! in their own types use where candle has no vectorised path.
+//! quantized matrix products (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the Q4_K, Q5_K, Q6_K K-quants;
+//! AVX2 with a portable fallback) that GGUF models run in their own types use where candle has
+//! no vectorised path.
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
