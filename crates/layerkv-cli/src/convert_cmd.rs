@@ -1,12 +1,16 @@
 //! `layerkv convert MODEL.gguf -o DIR`: a llama, mistral or qwen2 GGUF to a Hugging Face model
 //! directory, printing what it read (architecture, shape, tensor types, tokenizer) and what it
-//! wrote (files and sizes). The conversion itself is [`layerkv_model::convert`]'s.
+//! wrote (files and sizes). The conversion itself is [`layerkv_model::convert`]'s. With
+//! `--dtype quantized` the directory keeps the file's quantized tensors: config, tokenizer and
+//! chat template beside the GGUF itself as `model.gguf`, which `--model DIR` then runs in its
+//! own types.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use layerkv_model::assets;
 use layerkv_model::convert::{
-    gguf_to_model_dir_with, read_gguf_summary, ConvertOptions, GgufSummary,
+    gguf_metadata_to_dir, gguf_to_model_dir_with, read_gguf_summary, ConvertOptions, GgufSummary,
 };
 
 /// Arguments of `layerkv convert`.
@@ -17,7 +21,8 @@ pub struct ConvertArgs {
     /// Output model directory (created; its files are overwritten).
     #[arg(long, short)]
     pub output: PathBuf,
-    /// Dtype of the written tensors: f32, bf16 or f16.
+    /// Dtype of the written tensors: f32, bf16 or f16; or `quantized` to keep the GGUF's own
+    /// tensors (written as `model.gguf` beside the config and tokenizer).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
 }
@@ -104,10 +109,31 @@ fn size(path: &Path) -> String {
 
 /// Runs `layerkv convert`.
 pub fn run(args: ConvertArgs) -> Result<()> {
-    let dtype = crate::dtype(&args.dtype)?;
     let summary = read_gguf_summary(&args.gguf)
         .with_context(|| format!("reading {}", args.gguf.display()))?;
     println!("read {}:\n{}", args.gguf.display(), describe(&summary));
+    if args.dtype == "quantized" {
+        gguf_metadata_to_dir(&args.gguf, &args.output)
+            .with_context(|| format!("converting {}", args.gguf.display()))?;
+        let dest = args.output.join(assets::QUANTIZED_MODEL_FILE);
+        std::fs::copy(&args.gguf, &dest)
+            .with_context(|| format!("copying {} to {}", args.gguf.display(), dest.display()))?;
+        println!(
+            "wrote {} (quantized, the file's own types):",
+            args.output.display()
+        );
+        for f in [
+            "config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            assets::QUANTIZED_MODEL_FILE,
+        ] {
+            println!("  {f:<22} {}", size(&args.output.join(f)));
+        }
+        return Ok(());
+    }
+    let dtype = crate::dtype(&args.dtype)
+        .map_err(|e| anyhow::anyhow!("{e} (or quantized, to keep the GGUF's types)"))?;
     gguf_to_model_dir_with(&args.gguf, &args.output, &ConvertOptions { dtype })
         .with_context(|| format!("converting {}", args.gguf.display()))?;
     println!("wrote {} ({:?}):", args.output.display(), dtype);

@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device};
-use layerkv_model::{assets, quantized, Model};
+use layerkv_model::{assets, isq, quantized, Model};
 
 /// The device and dtype flags of the commands that run a model.
 #[derive(clap::Args, Clone, Debug)]
@@ -20,9 +21,11 @@ pub struct DeviceArgs {
     /// Weights, activations and KV storage dtype: f32, f16 or bf16 (bf16 on cuda only).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
-    /// How a GGUF `--model` runs: `quantized` (its own tensor types, f32 activations, about
-    /// the file's size in memory) or `f32` (converted once to a dense model directory, where
-    /// `--dtype` applies). Model directories always run dense.
+    /// How the weights run: `quantized` (a GGUF `--model` in its own tensor types, f32
+    /// activations, about the file's size in memory; model directories run dense), `f32` (a
+    /// GGUF converted once to a dense model directory, where `--dtype` applies), or a type to
+    /// quantize any model to at load: q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q5_k, q6_k
+    /// (llama.cpp's fallbacks where rows are not whole 256-blocks; the LM head at Q6_K or Q8_0).
     #[arg(long, default_value = "quantized")]
     pub weights: String,
 }
@@ -34,6 +37,8 @@ pub enum Weights {
     Quantized,
     /// Converted once to a dense model directory.
     Dense,
+    /// Quantized at load to this type ([`isq::load_isq`]).
+    Isq(GgmlDType),
 }
 
 /// Parses a `--weights` value.
@@ -41,7 +46,13 @@ pub fn weights(name: &str) -> Result<Weights> {
     match name {
         "quantized" => Ok(Weights::Quantized),
         "f32" | "dense" => Ok(Weights::Dense),
-        other => bail!("--weights {other:?}: unknown (quantized, f32)"),
+        other => match isq::isq_type(other) {
+            Some(ty) => Ok(Weights::Isq(ty)),
+            None => bail!(
+                "--weights {other:?}: unknown (quantized, f32, {})",
+                isq::ISQ_TYPES.map(|(n, _)| n).join(", ")
+            ),
+        },
     }
 }
 
@@ -67,6 +78,24 @@ impl DeviceArgs {
     pub fn load_model(&self, model: Option<&Path>) -> Result<(PathBuf, Arc<Model>, DType)> {
         let (device, dtype) = self.resolve()?;
         let mode = weights(&self.weights)?;
+        // A directory that keeps a GGUF's quantized tensors (`convert --dtype quantized`).
+        if let Some(gguf) = model.and_then(assets::quantized_model_file) {
+            let dir = model.map(Path::to_path_buf).unwrap_or_default();
+            if mode == Weights::Quantized {
+                if dtype != DType::F32 {
+                    bail!(
+                        "--dtype {} with a quantized model directory: quantized weights take \
+                         f32 activations; pass --weights f32 to run it converted in {}",
+                        self.dtype,
+                        self.dtype
+                    );
+                }
+                let q = quantized::load_gguf(&gguf, &device)
+                    .with_context(|| format!("loading {} quantized", gguf.display()))?;
+                return Ok((dir, Arc::new(q.model), DType::F32));
+            }
+            return self.load_model(Some(&gguf));
+        }
         if let Some(path) = model {
             if mode == Weights::Quantized && assets::is_gguf_file(path)? {
                 if dtype != DType::F32 {
@@ -88,6 +117,19 @@ impl DeviceArgs {
             Some(d) => assets::resolve_model(d)?,
             None => assets::ensure_default_model().context("fetching the default model")?,
         };
+        if let Weights::Isq(ty) = mode {
+            if dtype != DType::F32 {
+                bail!(
+                    "--dtype {} with --weights {}: quantized weights take f32 activations",
+                    self.dtype,
+                    self.weights
+                );
+            }
+            let q = isq::load_isq(&dir, ty, &device)
+                .with_context(|| format!("quantizing {} to {ty:?} at load", dir.display()))?;
+            eprintln!("quantized at load: {}", q.report.summary());
+            return Ok((dir, Arc::new(q.model), DType::F32));
+        }
         let m = Model::load(&dir, dtype, &device)
             .with_context(|| format!("loading {}", dir.display()))?;
         Ok((dir, Arc::new(m), dtype))
@@ -163,7 +205,8 @@ mod tests {
         assert!(weights("q4")
             .unwrap_err()
             .to_string()
-            .contains("quantized, f32"));
+            .contains("quantized, f32, q4_0"));
+        assert_eq!(weights("Q4_K").unwrap(), Weights::Isq(GgmlDType::Q4K));
         assert!(args("cpu", "f16").resolve().is_ok());
         let e = args("cpu", "bf16").resolve().unwrap_err().to_string();
         assert!(e.contains("--dtype bf16 on cpu"), "{e}");

@@ -265,6 +265,18 @@ pub fn is_gguf_file(path: &Path) -> Result<bool> {
     Ok(is_gguf_name || has_gguf_magic(path)?)
 }
 
+/// The file name under which `layerkv convert --dtype quantized` keeps a GGUF's quantized
+/// tensors in a model directory.
+pub const QUANTIZED_MODEL_FILE: &str = "model.gguf";
+
+/// The GGUF a model directory keeps its quantized tensors in ([`QUANTIZED_MODEL_FILE`]), if it
+/// has one and no safetensors weights.
+pub fn quantized_model_file(dir: &Path) -> Option<PathBuf> {
+    let gguf = dir.join(QUANTIZED_MODEL_FILE);
+    (dir.is_dir() && gguf.is_file() && crate::weights::safetensors_files(dir).is_err())
+        .then_some(gguf)
+}
+
 /// The weightless model directory (config, tokenizer, chat template) of a GGUF run quantized,
 /// written once next to the converted ones and reused while the file stays the same.
 pub fn gguf_metadata_dir(gguf: &Path) -> Result<PathBuf> {

@@ -1,14 +1,14 @@
 //! # layerkv-model
 //!
-//! Llama-family decoders (llama, mistral, qwen2) on candle whose KV cache goes through a
-//! `layerkv` policy, the cross-layer block allocator and the paged kernels: loading Hugging Face
-//! model directories ([`weights`], [`config`], [`tokenizer`]), GGUF conversion ([`convert`]), GGUF models run in their own quantized types ([`quantized`]),
-//! the embedded default model and texts ([`assets`]), the linear layers the forward pass is
-//! generic over ([`linear`]), the policy-driven forward pass
-//! ([`engine`]), chat templates ([`chat`]), sampling and generation ([`generate`]), the
-//! session every client serves requests through ([`session`]), evaluation ([`eval`]),
-//! retrieval tasks under a policy ([`needle`]) and the model side of KVSharer calibration
-//! ([`calibrate`]).
+//! Llama-family decoders (llama, mistral, qwen2) on candle whose KV cache goes through a `layerkv`
+//! policy, the cross-layer block allocator and the paged kernels: loading Hugging Face model
+//! directories ([`weights`], [`config`], [`tokenizer`]), GGUF conversion ([`convert`]), GGUF models
+//! run in their own quantized types ([`quantized`]), safetensors models quantized at load
+//! ([`isq`]), the embedded default model and texts ([`assets`]), the linear layers the forward pass
+//! is generic over ([`linear`]), the policy-driven forward pass ([`engine`]), chat templates
+//! ([`chat`]), sampling and generation ([`generate`]), the session every client serves requests
+//! through ([`session`]), evaluation ([`eval`]), retrieval tasks under a policy ([`needle`]) and
+//! the model side of KVSharer calibration ([`calibrate`]).
 
 pub mod assets;
 pub mod batch;
@@ -20,6 +20,7 @@ pub mod engine;
 mod error;
 pub mod eval;
 pub mod generate;
+pub mod isq;
 pub mod linear;
 mod model;
 pub mod needle;
