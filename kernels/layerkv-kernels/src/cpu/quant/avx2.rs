@@ -9,7 +9,8 @@
 //! - Q8_0: signs moved onto the activations so `maddubs` multiplies |w| by sign(w) x.
 //! - Q4_K, Q5_K, Q6_K: each 32 values unpacked to bytes, `maddubs` by the activations, `madd`
 //!   by the group's scale into i32, one f32 scaling per super-block; the minimums' term from the
-//!   activation's group sums (Q6_K's offset 32 as `maddubs(32, q_x)`).
+//!   activation's group sums (Q6_K's offset 32 as `maddubs(32, q_x)`); a super-block is
+//!   unpacked once for four activation rows when there are four.
 //!
 //! No product saturates `maddubs`'s i16 pairs: at most 2 * 63 * 128 (Q6_K).
 
@@ -46,6 +47,9 @@ pub(super) unsafe fn rows_q8_1(
     }
 }
 
+/// A K-quant kernel: one weight row (`kb` blocks) against activation rows `i..i + R`.
+type KRows<const R: usize> = unsafe fn(&[u8], &[BlockQ8K], usize, usize) -> [f32; R];
+
 /// `out[i] = dot(w, x row i)` for rows `from..to` of a K-quant.
 ///
 /// # Safety
@@ -59,15 +63,22 @@ pub(super) unsafe fn rows_q8k(
     to: usize,
     out: &mut [f32],
 ) {
-    let dot = match ty {
-        WeightType::Q4K => dot_q4k,
-        WeightType::Q5K => dot_q5k,
-        WeightType::Q6K => dot_q6k,
+    let (one, four): (KRows<1>, KRows<4>) = match ty {
+        WeightType::Q4K => (dot_q4k::<1>, dot_q4k::<4>),
+        WeightType::Q5K => (dot_q5k::<1>, dot_q5k::<4>),
+        WeightType::Q6K => (dot_q6k::<1>, dot_q6k::<4>),
         _ => unreachable!("{ty:?} dots Q8_1 blocks"),
     };
-    for i in from..to {
-        // SAFETY: the caller's lengths and features.
-        out[i] = unsafe { dot(w, &x[i * kb..(i + 1) * kb]) };
+    let mut i = from;
+    while i + 4 <= to {
+        // SAFETY: rows i..i + 4 are below `to`; the caller's lengths and features.
+        out[i..i + 4].copy_from_slice(&unsafe { four(w, x, kb, i) });
+        i += 4;
+    }
+    while i < to {
+        // SAFETY: as above.
+        out[i] = unsafe { one(w, x, kb, i) }[0];
+        i += 1;
     }
 }
 
@@ -418,46 +429,80 @@ unsafe fn k4_min_term(mins: __m128i, y: &BlockQ8K) -> __m128i {
     _mm_madd_epi16(mins, sums)
 }
 
-/// ggml's `ggml_vec_dot_q4_K_q8_K` AVX2 path.
+/// The activation blocks `b` of rows `i..i + R`.
 ///
 /// # Safety
-/// AVX2, FMA and F16C must be present; `w` must hold `x.len()` Q4_K blocks.
+/// `x` must hold at least `(i + R) * kb` blocks and `b < kb`.
+#[inline]
+unsafe fn rows_at<const R: usize>(x: &[BlockQ8K], kb: usize, i: usize, b: usize) -> [&BlockQ8K; R] {
+    // SAFETY: the caller's bounds.
+    std::array::from_fn(|r| unsafe { x.get_unchecked((i + r) * kb + b) })
+}
+
+/// `hsum(acc[r]) + ` the four lanes of `acc_m[r]`, for each row.
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q4k(w: &[u8], x: &[BlockQ8K]) -> f32 {
+fn finish<const R: usize>(acc: [__m256; R], acc_m: [__m128; R]) -> [f32; R] {
+    let mut out = [0f32; R];
+    for r in 0..R {
+        let m = _mm_add_ps(acc_m[r], _mm_movehl_ps(acc_m[r], acc_m[r]));
+        let m = _mm_add_ss(m, _mm_movehdup_ps(m));
+        out[r] = hsum(acc[r]) + _mm_cvtss_f32(m);
+    }
+    out
+}
+
+/// ggml's `ggml_vec_dot_q4_K_q8_K` AVX2 path, for one weight row against activation rows
+/// `i..i + R` (each super-block's scales and nibbles unpacked once for the `R`).
+///
+/// # Safety
+/// AVX2, FMA and F16C must be present; `w` must hold `kb` Q4_K blocks, `x` at least
+/// `(i + R) * kb` blocks.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q4k<const R: usize>(w: &[u8], x: &[BlockQ8K], kb: usize, i: usize) -> [f32; R] {
     let m4 = _mm256_set1_epi8(0x0F);
-    let mut acc = _mm256_setzero_ps();
-    let mut acc_m = _mm_setzero_ps();
-    for (b, y) in x.iter().enumerate() {
-        // SAFETY: block b (144 bytes: d, dmin, scales[12], qs[128]) is inside `w`.
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut acc_m = [_mm_setzero_ps(); R];
+    for b in 0..kb {
+        // SAFETY: block b (144 bytes: d, dmin, scales[12], qs[128]) is inside `w`; the rows'
+        // blocks b are inside `x` (the caller's lengths).
         unsafe {
             let blk = w.as_ptr().add(b * 144);
-            let d = y.d * f16_at(blk);
-            let dmin = -y.d * f16_at(blk.add(2));
+            let ys = rows_at::<R>(x, kb, i, b);
+            let (d, dmin) = (f16_at(blk), f16_at(blk.add(2)));
             let sm = k4_scales_mins(blk.add(4));
             let sm = _mm256_cvtepu8_epi16(_mm_loadu_si128(sm.as_ptr() as *const __m128i));
-            let prod = k4_min_term(_mm256_extracti128_si256(sm, 1), y);
-            acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m);
+            let mins = _mm256_extracti128_si256(sm, 1);
+            for r in 0..R {
+                let prod = _mm_cvtepi32_ps(k4_min_term(mins, ys[r]));
+                acc_m[r] = _mm_fmadd_ps(_mm_set1_ps(-dmin * ys[r].d), prod, acc_m[r]);
+            }
             let sc = _mm256_castsi256_si128(sm);
             let scales = _mm256_set_m128i(sc, sc);
-            let (q4, q8) = (blk.add(16), y.qs.as_ptr());
-            let mut sumi = _mm256_setzero_si256();
+            let q4 = blk.add(16);
+            let mut sumi = [_mm256_setzero_si256(); R];
             for j in 0..4 {
                 let (lo, hi) = group_scales(scales, j);
                 let bits = _mm256_loadu_si256(q4.add(32 * j) as *const __m256i);
                 let ql = _mm256_and_si256(bits, m4);
                 let qh = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
-                let yl = _mm256_loadu_si256(q8.add(64 * j) as *const __m256i);
-                let yh = _mm256_loadu_si256(q8.add(64 * j + 32) as *const __m256i);
-                let pl = _mm256_madd_epi16(lo, _mm256_maddubs_epi16(ql, yl));
-                let ph = _mm256_madd_epi16(hi, _mm256_maddubs_epi16(qh, yh));
-                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
+                for r in 0..R {
+                    let q8 = ys[r].qs.as_ptr();
+                    let yl = _mm256_loadu_si256(q8.add(64 * j) as *const __m256i);
+                    let yh = _mm256_loadu_si256(q8.add(64 * j + 32) as *const __m256i);
+                    let pl = _mm256_madd_epi16(lo, _mm256_maddubs_epi16(ql, yl));
+                    let ph = _mm256_madd_epi16(hi, _mm256_maddubs_epi16(qh, yh));
+                    sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(pl, ph));
+                }
             }
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+            for r in 0..R {
+                let v = _mm256_set1_ps(d * ys[r].d);
+                acc[r] = _mm256_fmadd_ps(v, _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+            }
         }
     }
-    let m = _mm_add_ps(acc_m, _mm_movehl_ps(acc_m, acc_m));
-    let m = _mm_add_ss(m, _mm_movehdup_ps(m));
-    hsum(acc) + _mm_cvtss_f32(m)
+    finish(acc, acc_m)
 }
 
 /// Scales of 32-groups `2 j` and `2 j + 1` in every i16 lane, from the eight i16 scales in
@@ -473,34 +518,40 @@ fn group_scales(scales: __m256i, j: usize) -> (__m256i, __m256i) {
     )
 }
 
-/// ggml's `ggml_vec_dot_q5_K_q8_K` AVX2 path: as Q4_K with each value's fifth bit from `qh`.
+/// ggml's `ggml_vec_dot_q5_K_q8_K` AVX2 path: as [`dot_q4k`] with each value's fifth bit from
+/// `qh`.
 ///
 /// # Safety
-/// AVX2, FMA and F16C must be present; `w` must hold `x.len()` Q5_K blocks.
+/// As [`dot_q4k`], with Q5_K blocks.
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q5k(w: &[u8], x: &[BlockQ8K]) -> f32 {
+unsafe fn dot_q5k<const R: usize>(w: &[u8], x: &[BlockQ8K], kb: usize, i: usize) -> [f32; R] {
     let m4 = _mm256_set1_epi8(0x0F);
     let one = _mm256_set1_epi8(1);
-    let mut acc = _mm256_setzero_ps();
-    let mut acc_m = _mm_setzero_ps();
-    for (b, y) in x.iter().enumerate() {
-        // SAFETY: block b (176 bytes: d, dmin, scales[12], qh[32], qs[128]) is inside `w`.
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut acc_m = [_mm_setzero_ps(); R];
+    for b in 0..kb {
+        // SAFETY: block b (176 bytes: d, dmin, scales[12], qh[32], qs[128]) is inside `w`;
+        // the rows' blocks b are inside `x` (the caller's lengths).
         unsafe {
             let blk = w.as_ptr().add(b * 176);
-            let d = y.d * f16_at(blk);
-            let dmin = -y.d * f16_at(blk.add(2));
+            let ys = rows_at::<R>(x, kb, i, b);
+            let (d, dmin) = (f16_at(blk), f16_at(blk.add(2)));
             let sm = k4_scales_mins(blk.add(4));
             let sm = _mm256_cvtepu8_epi16(_mm_loadu_si128(sm.as_ptr() as *const __m128i));
-            let prod = k4_min_term(_mm256_extracti128_si256(sm, 1), y);
-            acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m);
+            let mins = _mm256_extracti128_si256(sm, 1);
+            for r in 0..R {
+                let prod = _mm_cvtepi32_ps(k4_min_term(mins, ys[r]));
+                acc_m[r] = _mm_fmadd_ps(_mm_set1_ps(-dmin * ys[r].d), prod, acc_m[r]);
+            }
             let sc = _mm256_castsi256_si128(sm);
             let scales = _mm256_set_m128i(sc, sc);
             // Bit 2 j of qh[l] tops value 64 j + l, bit 2 j + 1 value 64 j + 32 + l: shift
             // the next bit down to bit 0 of each byte (16-bit shifts; the mask drops what
             // crosses from the neighbouring byte).
             let mut top = _mm256_loadu_si256(blk.add(16) as *const __m256i);
-            let (q5, q8) = (blk.add(48), y.qs.as_ptr());
-            let mut sumi = _mm256_setzero_si256();
+            let q5 = blk.add(48);
+            let mut sumi = [_mm256_setzero_si256(); R];
             for j in 0..4 {
                 let (lo, hi) = group_scales(scales, j);
                 let bits = _mm256_loadu_si256(q5.add(32 * j) as *const __m256i);
@@ -510,39 +561,46 @@ unsafe fn dot_q5k(w: &[u8], x: &[BlockQ8K]) -> f32 {
                 top = _mm256_srli_epi16(top, 1);
                 let ql = _mm256_or_si256(_mm256_and_si256(bits, m4), tl);
                 let qh = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits, 4), m4), th);
-                let yl = _mm256_loadu_si256(q8.add(64 * j) as *const __m256i);
-                let yh = _mm256_loadu_si256(q8.add(64 * j + 32) as *const __m256i);
-                let pl = _mm256_madd_epi16(lo, _mm256_maddubs_epi16(ql, yl));
-                let ph = _mm256_madd_epi16(hi, _mm256_maddubs_epi16(qh, yh));
-                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
+                for r in 0..R {
+                    let q8 = ys[r].qs.as_ptr();
+                    let yl = _mm256_loadu_si256(q8.add(64 * j) as *const __m256i);
+                    let yh = _mm256_loadu_si256(q8.add(64 * j + 32) as *const __m256i);
+                    let pl = _mm256_madd_epi16(lo, _mm256_maddubs_epi16(ql, yl));
+                    let ph = _mm256_madd_epi16(hi, _mm256_maddubs_epi16(qh, yh));
+                    sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(pl, ph));
+                }
             }
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+            for r in 0..R {
+                let v = _mm256_set1_ps(d * ys[r].d);
+                acc[r] = _mm256_fmadd_ps(v, _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+            }
         }
     }
-    let m = _mm_add_ps(acc_m, _mm_movehl_ps(acc_m, acc_m));
-    let m = _mm_add_ss(m, _mm_movehdup_ps(m));
-    hsum(acc) + _mm_cvtss_f32(m)
+    finish(acc, acc_m)
 }
 
 /// ggml's `ggml_vec_dot_q6_K_q8_K` AVX2 path: values `q` in 0..64 multiply the activations
 /// unsigned, and `32 q_x` (`maddubs(32, q_x)`) is subtracted for the offset; each 16 values'
-/// i8 scale is applied by `madd`.
+/// i8 scale is applied by `madd`. Rows `i..i + R` as in [`dot_q4k`].
 ///
 /// # Safety
-/// AVX2, FMA and F16C must be present; `w` must hold `x.len()` Q6_K blocks.
+/// As [`dot_q4k`], with Q6_K blocks.
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q6k(w: &[u8], x: &[BlockQ8K]) -> f32 {
+unsafe fn dot_q6k<const R: usize>(w: &[u8], x: &[BlockQ8K], kb: usize, i: usize) -> [f32; R] {
     let m4 = _mm256_set1_epi8(0x0F);
     let m2 = _mm256_set1_epi8(3);
     let m32 = _mm256_set1_epi8(32);
-    let mut acc = _mm256_setzero_ps();
-    for (b, y) in x.iter().enumerate() {
-        // SAFETY: block b (210 bytes: ql[128], qh[64], scales[16], d) is inside `w`.
+    let mut acc = [_mm256_setzero_ps(); R];
+    for b in 0..kb {
+        // SAFETY: block b (210 bytes: ql[128], qh[64], scales[16], d) is inside `w`; the
+        // rows' blocks b are inside `x` (the caller's lengths).
         unsafe {
             let blk = w.as_ptr().add(b * 210);
-            let d = y.d * f16_at(blk.add(208));
+            let ys = rows_at::<R>(x, kb, i, b);
+            let d = f16_at(blk.add(208));
             let scales = _mm_loadu_si128(blk.add(192) as *const __m128i);
-            let mut sumi = _mm256_setzero_si256();
+            let mut sumi = [_mm256_setzero_si256(); R];
             for j in 0..2 {
                 let ql = blk.add(64 * j);
                 let lo = _mm256_loadu_si256(ql as *const __m256i);
@@ -560,21 +618,27 @@ unsafe fn dot_q6k(w: &[u8], x: &[BlockQ8K]) -> f32 {
                     _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(hi, 4), m4), t3),
                 ];
                 for (k, &q) in q.iter().enumerate() {
-                    let yk = _mm256_loadu_si256(y.qs.as_ptr().add(128 * j + 32 * k) as *const _);
-                    let p = _mm256_sub_epi16(
-                        _mm256_maddubs_epi16(q, yk),
-                        _mm256_maddubs_epi16(m32, yk),
-                    );
                     // Scales of 16-groups 8 j + 2 k (i16 lanes 0..8) and + 1 (lanes 8..16).
                     let g = (8 * j + 2 * k) as i64;
                     let pick =
                         _mm_set_epi64x(0x0101_0101_0101_0101 * (g + 1), 0x0101_0101_0101_0101 * g);
                     let sc = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, pick));
-                    sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(sc, p));
+                    for r in 0..R {
+                        let yk = ys[r].qs.as_ptr().add(128 * j + 32 * k);
+                        let yk = _mm256_loadu_si256(yk as *const __m256i);
+                        let p = _mm256_sub_epi16(
+                            _mm256_maddubs_epi16(q, yk),
+                            _mm256_maddubs_epi16(m32, yk),
+                        );
+                        sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(sc, p));
+                    }
                 }
             }
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+            for r in 0..R {
+                let v = _mm256_set1_ps(d * ys[r].d);
+                acc[r] = _mm256_fmadd_ps(v, _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+            }
         }
     }
-    hsum(acc)
+    finish(acc, [_mm_setzero_ps(); R])
 }
