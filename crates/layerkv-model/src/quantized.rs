@@ -5,11 +5,12 @@
 //!
 //! What stays quantized and what does not:
 //! - every projection and the LM head: matmuls run on the quantized blocks with the activations
-//!   quantized to the type's dot-product blocks (Q8_0/Q8_1/Q8K), as llama.cpp does: Q4_1 and
-//!   Q8_0 on the CPU through [`layerkv_kernels::quant::matmul`] (AVX2 picked at run time, rayon
-//!   over weight rows; candle's dot products are scalar unless built with AVX enabled), every
-//!   other type through candle's [`QMatMul`]; from [`DENSE_FROM_ROWS`] rows (prefill), Q4_1
-//!   and Q8_0 products dequantize their weight in chunks and run candle's f32 matmul instead,
+//!   quantized to the type's dot-product blocks (Q8_1/Q8K), as llama.cpp does: Q4_0, Q4_1,
+//!   Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K on the CPU through
+//!   [`layerkv_kernels::quant::matmul`] (AVX2 picked at run time; candle's dot products are
+//!   scalar unless built with AVX enabled), every other type (Q2_K, Q3_K, Q8_K, F16, ...) and
+//!   every type on CUDA through candle's [`QMatMul`]; from [`DENSE_FROM_ROWS`] rows (prefill),
+//!   the kernels' types dequantize their weight in chunks and run candle's f32 matmul instead,
 //!   as llama.cpp's BLAS backend does, so prefill keeps the f32 path's speed;
 //! - the token embedding ([`QuantizedEmbedding`]): only the looked-up rows are dequantized
 //!   (llama.cpp's `get_rows`); a tied model's LM head is the same quantized matrix;
@@ -64,7 +65,7 @@ const DENSE_CHUNK_VALUES: usize = 1 << 22;
 /// How [`load_gguf_with`] builds the quantized layers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QuantizedOptions {
-    /// Rows from which Q4_1 and Q8_0 products on the CPU run dense (see [`DENSE_FROM_ROWS`]);
+    /// Rows from which products of the kernels' types on the CPU run dense (see [`DENSE_FROM_ROWS`]);
     /// `None`: always on the quantized kernels (activations quantized to Q8 blocks).
     pub dense_from_rows: Option<usize>,
 }
@@ -89,7 +90,7 @@ impl QuantizedLinear {
         })
     }
 
-    /// Sets the rows from which Q4_1 and Q8_0 products run dense ([`DENSE_FROM_ROWS`]);
+    /// Sets the rows from which products of the kernels' types run dense ([`DENSE_FROM_ROWS`]);
     /// `None`: never.
     pub fn with_dense_from_rows(mut self, rows: Option<usize>) -> Self {
         self.dense_from_rows = rows;
@@ -101,8 +102,8 @@ impl QuantizedLinear {
         self.weight.dtype()
     }
 
-    /// Q4_1 and Q8_0 on the CPU: layerkv's AVX2 kernels (candle's run scalar in a default
-    /// build).
+    /// The types of [`layerkv_kernels::quant`] on the CPU: layerkv's AVX2 kernels (candle's
+    /// run scalar in a default build).
     fn forward_cpu(&self, ty: quant::WeightType, x: &Tensor) -> candle_core::Result<Tensor> {
         let (n, k) = self.weight.shape().dims2()?;
         let mut dims = x.dims().to_vec();
