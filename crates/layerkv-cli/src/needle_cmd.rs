@@ -235,7 +235,13 @@ pub fn run(args: NeedleArgs) -> Result<()> {
                     "{spec} ({mode}): x = length {:?}, y = depth {:?}",
                     args.lengths, args.depths
                 );
-                crate::plot::heatmap(&path, &m, &title, "length (x) / depth (y) index")?;
+                crate::plot::heatmap_in(
+                    &path,
+                    &m,
+                    &title,
+                    "length (x) / depth (y) index",
+                    (0.0, 1.0),
+                )?;
                 eprintln!("wrote {}", path.display());
             }
         }

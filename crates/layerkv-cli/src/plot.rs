@@ -62,7 +62,26 @@ fn draw_err<E: std::fmt::Display>(path: &Path) -> impl Fn(E) -> anyhow::Error + 
 /// the bottom (origin lower left, like the axes), a Viridis colour scale from the smallest to the largest finite value, with a colour
 /// bar; non-finite cells are grey. `axis_label` names both axes (e.g. "layer").
 pub fn heatmap(path: &Path, matrix: &[Vec<f64>], title: &str, axis_label: &str) -> Result<()> {
-    heatmap_with(path, matrix, title, axis_label, fonts_available())
+    heatmap_with(path, matrix, title, axis_label, None, fonts_available())
+}
+
+/// [`heatmap`] on a fixed colour scale `lo..hi` (values outside are clamped): accuracies on
+/// `0..1`, so an all-right grid is the top colour, not the middle of an auto range.
+pub fn heatmap_in(
+    path: &Path,
+    matrix: &[Vec<f64>],
+    title: &str,
+    axis_label: &str,
+    (lo, hi): (f64, f64),
+) -> Result<()> {
+    heatmap_with(
+        path,
+        matrix,
+        title,
+        axis_label,
+        Some((lo, hi)),
+        fonts_available(),
+    )
 }
 
 fn heatmap_with(
@@ -70,6 +89,7 @@ fn heatmap_with(
     matrix: &[Vec<f64>],
     title: &str,
     axis_label: &str,
+    range: Option<(f64, f64)>,
     text: bool,
 ) -> Result<()> {
     let rows = matrix.len();
@@ -88,7 +108,9 @@ fn heatmap_with(
     let (lo, hi) = finite.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
         (lo.min(v), hi.max(v))
     });
-    let (lo, hi) = if lo > hi {
+    let (lo, hi) = if let Some((a, b)) = range.filter(|&(a, b)| a < b) {
+        (a, b)
+    } else if lo > hi {
         (0.0, 1.0)
     } else if lo == hi {
         (lo - 0.5, hi + 0.5)
@@ -136,7 +158,7 @@ fn heatmap_with(
     }
     let colour = |v: f64| -> RGBColor {
         if v.is_finite() {
-            ViridisRGB.get_color_normalized(v as f32, lo as f32, hi as f32)
+            ViridisRGB.get_color_normalized(v.clamp(lo, hi) as f32, lo as f32, hi as f32)
         } else {
             RGBColor(160, 160, 160)
         }
@@ -342,11 +364,11 @@ mod tests {
             let path = tmp(&format!("heat-{text}.png"));
             let mut m = matrix();
             m[2][3] = f64::NAN;
-            heatmap_with(&path, &m, "distances", "layer", text).unwrap();
+            heatmap_with(&path, &m, "distances", "layer", None, text).unwrap();
             assert_eq!(png_size(&path), SIZE);
         }
         let path = tmp("heat-one.png");
-        heatmap_with(&path, &[vec![0.0]], "one layer", "layer", false).unwrap();
+        heatmap_with(&path, &[vec![0.0]], "one layer", "layer", None, false).unwrap();
         assert_eq!(png_size(&path), SIZE);
         let path = tmp("heat-public.png");
         heatmap(&path, &matrix(), "distances", "layer").unwrap();
@@ -373,10 +395,46 @@ mod tests {
     #[test]
     fn a_single_column_heatmap_draws_its_cells() {
         let path = tmp("heat-column.png");
-        heatmap_with(&path, &[vec![0.0], vec![1.0], vec![0.5]], "t", "l", false).unwrap();
+        heatmap_with(
+            &path,
+            &[vec![0.0], vec![1.0], vec![0.5]],
+            "t",
+            "l",
+            None,
+            false,
+        )
+        .unwrap();
         let low = ViridisRGB.get_color_normalized(0.0, 0.0, 1.0);
         let high = ViridisRGB.get_color_normalized(1.0, 0.0, 1.0);
         for c in [low, high] {
+            let n = count_colour(&path, c);
+            assert!(n > 10_000, "{n} pixels of {c:?}");
+        }
+    }
+
+    /// On a fixed 0..1 scale an all-right accuracy grid is the top colour, and values outside
+    /// the scale are clamped. Seen failing with the auto range (a constant grid took the middle
+    /// colour: 0 pixels of the top one).
+    #[test]
+    fn a_fixed_scale_puts_a_constant_grid_at_its_value() {
+        let path = tmp("heat-fixed.png");
+        let m = [vec![1.0], vec![1.0], vec![1.0]];
+        heatmap_with(&path, &m, "t", "l", Some((0.0, 1.0)), false).unwrap();
+        let top = ViridisRGB.get_color_normalized(1.0, 0.0, 1.0);
+        let n = count_colour(&path, top);
+        assert!(n > 30_000, "{n} pixels of {top:?}");
+        let path = tmp("heat-clamped.png");
+        heatmap_with(
+            &path,
+            &[vec![-1.0], vec![2.0]],
+            "t",
+            "l",
+            Some((0.0, 1.0)),
+            false,
+        )
+        .unwrap();
+        let low = ViridisRGB.get_color_normalized(0.0, 0.0, 1.0);
+        for c in [low, top] {
             let n = count_colour(&path, c);
             assert!(n > 10_000, "{n} pixels of {c:?}");
         }
@@ -413,12 +471,12 @@ mod tests {
     #[test]
     fn bad_input_is_an_error_not_a_panic() {
         let path = tmp("bad.png");
-        assert!(heatmap_with(&path, &[], "t", "l", false).is_err());
-        assert!(heatmap_with(&path, &[vec![1.0], vec![]], "t", "l", false).is_err());
+        assert!(heatmap_with(&path, &[], "t", "l", None, false).is_err());
+        assert!(heatmap_with(&path, &[vec![1.0], vec![]], "t", "l", None, false).is_err());
         let nan = vec![("x".to_string(), vec![(f64::NAN, 1.0)])];
         assert!(line_chart_with(&path, "t", "x", "y", &nan, false).is_err());
         assert!(line_chart_with(&path, "t", "x", "y", &[], false).is_err());
         let unwritable = Path::new("/nonexistent-dir/x.png");
-        assert!(heatmap_with(unwritable, &matrix(), "t", "l", false).is_err());
+        assert!(heatmap_with(unwritable, &matrix(), "t", "l", None, false).is_err());
     }
 }
