@@ -17,9 +17,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use layerkv::Policy;
-use layerkv_model::engine::{Engine, EngineConfig, LogitsRows, PrefillMode};
+use layerkv_model::engine::{Engine, EngineConfig, LogitsRows};
 use layerkv_model::isq::{load_isq, load_isq_with, ISQ_TYPES};
 use layerkv_model::quantized::QuantizedOptions;
 use layerkv_model::weights::Weights;
@@ -32,18 +32,12 @@ const PROMPT: [u32; 9] = [3, 17, 42, 5, 9, 60, 33, 8, 21];
 /// row). Fixed, not greedy: two models whose top logits nearly tie would otherwise feed each
 /// other different tokens and diverge for a reason that is not an error.
 fn logits(model: Arc<Model>) -> Tensor {
+    // The default prefill (iterative) runs the whole prompt in one pass under identity: the
+    // prompt's products run at 9 rows.
     let cfg = EngineConfig {
         block_size: 4,
         num_pages: 64,
-        kv_dtype: DType::F32,
-        sliding_window: None,
-        // One pass for the whole prompt under identity: the prompt's products run at 9 rows.
-        prefill: PrefillMode::Iterative {
-            max_passes: 64,
-            tolerance: 1e-4,
-        },
-        prefill_chunk: 256,
-        prefix_caching: false,
+        ..EngineConfig::default()
     };
     let layers = model.num_layers();
     let mut e = Engine::new(model, Arc::new(Policy::identity(layers).unwrap()), cfg).unwrap();

@@ -391,12 +391,20 @@ struct Dims {
     baseline: bool,
 }
 
-/// A raw output pointer shared by work items that write disjoint (row, head) ranges.
+/// A raw output pointer shared by work items that write disjoint index ranges (attention:
+/// their own rows x heads; split partials and quantized products: their own chunks).
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: work items write disjoint index ranges (their own rows x their own heads).
+pub(crate) struct OutPtr(pub(crate) *mut f32);
+// SAFETY: every user writes disjoint index ranges through it (see each use).
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// The pointer (a method, so closures capture the `Sync` wrapper, not the raw field).
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
 
 /// One call's inputs, whatever the stored element type.
 #[derive(Clone, Copy)]

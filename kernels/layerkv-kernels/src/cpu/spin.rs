@@ -71,7 +71,7 @@ impl std::fmt::Debug for SpinPool {
     }
 }
 
-/// Most tasks one job can have.
+/// Most claims one job word holds; [`SpinPool::run`] groups indices past it.
 pub const MAX_TASKS: usize = 0xffff;
 const GEN_SHIFT: u32 = 32;
 const TASKS_SHIFT: u32 = 16;
@@ -137,8 +137,8 @@ impl SpinPool {
     }
 
     /// Runs `f(0) .. f(tasks - 1)` on the pool and the calling thread; returns when all have
-    /// finished. A panic in a task is re-raised here after the others finished. `tasks` is at
-    /// most [`MAX_TASKS`]; a task must not call `run` itself.
+    /// finished. A panic in a task is re-raised here after the others finished. Past
+    /// [`MAX_TASKS`] one claim runs a run of consecutive indices. A task must not call `run`.
     pub fn run(&self, tasks: usize, f: &(dyn Fn(usize) + Sync)) {
         if tasks == 0 {
             return;
@@ -147,10 +147,11 @@ impl SpinPool {
             (0..tasks).for_each(f);
             return;
         }
-        assert!(
-            tasks <= MAX_TASKS,
-            "SpinPool::run: {tasks} tasks (at most {MAX_TASKS})"
-        );
+        if tasks > MAX_TASKS {
+            let per = tasks.div_ceil(MAX_TASKS);
+            let group = |g: usize| (g * per..((g + 1) * per).min(tasks)).for_each(f);
+            return self.run(tasks.div_ceil(per), &group);
+        }
         let _turn = self.running.lock().unwrap_or_else(|e| e.into_inner());
         let s = &*self.shared;
         // SAFETY (lifetime erasure): the pointer is dereferenced only by a task of this job,
@@ -266,6 +267,17 @@ mod tests {
                 thread::sleep(Duration::from_millis(2));
             }
         }
+    }
+
+    #[test]
+    fn more_tasks_than_a_job_word_holds_run_once_each() {
+        let pool = SpinPool::new(1, Duration::from_micros(50));
+        let tasks = 3 * MAX_TASKS + 7;
+        let hits: Vec<AtomicUsize> = (0..tasks).map(|_| AtomicUsize::new(0)).collect();
+        pool.run(tasks, &|i| {
+            hits[i].fetch_add(1, Ordering::Relaxed);
+        });
+        assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
     }
 
     #[test]

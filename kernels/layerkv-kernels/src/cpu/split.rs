@@ -9,24 +9,8 @@
 
 use std::cell::RefCell;
 
-use rayon::prelude::*;
-
-use super::spin::{SpinPool, MAX_TASKS};
+use super::spin::SpinPool;
 use super::{Dims, Elem, Madd, OutPtr, Plain, SCRATCH, VB};
-
-/// The partials buffer, shared by the tasks that each write their own partial.
-#[derive(Clone, Copy)]
-struct Partials(*mut f32);
-// SAFETY: tasks write disjoint partials (see `run`).
-unsafe impl Send for Partials {}
-unsafe impl Sync for Partials {}
-
-impl Partials {
-    /// The pointer (a method, so closures capture the `Sync` wrapper).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
 use crate::view::{AttentionParams, SeqQuery};
 
 /// How the decode path splits contexts (tests force small partitions).
@@ -107,46 +91,26 @@ pub(crate) fn run<T: Elem>(
         first,
         partials,
     } = &mut plan;
-    if parts.len() <= MAX_TASKS && seqs.len() <= MAX_TASKS {
-        // On the spinning pool, like the decode step's quantized products around it: its
-        // workers are awake, rayon's would have to be woken (and the two pools would fight
-        // over the cores).
-        let pool = SpinPool::global();
-        let base = Partials(partials.as_mut_ptr());
-        let parts = &*parts;
-        pool.run(parts.len(), &|i| {
-            // SAFETY: task `i` alone writes partial `i`; `partials` holds `need` values.
-            let partial =
-                unsafe { std::slice::from_raw_parts_mut(base.get().add(i * stride), stride) };
-            let part = parts[i];
-            part_item(k, v, q, &seqs[part.seq], part, params, dims, partial)
-        });
-        let (first, partials) = (&*first, &*partials);
-        pool.run(seqs.len(), &|s| {
-            merge(
-                &partials[first[s] * stride..first[s + 1] * stride],
-                seqs[s].q_start,
-                dims,
-                out,
-            )
-        });
-    } else {
-        parts
-            .par_iter()
-            .zip(partials[..need].par_chunks_mut(stride))
-            .for_each(|(part, partial)| {
-                part_item(k, v, q, &seqs[part.seq], *part, params, dims, partial)
-            });
-        let (first, partials) = (&*first, &*partials);
-        (0..seqs.len()).into_par_iter().for_each(|s| {
-            merge(
-                &partials[first[s] * stride..first[s + 1] * stride],
-                seqs[s].q_start,
-                dims,
-                out,
-            )
-        });
-    }
+    // On the spinning pool, like the decode step's quantized products around it: its workers
+    // are awake, rayon's would have to be woken (and the two pools would fight over the cores).
+    let pool = SpinPool::global();
+    let base = OutPtr(partials.as_mut_ptr());
+    let parts = &*parts;
+    pool.run(parts.len(), &|i| {
+        // SAFETY: task `i` alone writes partial `i`; `partials` holds `need` values.
+        let partial = unsafe { std::slice::from_raw_parts_mut(base.get().add(i * stride), stride) };
+        let part = parts[i];
+        part_item(k, v, q, &seqs[part.seq], part, params, dims, partial)
+    });
+    let (first, partials) = (&*first, &*partials);
+    pool.run(seqs.len(), &|s| {
+        merge(
+            &partials[first[s] * stride..first[s + 1] * stride],
+            seqs[s].q_start,
+            dims,
+            out,
+        )
+    });
     PLAN.with(|cell| *cell.borrow_mut() = plan);
 }
 

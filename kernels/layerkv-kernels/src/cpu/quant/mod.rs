@@ -29,21 +29,8 @@ mod activation;
 mod avx2;
 mod portable;
 
-use super::spin::{SpinPool, MAX_TASKS};
-
-/// The output of a product, shared by the tasks that write disjoint rows of it.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint ranges (see the uses).
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// The pointer (a method, so closures capture the `Sync` wrapper, not the raw field).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
+use super::spin::SpinPool;
+use super::OutPtr;
 
 use rayon::prelude::*;
 
@@ -273,12 +260,11 @@ fn matmul_with<A: ActivationBlock>(
             }
         }
     };
-    let chunks = n.div_ceil(ROWS_PER_TASK);
-    if m == 1 && chunks <= MAX_TASKS {
+    if m == 1 {
         // Decode: on the spinning pool, whose workers are still awake from the previous product
         // (rayon's would have fallen asleep in the gap and need waking, ~200 times a token).
         let out = OutPtr(y.as_mut_ptr());
-        SpinPool::global().run(chunks, &|c| {
+        SpinPool::global().run(n.div_ceil(ROWS_PER_TASK), &|c| {
             let first = c * ROWS_PER_TASK;
             let rows = ROWS_PER_TASK.min(n - first);
             // SAFETY: task `c` alone writes rows `first..first + rows` of `y`, which outlives
@@ -286,12 +272,6 @@ fn matmul_with<A: ActivationBlock>(
             let out = unsafe { std::slice::from_raw_parts_mut(out.get().add(first), rows) };
             task(first, out);
         });
-        return Ok(());
-    }
-    if m == 1 {
-        y.par_chunks_mut(ROWS_PER_TASK)
-            .enumerate()
-            .for_each(|(c, out)| task(c * ROWS_PER_TASK, out));
         return Ok(());
     }
     let mut yt = vec![0f32; n * m];
