@@ -145,6 +145,7 @@ fn calibrated_policy(model_dir: &Path, text: &Path) -> Result<(Policy, String)> 
             device: "cpu".into(),
             dtype: "f32".into(),
             weights: "quantized".into(),
+            kv_dtype: "auto".into(),
         },
         sample_len: settings.sample_len,
         share: 0.0,

@@ -1,6 +1,6 @@
-//! `--device cpu|cuda[:N]`, `--dtype f32|bf16|f16` and `--weights quantized|f32`: where a
-//! command runs the model, in which float type, and whether a GGUF runs in its own quantized
-//! types or converted to a dense model directory ([`DeviceArgs::load_model`]). CUDA is a build-time feature (`cargo build --features cuda`, which needs
+//! `--device cpu|cuda[:N]`, `--dtype f32|bf16|f16`, `--weights quantized|f32|TYPE` and
+//! `--kv-dtype`: where a command runs the model, in which float type, whether a GGUF runs in
+//! its own quantized types or converted to a dense model directory, and the KV pages' type ([`DeviceArgs::load_model`]). CUDA is a build-time feature (`cargo build --features cuda`, which needs
 //! the CUDA toolkit); a binary built without it says so in one line instead of failing later.
 
 use std::path::{Path, PathBuf};
@@ -28,6 +28,11 @@ pub struct DeviceArgs {
     /// (llama.cpp's fallbacks where rows are not whole 256-blocks; the LM head at Q6_K or Q8_0).
     #[arg(long, default_value = "quantized")]
     pub weights: String,
+    /// KV page dtype: `auto` (f16 when the weights run quantized, as llama.cpp's default cache
+    /// type; else `--dtype`), f32, f16 or bf16. The attention kernels read f16 and bf16 pages
+    /// directly, so a smaller type halves the KV bytes each decode step reads.
+    #[arg(long, default_value = "auto")]
+    pub kv_dtype: String,
 }
 
 /// How a GGUF file's weights run (`--weights`).
@@ -74,8 +79,19 @@ impl DeviceArgs {
     /// `--weights quantized` loads in its own types (the directory then holds its config and
     /// tokenizer only); any other path is resolved (a GGUF converted once) and loaded dense in
     /// `--dtype`; none is the embedded default, fetched on first use. Returns the directory,
-    /// the model and the activation (and KV) dtype.
+    /// the model and the KV page dtype (`--kv-dtype`).
     pub fn load_model(&self, model: Option<&Path>) -> Result<(PathBuf, Arc<Model>, DType)> {
+        let (dir, model, dtype) = self.load_weights(model)?;
+        let kv = match self.kv_dtype.as_str() {
+            "auto" if model.is_quantized() => DType::F16,
+            "auto" => dtype,
+            other => dtype_named(other, "--kv-dtype")?,
+        };
+        Ok((dir, model, kv))
+    }
+
+    /// [`Self::load_model`] returning the activation dtype instead of the KV dtype.
+    fn load_weights(&self, model: Option<&Path>) -> Result<(PathBuf, Arc<Model>, DType)> {
         let (device, dtype) = self.resolve()?;
         let mode = weights(&self.weights)?;
         // A directory that keeps a GGUF's quantized tensors (`convert --dtype quantized`).
@@ -94,7 +110,7 @@ impl DeviceArgs {
                     .with_context(|| format!("loading {} quantized", gguf.display()))?;
                 return Ok((dir, Arc::new(q.model), DType::F32));
             }
-            return self.load_model(Some(&gguf));
+            return self.load_weights(Some(&gguf));
         }
         if let Some(path) = model {
             if mode == Weights::Quantized && assets::is_gguf_file(path)? {
@@ -136,13 +152,18 @@ impl DeviceArgs {
     }
 }
 
-/// Parses a dtype name.
+/// Parses a dtype name (`--dtype`).
 pub fn dtype(name: &str) -> Result<DType> {
+    dtype_named(name, "--dtype")
+}
+
+/// Parses a dtype name given to `flag`.
+fn dtype_named(name: &str, flag: &str) -> Result<DType> {
     match name {
         "f32" => Ok(DType::F32),
         "bf16" => Ok(DType::BF16),
         "f16" => Ok(DType::F16),
-        other => bail!("--dtype {other:?}: unknown dtype (f32, bf16, f16)"),
+        other => bail!("{flag} {other:?}: unknown dtype (f32, bf16, f16)"),
     }
 }
 
@@ -200,6 +221,7 @@ mod tests {
             device: device.into(),
             dtype: dtype.into(),
             weights: "quantized".into(),
+            kv_dtype: "auto".into(),
         };
         assert_eq!(weights("f32").unwrap(), Weights::Dense);
         assert!(weights("q4")

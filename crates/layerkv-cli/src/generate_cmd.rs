@@ -10,7 +10,7 @@ use std::sync::Arc;
 use anyhow::{ensure, Context, Result};
 use layerkv::{Policy, SeqId};
 use layerkv_model::chat::{ChatTemplate, Message};
-use layerkv_model::generate::{Completion, GenerationConfig, Sampler, Sampling};
+use layerkv_model::generate::{generate_batch, Completion, GenerationConfig, Sampler, Sampling};
 use layerkv_model::{Model, Session, SessionOptions};
 
 use crate::device::DeviceArgs;
@@ -139,11 +139,17 @@ impl ModelArgs {
     /// Loads the model (converting a GGUF once), its tokenizer and generation defaults, and a
     /// session under `--policy` whose pool holds `--max-context` tokens.
     pub fn session(&self, flags: &SamplingArgs) -> Result<Session> {
+        self.session_for(flags, 1)
+    }
+
+    /// [`Self::session`] with a pool for `sequences` sequences of `--max-context` tokens.
+    pub fn session_for(&self, flags: &SamplingArgs, sequences: usize) -> Result<Session> {
         let (dir, model, dtype) = load_model(self.model.as_ref(), &self.device)?;
         let (sampling, max_tokens) = flags.resolve(&GenerationConfig::load(&dir)?)?;
         let policy = Policy::from_spec(&self.policy, model.num_layers())?;
         let options = SessionOptions {
             max_context: self.max_context,
+            max_sequences: sequences.max(1),
             kv_dtype: dtype,
             sliding_window: self.window,
             max_tokens: Some(max_tokens),
@@ -218,13 +224,34 @@ pub struct GenerateArgs {
     /// System message (with `--chat`).
     #[arg(long, requires = "chat")]
     pub system: Option<String>,
+    /// Decode N replies to the prompt together, one batch of N rows per step: the prompt is
+    /// prefilled once and forked (its pages shared), reply `i` samples with seed `--seed + i`
+    /// (greedy replies are identical). Prints every reply when the batch ends, and the batch's
+    /// throughput over all sequences: batched decoding as a server runs it.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub batch: u32,
+    /// Keep generating past end-of-sequence and end-of-turn tokens, to `--max-tokens` (for
+    /// benchmarks, as llama.cpp's `--ignore-eos`).
+    #[arg(long)]
+    pub ignore_eos: bool,
     #[command(flatten)]
     pub sampling: SamplingArgs,
 }
 
 /// Runs `layerkv generate`.
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let mut session = args.model.session(&args.sampling)?;
+    ensure!(
+        args.batch == 1 || args.sampling.stop.is_empty(),
+        "--stop applies to one reply; with --batch {} the replies end at end tokens or \
+         --max-tokens",
+        args.batch
+    );
+    let mut session = args
+        .model
+        .session_for(&args.sampling, args.batch as usize)?;
+    if args.ignore_eos {
+        session.stop_criteria_mut().stop_tokens.clear();
+    }
     let mut sampler = Sampler::new(session.sampling());
     let ids = if args.chat {
         let mut messages = Vec::new();
@@ -237,9 +264,14 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         if ChatTemplate::load(session.dir()).is_ok() {
             tracing::info!("the model has a chat template: `--chat` applies it (instruct models answer that way)");
         }
-        print!("{}", args.prompt);
+        if args.batch == 1 {
+            print!("{}", args.prompt);
+        }
         session.tokenizer().encode(&args.prompt)?
     };
+    if args.batch > 1 {
+        return run_batch(&mut session, &ids, args.batch as usize);
+    }
     let seq: SeqId = 0;
     session.engine_mut().add_sequence(seq)?;
     let c = reply(&mut session, seq, &ids, &mut sampler)?;
@@ -252,5 +284,40 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         memory_line(&session, seq)?
     );
     session.engine_mut().free(seq)?;
+    Ok(())
+}
+
+/// `generate --batch N`: N replies decoded together; each printed after a `--- reply i` line.
+fn run_batch(session: &mut Session, ids: &[u32], n: usize) -> Result<()> {
+    let seqs: Vec<SeqId> = (0..n as SeqId).collect();
+    let stop = session.stop_criteria().clone();
+    let sampling = session.sampling();
+    session.check_room(None, ids.len(), stop.max_new_tokens)?;
+    let g = generate_batch(
+        session.engine_mut(),
+        &seqs,
+        ids,
+        stop.max_new_tokens,
+        sampling,
+        &stop.stop_tokens,
+    )?;
+    let mut out = std::io::stdout().lock();
+    for (i, tokens) in g.tokens.iter().enumerate() {
+        let text = match tokens.last() {
+            Some(t) if stop.stop_tokens.contains(t) => &tokens[..tokens.len() - 1],
+            _ => &tokens[..],
+        };
+        let _ = writeln!(out, "--- reply {i}");
+        let _ = writeln!(out, "{}", session.tokenizer().decode(text)?);
+    }
+    let longest = g.tokens.iter().map(Vec::len).max().unwrap_or(0);
+    eprintln!(
+        "{n} sequences x {longest} generated; prefill {:.1} tok/s, decode {:.1} tok/s over all \
+         sequences ({} prompt tokens once, {} batched steps)",
+        g.prefill_tokens_per_sec,
+        g.decode_tokens_per_sec,
+        ids.len(),
+        g.decode_steps
+    );
     Ok(())
 }

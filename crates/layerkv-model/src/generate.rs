@@ -1,7 +1,8 @@
 //! Token generation: a seeded [`Sampler`] with the controls llama.cpp and mistral.rs users
 //! expect, defaults from a model's `generation_config.json` ([`GenerationConfig`]), streaming
 //! detokenization with stop strings ([`TextStream`]) and the generation loops ([`generate`],
-//! [`complete`]) that report prefill and decode throughput.
+//! [`complete`], and [`generate_batch`] for several replies decoded together) that report
+//! prefill and decode throughput.
 //!
 //! The sampler applies, in this order (transformers' and llama.cpp's order): repetition,
 //! presence and frequency penalties over the last [`Sampling::penalty_last_n`] tokens of the
@@ -633,6 +634,129 @@ pub fn complete(
         prefill_tokens_per_sec: prompt.len() as f64 / prefill.max(1e-9),
         decode_tokens_per_sec: (tokens.len().saturating_sub(1)) as f64 / decode.max(1e-9),
         tokens,
+    })
+}
+
+/// [`generate_batch`]'s result: one reply per sequence and the batch's throughput.
+#[derive(Debug, Clone)]
+pub struct BatchGeneration {
+    /// Generated token ids per sequence, in `seqs` order (a stop token ends and is included).
+    pub tokens: Vec<Vec<u32>>,
+    /// Prompt tokens per second (the prompt is prefilled once).
+    pub prefill_tokens_per_sec: f64,
+    /// Decode steps after the first token: one row per live sequence each.
+    pub decode_steps: usize,
+    /// Tokens generated per second over all sequences after the first token of each.
+    pub decode_tokens_per_sec: f64,
+}
+
+/// `seqs.len()` replies to one `prompt`, decoded together: the prompt is prefilled once into
+/// `seqs[0]`, which is forked into the others (their prompt pages are shared, copy on write),
+/// then every live sequence appends one token per step, in one batch. Sequence `i` samples with
+/// `sampling`'s seed plus `i`, so greedy replies are identical and sampled ones differ. A
+/// sequence stops at any of `eos` or after `max_new` tokens. The sequences are freed at the
+/// end, whatever happened. This is batched decoding as a server runs it, without a scheduler:
+/// the pool must hold every sequence.
+pub fn generate_batch(
+    engine: &mut Engine,
+    seqs: &[SeqId],
+    prompt: &[u32],
+    max_new: usize,
+    sampling: Sampling,
+    eos: &[u32],
+) -> Result<BatchGeneration> {
+    let Some(&first) = seqs.first() else {
+        return Err(ModelError::Request("generate_batch: no sequences".into()));
+    };
+    engine.add_sequence(first)?;
+    let mut added = vec![first];
+    let result = run_batch(engine, seqs, &mut added, prompt, max_new, sampling, eos);
+    let mut freed = Ok(());
+    for &s in &added {
+        if let Err(e) = engine.free(s) {
+            freed = freed.and(Err(e));
+        }
+    }
+    let out = result?;
+    freed?;
+    Ok(out)
+}
+
+fn run_batch(
+    engine: &mut Engine,
+    seqs: &[SeqId],
+    added: &mut Vec<SeqId>,
+    prompt: &[u32],
+    max_new: usize,
+    sampling: Sampling,
+    eos: &[u32],
+) -> Result<BatchGeneration> {
+    let n = seqs.len();
+    let mut samplers: Vec<Sampler> = (0..n as u64)
+        .map(|i| {
+            let mut s = Sampler::new(Sampling {
+                seed: sampling.seed.wrapping_add(i),
+                ..sampling
+            });
+            s.observe(prompt);
+            s
+        })
+        .collect();
+    let mut tokens = vec![Vec::with_capacity(max_new.min(4096)); n];
+    if max_new == 0 {
+        return Ok(BatchGeneration {
+            tokens,
+            prefill_tokens_per_sec: 0.0,
+            decode_steps: 0,
+            decode_tokens_per_sec: 0.0,
+        });
+    }
+    let t0 = Instant::now();
+    let logits = engine.step(&[(seqs[0], prompt)], LogitsRows::Last)?;
+    let row = logits.squeeze(0)?.to_vec1::<f32>()?;
+    let prefill = t0.elapsed().as_secs_f64();
+    for &s in &seqs[1..] {
+        engine.fork(seqs[0], s)?;
+        added.push(s);
+    }
+    // Each sequence's first token comes from the shared prompt logits.
+    let mut live: Vec<usize> = Vec::with_capacity(n);
+    let mut next = vec![0u32; n];
+    for i in 0..n {
+        let t = samplers[i].sample(&row);
+        tokens[i].push(t);
+        next[i] = t;
+        if !eos.contains(&t) && max_new > 1 {
+            live.push(i);
+        }
+    }
+    let t1 = Instant::now();
+    let (mut steps, mut decoded) = (0usize, 0usize);
+    let mut batch: Vec<(SeqId, [u32; 1])> = Vec::with_capacity(n);
+    while !live.is_empty() {
+        batch.clear();
+        batch.extend(live.iter().map(|&i| (seqs[i], [next[i]])));
+        let views: Vec<(SeqId, &[u32])> = batch.iter().map(|(s, t)| (*s, &t[..])).collect();
+        let rows = engine.step(&views, LogitsRows::Last)?.to_vec2::<f32>()?;
+        steps += 1;
+        decoded += live.len();
+        let mut still = Vec::with_capacity(live.len());
+        for (&i, row) in live.iter().zip(&rows) {
+            let t = samplers[i].sample(row);
+            tokens[i].push(t);
+            next[i] = t;
+            if !eos.contains(&t) && tokens[i].len() < max_new {
+                still.push(i);
+            }
+        }
+        live = still;
+    }
+    let decode = t1.elapsed().as_secs_f64();
+    Ok(BatchGeneration {
+        tokens,
+        prefill_tokens_per_sec: prompt.len() as f64 / prefill.max(1e-9),
+        decode_steps: steps,
+        decode_tokens_per_sec: decoded as f64 / decode.max(1e-9),
     })
 }
 

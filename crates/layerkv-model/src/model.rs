@@ -289,6 +289,12 @@ impl Model {
         &self.rope
     }
 
+    /// Whether the weights run in quantized types ([`Model::from_quantized_parts`]: a GGUF in
+    /// its own types, or a model quantized at load).
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.embed, Embedding::Quantized(_))
+    }
+
     /// Number of layers.
     pub fn num_layers(&self) -> usize {
         self.layers.len()

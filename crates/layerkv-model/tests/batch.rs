@@ -11,7 +11,7 @@
 use candle_core::{DType, Device};
 use layerkv::{FinishReason, Policy, RequestId, SchedulerConfig};
 use layerkv_model::batch::{BatchEvent, BatchRequest, Batcher};
-use layerkv_model::generate::{generate, Sampling};
+use layerkv_model::generate::{generate, generate_batch, Sampling};
 use layerkv_model::{ModelError, Session, SessionOptions};
 use layerkv_testkit::{scratch, TinyModel};
 
@@ -410,4 +410,45 @@ fn a_failed_step_fails_only_the_requests_it_ran() {
     );
     assert_eq!(b.stats().pages_used, 0);
     b.session().engine().cache().check_invariants().unwrap();
+}
+
+/// `generate_batch` (prompt prefilled once, forked, N rows a step) gives each sequence the
+/// tokens `generate` gives it alone with seed `seed + i`, under identity and under a retention
+/// that evicts from the forked sequences, and frees every page. Shown to fail: sampling every
+/// sequence with the same seed gave sequences 1.. sequence 0's tokens.
+#[test]
+fn batched_replies_are_the_replies_generated_alone() {
+    let dir = model_dir("gen-batch");
+    let sampling = Sampling {
+        temperature: 0.9,
+        top_p: 0.95,
+        seed: 77,
+        ..Sampling::greedy()
+    };
+    let prompt = &prompts()[3];
+    for spec in ["identity", "identity+h2o:24:24"] {
+        let mut s = session(&dir, spec, None);
+        let used = s.engine().cache().used_bytes();
+        let seqs = [4u64, 9, 2, 7];
+        let batch = generate_batch(s.engine_mut(), &seqs, prompt, 12, sampling, &[]).unwrap();
+        assert_eq!(
+            s.engine().cache().used_bytes(),
+            used,
+            "{spec}: pages leaked"
+        );
+        assert_eq!(batch.tokens.len(), 4);
+        assert_eq!(batch.decode_steps, 11, "{spec}");
+        for (i, got) in batch.tokens.iter().enumerate() {
+            let seeded = Sampling {
+                seed: 77 + i as u64,
+                ..sampling
+            };
+            let alone = generate(s.engine_mut(), 50, prompt, 12, seeded, &[]).unwrap();
+            assert_eq!(got, &alone.tokens, "{spec}: sequence {i}");
+        }
+        assert_ne!(batch.tokens[0], batch.tokens[1], "{spec}: the seeds differ");
+        // An empty batch is an error, not a panic, and holds nothing.
+        assert!(generate_batch(s.engine_mut(), &[], prompt, 4, sampling, &[]).is_err());
+        assert_eq!(s.engine().cache().used_bytes(), used);
+    }
 }

@@ -257,7 +257,8 @@ fn matmul_matches_dequantized_f32() {
     let mut rng = Rng::new(0x5eed_0002);
     for ty in TYPES {
         let be = ty.block_elems();
-        for (n, kb) in [(1usize, 1usize), (7, 1), (37, 3), (21, 5)] {
+        // 300 rows: decode splits them in chunks of more than 16 rows.
+        for (n, kb) in [(1usize, 1usize), (7, 1), (37, 3), (21, 5), (300, 2)] {
             let k = kb * be;
             let w = weight_blocks(&mut rng, ty, n * kb);
             let wf = dequantized(ty, &w);

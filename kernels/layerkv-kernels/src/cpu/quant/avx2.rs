@@ -82,6 +82,19 @@ pub(super) unsafe fn rows_q8k(
     }
 }
 
+/// Bytes ahead of the block being read that a row's dot product asks the cache for: weights
+/// stream from memory once per token, and the hardware prefetcher alone left the loads of a
+/// decode step's weights waiting on memory (most of the kernel's samples sat on them).
+const PREFETCH_AHEAD: usize = 1024;
+
+/// Asks for the cache line at `p` (any address: a prefetch never faults, and one past the end of
+/// the weights is only wasted).
+#[inline(always)]
+fn prefetch(p: *const u8) {
+    // SAFETY: a prefetch has no effect on memory and cannot fault.
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) }
+}
+
 /// Sum of the eight lanes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -244,13 +257,15 @@ impl Unpack for Q5_1 {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_min<U: Unpack>(w: &[u8], x: &[BlockQ8_1]) -> f32 {
     let ones = _mm256_set1_epi16(1);
-    let mut acc = [_mm256_setzero_ps(); 2];
+    // Two independent chains (even and odd blocks), so the adds do not wait on each other's
+    // latency; named, not an array indexed by `b & 1`, which the compiler kept on the stack
+    // (a store and a reload per block).
+    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     // Lane 1 accumulates m_w * s_x (lane 0 holds d_w * d_x sums, unused).
-    let mut mins = [_mm_setzero_ps(); 2];
+    let (mut mins0, mut mins1) = (_mm_setzero_ps(), _mm_setzero_ps());
     let p = w.as_ptr();
-    // Two independent chains, so the adds do not wait on each other's latency.
-    for (b, y) in x.iter().enumerate() {
-        let c = b & 1;
+    // One block's `(d_w d_x, m_w s_x)` products and its `d_w d_x`-scaled dot as f32 lanes.
+    let block = |b: usize, y: &BlockQ8_1| {
         // SAFETY: block b is inside `w` (the caller's lengths); `y.d` and `y.s` are adjacent
         // f32 (`repr(C)`).
         unsafe {
@@ -259,12 +274,28 @@ unsafe fn dot_min<U: Unpack>(w: &[u8], x: &[BlockQ8_1]) -> f32 {
             let prod = _mm_mul_ps(dm, ds);
             let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
             let dot = _mm256_madd_epi16(ones, _mm256_maddubs_epi16(qx, qy));
-            acc[c] = _mm256_fmadd_ps(_mm256_broadcastss_ps(prod), _mm256_cvtepi32_ps(dot), acc[c]);
-            mins[c] = _mm_add_ps(mins[c], prod);
+            (prod, _mm256_cvtepi32_ps(dot))
         }
+    };
+    let pairs = x.len() / 2;
+    for i in 0..pairs {
+        let b = 2 * i;
+        prefetch(p.wrapping_add(b * U::BYTES + PREFETCH_AHEAD));
+        let (p0, d0) = block(b, &x[b]);
+        let (p1, d1) = block(b + 1, &x[b + 1]);
+        acc0 = _mm256_fmadd_ps(_mm256_broadcastss_ps(p0), d0, acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_broadcastss_ps(p1), d1, acc1);
+        mins0 = _mm_add_ps(mins0, p0);
+        mins1 = _mm_add_ps(mins1, p1);
     }
-    let m = _mm_add_ps(mins[0], mins[1]);
-    hsum(_mm256_add_ps(acc[0], acc[1])) + _mm_cvtss_f32(_mm_shuffle_ps(m, m, 1))
+    if x.len() % 2 == 1 {
+        let b = x.len() - 1;
+        let (p0, d0) = block(b, &x[b]);
+        acc0 = _mm256_fmadd_ps(_mm256_broadcastss_ps(p0), d0, acc0);
+        mins0 = _mm_add_ps(mins0, p0);
+    }
+    let m = _mm_add_ps(mins0, mins1);
+    hsum(_mm256_add_ps(acc0, acc1)) + _mm_cvtss_f32(_mm_shuffle_ps(m, m, 1))
 }
 
 /// [`dot_min`] of one weight row against four activation rows `i..i + 4` at once: each weight
@@ -349,10 +380,9 @@ unsafe fn rows_min<U: Unpack>(
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q8_0(w: &[u8], x: &[BlockQ8_1]) -> f32 {
     let ones = _mm256_set1_epi16(1);
-    let mut acc0 = _mm256_setzero_ps();
-    let mut acc1 = _mm256_setzero_ps();
     let p = w.as_ptr();
-    for (b, y) in x.iter().enumerate() {
+    // One block's `d_w d_x`-scaled dot, added into `acc`.
+    let block = |b: usize, y: &BlockQ8_1, acc: __m256| {
         // SAFETY: block b is inside `w` (34 bytes; the caller's lengths).
         unsafe {
             let blk = p.add(b * Q8_0_BLOCK_BYTES);
@@ -362,13 +392,18 @@ unsafe fn dot_q8_0(w: &[u8], x: &[BlockQ8_1]) -> f32 {
             let ax = _mm256_sign_epi8(qw, qw);
             let sy = _mm256_sign_epi8(qy, qw);
             let dot = _mm256_madd_epi16(ones, _mm256_maddubs_epi16(ax, sy));
-            let scale = _mm256_set1_ps(d * y.d);
-            if b % 2 == 0 {
-                acc0 = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), acc0);
-            } else {
-                acc1 = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), acc1);
-            }
+            _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), _mm256_cvtepi32_ps(dot), acc)
         }
+    };
+    // Two chains in named registers (see `dot_min`).
+    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    for i in 0..x.len() / 2 {
+        prefetch(p.wrapping_add(2 * i * Q8_0_BLOCK_BYTES + PREFETCH_AHEAD));
+        acc0 = block(2 * i, &x[2 * i], acc0);
+        acc1 = block(2 * i + 1, &x[2 * i + 1], acc1);
+    }
+    if x.len() % 2 == 1 {
+        acc0 = block(x.len() - 1, &x[x.len() - 1], acc0);
     }
     hsum(_mm256_add_ps(acc0, acc1))
 }

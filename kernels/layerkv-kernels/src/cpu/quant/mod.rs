@@ -16,10 +16,10 @@
 //! The dot products run on AVX2+FMA+F16C when the CPU has them (detected at run time with
 //! `is_x86_feature_detected!`; the build needs no target flags) and on portable loops
 //! otherwise; both give the same sums up to f32 rounding. [`matmul`] quantizes the activation
-//! rows once, then splits the weight rows in chunks over the spinning pool
-//! ([`super::spin::SpinPool`]) for one row (decode) and rayon's pool for more; within a chunk,
-//! activation rows go in tiles so a tile stays in cache while the chunk's weight rows (a few
-//! KiB) stay in L1, and the 32-element types other than Q8_0 unpack each weight block once for
+//! rows once, then splits the weight rows in a few contiguous chunks per thread over the
+//! spinning pool ([`super::spin::SpinPool`]); within a chunk, activation rows go in tiles so a
+//! tile stays in cache while the chunk's weight rows stream past it, the rows' next bytes
+//! prefetched ahead of the loads, and the 32-element types other than Q8_0 unpack each weight block once for
 //! four activation rows. Cost: `m * n * k / 32` block dots (or `/ 256` super-block dots);
 //! memory: the quantized activations (`m * k` bytes and a little) plus, for `m > 1`, one
 //! `[n, m]` f32 buffer.
@@ -180,8 +180,12 @@ pub fn dot<A: ActivationBlock>(ty: WeightType, w: &[u8], x: &[A]) -> Result<f32>
     Ok(out[0])
 }
 
-/// Weight rows a rayon task computes.
+/// The fewest weight rows a task computes.
 const ROWS_PER_TASK: usize = 16;
+/// Chunks of weight rows per pool thread (see [`matmul_with`]).
+const TASKS_PER_THREAD: usize = 4;
+/// Activation rows quantized on the calling thread; more go to rayon (a prefill's).
+const INLINE_QUANTIZE_ROWS: usize = 64;
 /// Activation rows computed against a task's weight rows before moving on (cache tile).
 const ACT_TILE: usize = 64;
 
@@ -238,9 +242,11 @@ fn matmul_with<A: ActivationBlock>(
     let kb = k / A::ELEMS;
     let row_bytes = kb * ty.block_bytes();
     let mut xq = vec![A::ZERO_BLOCK; m * kb];
-    if m == 1 {
+    if m <= INLINE_QUANTIZE_ROWS {
         // Inline: a rayon call from outside its pool parks the caller until a worker ran it.
-        A::quantize(x, &mut xq)?;
+        for (q, r) in xq.chunks_mut(kb.max(1)).zip(x.chunks(k)) {
+            A::quantize(r, q)?;
+        }
     } else if kb > 0 {
         xq.par_chunks_mut(kb)
             .zip(x.par_chunks(k))
@@ -260,29 +266,41 @@ fn matmul_with<A: ActivationBlock>(
             }
         }
     };
-    if m == 1 {
-        // Decode: on the spinning pool, whose workers are still awake from the previous product
-        // (rayon's would have fallen asleep in the gap and need waking, ~200 times a token).
-        let out = OutPtr(y.as_mut_ptr());
-        SpinPool::global().run(n.div_ceil(ROWS_PER_TASK), &|c| {
-            let first = c * ROWS_PER_TASK;
-            let rows = ROWS_PER_TASK.min(n - first);
-            // SAFETY: task `c` alone writes rows `first..first + rows` of `y`, which outlives
-            // `run`.
-            let out = unsafe { std::slice::from_raw_parts_mut(out.get().add(first), rows) };
-            task(first, out);
-        });
-        return Ok(());
-    }
-    let mut yt = vec![0f32; n * m];
-    yt.par_chunks_mut(ROWS_PER_TASK * m)
-        .enumerate()
-        .for_each(|(c, out)| task(c * ROWS_PER_TASK, out));
-    y.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
-        for (j, v) in row.iter_mut().enumerate() {
-            *v = yt[j * m + i];
-        }
+    // On the spinning pool, whose workers are still awake from the previous product (rayon's
+    // would have fallen asleep in the gap and need waking, ~200 times a decode step). A few
+    // contiguous chunks of weight rows a thread: each claim is a compare-and-swap on a line the
+    // threads share, and one per 16 rows cost more than the rows' imbalance saves (about 13,000
+    // claims a token on the default model); a long run of rows also streams better.
+    let pool = SpinPool::global();
+    let per = n
+        .div_ceil(TASKS_PER_THREAD * pool.threads())
+        .max(ROWS_PER_TASK);
+    // One row (decode) is written in place; more go through `[n, m]` and are transposed.
+    let mut yt = if m == 1 {
+        Vec::new()
+    } else {
+        vec![0f32; n * m]
+    };
+    let out = OutPtr(if m == 1 {
+        y.as_mut_ptr()
+    } else {
+        yt.as_mut_ptr()
     });
+    pool.run(n.div_ceil(per), &|c| {
+        let first = c * per;
+        let rows = per.min(n - first);
+        // SAFETY: task `c` alone writes weight rows `first..first + rows` (`m` values each) of
+        // the output buffer, which outlives `run`.
+        let out = unsafe { std::slice::from_raw_parts_mut(out.get().add(first * m), rows * m) };
+        task(first, out);
+    });
+    if m > 1 {
+        for (i, row) in y.chunks_mut(n).enumerate() {
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = yt[j * m + i];
+            }
+        }
+    }
     Ok(())
 }
 
