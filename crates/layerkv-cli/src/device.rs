@@ -85,7 +85,8 @@ impl DeviceArgs {
         let kv = match self.kv_dtype.as_str() {
             "auto" if model.is_quantized() => DType::F16,
             "auto" => dtype,
-            other => dtype_named(other, "--kv-dtype")?,
+            "f32" | "f16" | "bf16" => dtype_named(&self.kv_dtype, "--kv-dtype")?,
+            other => bail!("--kv-dtype {other:?}: unknown (auto, f32, f16, bf16)"),
         };
         Ok((dir, model, kv))
     }

@@ -331,6 +331,22 @@ fn user_errors_are_one_line_naming_the_problem() {
     let out = run(&["generate", "--model", m, "--prompt", "x", "--top-p", "1.5"]);
     assert_one_line_error(&out, &["--top-p 1.5"]);
     let out = run(&[
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        "x",
+        "--kv-dtype",
+        "f64",
+    ]);
+    assert_one_line_error(&out, &["--kv-dtype \"f64\"", "auto, f32, f16, bf16"]);
+    let out = run(&[
+        "generate", "--model", m, "--prompt", "x", "--batch", "2", "--stop", "y",
+    ]);
+    assert_one_line_error(&out, &["--stop applies to one reply", "--batch 2"]);
+    let out = run(&["generate", "--model", m, "--prompt", "x", "--batch", "0"]);
+    assert_one_line_error(&out, &["--batch", "0"]);
+    let out = run(&[
         "generate", "--model", m, "--prompt", "x", "--policy", "bogus:3",
     ]);
     assert_one_line_error(&out, &["bogus"]);
