@@ -213,7 +213,7 @@ pub fn run(opts: &MeasureOpts, served_opts: &ServedOpts) -> Result<()> {
         opts.tokens
     ));
     opts.say(&from);
-    run_table(model.clone(), &tokenizer, &text, policies, opts)?;
+    run_table(model.clone(), dtype, &tokenizer, &text, policies, opts)?;
     let length = (served_opts.retrieval_len > 0)
         .then(|| retrieval::length(&model, served_opts.retrieval_len))
         .flatten();

@@ -213,7 +213,7 @@ fn run(command: Command) -> Result<()> {
             policies,
             opts,
         } => {
-            let (model, m, _) = opts.device.load_model(Some(&model))?;
+            let (model, m, kv_dtype) = opts.device.load_model(Some(&model))?;
             let tokenizer = layerkv_model::tokenizer::load(&model)?;
             let text = std::fs::read_to_string(&text)
                 .with_context(|| format!("reading {}", text.display()))?;
@@ -222,7 +222,7 @@ fn run(command: Command) -> Result<()> {
             for p in &policies {
                 list.push(layerkv::Policy::from_spec(p, n)?);
             }
-            run_table(m, &tokenizer, &text, list, &opts)
+            run_table(m, kv_dtype, &tokenizer, &text, list, &opts)
         }
         Command::Generate(args) => generate_cmd::run(args),
         Command::Chat(args) => chat_cmd::run(args),
@@ -264,6 +264,7 @@ impl MeasureOpts {
 
 fn run_table(
     model: Arc<Model>,
+    kv_dtype: candle_core::DType,
     tokenizer: &layerkv_model::tokenizer::Tokenizer,
     text: &str,
     policies: Vec<layerkv::Policy>,
@@ -284,6 +285,7 @@ fn run_table(
         budget_len: opts.budget_len,
         min_prompt: opts.min_prompt,
         sliding_window: opts.window,
+        kv_dtype,
     };
     let rows = measure_all(model, &tokens, policies, &cfg)?;
     opts.say(&format!("\n{}", report::table(&rows)));

@@ -33,6 +33,8 @@ pub struct MeasureConfig {
     pub min_prompt: usize,
     /// Window of the policy's sliding-window layers.
     pub sliding_window: Option<usize>,
+    /// KV page dtype (`--kv-dtype`).
+    pub kv_dtype: candle_core::DType,
 }
 
 const BLOCK_SIZE: usize = 16;
@@ -52,6 +54,7 @@ fn engine(
             num_pages,
             sliding_window: cfg.sliding_window,
             prefill_chunk: cfg.chunk.max(1),
+            kv_dtype: cfg.kv_dtype,
             ..EngineConfig::default()
         },
     )?)

@@ -1,7 +1,7 @@
 //! `layerkv serve`: an OpenAI-compatible server for a model under a policy, with continuous
 //! batching in a KV pool of `--kv-budget` bytes (see `layerkv_server`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use layerkv::{LayerKvPolicy, Policy, SchedulerConfig};
@@ -59,7 +59,8 @@ pub struct ServeArgs {
     /// A reply's length when the request gives no `max_tokens`.
     #[arg(long, default_value_t = 256)]
     pub max_tokens: usize,
-    /// The model name clients pass (default: the model directory's name).
+    /// The model name clients pass (default: a GGUF file's name without `.gguf`, else the model
+    /// directory's name).
     #[arg(long)]
     pub served_model_name: Option<String>,
     #[command(flatten)]
@@ -109,10 +110,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
             .then_some((num_pages as f64 * args.overcommit) as usize),
     };
     let batcher = Batcher::new(session, config).context("the scheduler's sizes")?;
-    let name = args.served_model_name.clone().unwrap_or_else(|| {
-        dir.file_name()
-            .map_or("model".into(), |n| n.to_string_lossy().into_owned())
-    });
+    let name = args
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| default_name(args.model.as_deref(), &dir));
     let policy_name = batcher.session().policy_name().to_string();
     let (engine, thread) =
         layerkv_server::EngineHandle::spawn(batcher, name.clone(), args.max_tokens);
@@ -139,4 +140,33 @@ pub fn run(args: ServeArgs) -> Result<()> {
     eprintln!("shutting down: answering the requests in flight");
     thread.join();
     Ok(())
+}
+
+/// The served name when `--served-model-name` is not given: a model file's stem (a GGUF runs
+/// from a cache directory whose name clients could not guess), else the directory's name.
+fn default_name(model: Option<&Path>, dir: &Path) -> String {
+    let name = match model {
+        Some(m) if m.is_file() => m.file_stem(),
+        _ => dir.file_name(),
+    };
+    name.map_or("model".into(), |n| n.to_string_lossy().into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gguf_is_served_under_its_file_name() {
+        let dir = std::env::temp_dir().join(format!("layerkv-serve-name-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("qwen2.5-0.5b.Q5_0.gguf");
+        std::fs::write(&file, b"GGUF").unwrap();
+        let cache = Path::new("/cache/gguf-qwen2.5-0.5b-3b7f-meta");
+        assert_eq!(default_name(Some(&file), cache), "qwen2.5-0.5b.Q5_0");
+        // A directory (or the default model) keeps the directory's name.
+        assert_eq!(default_name(Some(&dir), Path::new("/m/SmolLM2")), "SmolLM2");
+        assert_eq!(default_name(None, Path::new("/m/SmolLM2")), "SmolLM2");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -675,6 +675,20 @@ fn eval_quantizes_a_directory_at_load() {
             got[policy]
         );
     }
+    // `--kv-dtype auto` gives the quantized model f16 pages: half the f32 model's KV bytes.
+    // Shown to fail before eval honoured `--kv-dtype` (its engines kept f32 pages).
+    let kv_bytes = |p: &Path| -> Vec<u64> {
+        let rows = read_json(p);
+        let rows = rows.as_array().unwrap();
+        rows.iter()
+            .map(|r| r["kv_bytes"].as_u64().unwrap())
+            .collect()
+    };
+    let halved: Vec<u64> = kv_bytes(&dir.join("q8.json"))
+        .iter()
+        .map(|b| b * 2)
+        .collect();
+    assert_eq!(halved, kv_bytes(&dir.join("f32.json")));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -737,8 +751,10 @@ fn convert_writes_a_directory_that_evaluates_like_the_original() {
         );
     }
     // `--model x.gguf` runs the file in its own types (here F32 tensors, so no rounding): the
-    // same model again. Fails if the quantized loader skips the Q/K un-permutation.
-    let quantized = eval_ppl(&dir, &gguf, &text, &dir.join("gguf.json"));
+    // same model again. Fails if the quantized loader skips the Q/K un-permutation. f32 pages
+    // as the directory's (`--kv-dtype auto` gives weights run quantized f16 pages).
+    let f32_pages = ["--kv-dtype", "f32"];
+    let quantized = eval_ppl_with(&dir, &gguf, &text, &dir.join("gguf.json"), &f32_pages).0;
     for (policy, ppl) in &want {
         let rel = (quantized[policy] - ppl).abs() / ppl;
         assert!(
@@ -766,7 +782,7 @@ fn convert_writes_a_directory_that_evaluates_like_the_original() {
         std::fs::read(&gguf).unwrap()
     );
     assert!(!kept.join("model.safetensors").exists());
-    let from_dir = eval_ppl(&dir, &kept, &text, &dir.join("kept.json"));
+    let from_dir = eval_ppl_with(&dir, &kept, &text, &dir.join("kept.json"), &f32_pages).0;
     assert_eq!(from_dir, quantized);
     std::fs::remove_dir_all(&dir).unwrap();
 }
