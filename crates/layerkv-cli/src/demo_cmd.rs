@@ -276,8 +276,7 @@ mod tests {
 
     #[test]
     fn the_cache_key_names_model_text_and_settings() {
-        let dir = std::env::temp_dir().join(format!("layerkv-demo-key-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = layerkv_testkit::scratch("demo-key");
         let text = dir.join("docs.txt");
         std::fs::write(&text, "0123456789").unwrap();
         let model = Path::new("/m/smollm2");

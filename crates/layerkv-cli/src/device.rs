@@ -1,7 +1,9 @@
 //! `--device cpu|cuda[:N]`, `--dtype f32|bf16|f16`, `--weights quantized|f32|TYPE` and
 //! `--kv-dtype`: where a command runs the model, in which float type, whether a GGUF runs in
-//! its own quantized types or converted to a dense model directory, and the KV pages' type ([`DeviceArgs::load_model`]). CUDA is a build-time feature (`cargo build --features cuda`, which needs
-//! the CUDA toolkit); a binary built without it says so in one line instead of failing later.
+//! its own quantized types or converted to a dense model directory, and the KV pages' type
+//! ([`DeviceArgs::load_model`]). CUDA is a build-time feature (`cargo build --features cuda`,
+//! which needs the CUDA toolkit); a binary built without it says so in one line instead of
+//! failing later.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -158,8 +158,7 @@ mod tests {
 
     #[test]
     fn a_gguf_is_served_under_its_file_name() {
-        let dir = std::env::temp_dir().join(format!("layerkv-serve-name-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = layerkv_testkit::scratch("serve-name");
         let file = dir.join("qwen2.5-0.5b.Q5_0.gguf");
         std::fs::write(&file, b"GGUF").unwrap();
         let cache = Path::new("/cache/gguf-qwen2.5-0.5b-3b7f-meta");

@@ -732,12 +732,12 @@ fn run_batch(
     }
     let t1 = Instant::now();
     let (mut steps, mut decoded) = (0usize, 0usize);
-    let mut batch: Vec<(SeqId, [u32; 1])> = Vec::with_capacity(n);
     while !live.is_empty() {
-        batch.clear();
-        batch.extend(live.iter().map(|&i| (seqs[i], [next[i]])));
-        let views: Vec<(SeqId, &[u32])> = batch.iter().map(|(s, t)| (*s, &t[..])).collect();
-        let rows = engine.step(&views, LogitsRows::Last)?.to_vec2::<f32>()?;
+        let batch: Vec<(SeqId, &[u32])> = live
+            .iter()
+            .map(|&i| (seqs[i], std::slice::from_ref(&next[i])))
+            .collect();
+        let rows = engine.step(&batch, LogitsRows::Last)?.to_vec2::<f32>()?;
         steps += 1;
         decoded += live.len();
         let mut still = Vec::with_capacity(live.len());

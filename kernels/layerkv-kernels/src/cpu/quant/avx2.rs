@@ -487,6 +487,63 @@ fn finish<const R: usize>(acc: [__m256; R], acc_m: [__m128; R]) -> [f32; R] {
     out
 }
 
+/// The part of a Q4_K / Q5_K super-block at `blk` that does not depend on its values: adds each
+/// row's minimum term `-dmin d_x sum(mn * group sums)` to `acc_m` and returns the eight i16
+/// group scales in both halves of a register (for [`group_scales`]).
+///
+/// # Safety
+/// AVX2, FMA and F16C must be present; 16 bytes (d, dmin, scales[12]) must be readable at
+/// `blk`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k4_scales_and_min_terms<const R: usize>(
+    blk: *const u8,
+    ys: &[&BlockQ8K; R],
+    acc_m: &mut [__m128; R],
+) -> __m256i {
+    // SAFETY: the caller's 16 bytes.
+    let (dmin, sm) = unsafe { (f16_at(blk.add(2)), k4_scales_mins(blk.add(4))) };
+    // SAFETY: `sm` is 16 bytes.
+    let sm = _mm256_cvtepu8_epi16(unsafe { _mm_loadu_si128(sm.as_ptr() as *const __m128i) });
+    let mins = _mm256_extracti128_si256(sm, 1);
+    for r in 0..R {
+        let prod = _mm_cvtepi32_ps(k4_min_term(mins, ys[r]));
+        acc_m[r] = _mm_fmadd_ps(_mm_set1_ps(-dmin * ys[r].d), prod, acc_m[r]);
+    }
+    let sc = _mm256_castsi256_si128(sm);
+    _mm256_set_m128i(sc, sc)
+}
+
+/// Adds the dot products of 64-value group `j` (values `ql` for its first 32, `qh` for the
+/// next 32, unsigned) with every row's activations, each half's pairs weighted by its group
+/// scale (`lo`, `hi`), into `sumi`.
+///
+/// # Safety
+/// AVX2 must be present.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k4_group_dots<const R: usize>(
+    ys: &[&BlockQ8K; R],
+    j: usize,
+    (ql, qh): (__m256i, __m256i),
+    (lo, hi): (__m256i, __m256i),
+    sumi: &mut [__m256i; R],
+) {
+    for r in 0..R {
+        // SAFETY: a Q8_K block holds 256 values; group j's are 64 j .. 64 j + 64.
+        let (yl, yh) = unsafe {
+            let q8 = ys[r].qs.as_ptr();
+            (
+                _mm256_loadu_si256(q8.add(64 * j) as *const __m256i),
+                _mm256_loadu_si256(q8.add(64 * j + 32) as *const __m256i),
+            )
+        };
+        let pl = _mm256_madd_epi16(lo, _mm256_maddubs_epi16(ql, yl));
+        let ph = _mm256_madd_epi16(hi, _mm256_maddubs_epi16(qh, yh));
+        sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(pl, ph));
+    }
+}
+
 /// ggml's `ggml_vec_dot_q4_K_q8_K` AVX2 path, for one weight row against activation rows
 /// `i..i + R` (each super-block's scales and nibbles unpacked once for the `R`).
 ///
@@ -505,16 +562,8 @@ unsafe fn dot_q4k<const R: usize>(w: &[u8], x: &[BlockQ8K], kb: usize, i: usize)
         unsafe {
             let blk = w.as_ptr().add(b * 144);
             let ys = rows_at::<R>(x, kb, i, b);
-            let (d, dmin) = (f16_at(blk), f16_at(blk.add(2)));
-            let sm = k4_scales_mins(blk.add(4));
-            let sm = _mm256_cvtepu8_epi16(_mm_loadu_si128(sm.as_ptr() as *const __m128i));
-            let mins = _mm256_extracti128_si256(sm, 1);
-            for r in 0..R {
-                let prod = _mm_cvtepi32_ps(k4_min_term(mins, ys[r]));
-                acc_m[r] = _mm_fmadd_ps(_mm_set1_ps(-dmin * ys[r].d), prod, acc_m[r]);
-            }
-            let sc = _mm256_castsi256_si128(sm);
-            let scales = _mm256_set_m128i(sc, sc);
+            let d = f16_at(blk);
+            let scales = k4_scales_and_min_terms(blk, &ys, &mut acc_m);
             let q4 = blk.add(16);
             let mut sumi = [_mm256_setzero_si256(); R];
             for j in 0..4 {
@@ -522,14 +571,7 @@ unsafe fn dot_q4k<const R: usize>(w: &[u8], x: &[BlockQ8K], kb: usize, i: usize)
                 let bits = _mm256_loadu_si256(q4.add(32 * j) as *const __m256i);
                 let ql = _mm256_and_si256(bits, m4);
                 let qh = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
-                for r in 0..R {
-                    let q8 = ys[r].qs.as_ptr();
-                    let yl = _mm256_loadu_si256(q8.add(64 * j) as *const __m256i);
-                    let yh = _mm256_loadu_si256(q8.add(64 * j + 32) as *const __m256i);
-                    let pl = _mm256_madd_epi16(lo, _mm256_maddubs_epi16(ql, yl));
-                    let ph = _mm256_madd_epi16(hi, _mm256_maddubs_epi16(qh, yh));
-                    sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(pl, ph));
-                }
+                k4_group_dots(&ys, j, (ql, qh), (lo, hi), &mut sumi);
             }
             for r in 0..R {
                 let v = _mm256_set1_ps(d * ys[r].d);
@@ -571,16 +613,8 @@ unsafe fn dot_q5k<const R: usize>(w: &[u8], x: &[BlockQ8K], kb: usize, i: usize)
         unsafe {
             let blk = w.as_ptr().add(b * 176);
             let ys = rows_at::<R>(x, kb, i, b);
-            let (d, dmin) = (f16_at(blk), f16_at(blk.add(2)));
-            let sm = k4_scales_mins(blk.add(4));
-            let sm = _mm256_cvtepu8_epi16(_mm_loadu_si128(sm.as_ptr() as *const __m128i));
-            let mins = _mm256_extracti128_si256(sm, 1);
-            for r in 0..R {
-                let prod = _mm_cvtepi32_ps(k4_min_term(mins, ys[r]));
-                acc_m[r] = _mm_fmadd_ps(_mm_set1_ps(-dmin * ys[r].d), prod, acc_m[r]);
-            }
-            let sc = _mm256_castsi256_si128(sm);
-            let scales = _mm256_set_m128i(sc, sc);
+            let d = f16_at(blk);
+            let scales = k4_scales_and_min_terms(blk, &ys, &mut acc_m);
             // Bit 2 j of qh[l] tops value 64 j + l, bit 2 j + 1 value 64 j + 32 + l: shift
             // the next bit down to bit 0 of each byte (16-bit shifts; the mask drops what
             // crosses from the neighbouring byte).
@@ -596,14 +630,7 @@ unsafe fn dot_q5k<const R: usize>(w: &[u8], x: &[BlockQ8K], kb: usize, i: usize)
                 top = _mm256_srli_epi16(top, 1);
                 let ql = _mm256_or_si256(_mm256_and_si256(bits, m4), tl);
                 let qh = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits, 4), m4), th);
-                for r in 0..R {
-                    let q8 = ys[r].qs.as_ptr();
-                    let yl = _mm256_loadu_si256(q8.add(64 * j) as *const __m256i);
-                    let yh = _mm256_loadu_si256(q8.add(64 * j + 32) as *const __m256i);
-                    let pl = _mm256_madd_epi16(lo, _mm256_maddubs_epi16(ql, yl));
-                    let ph = _mm256_madd_epi16(hi, _mm256_maddubs_epi16(qh, yh));
-                    sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(pl, ph));
-                }
+                k4_group_dots(&ys, j, (ql, qh), (lo, hi), &mut sumi);
             }
             for r in 0..R {
                 let v = _mm256_set1_ps(d * ys[r].d);
