@@ -5,11 +5,15 @@
 //! Shapes `[n, k]` (weight rows x columns): SmolLM2-135M's 576x576 (attention), 1536x576
 //! (gate/up), 576x1536 (down), and a Qwen2-0.5B-like 896x4864 (down); the K-quants only where
 //! `k` is a multiple of 256 (576 is not: llama.cpp stores those tensors in other types). Rows
-//! `m` = 1 (decode), 4 and 16 (small batches). Both sides include quantizing the activations.
+//! `m` = 1 (decode), 4 and 16 (small batches) against candle's `QMatMul`; and `m` = 512 (a
+//! prefill) on the 896x4864 shape against the dense path prefill takes without the int8 GEMM
+//! (dequantize the weight, candle's f32 matmul) and, on a CPU with AVX-512 VNNI, against
+//! layerkv's own AVX2 kernels (`matmul_on(Isa::Avx2)`), so the GEMM's gain is measured in the
+//! same run. Every side includes quantizing the activations.
 //!
 //! `cargo bench --bench quant_matmul` runs criterion's benchmarks (`quant_matmul/<type>/
-//! <n>x<k>/m<m>/{layerkv,candle}`) and then prints a table of medians and candle / layerkv
-//! ratios from the same samples; under `cargo test` one small case per type runs and the two
+//! <n>x<k>/m<m>/<side>`) and then prints a table of medians and baseline / layerkv ratios from
+//! the same samples; under `cargo test` one small case per type runs and layerkv and candle
 //! must agree.
 
 use std::cell::RefCell;
@@ -37,6 +41,10 @@ const TYPES: [(WeightType, GgmlDType); 8] = [
 const SHAPES: [(usize, usize); 4] = [(576, 576), (1536, 576), (576, 1536), (896, 4864)];
 
 const ROWS: [usize; 3] = [1, 4, 16];
+
+/// A prefill's rows, on [`PREFILL_SHAPE`] only (candle's scalar `QMatMul` would take minutes).
+const PREFILL_ROWS: usize = 512;
+const PREFILL_SHAPE: (usize, usize) = (896, 4864);
 
 /// One weight in both forms: its GGUF bytes for layerkv, a `QMatMul` for candle.
 struct Weight {
@@ -83,6 +91,14 @@ fn candle(w: &Weight, x: &Tensor) -> Tensor {
     w.candle.forward(x).unwrap()
 }
 
+/// The dense path: the weight dequantized to f32, then candle's f32 matmul.
+fn dense(w: &Weight, x: &Tensor) -> Tensor {
+    let mut f = vec![0f32; w.n * w.k];
+    quant::dequantize(w.ty, &w.bytes, &mut f).unwrap();
+    let f = Tensor::from_vec(f, (w.n, w.k), &Device::Cpu).unwrap();
+    x.matmul(&f.t().unwrap()).unwrap()
+}
+
 /// Under `cargo test`: layerkv and candle agree on one small product per type (they quantize
 /// the activations slightly differently, f16 vs f32 scales, so within 1% of the largest output).
 fn check() {
@@ -112,60 +128,72 @@ fn main() {
         check();
         return;
     }
+    let isa = quant::Isa::detect();
     println!(
-        "layerkv AVX2 path: {}, rayon threads: {}",
-        quant::has_avx2(),
+        "layerkv instruction set: {isa:?}, rayon threads: {}",
         rayon::current_num_threads()
     );
     let mut crit = Criterion::default().sample_size(10).configure_from_args();
     // Seconds per call of every sample criterion took, keyed by (case, side).
     let samples: RefCell<BTreeMap<(String, &str), Vec<f64>>> = RefCell::default();
     let mut cases = Vec::new();
+    // Times `f` as `side` of `case` in `g`, keeping the samples for the table.
+    let time = |g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+                case: &str,
+                side: &'static str,
+                f: &mut dyn FnMut()| {
+        g.bench_function(side, |b| {
+            b.iter_custom(|iters| {
+                let t = Instant::now();
+                for _ in 0..iters {
+                    f();
+                }
+                let d = t.elapsed();
+                let mut s = samples.borrow_mut();
+                let v = s.entry((case.to_string(), side)).or_default();
+                v.push(d.as_secs_f64() / iters as f64);
+                d
+            })
+        });
+    };
     for (ty, dtype) in TYPES {
         for (n, k) in SHAPES {
             if k % ty.block_elems() != 0 {
                 continue;
             }
             let w = weight(ty, dtype, n, k);
-            for m in ROWS {
+            let prefill = ((n, k) == PREFILL_SHAPE).then_some(PREFILL_ROWS);
+            for m in ROWS.into_iter().chain(prefill) {
                 let x = values(11, m * k, 1.0);
                 let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap();
                 let mut y = vec![0f32; m * n];
                 let case = format!("{ty:?}/{n}x{k}/m{m}");
                 let mut g = crit.benchmark_group(format!("quant_matmul/{case}"));
-                g.bench_function("layerkv", |b| {
-                    b.iter_custom(|iters| {
-                        let t = Instant::now();
-                        for _ in 0..iters {
-                            ours(&w, black_box(&x), m, &mut y);
-                        }
-                        let d = t.elapsed();
-                        let mut s = samples.borrow_mut();
-                        let v = s.entry((case.clone(), "layerkv")).or_default();
-                        v.push(d.as_secs_f64() / iters as f64);
-                        d
-                    })
+                time(&mut g, &case, "layerkv", &mut || {
+                    ours(&w, black_box(&x), m, &mut y)
                 });
-                g.bench_function("candle", |b| {
-                    b.iter_custom(|iters| {
-                        let t = Instant::now();
-                        for _ in 0..iters {
-                            drop(black_box(candle(&w, black_box(&xt))));
-                        }
-                        let d = t.elapsed();
-                        let mut s = samples.borrow_mut();
-                        let v = s.entry((case.clone(), "candle")).or_default();
-                        v.push(d.as_secs_f64() / iters as f64);
-                        d
-                    })
-                });
+                if m == PREFILL_ROWS {
+                    time(&mut g, &case, "dense", &mut || {
+                        drop(black_box(dense(&w, black_box(&xt))))
+                    });
+                    if isa > quant::Isa::Avx2 {
+                        time(&mut g, &case, "layerkv-avx2", &mut || {
+                            quant::matmul_on(quant::Isa::Avx2, w.ty, &w.bytes, n, k, &x, m, &mut y)
+                                .unwrap()
+                        });
+                    }
+                } else {
+                    time(&mut g, &case, "candle", &mut || {
+                        drop(black_box(candle(&w, black_box(&xt))))
+                    });
+                }
                 g.finish();
                 cases.push(case);
             }
         }
     }
     // The last 10 samples of each side are criterion's measurement (earlier ones: warm-up).
-    let median = |case: &str, side: &'static str| {
+    let median = |case: &str, side: &str| {
         let s = samples.borrow();
         let v = s.get(&(case.to_string(), side))?;
         let mut v = v[v.len().saturating_sub(10)..].to_vec();
@@ -173,18 +201,22 @@ fn main() {
         Some(v[v.len() / 2])
     };
     println!(
-        "\n{:<24} {:>12} {:>12} {:>15}",
-        "type/nxk/rows", "layerkv us", "candle us", "candle/layerkv"
+        "\n{:<24} {:>12} {:>14} {:>12} {:>16}",
+        "type/nxk/rows", "layerkv us", "baseline", "baseline us", "baseline/layerkv"
     );
     for case in cases {
-        let (Some(a), Some(b)) = (median(&case, "layerkv"), median(&case, "candle")) else {
+        let Some(a) = median(&case, "layerkv") else {
             continue; // filtered out on the command line
         };
-        println!(
-            "{case:<24} {:>12.1} {:>12.1} {:>14.2}x",
-            a * 1e6,
-            b * 1e6,
-            b / a
-        );
+        for side in ["candle", "dense", "layerkv-avx2"] {
+            if let Some(b) = median(&case, side) {
+                println!(
+                    "{case:<24} {:>12.1} {side:>14} {:>12.1} {:>15.2}x",
+                    a * 1e6,
+                    b * 1e6,
+                    b / a
+                );
+            }
+        }
     }
 }

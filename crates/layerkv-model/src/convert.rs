@@ -404,7 +404,7 @@ fn permute_rows(w: &Tensor, heads: usize, forward: bool) -> Result<Tensor> {
             )))
         }
     };
-    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
+    if heads == 0 || rows % heads != 0 || !(rows / heads).is_multiple_of(2) {
         return Err(ModelError::Config(format!(
             "Q/K permutation: {rows} rows are not {heads} heads of an even width"
         )));
@@ -445,7 +445,7 @@ pub fn llama3_rope_factors(
 /// Bytes a tensor of `elems` elements of `dtype` takes, or why it cannot be stored.
 pub(crate) fn tensor_bytes(dtype: GgmlDType, elems: usize) -> std::result::Result<usize, String> {
     let block = dtype.block_size();
-    if elems % block != 0 {
+    if !elems.is_multiple_of(block) {
         return Err(format!(
             "{elems} elements are not a multiple of the {dtype:?} block size {block}"
         ));

@@ -55,7 +55,7 @@ pub fn isq_type(name: &str) -> Option<GgmlDType> {
 /// The type a projection of `cols` input columns gets when `requested` was asked for: the
 /// requested one, or llama.cpp's fallback where `cols` is not a whole number of its blocks.
 pub fn projection_type(requested: GgmlDType, cols: usize) -> GgmlDType {
-    if cols % requested.block_size() == 0 {
+    if cols.is_multiple_of(requested.block_size()) {
         return requested;
     }
     let fallback = match requested {
@@ -64,7 +64,7 @@ pub fn projection_type(requested: GgmlDType, cols: usize) -> GgmlDType {
         GgmlDType::Q6K => GgmlDType::Q8_0,
         other => other,
     };
-    if cols % fallback.block_size() == 0 {
+    if cols.is_multiple_of(fallback.block_size()) {
         fallback
     } else {
         // Not even 32-element blocks: keep the row unquantized (llama.cpp keeps F16/F32).

@@ -7,11 +7,12 @@
 //! - every projection and the LM head: matmuls run on the quantized blocks with the activations
 //!   quantized to the type's dot-product blocks (Q8_1/Q8K), as llama.cpp does: Q4_0, Q4_1,
 //!   Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K on the CPU through
-//!   [`layerkv_kernels::quant::matmul`] (AVX2 picked at run time; candle's dot products are
-//!   scalar unless built with AVX enabled), every other type (Q2_K, Q3_K, Q8_K, F16, ...) and
-//!   every type on CUDA through candle's [`QMatMul`]; from [`DENSE_FROM_ROWS`] rows (prefill),
-//!   the kernels' types dequantize their weight in chunks and run candle's f32 matmul instead,
-//!   as llama.cpp's BLAS backend does, so prefill keeps the f32 path's speed;
+//!   [`layerkv_kernels::quant::matmul`] (AVX2, or AVX-512 VNNI's int8 GEMM from 8 rows,
+//!   picked at run time; candle's dot products are scalar unless built with AVX enabled), every
+//!   other type (Q2_K, Q3_K, Q8_K, F16, ...) and every type on CUDA through candle's
+//!   [`QMatMul`]; on a CPU without the int8 GEMM, from [`DENSE_FROM_ROWS`] rows (prefill) the
+//!   kernels' types dequantize their weight in chunks and run candle's f32 matmul instead, as
+//!   llama.cpp's BLAS backend does, so prefill keeps the f32 path's speed;
 //! - the token embedding ([`QuantizedEmbedding`]): only the looked-up rows are dequantized
 //!   (llama.cpp's `get_rows`); a tied model's LM head is the same quantized matrix;
 //! - norm weights and biases: f32 (a few KiB per layer).
@@ -52,10 +53,10 @@ pub struct QuantizedLinear {
     dense_from_rows: Option<usize>,
 }
 
-/// Rows from which a Q4_1 or Q8_0 product on the CPU dequantizes its weight into f32 chunks
-/// and runs candle's f32 matmul (prefill): the dequantization is paid once for all rows, and
-/// the f32 matmul uses the widest units the CPU has (llama.cpp's BLAS backend does the same
-/// from 32 rows).
+/// Rows from which a product of the kernels' types on a CPU without the int8 GEMM
+/// ([`quant::has_int8_gemm`]) dequantizes its weight into f32 chunks and runs candle's f32
+/// matmul (prefill): the dequantization is paid once for all rows, and the f32 matmul uses the
+/// widest units the CPU has (llama.cpp's BLAS backend does the same from 32 rows).
 pub const DENSE_FROM_ROWS: usize = 32;
 
 /// Most f32 values a dense product dequantizes at a time (16 MiB): a large LM head goes in
@@ -66,16 +67,23 @@ const DENSE_CHUNK_VALUES: usize = 1 << 22;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QuantizedOptions {
     /// Rows from which products of the kernels' types on the CPU run dense (see [`DENSE_FROM_ROWS`]);
-    /// `None`: always on the quantized kernels (activations quantized to Q8 blocks).
+    /// `None`: always on the quantized kernels (activations quantized to Q8 blocks). The
+    /// default is [`default_dense_from_rows`].
     pub dense_from_rows: Option<usize>,
 }
 
 impl Default for QuantizedOptions {
     fn default() -> Self {
         Self {
-            dense_from_rows: Some(DENSE_FROM_ROWS),
+            dense_from_rows: default_dense_from_rows(),
         }
     }
+}
+
+/// `None` on a CPU with the int8 GEMM ([`quant::has_int8_gemm`]: AVX-512 VNNI, 2-3x the dense
+/// path at 512 rows), else `Some(DENSE_FROM_ROWS)`.
+pub fn default_dense_from_rows() -> Option<usize> {
+    (!quant::has_int8_gemm()).then_some(DENSE_FROM_ROWS)
 }
 
 impl QuantizedLinear {
@@ -86,12 +94,12 @@ impl QuantizedLinear {
             weight,
             matmul,
             bias,
-            dense_from_rows: Some(DENSE_FROM_ROWS),
+            dense_from_rows: default_dense_from_rows(),
         })
     }
 
     /// Sets the rows from which products of the kernels' types run dense ([`DENSE_FROM_ROWS`]);
-    /// `None`: never.
+    /// `None`: never (the default where [`default_dense_from_rows`] is).
     pub fn with_dense_from_rows(mut self, rows: Option<usize>) -> Self {
         self.dense_from_rows = rows;
         self

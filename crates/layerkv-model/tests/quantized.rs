@@ -11,7 +11,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use layerkv::Policy;
 use layerkv_model::engine::{Engine, EngineConfig, LogitsRows};
-use layerkv_model::quantized::{load_gguf, load_gguf_with, QuantizedOptions};
+use layerkv_model::quantized::{load_gguf_with, QuantizedOptions, DENSE_FROM_ROWS};
 use layerkv_model::{assets, tokenizer, Model};
 use layerkv_testkit::max_abs_diff;
 
@@ -58,7 +58,8 @@ fn real_q4_1_gguf_runs_like_its_f32_conversion() {
     prompt.truncate(128);
     assert_eq!(prompt.len(), 128);
 
-    // Every row on the quantized kernels (the default runs a prefill's products dense).
+    // Every row on the quantized kernels (on a CPU with AVX-512 VNNI that is the default, and a
+    // prefill's products run the int8 GEMM; elsewhere the default runs them dense).
     let kernels = QuantizedOptions {
         dense_from_rows: None,
     };
@@ -129,11 +130,14 @@ fn real_q4_1_gguf_runs_like_its_f32_conversion() {
     assert!(agree >= 24, "greedy tokens equal at {agree}/32 positions");
     assert!(max_abs_diff(&ql, &ql) == 0.0, "quantized logits are finite");
 
-    // The default: the 128-token prefill runs dense on the dequantized weights, so the prompt's
-    // logits are the f32 conversion's (measured: bit-equal); decode stays quantized. Fails if
-    // the chunked LM head (7 chunks of rows here) puts a chunk in the wrong columns (checked
-    // once by reversing the chunks: 0.86).
-    let d = load_gguf(&gguf, &Device::Cpu).unwrap();
+    // Dense from 32 rows (the default without the int8 GEMM): the 128-token prefill runs dense
+    // on the dequantized weights, so the prompt's logits are the f32 conversion's (measured:
+    // bit-equal); decode stays quantized. Fails if the chunked LM head (7 chunks of rows here)
+    // puts a chunk in the wrong columns (checked once by reversing the chunks: 0.86).
+    let dense = QuantizedOptions {
+        dense_from_rows: Some(DENSE_FROM_ROWS),
+    };
+    let d = load_gguf_with(&gguf, &Device::Cpu, &dense).unwrap();
     let (dl, dt) = run(Arc::new(d.model), &prompt, 32);
     let amax: f32 = fl
         .abs()

@@ -234,7 +234,7 @@ impl RetentionRule for EvenPositions {
             .rev()
             .find(|&s| bits::get(input.valid, s));
         for s in 0..input.num_slots {
-            if input.positions[s] % 2 == 0 || Some(s) == newest {
+            if input.positions[s].is_multiple_of(2) || Some(s) == newest {
                 bits::set(keep, s);
             }
         }

@@ -93,7 +93,7 @@ fn map(num_layers: usize, kind: u8, arg: usize) -> LayerMap {
         _ => {
             // A KVSharer-like map: some layers read a lower layer.
             let pairs: BTreeMap<usize, usize> = (1..num_layers)
-                .filter(|l| (l + arg) % 3 == 0)
+                .filter(|l| (l + arg).is_multiple_of(3))
                 .map(|l| (l, (l * 7 + arg) % l))
                 .collect();
             LayerMap::kvsharer(num_layers, &pairs).unwrap()
@@ -293,7 +293,7 @@ proptest! {
                     let prompt = PROMPTS[prompt];
                     let hits = cache.pool_stats().prefix_hits;
                     let reused = cache.add_sequence_with_prefix(next_id, prompt).unwrap();
-                    prop_assert!(reused % block_size == 0 && reused < prompt.len(), "{}: reused {}", tag, reused);
+                    prop_assert!(reused.is_multiple_of(block_size) && reused < prompt.len(), "{}: reused {}", tag, reused);
                     if !cache.prefix_caching() {
                         prop_assert_eq!(reused, 0, "{}: reuse without prefix caching", tag);
                     }

@@ -5,10 +5,11 @@
 //! - the dispatched dot product (AVX2+FMA+F16C on a CPU that has them) equals the portable one
 //!   and the f64 dot of the dequantized weight and dequantized activations, both within f32
 //!   rounding (relative 1e-5 of `sum |w x|`), for odd block counts;
-//! - `matmul` against the f64 product of the dequantized weight and the *unquantized*
-//!   activations, within the activation quantization bound, for n not a multiple of the rayon
-//!   chunk (16) or the four-row group, m = 1, 3, 5, 33, 70 (past one cache tile), k one block
-//!   and several;
+//! - `matmul_on` every instruction set this CPU has (portable, AVX2, AVX-512 VNNI's int8 GEMM
+//!   from 8 rows) against the f64 product of the dequantized weight and the *unquantized*
+//!   activations, within the activation quantization bound, for n not a multiple of the
+//!   chunk or packed group (16) or the four-row group, m = 1, 3, 5, 9, 33, 70 (past one cache
+//!   tile), k one block and several (up to 40 blocks);
 //! - bad lengths and a mismatched activation form are errors.
 //!
 //! Comparisons are written `diff <= tol` so a NaN fails them, and outputs start as NaN so an
@@ -29,8 +30,8 @@ use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::Device;
 use half::f16;
 use layerkv_kernels::quant::{
-    dequantize, dot, dot_portable, has_avx2, matmul, quantize_q8_1, quantize_q8_k, Activation,
-    ActivationBlock, BlockQ8K, BlockQ8_1, WeightType,
+    dequantize, dot, dot_portable, has_avx2, matmul, matmul_on, quantize_q8_1, quantize_q8_k,
+    Activation, ActivationBlock, BlockQ8K, BlockQ8_1, Isa, WeightType,
 };
 
 const TYPES: [WeightType; 8] = [
@@ -252,20 +253,42 @@ fn dot_products_match_dequantized_f32_and_each_other() {
     }
 }
 
+/// A value no product here yields, written past the end of an output.
+const GUARD: f32 = 1.0e30;
+
 #[test]
 fn matmul_matches_dequantized_f32() {
     let mut rng = Rng::new(0x5eed_0002);
     for ty in TYPES {
         let be = ty.block_elems();
-        // 300 rows: decode splits them in chunks of more than 16 rows.
-        for (n, kb) in [(1usize, 1usize), (7, 1), (37, 3), (21, 5), (300, 2)] {
+        // 300 rows: decode splits them in chunks of more than 16 rows, the GEMM in several
+        // packed groups and a partial one.
+        for (n, kb) in [
+            (1usize, 1usize),
+            (7, 1),
+            (37, 3),
+            (21, 5),
+            (300, 2),
+            (50, 40),
+        ] {
             let k = kb * be;
             let w = weight_blocks(&mut rng, ty, n * kb);
             let wf = dequantized(ty, &w);
-            for m in [1usize, 3, 5, 33, 70] {
+            for (m, isa) in [1usize, 3, 5, 9, 33, 70]
+                .into_iter()
+                .flat_map(|m| Isa::ALL.map(|isa| (m, isa)))
+                .filter(|(_, isa)| isa.available())
+            {
                 let x = activations(&mut rng, m * k);
-                let mut y = vec![f32::NAN; m * n];
-                matmul(ty, &w, n, k, &x, m, &mut y).unwrap();
+                // Guard values past the end: a kernel that writes past `m * n` changes them.
+                let mut buf = vec![f32::NAN; m * n + 16];
+                buf[m * n..].fill(GUARD);
+                matmul_on(isa, ty, &w, n, k, &x, m, &mut buf[..m * n]).unwrap();
+                assert!(
+                    buf[m * n..].iter().all(|&v| v == GUARD),
+                    "{ty:?} {isa:?} n {n} k {k} m {m}: wrote past the output"
+                );
+                let y = &buf[..m * n];
                 for i in 0..m {
                     let xr = &x[i * k..(i + 1) * k];
                     // The row as the kernel sees it, for the tight f32-rounding check.
@@ -289,14 +312,14 @@ fn matmul_matches_dequantized_f32() {
                         let bound = activation_bound(wr, xr, be) * 1.001 + 1e-5 * scale;
                         assert!(
                             (got - exact).abs() <= bound,
-                            "{ty:?} n {n} k {k} m {m}: y[{i}, {j}] = {got}, f32 {exact}, \
-                             bound {bound}"
+                            "{ty:?} {isa:?} n {n} k {k} m {m}: y[{i}, {j}] = {got}, f32 \
+                             {exact}, bound {bound}"
                         );
                         let want = dot_f64(wr, &xf);
                         assert!(
                             (got - want).abs() <= 1e-5 * abs_dot_f64(wr, &xf),
-                            "{ty:?} n {n} k {k} m {m}: y[{i}, {j}] = {got}, quantized \
-                             activations {want}"
+                            "{ty:?} {isa:?} n {n} k {k} m {m}: y[{i}, {j}] = {got}, \
+                             quantized activations {want}"
                         );
                     }
                 }

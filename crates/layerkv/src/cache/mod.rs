@@ -717,7 +717,7 @@ mod tests {
             let weights: Vec<f32> = (0..table.num_slots())
                 .map(|s| {
                     let p = table.position(s).unwrap();
-                    if p % 7 == 0 {
+                    if p.is_multiple_of(7) {
                         1.0 + p as f32 / 1000.0
                     } else {
                         0.01

@@ -338,7 +338,7 @@ pub(super) unsafe fn tile_dots<T: Lanes>(
 ) {
     const VB: usize = super::VB;
     let n = keys.len();
-    assert!(n == out.len() && n <= VB && q.len() % (kv_heads * d) == 0);
+    assert!(n == out.len() && n <= VB && q.len().is_multiple_of(kv_heads * d));
     let group = q.len() / (kv_heads * d);
     let mut kh = [std::ptr::null::<T>(); VB];
     let mut oh = [std::ptr::null_mut::<f32>(); VB];

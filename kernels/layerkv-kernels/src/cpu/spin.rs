@@ -228,7 +228,7 @@ fn worker(s: &Shared) {
             }
             std::hint::spin_loop();
             spins = spins.wrapping_add(1);
-            if spins % 64 == 0 && idle_since.elapsed() >= s.spin {
+            if spins.is_multiple_of(64) && idle_since.elapsed() >= s.spin {
                 let guard = s.park.lock().unwrap_or_else(|e| e.into_inner());
                 s.sleepers.fetch_add(1, Ordering::SeqCst);
                 // Re-checked under the lock the caller notifies under: no lost wake-up.

@@ -53,6 +53,29 @@ impl BlockQ8K {
 /// `quantize_row_q8_1` does (round half away from zero).
 pub fn quantize_q8_1(x: &[f32], out: &mut [BlockQ8_1]) -> Result<()> {
     check_len("quantize_q8_1", x.len(), out.len(), QK)?;
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2() {
+        // SAFETY: AVX2 and FMA are present.
+        unsafe { q8_1_rows_avx2(x, out) };
+        return Ok(());
+    }
+    q8_1_rows(x, out);
+    Ok(())
+}
+
+/// [`quantize_q8_1`]'s loop compiled for AVX2: the rounding is then an instruction, not a
+/// libm call per value (which took about a tenth of a prefill).
+///
+/// # Safety
+/// AVX2 and FMA must be present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn q8_1_rows_avx2(x: &[f32], out: &mut [BlockQ8_1]) {
+    q8_1_rows(x, out)
+}
+
+#[inline(always)]
+fn q8_1_rows(x: &[f32], out: &mut [BlockQ8_1]) {
     for (block, out) in x.chunks_exact(QK).zip(out.iter_mut()) {
         let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
@@ -66,7 +89,6 @@ pub fn quantize_q8_1(x: &[f32], out: &mut [BlockQ8_1]) -> Result<()> {
         out.d = d;
         out.s = d * sum as f32;
     }
-    Ok(())
 }
 
 /// Quantizes `x` (a multiple of 256 long) into `out` (`x.len() / 256` blocks), as llama.cpp's
@@ -74,6 +96,28 @@ pub fn quantize_q8_1(x: &[f32], out: &mut [BlockQ8_1]) -> Result<()> {
 /// -128, so a sign flip never overflows), rounding half to even like its `nearest_int`.
 pub fn quantize_q8_k(x: &[f32], out: &mut [BlockQ8K]) -> Result<()> {
     check_len("quantize_q8_k", x.len(), out.len(), QK_K)?;
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2() {
+        // SAFETY: AVX2 and FMA are present.
+        unsafe { q8_k_rows_avx2(x, out) };
+        return Ok(());
+    }
+    q8_k_rows(x, out);
+    Ok(())
+}
+
+/// [`quantize_q8_k`]'s loop compiled for AVX2 (see [`q8_1_rows_avx2`]).
+///
+/// # Safety
+/// AVX2 and FMA must be present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn q8_k_rows_avx2(x: &[f32], out: &mut [BlockQ8K]) {
+    q8_k_rows(x, out)
+}
+
+#[inline(always)]
+fn q8_k_rows(x: &[f32], out: &mut [BlockQ8K]) {
     for (block, out) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
         let (mut amax, mut max) = (0f32, 0f32);
         for &v in block {
@@ -95,7 +139,6 @@ pub fn quantize_q8_k(x: &[f32], out: &mut [BlockQ8K]) -> Result<()> {
         }
         out.d = 1.0 / iscale;
     }
-    Ok(())
 }
 
 fn check_len(what: &str, values: usize, blocks: usize, per: usize) -> Result<()> {
@@ -159,6 +202,25 @@ pub(super) mod sealed {
         );
         /// The portable dot of one weight row and one activation row.
         fn dot_portable(ty: WeightType, w: &[u8], x: &[Self]) -> f32;
+        /// The int8 GEMM ([`super::super::avx512`]) of weight rows `first..first + rows`
+        /// (`kb` blocks each) against all `m` activation rows into `y [m, n]`.
+        ///
+        /// # Safety
+        /// As `avx512::gemm_q8_1`: AVX-512 VNNI present, the lengths, columns
+        /// `first..first + rows` of `y` this call's alone.
+        #[cfg(target_arch = "x86_64")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn gemm(
+            ty: WeightType,
+            w: &[u8],
+            kb: usize,
+            first: usize,
+            rows: usize,
+            x: &[Self],
+            m: usize,
+            y: *mut f32,
+            n: usize,
+        );
     }
 
     impl Sealed for BlockQ8_1 {
@@ -187,6 +249,21 @@ pub(super) mod sealed {
         fn dot_portable(ty: WeightType, w: &[u8], x: &[Self]) -> f32 {
             portable::dot_q8_1(ty, w, x)
         }
+        #[cfg(target_arch = "x86_64")]
+        unsafe fn gemm(
+            ty: WeightType,
+            w: &[u8],
+            kb: usize,
+            first: usize,
+            rows: usize,
+            x: &[Self],
+            m: usize,
+            y: *mut f32,
+            n: usize,
+        ) {
+            // SAFETY: the caller's.
+            unsafe { super::super::avx512::gemm_q8_1(ty, w, kb, first, rows, x, m, y, n) }
+        }
     }
 
     impl Sealed for BlockQ8K {
@@ -213,6 +290,21 @@ pub(super) mod sealed {
         }
         fn dot_portable(ty: WeightType, w: &[u8], x: &[Self]) -> f32 {
             portable::dot_q8k(ty, w, x)
+        }
+        #[cfg(target_arch = "x86_64")]
+        unsafe fn gemm(
+            ty: WeightType,
+            w: &[u8],
+            kb: usize,
+            first: usize,
+            rows: usize,
+            x: &[Self],
+            m: usize,
+            y: *mut f32,
+            n: usize,
+        ) {
+            // SAFETY: the caller's.
+            unsafe { super::super::avx512::gemm_q8k(ty, w, kb, first, rows, x, m, y, n) }
         }
     }
 }

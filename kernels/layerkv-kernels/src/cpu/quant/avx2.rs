@@ -16,7 +16,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{BlockQ8K, BlockQ8_1, WeightType, Q4_1_BLOCK_BYTES, Q8_0_BLOCK_BYTES};
+use super::{BlockQ8K, BlockQ8_1, WeightType, Q4_1_BLOCK_BYTES, Q8_0_BLOCK_BYTES, QK_K};
 
 /// `out[i] = dot(w, x row i)` for rows `from..to` of a 32-element type.
 ///
@@ -161,7 +161,7 @@ unsafe fn fifth_bits(p: *const u8) -> __m256i {
 }
 
 /// A 32-element type whose blocks read as `w = d q + m` with `q` unsigned (0..32).
-trait Unpack {
+pub(super) trait Unpack {
     /// Bytes a block.
     const BYTES: usize;
     /// The block at `blk`: `(q as 32 bytes, [d, m, 0, 0])`.
@@ -171,10 +171,10 @@ trait Unpack {
     unsafe fn unpack(blk: *const u8) -> (__m256i, __m128);
 }
 
-struct Q4_0;
-struct Q4_1;
-struct Q5_0;
-struct Q5_1;
+pub(super) struct Q4_0;
+pub(super) struct Q4_1;
+pub(super) struct Q5_0;
+pub(super) struct Q5_1;
 
 /// `[d, -zero * d, 0, 0]` for the f16 `d` at `p`.
 ///
@@ -199,6 +199,27 @@ unsafe fn d_min(p: *const u8) -> __m128 {
     _mm_cvtph_ps(_mm_cvtsi32_si128(unsafe {
         std::ptr::read_unaligned(p as *const i32)
     }))
+}
+
+/// Q8_0 read as unsigned bytes: `q + 128` (sign bit flipped) with `m = -128 d`, so it dots as
+/// the other types do (the int8 GEMM's `dpbusd` multiplies unsigned weights by signed
+/// activations).
+pub(super) struct Q8_0Offset;
+
+impl Unpack for Q8_0Offset {
+    const BYTES: usize = Q8_0_BLOCK_BYTES;
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn unpack(blk: *const u8) -> (__m256i, __m128) {
+        // SAFETY: the caller's 34 bytes: d, 32 i8 values.
+        unsafe {
+            let q = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+            (
+                _mm256_xor_si256(q, _mm256_set1_epi8(i8::MIN)),
+                d_offset(blk, 128.0),
+            )
+        }
+    }
 }
 
 impl Unpack for Q4_0 {
@@ -703,4 +724,137 @@ unsafe fn dot_q6k<const R: usize>(w: &[u8], x: &[BlockQ8K], kb: usize, i: usize)
         }
     }
     finish(acc, [_mm_setzero_ps(); R])
+}
+
+/// A K-quant super-block read as `w = a_g q + b_g` for each group `g` of [`UnpackK::GROUP`]
+/// values, `q` unsigned (the int8 GEMM's packing, [`super::avx512`]).
+pub(super) trait UnpackK {
+    /// Bytes a super-block.
+    const BYTES: usize;
+    /// Values a group shares a scale over: 32 (Q4_K, Q5_K) or 16 (Q6_K).
+    const GROUP: usize;
+    /// The super-block at `blk`: its 256 values into `q` in order, `a_g` and `b_g` into the
+    /// first `256 / GROUP` entries of `a` and `b`.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C must be present; `BYTES` bytes must be readable at `blk`.
+    unsafe fn unpack(blk: *const u8, q: &mut [u8; QK_K], a: &mut [f32; 16], b: &mut [f32; 16]);
+}
+
+pub(super) struct Q4K;
+pub(super) struct Q5K;
+pub(super) struct Q6K;
+
+/// Stores a Q4_K/Q5_K super-block's `a_g = d sc_g`, `b_g = -dmin mn_g` from its header at `blk`.
+///
+/// # Safety
+/// F16C must be present; 16 bytes (d, dmin, scales[12]) must be readable at `blk`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k4_affine(blk: *const u8, a: &mut [f32; 16], b: &mut [f32; 16]) {
+    // SAFETY: the caller's 16 bytes.
+    let (d, dmin, sm) = unsafe { (f16_at(blk), f16_at(blk.add(2)), k4_scales_mins(blk.add(4))) };
+    let bytes = |i: usize| (sm[i / 4] >> (8 * (i % 4))) as u8 as f32;
+    for g in 0..8 {
+        a[g] = d * bytes(g);
+        b[g] = -dmin * bytes(8 + g);
+    }
+}
+
+impl UnpackK for Q4K {
+    const BYTES: usize = 144;
+    const GROUP: usize = 32;
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn unpack(blk: *const u8, q: &mut [u8; QK_K], a: &mut [f32; 16], b: &mut [f32; 16]) {
+        let m4 = _mm256_set1_epi8(0x0F);
+        // SAFETY: the caller's 144 bytes (d, dmin, scales[12], qs[128]); `q` holds 256 bytes.
+        unsafe {
+            k4_affine(blk, a, b);
+            let out = q.as_mut_ptr() as *mut __m256i;
+            for j in 0..4 {
+                let bits = _mm256_loadu_si256(blk.add(16 + 32 * j) as *const __m256i);
+                _mm256_storeu_si256(out.add(2 * j), _mm256_and_si256(bits, m4));
+                let hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
+                _mm256_storeu_si256(out.add(2 * j + 1), hi);
+            }
+        }
+    }
+}
+
+impl UnpackK for Q5K {
+    const BYTES: usize = 176;
+    const GROUP: usize = 32;
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn unpack(blk: *const u8, q: &mut [u8; QK_K], a: &mut [f32; 16], b: &mut [f32; 16]) {
+        let m4 = _mm256_set1_epi8(0x0F);
+        let one = _mm256_set1_epi8(1);
+        // SAFETY: the caller's 176 bytes (d, dmin, scales[12], qh[32], qs[128]); `q` holds
+        // 256 bytes.
+        unsafe {
+            k4_affine(blk, a, b);
+            let out = q.as_mut_ptr() as *mut __m256i;
+            // The fifth bits as in `dot_q5k`.
+            let mut top = _mm256_loadu_si256(blk.add(16) as *const __m256i);
+            for j in 0..4 {
+                let bits = _mm256_loadu_si256(blk.add(48 + 32 * j) as *const __m256i);
+                let tl = _mm256_slli_epi16(_mm256_and_si256(top, one), 4);
+                top = _mm256_srli_epi16(top, 1);
+                let th = _mm256_slli_epi16(_mm256_and_si256(top, one), 4);
+                top = _mm256_srli_epi16(top, 1);
+                let lo = _mm256_or_si256(_mm256_and_si256(bits, m4), tl);
+                let hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits, 4), m4), th);
+                _mm256_storeu_si256(out.add(2 * j), lo);
+                _mm256_storeu_si256(out.add(2 * j + 1), hi);
+            }
+        }
+    }
+}
+
+impl UnpackK for Q6K {
+    const BYTES: usize = 210;
+    const GROUP: usize = 16;
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn unpack(blk: *const u8, q: &mut [u8; QK_K], a: &mut [f32; 16], b: &mut [f32; 16]) {
+        let m4 = _mm256_set1_epi8(0x0F);
+        let m2 = _mm256_set1_epi8(3);
+        // SAFETY: the caller's 210 bytes (ql[128], qh[64], scales[16], d); `q` holds 256
+        // bytes.
+        unsafe {
+            let d = f16_at(blk.add(208));
+            for g in 0..16 {
+                let sc = d * (*blk.add(192 + g) as i8) as f32;
+                a[g] = sc;
+                b[g] = -32.0 * sc;
+            }
+            let out = q.as_mut_ptr() as *mut __m256i;
+            // The values as in `dot_q6k`, in order: 128 j + 32 k + l.
+            for j in 0..2 {
+                let ql = blk.add(64 * j);
+                let lo = _mm256_loadu_si256(ql as *const __m256i);
+                let hi = _mm256_loadu_si256(ql.add(32) as *const __m256i);
+                let top = _mm256_loadu_si256(blk.add(128 + 32 * j) as *const __m256i);
+                let t = |s: i32| {
+                    let shifted = match s {
+                        0 => top,
+                        2 => _mm256_srli_epi16(top, 2),
+                        4 => _mm256_srli_epi16(top, 4),
+                        _ => _mm256_srli_epi16(top, 6),
+                    };
+                    _mm256_slli_epi16(_mm256_and_si256(shifted, m2), 4)
+                };
+                let qs = [
+                    _mm256_or_si256(_mm256_and_si256(lo, m4), t(0)),
+                    _mm256_or_si256(_mm256_and_si256(hi, m4), t(2)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo, 4), m4), t(4)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(hi, 4), m4), t(6)),
+                ];
+                for (k, v) in qs.into_iter().enumerate() {
+                    _mm256_storeu_si256(out.add(4 * j + k), v);
+                }
+            }
+        }
+    }
 }

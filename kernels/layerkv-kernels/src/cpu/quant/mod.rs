@@ -27,6 +27,8 @@
 mod activation;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod portable;
 
 use super::spin::SpinPool;
@@ -115,7 +117,7 @@ impl WeightType {
 /// block).
 pub fn dequantize(ty: WeightType, w: &[u8], out: &mut [f32]) -> Result<()> {
     let (bb, be) = (ty.block_bytes(), ty.block_elems());
-    if w.len() % bb != 0 || out.len() != w.len() / bb * be {
+    if !w.len().is_multiple_of(bb) || out.len() != w.len() / bb * be {
         return Err(KernelError::Invalid(format!(
             "dequantize {ty:?}: {} bytes and {} outputs are not whole blocks of {bb} bytes and \
              {be} values",
@@ -159,16 +161,68 @@ pub fn dot_portable<A: ActivationBlock>(ty: WeightType, w: &[u8], x: &[A]) -> Re
 
 /// Whether this CPU runs the AVX2+FMA+F16C dot products.
 pub fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
+    Isa::Avx2.available()
+}
+
+/// The instruction sets the products run on, narrowest first. [`matmul`] picks the widest
+/// this CPU has ([`Isa::detect`]); [`matmul_on`] takes one, so each can be checked and timed
+/// on a CPU that has several.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    /// Plain Rust loops: any CPU.
+    Portable,
+    /// AVX2, FMA and F16C: per-row dot products (`maddubs`).
+    Avx2,
+    /// [`Isa::Avx2`] plus AVX-512F and AVX-512 VNNI: from [`GEMM_FROM_ROWS`] activation rows,
+    /// an int8 GEMM (`dpbusd` over weight rows packed sixteen to a register); fewer rows run as
+    /// on [`Isa::Avx2`].
+    Avx512Vnni,
+}
+
+impl Isa {
+    /// Every instruction set, narrowest first.
+    pub const ALL: [Isa; 3] = [Isa::Portable, Isa::Avx2, Isa::Avx512Vnni];
+
+    /// Whether this CPU has it (detected at run time; a build needs no target flags).
+    pub fn available(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            match self {
+                Isa::Portable => true,
+                Isa::Avx2 => avx2,
+                Isa::Avx512Vnni => {
+                    avx2 && is_x86_feature_detected!("avx512f")
+                        && is_x86_feature_detected!("avx512vnni")
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Isa::Portable
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+
+    /// The widest this CPU has.
+    pub fn detect() -> Isa {
+        static DETECTED: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *DETECTED.get_or_init(|| {
+            Isa::ALL
+                .into_iter()
+                .rev()
+                .find(|isa| isa.available())
+                .unwrap_or(Isa::Portable)
+        })
     }
+}
+
+/// Whether products with many activation rows (prefill) run on the int8 GEMM on this CPU
+/// (AVX-512 VNNI; every [`WeightType`]). Where they do not, a caller does better to dequantize
+/// and run a dense f32 product from a few dozen rows on (as llama.cpp's BLAS path).
+pub fn has_int8_gemm() -> bool {
+    Isa::detect() >= Isa::Avx512Vnni
 }
 
 /// The dot product of one weight row of `ty` and one activation row of `x.len()` blocks of the
@@ -188,6 +242,11 @@ const TASKS_PER_THREAD: usize = 4;
 const INLINE_QUANTIZE_ROWS: usize = 64;
 /// Activation rows computed against a task's weight rows before moving on (cache tile).
 const ACT_TILE: usize = 64;
+/// Activation rows from which [`Isa::Avx512Vnni`] runs the int8 GEMM:
+/// packing a weight's rows costs about what a few rows of per-row dot products do.
+pub const GEMM_FROM_ROWS: usize = 8;
+/// Weight rows of a GEMM task are a multiple of this (the packed groups' sixteen).
+const GEMM_ROWS_ALIGN: usize = 16;
 
 /// `y [m, n] = x [m, k] W^T` for a weight `W [n, k]` of `ty` given as its GGUF bytes (row `j`
 /// is bytes `j * k / block_elems * block_bytes ..`). `k` must be a multiple of
@@ -201,8 +260,28 @@ pub fn matmul(
     m: usize,
     y: &mut [f32],
 ) -> Result<()> {
+    matmul_on(Isa::detect(), ty, w, n, k, x, m, y)
+}
+
+/// [`matmul`] on the instruction set `isa`, an error if this CPU lacks it.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_on(
+    isa: Isa,
+    ty: WeightType,
+    w: &[u8],
+    n: usize,
+    k: usize,
+    x: &[f32],
+    m: usize,
+    y: &mut [f32],
+) -> Result<()> {
+    if !isa.available() {
+        return Err(KernelError::Invalid(format!(
+            "matmul {ty:?}: this CPU does not run {isa:?}"
+        )));
+    }
     let be = ty.block_elems();
-    if k % be != 0 {
+    if !k.is_multiple_of(be) {
         return Err(KernelError::Invalid(format!(
             "matmul {ty:?}: k = {k} is not a multiple of the type's {be}-value blocks"
         )));
@@ -224,13 +303,15 @@ pub fn matmul(
         return Ok(());
     }
     match ty.activation() {
-        Activation::Q8_1 => matmul_with::<BlockQ8_1>(ty, w, n, k, x, m, y),
-        Activation::Q8K => matmul_with::<BlockQ8K>(ty, w, n, k, x, m, y),
+        Activation::Q8_1 => matmul_with::<BlockQ8_1>(isa, ty, w, n, k, x, m, y),
+        Activation::Q8K => matmul_with::<BlockQ8K>(isa, ty, w, n, k, x, m, y),
     }
 }
 
 /// [`matmul`] after its checks, with activations quantized to `A` (the form `ty` dots).
+#[allow(clippy::too_many_arguments)]
 fn matmul_with<A: ActivationBlock>(
+    isa: Isa,
     ty: WeightType,
     w: &[u8],
     n: usize,
@@ -252,7 +333,12 @@ fn matmul_with<A: ActivationBlock>(
             .zip(x.par_chunks(k))
             .try_for_each(|(q, r)| A::quantize(r, q))?;
     }
-    let avx2 = has_avx2();
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx512Vnni && m >= GEMM_FROM_ROWS {
+        gemm(ty, w, n, kb, &xq, m, y);
+        return Ok(());
+    }
+    let avx2 = isa >= Isa::Avx2;
     // One task: weight rows `first..`, outputs `out[j - first][i]` for every activation row i.
     let task = |first: usize, out: &mut [f32]| {
         let rows = out.len() / m;
@@ -302,6 +388,33 @@ fn matmul_with<A: ActivationBlock>(
         }
     }
     Ok(())
+}
+
+/// The int8 GEMM ([`avx512`]) over the spinning pool: each task a run of weight rows (a
+/// multiple of sixteen), written straight into `y [m, n]`.
+#[cfg(target_arch = "x86_64")]
+fn gemm<A: ActivationBlock>(
+    ty: WeightType,
+    w: &[u8],
+    n: usize,
+    kb: usize,
+    xq: &[A],
+    m: usize,
+    y: &mut [f32],
+) {
+    let pool = SpinPool::global();
+    let per = n
+        .div_ceil(TASKS_PER_THREAD * pool.threads())
+        .next_multiple_of(GEMM_ROWS_ALIGN);
+    let out = OutPtr(y.as_mut_ptr());
+    pool.run(n.div_ceil(per), &|c| {
+        let first = c * per;
+        let rows = per.min(n - first);
+        // SAFETY: the caller checked AVX-512 VNNI (`Isa::Avx512Vnni.available()`) and the
+        // lengths (`w` is `n` rows of `kb` blocks, `xq` `m` rows, `y` `m * n` values); task `c`
+        // alone writes columns `first..first + rows`, and `y` outlives `run`.
+        unsafe { A::gemm(ty, w, kb, first, rows, xq, m, out.get(), n) };
+    });
 }
 
 #[cfg(test)]
