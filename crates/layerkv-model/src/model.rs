@@ -352,7 +352,7 @@ impl Model {
         let attn = attn.reshape((rows, self.cfg.num_attention_heads * self.cfg.head_dim()))?;
         let x = (x + l.o_proj.forward(&attn)?)?;
         let h = self.rms_norm(&x, &l.post_norm)?;
-        let mlp = (candle_nn::ops::silu(&l.gate_proj.forward(&h)?)? * l.up_proj.forward(&h)?)?;
+        let mlp = layerkv_kernels::swiglu(&l.gate_proj.forward(&h)?, &l.up_proj.forward(&h)?)?;
         Ok((x + l.down_proj.forward(&mlp)?)?)
     }
 

@@ -45,6 +45,7 @@ mod view;
 
 pub use cpu::quant;
 pub use cpu::spin;
+pub use cpu::swiglu::{silu_mul, swiglu};
 pub use error::{KernelError, Result};
 pub use exec::{KeyRotation, StepExecutor};
 pub use store::{GatheredMoves, KvStore};

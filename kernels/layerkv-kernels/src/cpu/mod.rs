@@ -28,6 +28,7 @@ mod avx2;
 pub mod quant;
 pub mod spin;
 mod split;
+pub mod swiglu;
 pub(crate) use split::Split;
 
 /// What an element type must offer the AVX2 loops (nothing on other targets).
