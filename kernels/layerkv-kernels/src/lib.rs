@@ -9,10 +9,11 @@
 //! The kernels never see a policy: they read pages, lengths and masks (the allocator's
 //! [`layerkv::TableView`]) and the rule ([`AttentionParams`]). [`StepExecutor`] executes the
 //! step protocol's plans (page copies, sink re-rotations, compaction moves) on a [`KvStore`].
-//! [`reference`] is a naive dense implementation used by the tests. [`quant`] holds the
-//! quantized matrix products (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the Q4_K, Q5_K, Q6_K K-quants;
-//! AVX2 with a portable fallback) that GGUF models run in their own types use where candle has
-//! no vectorised path.
+//! [`reference`](mod@reference) is a naive dense implementation used by the tests. [`quant`]
+//! holds the quantized matrix products (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the Q4_K, Q5_K, Q6_K
+//! K-quants; AVX2 per-row kernels, an AVX-512 VNNI int8 GEMM for many rows, a portable
+//! fallback, picked at run time) that GGUF models run in their own types use where candle has
+//! no vectorised path; [`swiglu`] is SwiGLU's elementwise half in one vectorized pass.
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};

@@ -151,7 +151,7 @@ fn check_len(what: &str, values: usize, blocks: usize, per: usize) -> Result<()>
 }
 
 /// A quantized activation block type: [`BlockQ8_1`] or [`BlockQ8K`]. Which one a weight type
-/// dots is [`WeightType::activation`]. Sealed: the kernels exist for these two only.
+/// dots is [`super::WeightType::activation`]. Sealed: the kernels exist for these two only.
 pub trait ActivationBlock: Copy + Send + Sync + sealed::Sealed {
     /// Values per block.
     const ELEMS: usize;
