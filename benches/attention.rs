@@ -3,6 +3,11 @@
 //! plus a streaming-read bandwidth probe so the kernel's achieved KV bytes/s can be read as a
 //! fraction of what this machine's memory delivers.
 //!
+//! The same data is also laid out in **lanes** (per-head retention, `+per-head` policies): pages
+//! of one KV head, a table per (sequence, KV head), queries transposed lane-major and back, as
+//! `StepExecutor::attend` runs them; its column is the lane layout's time over the group
+//! layout's.
+//!
 //! Shapes: Llama-like (32 heads, 8 KV heads, head_dim 128) and SmolLM2-135M (9, 3, 64); contexts
 //! 512..32k; batches 1, 8, 32 (combinations above a KV-size cap are skipped); f32 and f16
 //! storage. `cargo bench --bench attention` prints the table; under `cargo test` one small case
@@ -31,6 +36,9 @@ struct Case {
 struct Prepared {
     store: KvStore,
     tables: Vec<Vec<u32>>,
+    /// The lane layout: pages of one head, table `b * kv_heads + h` for sequence b's head h.
+    lane_store: KvStore,
+    lane_tables: Vec<Vec<u32>>,
     q: Tensor,
     /// Contiguous copies for candle: [batch, kv_heads, ctx, d].
     k: Tensor,
@@ -61,6 +69,21 @@ fn prepare(c: &Case) -> Prepared {
             .write(&slots, &k.get(b).unwrap(), &v.get(b).unwrap())
             .unwrap();
     }
+    // Lanes: every (sequence, head) its own pages, interleaved over the pool the same way.
+    let lanes = c.batch * c.kv_heads;
+    let mut lane_store =
+        KvStore::new(pages_per_seq * lanes, BLOCK, 1, c.head_dim, c.dtype, &dev).unwrap();
+    let lane_tables: Vec<Vec<u32>> = (0..lanes)
+        .map(|l| (0..pages_per_seq).map(|p| (p * lanes + l) as u32).collect())
+        .collect();
+    for (l, table) in lane_tables.iter().enumerate() {
+        let (b, h) = (l / c.kv_heads, l % c.kv_heads);
+        let slots: Vec<u32> = (0..c.ctx)
+            .map(|s| table[s / BLOCK] * BLOCK as u32 + (s % BLOCK) as u32)
+            .collect();
+        let head = |t: &Tensor| t.get(b).unwrap().narrow(1, h, 1).unwrap();
+        lane_store.write(&slots, &head(&k), &head(&v)).unwrap();
+    }
     let q = Tensor::randn(0f32, 1.0, (c.batch, c.heads, c.head_dim), &dev).unwrap();
     let group = c.heads / c.kv_heads;
     let to_contig = |t: Tensor| {
@@ -74,6 +97,8 @@ fn prepare(c: &Case) -> Prepared {
     Prepared {
         store,
         tables,
+        lane_store,
+        lane_tables,
         q4: q
             .reshape((c.batch, c.kv_heads, group, c.head_dim))
             .unwrap()
@@ -107,6 +132,51 @@ fn ours(c: &Case, p: &Prepared) -> Tensor {
         include_diagonal: true,
     };
     paged_attention(&p.q, &p.store, &seqs, &params, None).unwrap()
+}
+
+/// The lane layout as `StepExecutor::attend` runs it: queries to lane-major `[kv_heads *
+/// batch, group, d]`, one call over every (head, sequence) pair, the output back.
+fn lanes(c: &Case, p: &Prepared) -> Tensor {
+    let (b, kvh, group) = (c.batch, c.kv_heads, c.heads / c.kv_heads);
+    let q =
+        p.q.reshape((b, kvh, group, c.head_dim))
+            .unwrap()
+            .transpose(0, 1)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape((kvh * b, group, c.head_dim))
+            .unwrap();
+    let mut seqs = Vec::with_capacity(kvh * b);
+    for h in 0..kvh {
+        for s in 0..b {
+            seqs.push(SeqQuery {
+                kv: TableView {
+                    pages: &p.lane_tables[s * kvh + h],
+                    num_slots: c.ctx,
+                    valid: None,
+                },
+                q_start: h * b + s,
+                num_q: 1,
+                first_slot: c.ctx - 1,
+            });
+        }
+    }
+    let params = AttentionParams {
+        scale: 1.0 / (c.head_dim as f32).sqrt(),
+        window: None,
+        include_diagonal: true,
+    };
+    paged_attention(&q, &p.lane_store, &seqs, &params, None)
+        .unwrap()
+        .reshape((kvh, b, group, c.head_dim))
+        .unwrap()
+        .transpose(0, 1)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .reshape((b, c.heads, c.head_dim))
+        .unwrap()
 }
 
 fn candle(c: &Case, p: &Prepared) -> Tensor {
@@ -196,18 +266,23 @@ fn main() {
             dtype: DType::F32,
         };
         let p = prepare(&c);
-        let d = (ours(&c, &p) - candle(&c, &p))
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = |a: Tensor, b: Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let d = diff(ours(&c, &p), candle(&c, &p));
         assert!(d < 1e-4, "paged and contiguous attention differ by {d}");
-        println!("attention bench check: 1 passed, 0 failed");
+        let d = diff(lanes(&c, &p), ours(&c, &p));
+        assert!(d < 1e-6, "the lane and group layouts differ by {d}");
+        println!("attention bench check: 2 passed, 0 failed");
         return;
     }
     // `LAYERKV_BENCH_FILTER=32h/8kv/d128:f32:32768x1` (a substring of `shape:dtype:ctxxbatch`)
@@ -251,12 +326,14 @@ fn main() {
         let reps = if c.ctx * c.batch >= 1 << 16 { 5 } else { 11 };
         let t_ours = median(|| drop(black_box(ours(&c, &p))), reps);
         let t_candle = median(|| drop(black_box(candle(&c, &p))), reps);
+        let t_lanes = median(|| drop(black_box(lanes(&c, &p))), reps);
         eprintln!(
-            "{label}: paged {:.1} us, candle {:.1} us",
+            "{label}: paged {:.1} us, candle {:.1} us, lanes {:.1} us",
             t_ours * 1e6,
-            t_candle * 1e6
+            t_candle * 1e6,
+            t_lanes * 1e6
         );
-        rows.push((c, t_ours, t_candle));
+        rows.push((c, t_ours, t_candle, t_lanes));
     }
     let bw_end = bandwidth();
     let bw = bw_start.max(bw_end);
@@ -268,14 +345,23 @@ fn main() {
         rayon::current_num_threads()
     );
     println!(
-        "{:<22} {:>6} {:>6} {:>5} {:>11} {:>11} {:>8} {:>9} {:>7}",
-        "shape", "dtype", "ctx", "batch", "paged us", "candle us", "speedup", "KV GB/s", "% bw"
+        "{:<22} {:>6} {:>6} {:>5} {:>11} {:>11} {:>8} {:>9} {:>7} {:>10}",
+        "shape",
+        "dtype",
+        "ctx",
+        "batch",
+        "paged us",
+        "candle us",
+        "speedup",
+        "KV GB/s",
+        "% bw",
+        "lanes/grp"
     );
-    for (c, t_ours, t_candle) in rows {
+    for (c, t_ours, t_candle, t_lanes) in rows {
         let kv_bytes =
             (2 * c.batch * c.ctx * c.kv_heads * c.head_dim * c.dtype.size_in_bytes()) as f64;
         println!(
-            "{:<22} {:>6} {:>6} {:>5} {:>11.1} {:>11.1} {:>7.2}x {:>9.2} {:>6.1}%",
+            "{:<22} {:>6} {:>6} {:>5} {:>11.1} {:>11.1} {:>7.2}x {:>9.2} {:>6.1}% {:>9.2}x",
             format!("{}h/{}kv/d{}", c.heads, c.kv_heads, c.head_dim),
             format!("{:?}", c.dtype).to_lowercase(),
             c.ctx,
@@ -284,7 +370,8 @@ fn main() {
             t_candle * 1e6,
             t_candle / t_ours,
             kv_bytes / t_ours / 1e9,
-            100.0 * kv_bytes / t_ours / bw
+            100.0 * kv_bytes / t_ours / bw,
+            t_lanes / t_ours
         );
     }
 }

@@ -102,7 +102,7 @@ pub fn run(
             if map.owns_kv(layer) {
                 let (k, v) = model.kv(layer, &normed)?;
                 let k_rotated = Rope::apply(&k, &cos, &sin)?;
-                exec.write(&reserved, &mut store, g, &k, &k_rotated, &v)?;
+                exec.write(&reserved, &mut store, &cache, g, &k, &k_rotated, &v)?;
             }
             let params = AttentionParams {
                 scale: 1.0 / (d as f32).sqrt(),

@@ -67,6 +67,7 @@ pub fn planner(model: &Model, cfg: &MeasureConfig) -> plan::Planner {
         sliding_window: cfg.sliding_window,
         model_window: model.config().sliding_window,
         step_tokens: cfg.chunk.max(1),
+        lanes: model.config().num_key_value_heads,
     }
 }
 

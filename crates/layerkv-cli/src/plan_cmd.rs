@@ -128,6 +128,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
         sliding_window: args.window,
         model_window: cfg.sliding_window,
         step_tokens: args.chunk,
+        lanes: cfg.num_key_value_heads,
     };
     let n = cfg.num_hidden_layers;
     let mut policies: Vec<Policy> = vec![Policy::identity(n)?];

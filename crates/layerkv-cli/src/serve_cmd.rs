@@ -76,9 +76,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let (dir, model, dtype) = load_model(args.model.as_ref(), &args.device)?;
     let policy = Policy::from_spec(&args.policy, model.num_layers())
         .with_context(|| format!("--policy {}", args.policy))?;
-    let page_bytes = Session::page_bytes_for(&model, dtype);
+    let page_bytes = Session::page_bytes_for(&model, &policy, dtype);
     let num_pages = budget / page_bytes;
-    let groups = policy.layer_map().num_groups();
+    let groups = policy.layer_map().num_groups()
+        * layerkv_model::kv_lanes(model.config().num_key_value_heads, &policy);
     if num_pages < groups {
         bail!(
             "--kv-budget {}: {} pages of {} bytes, fewer than the policy's {groups} KV groups",

@@ -68,7 +68,7 @@ pub fn run(
     let sample: String = text.chars().take(40_000).collect();
     let chars_per_token = sample.chars().count() as f64 / tokenizer.encode(&sample)?.len() as f64;
     // Two of the requests under identity, in whole pages per layer.
-    let page_bytes = Session::page_bytes_for(model, dtype);
+    let page_bytes = Session::page_bytes_for(model, &Policy::identity(model.num_layers())?, dtype);
     let pages_per_layer = (prompt + max_tokens + 16).div_ceil(16);
     let num_pages = 2 * pages_per_layer * model.num_layers();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -81,7 +81,10 @@ pub fn run(
         let options = SessionOptions {
             max_context: context,
             kv_dtype: dtype,
-            num_pages: Some(num_pages),
+            // A per-head policy's pages hold one KV head: as many more of them in the same bytes.
+            num_pages: Some(
+                num_pages * layerkv_model::kv_lanes(model.config().num_key_value_heads, policy),
+            ),
             prefill_chunk: Some(opts.served_chunk),
             ..SessionOptions::default()
         };

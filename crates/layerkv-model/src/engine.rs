@@ -148,6 +148,17 @@ struct Rows {
     sin: Tensor,
 }
 
+/// Lanes per KV group for a model of `kv_heads` KV heads under `policy`: one per KV head for a
+/// per-head policy ([`LayerKvPolicy::per_head`]), else 1. A pool's pages hold
+/// `kv_heads / lanes` heads each.
+pub fn kv_lanes(kv_heads: usize, policy: &dyn LayerKvPolicy) -> usize {
+    if policy.per_head() {
+        kv_heads.max(1)
+    } else {
+        1
+    }
+}
+
 /// A model, a policy, a cache and its page tensors.
 #[derive(Debug)]
 pub struct Engine {
@@ -187,7 +198,10 @@ impl Engine {
         }
         let kv_heads = cfg.num_key_value_heads;
         let head_dim = cfg.head_dim();
-        let bytes_per_token = 2 * kv_heads * head_dim * config.kv_dtype.size_in_bytes();
+        // A per-head policy gives each KV head a lane: pages of one head.
+        let lanes = kv_lanes(kv_heads, policy.as_ref());
+        let heads_per_page = kv_heads / lanes;
+        let bytes_per_token = 2 * heads_per_page * head_dim * config.kv_dtype.size_in_bytes();
         let cache = KvCache::new(
             policy.clone(),
             CacheConfig {
@@ -197,12 +211,13 @@ impl Engine {
                 prefix_caching: config.prefix_caching,
                 sliding_window: config.sliding_window,
                 model_window: cfg.sliding_window,
+                lanes,
             },
         )?;
         let store = KvStore::new(
             config.num_pages,
             config.block_size,
-            kv_heads,
+            heads_per_page,
             head_dim,
             config.kv_dtype,
             model.device(),
@@ -702,15 +717,18 @@ impl<'a> Layers<'a> {
         step: &Step,
     ) -> Result<()> {
         let cfg = self.model.config();
+        let lanes = self.cache.lanes();
         for g in 0..self.map.num_groups() {
             if self.map.readers(g).iter().any(|&l| self.map.is_upward(l)) {
-                let slots = step.group_slots(g);
-                let z = Tensor::zeros(
-                    (slots.len(), cfg.num_key_value_heads, cfg.head_dim()),
-                    config.kv_dtype,
-                    self.model.device(),
-                )?;
-                store.write(slots, &z, &z)?;
+                for h in 0..lanes {
+                    let slots = step.group_slots(self.cache.lane(g, h));
+                    let z = Tensor::zeros(
+                        (slots.len(), cfg.num_key_value_heads / lanes, cfg.head_dim()),
+                        config.kv_dtype,
+                        self.model.device(),
+                    )?;
+                    store.write(slots, &z, &z)?;
+                }
             }
         }
         Ok(())
@@ -735,7 +753,7 @@ impl<'a> Layers<'a> {
             if map.owns_kv(layer) {
                 let (k, v) = model.kv(layer, &normed)?;
                 let k_rotated = Rope::apply(&k, cos, sin)?;
-                exec.write(step, store, g, &k, &k_rotated, &v)?;
+                exec.write(step, store, self.cache, g, &k, &k_rotated, &v)?;
                 if let Some(keys) = target_keys.as_deref_mut() {
                     if map.readers(g).iter().any(|&l| map.is_upward(l)) {
                         keys.push(k_rotated);

@@ -31,6 +31,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use config::ModelConfig;
+pub use engine::kv_lanes;
 pub use error::{ModelError, Result};
 pub use linear::Projection;
 pub use model::{Layer, Model, ModelParts};

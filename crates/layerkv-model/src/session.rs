@@ -16,7 +16,7 @@ use layerkv::plan::Planner;
 use layerkv::{LayerKvPolicy, Policy, SeqId};
 
 use crate::chat::{ChatTemplate, Message};
-use crate::engine::{Engine, EngineConfig};
+use crate::engine::{kv_lanes, Engine, EngineConfig};
 use crate::error::{ModelError, Result};
 use crate::generate::{
     complete, stop_tokens, Completion, GenerationConfig, Sampler, Sampling, StopCriteria,
@@ -173,8 +173,9 @@ impl Session {
             sliding_window: options.sliding_window,
             model_window: model.config().sliding_window,
             step_tokens: engine_config.prefill_chunk,
+            lanes: model.config().num_key_value_heads,
         };
-        let num_groups = policy.layer_map().num_groups();
+        let num_groups = policy.layer_map().num_groups() * planner.lanes_of(&policy);
         let num_pages = match options.num_pages {
             Some(n) if n < num_groups => {
                 return Err(ModelError::Config(format!(
@@ -379,11 +380,13 @@ impl Session {
         })
     }
 
-    /// Bytes of one KV page of `model` with `kv_dtype` (K and V of [`BLOCK_SIZE`] tokens of
-    /// one layer group): a memory budget divided by it is a pool size.
-    pub fn page_bytes_for(model: &Model, kv_dtype: DType) -> usize {
+    /// Bytes of one KV page of `model` under `policy` with `kv_dtype` (K and V of
+    /// [`BLOCK_SIZE`] tokens of one layer group, or of one KV head of it for a per-head
+    /// policy): a memory budget divided by it is a pool size.
+    pub fn page_bytes_for(model: &Model, policy: &dyn LayerKvPolicy, kv_dtype: DType) -> usize {
         let cfg = model.config();
-        BLOCK_SIZE * 2 * cfg.num_key_value_heads * cfg.head_dim() * kv_dtype.size_in_bytes()
+        let heads = cfg.num_key_value_heads / kv_lanes(cfg.num_key_value_heads, policy);
+        BLOCK_SIZE * 2 * heads * cfg.head_dim() * kv_dtype.size_in_bytes()
     }
 
     /// KV bytes of `tokens` tokens under the identity policy, in whole pages.

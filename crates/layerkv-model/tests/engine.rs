@@ -404,15 +404,16 @@ fn streaming_matches_the_dense_cache_position_reference() {
         .all(|&p| p <= 3));
 }
 
-/// A policy's retention applied densely and independently of the cache: per group, the kept
-/// tokens' pre-RoPE K/V at their text positions; every token recomputes attention over the kept
-/// tokens with explicit probabilities (StreamingLLM sinks rotated to sit right before the first
-/// kept token after them, everything else at its text position); the mass is summed over heads
+/// A policy's retention applied densely and independently of the cache: per group (per KV
+/// head of a group, a lane, for a per-head policy), the kept tokens' pre-RoPE K/V at their text
+/// positions; every token recomputes attention over the kept tokens with explicit
+/// probabilities (StreamingLLM sinks rotated to sit right before the first kept token after
+/// them, everything else at its text position); the mass is summed over the lane's query heads
 /// and reader layers (all queries for H2O, the prompt's last `observe` queries for SnapKV); and
-/// after every step the policy's rule decides per group over the kept tokens. Steps are
-/// `chunk` tokens (the prompt, its first `prompt_len` tokens, split into chunks, then decode
-/// steps of `chunk`): inside a step every row attends over what the last step kept plus the
-/// step's rows up to itself, and `last` sums the mass of the step's rows.
+/// after every step the policy's rule decides per lane over its kept tokens. Steps are `chunk`
+/// tokens (the prompt, its first `prompt_len` tokens, split into chunks, then decode steps of
+/// `chunk`): inside a step every row attends over what the last step kept plus the step's rows
+/// up to itself, and `last` sums the mass of the step's rows.
 fn retention_reference(
     model: &Model,
     policy: &Policy,
@@ -428,14 +429,17 @@ fn retention_reference(
         cfg.head_dim(),
     );
     let map = policy.layer_map();
-    let groups = map.num_groups();
-    let mut pos: Vec<Vec<usize>> = vec![Vec::new(); groups];
-    let mut keys: Vec<Vec<Tensor>> = vec![Vec::new(); groups];
-    let mut values: Vec<Vec<Tensor>> = vec![Vec::new(); groups];
-    let mut acc: Vec<Vec<f32>> = vec![Vec::new(); groups];
-    let mut obs: Vec<Vec<f32>> = vec![Vec::new(); groups];
+    // Lanes per group and KV heads per lane.
+    let lanes = if policy.per_head() { kvh } else { 1 };
+    let per_lane = kvh / lanes;
+    let n_lanes = map.num_groups() * lanes;
+    let mut pos: Vec<Vec<usize>> = vec![Vec::new(); n_lanes];
+    let mut keys: Vec<Vec<Tensor>> = vec![Vec::new(); n_lanes];
+    let mut values: Vec<Vec<Tensor>> = vec![Vec::new(); n_lanes];
+    let mut acc: Vec<Vec<f32>> = vec![Vec::new(); n_lanes];
+    let mut obs: Vec<Vec<f32>> = vec![Vec::new(); n_lanes];
     let mut out = Vec::new();
-    let mut last: Vec<Vec<f32>> = vec![Vec::new(); groups];
+    let mut last: Vec<Vec<f32>> = vec![Vec::new(); n_lanes];
     let mut step_start = 0;
     for (t, &tok) in text.iter().enumerate() {
         let step_end = if step_start < prompt_len {
@@ -450,46 +454,60 @@ fn retention_reference(
             let (normed, q) = model.attn_input(l, &x).unwrap();
             if map.owns_kv(l) {
                 let (k, v) = model.kv(l, &normed).unwrap();
-                pos[g].push(t);
-                keys[g].push(k);
-                values[g].push(v);
-                acc[g].push(0.0);
-                obs[g].push(0.0);
-                last[g].resize(pos[g].len(), 0.0);
+                for h in 0..lanes {
+                    let li = g * lanes + h;
+                    pos[li].push(t);
+                    keys[li].push(k.narrow(1, h * per_lane, per_lane).unwrap());
+                    values[li].push(v.narrow(1, h * per_lane, per_lane).unwrap());
+                    acc[li].push(0.0);
+                    obs[li].push(0.0);
+                    last[li].resize(pos[li].len(), 0.0);
+                }
             }
-            let n = pos[g].len();
-            let sinks = policy.retention(g).sinks();
-            let shift = if sinks > 0 && n > sinks {
-                pos[g][sinks] - sinks
-            } else {
-                0
-            };
-            let rot: Vec<usize> = (0..n)
-                .map(|j| {
-                    if j < sinks && pos[g][j] < sinks {
-                        shift + j
-                    } else {
-                        pos[g][j]
-                    }
-                })
-                .collect();
-            let (cos, sin) = model.rope().tables(&rot, DType::F32, &Device::Cpu).unwrap();
-            let k_all =
-                layerkv_model::rope::Rope::apply(&Tensor::cat(&keys[g], 0).unwrap(), &cos, &sin)
-                    .unwrap();
-            let v_all = Tensor::cat(&values[g], 0).unwrap();
             let (qc, qs) = model.rope().tables(&[t], DType::F32, &Device::Cpu).unwrap();
             let q = layerkv_model::rope::Rope::apply(&q, &qc, &qs).unwrap();
+            let sinks = policy.retention(g).sinks();
             let mut rows = Vec::new();
-            let mut mass = vec![0f32; n];
+            let mut mass: Vec<Vec<f32>> = (0..lanes)
+                .map(|h| vec![0f32; pos[g * lanes + h].len()])
+                .collect();
+            let mut lane_kv = Vec::new();
+            for h in 0..lanes {
+                let li = g * lanes + h;
+                let n = pos[li].len();
+                let shift = if sinks > 0 && n > sinks {
+                    pos[li][sinks] - sinks
+                } else {
+                    0
+                };
+                let rot: Vec<usize> = (0..n)
+                    .map(|j| {
+                        if j < sinks && pos[li][j] < sinks {
+                            shift + j
+                        } else {
+                            pos[li][j]
+                        }
+                    })
+                    .collect();
+                let (cos, sin) = model.rope().tables(&rot, DType::F32, &Device::Cpu).unwrap();
+                let k_all = layerkv_model::rope::Rope::apply(
+                    &Tensor::cat(&keys[li], 0).unwrap(),
+                    &cos,
+                    &sin,
+                )
+                .unwrap();
+                lane_kv.push((k_all, Tensor::cat(&values[li], 0).unwrap()));
+            }
             for h in 0..heads {
                 let kv = h / (heads / kvh);
-                let kh = k_all.narrow(1, kv, 1).unwrap().squeeze(1).unwrap();
-                let vh = v_all.narrow(1, kv, 1).unwrap().squeeze(1).unwrap();
+                let (lane, within) = (kv / per_lane, kv % per_lane);
+                let (k_all, v_all) = &lane_kv[lane];
+                let kh = k_all.narrow(1, within, 1).unwrap().squeeze(1).unwrap();
+                let vh = v_all.narrow(1, within, 1).unwrap().squeeze(1).unwrap();
                 let qh = q.narrow(1, h, 1).unwrap().squeeze(1).unwrap();
                 let scores = (qh.matmul(&kh.t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
                 let p = candle_nn::ops::softmax_last_dim(&scores).unwrap();
-                for (m, pj) in mass
+                for (m, pj) in mass[lane]
                     .iter_mut()
                     .zip(p.flatten_all().unwrap().to_vec1::<f32>().unwrap())
                 {
@@ -499,11 +517,14 @@ fn retention_reference(
             }
             let need = policy.retention(g).score_need();
             let observe = t + need.observe >= prompt_len && t < prompt_len;
-            for j in 0..n {
-                acc[g][j] += mass[j];
-                last[g][j] += mass[j];
-                if need.observe > 0 && observe {
-                    obs[g][j] += mass[j];
+            for (h, mass) in mass.iter().enumerate() {
+                let li = g * lanes + h;
+                for (j, &m) in mass.iter().enumerate() {
+                    acc[li][j] += m;
+                    last[li][j] += m;
+                    if need.observe > 0 && observe {
+                        obs[li][j] += m;
+                    }
                 }
             }
             let attn = Tensor::stack(&rows, 1).unwrap();
@@ -521,14 +542,14 @@ fn retention_reference(
         } else {
             Phase::Decode
         };
-        for g in 0..groups {
-            let n = pos[g].len();
+        for li in 0..n_lanes {
+            let n = pos[li].len();
             let mut valid = vec![0u64; bits::words_for(n)];
             bits::set_range(&mut valid, 0, n);
-            let positions: Vec<u32> = pos[g].iter().map(|&p| p as u32).collect();
+            let positions: Vec<u32> = pos[li].iter().map(|&p| p as u32).collect();
             let mut keep = vec![0u64; valid.len()];
             policy
-                .retention(g)
+                .retention(li / lanes)
                 .select(
                     &RetainInput {
                         num_slots: n,
@@ -536,9 +557,9 @@ fn retention_reference(
                         valid: &valid,
                         positions: &positions,
                         scores: Scores {
-                            accumulated: Some(&acc[g]),
-                            last: Some(&last[g]),
-                            observed: Some(&obs[g]),
+                            accumulated: Some(&acc[li]),
+                            last: Some(&last[li]),
+                            observed: Some(&obs[li]),
                         },
                         phase,
                     },
@@ -547,12 +568,12 @@ fn retention_reference(
                 )
                 .unwrap();
             let kept: Vec<usize> = (0..n).filter(|&j| bits::get(&keep, j)).collect();
-            pos[g] = kept.iter().map(|&j| pos[g][j]).collect();
-            keys[g] = kept.iter().map(|&j| keys[g][j].clone()).collect();
-            values[g] = kept.iter().map(|&j| values[g][j].clone()).collect();
-            acc[g] = kept.iter().map(|&j| acc[g][j]).collect();
-            obs[g] = kept.iter().map(|&j| obs[g][j]).collect();
-            last[g] = vec![0.0; kept.len()];
+            pos[li] = kept.iter().map(|&j| pos[li][j]).collect();
+            keys[li] = kept.iter().map(|&j| keys[li][j].clone()).collect();
+            values[li] = kept.iter().map(|&j| values[li][j].clone()).collect();
+            acc[li] = kept.iter().map(|&j| acc[li][j]).collect();
+            obs[li] = kept.iter().map(|&j| obs[li][j]).collect();
+            last[li] = vec![0.0; kept.len()];
         }
     }
     out
@@ -606,10 +627,12 @@ fn check_retention_chunked(
         got.extend((0..end - t).map(|r| logits.narrow(0, r, 1).unwrap()));
         let done = end;
         let r = e.cache().read();
-        for g in 0..policy.layer_map().num_groups() {
+        let lanes = e.cache().lanes();
+        // Every allocator group: a lane (one KV head) of a per-head policy's group.
+        for g in 0..e.cache().num_groups() {
             let table = r.table(0, g).unwrap();
-            let bound = policy.retention(g).max_tokens(done);
-            if !matches!(policy.retention(g), Retention::SnapKv { .. }) {
+            let bound = policy.retention(g / lanes).max_tokens(done);
+            if !matches!(policy.retention(g / lanes), Retention::SnapKv { .. }) {
                 assert!(
                     table.num_valid() <= bound,
                     "{name} step {done} group {g}: {} > {bound}",
@@ -640,6 +663,21 @@ fn check_retention_chunked(
             "{name} token {t}: logits differ from the dense reference by {d}"
         );
     }
+}
+
+/// `policy` with retention per KV head when `per_head` (lanes), else as it is.
+fn heads(policy: Policy, per_head: bool) -> Policy {
+    if !per_head {
+        return policy;
+    }
+    let map = policy.layer_map().clone();
+    let mut b = PolicyBuilder::new(map.clone())
+        .name(format!("{}+per-head", policy.name()))
+        .per_head(true);
+    for g in 0..map.num_groups() {
+        b = b.group_retention(map.owner(g), policy.retention(g).clone());
+    }
+    b.build().unwrap()
 }
 
 fn with(map: LayerMap, r: Retention, name: &str) -> Policy {
@@ -765,6 +803,12 @@ fn long_windows_in_big_steps_match_the_dense_reference() {
 
 #[test]
 fn mixed_prefill_and_decode_batch_matches_one_by_one() {
+    mixed_prefill_and_decode_batch_matches_one_by_one_under(false);
+    mixed_prefill_and_decode_batch_matches_one_by_one_under(true);
+}
+
+/// [`mixed_prefill_and_decode_batch_matches_one_by_one`], per group or per head.
+fn mixed_prefill_and_decode_batch_matches_one_by_one_under(per_head: bool) {
     use layerkv::Budget;
     let model = load(&tiny_model(17));
     let policy = with(
@@ -775,6 +819,7 @@ fn mixed_prefill_and_decode_batch_matches_one_by_one() {
         },
         "cla2+h2o",
     );
+    let policy = heads(policy, per_head);
     let mut batched = engine(&model, policy.clone(), PrefillMode::TokenByToken);
     let mut single = engine(&model, policy, PrefillMode::TokenByToken);
     for e in [&mut batched, &mut single] {
@@ -803,6 +848,12 @@ fn mixed_prefill_and_decode_batch_matches_one_by_one() {
 
 #[test]
 fn fork_then_evict_matches_a_fresh_run() {
+    fork_then_evict_matches_a_fresh_run_under(false);
+    fork_then_evict_matches_a_fresh_run_under(true);
+}
+
+/// [`fork_then_evict_matches_a_fresh_run`], per group or per head.
+fn fork_then_evict_matches_a_fresh_run_under(per_head: bool) {
     use layerkv::Budget;
     let model = load(&tiny_model(18));
     let policy = with(
@@ -821,6 +872,7 @@ fn fork_then_evict_matches_a_fresh_run() {
         },
         "sinks+h2o",
     );
+    let policy = heads(policy, per_head);
     let mut e = engine(&model, policy.clone(), PrefillMode::TokenByToken);
     e.add_sequence(0).unwrap();
     e.step(&[(0, &PROMPT)], LogitsRows::Last).unwrap();
@@ -847,6 +899,12 @@ fn fork_then_evict_matches_a_fresh_run() {
 
 #[test]
 fn a_failed_step_changes_nothing() {
+    a_failed_step_changes_nothing_under(false);
+    a_failed_step_changes_nothing_under(true);
+}
+
+/// [`a_failed_step_changes_nothing`], per group or per head.
+fn a_failed_step_changes_nothing_under(per_head: bool) {
     use layerkv::Budget;
     let model = load(&tiny_model(19));
     let policy = with(
@@ -857,6 +915,7 @@ fn a_failed_step_changes_nothing() {
         },
         "h2o",
     );
+    let policy = heads(policy, per_head);
     let mut e = engine(&model, policy.clone(), PrefillMode::TokenByToken);
     let mut fresh = engine(&model, policy, PrefillMode::TokenByToken);
     for x in [&mut e, &mut fresh] {
@@ -938,4 +997,144 @@ fn a_chunked_snapkv_prompt_peaks_at_the_whole_prompt() {
         0,
         "the window's sequence is freed"
     );
+}
+
+/// Identity with a lane per KV head reads the same numbers through per-head tables: the same
+/// logits as identity per group (prompt, then batched decode of two sequences), pages of one
+/// head each, and two lanes per group in the cache.
+#[test]
+fn per_head_identity_matches_identity() {
+    let model = load(&tiny_model(31));
+    let group = Policy::identity(LAYERS).unwrap();
+    let head = heads(group.clone(), true);
+    let mut a = engine(&model, group, PrefillMode::TokenByToken);
+    let mut b = engine(&model, head, PrefillMode::TokenByToken);
+    assert_eq!((a.cache().lanes(), b.cache().lanes()), (1, KV_HEADS));
+    assert_eq!(b.cache().num_groups(), LAYERS * KV_HEADS);
+    assert_eq!(b.store().kv_heads(), 1);
+    assert_eq!(
+        a.cache().config().page_bytes(),
+        KV_HEADS * b.cache().config().page_bytes()
+    );
+    for e in [&mut a, &mut b] {
+        e.add_sequence(0).unwrap();
+        e.add_sequence(1).unwrap();
+    }
+    let x = a
+        .step(&[(0, &PROMPT), (1, &PROMPT[..5])], LogitsRows::All)
+        .unwrap();
+    let y = b
+        .step(&[(0, &PROMPT), (1, &PROMPT[..5])], LogitsRows::All)
+        .unwrap();
+    assert!(
+        max_abs_diff(&x, &y) <= 1e-6,
+        "prompt: {}",
+        max_abs_diff(&x, &y)
+    );
+    for t in 0..10u32 {
+        let tok = [(t * 7 + 3) % VOCAB as u32];
+        let x = a.step(&[(0, &tok), (1, &tok)], LogitsRows::Last).unwrap();
+        let y = b.step(&[(0, &tok), (1, &tok)], LogitsRows::Last).unwrap();
+        let d = max_abs_diff(&x, &y);
+        assert!(d <= 1e-6, "decode {t}: {d}");
+    }
+    // Same bytes held: a group's pages are its lanes' pages.
+    assert_eq!(
+        a.cache().memory(0).unwrap().total_bytes,
+        b.cache().memory(0).unwrap().total_bytes
+    );
+    b.cache().check_invariants().unwrap();
+}
+
+/// H2O, SnapKV, PyramidKV and StreamingLLM with every KV head keeping its own tokens, against
+/// the dense reference that applies the same rule per head: token by token and in steps of 3,
+/// with the budget checked per lane. And per head is not per group in disguise: the two KV
+/// heads of a group keep different tokens.
+#[test]
+fn per_head_retentions_match_the_dense_reference() {
+    use layerkv::Budget;
+    let h2o = Retention::HeavyHitter {
+        heavy: Budget::Tokens(4),
+        recent: Budget::Tokens(3),
+    };
+    check_retention(
+        heads(
+            with(LayerMap::identity(LAYERS).unwrap(), h2o.clone(), "h2o"),
+            true,
+        ),
+        41,
+        6,
+        30,
+    );
+    check_retention(
+        heads(
+            with(LayerMap::cla(LAYERS, 3).unwrap(), h2o, "cla3+h2o"),
+            true,
+        ),
+        42,
+        6,
+        30,
+    );
+    let snap = Retention::SnapKv {
+        observe: 3,
+        budget: Budget::Tokens(7),
+        pool: 3,
+    };
+    check_retention(
+        heads(
+            with(LayerMap::identity(LAYERS).unwrap(), snap, "snapkv"),
+            true,
+        ),
+        43,
+        16,
+        24,
+    );
+    let pyramid = PolicyBuilder::new(LayerMap::cla(LAYERS, 2).unwrap())
+        .name("pyramid")
+        .pyramid(8, 3, 3, 2.0)
+        .build()
+        .unwrap();
+    check_retention(heads(pyramid, true), 44, 18, 24);
+    let stream = Retention::SinkWindow {
+        sinks: 2,
+        window: 5,
+    };
+    check_retention(
+        heads(
+            with(LayerMap::identity(LAYERS).unwrap(), stream, "stream"),
+            true,
+        ),
+        45,
+        6,
+        20,
+    );
+}
+
+/// The lanes of a group choose apart under a score-based rule (else the per-head tests above
+/// would pass with a per-group cache).
+#[test]
+fn per_head_lanes_keep_different_tokens() {
+    use layerkv::Budget;
+    let model = load(&tiny_model(41));
+    let h2o = Retention::HeavyHitter {
+        heavy: Budget::Tokens(4),
+        recent: Budget::Tokens(3),
+    };
+    let policy = heads(with(LayerMap::identity(LAYERS).unwrap(), h2o, "h2o"), true);
+    let mut e = engine(&model, policy, PrefillMode::TokenByToken);
+    e.add_sequence(0).unwrap();
+    let text: Vec<u32> = (0..30u32).map(|i| (i * 13 + 5) % VOCAB as u32).collect();
+    e.step(&[(0, &text)], LogitsRows::Last).unwrap();
+    let r = e.cache().read();
+    let kept = |g: usize| {
+        let t = r.table(0, g).unwrap();
+        (0..t.num_slots())
+            .filter(|&s| t.is_valid(s))
+            .map(|s| t.position(s).unwrap())
+            .collect::<Vec<_>>()
+    };
+    let differ = (0..LAYERS)
+        .filter(|&g| kept(2 * g) != kept(2 * g + 1))
+        .count();
+    assert!(differ > 0, "every group's two lanes kept the same tokens");
 }

@@ -20,6 +20,11 @@ pub struct CacheConfig {
     /// Window of every layer the map does not mark sliding (a model-wide sliding window, as in
     /// Mistral's config); `None` for full attention.
     pub model_window: Option<usize>,
+    /// Lanes per KV group: 1, or the model's KV heads for a per-head policy
+    /// ([`crate::LayerKvPolicy::per_head`]). Each lane (one KV head of one group) is then an
+    /// allocator group of its own, with its own table, scores, retention and pages, and
+    /// `bytes_per_token` is one lane's (`2 x head_dim x dtype bytes`).
+    pub lanes: usize,
 }
 
 impl Default for CacheConfig {
@@ -31,6 +36,7 @@ impl Default for CacheConfig {
             prefix_caching: false,
             sliding_window: None,
             model_window: None,
+            lanes: 1,
         }
     }
 }

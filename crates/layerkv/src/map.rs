@@ -164,6 +164,23 @@ impl LayerMap {
         })
     }
 
+    /// The map of `lanes` lanes per group, for a per-head cache: layer `l`'s KV head `h` becomes
+    /// layer `l * lanes + h`, reading `source(l) * lanes + h` with `l`'s sliding flag. Groups
+    /// stay ordered by owner, so lane `h` of group `g` is group `g * lanes + h` of the result.
+    pub fn lanes(&self, lanes: usize) -> Result<Self> {
+        if lanes == 0 {
+            return Err(Error::InvalidMap {
+                reason: "a map needs at least one lane per group".into(),
+            });
+        }
+        let n = self.num_layers();
+        let source = (0..n * lanes)
+            .map(|v| self.source[v / lanes] * lanes + v % lanes)
+            .collect();
+        let sliding = (0..n * lanes).map(|v| self.sliding[v / lanes]).collect();
+        Self::with_sliding(source, sliding)
+    }
+
     /// Every layer owns its KV: the unmodified model.
     pub fn identity(num_layers: usize) -> Result<Self> {
         Self::new((0..num_layers).collect())

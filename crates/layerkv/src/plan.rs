@@ -22,6 +22,9 @@ pub struct Planner {
     pub model_window: Option<usize>,
     /// Tokens a step appends on top of what retention keeps.
     pub step_tokens: usize,
+    /// Lanes of a per-head policy's group ([`CacheConfig::lanes`], the model's KV heads): each
+    /// holds its own pages, of one head. Per-group policies ignore it.
+    pub lanes: usize,
 }
 
 impl Planner {
@@ -32,6 +35,7 @@ impl Planner {
             sliding_window: None,
             model_window: None,
             step_tokens: 1,
+            lanes: 1,
         }
     }
 
@@ -42,6 +46,7 @@ impl Planner {
             sliding_window: config.sliding_window,
             model_window: config.model_window,
             step_tokens: 1,
+            lanes: config.lanes.max(1),
         }
     }
 
@@ -51,7 +56,8 @@ impl Planner {
         self
     }
 
-    /// Upper bound on the pages `group` of one sequence of `seq_len` tokens holds at any time.
+    /// Upper bound on the pages `group` of one sequence of `seq_len` tokens holds at any time
+    /// (each of its lanes, with [`Planner::lanes`] above 1).
     pub fn pages_per_group(
         &self,
         policy: &dyn LayerKvPolicy,
@@ -75,11 +81,21 @@ impl Planner {
         (live.div_ceil(bs) + 1).min(full)
     }
 
+    /// Lanes per group under `policy`: [`Planner::lanes`] for a per-head policy, else 1.
+    pub fn lanes_of(&self, policy: &dyn LayerKvPolicy) -> usize {
+        if policy.per_head() {
+            self.lanes.max(1)
+        } else {
+            1
+        }
+    }
+
     /// Upper bound on the pages one sequence of `seq_len` tokens holds under `policy`.
     pub fn pages_per_sequence(&self, policy: &dyn LayerKvPolicy, seq_len: usize) -> usize {
         (0..policy.layer_map().num_groups())
             .map(|g| self.pages_per_group(policy, g, seq_len))
-            .sum()
+            .sum::<usize>()
+            * self.lanes_of(policy)
     }
 
     /// Sequences of `seq_len` tokens that fit in a pool of `num_pages` pages.

@@ -49,6 +49,14 @@ pub trait LayerKvPolicy: Send + Sync + std::fmt::Debug {
     fn score_need(&self, group: GroupId) -> ScoreNeed {
         self.retention(group).score_need()
     }
+
+    /// Whether each KV head of a group keeps its own tokens (kvpress's per-head presses): the
+    /// engine then gives the cache one lane per KV head ([`crate::CacheConfig::lanes`]), each
+    /// running the group's retention on its own scores and freeing its own pages. `false`: one
+    /// set of tokens for all the heads of a group.
+    fn per_head(&self) -> bool {
+        false
+    }
 }
 
 /// The stock policy: a layer map and a retention per group.
@@ -58,6 +66,7 @@ pub struct Policy {
     name: String,
     map: LayerMap,
     retention: Vec<Retention>,
+    per_head: bool,
     fingerprint: u64,
 }
 
@@ -69,6 +78,9 @@ struct PolicyFile {
     layer_map: LayerMap,
     #[serde(default)]
     retention: RetentionFile,
+    /// Retention per KV head (`LayerKvPolicy::per_head`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    per_head: bool,
 }
 
 #[derive(Default, Serialize, Deserialize)]
@@ -84,7 +96,9 @@ struct RetentionFile {
 impl TryFrom<PolicyFile> for Policy {
     type Error = Error;
     fn try_from(file: PolicyFile) -> Result<Self> {
-        let mut b = PolicyBuilder::new(file.layer_map).name(file.name);
+        let mut b = PolicyBuilder::new(file.layer_map)
+            .name(file.name)
+            .per_head(file.per_head);
         b = b.retention(file.retention.default);
         for (key, r) in file.retention.groups {
             let layer: usize = key.trim().parse().map_err(|_| Error::Parse {
@@ -124,6 +138,7 @@ impl From<Policy> for PolicyFile {
             name: p.name,
             layer_map: p.map,
             retention: RetentionFile { default, groups },
+            per_head: p.per_head,
         }
     }
 }
@@ -198,6 +213,10 @@ impl LayerKvPolicy for Policy {
     fn fingerprint(&self) -> u64 {
         self.fingerprint
     }
+
+    fn per_head(&self) -> bool {
+        self.per_head
+    }
 }
 
 /// Stacks a sharing map with retentions: a default for every group, overrides per owner layer,
@@ -209,6 +228,7 @@ pub struct PolicyBuilder {
     default: Retention,
     overrides: Vec<(usize, Retention)>,
     pyramid: Option<(usize, usize, usize, f64)>,
+    per_head: bool,
 }
 
 impl PolicyBuilder {
@@ -220,6 +240,7 @@ impl PolicyBuilder {
             default: Retention::Full,
             overrides: Vec::new(),
             pyramid: None,
+            per_head: false,
         }
     }
 
@@ -238,6 +259,13 @@ impl PolicyBuilder {
     /// Overrides the retention of the group owned by `owner_layer`.
     pub fn group_retention(mut self, owner_layer: usize, retention: Retention) -> Self {
         self.overrides.push((owner_layer, retention));
+        self
+    }
+
+    /// Retention per KV head ([`LayerKvPolicy::per_head`]): every KV head of a group keeps its
+    /// own tokens under the group's retention and budget.
+    pub fn per_head(mut self, per_head: bool) -> Self {
+        self.per_head = per_head;
         self
     }
 
@@ -276,11 +304,12 @@ impl PolicyBuilder {
         } else {
             self.name
         };
-        let fingerprint = fingerprint(&self.map, &retention);
+        let fingerprint = fingerprint(&self.map, &retention, self.per_head);
         Ok(Policy {
             name,
             map: self.map,
             retention,
+            per_head: self.per_head,
             fingerprint,
         })
     }
@@ -288,7 +317,7 @@ impl PolicyBuilder {
 
 /// FNV-1a over the canonical JSON of the map and retentions: stable across runs and builds
 /// (unlike `DefaultHasher`), so prefix-cache keys can be compared between processes.
-fn fingerprint(map: &LayerMap, retention: &[Retention]) -> u64 {
+fn fingerprint(map: &LayerMap, retention: &[Retention], per_head: bool) -> u64 {
     struct Fnv(u64);
     impl Hasher for Fnv {
         fn finish(&self) -> u64 {
@@ -309,6 +338,10 @@ fn fingerprint(map: &LayerMap, retention: &[Retention]) -> u64 {
         serde_json::to_string(r)
             .unwrap_or_else(|_| format!("custom:{r}"))
             .hash(&mut h);
+    }
+    if per_head {
+        // Only when set, so per-group policies keep the fingerprints they had.
+        "per_head".hash(&mut h);
     }
     h.finish()
 }

@@ -6,7 +6,9 @@
 //!   `sandwich-top:3`, a `layer_types` string), `kvsharer:{"5":1,...}`, or a policy file, whose
 //!   map is taken and whose retention is replaced (`calibrated.toml+stream:4:252`);
 //! - RETENTION: `stream:SINKS:WINDOW`, `h2o:HEAVY:RECENT`, `snapkv:BUDGET[:OBSERVE[:POOL]]` or
-//!   `pyramid:AVG[:OBSERVE[:POOL[:BETA]]]`.
+//!   `pyramid:AVG[:OBSERVE[:POOL[:BETA]]]`;
+//! - a final `+per-head` makes every KV head keep its own tokens
+//!   ([`crate::LayerKvPolicy::per_head`]): `identity+snapkv:128+per-head`.
 
 use std::path::Path;
 
@@ -35,6 +37,17 @@ fn parse(spec: &str, num_layers: usize) -> Result<Policy> {
     }
     if Path::new(spec).is_file() {
         return Policy::load(spec);
+    }
+    if let Some(rest) = spec.strip_suffix("+per-head") {
+        let p = parse(rest, num_layers)?;
+        let mut builder = PolicyBuilder::new(p.layer_map().clone())
+            .name(spec)
+            .per_head(true);
+        // The groups' retentions as parsed (PyramidKV's budgets included), by owner layer.
+        for g in 0..p.layer_map().num_groups() {
+            builder = builder.group_retention(p.layer_map().owner(g), p.retention(g).clone());
+        }
+        return builder.build();
     }
     let (map_part, retention_part) = match spec.split_once('+') {
         Some((m, r)) => (m, Some(r)),
@@ -153,6 +166,28 @@ mod tests {
         let e = Policy::from_spec("identity+lru:4", 4).unwrap_err();
         assert!(e.to_string().contains("unknown retention \"lru\""), "{e}");
         assert!(Policy::from_spec("", 4).is_err());
+    }
+
+    #[test]
+    fn per_head_keeps_the_retentions_and_changes_the_fingerprint() {
+        let group = Policy::from_spec("cla:2+pyramid:96:16:5:4", 4).unwrap();
+        let head = Policy::from_spec("cla:2+pyramid:96:16:5:4+per-head", 4).unwrap();
+        assert!(head.per_head() && !group.per_head());
+        assert_eq!(head.layer_map(), group.layer_map());
+        for g in 0..2 {
+            assert_eq!(head.retention(g), group.retention(g));
+        }
+        assert_ne!(head.fingerprint(), group.fingerprint());
+        // The flag survives a policy file; a file without it is per group.
+        let text = head.to_toml().unwrap();
+        assert!(text.contains("per_head = true"), "{text}");
+        let back = Policy::parse(&text, "toml").unwrap();
+        assert!(back.per_head());
+        assert_eq!(back.fingerprint(), head.fingerprint());
+        assert!(!Policy::parse(&group.to_toml().unwrap(), "toml")
+            .unwrap()
+            .per_head());
+        assert!(Policy::from_spec("identity+per-head+stream:4:8", 4).is_err());
     }
 
     #[test]

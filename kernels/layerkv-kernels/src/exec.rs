@@ -47,6 +47,8 @@ pub struct StepExecutor {
     overwritten: Vec<(Vec<u32>, Tensor)>,
     positions: Vec<usize>,
     rows: Vec<u32>,
+    /// Attention mass of every lane of a group, lane-major (lanes only).
+    mass: Vec<f32>,
 }
 
 impl StepExecutor {
@@ -109,10 +111,42 @@ impl StepExecutor {
     }
 
     /// Writes an owner layer's K/V of every row of the step into `group`'s slots: `k` pre-RoPE
-    /// (the rows that become sinks are staged from it), `k_rotated` at the rows' positions.
-    /// Writing a group again in the same step (an iterative prefill pass) replaces what the
-    /// earlier pass staged.
+    /// (the rows that become sinks are staged from it), `k_rotated` at the rows' positions, all
+    /// `[rows, kv_heads, head_dim]`. With lanes ([`KvCache::lanes`]), KV head `h` goes to lane
+    /// [`KvCache::lane`]`(group, h)`, whose pages hold one head. Writing a group again in the
+    /// same step (an iterative prefill pass) replaces what the earlier pass staged.
+    #[allow(clippy::too_many_arguments)]
     pub fn write(
+        &mut self,
+        step: &Step,
+        store: &mut KvStore,
+        cache: &KvCache,
+        group: GroupId,
+        k: &Tensor,
+        k_rotated: &Tensor,
+        v: &Tensor,
+    ) -> Result<()> {
+        let lanes = cache.lanes();
+        if lanes == 1 {
+            return self.write_lane(step, store, group, k, k_rotated, v);
+        }
+        if k.dim(1)? != lanes {
+            return Err(KernelError::Shape {
+                what: "k",
+                expected: format!("{lanes} KV heads (one per lane)"),
+                actual: k.dims().to_vec(),
+            });
+        }
+        for h in 0..lanes {
+            let head = |t: &Tensor| t.narrow(1, h, 1);
+            let lane = cache.lane(group, h);
+            self.write_lane(step, store, lane, &head(k)?, &head(k_rotated)?, &head(v)?)?;
+        }
+        Ok(())
+    }
+
+    /// [`StepExecutor::write`] into one allocator group (a lane, or a group without lanes).
+    fn write_lane(
         &mut self,
         step: &Step,
         store: &mut KvStore,
@@ -135,8 +169,132 @@ impl StepExecutor {
     /// Paged attention of one layer reading `group`, `q` `[rows, heads, head_dim]` for every
     /// row of the step. Adds the layer's attention mass into the step's buffers where the
     /// group needs scores, and runs SnapKV's observation rows once more into the observation
-    /// buffer.
+    /// buffer. With lanes, query head `j` reads lane `j / (heads / lanes)`: one kernel call
+    /// runs every (sequence, lane) pair, and each lane's mass lands in its own buffer.
     pub fn attend(
+        &mut self,
+        q: &Tensor,
+        store: &KvStore,
+        cache: &KvCache,
+        step: &mut Step,
+        group: GroupId,
+        params: &AttentionParams,
+    ) -> Result<Tensor> {
+        let lanes = cache.lanes();
+        if lanes == 1 {
+            return self.attend_group(q, store, cache, step, group, params);
+        }
+        let (rows, heads, head_dim) = q.dims3()?;
+        if heads % lanes != 0 {
+            return Err(KernelError::Shape {
+                what: "q",
+                expected: format!("a multiple of {lanes} heads (one group per lane)"),
+                actual: q.dims().to_vec(),
+            });
+        }
+        // Lane-major queries: rows of lane h are h * rows .. (h + 1) * rows, each a sequence of
+        // the kernel's over the lane's table.
+        let per = heads / lanes;
+        let q_lanes = q
+            .reshape((rows, lanes, per, head_dim))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((lanes * rows, per, head_dim))?;
+        let reader = cache.read();
+        let mut seqs = Vec::with_capacity(lanes * step.len());
+        let mut wants_mass = false;
+        for h in 0..lanes {
+            let lane = cache.lane(group, h);
+            wants_mass |= step.mass_mut(lane).is_some();
+            for i in 0..step.len() {
+                seqs.push(SeqQuery {
+                    kv: reader.view(step.seq(i), lane)?,
+                    q_start: h * rows + step.rows(i).start,
+                    num_q: step.num_new(i),
+                    first_slot: step.first_slot(i, lane),
+                });
+            }
+        }
+        let out = if wants_mass {
+            let out = self.attend_scratch(&q_lanes, store, &seqs, params)?;
+            self.add_lane_mass(step, cache, group, &seqs, |s, l| s.mass_mut(l));
+            out
+        } else {
+            paged_attention(&q_lanes, store, &seqs, params, None)?
+        };
+        let observed = (0..lanes).any(|h| step.observed_mass_mut(cache.lane(group, h)).is_some());
+        if observed {
+            self.rows.clear();
+            let mut obs = Vec::with_capacity(seqs.len());
+            for h in 0..lanes {
+                let lane = cache.lane(group, h);
+                for i in 0..step.len() {
+                    let s = &seqs[h * step.len() + i];
+                    let r = step.observe_rows(i, lane);
+                    let start = self.rows.len();
+                    self.rows
+                        .extend((r.start..r.end).map(|j| (s.q_start + j) as u32));
+                    obs.push(SeqQuery {
+                        kv: s.kv,
+                        q_start: start,
+                        num_q: r.len(),
+                        first_slot: s.first_slot + r.start,
+                    });
+                }
+            }
+            let idx = Tensor::new(self.rows.as_slice(), q.device())?;
+            let q_obs = q_lanes.index_select(&idx, 0)?;
+            self.attend_scratch(&q_obs, store, &obs, params)?;
+            self.add_lane_mass(step, cache, group, &obs, |s, l| s.observed_mass_mut(l));
+        }
+        drop(reader);
+        Ok(out
+            .reshape((lanes, rows, per, head_dim))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((rows, heads, head_dim))?)
+    }
+
+    /// Attention over lane-major `seqs` with the mass summed into `self.mass` (zeroed first),
+    /// lane by lane in `seqs` order.
+    fn attend_scratch(
+        &mut self,
+        q: &Tensor,
+        store: &KvStore,
+        seqs: &[SeqQuery<'_>],
+        params: &AttentionParams,
+    ) -> Result<Tensor> {
+        let slots: usize = seqs.iter().map(|s| s.kv.num_slots).sum();
+        self.mass.clear();
+        self.mass.resize(slots, 0.0);
+        paged_attention(q, store, seqs, params, Some(&mut self.mass))
+    }
+
+    /// Adds each lane's segment of `self.mass` into the buffer `buffer` picks for the lane
+    /// (lanes whose retention needs no scores have none).
+    fn add_lane_mass(
+        &self,
+        step: &mut Step,
+        cache: &KvCache,
+        group: GroupId,
+        seqs: &[SeqQuery<'_>],
+        buffer: impl Fn(&mut Step, GroupId) -> Option<&mut [f32]>,
+    ) {
+        let mut at = 0;
+        for (h, lane_seqs) in seqs.chunks(step.len().max(1)).enumerate() {
+            let lane = cache.lane(group, h);
+            let n: usize = lane_seqs.iter().map(|s| s.kv.num_slots).sum();
+            if let Some(m) = buffer(step, lane) {
+                for (d, s) in m.iter_mut().zip(&self.mass[at..at + n]) {
+                    *d += s;
+                }
+            }
+            at += n;
+        }
+    }
+
+    /// [`StepExecutor::attend`] without lanes.
+    fn attend_group(
         &mut self,
         q: &Tensor,
         store: &KvStore,

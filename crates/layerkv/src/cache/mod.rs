@@ -155,6 +155,18 @@ impl KvCache {
                 return Err(Error::InvalidConfig(format!("{what} must be positive")));
             }
         }
+        if config.lanes == 0 {
+            return Err(Error::InvalidConfig(
+                "lanes must be positive (1, or the model's KV heads for a per-head policy)".into(),
+            ));
+        }
+        if config.lanes > 1 && !policy.per_head() {
+            return Err(Error::InvalidConfig(format!(
+                "{} lanes per group, but the policy keeps one set of tokens per group \
+                 (lanes above 1 are for per-head policies)",
+                config.lanes
+            )));
+        }
         let map = policy.layer_map();
         if let Some(layer) = (0..map.num_layers()).find(|&l| map.is_sliding(l)) {
             if config.sliding_window.is_none() {
@@ -163,17 +175,23 @@ impl KvCache {
                 )));
             }
         }
+        // Lanes are groups of the lane map; everything below indexes by lane.
+        let lanes = config.lanes;
+        let map = map.lanes(lanes)?;
         let groups = map.num_groups();
         let windows: Vec<Option<usize>> = (0..groups)
-            .map(|g| group_window(map, g, config.sliding_window, config.model_window))
+            .map(|g| group_window(&map, g, config.sliding_window, config.model_window))
             .collect();
-        let needs: Vec<ScoreNeed> = (0..groups).map(|g| policy.score_need(g)).collect();
-        let sinks: Vec<usize> = (0..groups).map(|g| policy.retention(g).sinks()).collect();
+        let needs: Vec<ScoreNeed> = (0..groups).map(|g| policy.score_need(g / lanes)).collect();
+        let sinks: Vec<usize> = (0..groups)
+            .map(|g| policy.retention(g / lanes).sinks())
+            .collect();
         let evicts: Vec<bool> = (0..groups)
-            .map(|g| !policy.retention(g).is_full() || windows[g].is_some())
+            .map(|g| !policy.retention(g / lanes).is_full() || windows[g].is_some())
             .collect();
         Ok(Self {
             core: Core {
+                map,
                 caching: config.prefix_caching && !evicts.iter().any(|&e| e),
                 any_scores: needs.iter().any(|n| !n.is_none()),
                 any_sinks: sinks.iter().any(|&s| s > 0),
@@ -204,6 +222,24 @@ impl KvCache {
         &self.core.config
     }
 
+    /// Lanes per KV group ([`CacheConfig::lanes`]): with more than one, every [`GroupId`] the
+    /// cache takes and reports (step slots, views, scores, [`MemoryReport::pages_per_group`]) is
+    /// a lane, [`KvCache::lane`].
+    pub fn lanes(&self) -> usize {
+        self.core.config.lanes
+    }
+
+    /// The allocator group of KV head `head` of the policy's group `group`:
+    /// `group * lanes + head` (`group` itself with one lane).
+    pub fn lane(&self, group: GroupId, head: usize) -> GroupId {
+        group * self.core.config.lanes + head
+    }
+
+    /// Allocator groups: the policy's groups times [`KvCache::lanes`].
+    pub fn num_groups(&self) -> usize {
+        self.core.num_groups()
+    }
+
     /// Whether prefix caching is active (requested and the policy never evicts).
     pub fn prefix_caching(&self) -> bool {
         self.core.caching
@@ -221,8 +257,8 @@ impl KvCache {
         )
     }
 
-    /// The window beyond which no reader of `group` looks (every reader slides), so the cache
-    /// frees what falls out of it.
+    /// The window beyond which no reader of `group` (an allocator group: a lane with lanes)
+    /// looks (every reader slides), so the cache frees what falls out of it.
     pub fn group_window(&self, group: GroupId) -> Option<usize> {
         self.core.windows.get(group).copied().flatten()
     }
@@ -379,7 +415,8 @@ impl KvCache {
         let pages_per_group: Vec<usize> = s.tables().map(BlockTable::num_pages_held).collect();
         let mut bytes_per_layer = vec![0; map.num_layers()];
         for (g, &pages) in pages_per_group.iter().enumerate() {
-            bytes_per_layer[map.owner(g)] = pages * self.core.config.page_bytes();
+            bytes_per_layer[map.owner(g / self.core.config.lanes)] +=
+                pages * self.core.config.page_bytes();
         }
         Ok(MemoryReport {
             total_bytes: pages_per_group.iter().sum::<usize>() * self.core.config.page_bytes(),
@@ -420,6 +457,9 @@ impl KvCache {
 #[derive(Debug)]
 pub(crate) struct Core {
     pub(crate) policy: Arc<dyn LayerKvPolicy>,
+    /// The policy's map with [`CacheConfig::lanes`] lanes per group: its groups are the
+    /// allocator's.
+    pub(crate) map: crate::map::LayerMap,
     pub(crate) config: CacheConfig,
     pub(crate) caching: bool,
     /// Per group: the scores its retention needs.
@@ -473,7 +513,12 @@ impl Core {
     }
 
     pub(crate) fn num_groups(&self) -> usize {
-        self.policy.layer_map().num_groups()
+        self.map.num_groups()
+    }
+
+    /// The retention of allocator group `lane` (its policy group's).
+    pub(crate) fn retention(&self, lane: GroupId) -> &crate::retention::Retention {
+        self.policy.retention(lane / self.config.lanes)
     }
 
     pub(crate) fn add_sequence(&self, st: &mut State, seq: SeqId) -> Result<()> {

@@ -19,7 +19,7 @@ impl Core {
         tokens: &[u32],
     ) -> Result<()> {
         let bs = self.config.block_size;
-        let map = self.policy.layer_map();
+        let map = &self.map;
         let fp = self.policy.fingerprint();
         for &t in tokens {
             s.partial.push(t);
@@ -50,7 +50,7 @@ impl Core {
         let mut s = self.empty_sequence();
         if self.caching {
             let bs = self.config.block_size;
-            let map = self.policy.layer_map();
+            let map = &self.map;
             let fp = self.policy.fingerprint();
             let mut parent = 0;
             for block in prompt[..prompt.len().saturating_sub(1)].chunks_exact(bs) {

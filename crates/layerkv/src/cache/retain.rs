@@ -114,7 +114,7 @@ impl Core {
                 let start = rs.keep_words.len();
                 rs.keep_words.resize(start + words, 0);
                 let keep = &mut rs.keep_words[start..];
-                let retention = self.policy.retention(g);
+                let retention = self.retention(g);
                 let t = s.table(g);
                 if !retention.is_full() {
                     let input = RetainInput {

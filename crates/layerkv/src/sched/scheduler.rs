@@ -422,7 +422,7 @@ impl Scheduler {
                         r.prompt.len().min(self.config.prefill_chunk),
                     )
                 };
-                let groups = self.policy.layer_map().num_groups();
+                let groups = cache.num_groups();
                 let stats = cache.pool_stats();
                 let spare =
                     (stats.num_free + stats.num_cached).saturating_sub(self.running.len() * groups);
