@@ -158,6 +158,10 @@ pub fn run(args: PlanArgs) -> Result<()> {
                 );
             }
         }
+        // A per-head policy's pages hold one KV head: smaller, and more of them in the budget.
+        let lanes = planner.lanes_of(p);
+        let page_bytes = page_bytes / lanes;
+        let num_pages = budget / page_bytes.max(1);
         let pages = planner.pages_per_sequence(p, context);
         let fit = planner.max_sequences(p, context, num_pages);
         let longest = match planner.max_context(p, num_pages, limit) {

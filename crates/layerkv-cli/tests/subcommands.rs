@@ -236,6 +236,8 @@ fn plan_counts_whole_pages_per_group_and_the_sequences_that_fit() {
             "cla:2",
             "--policy",
             "identity+stream:4:28",
+            "--policy",
+            "identity+stream:4:28+per-head",
             "--budget",
             "1MiB",
             "--context",
@@ -258,7 +260,7 @@ fn plan_counts_whole_pages_per_group_and_the_sequences_that_fit() {
         .iter()
         .map(|l| l.trim_matches('|').split(" | ").map(str::trim).collect())
         .collect();
-    assert_eq!(rows.len(), 3, "{stdout}");
+    assert_eq!(rows.len(), 4, "{stdout}");
 
     let page = page_bytes(&tiny, 4);
     let num_pages = (1 << 20) / page;
@@ -288,6 +290,9 @@ fn plan_counts_whole_pages_per_group_and_the_sequences_that_fit() {
         ],
         "{stdout}"
     );
+    // Per head: twice the pages (one per KV head), each half the bytes: the same plan.
+    assert_eq!(rows[3][0], "identity+stream:4:28+per-head", "{stdout}");
+    assert_eq!(rows[3][1..], rows[2][1..], "{stdout}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

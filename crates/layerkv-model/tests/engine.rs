@@ -542,19 +542,26 @@ fn retention_reference(
         } else {
             Phase::Decode
         };
+        // Per lane, the rule's decision; AdaKV's joint one per group where it applies.
+        let valids: Vec<Vec<u64>> = pos
+            .iter()
+            .map(|p| {
+                let mut v = vec![0u64; bits::words_for(p.len())];
+                bits::set_range(&mut v, 0, p.len());
+                v
+            })
+            .collect();
+        let mut keeps: Vec<Vec<u64>> = valids.iter().map(|v| vec![0u64; v.len()]).collect();
         for li in 0..n_lanes {
             let n = pos[li].len();
-            let mut valid = vec![0u64; bits::words_for(n)];
-            bits::set_range(&mut valid, 0, n);
             let positions: Vec<u32> = pos[li].iter().map(|&p| p as u32).collect();
-            let mut keep = vec![0u64; valid.len()];
             policy
                 .retention(li / lanes)
                 .select(
                     &RetainInput {
                         num_slots: n,
                         num_tokens: t + 1,
-                        valid: &valid,
+                        valid: &valids[li],
                         positions: &positions,
                         scores: Scores {
                             accumulated: Some(&acc[li]),
@@ -563,11 +570,36 @@ fn retention_reference(
                         },
                         phase,
                     },
-                    &mut keep,
+                    &mut keeps[li],
                     &mut Vec::new(),
                 )
                 .unwrap();
-            let kept: Vec<usize> = (0..n).filter(|&j| bits::get(&keep, j)).collect();
+        }
+        if let Some(floor) = policy.adaptive_floor().filter(|_| lanes > 1) {
+            for (g, group_keeps) in keeps.chunks_mut(lanes).enumerate() {
+                let mut joint: Vec<layerkv::JointLane<'_>> = group_keeps
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(h, keep)| layerkv::JointLane {
+                        num_slots: pos[g * lanes + h].len(),
+                        valid: &valids[g * lanes + h],
+                        scores: &obs[g * lanes + h],
+                        keep,
+                    })
+                    .collect();
+                policy.retention(g).select_joint(
+                    &mut joint,
+                    t + 1,
+                    phase,
+                    floor,
+                    &mut layerkv::JointScratch::default(),
+                );
+            }
+        }
+        for li in 0..n_lanes {
+            let n = pos[li].len();
+            let keep = &keeps[li];
+            let kept: Vec<usize> = (0..n).filter(|&j| bits::get(keep, j)).collect();
             pos[li] = kept.iter().map(|&j| pos[li][j]).collect();
             keys[li] = kept.iter().map(|&j| keys[li][j].clone()).collect();
             values[li] = kept.iter().map(|&j| values[li][j].clone()).collect();
@@ -1137,4 +1169,52 @@ fn per_head_lanes_keep_different_tokens() {
         .filter(|&g| kept(2 * g) != kept(2 * g + 1))
         .count();
     assert!(differ > 0, "every group's two lanes kept the same tokens");
+}
+
+/// AdaKV (SnapKV per head, the heads of a group sharing the budget with a floor of 0.25 each)
+/// against the dense per-head reference, alone and on PyramidKV's budgets over a sharing map;
+/// and the split is uneven: some group keeps different counts in its two lanes.
+#[test]
+fn adakv_matches_the_dense_reference() {
+    use layerkv::Budget;
+    let snap = Retention::SnapKv {
+        observe: 3,
+        budget: Budget::Tokens(7),
+        pool: 3,
+    };
+    let ada = |p: Policy| {
+        let map = p.layer_map().clone();
+        let mut b = PolicyBuilder::new(map.clone())
+            .name(format!("{}+adakv", p.name()))
+            .adaptive(0.25);
+        for g in 0..map.num_groups() {
+            b = b.group_retention(map.owner(g), p.retention(g).clone());
+        }
+        b.build().unwrap()
+    };
+    let policy = ada(with(LayerMap::identity(LAYERS).unwrap(), snap, "snapkv"));
+    check_retention(policy.clone(), 46, 16, 24);
+    let pyramid = PolicyBuilder::new(LayerMap::cla(LAYERS, 2).unwrap())
+        .name("pyramid")
+        .pyramid(8, 3, 3, 2.0)
+        .build()
+        .unwrap();
+    check_retention(ada(pyramid), 47, 18, 24);
+    let model = load(&tiny_model(46));
+    let mut e = engine(&model, policy, PrefillMode::TokenByToken);
+    e.add_sequence(0).unwrap();
+    let text: Vec<u32> = (0..16u32).map(|i| (i * 13 + 5) % VOCAB as u32).collect();
+    e.step(&[(0, &text)], LogitsRows::Last).unwrap();
+    let r = e.cache().read();
+    let counts: Vec<usize> = (0..e.cache().num_groups())
+        .map(|g| r.table(0, g).unwrap().num_valid())
+        .collect();
+    assert!(
+        counts.chunks(2).any(|c| c[0] != c[1]),
+        "every group split its budget evenly: {counts:?}"
+    );
+    assert!(
+        counts.chunks(2).all(|c| c[0] + c[1] == 14),
+        "a group keeps its two lanes' budgets: {counts:?}"
+    );
 }

@@ -65,7 +65,8 @@ pub use map::{GroupId, LayerMap, Partition, Target};
 pub use policy::{LayerKvPolicy, Policy, PolicyBuilder};
 pub use pool::{chain_hash, group_block_hash, BlockPool, PageId, PoolStats, NULL_PAGE};
 pub use retention::{
-    Budget, CustomRetention, Phase, RetainInput, Retention, RetentionRule, ScoreNeed, Scores,
+    Budget, CustomRetention, JointLane, JointScratch, Phase, RetainInput, Retention, RetentionRule,
+    ScoreNeed, Scores,
 };
 pub use rng::SplitMix64;
 pub use sched::{

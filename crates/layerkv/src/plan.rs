@@ -193,6 +193,54 @@ mod tests {
         assert_eq!(p.max_context(&id, 8 * 4, 1 << 20), Some(64));
     }
 
+    /// A per-head policy's group holds a set of (one-head) pages per lane; a per-group policy
+    /// ignores the lane count. Checked against a cache that runs the policy.
+    #[test]
+    fn lanes_multiply_pages_of_per_head_policies_only() {
+        let group = PolicyBuilder::new(LayerMap::cla(4, 2).unwrap())
+            .retention(Retention::SinkWindow {
+                sinks: 4,
+                window: 29,
+            })
+            .build()
+            .unwrap();
+        let head = PolicyBuilder::new(LayerMap::cla(4, 2).unwrap())
+            .retention(Retention::SinkWindow {
+                sinks: 4,
+                window: 29,
+            })
+            .per_head(true)
+            .build()
+            .unwrap();
+        let mut p = Planner::new(16);
+        p.lanes = 3;
+        let per_group = p.pages_per_sequence(&group, 1000);
+        // 4 sinks + 28 window + the step's token: 3 pages + 1 of slack per group.
+        assert_eq!(per_group, 2 * (3 + 1));
+        assert_eq!(p.pages_per_sequence(&head, 1000), 3 * per_group);
+        let config = CacheConfig {
+            block_size: 16,
+            num_pages: 64,
+            bytes_per_token: 2,
+            lanes: 3,
+            ..CacheConfig::default()
+        };
+        let cache = crate::KvCache::new(std::sync::Arc::new(head), config).unwrap();
+        cache.add_sequence(0).unwrap();
+        let mut step = crate::Step::new();
+        let mut peak = 0;
+        for t in 0..200u32 {
+            cache
+                .reserve(&[(0, &[t])], &mut step)
+                .unwrap()
+                .retain()
+                .unwrap();
+            peak = peak.max(cache.pool_stats().num_used);
+        }
+        assert!(peak <= 3 * per_group, "{peak} pages held");
+        assert_eq!(Planner::from_config(&config).lanes, 3);
+    }
+
     #[test]
     fn sliding_layers_hold_their_window() {
         let map = LayerMap::from_layer_types("0s_1s_2_2").unwrap();

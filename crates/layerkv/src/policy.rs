@@ -57,6 +57,13 @@ pub trait LayerKvPolicy: Send + Sync + std::fmt::Debug {
     fn per_head(&self) -> bool {
         false
     }
+
+    /// AdaKV's budget split for a per-head policy: `Some(floor)` makes the lanes of a group
+    /// share their budget ([`crate::Retention::select_joint`]), each keeping at least `floor`
+    /// (0..=1) of its uniform share; `None` gives every lane the same budget.
+    fn adaptive_floor(&self) -> Option<f64> {
+        None
+    }
 }
 
 /// The stock policy: a layer map and a retention per group.
@@ -67,6 +74,7 @@ pub struct Policy {
     map: LayerMap,
     retention: Vec<Retention>,
     per_head: bool,
+    adaptive_floor: Option<f64>,
     fingerprint: u64,
 }
 
@@ -81,6 +89,9 @@ struct PolicyFile {
     /// Retention per KV head (`LayerKvPolicy::per_head`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     per_head: bool,
+    /// AdaKV's floor (`LayerKvPolicy::adaptive_floor`); implies `per_head`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    adaptive_floor: Option<f64>,
 }
 
 #[derive(Default, Serialize, Deserialize)]
@@ -99,6 +110,9 @@ impl TryFrom<PolicyFile> for Policy {
         let mut b = PolicyBuilder::new(file.layer_map)
             .name(file.name)
             .per_head(file.per_head);
+        if let Some(floor) = file.adaptive_floor {
+            b = b.adaptive(floor);
+        }
         b = b.retention(file.retention.default);
         for (key, r) in file.retention.groups {
             let layer: usize = key.trim().parse().map_err(|_| Error::Parse {
@@ -139,6 +153,7 @@ impl From<Policy> for PolicyFile {
             layer_map: p.map,
             retention: RetentionFile { default, groups },
             per_head: p.per_head,
+            adaptive_floor: p.adaptive_floor,
         }
     }
 }
@@ -217,6 +232,10 @@ impl LayerKvPolicy for Policy {
     fn per_head(&self) -> bool {
         self.per_head
     }
+
+    fn adaptive_floor(&self) -> Option<f64> {
+        self.adaptive_floor
+    }
 }
 
 /// Stacks a sharing map with retentions: a default for every group, overrides per owner layer,
@@ -229,6 +248,7 @@ pub struct PolicyBuilder {
     overrides: Vec<(usize, Retention)>,
     pyramid: Option<(usize, usize, usize, f64)>,
     per_head: bool,
+    adaptive_floor: Option<f64>,
 }
 
 impl PolicyBuilder {
@@ -241,6 +261,7 @@ impl PolicyBuilder {
             overrides: Vec::new(),
             pyramid: None,
             per_head: false,
+            adaptive_floor: None,
         }
     }
 
@@ -266,6 +287,14 @@ impl PolicyBuilder {
     /// own tokens under the group's retention and budget.
     pub fn per_head(mut self, per_head: bool) -> Self {
         self.per_head = per_head;
+        self
+    }
+
+    /// AdaKV: retention per KV head with the lanes of a group sharing one budget, each keeping
+    /// at least `floor` (0..=1; AdaKV uses 0.2) of its uniform share ([`Self::per_head`] on).
+    pub fn adaptive(mut self, floor: f64) -> Self {
+        self.per_head = true;
+        self.adaptive_floor = Some(floor);
         self
     }
 
@@ -299,17 +328,25 @@ impl PolicyBuilder {
         for r in &retention {
             r.validate()?;
         }
+        if let Some(f) = self.adaptive_floor {
+            if !(0.0..=1.0).contains(&f) {
+                return Err(Error::PolicyFile(format!(
+                    "adaptive_floor must be in [0, 1] (a fraction of each head's share), got {f}"
+                )));
+            }
+        }
         let name = if self.name.is_empty() {
             self.map.to_layer_types()
         } else {
             self.name
         };
-        let fingerprint = fingerprint(&self.map, &retention, self.per_head);
+        let fingerprint = fingerprint(&self.map, &retention, self.per_head, self.adaptive_floor);
         Ok(Policy {
             name,
             map: self.map,
             retention,
             per_head: self.per_head,
+            adaptive_floor: self.adaptive_floor,
             fingerprint,
         })
     }
@@ -317,7 +354,12 @@ impl PolicyBuilder {
 
 /// FNV-1a over the canonical JSON of the map and retentions: stable across runs and builds
 /// (unlike `DefaultHasher`), so prefix-cache keys can be compared between processes.
-fn fingerprint(map: &LayerMap, retention: &[Retention], per_head: bool) -> u64 {
+fn fingerprint(
+    map: &LayerMap,
+    retention: &[Retention],
+    per_head: bool,
+    adaptive_floor: Option<f64>,
+) -> u64 {
     struct Fnv(u64);
     impl Hasher for Fnv {
         fn finish(&self) -> u64 {
@@ -342,6 +384,9 @@ fn fingerprint(map: &LayerMap, retention: &[Retention], per_head: bool) -> u64 {
     if per_head {
         // Only when set, so per-group policies keep the fingerprints they had.
         "per_head".hash(&mut h);
+    }
+    if let Some(f) = adaptive_floor {
+        f.to_bits().hash(&mut h);
     }
     h.finish()
 }

@@ -8,7 +8,9 @@
 //! - RETENTION: `stream:SINKS:WINDOW`, `h2o:HEAVY:RECENT`, `snapkv:BUDGET[:OBSERVE[:POOL]]` or
 //!   `pyramid:AVG[:OBSERVE[:POOL[:BETA]]]`;
 //! - a final `+per-head` makes every KV head keep its own tokens
-//!   ([`crate::LayerKvPolicy::per_head`]): `identity+snapkv:128+per-head`.
+//!   ([`crate::LayerKvPolicy::per_head`]): `identity+snapkv:128+per-head`; `+adakv[:FLOOR]`
+//!   also lets the heads of a group share their budget (AdaKV, floor 0.2 by default,
+//!   [`crate::LayerKvPolicy::adaptive_floor`]).
 
 use std::path::Path;
 
@@ -38,11 +40,14 @@ fn parse(spec: &str, num_layers: usize) -> Result<Policy> {
     if Path::new(spec).is_file() {
         return Policy::load(spec);
     }
-    if let Some(rest) = spec.strip_suffix("+per-head") {
+    if let Some((rest, floor)) = head_suffix(spec)? {
         let p = parse(rest, num_layers)?;
         let mut builder = PolicyBuilder::new(p.layer_map().clone())
             .name(spec)
             .per_head(true);
+        if let Some(f) = floor {
+            builder = builder.adaptive(f);
+        }
         // The groups' retentions as parsed (PyramidKV's budgets included), by owner layer.
         for g in 0..p.layer_map().num_groups() {
             builder = builder.group_retention(p.layer_map().owner(g), p.retention(g).clone());
@@ -129,6 +134,30 @@ fn number(text: &str, args: &[&str], i: usize, default: Option<usize>) -> Result
     }
 }
 
+/// A final `+per-head` (`None` floor) or `+adakv[:FLOOR]` (AdaKV, floor 0.2 by default): the
+/// spec before it and the floor.
+fn head_suffix(spec: &str) -> Result<Option<(&str, Option<f64>)>> {
+    if let Some(rest) = spec.strip_suffix("+per-head") {
+        return Ok(Some((rest, None)));
+    }
+    let Some((rest, tail)) = spec.rsplit_once('+') else {
+        return Ok(None);
+    };
+    let Some(args) = tail.strip_prefix("adakv") else {
+        return Ok(None);
+    };
+    let floor = match args.strip_prefix(':') {
+        None if args.is_empty() => 0.2,
+        Some(f) => f
+            .parse::<f64>()
+            .ok()
+            .filter(|f| (0.0..=1.0).contains(f))
+            .ok_or_else(|| spec_error(tail, &format!("{f:?} is not a floor in [0, 1]")))?,
+        None => return Ok(None),
+    };
+    Ok(Some((rest, Some(floor))))
+}
+
 fn spec_error(spec: &str, reason: &str) -> Error {
     Error::Parse {
         format: "policy spec",
@@ -188,6 +217,16 @@ mod tests {
             .unwrap()
             .per_head());
         assert!(Policy::from_spec("identity+per-head+stream:4:8", 4).is_err());
+        let ada = Policy::from_spec("cla:2+snapkv:64+adakv", 4).unwrap();
+        assert!(ada.per_head());
+        assert_eq!(ada.adaptive_floor(), Some(0.2));
+        let ada = Policy::from_spec("cla:2+snapkv:64+adakv:0.5", 4).unwrap();
+        assert_eq!(ada.adaptive_floor(), Some(0.5));
+        let back = Policy::parse(&ada.to_toml().unwrap(), "toml").unwrap();
+        assert_eq!(back.adaptive_floor(), Some(0.5));
+        assert_eq!(back.fingerprint(), ada.fingerprint());
+        let e = Policy::from_spec("cla:2+snapkv:64+adakv:2", 4).unwrap_err();
+        assert!(e.to_string().contains("not a floor"), "{e}");
     }
 
     #[test]

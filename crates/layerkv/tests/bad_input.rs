@@ -424,3 +424,54 @@ fn prefix_caching_is_on_only_for_policies_that_never_evict() {
     let evicting = prefix_cache(Retention::Full, Some(64), true);
     assert_eq!(two_sequences_with_one_prompt(&evicting), (2 * 8, 0, 0));
 }
+
+#[test]
+fn lanes_that_do_not_fit_the_policy() {
+    let config = |lanes| CacheConfig {
+        block_size: 4,
+        num_pages: 8,
+        bytes_per_token: 8,
+        lanes,
+        ..CacheConfig::default()
+    };
+    let group = Arc::new(Policy::identity(2).unwrap());
+    let e = KvCache::new(group.clone(), config(0)).unwrap_err();
+    assert!(e.to_string().contains("lanes must be positive"), "{e}");
+    // Lanes are for per-head policies: a per-group policy's tokens are one set per group.
+    let e = KvCache::new(group, config(2)).unwrap_err();
+    assert!(e.to_string().contains("2 lanes per group"), "{e}");
+    let head = Policy::from_spec("identity+h2o:2:2+per-head", 2).unwrap();
+    let c = KvCache::new(Arc::new(head), config(3)).unwrap();
+    assert_eq!((c.lanes(), c.num_groups(), c.lane(1, 2)), (3, 6, 5));
+    // An unknown lane is an unknown group, named with the lane count.
+    c.add_sequence(0).unwrap();
+    let e = c.read().table(0, 6).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::UnknownGroup {
+                group: 6,
+                num_groups: 6
+            }
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn adaptive_floor_out_of_range() {
+    let text = r#"
+        per_head = true
+        adaptive_floor = 1.5
+        [layer_map]
+        num_layers = 2
+        kv_source = [0, 1]
+    "#;
+    let e = Policy::parse(text, "toml").unwrap_err();
+    assert!(
+        e.to_string().contains("adaptive_floor must be in [0, 1]"),
+        "{e}"
+    );
+    let e = Policy::from_spec("identity+snapkv:8+adakv:-1", 2).unwrap_err();
+    assert!(e.to_string().contains("not a floor"), "{e}");
+}

@@ -23,6 +23,53 @@ use super::sequence::{unpin, State};
 use super::Core;
 
 impl Core {
+    /// AdaKV: replaces the per-lane decisions just made for the lanes of `group` (the last
+    /// `lanes` entries of the scratch) with one joint decision, where the group's retention has
+    /// one at this phase ([`crate::Retention::select_joint`]); the window and validity masks are
+    /// applied again after it.
+    fn decide_jointly(
+        &self,
+        rs: &mut super::scratch::RetainScratch,
+        s: &super::sequence::Sequence,
+        group: usize,
+        floor: f64,
+        phase: crate::retention::Phase,
+    ) {
+        let lanes = self.config.lanes;
+        let first = rs.keep_ranges.len() - lanes;
+        let start = rs.keep_ranges[first].2;
+        let mut words = &mut rs.keep_words[start..];
+        let mut joint = Vec::with_capacity(lanes);
+        for (pair, &(_, lane, _)) in rs.keep_ranges[first..].iter().enumerate() {
+            let t = s.table(lane);
+            let n = t.num_slots;
+            let (keep, rest) = std::mem::take(&mut words).split_at_mut(bits::words_for(n));
+            words = rest;
+            joint.push(crate::retention::JointLane {
+                num_slots: n,
+                valid: &t.valid,
+                scores: &rs.scores[first + pair].observed,
+                keep,
+            });
+        }
+        let retention = self.policy.retention(group);
+        if !retention.select_joint(&mut joint, s.num_tokens, phase, floor, &mut rs.joint) {
+            // No joint form here: the per-lane decisions stand.
+            return;
+        }
+        for lane in joint {
+            if let Some(w) = self.windows[group * lanes] {
+                let cut = lane.num_slots.saturating_sub(w.saturating_sub(1));
+                for x in 0..cut {
+                    bits::clear(lane.keep, x);
+                }
+            }
+            for (k, v) in lane.keep.iter_mut().zip(lane.valid) {
+                *k &= v;
+            }
+        }
+    }
+
     /// See [`crate::Reservation::retain`].
     pub(crate) fn retain(
         &self,
@@ -144,6 +191,12 @@ impl Core {
                     *k &= v;
                 }
                 rs.keep_ranges.push((i, g, start));
+                let lanes = self.config.lanes;
+                if let Some(floor) = self.policy.adaptive_floor().filter(|_| lanes > 1) {
+                    if g % lanes == lanes - 1 {
+                        self.decide_jointly(rs, s, g / lanes, floor, phase);
+                    }
+                }
             }
         }
         // Phase 2 (cannot fail on a consistent state): install scores, clear dropped slots,

@@ -15,6 +15,8 @@ pub(crate) struct RetainScratch {
     pub(crate) keep_ranges: Vec<(usize, GroupId, usize)>,
     /// The retentions' own scratch.
     pub(crate) rule: Vec<u32>,
+    /// AdaKV's joint decisions' scratch.
+    pub(crate) joint: crate::retention::JointScratch,
     /// Per decision: the scores with this step's mass folded in.
     pub(crate) scores: Vec<GroupScores>,
 }

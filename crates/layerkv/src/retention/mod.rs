@@ -5,11 +5,14 @@
 //! the accumulated attention mass, it marks the slots to keep. It never allocates pages; the
 //! [`crate::KvCache`] applies the decision and returns pages left empty to the pool.
 //!
-//! Decisions are per KV group, not per head or per layer: the paged layout stores one set of
-//! slots per group, so scores are summed over heads and over every layer that reads the group.
+//! Decisions are per KV group, or per lane (one KV head of a group) under a per-head policy
+//! ([`crate::LayerKvPolicy::per_head`]): scores are summed over the group's (or lane's) query
+//! heads and over every layer that reads it. [`Retention::select_joint`] is AdaKV's split of
+//! one budget across the lanes of a group.
 //! Costs: `Full`/`SinkWindow` O(kept); `HeavyHitter` O(slots) expected; `SnapKv`
 //! O(slots x pool), once per sequence.
 
+mod adaptive;
 mod heavy_hitter;
 mod pyramid;
 mod sink_window;
@@ -22,7 +25,15 @@ use serde::{Deserialize, Serialize};
 use crate::bits;
 use crate::error::{Error, Result};
 
+pub use adaptive::JointLane;
 pub use pyramid::pyramid_budgets;
+
+/// Reused buffers of [`Retention::select_joint`] (no allocation once grown).
+#[derive(Debug, Default)]
+pub struct JointScratch {
+    slots: Vec<u32>,
+    joint: Vec<(f32, u32, u32)>,
+}
 
 /// A token budget: an absolute count, or a fraction of the tokens the group has seen so far.
 ///
@@ -446,6 +457,46 @@ impl Retention {
             Retention::Custom(c) => c.0.select(input, keep, scratch)?,
         }
         Ok(())
+    }
+
+    /// AdaKV: one decision for all the lanes of a group (overwriting their keep bits), sharing
+    /// `lanes x budget` with each lane keeping at least `floor` of its share (see `adaptive.rs`). Only SnapKV (and PyramidKV, SnapKV with per-group budgets) has a joint
+    /// form, at the prompt's end when every lane holds more than its budget; elsewhere this
+    /// returns `false` and writes nothing, and the caller decides lane by lane with
+    /// [`Retention::select`]. A joint decision bounds the group, not each lane.
+    pub fn select_joint(
+        &self,
+        lanes: &mut [JointLane<'_>],
+        num_tokens: usize,
+        phase: Phase,
+        floor: f64,
+        scratch: &mut JointScratch,
+    ) -> bool {
+        let Retention::SnapKv {
+            observe,
+            budget,
+            pool,
+        } = self
+        else {
+            return false;
+        };
+        let budget = budget.resolve(num_tokens);
+        if phase != Phase::PromptEnd
+            || lanes.is_empty()
+            || lanes.iter().any(|l| bits::count(l.valid) <= budget)
+        {
+            return false;
+        }
+        adaptive::select_snapkv(
+            *observe,
+            budget,
+            *pool,
+            floor,
+            lanes,
+            &mut scratch.slots,
+            &mut scratch.joint,
+        );
+        true
     }
 
     /// Upper bound on the tokens a sequence that has seen `num_tokens` keeps after a step. SnapKV
