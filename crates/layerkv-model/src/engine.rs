@@ -274,9 +274,7 @@ impl Engine {
     /// Whether any group can drop tokens (a retention that is not `Full`, or a window): such
     /// a policy prefills long prompts in chunks, and can stream past the model's context.
     pub fn evicts(&self) -> bool {
-        let map = self.policy.layer_map();
-        (0..map.num_groups())
-            .any(|g| !self.policy.retention(g).is_full() || self.cache.group_window(g).is_some())
+        self.cache.evicts()
     }
 
     /// Registers a new, empty sequence (its first step is its prompt unless

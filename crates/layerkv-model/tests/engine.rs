@@ -466,7 +466,6 @@ fn retention_reference(
             }
             let (qc, qs) = model.rope().tables(&[t], DType::F32, &Device::Cpu).unwrap();
             let q = layerkv_model::rope::Rope::apply(&q, &qc, &qs).unwrap();
-            let sinks = policy.retention(g).sinks();
             let mut rows = Vec::new();
             let mut mass: Vec<Vec<f32>> = (0..lanes)
                 .map(|h| vec![0f32; pos[g * lanes + h].len()])
@@ -475,6 +474,7 @@ fn retention_reference(
             for h in 0..lanes {
                 let li = g * lanes + h;
                 let n = pos[li].len();
+                let sinks = policy.lane_retention(g, h).sinks();
                 let shift = if sinks > 0 && n > sinks {
                     pos[li][sinks] - sinks
                 } else {
@@ -515,10 +515,10 @@ fn retention_reference(
                 }
                 rows.push(p.matmul(&vh).unwrap());
             }
-            let need = policy.retention(g).score_need();
-            let observe = t + need.observe >= prompt_len && t < prompt_len;
             for (h, mass) in mass.iter().enumerate() {
                 let li = g * lanes + h;
+                let need = policy.lane_retention(g, h).score_need();
+                let observe = t + need.observe >= prompt_len && t < prompt_len;
                 for (j, &m) in mass.iter().enumerate() {
                     acc[li][j] += m;
                     last[li][j] += m;
@@ -556,7 +556,7 @@ fn retention_reference(
             let n = pos[li].len();
             let positions: Vec<u32> = pos[li].iter().map(|&p| p as u32).collect();
             policy
-                .retention(li / lanes)
+                .lane_retention(li / lanes, li % lanes)
                 .select(
                     &RetainInput {
                         num_slots: n,
@@ -577,6 +577,9 @@ fn retention_reference(
         }
         if let Some(floor) = policy.adaptive_floor().filter(|_| lanes > 1) {
             for (g, group_keeps) in keeps.chunks_mut(lanes).enumerate() {
+                if (0..lanes).any(|h| policy.lane_retention(g, h) != policy.retention(g)) {
+                    continue;
+                }
                 let mut joint: Vec<layerkv::JointLane<'_>> = group_keeps
                     .iter_mut()
                     .enumerate()
@@ -663,8 +666,9 @@ fn check_retention_chunked(
         // Every allocator group: a lane (one KV head) of a per-head policy's group.
         for g in 0..e.cache().num_groups() {
             let table = r.table(0, g).unwrap();
-            let bound = policy.retention(g / lanes).max_tokens(done);
-            if !matches!(policy.retention(g / lanes), Retention::SnapKv { .. }) {
+            let retention = policy.lane_retention(g / lanes, g % lanes);
+            let bound = retention.max_tokens(done);
+            if !matches!(retention, Retention::SnapKv { .. }) {
                 assert!(
                     table.num_valid() <= bound,
                     "{name} step {done} group {g}: {} > {bound}",
@@ -1217,4 +1221,43 @@ fn adakv_matches_the_dense_reference() {
         counts.chunks(2).all(|c| c[0] + c[1] == 14),
         "a group keeps its two lanes' budgets: {counts:?}"
     );
+}
+
+/// Head roles: in every group KV head 1 keeps every token (a retrieval head) and head 0 keeps
+/// sinks and a window, against the dense reference with the same per-head rules; and on H2O
+/// with one head given SnapKV's rule, over a sharing map.
+#[test]
+fn head_roles_match_the_dense_reference() {
+    use layerkv::Budget;
+    let stream = Retention::SinkWindow {
+        sinks: 2,
+        window: 5,
+    };
+    let mut b = PolicyBuilder::new(LayerMap::identity(LAYERS).unwrap())
+        .name("roles")
+        .retention(stream);
+    for l in 0..LAYERS {
+        b = b.lane_retention(l, 1, Retention::Full);
+    }
+    let roles = b.build().unwrap();
+    assert!(roles.per_head());
+    check_retention(roles, 48, 6, 24);
+    let mixed = PolicyBuilder::new(LayerMap::cla(LAYERS, 2).unwrap())
+        .name("h2o+snapkv head")
+        .retention(Retention::HeavyHitter {
+            heavy: Budget::Tokens(4),
+            recent: Budget::Tokens(3),
+        })
+        .lane_retention(
+            2,
+            0,
+            Retention::SnapKv {
+                observe: 3,
+                budget: Budget::Tokens(7),
+                pool: 3,
+            },
+        )
+        .build()
+        .unwrap();
+    check_retention(mixed, 49, 16, 26);
 }

@@ -57,18 +57,39 @@ impl Planner {
     }
 
     /// Upper bound on the pages `group` of one sequence of `seq_len` tokens holds at any time
-    /// (each of its lanes, with [`Planner::lanes`] above 1).
+    /// (each of its lanes that keeps the group's retention, with [`Planner::lanes`] above 1).
     pub fn pages_per_group(
         &self,
         policy: &dyn LayerKvPolicy,
         group: usize,
         seq_len: usize,
     ) -> usize {
+        self.pages_under(policy, group, policy.retention(group), seq_len)
+    }
+
+    /// Upper bound on the pages lane `head` of `group` holds (its own retention, see
+    /// [`LayerKvPolicy::lane_retention`]).
+    pub fn pages_per_lane(
+        &self,
+        policy: &dyn LayerKvPolicy,
+        group: usize,
+        head: usize,
+        seq_len: usize,
+    ) -> usize {
+        self.pages_under(policy, group, policy.lane_retention(group, head), seq_len)
+    }
+
+    fn pages_under(
+        &self,
+        policy: &dyn LayerKvPolicy,
+        group: usize,
+        retention: &crate::Retention,
+        seq_len: usize,
+    ) -> usize {
         let bs = self.block_size.max(1);
         let map = policy.layer_map();
         let full = seq_len.div_ceil(bs);
         let window = group_window(map, group, self.sliding_window, self.model_window);
-        let retention = policy.retention(group);
         if retention.is_full() && window.is_none() {
             return full;
         }
@@ -92,10 +113,14 @@ impl Planner {
 
     /// Upper bound on the pages one sequence of `seq_len` tokens holds under `policy`.
     pub fn pages_per_sequence(&self, policy: &dyn LayerKvPolicy, seq_len: usize) -> usize {
+        let lanes = self.lanes_of(policy);
         (0..policy.layer_map().num_groups())
-            .map(|g| self.pages_per_group(policy, g, seq_len))
-            .sum::<usize>()
-            * self.lanes_of(policy)
+            .map(|g| {
+                (0..lanes)
+                    .map(|h| self.pages_per_lane(policy, g, h, seq_len))
+                    .sum::<usize>()
+            })
+            .sum()
     }
 
     /// Sequences of `seq_len` tokens that fit in a pool of `num_pages` pages.

@@ -64,6 +64,20 @@ pub trait LayerKvPolicy: Send + Sync + std::fmt::Debug {
     fn adaptive_floor(&self) -> Option<f64> {
         None
     }
+
+    /// The retention of KV head `head` of `group` under a per-head policy: the group's, unless
+    /// the policy gives that head a role of its own (DuoAttention: retrieval heads keep every
+    /// token, the others sinks and a window).
+    fn lane_retention(&self, group: GroupId, head: usize) -> &Retention {
+        let _ = head;
+        self.retention(group)
+    }
+
+    /// One more than the highest KV head a per-lane retention names (0 without any): a cache
+    /// with fewer lanes refuses the policy.
+    fn lanes_named(&self) -> usize {
+        0
+    }
 }
 
 /// The stock policy: a layer map and a retention per group.
@@ -75,6 +89,8 @@ pub struct Policy {
     retention: Vec<Retention>,
     per_head: bool,
     adaptive_floor: Option<f64>,
+    /// Per-lane retentions, by (group, KV head).
+    lanes: BTreeMap<(GroupId, usize), Retention>,
     fingerprint: u64,
 }
 
@@ -102,6 +118,9 @@ struct RetentionFile {
     /// Overrides keyed by owner layer (as a string, so TOML tables work).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     groups: BTreeMap<String, Retention>,
+    /// Per-head overrides keyed `"LAYER.HEAD"` (owner layer, KV head); imply `per_head`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    lanes: BTreeMap<String, Retention>,
 }
 
 impl TryFrom<PolicyFile> for Policy {
@@ -121,6 +140,19 @@ impl TryFrom<PolicyFile> for Policy {
                 reason: "group keys are owner layer indices".into(),
             })?;
             b = b.group_retention(layer, r);
+        }
+        for (key, r) in file.retention.lanes {
+            let parsed = key
+                .split_once('.')
+                .and_then(|(l, h)| Some((l.trim().parse().ok()?, h.trim().parse().ok()?)));
+            let Some((layer, head)) = parsed else {
+                return Err(Error::Parse {
+                    format: "policy file",
+                    position: format!("retention.lanes.{key}"),
+                    reason: "lane keys are LAYER.HEAD (owner layer, KV head)".into(),
+                });
+            };
+            b = b.lane_retention(layer, head, r);
         }
         b.build()
     }
@@ -148,10 +180,19 @@ impl From<Policy> for PolicyFile {
             .filter(|(_, r)| **r != default)
             .map(|(g, r)| (p.map.owner(g).to_string(), r.clone()))
             .collect();
+        let lanes = p
+            .lanes
+            .iter()
+            .map(|(&(g, h), r)| (format!("{}.{h}", p.map.owner(g)), r.clone()))
+            .collect();
         PolicyFile {
             name: p.name,
             layer_map: p.map,
-            retention: RetentionFile { default, groups },
+            retention: RetentionFile {
+                default,
+                groups,
+                lanes,
+            },
             per_head: p.per_head,
             adaptive_floor: p.adaptive_floor,
         }
@@ -236,6 +277,16 @@ impl LayerKvPolicy for Policy {
     fn adaptive_floor(&self) -> Option<f64> {
         self.adaptive_floor
     }
+
+    fn lane_retention(&self, group: GroupId, head: usize) -> &Retention {
+        self.lanes
+            .get(&(group, head))
+            .unwrap_or(&self.retention[group])
+    }
+
+    fn lanes_named(&self) -> usize {
+        self.lanes.keys().map(|&(_, h)| h + 1).max().unwrap_or(0)
+    }
 }
 
 /// Stacks a sharing map with retentions: a default for every group, overrides per owner layer,
@@ -249,6 +300,7 @@ pub struct PolicyBuilder {
     pyramid: Option<(usize, usize, usize, f64)>,
     per_head: bool,
     adaptive_floor: Option<f64>,
+    lanes: Vec<(usize, usize, Retention)>,
 }
 
 impl PolicyBuilder {
@@ -262,6 +314,7 @@ impl PolicyBuilder {
             pyramid: None,
             per_head: false,
             adaptive_floor: None,
+            lanes: Vec::new(),
         }
     }
 
@@ -287,6 +340,14 @@ impl PolicyBuilder {
     /// own tokens under the group's retention and budget.
     pub fn per_head(mut self, per_head: bool) -> Self {
         self.per_head = per_head;
+        self
+    }
+
+    /// Gives KV head `head` of the group owned by `owner_layer` its own retention (a head
+    /// role); turns [`Self::per_head`] on.
+    pub fn lane_retention(mut self, owner_layer: usize, head: usize, retention: Retention) -> Self {
+        self.per_head = true;
+        self.lanes.push((owner_layer, head, retention));
         self
     }
 
@@ -340,13 +401,28 @@ impl PolicyBuilder {
         } else {
             self.name
         };
-        let fingerprint = fingerprint(&self.map, &retention, self.per_head, self.adaptive_floor);
+        let mut lanes = BTreeMap::new();
+        for (layer, head, r) in self.lanes {
+            if layer >= self.map.num_layers() || !self.map.owns_kv(layer) {
+                return Err(Error::NotAnOwner { layer });
+            }
+            r.validate()?;
+            lanes.insert((self.map.group_of(layer), head), r);
+        }
+        let fingerprint = fingerprint(
+            &self.map,
+            &retention,
+            self.per_head,
+            self.adaptive_floor,
+            &lanes,
+        );
         Ok(Policy {
             name,
             map: self.map,
             retention,
             per_head: self.per_head,
             adaptive_floor: self.adaptive_floor,
+            lanes,
             fingerprint,
         })
     }
@@ -359,6 +435,7 @@ fn fingerprint(
     retention: &[Retention],
     per_head: bool,
     adaptive_floor: Option<f64>,
+    lanes: &BTreeMap<(GroupId, usize), Retention>,
 ) -> u64 {
     struct Fnv(u64);
     impl Hasher for Fnv {
@@ -387,6 +464,12 @@ fn fingerprint(
     }
     if let Some(f) = adaptive_floor {
         f.to_bits().hash(&mut h);
+    }
+    for (lane, r) in lanes {
+        lane.hash(&mut h);
+        serde_json::to_string(r)
+            .unwrap_or_else(|_| format!("custom:{r}"))
+            .hash(&mut h);
     }
     h.finish()
 }

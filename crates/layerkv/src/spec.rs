@@ -227,6 +227,29 @@ mod tests {
         assert_eq!(back.fingerprint(), ada.fingerprint());
         let e = Policy::from_spec("cla:2+snapkv:64+adakv:2", 4).unwrap_err();
         assert!(e.to_string().contains("not a floor"), "{e}");
+        // Head roles: per-lane retentions by owner layer and KV head, through a file.
+        let roles = PolicyBuilder::new(LayerMap::cla(4, 2).unwrap())
+            .retention(Retention::streaming(32))
+            .lane_retention(2, 1, Retention::Full)
+            .build()
+            .unwrap();
+        assert!(roles.per_head());
+        assert_eq!(roles.lane_retention(1, 1), &Retention::Full);
+        assert_eq!(roles.lane_retention(1, 0), &Retention::streaming(32));
+        assert_eq!(roles.lanes_named(), 2);
+        let text = roles.to_toml().unwrap();
+        assert!(text.contains("[retention.lanes.\"2.1\"]"), "{text}");
+        let back = Policy::parse(&text, "toml").unwrap();
+        assert_eq!(back.lane_retention(1, 1), &Retention::Full);
+        assert_eq!(back.fingerprint(), roles.fingerprint());
+        let bad = text.replace("\"2.1\"", "\"2-1\"");
+        let e = Policy::parse(&bad, "toml").unwrap_err();
+        assert!(e.to_string().contains("LAYER.HEAD"), "{e}");
+        let e = PolicyBuilder::new(LayerMap::cla(4, 2).unwrap())
+            .lane_retention(1, 0, Retention::Full)
+            .build()
+            .unwrap_err();
+        assert_eq!(e, Error::NotAnOwner { layer: 1 });
     }
 
     #[test]

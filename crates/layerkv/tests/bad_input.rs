@@ -443,6 +443,13 @@ fn lanes_that_do_not_fit_the_policy() {
     let head = Policy::from_spec("identity+h2o:2:2+per-head", 2).unwrap();
     let c = KvCache::new(Arc::new(head), config(3)).unwrap();
     assert_eq!((c.lanes(), c.num_groups(), c.lane(1, 2)), (3, 6, 5));
+    // A role for a head the model does not have.
+    let roles = PolicyBuilder::new(LayerMap::identity(2).unwrap())
+        .lane_retention(1, 4, Retention::Full)
+        .build()
+        .unwrap();
+    let e = KvCache::new(Arc::new(roles), config(3)).unwrap_err();
+    assert!(e.to_string().contains("KV head 4"), "{e}");
     // An unknown lane is an unknown group, named with the lane count.
     c.add_sequence(0).unwrap();
     let e = c.read().table(0, 6).unwrap_err();

@@ -182,12 +182,18 @@ impl KvCache {
         let windows: Vec<Option<usize>> = (0..groups)
             .map(|g| group_window(&map, g, config.sliding_window, config.model_window))
             .collect();
-        let needs: Vec<ScoreNeed> = (0..groups).map(|g| policy.score_need(g / lanes)).collect();
-        let sinks: Vec<usize> = (0..groups)
-            .map(|g| policy.retention(g / lanes).sinks())
-            .collect();
+        if policy.lanes_named() > lanes {
+            return Err(Error::InvalidConfig(format!(
+                "the policy gives KV head {} a retention of its own, but the cache has {lanes} \
+                 lane(s) per group (the model's KV heads for a per-head policy)",
+                policy.lanes_named() - 1
+            )));
+        }
+        let retention = |lane: usize| policy.lane_retention(lane / lanes, lane % lanes);
+        let needs: Vec<ScoreNeed> = (0..groups).map(|g| retention(g).score_need()).collect();
+        let sinks: Vec<usize> = (0..groups).map(|g| retention(g).sinks()).collect();
         let evicts: Vec<bool> = (0..groups)
-            .map(|g| !policy.retention(g / lanes).is_full() || windows[g].is_some())
+            .map(|g| !retention(g).is_full() || windows[g].is_some())
             .collect();
         Ok(Self {
             core: Core {
@@ -233,6 +239,12 @@ impl KvCache {
     /// `group * lanes + head` (`group` itself with one lane).
     pub fn lane(&self, group: GroupId, head: usize) -> GroupId {
         group * self.core.config.lanes + head
+    }
+
+    /// Whether any allocator group can drop tokens (a retention that is not `Full`, for any
+    /// lane, or a window): such a policy prefills long prompts in chunks.
+    pub fn evicts(&self) -> bool {
+        self.core.evicts.iter().any(|&e| e)
     }
 
     /// Allocator groups: the policy's groups times [`KvCache::lanes`].
@@ -516,9 +528,11 @@ impl Core {
         self.map.num_groups()
     }
 
-    /// The retention of allocator group `lane` (its policy group's).
+    /// The retention of allocator group `lane` (its own under a per-lane role, else its policy
+    /// group's).
     pub(crate) fn retention(&self, lane: GroupId) -> &crate::retention::Retention {
-        self.policy.retention(lane / self.config.lanes)
+        let lanes = self.config.lanes;
+        self.policy.lane_retention(lane / lanes, lane % lanes)
     }
 
     pub(crate) fn add_sequence(&self, st: &mut State, seq: SeqId) -> Result<()> {

@@ -53,6 +53,10 @@ impl Core {
             });
         }
         let retention = self.policy.retention(group);
+        if (0..lanes).any(|h| self.policy.lane_retention(group, h) != retention) {
+            // Heads with roles of their own do not share the group's budget.
+            return;
+        }
         if !retention.select_joint(&mut joint, s.num_tokens, phase, floor, &mut rs.joint) {
             // No joint form here: the per-lane decisions stand.
             return;
