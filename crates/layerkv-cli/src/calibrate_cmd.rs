@@ -83,6 +83,22 @@ pub struct CalibrateArgs {
     /// Context length of the retrieval probes, in tokens (capped by the model's context).
     #[arg(long, default_value_t = 1024)]
     pub retrieval_len: usize,
+    /// Calibrate head roles instead of a sharing map (DuoAttention-style): score every KV head
+    /// on pass-key probes from the text and write a per-head policy whose retrieval heads
+    /// keep every token and whose other heads keep `--others` (see `heads_cmd`).
+    #[arg(long)]
+    pub heads: bool,
+    /// `--heads`: pass-key probes per half (two halves, seeds `--seed` and `--seed + 1`, whose
+    /// picks give the stability figure).
+    #[arg(long, default_value_t = 6)]
+    pub head_probes: usize,
+    /// `--heads`: the fraction of KV heads (lanes) that keep every token.
+    #[arg(long, default_value_t = 0.2)]
+    pub retrieval_heads: f64,
+    /// `--heads`: the retention of the other heads (`stream:SINKS:WINDOW`, or any retention of
+    /// a policy spec).
+    #[arg(long, default_value = "stream:4:60")]
+    pub others: String,
     /// Policy file to write (.toml or .json); the distances, the candidates and the plots go
     /// beside it.
     #[arg(long, short, default_value = "policy.toml")]
@@ -456,6 +472,9 @@ pub fn calibrate_to_file(args: &CalibrateArgs, quiet: bool) -> Result<Calibrated
 
 /// Runs the command.
 pub fn run(args: CalibrateArgs) -> Result<()> {
+    if args.heads {
+        return crate::heads_cmd::run(&args);
+    }
     let t0 = Instant::now();
     let done = calibrate_to_file(&args, false)?;
     let result = &done.calibration;

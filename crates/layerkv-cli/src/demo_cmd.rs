@@ -158,6 +158,10 @@ fn calibrated_policy(model_dir: &Path, text: &Path) -> Result<(Policy, String)> 
         save_at: Vec::new(),
         retrieval_probes: settings.retrieval_probes,
         retrieval_len: settings.retrieval_len,
+        heads: false,
+        head_probes: 0,
+        retrieval_heads: 0.0,
+        others: String::new(),
         output: path.clone(),
     };
     let done = calibrate_to_file(&args, false)?;

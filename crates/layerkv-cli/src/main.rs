@@ -26,6 +26,7 @@ mod convert_cmd;
 mod demo_cmd;
 mod device;
 mod generate_cmd;
+mod heads_cmd;
 mod measure;
 mod needle_cmd;
 mod plan_cmd;

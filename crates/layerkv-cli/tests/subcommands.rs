@@ -400,6 +400,81 @@ fn stream_keeps_the_kv_footprint_flat_past_the_window() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `calibrate --heads`: scores every KV head on pass-key probes, writes a per-head policy whose
+/// top fifth of heads keep every token and the rest `--others`, the scores with both halves'
+/// picks and the stability figure, and the heatmap; the policy runs.
+#[test]
+fn calibrate_heads_writes_head_roles() {
+    let dir = scratch("sub-heads");
+    let tiny = TinyModel::llama(7);
+    let model = tiny.write(&dir.join("model"));
+    let text = prose(&dir);
+    let out = dir.join("heads").join("roles.json");
+    let (stdout, stderr) = layerkv(
+        &dir,
+        &[
+            "calibrate",
+            "--heads",
+            "--model",
+            s(&model),
+            "--text",
+            s(&text),
+            "--head-probes",
+            "2",
+            "--retrieval-len",
+            "160",
+            "--others",
+            "stream:2:14",
+            "-o",
+            s(&out),
+        ],
+    );
+    let lanes = tiny.layers * tiny.kv_heads;
+    let count = ((0.2 * lanes as f64).round() as usize).max(1);
+    assert!(
+        stdout.starts_with(&format!("{count} of {lanes} KV heads keep every token")),
+        "{stdout}{stderr}"
+    );
+    assert!(stdout.contains("stability: the two halves"), "{stdout}");
+    let policy = read_json(&out);
+    assert_eq!(policy["per_head"], true, "{policy}");
+    let roles = policy["retention"]["lanes"].as_object().unwrap();
+    assert_eq!(roles.len(), count, "{policy}");
+    assert!(roles.values().all(|r| r["kind"] == "full"), "{policy}");
+    assert_eq!(policy["retention"]["default"]["kind"], "sink_window");
+    let record = read_json(&out.with_extension("heads.json"));
+    assert_eq!(record["probes"], 4, "{record}");
+    assert_eq!(record["scores"].as_array().unwrap().len(), tiny.layers);
+    let j = record["stability_jaccard"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&j), "{record}");
+    // Scores are attention probabilities: in 0..1, and some head looks at the key.
+    let all: Vec<f64> = record["scores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()))
+        .collect();
+    assert!(all.iter().all(|v| (0.0..=1.0).contains(v)), "{all:?}");
+    assert!(all.iter().any(|&v| v > 0.0), "{all:?}");
+    let bytes = std::fs::read(out.with_extension("heads.png")).unwrap();
+    assert!(bytes.starts_with(b"\x89PNG"));
+    // The policy file runs: plan reads it.
+    let (plan, _) = layerkv(
+        &dir,
+        &[
+            "plan",
+            "--model",
+            s(&model),
+            "--policy",
+            s(&out),
+            "--budget",
+            "1MiB",
+        ],
+    );
+    assert!(plan.contains("heads-"), "{plan}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Shown to fail: expecting the first candidate to be the *least* distant pair (the
 /// `similar` order instead of the default `dissimilar`) failed, (3, 2) != (1, 0).
 #[test]

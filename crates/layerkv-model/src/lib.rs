@@ -20,6 +20,7 @@ pub mod engine;
 mod error;
 pub mod eval;
 pub mod generate;
+pub mod heads;
 pub mod isq;
 pub mod linear;
 mod model;
