@@ -99,8 +99,11 @@ pub fn measure_all(
     for policy in policies {
         let name = policy.name().to_string();
         let groups = policy.layer_map().num_groups();
+        // A per-head policy's pages hold one KV head: as many more of them in the same bytes.
+        let lanes = planner(&model, cfg).lanes_of(&policy);
+        let budget_pages = budget_pages * lanes;
         let policy = Arc::new(policy);
-        let mut e = engine(&model, policy.clone(), eval_pages, cfg)?;
+        let mut e = engine(&model, policy.clone(), eval_pages * lanes, cfg)?;
         bar.set_message(format!("{name}: perplexity"));
         let ppl = perplexity(
             &mut e,
@@ -127,7 +130,7 @@ pub fn measure_all(
         let batch = planner(&model, cfg)
             .max_sequences(policy.as_ref(), cfg.budget_len, budget_pages)
             .min(64);
-        let page_bytes = BLOCK_SIZE * model.config().kv_bytes_per_token_per_layer(4);
+        let page_bytes = BLOCK_SIZE * model.config().kv_bytes_per_token_per_layer(4) / lanes;
         let sequence_pages =
             planner(&model, cfg).pages_per_sequence(policy.as_ref(), cfg.budget_len);
         let tput = throughput(&model, policy, budget_pages, batch, tokens, cfg)?;

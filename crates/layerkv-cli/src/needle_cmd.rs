@@ -58,6 +58,11 @@ pub struct NeedleArgs {
     /// Window of the policy's sliding-window layers (`s`-suffixed layer_types, `yoco`).
     #[arg(long)]
     pub window: Option<usize>,
+    /// Most tokens of a prompt one step prefills under a policy that evicts (retention runs
+    /// between steps, so a window's peak is the window plus one chunk); default the
+    /// session's, 256.
+    #[arg(long)]
+    pub chunk: Option<usize>,
     /// Write every sample's answers and the table as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -83,6 +88,8 @@ struct Record {
     answers: Vec<String>,
     expected: Vec<Vec<String>>,
     held_tokens: Vec<usize>,
+    /// The most KV bytes the sample's sequence held at any moment (the pool's high-water mark).
+    peak_kv_bytes: usize,
 }
 
 /// Accuracy of one policy on one task in one mode (a table row).
@@ -96,6 +103,10 @@ struct Row {
     accuracy: f64,
     /// accuracy / identity's accuracy (None when identity's is 0).
     of_identity: Option<f64>,
+    /// The largest peak KV bytes of the cell's samples.
+    peak_kv_bytes: usize,
+    /// `peak_kv_bytes` / identity's.
+    peak_of_identity: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -150,6 +161,7 @@ pub fn run(args: NeedleArgs) -> Result<()> {
         "--depths needs fractions in 0..=1"
     );
     ensure!(args.samples > 0, "--samples must be positive");
+    ensure!(args.chunk != Some(0), "--chunk must be positive");
     let (dir, model, dtype) = crate::generate_cmd::load_model(args.model.as_ref(), &args.device)?;
     let text_path = match &args.text {
         Some(p) => p.clone(),
@@ -186,6 +198,7 @@ pub fn run(args: NeedleArgs) -> Result<()> {
             max_context: longest + PROMPT_SLACK,
             kv_dtype: dtype,
             sliding_window: args.window,
+            prefill_chunk: args.chunk,
             ..SessionOptions::default()
         };
         let mut session = Session::new(&dir, model.clone(), policy, options)
@@ -193,6 +206,7 @@ pub fn run(args: NeedleArgs) -> Result<()> {
         session.chat_template()?;
         for (i, s) in samples.iter().enumerate() {
             for &mode in &modes {
+                session.engine().cache().reset_peak();
                 let o = run_sample(&mut session, s, mode).with_context(|| {
                     format!(
                         "{spec}: {} at {} tokens, depth {} ({mode})",
@@ -210,7 +224,9 @@ pub fn run(args: NeedleArgs) -> Result<()> {
                     if o.correct() { "right" } else { "wrong" },
                     o.turns.first().map_or("", |t| t.answer.trim()),
                 );
-                records.push(record(spec, s, &o));
+                let cache = session.engine().cache();
+                let peak = cache.pool_stats().peak_used * cache.config().page_bytes();
+                records.push(record(spec, s, &o, peak));
             }
         }
     }
@@ -218,7 +234,8 @@ pub fn run(args: NeedleArgs) -> Result<()> {
     println!("{}", render(&rows));
     println!(
         "accuracy: exact match (every expected value in the answer), {} samples per task and \
-         mode ({} lengths x {} depths x {}), greedy, seed {}; x id = accuracy / identity's",
+         mode ({} lengths x {} depths x {}), greedy, seed {}; x id = accuracy / identity's; peak \
+         KV bytes: the most any sample's sequence held at once (the pool's high-water mark)",
         args.lengths.len() * args.depths.len() * args.samples,
         args.lengths.len(),
         args.depths.len(),
@@ -270,7 +287,7 @@ fn read_text(path: &std::path::Path) -> Result<String> {
     String::from_utf8(bytes).with_context(|| format!("{} is not UTF-8 text", path.display()))
 }
 
-fn record(policy: &str, s: &Sample, o: &Outcome) -> Record {
+fn record(policy: &str, s: &Sample, o: &Outcome, peak_kv_bytes: usize) -> Record {
     Record {
         policy: policy.to_string(),
         task: s.task.to_string(),
@@ -284,6 +301,7 @@ fn record(policy: &str, s: &Sample, o: &Outcome) -> Record {
         answers: o.turns.iter().map(|t| t.answer.clone()).collect(),
         expected: o.turns.iter().map(|t| t.expected.clone()).collect(),
         held_tokens: o.turns.iter().map(|t| t.held_tokens).collect(),
+        peak_kv_bytes,
     }
 }
 
@@ -304,10 +322,12 @@ fn table_rows(
                     .collect();
                 let correct = cell.iter().filter(|r| r.correct).count();
                 let accuracy = correct as f64 / cell.len().max(1) as f64;
+                let peak = cell.iter().map(|r| r.peak_kv_bytes).max().unwrap_or(0);
                 let reference = rows
                     .iter()
-                    .find(|r| r.policy == specs[0] && r.task == task && r.mode == mode)
-                    .map_or(accuracy, |r| r.accuracy);
+                    .find(|r| r.policy == specs[0] && r.task == task && r.mode == mode);
+                let peak_reference = reference.map_or(peak, |r| r.peak_kv_bytes);
+                let reference = reference.map_or(accuracy, |r| r.accuracy);
                 rows.push(Row {
                     policy: spec.clone(),
                     task,
@@ -316,6 +336,9 @@ fn table_rows(
                     correct,
                     accuracy,
                     of_identity: (reference > 0.0).then(|| accuracy / reference),
+                    peak_kv_bytes: peak,
+                    peak_of_identity: (peak_reference > 0)
+                        .then(|| peak as f64 / peak_reference as f64),
                 });
             }
         }
@@ -331,19 +354,24 @@ fn render(rows: &[Row]) -> String {
         .unwrap_or(6)
         .max(6);
     let mut out = format!(
-        "{:<w$}  {:<11}  {:<8}  {:>7}  {:>8}  {:>6}\n",
-        "policy", "task", "mode", "right", "accuracy", "x id"
+        "{:<w$}  {:<11}  {:<8}  {:>7}  {:>8}  {:>6}  {:>13}  {:>6}\n",
+        "policy", "task", "mode", "right", "accuracy", "x id", "peak KV bytes", "x id"
     );
     for r in rows {
         let ratio = r.of_identity.map_or("-".to_string(), |x| format!("{x:.2}"));
+        let peak = r
+            .peak_of_identity
+            .map_or("-".to_string(), |x| format!("{x:.3}"));
         out.push_str(&format!(
-            "{:<w$}  {:<11}  {:<8}  {:>7}  {:>8.3}  {:>6}\n",
+            "{:<w$}  {:<11}  {:<8}  {:>7}  {:>8.3}  {:>6}  {:>13}  {:>6}\n",
             r.policy,
             r.task,
             r.mode,
             format!("{}/{}", r.correct, r.samples),
             r.accuracy,
-            ratio
+            ratio,
+            r.peak_kv_bytes,
+            peak
         ));
     }
     out.trim_end().to_string()

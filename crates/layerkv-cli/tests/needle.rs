@@ -56,7 +56,7 @@ fn needle_reports_accuracy_per_policy_task_and_mode() {
             "--samples",
             "1",
         ])
-        .args(["--mode", "both", "--seed", "4", "--text"])
+        .args(["--mode", "both", "--seed", "4", "--chunk", "32", "--text"])
         .arg(&text)
         .arg("--json")
         .arg(&json)
@@ -89,7 +89,7 @@ fn needle_reports_accuracy_per_policy_task_and_mode() {
         "{stdout}"
     );
     for r in &rows {
-        assert_eq!(r.len(), 6, "{r:?}");
+        assert_eq!(r.len(), 8, "{r:?}");
         assert!(["passkey", "multiquery"].contains(&r[1]), "{r:?}");
         assert!(["aware", "agnostic"].contains(&r[2]), "{r:?}");
         assert!(r[3].ends_with("/4"), "4 samples per task and mode: {r:?}");
@@ -97,7 +97,13 @@ fn needle_reports_accuracy_per_policy_task_and_mode() {
         assert!((0.0..=1.0).contains(&acc), "{r:?}");
         if r[0] == "identity" {
             assert!(r[5] == "-" || r[5] == "1.00", "{r:?}");
+            assert_eq!(r[7], "1.000", "{r:?}");
+        } else {
+            // A 32-token window holds less than identity's 160-token contexts at their peak.
+            let peak: f64 = r[7].parse().unwrap();
+            assert!(peak > 0.0 && peak < 1.0, "{r:?}");
         }
+        assert!(r[6].parse::<usize>().unwrap() > 0, "{r:?}");
     }
     assert!(stdout.contains("accuracy: exact match"), "{stdout}");
 
@@ -124,6 +130,11 @@ fn needle_reports_accuracy_per_policy_task_and_mode() {
             .collect::<Vec<_>>();
         let right = cell.iter().filter(|r| r["correct"] == true).count();
         assert_eq!(row["correct"].as_u64().unwrap() as usize, right, "{row}");
+        let peak = cell
+            .iter()
+            .map(|r| r["peak_kv_bytes"].as_u64().unwrap())
+            .max();
+        assert_eq!(row["peak_kv_bytes"].as_u64(), peak, "{row}");
         assert_eq!(
             row["samples"].as_u64().unwrap() as usize,
             cell.len(),
