@@ -453,7 +453,7 @@ impl Engine {
     }
 
     /// Runs the step `scheduler` schedules into `out` (continuous batching, see
-    /// [`layerkv::sched`]): the scheduler admits, batches and reserves (preempting when the pool
+    /// [`layerkv::Scheduler`]): the scheduler admits, batches and reserves (preempting when the pool
     /// is out of pages), then the layers run and the step is retained. Returns the f32 logits
     /// `[n, vocab]` of the entries that [`layerkv::ScheduledRequest::samples`], in `out`'s
     /// order (`n` may be 0), or `None` when nothing was scheduled. The caller samples and hands

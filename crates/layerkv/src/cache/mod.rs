@@ -298,7 +298,7 @@ impl KvCache {
     }
 
     /// Declares the prompt length of `seq` (chunked prefill): steps before it are
-    /// [`Phase::Prefill`], the step that appends its last token is [`Phase::PromptEnd`] (SnapKV
+    /// [`crate::Phase::Prefill`], the step that appends its last token is [`crate::Phase::PromptEnd`] (SnapKV
     /// compresses there, observing the last queries of the prompt across chunks).
     pub fn set_prompt_len(&self, seq: SeqId, prompt_len: usize) -> Result<()> {
         let mut st = self.state.write();

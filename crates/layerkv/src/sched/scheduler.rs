@@ -16,7 +16,8 @@ use crate::step::Step;
 
 /// Continuous batching over one [`KvCache`]: requests wait in a FIFO queue, are admitted while
 /// their planned peak pages fit, and each step feeds decodes and fixed prefill chunks under a
-/// token budget. See the [module docs](super).
+/// token budget. The design (admission, batching, fixed chunk
+/// boundaries, preemption) is documented in `src/sched/mod.rs`.
 #[derive(Debug)]
 pub struct Scheduler {
     config: SchedulerConfig,
