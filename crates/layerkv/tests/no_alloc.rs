@@ -318,3 +318,44 @@ fn sink_window_eviction_allocates_nothing_once_warm() {
         c.check_invariants().unwrap();
     }
 }
+
+/// Lanes: a per-head policy with AdaKV's split, evicting every step (H2O, whose lanes decide
+/// one by one), allocates nothing once warm: the joint decision gathers its lanes only where it
+/// can run (shown failing, 61,425 allocations: one per group and step, when the lanes were
+/// gathered every step).
+#[test]
+fn per_head_adakv_decode_allocates_nothing_once_warm() {
+    use layerkv::Budget;
+    let policy = PolicyBuilder::new(LayerMap::cla(30, 2).unwrap())
+        .retention(Retention::HeavyHitter {
+            heavy: Budget::Tokens(64),
+            recent: Budget::Tokens(64),
+        })
+        .adaptive(0.2)
+        .build()
+        .unwrap();
+    let lanes = 3;
+    let groups = policy.layer_map().num_groups() * lanes;
+    let c = KvCache::new(
+        Arc::new(policy),
+        CacheConfig {
+            block_size: 16,
+            num_pages: 600 * groups,
+            bytes_per_token: 2,
+            lanes,
+            ..CacheConfig::default()
+        },
+    )
+    .unwrap();
+    c.add_sequence(1).unwrap();
+    let mut step = Step::new();
+    decode_steps(&c, &mut step, 0, WARM);
+    let counted = decode_steps(&c, &mut step, WARM, END);
+    assert_eq!(
+        counted,
+        NONE,
+        "{} decode steps with {groups} lanes allocated",
+        END - WARM
+    );
+    c.check_invariants().unwrap();
+}

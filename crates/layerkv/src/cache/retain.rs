@@ -36,6 +36,10 @@ impl Core {
         phase: crate::retention::Phase,
     ) {
         let lanes = self.config.lanes;
+        if !self.policy.retention(group).has_joint_form(phase) {
+            // Nothing to decide jointly (decode steps): gather nothing, allocate nothing.
+            return;
+        }
         let first = rs.keep_ranges.len() - lanes;
         let start = rs.keep_ranges[first].2;
         let mut words = &mut rs.keep_words[start..];

@@ -459,6 +459,12 @@ impl Retention {
         Ok(())
     }
 
+    /// Whether [`Retention::select_joint`] can decide at `phase` (SnapKV and PyramidKV at the
+    /// prompt's end): callers skip gathering the lanes elsewhere.
+    pub fn has_joint_form(&self, phase: Phase) -> bool {
+        matches!(self, Retention::SnapKv { .. }) && phase == Phase::PromptEnd
+    }
+
     /// AdaKV: one decision for all the lanes of a group (overwriting their keep bits), sharing
     /// `lanes x budget` with each lane keeping at least `floor` of its share (see `adaptive.rs`). Only SnapKV (and PyramidKV, SnapKV with per-group budgets) has a joint
     /// form, at the prompt's end when every lane holds more than its budget; elsewhere this
@@ -481,7 +487,7 @@ impl Retention {
             return false;
         };
         let budget = budget.resolve(num_tokens);
-        if phase != Phase::PromptEnd
+        if !self.has_joint_form(phase)
             || lanes.is_empty()
             || lanes.iter().any(|l| bits::count(l.valid) <= budget)
         {
