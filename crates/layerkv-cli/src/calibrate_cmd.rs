@@ -193,6 +193,18 @@ fn parse_accept(text: &str) -> std::result::Result<AcceptSpec, String> {
 }
 
 impl CalibrateArgs {
+    /// `--text`, or the default calibration text (the Python docs, fetched on first use).
+    pub fn text_path(&self) -> Result<PathBuf> {
+        Ok(match &self.text {
+            Some(t) => t.clone(),
+            None => {
+                layerkv_model::assets::ensure_default_texts()
+                    .context("fetching the default texts")?
+                    .python_docs
+            }
+        })
+    }
+
     /// The search settings these options ask for.
     pub fn config(&self) -> CalibrationConfig {
         let order = match self.order {
@@ -280,14 +292,7 @@ pub struct Calibrated {
 /// (`.candidates.json`), the heatmap (`.heatmap.png`), the NLL after each accepted layer
 /// (`.steps.png`) and the `--save-at` maps. Progress goes to stderr unless `quiet`.
 pub fn calibrate_to_file(args: &CalibrateArgs, quiet: bool) -> Result<Calibrated> {
-    let text_path = match &args.text {
-        Some(t) => t.clone(),
-        None => {
-            layerkv_model::assets::ensure_default_texts()
-                .context("fetching the default texts")?
-                .python_docs
-        }
-    };
+    let text_path = args.text_path()?;
     let (dir, model, dtype) = args.device.load_model(args.model.as_deref())?;
     let tokenizer = layerkv_model::tokenizer::load(&dir)?;
     let text = std::fs::read_to_string(&text_path)

@@ -45,14 +45,7 @@ pub fn run(args: &CalibrateArgs) -> Result<()> {
     if args.head_probes == 0 {
         bail!("--head-probes must be positive");
     }
-    let text_path = match &args.text {
-        Some(t) => t.clone(),
-        None => {
-            layerkv_model::assets::ensure_default_texts()
-                .context("fetching the default texts")?
-                .python_docs
-        }
-    };
+    let text_path = args.text_path()?;
     let (dir, model, dtype) = args.device.load_model(args.model.as_deref())?;
     let n = model.num_layers();
     let kv_heads = model.config().num_key_value_heads;

@@ -152,11 +152,7 @@ struct Rows {
 /// per-head policy ([`LayerKvPolicy::per_head`]), else 1. A pool's pages hold
 /// `kv_heads / lanes` heads each.
 pub fn kv_lanes(kv_heads: usize, policy: &dyn LayerKvPolicy) -> usize {
-    if policy.per_head() {
-        kv_heads.max(1)
-    } else {
-        1
-    }
+    layerkv::lanes_per_group(policy, kv_heads)
 }
 
 /// A model, a policy, a cache and its page tensors.

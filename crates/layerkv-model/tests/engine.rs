@@ -706,14 +706,11 @@ fn heads(policy: Policy, per_head: bool) -> Policy {
     if !per_head {
         return policy;
     }
-    let map = policy.layer_map().clone();
-    let mut b = PolicyBuilder::new(map.clone())
+    PolicyBuilder::from_policy(&policy)
         .name(format!("{}+per-head", policy.name()))
-        .per_head(true);
-    for g in 0..map.num_groups() {
-        b = b.group_retention(map.owner(g), policy.retention(g).clone());
-    }
-    b.build().unwrap()
+        .per_head(true)
+        .build()
+        .unwrap()
 }
 
 fn with(map: LayerMap, r: Retention, name: &str) -> Policy {
@@ -1187,14 +1184,11 @@ fn adakv_matches_the_dense_reference() {
         pool: 3,
     };
     let ada = |p: Policy| {
-        let map = p.layer_map().clone();
-        let mut b = PolicyBuilder::new(map.clone())
+        PolicyBuilder::from_policy(&p)
             .name(format!("{}+adakv", p.name()))
-            .adaptive(0.25);
-        for g in 0..map.num_groups() {
-            b = b.group_retention(map.owner(g), p.retention(g).clone());
-        }
-        b.build().unwrap()
+            .adaptive(0.25)
+            .build()
+            .unwrap()
     };
     let policy = ada(with(LayerMap::identity(LAYERS).unwrap(), snap, "snapkv"));
     check_retention(policy.clone(), 46, 16, 24);

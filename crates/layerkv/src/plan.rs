@@ -104,11 +104,7 @@ impl Planner {
 
     /// Lanes per group under `policy`: [`Planner::lanes`] for a per-head policy, else 1.
     pub fn lanes_of(&self, policy: &dyn LayerKvPolicy) -> usize {
-        if policy.per_head() {
-            self.lanes.max(1)
-        } else {
-            1
-        }
+        crate::policy::lanes_per_group(policy, self.lanes)
     }
 
     /// Upper bound on the pages one sequence of `seq_len` tokens holds under `policy`.

@@ -80,6 +80,16 @@ pub trait LayerKvPolicy: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// Lanes per KV group for a model of `kv_heads` KV heads under `policy`
+/// ([`crate::CacheConfig::lanes`]): one per KV head for a per-head policy, else 1.
+pub fn lanes_per_group(policy: &dyn LayerKvPolicy, kv_heads: usize) -> usize {
+    if policy.per_head() {
+        kv_heads.max(1)
+    } else {
+        1
+    }
+}
+
 /// The stock policy: a layer map and a retention per group.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "PolicyFile", into = "PolicyFile")]
@@ -315,6 +325,29 @@ impl PolicyBuilder {
             per_head: false,
             adaptive_floor: None,
             lanes: Vec::new(),
+        }
+    }
+
+    /// Starts from `policy`: its name, map, every group's retention (PyramidKV's budgets
+    /// included), per-head setting, AdaKV floor and head roles; building it unchanged gives the
+    /// same policy.
+    pub fn from_policy(policy: &Policy) -> Self {
+        let map = policy.map.clone();
+        Self {
+            name: policy.name.clone(),
+            default: Retention::Full,
+            overrides: (0..map.num_groups())
+                .map(|g| (map.owner(g), policy.retention[g].clone()))
+                .collect(),
+            pyramid: None,
+            per_head: policy.per_head,
+            adaptive_floor: policy.adaptive_floor,
+            lanes: policy
+                .lanes
+                .iter()
+                .map(|(&(g, h), r)| (map.owner(g), h, r.clone()))
+                .collect(),
+            map,
         }
     }
 

@@ -42,15 +42,10 @@ fn parse(spec: &str, num_layers: usize) -> Result<Policy> {
     }
     if let Some((rest, floor)) = head_suffix(spec)? {
         let p = parse(rest, num_layers)?;
-        let mut builder = PolicyBuilder::new(p.layer_map().clone())
-            .name(spec)
-            .per_head(true);
+        // The groups' retentions as parsed (PyramidKV's budgets included).
+        let mut builder = PolicyBuilder::from_policy(&p).name(spec).per_head(true);
         if let Some(f) = floor {
             builder = builder.adaptive(f);
-        }
-        // The groups' retentions as parsed (PyramidKV's budgets included), by owner layer.
-        for g in 0..p.layer_map().num_groups() {
-            builder = builder.group_retention(p.layer_map().owner(g), p.retention(g).clone());
         }
         return builder.build();
     }
@@ -242,6 +237,8 @@ mod tests {
         let back = Policy::parse(&text, "toml").unwrap();
         assert_eq!(back.lane_retention(1, 1), &Retention::Full);
         assert_eq!(back.fingerprint(), roles.fingerprint());
+        let same = PolicyBuilder::from_policy(&roles).build().unwrap();
+        assert_eq!(same, roles);
         let bad = text.replace("\"2.1\"", "\"2-1\"");
         let e = Policy::parse(&bad, "toml").unwrap_err();
         assert!(e.to_string().contains("LAYER.HEAD"), "{e}");

@@ -36,6 +36,31 @@ pub trait KeyRotation {
     fn rotate_keys(&self, keys: &Tensor, positions: &[usize]) -> candle_core::Result<Tensor>;
 }
 
+/// The kernel's queries for `group`: lane by lane ([`KvCache::lane`]), each step sequence over
+/// the lane's table, lane `h`'s rows starting at `h * lane_rows` (the lane-major query layout;
+/// without lanes there is one lane and the step's own rows).
+fn lane_queries<'a>(
+    step: &Step,
+    reader: &'a layerkv::CacheReader<'_>,
+    cache: &KvCache,
+    group: GroupId,
+    lane_rows: usize,
+) -> Result<Vec<SeqQuery<'a>>> {
+    let mut seqs = Vec::with_capacity(cache.lanes() * step.len());
+    for h in 0..cache.lanes() {
+        let lane = cache.lane(group, h);
+        for i in 0..step.len() {
+            seqs.push(SeqQuery {
+                kv: reader.view(step.seq(i), lane)?,
+                q_start: h * lane_rows + step.rows(i).start,
+                num_q: step.num_new(i),
+                first_slot: step.first_slot(i, lane),
+            });
+        }
+    }
+    Ok(seqs)
+}
+
 /// Executes a step's plans on a store and owns the sinks' pre-RoPE keys. See the module docs.
 #[derive(Debug, Default)]
 pub struct StepExecutor {
@@ -201,20 +226,8 @@ impl StepExecutor {
             .contiguous()?
             .reshape((lanes * rows, per, head_dim))?;
         let reader = cache.read();
-        let mut seqs = Vec::with_capacity(lanes * step.len());
-        let mut wants_mass = false;
-        for h in 0..lanes {
-            let lane = cache.lane(group, h);
-            wants_mass |= step.mass_mut(lane).is_some();
-            for i in 0..step.len() {
-                seqs.push(SeqQuery {
-                    kv: reader.view(step.seq(i), lane)?,
-                    q_start: h * rows + step.rows(i).start,
-                    num_q: step.num_new(i),
-                    first_slot: step.first_slot(i, lane),
-                });
-            }
-        }
+        let seqs = lane_queries(step, &reader, cache, group, rows)?;
+        let wants_mass = (0..lanes).any(|h| step.mass_mut(cache.lane(group, h)).is_some());
         let out = if wants_mass {
             let out = self.attend_scratch(&q_lanes, store, &seqs, params)?;
             self.add_lane_mass(step, cache, group, &seqs, |s, l| s.mass_mut(l));
@@ -224,24 +237,7 @@ impl StepExecutor {
         };
         let observed = (0..lanes).any(|h| step.observed_mass_mut(cache.lane(group, h)).is_some());
         if observed {
-            self.rows.clear();
-            let mut obs = Vec::with_capacity(seqs.len());
-            for h in 0..lanes {
-                let lane = cache.lane(group, h);
-                for i in 0..step.len() {
-                    let s = &seqs[h * step.len() + i];
-                    let r = step.observe_rows(i, lane);
-                    let start = self.rows.len();
-                    self.rows
-                        .extend((r.start..r.end).map(|j| (s.q_start + j) as u32));
-                    obs.push(SeqQuery {
-                        kv: s.kv,
-                        q_start: start,
-                        num_q: r.len(),
-                        first_slot: s.first_slot + r.start,
-                    });
-                }
-            }
+            let obs = self.observation_queries(step, cache, group, &seqs);
             let idx = Tensor::new(self.rows.as_slice(), q.device())?;
             let q_obs = q_lanes.index_select(&idx, 0)?;
             self.attend_scratch(&q_obs, store, &obs, params)?;
@@ -253,6 +249,34 @@ impl StepExecutor {
             .transpose(0, 1)?
             .contiguous()?
             .reshape((rows, heads, head_dim))?)
+    }
+
+    /// SnapKV's observation rows of every query of `seqs` (as [`lane_queries`] lays them out):
+    /// their row indices into `self.rows` (for an `index_select` of the queries), and one query
+    /// each over the same table, numbered from 0 in that selection.
+    fn observation_queries<'a>(
+        &mut self,
+        step: &Step,
+        cache: &KvCache,
+        group: GroupId,
+        seqs: &[SeqQuery<'a>],
+    ) -> Vec<SeqQuery<'a>> {
+        let n = step.len().max(1);
+        self.rows.clear();
+        let mut obs = Vec::with_capacity(seqs.len());
+        for (k, s) in seqs.iter().enumerate() {
+            let r = step.observe_rows(k % n, cache.lane(group, k / n));
+            let start = self.rows.len();
+            self.rows
+                .extend((r.start..r.end).map(|j| (s.q_start + j) as u32));
+            obs.push(SeqQuery {
+                kv: s.kv,
+                q_start: start,
+                num_q: r.len(),
+                first_slot: s.first_slot + r.start,
+            });
+        }
+        obs
     }
 
     /// Attention over lane-major `seqs` with the mass summed into `self.mass` (zeroed first),
@@ -304,32 +328,11 @@ impl StepExecutor {
         params: &AttentionParams,
     ) -> Result<Tensor> {
         let reader = cache.read();
-        let mut seqs = Vec::with_capacity(step.len());
-        for i in 0..step.len() {
-            seqs.push(SeqQuery {
-                kv: reader.view(step.seq(i), group)?,
-                q_start: step.rows(i).start,
-                num_q: step.num_new(i),
-                first_slot: step.first_slot(i, group),
-            });
-        }
+        let seqs = lane_queries(step, &reader, cache, group, 0)?;
         let out = paged_attention(q, store, &seqs, params, step.mass_mut(group))?;
         if step.observed_mass_mut(group).is_some() {
             // SnapKV: the mass of the prompt's observation rows only, from a second call.
-            self.rows.clear();
-            let mut obs = Vec::with_capacity(seqs.len());
-            for (i, s) in seqs.iter().enumerate() {
-                let r = step.observe_rows(i, group);
-                let start = self.rows.len();
-                self.rows
-                    .extend((r.start..r.end).map(|j| (s.q_start + j) as u32));
-                obs.push(SeqQuery {
-                    kv: s.kv,
-                    q_start: start,
-                    num_q: r.len(),
-                    first_slot: s.first_slot + r.start,
-                });
-            }
+            let obs = self.observation_queries(step, cache, group, &seqs);
             let idx = Tensor::new(self.rows.as_slice(), q.device())?;
             let q_obs = q.index_select(&idx, 0)?;
             paged_attention(&q_obs, store, &obs, params, step.observed_mass_mut(group))?;
