@@ -151,3 +151,49 @@ fn needle_reports_accuracy_per_policy_task_and_mode() {
         assert!(png.starts_with(b"\x89PNG"), "{name}");
     }
 }
+
+/// KVzip end to end through the CLI: the session sets the chat template's probe turn, the
+/// engine probes and compresses each context once, and the query-agnostic questions then find
+/// the context held at the budget (the first question's turn holds at most the budget, plus
+/// the closing tokens appended after the compression).
+#[test]
+fn needle_runs_kvzip_query_agnostic() {
+    let dir = scratch("cli-needle-kvzip");
+    let model = TinyModel::llama(5).write(&dir.join("model"));
+    long_context(&model);
+    let text = haystack(&dir);
+    let json = dir.join("needle.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_layerkv"))
+        .args(["needle", "--model"])
+        .arg(&model)
+        .args(["--policy", "identity+kvzip:40:16", "--task", "passkey"])
+        .args(["--lengths", "128", "--depths", "0.5", "--samples", "1"])
+        .args(["--mode", "both", "--seed", "2", "--text"])
+        .arg(&text)
+        .arg("--json")
+        .arg(&json)
+        .env("LAYERKV_HOME", &dir)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let records = report["records"].as_array().unwrap();
+    let agnostic: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|r| r["policy"] == "identity+kvzip:40:16" && r["mode"] == "agnostic")
+        .collect();
+    assert_eq!(agnostic.len(), 1, "{report}");
+    let held = agnostic[0]["held_tokens"][0].as_u64().unwrap();
+    let identity_held = records
+        .iter()
+        .find(|r| r["policy"] == "identity" && r["mode"] == "agnostic")
+        .unwrap()["held_tokens"][0]
+        .as_u64()
+        .unwrap();
+    assert!(identity_held > 128, "{identity_held}");
+    assert!(held <= 40, "compressed to its budget: held {held}");
+}

@@ -21,7 +21,11 @@
 //!   right before the first kept token after them, which equals RoPE at positions inside the
 //!   cache, for O(sinks) work per step;
 //! - under a policy that evicts, prompts longer than [`EngineConfig::prefill_chunk`] are split
-//!   into chunks with retention in between, so memory stays within the policy's bound.
+//!   into chunks with retention in between, so memory stays within the policy's bound;
+//! - under a policy that probes (KVzip, [`layerkv::Retention::probe_chunk`]) a new sequence's
+//!   prompt runs all but its last token, then probe steps that replay it after the
+//!   [`Engine::set_probe_prefix`] tokens ([`layerkv::KvCache::reserve_probe`], scored and
+//!   rolled back), then its last token, where the retention decides with the probes' scores.
 
 use std::sync::Arc;
 
@@ -155,6 +159,15 @@ pub fn kv_lanes(kv_heads: usize, policy: &dyn LayerKvPolicy) -> usize {
     layerkv::lanes_per_group(policy, kv_heads)
 }
 
+/// Prompt tokens before a probe's chunk that it replays unscored, so the copy has a start
+/// (KVzip's "starting with" the previous chunk's last 8 tokens).
+pub const PROBE_TAIL: usize = 8;
+
+/// Rows a probing prompt of `len` tokens runs before its probes (`probing`: all but the last).
+fn head_len(len: usize, probing: bool) -> usize {
+    len - usize::from(probing)
+}
+
 /// A model, a policy, a cache and its page tensors.
 #[derive(Debug)]
 pub struct Engine {
@@ -165,6 +178,10 @@ pub struct Engine {
     exec: StepExecutor,
     config: EngineConfig,
     step: Step,
+    /// Prompt tokens per probe step when the policy probes (KVzip).
+    probe_chunk: Option<usize>,
+    /// Tokens a probe step puts before the prompt tokens it replays.
+    probe_prefix: Vec<u32>,
     /// Armed by [`Engine::inject_fault`] for the next call.
     fault: Option<Fault>,
     /// Protocol steps the current call has run (where the armed fault fires).
@@ -218,6 +235,9 @@ impl Engine {
             config.kv_dtype,
             model.device(),
         )?;
+        let probe_chunk = (0..map.num_groups())
+            .flat_map(|g| (0..lanes).map(move |h| (g, h)))
+            .find_map(|(g, h)| policy.lane_retention(g, h).probe_chunk());
         Ok(Self {
             model,
             policy,
@@ -226,6 +246,8 @@ impl Engine {
             exec: StepExecutor::new(),
             config,
             step: Step::new(),
+            probe_chunk,
+            probe_prefix: Vec::new(),
             fault: None,
             steps_in_call: 0,
         })
@@ -240,6 +262,25 @@ impl Engine {
     /// sequence was empty before the call (then it is empty again).
     pub fn inject_fault(&mut self, fault: Fault) {
         self.fault = Some(fault);
+    }
+
+    /// Sets the tokens every probe step puts before the prompt tokens it replays (KVzip's
+    /// "repeat the previous context" turn; [`crate::Session`] sets its chat template's). Empty
+    /// by default: the probe then replays the prompt right after it.
+    pub fn set_probe_prefix(&mut self, tokens: Vec<u32>) {
+        self.probe_prefix = tokens;
+    }
+
+    /// Prompt tokens per probe step when the policy probes ([`layerkv::Retention::KvZip`]).
+    pub fn probe_chunk(&self) -> Option<usize> {
+        self.probe_chunk
+    }
+
+    /// The most tokens a probe step holds on top of its prompt (prefix, tail and chunk; 0 when
+    /// the policy does not probe): room a request needs beyond its own tokens.
+    pub fn probe_tokens(&self) -> usize {
+        self.probe_chunk
+            .map_or(0, |c| c + PROBE_TAIL + self.probe_prefix.len())
     }
 
     /// The model.
@@ -334,6 +375,22 @@ impl Engine {
                 "a step needs at least one token per sequence".into(),
             ));
         }
+        if let Some(chunk) = self.probe_chunk {
+            let probing = self.probing(batch)?;
+            if probing.iter().any(|&p| p) {
+                return self.probed(batch, &probing, rows, out, chunk);
+            }
+        }
+        self.plain(batch, rows, out)
+    }
+
+    /// [`Engine::dispatch`] without probes: one step, or chunks under a policy that evicts.
+    fn plain(
+        &mut self,
+        batch: &[(SeqId, &[u32])],
+        rows: LogitsRows,
+        out: Output,
+    ) -> Result<Tensor> {
         let map = self.policy.layer_map();
         let upward = map.needs_upward();
         let longest = batch.iter().map(|(_, t)| t.len()).max().unwrap_or(0);
@@ -352,7 +409,8 @@ impl Engine {
     }
 
     /// Splits the batch's tokens into steps of at most `chunk` tokens per sequence (retention
-    /// between them); a sequence's first step then declares its whole prompt. On failure, the
+    /// between them); an empty sequence without a declared prompt declares these tokens as its
+    /// prompt. On failure, the
     /// sequences that were empty are emptied again (what earlier chunks retained cannot be
     /// rolled back, but an empty sequence can be restored exactly); the others keep what the
     /// chunks before the failed one appended.
@@ -363,18 +421,32 @@ impl Engine {
         out: Output,
         chunk: usize,
     ) -> Result<Tensor> {
-        // Sequences empty before the call, with the prompt length they had declared.
-        let mut fresh = Vec::new();
-        let mut declare = || -> Result<()> {
+        self.restoring_fresh(batch, |e, fresh| {
             for &(seq, tokens) in batch {
-                if self.cache.num_tokens(seq)? == 0 {
-                    fresh.push((seq, self.cache.prompt_len(seq)?));
-                    self.cache.set_prompt_len(seq, tokens.len())?;
+                if fresh.contains(&seq) && e.cache.prompt_len(seq)?.is_none() {
+                    e.cache.set_prompt_len(seq, tokens.len())?;
                 }
             }
-            Ok(())
-        };
-        let r = declare().and_then(|()| self.chunks(batch, rows, out, chunk));
+            e.chunks(batch, rows, out, chunk)
+        })
+    }
+
+    /// Runs `f` with the ids of the batch's empty sequences; if it fails, those sequences are
+    /// emptied again, with the prompt length they had declared (what `f` retained of the
+    /// others cannot be rolled back).
+    fn restoring_fresh<T>(
+        &mut self,
+        batch: &[(SeqId, &[u32])],
+        f: impl FnOnce(&mut Self, &[SeqId]) -> Result<T>,
+    ) -> Result<T> {
+        let mut fresh = Vec::new();
+        for &(seq, _) in batch {
+            if self.cache.num_tokens(seq)? == 0 {
+                fresh.push((seq, self.cache.prompt_len(seq)?));
+            }
+        }
+        let ids: Vec<SeqId> = fresh.iter().map(|&(s, _)| s).collect();
+        let r = f(self, &ids);
         if r.is_err() {
             for &(seq, prompt_len) in &fresh {
                 self.cache.free(seq)?;
@@ -386,6 +458,100 @@ impl Engine {
             }
         }
         r
+    }
+
+    /// Which batch entries probe: an empty sequence whose whole prompt (2 tokens or more) is
+    /// this call's tokens.
+    fn probing(&self, batch: &[(SeqId, &[u32])]) -> Result<Vec<bool>> {
+        batch
+            .iter()
+            .map(|&(seq, t)| {
+                let declared = self.cache.prompt_len(seq)?;
+                Ok(t.len() > 1
+                    && self.cache.num_tokens(seq)? == 0
+                    && declared.is_none_or(|p| p == t.len()))
+            })
+            .collect()
+    }
+
+    /// A batch with probing prompts: every token but the probing prompts' last, the probe
+    /// steps of each probing prompt, then their last tokens (the prompt's end, where the
+    /// retention decides); the rows are put back in batch order.
+    fn probed(
+        &mut self,
+        batch: &[(SeqId, &[u32])],
+        probing: &[bool],
+        rows: LogitsRows,
+        out: Output,
+        chunk: usize,
+    ) -> Result<Tensor> {
+        self.restoring_fresh(batch, |e, fresh| {
+            for &(seq, tokens) in batch {
+                if fresh.contains(&seq) {
+                    e.cache.set_prompt_len(seq, tokens.len())?;
+                }
+            }
+            let head: Vec<(SeqId, &[u32])> = batch
+                .iter()
+                .zip(probing)
+                .map(|(&(s, t), &p)| (s, if p { &t[..t.len() - 1] } else { t }))
+                .collect();
+            let x_head = e.plain(&head, rows, out)?;
+            for (&(seq, t), _) in batch.iter().zip(probing).filter(|(_, &p)| p) {
+                e.probe(seq, &t[..t.len() - 1], chunk)?;
+            }
+            let tail: Vec<(SeqId, &[u32])> = batch
+                .iter()
+                .zip(probing)
+                .filter(|(_, &p)| p)
+                .map(|(&(s, t), _)| (s, &t[t.len() - 1..]))
+                .collect();
+            let x_tail = e.plain(&tail, LogitsRows::All, out)?;
+            let (mut at_head, mut at_tail) = (0, 0);
+            let mut parts = Vec::with_capacity(batch.len() * 2);
+            for ((_, t), &p) in batch.iter().zip(probing) {
+                let n_head = match rows {
+                    LogitsRows::All => head_len(t.len(), p),
+                    LogitsRows::Last => 1,
+                };
+                if rows == LogitsRows::All || !p {
+                    parts.push(x_head.narrow(0, at_head, n_head)?);
+                }
+                at_head += n_head;
+                if p {
+                    parts.push(x_tail.narrow(0, at_tail, 1)?);
+                    at_tail += 1;
+                }
+            }
+            Ok(Tensor::cat(&parts, 0)?)
+        })
+    }
+
+    /// The probe steps of `seq`'s prompt `context` (all but its last token): chunks of `chunk`
+    /// tokens, each after the probe prefix and the last [`PROBE_TAIL`] tokens of the chunk
+    /// before it (where to start copying from, as KVzip's later chunks say), scored on the
+    /// chunk's own slots and rolled back.
+    fn probe(&mut self, seq: SeqId, context: &[u32], chunk: usize) -> Result<()> {
+        let upward = self.policy.layer_map().needs_upward();
+        let mut tokens = Vec::with_capacity(self.probe_prefix.len() + PROBE_TAIL + chunk);
+        let mut start = 0;
+        while start < context.len() {
+            let end = (start + chunk).min(context.len());
+            let tail = &context[start.saturating_sub(PROBE_TAIL)..start];
+            tokens.clear();
+            tokens.extend_from_slice(&self.probe_prefix);
+            tokens.extend_from_slice(tail);
+            tokens.extend_from_slice(&context[start..end]);
+            let unscored = self.probe_prefix.len() + tail.len();
+            let batch = [(seq, tokens.as_slice())];
+            let (mut run, step) = self.parts();
+            let reserved = run
+                .cache
+                .reserve_probe(&batch, unscored, start..end, step)?;
+            run.probe(reserved, &batch, upward && tokens.len() > 1)?;
+            start = end;
+        }
+        Ok(())
     }
 
     fn chunks(
@@ -563,6 +729,41 @@ impl Execute<'_> {
             self.exec.abort(self.store)?;
         }
         r
+    }
+
+    /// Runs a reserved probe step: its plans and the layers (no logits), then
+    /// [`Reservation::finish_probe`]; the executor then writes back what it overwrote in place
+    /// (re-rotated sinks), so the probe leaves nothing but its scores.
+    fn probe(
+        &mut self,
+        reserved: Reservation<'_>,
+        batch: &[(SeqId, &[u32])],
+        iterative: bool,
+    ) -> Result<()> {
+        let r = self.run_probe(reserved, batch, iterative);
+        self.exec.abort(self.store)?;
+        r
+    }
+
+    fn run_probe(
+        &mut self,
+        mut reserved: Reservation<'_>,
+        batch: &[(SeqId, &[u32])],
+        iterative: bool,
+    ) -> Result<()> {
+        let (model, store, exec) = (self.model, &mut *self.store, &mut *self.exec);
+        fail_at(self.fault, FailStage::AfterReserve)?;
+        let mut layers = Layers::new(model, self.policy.layer_map(), self.cache, batch, &reserved)?;
+        layers.fault = self.fault;
+        exec.copy_pages(&reserved, store)?;
+        exec.rerotate(&reserved, store, model.rope())?;
+        if iterative {
+            let prefill = self.config.prefill;
+            layers.iterate(store, exec, self.config, &mut reserved, prefill)?;
+        } else {
+            layers.run(store, exec, &mut reserved, None)?;
+        }
+        Ok(reserved.finish_probe()?)
     }
 
     fn execute(

@@ -27,6 +27,12 @@ use crate::tokenizer::Tokenizer;
 /// Token slots per KV page in every session.
 pub const BLOCK_SIZE: usize = 16;
 
+/// What a KVzip probe step asks before it replays the prompt (KVzip's own wording).
+pub const PROBE_REQUEST: &str = "Repeat the previous context exactly.";
+
+/// Tokens a default-sized pool keeps for a probe step's prefix (the [`PROBE_REQUEST`] turn).
+const PROBE_PREFIX_ROOM: usize = 64;
+
 /// How a session is sized and how it samples. `Default` gives one sequence of 4096 tokens,
 /// f32 KV, `generation_config.json`'s sampling and reply length.
 #[derive(Debug, Clone, PartialEq)]
@@ -186,8 +192,14 @@ impl Session {
             Some(n) => n,
             // One page per group of slack: a partly filled page at each end of the live range.
             None => {
+                // Room for a probe step on top (KVzip; its prefix is a chat turn, well under
+                // PROBE_PREFIX_ROOM tokens).
+                let probe = (0..policy.layer_map().num_groups())
+                    .find_map(|g| policy.retention(g).probe_chunk())
+                    .map_or(0, |c| c + PROBE_PREFIX_ROOM);
                 options.max_sequences
-                    * (planner.pages_per_sequence(&policy, options.max_context) + num_groups)
+                    * (planner.pages_per_sequence(&policy, options.max_context + probe)
+                        + num_groups)
             }
         };
         let policy_name = policy.name().to_string();
@@ -199,7 +211,7 @@ impl Session {
                 ..engine_config
             },
         )?;
-        Ok(Self {
+        let mut session = Self {
             dir: dir.to_path_buf(),
             engine,
             tokenizer,
@@ -208,7 +220,32 @@ impl Session {
             planner,
             policy_name,
             template: None,
-        })
+        };
+        if session.engine.probe_chunk().is_some() {
+            let prefix = session.probe_prefix()?;
+            session.engine.set_probe_prefix(prefix);
+        }
+        Ok(session)
+    }
+
+    /// KVzip's probe turn, put before the prompt tokens each probe step replays: a user turn
+    /// asking for the context again ([`PROBE_REQUEST`]) and the opening of the reply, in the
+    /// chat template's markup (the text between a closed exchange and the next reply); plain
+    /// text for a model without a template.
+    fn probe_prefix(&mut self) -> Result<Vec<u32>> {
+        let exchange = vec![Message::new("user", "x"), Message::new("assistant", "y")];
+        let turn = match self.chat_template() {
+            Ok(t) => {
+                let base = t.render(&exchange, false)?;
+                let mut asked = exchange.clone();
+                asked.push(Message::new("user", PROBE_REQUEST));
+                let full = t.render(&asked, true)?;
+                full.strip_prefix(base.as_str()).map(str::to_string)
+            }
+            Err(_) => None,
+        };
+        let text = turn.unwrap_or_else(|| format!("\n\n{PROBE_REQUEST}\n"));
+        self.encode_chat(&text)
     }
 
     /// The model directory.
@@ -320,7 +357,8 @@ impl Session {
                 self.policy_name
             )));
         }
-        let need = held + new_tokens + reply_tokens;
+        // A probing policy holds a probe step on top of the prompt before its last token.
+        let need = held + new_tokens + reply_tokens.max(self.engine.probe_tokens());
         let pages = self.planner.pages_per_sequence(policy.as_ref(), need);
         let have = self.engine.config().num_pages;
         if pages > have {

@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::llama as reference;
 use layerkv::{LayerKvPolicy, LayerMap, Policy, PolicyBuilder, Retention};
-use layerkv_model::engine::{Engine, EngineConfig, LogitsRows, PrefillMode};
+use layerkv_model::engine::{Engine, EngineConfig, LogitsRows, PrefillMode, PROBE_TAIL};
 use layerkv_model::Model;
 use layerkv_testkit::{max_abs_diff, Arch, TinyModel};
 
@@ -421,6 +421,33 @@ fn retention_reference(
     prompt_len: usize,
     chunk: usize,
 ) -> Vec<Tensor> {
+    dense_reference(model, policy, text, prompt_len, chunk, None, None)
+}
+
+/// Per lane, the peak attention weight of any query head of the lane at rows `rows_from..` on
+/// each slot of `slots`, the softmax taken over the sinks, `slots` and the probe's own tokens
+/// (KVzip's probe score, as [`dense_reference`] records it).
+struct Peaks {
+    rows_from: usize,
+    slots: std::ops::Range<usize>,
+    /// Prompt slots before the probe's own.
+    context: usize,
+    peak: Vec<Vec<f32>>,
+}
+
+/// The dense reference: every token one at a time through every layer, each lane's kept K/V
+/// re-rotated and attended with masks, the policy's rule applied per lane after every step.
+/// `peaks` records probe scores; `probed` (per lane) feeds KVzip's decision at the prompt's
+/// end, `+inf` for slots past it.
+fn dense_reference(
+    model: &Model,
+    policy: &Policy,
+    text: &[u32],
+    prompt_len: usize,
+    chunk: usize,
+    mut peaks: Option<&mut Peaks>,
+    probed: Option<&[Vec<f32>]>,
+) -> Vec<Tensor> {
     use layerkv::{bits, Phase, RetainInput, Scores};
     let cfg = model.config();
     let (heads, kvh, d) = (
@@ -507,10 +534,29 @@ fn retention_reference(
                 let qh = q.narrow(1, h, 1).unwrap().squeeze(1).unwrap();
                 let scores = (qh.matmul(&kh.t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
                 let p = candle_nn::ops::softmax_last_dim(&scores).unwrap();
-                for (m, pj) in mass[lane]
-                    .iter_mut()
-                    .zip(p.flatten_all().unwrap().to_vec1::<f32>().unwrap())
-                {
+                let pv = p.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                if let Some(pk) = peaks.as_deref_mut().filter(|pk| t >= pk.rows_from) {
+                    // KVzip's scoring softmax: over the sinks, the replayed chunk and the
+                    // probe's own tokens only.
+                    let li = g * lanes + lane;
+                    let logits = scores.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    let seen = |j: usize| {
+                        j < layerkv::PROBE_SINKS || pk.slots.contains(&j) || j >= pk.context
+                    };
+                    let top = (0..logits.len())
+                        .filter(|&j| seen(j))
+                        .map(|j| logits[j])
+                        .fold(f32::NEG_INFINITY, f32::max);
+                    let sum: f32 = (0..logits.len())
+                        .filter(|&j| seen(j))
+                        .map(|j| (logits[j] - top).exp())
+                        .sum();
+                    for j in pk.slots.clone() {
+                        let w = (logits[j] - top).exp() / sum;
+                        pk.peak[li][j] = pk.peak[li][j].max(w);
+                    }
+                }
+                for (m, pj) in mass[lane].iter_mut().zip(pv) {
                     *m += pj;
                 }
                 rows.push(p.matmul(&vh).unwrap());
@@ -552,9 +598,22 @@ fn retention_reference(
             })
             .collect();
         let mut keeps: Vec<Vec<u64>> = valids.iter().map(|v| vec![0u64; v.len()]).collect();
+        // KVzip's scores per lane slot, `+inf` past the probed prompt.
+        let probed_lanes: Vec<Vec<f32>> = (0..n_lanes)
+            .map(|li| {
+                (0..pos[li].len())
+                    .map(|j| {
+                        probed
+                            .and_then(|p| p[li].get(j).copied())
+                            .unwrap_or(f32::INFINITY)
+                    })
+                    .collect()
+            })
+            .collect();
         for li in 0..n_lanes {
             let n = pos[li].len();
             let positions: Vec<u32> = pos[li].iter().map(|&p| p as u32).collect();
+            let lane_probed = probed.map(|_| &probed_lanes[li][..]);
             policy
                 .lane_retention(li / lanes, li % lanes)
                 .select(
@@ -567,6 +626,7 @@ fn retention_reference(
                             accumulated: Some(&acc[li]),
                             last: Some(&last[li]),
                             observed: Some(&obs[li]),
+                            probed: lane_probed,
                         },
                         phase,
                     },
@@ -586,7 +646,11 @@ fn retention_reference(
                     .map(|(h, keep)| layerkv::JointLane {
                         num_slots: pos[g * lanes + h].len(),
                         valid: &valids[g * lanes + h],
-                        scores: &obs[g * lanes + h],
+                        scores: if policy.retention(g).joint_reads_probes() {
+                            &probed_lanes[g * lanes + h]
+                        } else {
+                            &obs[g * lanes + h]
+                        },
                         keep,
                     })
                     .collect();
@@ -1215,6 +1279,132 @@ fn adakv_matches_the_dense_reference() {
         counts.chunks(2).all(|c| c[0] + c[1] == 14),
         "a group keeps its two lanes' budgets: {counts:?}"
     );
+}
+
+/// KVzip: the engine's probe steps (prompt replayed in chunks after a prefix, scored, rolled
+/// back) and decision at the prompt's end against the dense reference, whose probe scores come
+/// from an identity run over the prompt with each probe appended: the peak weight any query
+/// head of a lane puts on a prompt slot from the probe's replayed rows. Per group and per head,
+/// over a sharing map too; decode after the compression checked token by token.
+#[test]
+fn kvzip_matches_the_dense_reference() {
+    use layerkv::Budget;
+    let (prompt_len, total, chunk, prefix) = (14, 20, 4, [3u32, 7]);
+    for (k, (map, per_head, adaptive, pool)) in [
+        (LayerMap::identity(LAYERS).unwrap(), false, false, 1),
+        (LayerMap::identity(LAYERS).unwrap(), true, false, 1),
+        (LayerMap::cla(LAYERS, 2).unwrap(), true, false, 3),
+        (LayerMap::identity(LAYERS).unwrap(), true, true, 3),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let kvzip = Retention::KvZip {
+            budget: Budget::Tokens(6),
+            chunk,
+            pool,
+        };
+        let seed = 60 + k as u64;
+        let model = load(&tiny_model(seed));
+        let mut policy = heads(with(map.clone(), kvzip.clone(), "kvzip"), per_head);
+        if adaptive {
+            // KVzip's head-level split: the lanes of a group share their budget.
+            policy = PolicyBuilder::from_policy(&policy)
+                .name("kvzip+adakv")
+                .adaptive(0.0)
+                .build()
+                .unwrap();
+        }
+        let identity = heads(with(map, Retention::Full, "identity"), per_head);
+        let text: Vec<u32> = (0..total as u32)
+            .map(|i| (i * 11 + 2) % VOCAB as u32)
+            .collect();
+        let context = &text[..prompt_len - 1];
+        let lanes = if per_head { KV_HEADS } else { 1 };
+        let n_lanes = identity.layer_map().num_groups() * lanes;
+        let mut peak = vec![vec![0f32; context.len()]; n_lanes];
+        for start in (0..context.len()).step_by(chunk) {
+            let end = (start + chunk).min(context.len());
+            let tail = &context[start.saturating_sub(PROBE_TAIL)..start];
+            let probe: Vec<u32> = [context, &prefix, tail, &context[start..end]].concat();
+            let mut peaks = Peaks {
+                rows_from: context.len() + prefix.len() + tail.len(),
+                slots: start..end,
+                context: context.len(),
+                peak,
+            };
+            dense_reference(
+                &model,
+                &identity,
+                &probe,
+                probe.len(),
+                1,
+                Some(&mut peaks),
+                None,
+            );
+            peak = peaks.peak;
+        }
+        let peaks = Peaks {
+            rows_from: 0,
+            slots: 0..0,
+            context: 0,
+            peak,
+        };
+        let want = dense_reference(
+            &model,
+            &policy,
+            &text,
+            prompt_len,
+            1,
+            None,
+            Some(&peaks.peak),
+        );
+        let cfg = EngineConfig {
+            block_size: 4,
+            num_pages: 512,
+            kv_dtype: DType::F32,
+            sliding_window: None,
+            prefill: PrefillMode::TokenByToken,
+            prefill_chunk: 5,
+            prefix_caching: false,
+        };
+        let mut e = Engine::new(model.clone(), Arc::new(policy.clone()), cfg).unwrap();
+        assert_eq!(e.probe_chunk(), Some(chunk));
+        e.set_probe_prefix(prefix.to_vec());
+        e.add_sequence(0).unwrap();
+        let before = e.cache().pool_stats();
+        let prompt = e
+            .step(&[(0, &text[..prompt_len])], LogitsRows::All)
+            .unwrap();
+        let mut got: Vec<Tensor> = (0..prompt_len)
+            .map(|r| prompt.narrow(0, r, 1).unwrap())
+            .collect();
+        let r = e.cache().read();
+        let held: Vec<usize> = (0..e.cache().num_groups())
+            .map(|g| r.table(0, g).unwrap().num_valid())
+            .collect();
+        drop(r);
+        if adaptive {
+            assert!(
+                held.chunks(2).all(|c| c[0] + c[1] == 12),
+                "{k}: a group's lanes share 2 x 6 tokens: {held:?}"
+            );
+            assert!(held.iter().any(|&h| h != 6), "{k}: an even split: {held:?}");
+        } else {
+            assert!(held.iter().all(|&h| h == 6), "{k}: {held:?}");
+        }
+        e.cache().check_invariants().unwrap();
+        for t in prompt_len..total {
+            let logits = e.step(&[(0, &text[t..t + 1])], LogitsRows::All).unwrap();
+            got.push(logits);
+        }
+        for (t, (a, b)) in got.iter().zip(&want).enumerate() {
+            let d = max_abs_diff(a, b);
+            assert!(d <= 1e-4, "{k} ({}) token {t}: {d}", policy.name());
+        }
+        e.free(0).unwrap();
+        assert_eq!(e.cache().pool_stats().num_used, before.num_used);
+    }
 }
 
 /// Head roles: in every group KV head 1 keeps every token (a retrieval head) and head 0 keeps

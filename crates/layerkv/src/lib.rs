@@ -66,14 +66,14 @@ pub use policy::{lanes_per_group, LayerKvPolicy, Policy, PolicyBuilder};
 pub use pool::{chain_hash, group_block_hash, BlockPool, PageId, PoolStats, NULL_PAGE};
 pub use retention::{
     Budget, CustomRetention, JointLane, JointScratch, Phase, RetainInput, Retention, RetentionRule,
-    ScoreNeed, Scores,
+    ScoreNeed, Scores, KVZIP_CHUNK,
 };
 pub use rng::SplitMix64;
 pub use sched::{
     FinishReason, FinishedRequest, RequestId, RequestInfo, RequestState, ScheduledKind,
     ScheduledRequest, Scheduler, SchedulerConfig, SchedulerOutput,
 };
-pub use step::{PageCopy, Rerotation, RetainOutcome, Step};
+pub use step::{PageCopy, Rerotation, RetainOutcome, Step, PROBE_SINKS};
 pub use table::{BlockTable, TableView};
 
 #[cfg(test)]

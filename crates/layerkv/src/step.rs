@@ -42,6 +42,10 @@ use crate::pool::PageId;
 use crate::retention::{Phase, ScoreNeed};
 use crate::table::BlockTable;
 
+/// Live slots at the start of a prompt that a probe step's scored rows see beside the replayed
+/// chunk ([`Step::probe_seen`]; KVzip's attention sinks).
+pub const PROBE_SINKS: usize = 4;
+
 /// A page the engine copies before any write of the step (copy-on-write after a fork).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PageCopy {
@@ -167,6 +171,15 @@ pub struct Step {
     pub(crate) retain_undo_len: usize,
     /// Transactional retain: pages compaction emptied, held (pinned) until the moves ran.
     pub(crate) held: Vec<PageId>,
+    /// A probe step ([`crate::KvCache::reserve_probe`]): scored, then rolled back.
+    pub(crate) probe: bool,
+    /// A probe step's rows before this one (per sequence) are its prefix: attended, not scored.
+    pub(crate) probe_from: usize,
+    /// The text positions whose slots a probe step scores (the prompt tokens it replays).
+    pub(crate) probe_positions: Range<usize>,
+    /// Per (sequence, group), `i * num_groups + g`: the slots a probe step's scored rows see
+    /// (empty where the group needs no probe).
+    pub(crate) probe_seen: Vec<Vec<u64>>,
 }
 
 impl Step {
@@ -205,11 +218,24 @@ impl Step {
         self.outcome = RetainOutcome::default();
         self.retain_undo_len = 0;
         self.held.clear();
+        self.probe = false;
+        self.probe_from = 0;
+        self.probe_positions = 0..0;
+        for v in &mut self.probe_seen {
+            v.clear();
+        }
     }
 
     /// Sequences in the step, in batch order.
     pub fn len(&self) -> usize {
         self.seqs.len()
+    }
+
+    /// Whether this is a probe step ([`crate::KvCache::reserve_probe`]): its tokens are
+    /// attended, then rolled back by [`crate::Reservation::finish_probe`], never retained. Its
+    /// scored rows ([`Step::observe_rows`]) run into [`Step::observed_mass_mut`].
+    pub fn is_probe(&self) -> bool {
+        self.probe
     }
 
     /// Whether the step has no sequence.
@@ -296,8 +322,17 @@ impl Step {
     }
 
     /// Rows of sequence `i` in SnapKV's observation window of `group` (the prompt's last
-    /// `observe` tokens) that this step holds.
+    /// `observe` tokens) that this step holds; in a probe step, the rows it scores (those
+    /// after its prefix) in a group whose retention needs probes.
     pub fn observe_rows(&self, i: usize, group: GroupId) -> Range<usize> {
+        if self.probe {
+            let n = self.seqs[i].num_new;
+            return if self.score_need(group).probe {
+                self.probe_from.min(n)..n
+            } else {
+                0..0
+            };
+        }
         let w = self.score_need(group).observe;
         if w == 0 {
             return 0..0;
@@ -310,6 +345,18 @@ impl Step {
         } else {
             lo - s.position..hi - s.position
         }
+    }
+
+    /// In a probe step, the validity bitset over sequence `i`'s slots in `group` that the scored
+    /// rows attend to ([`Step::observe_rows`]): the first [`PROBE_SINKS`] live slots, the
+    /// replayed tokens' own slots and the probe's new slots, as KVzip scores a chunk (so a
+    /// chunk far from the probe competes with no other part of the prompt for the rows'
+    /// attention). `None` outside probe steps or where the group needs no probe.
+    pub fn probe_seen(&self, i: usize, group: GroupId) -> Option<&[u64]> {
+        self.probe_seen
+            .get(i * self.num_groups + group)
+            .filter(|v| self.probe && !v.is_empty())
+            .map(|v| &v[..])
     }
 
     /// The buffer every layer reading `group` adds its attention mass of all rows into

@@ -26,9 +26,9 @@ use candle_core::Tensor;
 use layerkv::{GroupId, KvCache, SeqId, Step};
 
 use crate::error::{KernelError, Result};
-use crate::paged_attention;
 use crate::store::{GatheredMoves, KvStore};
 use crate::view::{AttentionParams, SeqQuery};
+use crate::{paged_attention, paged_attention_peak};
 
 /// How keys are rotated (the model's RoPE): the executor re-rotates sinks with it.
 pub trait KeyRotation {
@@ -59,6 +59,22 @@ fn lane_queries<'a>(
         }
     }
     Ok(seqs)
+}
+
+/// Copies of a probe step's [`Step::probe_seen`] masks, one per query of `lane_queries`
+/// (empty outside probe steps: no allocation there).
+fn probe_seen(step: &Step, cache: &KvCache, group: GroupId, queries: usize) -> Vec<Vec<u64>> {
+    if !step.is_probe() {
+        return Vec::new();
+    }
+    let n = step.len().max(1);
+    (0..queries)
+        .map(|k| {
+            step.probe_seen(k % n, cache.lane(group, k / n))
+                .map(<[u64]>::to_vec)
+                .unwrap_or_default()
+        })
+        .collect()
 }
 
 /// Executes a step's plans on a store and owns the sinks' pre-RoPE keys. See the module docs.
@@ -237,10 +253,19 @@ impl StepExecutor {
         };
         let observed = (0..lanes).any(|h| step.observed_mass_mut(cache.lane(group, h)).is_some());
         if observed {
-            let obs = self.observation_queries(step, cache, group, &seqs);
+            let seen = probe_seen(step, cache, group, seqs.len());
+            let obs = self.observation_queries(step, cache, group, &seqs, &seen);
             let idx = Tensor::new(self.rows.as_slice(), q.device())?;
             let q_obs = q_lanes.index_select(&idx, 0)?;
-            self.attend_scratch(&q_obs, store, &obs, params)?;
+            let peak = step.is_probe();
+            self.mass.clear();
+            self.mass
+                .resize(obs.iter().map(|s| s.kv.num_slots).sum(), 0.0);
+            if peak {
+                paged_attention_peak(&q_obs, store, &obs, params, &mut self.mass)?;
+            } else {
+                paged_attention(&q_obs, store, &obs, params, Some(&mut self.mass))?;
+            }
             self.add_lane_mass(step, cache, group, &obs, |s, l| s.observed_mass_mut(l));
         }
         drop(reader);
@@ -260,6 +285,7 @@ impl StepExecutor {
         cache: &KvCache,
         group: GroupId,
         seqs: &[SeqQuery<'a>],
+        seen: &'a [Vec<u64>],
     ) -> Vec<SeqQuery<'a>> {
         let n = step.len().max(1);
         self.rows.clear();
@@ -269,8 +295,13 @@ impl StepExecutor {
             let start = self.rows.len();
             self.rows
                 .extend((r.start..r.end).map(|j| (s.q_start + j) as u32));
+            // A probe's scored rows see the sinks, their chunk and the probe only (KVzip).
+            let mut kv = s.kv;
+            if let Some(v) = seen.get(k).filter(|v| !v.is_empty()) {
+                kv.valid = Some(v);
+            }
             obs.push(SeqQuery {
-                kv: s.kv,
+                kv,
                 q_start: start,
                 num_q: r.len(),
                 first_slot: s.first_slot + r.start,
@@ -308,9 +339,11 @@ impl StepExecutor {
         for (h, lane_seqs) in seqs.chunks(step.len().max(1)).enumerate() {
             let lane = cache.lane(group, h);
             let n: usize = lane_seqs.iter().map(|s| s.kv.num_slots).sum();
+            let peak = step.is_probe();
             if let Some(m) = buffer(step, lane) {
                 for (d, s) in m.iter_mut().zip(&self.mass[at..at + n]) {
-                    *d += s;
+                    // A probe's peak mass combines by max, over layers too (KVzip).
+                    *d = if peak { d.max(*s) } else { *d + s };
                 }
             }
             at += n;
@@ -332,10 +365,18 @@ impl StepExecutor {
         let out = paged_attention(q, store, &seqs, params, step.mass_mut(group))?;
         if step.observed_mass_mut(group).is_some() {
             // SnapKV: the mass of the prompt's observation rows only, from a second call.
-            let obs = self.observation_queries(step, cache, group, &seqs);
+            let seen = probe_seen(step, cache, group, seqs.len());
+            let obs = self.observation_queries(step, cache, group, &seqs, &seen);
             let idx = Tensor::new(self.rows.as_slice(), q.device())?;
             let q_obs = q.index_select(&idx, 0)?;
-            paged_attention(&q_obs, store, &obs, params, step.observed_mass_mut(group))?;
+            let peak = step.is_probe();
+            let buf = step.observed_mass_mut(group).expect("checked above");
+            if peak {
+                // A probe step (KVzip): each slot's peak weight, max-combined over layers.
+                paged_attention_peak(&q_obs, store, &obs, params, buf)?;
+            } else {
+                paged_attention(&q_obs, store, &obs, params, Some(buf))?;
+            }
         }
         Ok(out)
     }

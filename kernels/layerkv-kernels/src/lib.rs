@@ -79,7 +79,29 @@ pub fn paged_attention(
         return cuda::candle::attention(q, store, seqs, params, mass);
     }
     // Other devices (Metal) use the dense reference until a kernel is written for them.
-    reference::attention_on_device(q, store, seqs, params, mass)
+    reference::attention_on_device(q, store, seqs, params, mass, false)
+}
+
+/// [`paged_attention`] whose mass is, per slot, the **peak** weight any row and any query head
+/// puts on it, max-combined into `peak` (which must hold one entry per slot of every
+/// sequence, as `mass` does). KVzip scores a context token by the most attention any query of
+/// the context's reconstruction gives it; a sum over rows instead lets tokens every row
+/// glances at (the latest ones, by position) outscore the one a row copies from.
+///
+/// The CPU kernel computes it in the same pass as the output; other devices (CUDA included)
+/// run the dense reference for it, correct but slow: it is only used by probe steps.
+pub fn paged_attention_peak(
+    q: &candle_core::Tensor,
+    store: &KvStore,
+    seqs: &[SeqQuery<'_>],
+    params: &AttentionParams,
+    peak: &mut [f32],
+) -> Result<candle_core::Tensor> {
+    validate(q, store, seqs, Some(peak))?;
+    if q.device().is_cpu() {
+        return cpu::attention_peak(q, store, seqs, params, peak);
+    }
+    reference::attention_on_device(q, store, seqs, params, Some(peak), true)
 }
 
 fn validate(

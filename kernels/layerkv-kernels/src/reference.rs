@@ -18,6 +18,27 @@ pub fn dense_attention(
     seqs: &[SeqQuery<'_>],
     params: &AttentionParams,
 ) -> Result<(Tensor, Vec<f32>)> {
+    dense(q, store, seqs, params, false)
+}
+
+/// [`dense_attention`] whose mass is each slot's peak weight over every row and head
+/// ([`crate::paged_attention_peak`]'s contract).
+pub fn dense_attention_peak(
+    q: &Tensor,
+    store: &KvStore,
+    seqs: &[SeqQuery<'_>],
+    params: &AttentionParams,
+) -> Result<(Tensor, Vec<f32>)> {
+    dense(q, store, seqs, params, true)
+}
+
+fn dense(
+    q: &Tensor,
+    store: &KvStore,
+    seqs: &[SeqQuery<'_>],
+    params: &AttentionParams,
+    peak: bool,
+) -> Result<(Tensor, Vec<f32>)> {
     let (total_q, heads, d) = q.dims3()?;
     let (bs, kvh) = (store.block_size(), store.kv_heads());
     let group = heads / kvh;
@@ -81,11 +102,12 @@ pub fn dense_attention(
             &[s.q_start..s.q_start + s.num_q, 0..heads, 0..d],
             &o.contiguous()?,
         )?;
-        let m = probs
-            .sum(0)?
-            .sum(0)?
-            .to_device(&Device::Cpu)?
-            .to_vec1::<f32>()?;
+        let m = if peak {
+            probs.max(0)?.max(0)?
+        } else {
+            probs.sum(0)?.sum(0)?
+        };
+        let m = m.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
         for (a, b) in seg.iter_mut().zip(m) {
             *a += b;
         }
@@ -112,11 +134,12 @@ pub(crate) fn attention_on_device(
     seqs: &[SeqQuery<'_>],
     params: &AttentionParams,
     mass: Option<&mut [f32]>,
+    peak: bool,
 ) -> Result<Tensor> {
-    let (out, m) = dense_attention(q, store, seqs, params)?;
+    let (out, m) = dense(q, store, seqs, params, peak)?;
     if let Some(buf) = mass {
         for (a, b) in buf.iter_mut().zip(m) {
-            *a += b;
+            *a = if peak { a.max(b) } else { *a + b };
         }
     }
     Ok(out.to_dtype(q.dtype())?)

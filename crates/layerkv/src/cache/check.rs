@@ -49,6 +49,7 @@ impl KvCache {
                         ("accumulated", &sc.accumulated),
                         ("last", &sc.last),
                         ("observed", &sc.observed),
+                        ("probed", &sc.probed),
                     ] {
                         if !v.is_empty() && v.len() != t.num_slots {
                             return Err(format!(

@@ -70,6 +70,26 @@ impl<'a> Reservation<'a> {
         Ok(outcome)
     }
 
+    /// Ends a probe step ([`KvCache::reserve_probe`]): for every sequence and every group
+    /// whose retention needs probes, each slot that existed before the step keeps the larger of
+    /// its probe score and the mass the step's rows put on it ([`Step::mass_mut`]), then the
+    /// step is rolled back: its tokens, pages and copies are gone, only the scores stay.
+    /// Errors (and rolls back) on a step not reserved as a probe.
+    ///
+    /// [`KvCache::reserve_probe`]: crate::KvCache::reserve_probe
+    pub fn finish_probe(mut self) -> Result<()> {
+        if !self.step.probe {
+            return Err(crate::Error::InvalidConfig(
+                "finish_probe: the step was not reserved as a probe (KvCache::reserve_probe)"
+                    .into(),
+            ));
+        }
+        self.cache
+            .core
+            .fold_probe(&mut self.cache.state.write(), self.step)?;
+        self.undo()
+    }
+
     /// Rolls the step back now (what dropping the reservation does), reporting an error if the
     /// cache's state did not match the step.
     pub fn rollback(mut self) -> Result<()> {

@@ -70,7 +70,7 @@ pub struct SequenceSnapshot {
     pub tables: Vec<BlockTable>,
     /// Per group: the accumulated, last-step and observed per-slot scores (empty where the
     /// group's retention needs none).
-    pub scores: Vec<[Vec<f32>; 3]>,
+    pub scores: Vec<[Vec<f32>; 4]>,
     /// Per group: the position the sinks are rotated to (empty without sinks).
     pub sink_shift: Vec<usize>,
     /// Prefix caching: the token-chain hash after each full block, and the partial block.
@@ -337,7 +337,12 @@ impl KvCache {
             .map(|(&id, s)| {
                 let scores = (0..groups)
                     .map(|g| match s.scores.get(g) {
-                        Some(sc) => [sc.accumulated.clone(), sc.last.clone(), sc.observed.clone()],
+                        Some(sc) => [
+                            sc.accumulated.clone(),
+                            sc.last.clone(),
+                            sc.observed.clone(),
+                            sc.probed.clone(),
+                        ],
                         None => Default::default(),
                     })
                     .collect();
@@ -393,7 +398,36 @@ impl KvCache {
         batch: &[(SeqId, &[u32])],
         step: &mut Step,
     ) -> Result<()> {
-        self.core.reserve(&mut self.state.write(), batch, step)
+        self.core
+            .reserve(&mut self.state.write(), batch, step, None)
+    }
+
+    /// Reserves a **probe step** (KVzip's scoring pass): like [`KvCache::reserve`], but the
+    /// step's tokens are scored and then dropped. Each sequence's first `prefix` rows (KVzip's
+    /// "repeat the context" request) are attended but not scored; the rows after them replay
+    /// the prompt tokens at text positions `replayed`. The engine runs the layers on it as on
+    /// any step: every layer reading a group whose retention needs probes hands back the mass
+    /// of the scored rows ([`Step::observe_rows`]) through [`Step::observed_mass_mut`], as
+    /// SnapKV's observation rows do (peak weights, `paged_attention_peak`, in the kernels'
+    /// executor). [`Reservation::finish_probe`] then keeps, for each slot at a `replayed`
+    /// position, the most mass of any probe so far, and rolls the tokens back. Run probes after
+    /// a prompt's other tokens and before its last, so the retention decides with them at the
+    /// prompt's end; [`crate::Retention::probe_chunk`] says how many prompt tokens one probe
+    /// replays.
+    pub fn reserve_probe<'a>(
+        &'a self,
+        batch: &[(SeqId, &[u32])],
+        prefix: usize,
+        replayed: std::ops::Range<usize>,
+        step: &'a mut Step,
+    ) -> Result<Reservation<'a>> {
+        self.core.reserve(
+            &mut self.state.write(),
+            batch,
+            step,
+            Some((prefix, replayed)),
+        )?;
+        Ok(Reservation::new(self, step))
     }
 
     /// A child sequence that shares every page of `parent` (refcounts + 1) and a copy of its
@@ -752,6 +786,111 @@ mod tests {
         assert_eq!(reserved.phase(0), Phase::Decode);
         reserved.retain().unwrap();
         assert!(c.set_prompt_len(1, 4).is_err());
+        c.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn probes_score_the_prompt_and_leave_nothing_else() {
+        let p = PolicyBuilder::new(LayerMap::identity(1).unwrap())
+            .retention(Retention::KvZip {
+                budget: crate::retention::Budget::Tokens(4),
+                chunk: 3,
+                pool: 1,
+            })
+            .build()
+            .unwrap();
+        let c = cache(p, 32, 4);
+        c.add_sequence(1).unwrap();
+        c.set_prompt_len(1, 9).unwrap();
+        let mut step = Step::new();
+        let mut reserved = c.reserve(&[(1, &[0; 8])], &mut step).unwrap();
+        assert!(
+            reserved.mass_mut(0).is_none(),
+            "a prompt step of KVzip needs no mass"
+        );
+        reserved.retain().unwrap();
+        let before = (c.snapshot(), c.pool_stats());
+        // Two probes of 6 tokens each (a new page): the most mass per slot stays.
+        for (hot, m) in [([1usize, 5], 2.0f32), ([5, 6], 3.0)] {
+            let mut reserved = c
+                .reserve_probe(&[(1, &[0; 6])], 2, 0..7, &mut step)
+                .unwrap();
+            assert!(reserved.is_probe());
+            assert_eq!(
+                reserved.observe_rows(0, 0),
+                2..6,
+                "the prefix is not scored"
+            );
+            assert!(reserved.mass_mut(0).is_none());
+            let mass = reserved.observed_mass_mut(0).unwrap();
+            assert_eq!(mass.len(), 14);
+            mass.fill(0.5);
+            for h in hot {
+                mass[h] = m;
+            }
+            // The probe's own rows are not scored.
+            mass[9] = 100.0;
+            reserved.finish_probe().unwrap();
+        }
+        let (after, pool) = (c.snapshot(), c.pool_stats());
+        assert_eq!(pool, before.1, "a probe holds no page afterwards");
+        let (a, b) = (&after.sequences[&1], &before.0.sequences[&1]);
+        assert_eq!((&a.tables, a.num_tokens), (&b.tables, b.num_tokens));
+        assert_eq!(
+            a.scores[0][3][..7],
+            [0.5, 2.0, 0.5, 0.5, 0.5, 3.0, 3.0],
+            "max over probes, per slot they replayed"
+        );
+        assert_eq!(
+            a.scores[0][3][7],
+            f32::INFINITY,
+            "position 7 was not replayed"
+        );
+        c.check_invariants().unwrap();
+        // A probe step cannot be kept; a plain step cannot end as a probe.
+        let reserved = c.reserve_probe(&[(1, &[0])], 0, 0..8, &mut step).unwrap();
+        assert!(reserved.retain().is_err());
+        assert_eq!(c.pool_stats(), pool);
+        let reserved = c.reserve(&[(1, &[0])], &mut step).unwrap();
+        assert!(reserved.finish_probe().is_err());
+        assert_eq!(c.snapshot().sequences[&1].tables, a.tables);
+        // The prompt's last token: the top 2 probed slots plus the two unprobed tokens.
+        let reserved = c.reserve(&[(1, &[0])], &mut step).unwrap();
+        assert_eq!(reserved.phase(0), Phase::PromptEnd);
+        assert_eq!(reserved.retain().unwrap().evicted_slots, 5);
+        let r = c.read();
+        let t = r.table(1, 0).unwrap();
+        let kept: Vec<usize> = (0..t.num_slots())
+            .filter(|&s| t.is_valid(s))
+            .map(|s| t.position(s).unwrap())
+            .collect();
+        assert_eq!(kept, vec![5, 6, 7, 8]);
+        drop(r);
+        c.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn kvzip_without_probes_is_an_error() {
+        let p = PolicyBuilder::new(LayerMap::identity(1).unwrap())
+            .retention(Retention::KvZip {
+                budget: crate::retention::Budget::Tokens(4),
+                chunk: 3,
+                pool: 1,
+            })
+            .build()
+            .unwrap();
+        let c = cache(p, 32, 4);
+        c.add_sequence(1).unwrap();
+        let mut step = Step::new();
+        let before = c.pool_stats();
+        let e = c
+            .reserve(&[(1, &[0; 9])], &mut step)
+            .unwrap()
+            .retain()
+            .unwrap_err();
+        assert!(e.to_string().contains("probe"), "{e}");
+        assert_eq!(c.pool_stats(), before);
+        assert_eq!(c.num_tokens(1).unwrap(), 0);
         c.check_invariants().unwrap();
     }
 

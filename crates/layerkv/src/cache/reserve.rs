@@ -17,11 +17,14 @@ use super::Core;
 
 impl Core {
     /// See [`crate::KvCache::reserve`].
+    /// `probe`: a probe step, its scored rows and positions
+    /// ([`crate::KvCache::reserve_probe`]).
     pub(crate) fn reserve(
         &self,
         st: &mut State,
         batch: &[(SeqId, &[u32])],
         step: &mut Step,
+        probe: Option<(usize, std::ops::Range<usize>)>,
     ) -> Result<()> {
         if matches!(step.state, StepState::Reserved | StepState::Retaining) {
             return Err(Error::InvalidConfig(
@@ -30,6 +33,11 @@ impl Core {
         }
         let groups = self.num_groups();
         step.reset(groups);
+        step.probe = probe.is_some();
+        if let Some((rows_from, positions)) = probe {
+            step.probe_from = rows_from;
+            step.probe_positions = positions;
+        }
         if let Err(e) = self.check(st, batch, step) {
             step.seqs.clear();
             return Err(e);
@@ -59,11 +67,19 @@ impl Core {
                 total += st.seqs[&seq].table(g).num_slots;
                 step.offsets.push(total);
             }
-            if need.all_rows() {
+            if need.all_rows() && !step.probe {
                 step.mass[g].resize(total, 0.0);
                 step.wants_mass[g] = true;
             }
-            if need.observe > 0 && (0..batch.len()).any(|i| !step.observe_rows(i, g).is_empty()) {
+            let observes = if step.probe {
+                need.probe
+            } else {
+                need.observe > 0
+            };
+            if step.probe && need.probe {
+                self.plan_probe_seen(st, batch, g, step);
+            }
+            if observes && (0..batch.len()).any(|i| !step.observe_rows(i, g).is_empty()) {
                 step.observed_mass[g].resize(total, 0.0);
                 step.wants_observed[g] = true;
             }
@@ -190,6 +206,10 @@ impl Core {
                         v.resize(len, 0.0);
                     }
                 }
+                if need.probe {
+                    // Not probed yet: kept by KVzip unless a probe step scores it.
+                    sc.probed.resize(len, f32::INFINITY);
+                }
             }
         }
         Ok(())
@@ -239,6 +259,75 @@ impl Core {
     }
 
     /// See [`crate::Reservation::rollback`].
+    /// Fills [`Step::probe_seen`] for group `g` of a reserved probe step.
+    fn plan_probe_seen(&self, st: &State, batch: &[(SeqId, &[u32])], g: usize, step: &mut Step) {
+        let groups = self.num_groups();
+        if step.probe_seen.len() < batch.len() * groups {
+            step.probe_seen.resize_with(batch.len() * groups, Vec::new);
+        }
+        for (i, &(seq, _)) in batch.iter().enumerate() {
+            let t = st.seqs[&seq].table(g);
+            let before = step.undo[i * groups + g].num_slots;
+            let seen = &mut step.probe_seen[i * groups + g];
+            seen.clear();
+            seen.resize(crate::bits::words_for(t.num_slots), 0);
+            let mut sinks = 0;
+            for x in 0..t.num_slots {
+                if !t.is_valid(x) {
+                    continue;
+                }
+                let sink = sinks < crate::step::PROBE_SINKS;
+                sinks += 1;
+                let replayed = t
+                    .position(x)
+                    .is_some_and(|p| step.probe_positions.contains(&p));
+                if sink || replayed || x >= before {
+                    crate::bits::set(seen, x);
+                }
+            }
+        }
+    }
+
+    /// See [`crate::Reservation::finish_probe`]: folds a probe step's mass into the probe
+    /// scores of the slots that existed before it (max), before the rollback drops its tokens.
+    pub(crate) fn fold_probe(&self, st: &mut State, step: &Step) -> Result<()> {
+        if step.state != StepState::Reserved {
+            return Err(Error::InvalidConfig(
+                "finish_probe: no reserved step to finish".into(),
+            ));
+        }
+        let groups = self.num_groups();
+        let n_seqs = step.seqs.len();
+        for (i, ss) in step.seqs.iter().enumerate() {
+            let s = st
+                .seqs
+                .get_mut(&ss.seq)
+                .ok_or(Error::UnknownSequence(ss.seq))?;
+            for g in 0..groups {
+                if !(self.needs[g].probe && step.wants_observed[g]) {
+                    continue;
+                }
+                let before = step.undo[i * groups + g].num_slots;
+                let lo = step.offsets[g * (n_seqs + 1) + i];
+                let mass = &step.observed_mass[g][lo..lo + before];
+                let t = if g == 0 { &s.first } else { &s.rest[g - 1] };
+                let Some(sc) = s.scores.get_mut(g) else {
+                    continue;
+                };
+                for (x, (p, &m)) in sc.probed[..before].iter_mut().zip(mass).enumerate() {
+                    // Only the replayed tokens' own slots: the rest of the prompt draws
+                    // attention from every probe by position alone.
+                    if t.position(x)
+                        .is_some_and(|q| step.probe_positions.contains(&q))
+                    {
+                        *p = if p.is_finite() { p.max(m) } else { m };
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn rollback(&self, st: &mut State, step: &mut Step) -> Result<()> {
         if step.state != StepState::Reserved {
             return Err(Error::InvalidConfig(
@@ -269,7 +358,12 @@ impl Core {
                 t.tail_shared = u.tail_shared;
                 let n = t.num_slots;
                 if let Some(sc) = s.scores.get_mut(g) {
-                    for v in [&mut sc.accumulated, &mut sc.last, &mut sc.observed] {
+                    for v in [
+                        &mut sc.accumulated,
+                        &mut sc.last,
+                        &mut sc.observed,
+                        &mut sc.probed,
+                    ] {
                         v.truncate(n);
                     }
                 }

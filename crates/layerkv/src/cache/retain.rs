@@ -44,6 +44,7 @@ impl Core {
         let start = rs.keep_ranges[first].2;
         let mut words = &mut rs.keep_words[start..];
         let mut joint = Vec::with_capacity(lanes);
+        let probes = self.policy.retention(group).joint_reads_probes();
         for (pair, &(_, lane, _)) in rs.keep_ranges[first..].iter().enumerate() {
             let t = s.table(lane);
             let n = t.num_slots;
@@ -52,7 +53,11 @@ impl Core {
             joint.push(crate::retention::JointLane {
                 num_slots: n,
                 valid: &t.valid,
-                scores: &rs.scores[first + pair].observed,
+                scores: if probes {
+                    &rs.scores[first + pair].probed
+                } else {
+                    &rs.scores[first + pair].observed
+                },
                 keep,
             });
         }
@@ -88,6 +93,11 @@ impl Core {
         if step.state != StepState::Reserved {
             return Err(Error::InvalidConfig(
                 "retain: no reserved step (call reserve first, once per step)".into(),
+            ));
+        }
+        if step.probe {
+            return Err(Error::InvalidConfig(
+                "retain: a probe step is never kept (end it with Reservation::finish_probe)".into(),
             ));
         }
         let groups = self.num_groups();
@@ -131,6 +141,7 @@ impl Core {
                             u.scores.accumulated.clear();
                             u.scores.last.clear();
                             u.scores.observed.clear();
+                            u.scores.probed.clear();
                         }
                     }
                     step.retain_undo_len += 1;
@@ -165,6 +176,12 @@ impl Core {
                     sc.map(|x| &x.observed[..]),
                     step.wants_observed[g].then(|| &step.observed_mass[g][seg.clone()]),
                 );
+                fold(
+                    &mut scratch.probed,
+                    need.probe,
+                    sc.map(|x| &x.probed[..]),
+                    None,
+                );
                 let words = bits::words_for(n);
                 let start = rs.keep_words.len();
                 rs.keep_words.resize(start + words, 0);
@@ -181,6 +198,7 @@ impl Core {
                             accumulated: need.accumulated.then_some(&scratch.accumulated[..]),
                             last: need.last.then_some(&scratch.last[..]),
                             observed: (need.observe > 0).then_some(&scratch.observed[..]),
+                            probed: need.probe.then_some(&scratch.probed[..]),
                         },
                         phase,
                     };
@@ -218,6 +236,7 @@ impl Core {
                 std::mem::swap(&mut sc.accumulated, &mut scratch.accumulated);
                 std::mem::swap(&mut sc.last, &mut scratch.last);
                 std::mem::swap(&mut sc.observed, &mut scratch.observed);
+                std::mem::swap(&mut sc.probed, &mut scratch.probed);
             }
             let t = s.table_mut(g);
             let words = bits::words_for(t.num_slots);
@@ -241,7 +260,12 @@ impl Core {
                     Some(sc) => compactor.apply(
                         t,
                         bs,
-                        &mut [&mut sc.accumulated, &mut sc.last, &mut sc.observed],
+                        &mut [
+                            &mut sc.accumulated,
+                            &mut sc.last,
+                            &mut sc.observed,
+                            &mut sc.probed,
+                        ],
                         &mut step.moves,
                     ),
                     None => compactor.apply(t, bs, &mut [], &mut step.moves),

@@ -7,4 +7,6 @@ pub(crate) struct GroupScores {
     pub(crate) accumulated: Vec<f32>,
     pub(crate) last: Vec<f32>,
     pub(crate) observed: Vec<f32>,
+    /// The most mass of any probe step (KVzip); `+inf` where no probe looked.
+    pub(crate) probed: Vec<f32>,
 }

@@ -10,10 +10,12 @@
 //! heads and over every layer that reads it. [`Retention::select_joint`] is AdaKV's split of
 //! one budget across the lanes of a group.
 //! Costs: `Full`/`SinkWindow` O(kept); `HeavyHitter` O(slots) expected; `SnapKv`
-//! O(slots x pool), once per sequence.
+//! O(slots x pool), once per sequence; `KvZip` O(slots) expected, once per sequence (plus the
+//! engine's probe steps, about one more prefill of the prompt).
 
 mod adaptive;
 mod heavy_hitter;
+mod kvzip;
 mod pyramid;
 mod sink_window;
 mod snapkv;
@@ -27,6 +29,17 @@ use crate::error::{Error, Result};
 
 pub use adaptive::JointLane;
 pub use pyramid::pyramid_budgets;
+
+/// Prompt tokens per KVzip probe step by default ([`Retention::KvZip`]).
+pub const KVZIP_CHUNK: usize = 128;
+
+fn kvzip_chunk() -> usize {
+    KVZIP_CHUNK
+}
+
+fn kvzip_pool() -> usize {
+    1
+}
 
 /// Reused buffers of [`Retention::select_joint`] (no allocation once grown).
 #[derive(Debug, Default)]
@@ -106,6 +119,10 @@ pub struct ScoreNeed {
     pub last: bool,
     /// The mass of the prompt's last `observe` queries (SnapKV's observation window); 0: none.
     pub observe: usize,
+    /// The mass of probe steps' queries, the most of any probe step per slot (KVzip: the
+    /// engine replays the prompt after it before its last token, see
+    /// [`crate::KvCache::reserve_probe`]); slots no probe saw score `+inf`.
+    pub probe: bool,
 }
 
 impl ScoreNeed {
@@ -114,6 +131,7 @@ impl ScoreNeed {
         accumulated: false,
         last: false,
         observe: 0,
+        probe: false,
     };
 
     /// Whether nothing is needed.
@@ -132,6 +150,7 @@ impl ScoreNeed {
             accumulated: self.accumulated || other.accumulated,
             last: self.last || other.last,
             observe: self.observe.max(other.observe),
+            probe: self.probe || other.probe,
         }
     }
 }
@@ -145,6 +164,8 @@ pub struct Scores<'a> {
     pub last: Option<&'a [f32]>,
     /// Mass from the prompt's observation window (SnapKV); all zeros until those queries ran.
     pub observed: Option<&'a [f32]>,
+    /// The most mass any probe step put on each slot (KVzip); `+inf` where no probe looked.
+    pub probed: Option<&'a [f32]>,
 }
 
 /// A retention rule written outside this crate (TOVA, a quantile rule, ...): implement it and
@@ -221,6 +242,27 @@ pub enum Retention {
         /// Pooling kernel size (odd; SnapKV uses 5 to 7).
         pool: usize,
     },
+    /// KVzip (Kim et al. 2025), query-agnostic: once at the end of prefill, keep the `budget`
+    /// slots the prompt's reconstruction attends to most. Before the prompt's last token the
+    /// engine replays the prompt in probe steps of `chunk` tokens after a "repeat the context"
+    /// prefix ([`crate::KvCache::reserve_probe`]); each slot scores the most attention any probe
+    /// step put on it, and the probes leave nothing in the cache. Tokens no probe saw (the
+    /// prompt's last) are kept.
+    #[serde(rename = "kvzip")]
+    KvZip {
+        /// Tokens kept after compression.
+        budget: Budget,
+        /// Prompt tokens per probe step: the mass sums over a step's rows, so a shorter chunk
+        /// comes closer to KVzip's maximum over single queries, at more steps
+        /// ([`KVZIP_CHUNK`] when a policy file leaves it out).
+        #[serde(default = "kvzip_chunk")]
+        chunk: usize,
+        /// Max-pooling of the scores over this many neighbouring slots (odd), as SnapKV pools,
+        /// so a kept token keeps its neighbours (a number split into several tokens stays
+        /// whole); 1, KVzip's own and the default, scores each token alone.
+        #[serde(default = "kvzip_pool")]
+        pool: usize,
+    },
     /// Keep every slot that any part keeps (e.g. sinks + heavy hitters + window).
     Union {
         /// The composed retentions.
@@ -245,6 +287,13 @@ impl fmt::Display for Retention {
                 pool,
             } => {
                 write!(f, "snapkv(budget={budget},observe={observe},pool={pool})")
+            }
+            Retention::KvZip {
+                budget,
+                chunk,
+                pool,
+            } => {
+                write!(f, "kvzip(budget={budget},chunk={chunk},pool={pool})")
             }
             Retention::Union { parts } => {
                 for (i, p) in parts.iter().enumerate() {
@@ -342,6 +391,23 @@ impl Retention {
                 }
                 Ok(())
             }
+            Retention::KvZip {
+                budget,
+                chunk,
+                pool,
+            } => {
+                budget.check("budget", self)?;
+                if *pool == 0 || pool % 2 == 0 {
+                    return Err(bad(format!("pool must be odd and positive, got {pool}")));
+                }
+                if budget.is_zero() {
+                    return Err(bad("the budget must keep at least one token".into()));
+                }
+                if *chunk == 0 {
+                    return Err(bad("a probe step needs at least one token (chunk 0)".into()));
+                }
+                Ok(())
+            }
             Retention::Union { parts } => {
                 if parts.is_empty() {
                     return Err(bad("a union needs at least one part (zero budget)".into()));
@@ -362,6 +428,10 @@ impl Retention {
             },
             Retention::SnapKv { observe, .. } => ScoreNeed {
                 observe: *observe,
+                ..ScoreNeed::NONE
+            },
+            Retention::KvZip { .. } => ScoreNeed {
+                probe: true,
                 ..ScoreNeed::NONE
             },
             Retention::Union { parts } => parts
@@ -449,6 +519,26 @@ impl Retention {
                     keep.copy_from_slice(&input.valid[..keep.len()]);
                 }
             }
+            Retention::KvZip { budget, pool, .. } => {
+                let budget = budget.resolve(input.num_tokens);
+                if input.phase == Phase::PromptEnd && bits::count(input.valid) > budget {
+                    kvzip::select(
+                        budget,
+                        *pool,
+                        n,
+                        input.valid,
+                        input.scores.probed.ok_or_else(|| missing("probe"))?,
+                        keep,
+                        scratch,
+                    )
+                    .map_err(|reason| Error::InvalidRetention {
+                        retention: self.to_string(),
+                        reason,
+                    })?;
+                } else {
+                    keep.copy_from_slice(&input.valid[..keep.len()]);
+                }
+            }
             Retention::Union { parts } => {
                 for p in parts {
                     p.select(input, keep, scratch)?;
@@ -459,15 +549,34 @@ impl Retention {
         Ok(())
     }
 
+    /// Prompt tokens per probe step the engine runs before the prompt's last token
+    /// ([`Retention::KvZip`]; a union: its first KVzip part's); `None`: no probes.
+    pub fn probe_chunk(&self) -> Option<usize> {
+        match self {
+            Retention::KvZip { chunk, .. } => Some(*chunk),
+            Retention::Union { parts } => parts.iter().find_map(Retention::probe_chunk),
+            _ => None,
+        }
+    }
+
     /// Whether [`Retention::select_joint`] can decide at `phase` (SnapKV and PyramidKV at the
     /// prompt's end): callers skip gathering the lanes elsewhere.
     pub fn has_joint_form(&self, phase: Phase) -> bool {
-        matches!(self, Retention::SnapKv { .. }) && phase == Phase::PromptEnd
+        matches!(self, Retention::SnapKv { .. } | Retention::KvZip { .. })
+            && phase == Phase::PromptEnd
+    }
+
+    /// Whether [`Retention::select_joint`] reads the probe scores (KVzip) rather than SnapKV's
+    /// observation scores.
+    pub fn joint_reads_probes(&self) -> bool {
+        matches!(self, Retention::KvZip { .. })
     }
 
     /// AdaKV: one decision for all the lanes of a group (overwriting their keep bits), sharing
-    /// `lanes x budget` with each lane keeping at least `floor` of its share (see `adaptive.rs`). Only SnapKV (and PyramidKV, SnapKV with per-group budgets) has a joint
-    /// form, at the prompt's end when every lane holds more than its budget; elsewhere this
+    /// `lanes x budget` with each lane keeping at least `floor` of its share (see
+    /// `adaptive.rs`). SnapKV (and PyramidKV, SnapKV with per-group budgets) and KVzip (its
+    /// probe scores, no window, no pooling: KVzip's head-level eviction) have a joint form, at
+    /// the prompt's end when every lane holds more than its budget; elsewhere this
     /// returns `false` and writes nothing, and the caller decides lane by lane with
     /// [`Retention::select`]. A joint decision bounds the group, not each lane.
     pub fn select_joint(
@@ -478,13 +587,15 @@ impl Retention {
         floor: f64,
         scratch: &mut JointScratch,
     ) -> bool {
-        let Retention::SnapKv {
-            observe,
-            budget,
-            pool,
-        } = self
-        else {
-            return false;
+        // KVzip's head-level split is SnapKV's with no window and no pooling.
+        let (observe, budget, pool) = match self {
+            Retention::SnapKv {
+                observe,
+                budget,
+                pool,
+            } => (*observe, budget, *pool),
+            Retention::KvZip { budget, pool, .. } => (0, budget, *pool),
+            _ => return false,
         };
         let budget = budget.resolve(num_tokens);
         if !self.has_joint_form(phase)
@@ -494,9 +605,9 @@ impl Retention {
             return false;
         }
         adaptive::select_snapkv(
-            *observe,
+            observe,
             budget,
-            *pool,
+            pool,
             floor,
             lanes,
             &mut scratch.slots,
@@ -517,7 +628,7 @@ impl Retention {
             }
             // Nothing is compressed before the prompt ends: a sequence that is all prompt holds
             // all of it until then.
-            Retention::SnapKv { .. } => num_tokens,
+            Retention::SnapKv { .. } | Retention::KvZip { .. } => num_tokens,
             Retention::Union { parts } => parts.iter().map(|p| p.max_tokens(num_tokens)).sum(),
             Retention::Custom(c) => c.0.max_tokens(num_tokens),
         };
@@ -561,6 +672,7 @@ mod tests {
                     accumulated: scores,
                     last: scores,
                     observed: scores,
+                    probed: scores,
                 },
                 phase,
             },

@@ -390,6 +390,9 @@ struct Dims {
     block_size: usize,
     /// Use the baseline loops even where AVX2+FMA exist (tests cover both instantiations).
     baseline: bool,
+    /// The mass is each slot's peak weight over the rows and query heads of a work item
+    /// ([`crate::paged_attention_peak`]), max-combined, instead of their sum.
+    peak: bool,
 }
 
 /// A raw output pointer shared by work items that write disjoint index ranges (attention:
@@ -427,9 +430,21 @@ pub(crate) fn attention(
     params: &AttentionParams,
     mass: Option<&mut [f32]>,
 ) -> Result<Tensor> {
-    attention_with(q, store, seqs, params, mass, false, Split::Auto)
+    attention_with(q, store, seqs, params, mass, false, Split::Auto, false)
 }
 
+/// Paged attention on the CPU with peak mass; see [`crate::paged_attention_peak`].
+pub(crate) fn attention_peak(
+    q: &Tensor,
+    store: &KvStore,
+    seqs: &[SeqQuery<'_>],
+    params: &AttentionParams,
+    peak: &mut [f32],
+) -> Result<Tensor> {
+    attention_with(q, store, seqs, params, Some(peak), false, Split::Auto, true)
+}
+
+#[allow(clippy::too_many_arguments)]
 fn attention_with(
     q: &Tensor,
     store: &KvStore,
@@ -438,6 +453,7 @@ fn attention_with(
     mass: Option<&mut [f32]>,
     baseline: bool,
     split: Split,
+    peak: bool,
 ) -> Result<Tensor> {
     let (total_q, heads, head_dim) = q.dims3()?;
     let dims = Dims {
@@ -446,6 +462,7 @@ fn attention_with(
         head_dim,
         block_size: store.block_size(),
         baseline,
+        peak,
     };
     let q32 = q.to_dtype(DType::F32)?.contiguous()?;
     let (q_storage, q_layout) = q32.storage_and_layout();
@@ -490,7 +507,7 @@ fn attention_with(
             let seg = &mut mass[offset..offset + seq.kv.num_slots];
             for part in &parts[s * dims.kv_heads..(s + 1) * dims.kv_heads] {
                 for (m, p) in seg.iter_mut().zip(part) {
-                    *m += p;
+                    *m = if peak { m.max(*p) } else { *m + p };
                 }
             }
             offset += seq.kv.num_slots;
@@ -680,14 +697,19 @@ fn work_item_body<T: Elem, M: Madd>(
                                 dst.as_ptr()
                             }
                         };
-                        let mut slot_mass = 0.0;
+                        let (mut slot_mass, mut slot_peak) = (0.0, 0f32);
                         for g in 0..group {
                             let x = scores[s * group + g] * sum[g];
                             w[g * VB + count] = x;
                             slot_mass += x;
+                            slot_peak = slot_peak.max(x);
                         }
                         if let Some(m) = mass.as_mut() {
-                            m[s] += slot_mass;
+                            m[s] = if dims.peak {
+                                m[s].max(slot_peak)
+                            } else {
+                                m[s] + slot_mass
+                            };
                         }
                         count += 1;
                     }
@@ -818,6 +840,7 @@ mod tests {
                     Some(&mut mass),
                     baseline,
                     Split::Auto,
+                    false,
                 )
                 .unwrap();
                 let diff = max_abs_diff(&got, &want);
@@ -825,6 +848,34 @@ mod tests {
                 for (m, w) in mass.iter().zip(&want_mass) {
                     assert!((m - w).abs() < 1e-4, "{dtype:?} baseline={baseline}: mass");
                 }
+                // Peak mass, max-combined into a buffer that already holds some values.
+                let (_, want_peak) =
+                    crate::reference::dense_attention_peak(&q, &store, &seqs, &params).unwrap();
+                let mut peak: Vec<f32> = (0..19).map(|s| (s % 3) as f32 * 0.2).collect();
+                let before = peak.clone();
+                let got = attention_with(
+                    &q,
+                    &store,
+                    &seqs,
+                    &params,
+                    Some(&mut peak),
+                    baseline,
+                    Split::Auto,
+                    true,
+                )
+                .unwrap();
+                assert!(max_abs_diff(&got, &want) < 1e-5);
+                for (s, ((p, w), b)) in peak.iter().zip(&want_peak).zip(&before).enumerate() {
+                    let want = w.max(*b);
+                    assert!(
+                        (p - want).abs() < 1e-5,
+                        "{dtype:?} baseline={baseline} slot {s}: peak {p}, want {want}"
+                    );
+                }
+                assert!(
+                    want_peak.iter().zip(&want_mass).any(|(p, m)| m - p > 0.1),
+                    "peak and sum must differ here, or the check is vacuous"
+                );
             }
         }
     }
@@ -906,8 +957,10 @@ mod tests {
                 let (want, _) = dense_attention(&q, &store, &seqs, &params).unwrap();
                 for split in [Split::Slots(1), Split::Slots(8), Split::Auto, Split::Off] {
                     for baseline in [true, false] {
-                        let got = attention_with(&q, &store, &seqs, &params, None, baseline, split)
-                            .unwrap();
+                        let got = attention_with(
+                            &q, &store, &seqs, &params, None, baseline, split, false,
+                        )
+                        .unwrap();
                         let diff = max_abs_diff(&got, &want);
                         assert!(
                             diff < 1e-5,
