@@ -344,3 +344,65 @@ fn a_failure_at_any_stage_of_a_step_changes_nothing() {
         );
     }
 }
+
+/// KVzip: a failure in any protocol step of a prompt (the step before the probes, each probe,
+/// the last token's step that compresses) leaves the cache and the live K/V rows as they were,
+/// and the retried prompt matches an engine that never failed.
+#[test]
+fn a_failure_in_a_kvzip_prompt_changes_nothing() {
+    let model = model();
+    let spec = "identity+kvzip:6:4";
+    let scenario = Scenario::Prompt;
+    // An 11-token prompt: step 0 runs its first 10 tokens, steps 1-3 the probes (4, 4 and 2
+    // tokens after their tails), step 4 its last token.
+    let mut reached = Vec::new();
+    for step in 0..6 {
+        for stage in STAGES {
+            let mut e = engine(&model, spec, 256);
+            let mut twin = engine(&model, spec, 256);
+            scenario.history(&mut e);
+            scenario.history(&mut twin);
+            let before = snapshot(&e);
+            e.inject_fault(Fault { step, stage });
+            let what = format!("{spec}, step {step}, {stage:?}");
+            match scenario.faulted(&mut e) {
+                Ok(_) => continue,
+                Err(ModelError::Fault(s)) => assert_eq!(s, stage, "{what}"),
+                Err(other) => panic!("{what}: {other}"),
+            }
+            e.cache().check_invariants().unwrap();
+            let after = snapshot(&e);
+            assert!(before == after, "{what}: {}", diff(&before, &after));
+            let a = scenario.faulted(&mut e).unwrap();
+            let b = scenario.faulted(&mut twin).unwrap();
+            let d = max_abs_diff(&a, &b);
+            assert!(d <= 1e-6, "{what}: the retried prompt differs by {d}");
+            assert_eq!(
+                e.cache().read().table(0, 0).unwrap().num_valid(),
+                6,
+                "{what}: compressed to the budget"
+            );
+            reached.push((step, stage));
+        }
+    }
+    for step in 1..4 {
+        for stage in [
+            FailStage::AfterReserve,
+            FailStage::Layer(0),
+            FailStage::Layer(3),
+        ] {
+            assert!(
+                reached.contains(&(step, stage)),
+                "probe step {step} {stage:?}"
+            );
+        }
+    }
+    assert!(
+        reached.contains(&(4, FailStage::BeforeRetain)),
+        "the compressing step: {reached:?}"
+    );
+    assert!(
+        !reached.iter().any(|&(s, _)| s == 5),
+        "a prompt of 11 tokens runs 5 protocol steps: {reached:?}"
+    );
+}
