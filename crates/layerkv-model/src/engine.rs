@@ -422,13 +422,20 @@ impl Engine {
         chunk: usize,
     ) -> Result<Tensor> {
         self.restoring_fresh(batch, |e, fresh| {
-            for &(seq, tokens) in batch {
-                if fresh.contains(&seq) && e.cache.prompt_len(seq)?.is_none() {
-                    e.cache.set_prompt_len(seq, tokens.len())?;
-                }
-            }
+            e.declare_prompts(batch, fresh)?;
             e.chunks(batch, rows, out, chunk)
         })
+    }
+
+    /// Declares this call's tokens as the prompt of each `fresh` sequence that declared none
+    /// (one that did keeps its own).
+    fn declare_prompts(&self, batch: &[(SeqId, &[u32])], fresh: &[SeqId]) -> Result<()> {
+        for &(seq, tokens) in batch {
+            if fresh.contains(&seq) && self.cache.prompt_len(seq)?.is_none() {
+                self.cache.set_prompt_len(seq, tokens.len())?;
+            }
+        }
+        Ok(())
     }
 
     /// Runs `f` with the ids of the batch's empty sequences; if it fails, those sequences are
@@ -486,11 +493,7 @@ impl Engine {
         chunk: usize,
     ) -> Result<Tensor> {
         self.restoring_fresh(batch, |e, fresh| {
-            for &(seq, tokens) in batch {
-                if fresh.contains(&seq) {
-                    e.cache.set_prompt_len(seq, tokens.len())?;
-                }
-            }
+            e.declare_prompts(batch, fresh)?;
             let head: Vec<(SeqId, &[u32])> = batch
                 .iter()
                 .zip(probing)

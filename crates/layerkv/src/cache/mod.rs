@@ -789,8 +789,8 @@ mod tests {
         c.check_invariants().unwrap();
     }
 
-    #[test]
-    fn probes_score_the_prompt_and_leave_nothing_else() {
+    /// One layer under KVzip keeping 4 tokens, probes of 3, pages of 4 slots.
+    fn kvzip_cache() -> KvCache {
         let p = PolicyBuilder::new(LayerMap::identity(1).unwrap())
             .retention(Retention::KvZip {
                 budget: crate::retention::Budget::Tokens(4),
@@ -799,7 +799,12 @@ mod tests {
             })
             .build()
             .unwrap();
-        let c = cache(p, 32, 4);
+        cache(p, 32, 4)
+    }
+
+    #[test]
+    fn probes_score_the_prompt_and_leave_nothing_else() {
+        let c = kvzip_cache();
         c.add_sequence(1).unwrap();
         c.set_prompt_len(1, 9).unwrap();
         let mut step = Step::new();
@@ -871,15 +876,7 @@ mod tests {
 
     #[test]
     fn kvzip_without_probes_is_an_error() {
-        let p = PolicyBuilder::new(LayerMap::identity(1).unwrap())
-            .retention(Retention::KvZip {
-                budget: crate::retention::Budget::Tokens(4),
-                chunk: 3,
-                pool: 1,
-            })
-            .build()
-            .unwrap();
-        let c = cache(p, 32, 4);
+        let c = kvzip_cache();
         c.add_sequence(1).unwrap();
         let mut step = Step::new();
         let before = c.pool_stats();
