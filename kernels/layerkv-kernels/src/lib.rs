@@ -40,6 +40,7 @@ mod cpu;
 pub mod cuda;
 mod error;
 mod exec;
+pub mod kvtype;
 pub mod reference;
 mod store;
 mod view;
@@ -49,6 +50,7 @@ pub use cpu::spin;
 pub use cpu::swiglu::{silu_mul, swiglu};
 pub use error::{KernelError, Result};
 pub use exec::{KeyRotation, StepExecutor};
+pub use kvtype::{KvType, KvTypes};
 pub use store::{GatheredMoves, KvStore};
 pub use view::{AttentionParams, SeqQuery};
 

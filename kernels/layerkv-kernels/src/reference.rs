@@ -43,14 +43,9 @@ fn dense(
     let (bs, kvh) = (store.block_size(), store.kv_heads());
     let group = heads / kvh;
     let dev = q.device();
-    let flat_k = store
-        .k()
-        .reshape((store.num_pages() * bs, kvh, d))?
-        .to_dtype(DType::F32)?;
-    let flat_v = store
-        .v()
-        .reshape((store.num_pages() * bs, kvh, d))?
-        .to_dtype(DType::F32)?;
+    // Dequantized for block types: the reference computes with the values the kernels read.
+    let flat_k = store.k_f32()?.reshape((store.num_pages() * bs, kvh, d))?;
+    let flat_v = store.v_f32()?.reshape((store.num_pages() * bs, kvh, d))?;
     let q = q.to_dtype(DType::F32)?;
     let mut out = Tensor::zeros((total_q, heads, d), DType::F32, dev)?;
     let mut mass = Vec::new();

@@ -1,6 +1,8 @@
 //! [`KvStore`]: the page tensors behind the allocator's page ids. K and V are candle tensors of
 //! shape `[num_pages, block_size, kv_heads, head_dim]` (f32, f16 or bf16, CPU or CUDA), so they
-//! cross into engines built on candle (mistral.rs) without conversion.
+//! cross into engines built on candle (mistral.rs) without conversion; or, for the block types
+//! of [`KvType`] (Q8_0, Q4_0; CPU), `U8` tensors `[num_pages, block_size, kv_heads, row_bytes]`.
+//! K and V may differ in type. Writes quantize; nothing else does: moves and copies move bytes.
 //!
 //! Writes are in place (candle in-place ops): `write` scatters n new tokens' K/V rows into their
 //! physical slots (`page * block_size + offset`) in O(n x kv_heads x head_dim); `copy_page`
@@ -12,6 +14,7 @@ use candle_core::{CpuStorage, DType, Device, InplaceOp2, Layout, Tensor};
 use layerkv::SlotMove;
 
 use crate::error::{KernelError, Result};
+use crate::kvtype::{dequantize_rows, quantize_rows, KvType, KvTypes};
 
 /// K and V pages of every KV group of every sequence.
 ///
@@ -25,10 +28,11 @@ pub struct KvStore {
     block_size: usize,
     kv_heads: usize,
     head_dim: usize,
+    types: KvTypes,
 }
 
 impl KvStore {
-    /// Zeroed pages.
+    /// Zeroed float pages of `dtype` (f32, f16 or bf16) for K and V.
     pub fn new(
         num_pages: usize,
         block_size: usize,
@@ -37,36 +41,99 @@ impl KvStore {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
-            return Err(KernelError::DType {
-                what: "KvStore",
-                dtype,
-            });
-        }
+        let t = KvType::from_dtype(dtype).ok_or(KernelError::DType {
+            what: "KvStore",
+            dtype,
+        })?;
+        Self::with_types(
+            num_pages,
+            block_size,
+            kv_heads,
+            head_dim,
+            KvTypes::both(t),
+            device,
+        )
+    }
+
+    /// Zeroed pages of the given K and V types. Block types need a `head_dim` that is a
+    /// multiple of 32 and run on the CPU only (the CUDA kernels read float pages).
+    pub fn with_types(
+        num_pages: usize,
+        block_size: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        types: KvTypes,
+        device: &Device,
+    ) -> Result<Self> {
         if num_pages == 0 || block_size == 0 || kv_heads == 0 || head_dim == 0 {
             return Err(KernelError::Invalid(format!(
                 "KvStore sizes must be positive: {num_pages} pages x {block_size} slots x {kv_heads} heads x {head_dim}"
             )));
         }
-        let shape = (num_pages, block_size, kv_heads, head_dim);
+        for t in [types.k, types.v] {
+            t.check_head_dim(head_dim)?;
+            if t.is_quantized() && !device.is_cpu() {
+                return Err(KernelError::Invalid(format!(
+                    "{t} KV pages run on the CPU only (the CUDA kernels read f32, f16 and bf16 \
+                     pages)"
+                )));
+            }
+        }
+        let pages = |t: KvType| {
+            let shape = (num_pages, block_size, kv_heads, t.row_units(head_dim));
+            Tensor::zeros(shape, t.storage_dtype(), device)
+        };
         Ok(Self {
-            k: Tensor::zeros(shape, dtype, device)?,
-            v: Tensor::zeros(shape, dtype, device)?,
+            k: pages(types.k)?,
+            v: pages(types.v)?,
             num_pages,
             block_size,
             kv_heads,
             head_dim,
+            types,
         })
     }
 
-    /// Key pages `[num_pages, block_size, kv_heads, head_dim]`.
+    /// Key pages `[num_pages, block_size, kv_heads, head_dim]` (floats), or
+    /// `[num_pages, block_size, kv_heads, row_bytes]` (`U8`, block types).
     pub fn k(&self) -> &Tensor {
         &self.k
     }
 
-    /// Value pages `[num_pages, block_size, kv_heads, head_dim]`.
+    /// Value pages, shaped as [`KvStore::k`].
     pub fn v(&self) -> &Tensor {
         &self.v
+    }
+
+    /// Key pages as f32 values `[num_pages, block_size, kv_heads, head_dim]` (a dequantized
+    /// copy for block types): what the kernels compute with, for references and tests.
+    pub fn k_f32(&self) -> Result<Tensor> {
+        self.values_f32(&self.k, self.types.k)
+    }
+
+    /// Value pages as f32 values; see [`KvStore::k_f32`].
+    pub fn v_f32(&self) -> Result<Tensor> {
+        self.values_f32(&self.v, self.types.v)
+    }
+
+    fn values_f32(&self, t: &Tensor, ty: KvType) -> Result<Tensor> {
+        if !ty.is_quantized() {
+            return Ok(t.to_dtype(DType::F32)?);
+        }
+        let bytes = t.flatten_all()?.to_vec1::<u8>()?;
+        let rows = self.num_pages * self.block_size * self.kv_heads;
+        let mut out = vec![0f32; rows * self.head_dim];
+        dequantize_rows(ty, &bytes, self.head_dim, &mut out);
+        Ok(Tensor::from_vec(
+            out,
+            (self.num_pages, self.block_size, self.kv_heads, self.head_dim),
+            t.device(),
+        )?)
+    }
+
+    /// The K and V page types.
+    pub fn types(&self) -> KvTypes {
+        self.types
     }
 
     /// Pages in the store.
@@ -89,7 +156,7 @@ impl KvStore {
         self.head_dim
     }
 
-    /// Storage dtype.
+    /// Storage dtype of the key pages (`U8` for block types; see [`KvStore::types`]).
     pub fn dtype(&self) -> DType {
         self.k.dtype()
     }
@@ -99,13 +166,13 @@ impl KvStore {
         self.k.device()
     }
 
-    /// Bytes of one page (K and V).
+    /// Bytes of one page (K and V, block scales included).
     pub fn page_bytes(&self) -> usize {
-        2 * self.block_size * self.kv_heads * self.head_dim * self.dtype().size_in_bytes()
+        self.block_size * self.kv_heads * self.types.token_head_bytes(self.head_dim)
     }
 
     /// Writes `k` and `v` (`[n, kv_heads, head_dim]`, any float dtype) into physical slots
-    /// `slots[i] = page * block_size + offset`.
+    /// `slots[i] = page * block_size + offset`, quantizing rows for block types.
     pub fn write(&mut self, slots: &[u32], k: &Tensor, v: &Tensor) -> Result<()> {
         let want = [slots.len(), self.kv_heads, self.head_dim];
         for (what, t) in [("k", k), ("v", v)] {
@@ -128,22 +195,55 @@ impl KvStore {
         if slots.is_empty() {
             return Ok(());
         }
-        let row = self.kv_heads * self.head_dim;
-        let op = ScatterRows {
-            dst_rows: slots,
-            row,
-        };
-        for (dst, src) in [(&self.k, k), (&self.v, v)] {
-            let src = src.to_dtype(dst.dtype())?.contiguous()?;
-            dst.inplace_op2(&src, &op)?;
+        let (k, v) = (self.encode(k, self.types.k)?, self.encode(v, self.types.v)?);
+        self.scatter_raw(slots, Some(&k), Some(&v))
+    }
+
+    /// `x` (`[n, kv_heads, head_dim]` floats) as stored rows of type `t`: the store's float
+    /// dtype, or quantized blocks.
+    fn encode(&self, x: &Tensor, t: KvType) -> Result<Tensor> {
+        if !t.is_quantized() {
+            return Ok(x.to_dtype(t.storage_dtype())?.contiguous()?);
+        }
+        let n = x.dim(0)?;
+        let values = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let rb = t.row_bytes(self.head_dim);
+        let mut bytes = vec![0u8; n * self.kv_heads * rb];
+        quantize_rows(t, &values, self.head_dim, &mut bytes);
+        Ok(Tensor::from_vec(bytes, (n, self.kv_heads, rb), x.device())?)
+    }
+
+    /// Writes stored rows (already in each tensor's storage type) into physical slots,
+    /// checked by the caller.
+    fn scatter_raw(&mut self, slots: &[u32], k: Option<&Tensor>, v: Option<&Tensor>) -> Result<()> {
+        let rows = [
+            (&self.k, k, self.types.k),
+            (&self.v, v, self.types.v),
+        ];
+        for (dst, src, t) in rows {
+            if let Some(src) = src {
+                let op = ScatterRows {
+                    dst_rows: slots,
+                    row: self.kv_heads * t.row_units(self.head_dim),
+                };
+                dst.inplace_op2(&src.contiguous()?, &op)?;
+            }
         }
         Ok(())
     }
 
-    /// Writes only keys (`[n, kv_heads, head_dim]`) into physical slots: re-rotated
-    /// StreamingLLM sinks, whose values do not change.
+    /// Writes only keys into physical slots: re-rotated StreamingLLM sinks, whose values do
+    /// not change. `k` is `[n, kv_heads, head_dim]` floats (quantized here, for block types,
+    /// once: the caller rotates the sink's pre-RoPE key, never a stored one), or stored rows as
+    /// [`KvStore::read_keys`] returns them (written back as they are: a rollback).
     pub fn write_keys(&mut self, slots: &[u32], k: &Tensor) -> Result<()> {
-        let want = [slots.len(), self.kv_heads, self.head_dim];
+        let raw = self.types.k.is_quantized() && k.dtype() == DType::U8;
+        let last = if raw {
+            self.types.k.row_units(self.head_dim)
+        } else {
+            self.head_dim
+        };
+        let want = [slots.len(), self.kv_heads, last];
         if k.dims() != want {
             return Err(KernelError::Shape {
                 what: "k",
@@ -155,13 +255,12 @@ impl KvStore {
         if slots.is_empty() {
             return Ok(());
         }
-        let op = ScatterRows {
-            dst_rows: slots,
-            row: self.kv_heads * self.head_dim,
+        let k = if raw {
+            k.clone()
+        } else {
+            self.encode(k, self.types.k)?
         };
-        let src = k.to_dtype(self.k.dtype())?.contiguous()?;
-        self.k.inplace_op2(&src, &op)?;
-        Ok(())
+        self.scatter_raw(slots, Some(&k), None)
     }
 
     /// Executes a compaction plan ([`layerkv::Step::moves`]): K and V rows move from physical
@@ -186,38 +285,37 @@ impl KvStore {
         let dst: Vec<u32> = moves.iter().map(|m| m.dst).collect();
         self.check_slots("move_slots source", &src)?;
         self.check_slots("move_slots destination", &dst)?;
-        let k = self.read_rows(&self.k, &src)?;
-        let v = self.read_rows(&self.v, &src)?;
+        let k = self.read_rows(&self.k, self.types.k, &src)?;
+        let v = self.read_rows(&self.v, self.types.v, &src)?;
         Ok(Some(GatheredMoves { dst, k, v }))
     }
 
     /// The second half of [`KvStore::move_slots`]: writes the gathered rows to their
-    /// destinations (checked when gathered).
+    /// destinations (checked when gathered), as stored: a move never requantizes.
     pub fn scatter_moves(&mut self, gathered: GatheredMoves) -> Result<()> {
-        self.write(&gathered.dst, &gathered.k, &gathered.v)
+        self.scatter_raw(&gathered.dst, Some(&gathered.k), Some(&gathered.v))
     }
 
-    /// The keys at physical `slots`, `[n, kv_heads, head_dim]` in the store's dtype (a copy).
+    /// The keys at physical `slots` as stored (a copy): `[n, kv_heads, head_dim]` in the
+    /// store's float dtype, or `[n, kv_heads, row_bytes]` blocks (`U8`).
     pub fn read_keys(&self, slots: &[u32]) -> Result<Tensor> {
         self.check_slots("read_keys", slots)?;
-        self.read_rows(&self.k, slots)
+        self.read_rows(&self.k, self.types.k, slots)
     }
 
-    /// The values at physical `slots`, `[n, kv_heads, head_dim]` in the store's dtype (a copy).
+    /// The values at physical `slots` as stored (a copy); see [`KvStore::read_keys`].
     pub fn read_values(&self, slots: &[u32]) -> Result<Tensor> {
         self.check_slots("read_values", slots)?;
-        self.read_rows(&self.v, slots)
+        self.read_rows(&self.v, self.types.v, slots)
     }
 
-    fn read_rows(&self, t: &Tensor, slots: &[u32]) -> Result<Tensor> {
+    fn read_rows(&self, t: &Tensor, ty: KvType, slots: &[u32]) -> Result<Tensor> {
         let total = self.num_pages * self.block_size;
-        let row = self.kv_heads * self.head_dim;
+        let units = ty.row_units(self.head_dim);
         let idx = Tensor::new(slots, t.device())?;
-        Ok(t.reshape((total, row))?.index_select(&idx, 0)?.reshape((
-            slots.len(),
-            self.kv_heads,
-            self.head_dim,
-        ))?)
+        Ok(t.reshape((total, self.kv_heads * units))?
+            .index_select(&idx, 0)?
+            .reshape((slots.len(), self.kv_heads, units))?)
     }
 
     fn check_slots(&self, what: &str, slots: &[u32]) -> Result<()> {
@@ -243,13 +341,12 @@ impl KvStore {
                 });
             }
         }
-        let row = self.block_size * self.kv_heads * self.head_dim;
-        let op = CopyRows {
-            src: src as usize,
-            dst: dst as usize,
-            row,
-        };
-        for t in [&self.k, &self.v] {
+        for (t, ty) in [(&self.k, self.types.k), (&self.v, self.types.v)] {
+            let op = CopyRows {
+                src: src as usize,
+                dst: dst as usize,
+                row: self.block_size * self.kv_heads * ty.row_units(self.head_dim),
+            };
             t.inplace_op1(&op)?;
         }
         Ok(())
@@ -303,6 +400,9 @@ impl InplaceOp2 for ScatterRows<'_> {
             (CpuStorage::BF16(d), CpuStorage::BF16(s)) => {
                 scatter(d, o1, &s[o2..], self.dst_rows, self.row)
             }
+            (CpuStorage::U8(d), CpuStorage::U8(s)) => {
+                scatter(d, o1, &s[o2..], self.dst_rows, self.row)
+            }
             _ => candle_core::bail!("scatter-rows: dtype mismatch"),
         }
         Ok(())
@@ -341,6 +441,7 @@ impl candle_core::InplaceOp1 for CopyRows {
             CpuStorage::F32(v) => v.copy_within(a..a + n, b),
             CpuStorage::F16(v) => v.copy_within(a..a + n, b),
             CpuStorage::BF16(v) => v.copy_within(a..a + n, b),
+            CpuStorage::U8(v) => v.copy_within(a..a + n, b),
             _ => candle_core::bail!("copy-page: unsupported dtype"),
         }
         Ok(())
@@ -389,5 +490,48 @@ mod tests {
         assert_eq!(rows(store.v())[7], 70.0);
         assert!(store.move_slots(&[mv(1, 8)]).is_err());
         assert!(store.move_slots(&[mv(8, 1)]).is_err());
+    }
+
+    /// Block pages: a write rounds once; moves, copy-on-write copies and a rollback of
+    /// re-rotated keys move the stored bytes exactly; a re-rotation quantizes the fresh key.
+    #[test]
+    fn quantized_rows_move_as_bytes() {
+        let dev = Device::Cpu;
+        for t in [KvType::Q8_0, KvType::Q4_0] {
+            let types = KvTypes::both(t);
+            let mut store = KvStore::with_types(4, 2, 2, 64, types, &dev).unwrap();
+            assert_eq!(store.page_bytes(), 2 * 2 * 2 * t.row_bytes(64));
+            let k = Tensor::randn(0f32, 1.0, (8, 2, 64), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (8, 2, 64), &dev).unwrap();
+            store.write(&[0, 1, 2, 3, 4, 5, 6, 7], &k, &v).unwrap();
+            let bytes = |s: &KvStore, slots: &[u32]| {
+                let k = s.read_keys(slots).unwrap().flatten_all().unwrap();
+                let v = s.read_values(slots).unwrap().flatten_all().unwrap();
+                (k.to_vec1::<u8>().unwrap(), v.to_vec1::<u8>().unwrap())
+            };
+            let before = bytes(&store, &[2, 3, 5]);
+            let mv = |src, dst| SlotMove { src, dst };
+            store.move_slots(&[mv(2, 1), mv(3, 2), mv(5, 3)]).unwrap();
+            assert_eq!(bytes(&store, &[1, 2, 3]), before);
+            let page2 = bytes(&store, &[2, 3]);
+            store.copy_page(1, 3).unwrap();
+            assert_eq!(bytes(&store, &[6, 7]), page2);
+            // A re-rotated key is quantized from floats; the old rows go back as bytes.
+            let old = store.read_keys(&[7]).unwrap();
+            let fresh = Tensor::randn(0f32, 1.0, (1, 2, 64), &dev).unwrap();
+            store.write_keys(&[7], &fresh).unwrap();
+            let mut want = KvStore::with_types(4, 2, 2, 64, types, &dev).unwrap();
+            want.write(&[7], &fresh, &fresh).unwrap();
+            assert_eq!(bytes(&store, &[7]).0, bytes(&want, &[7]).0);
+            assert_ne!(bytes(&store, &[7]).0, old.flatten_all().unwrap().to_vec1::<u8>().unwrap());
+            store.write_keys(&[7], &old).unwrap();
+            assert_eq!(bytes(&store, &[6, 7]), page2);
+            // The dequantized pages are close to what was written, not equal.
+            let got = store.v_f32().unwrap().reshape((8, 2, 64)).unwrap();
+            let diff = layerkv_testkit::max_abs_diff(&got.narrow(0, 0, 1).unwrap(), &v.narrow(0, 0, 1).unwrap());
+            assert!(diff > 0.0 && diff < if t == KvType::Q8_0 { 0.05 } else { 0.6 }, "{t}: {diff}");
+        }
+        let err = KvStore::with_types(4, 2, 2, 48, KvTypes::both(KvType::Q8_0), &dev).unwrap_err();
+        assert!(err.to_string().contains("multiple of 32"), "{err}");
     }
 }

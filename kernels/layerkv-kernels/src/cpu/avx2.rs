@@ -8,51 +8,137 @@ use std::arch::x86_64::*;
 
 use half::{bf16, f16};
 
-/// A stored element type the AVX2 loops read directly.
+use super::blocks::{Q4Block, Q8Block};
+use crate::kvtype::QK;
+
+/// A stored element type the AVX2 loops read directly: a float, or a block of `BLOCK` values
+/// (Q8_0, Q4_0) dequantized in registers.
 pub(crate) trait Lanes: Copy {
-    /// Eight elements at `p` as f32 lanes.
+    /// Values per stored unit (1 for floats, 32 for a block).
+    const BLOCK: usize = 1;
+    /// Values `c .. c + 8` of the row at `p` as f32 lanes (`c` a multiple of 8).
     ///
     /// # Safety
-    /// Eight elements must be readable at `p`; the CPU must have AVX2 and F16C.
-    unsafe fn load8(p: *const Self) -> __m256;
-    /// One element as f32 (for tails).
-    fn to_f32(self) -> f32;
+    /// The row must hold `c + 8` readable values; the CPU must have AVX2 and F16C.
+    unsafe fn load8_at(p: *const Self, c: usize) -> __m256;
+    /// Value `i` of the row at `p` (for tails).
+    ///
+    /// # Safety
+    /// The row must hold `i + 1` readable values.
+    unsafe fn at(p: *const Self, i: usize) -> f32;
 }
 
 impl Lanes for f32 {
     #[inline(always)]
-    unsafe fn load8(p: *const f32) -> __m256 {
+    unsafe fn load8_at(p: *const f32, c: usize) -> __m256 {
         // SAFETY: the caller guarantees eight readable elements.
-        unsafe { _mm256_loadu_ps(p) }
+        unsafe { _mm256_loadu_ps(p.add(c)) }
     }
     #[inline(always)]
-    fn to_f32(self) -> f32 {
-        self
+    unsafe fn at(p: *const f32, i: usize) -> f32 {
+        // SAFETY: the caller's contract.
+        unsafe { *p.add(i) }
     }
 }
 
 impl Lanes for f16 {
     #[inline(always)]
-    unsafe fn load8(p: *const f16) -> __m256 {
+    unsafe fn load8_at(p: *const f16, c: usize) -> __m256 {
         // SAFETY: eight f16 are 16 readable bytes; the caller guarantees F16C.
-        unsafe { load8_f16(p) }
+        unsafe { load8_f16(p.add(c)) }
     }
     #[inline(always)]
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
+    unsafe fn at(p: *const f16, i: usize) -> f32 {
+        // SAFETY: the caller's contract.
+        unsafe { *p.add(i) }.to_f32()
     }
 }
 
 impl Lanes for bf16 {
     #[inline(always)]
-    unsafe fn load8(p: *const bf16) -> __m256 {
+    unsafe fn load8_at(p: *const bf16, c: usize) -> __m256 {
         // SAFETY: eight bf16 are 16 readable bytes; the caller guarantees AVX2.
-        unsafe { load8_bf16(p) }
+        unsafe { load8_bf16(p.add(c)) }
     }
     #[inline(always)]
-    fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
+    unsafe fn at(p: *const bf16, i: usize) -> f32 {
+        // SAFETY: the caller's contract.
+        unsafe { *p.add(i) }.to_f32()
     }
+}
+
+impl Lanes for Q8Block {
+    const BLOCK: usize = QK;
+    #[inline(always)]
+    unsafe fn load8_at(p: *const Q8Block, c: usize) -> __m256 {
+        // SAFETY: block `c / 32` is readable (the caller's contract); its 2 scale bytes and the
+        // 8 quants at `2 + c % 32 .. + 8 <= 34` lie inside it.
+        unsafe { load8_q8(p.add(c / QK).cast(), c % QK) }
+    }
+    #[inline(always)]
+    unsafe fn at(p: *const Q8Block, i: usize) -> f32 {
+        // SAFETY: the caller's contract.
+        unsafe { (*p.add(i / QK)).value(i % QK) }
+    }
+}
+
+impl Lanes for Q4Block {
+    const BLOCK: usize = QK;
+    #[inline(always)]
+    unsafe fn load8_at(p: *const Q4Block, c: usize) -> __m256 {
+        // SAFETY: as for Q8_0: 8 nibble bytes at `2 + c % 16 .. + 8 <= 18`.
+        unsafe { load8_q4(p.add(c / QK).cast(), c % QK) }
+    }
+    #[inline(always)]
+    unsafe fn at(p: *const Q4Block, i: usize) -> f32 {
+        // SAFETY: the caller's contract.
+        unsafe { (*p.add(i / QK)).value(i % QK) }
+    }
+}
+
+/// A block's f16 scale (its first two bytes) in all eight lanes.
+///
+/// # Safety
+/// Two bytes readable at `b`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn scale8(b: *const u8) -> __m256 {
+    // SAFETY: the caller guarantees two readable bytes.
+    let bits = unsafe { b.cast::<u16>().read_unaligned() };
+    _mm256_cvtph_ps(_mm_set1_epi16(bits as i16))
+}
+
+/// Values `j .. j + 8` of the Q8_0 block at `b`.
+///
+/// # Safety
+/// A whole block (34 bytes) readable at `b`; `j + 8 <= 32`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn load8_q8(b: *const u8, j: usize) -> __m256 {
+    // SAFETY: the caller's contract.
+    let q = unsafe { _mm_loadl_epi64(b.add(2 + j).cast()) };
+    let x = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+    _mm256_mul_ps(x, unsafe { scale8(b) })
+}
+
+/// Values `j .. j + 8` of the Q4_0 block at `b` (low nibbles of bytes `j..` for `j < 16`, high
+/// nibbles of bytes `j - 16..` above).
+///
+/// # Safety
+/// A whole block (18 bytes) readable at `b`; `j + 8 <= 32`, `j` a multiple of 8.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn load8_q4(b: *const u8, j: usize) -> __m256 {
+    // SAFETY: the caller's contract: bytes `2 + j % 16 .. + 8 <= 18`.
+    let raw = unsafe { _mm_loadl_epi64(b.add(2 + j % 16).cast()) };
+    let nib = if j >= 16 {
+        _mm_srli_epi16::<4>(raw)
+    } else {
+        raw
+    };
+    let nib = _mm_and_si128(nib, _mm_set1_epi8(0x0f));
+    let q = _mm256_sub_epi32(_mm256_cvtepu8_epi32(nib), _mm256_set1_epi32(8));
+    _mm256_mul_ps(_mm256_cvtepi32_ps(q), unsafe { scale8(b) })
 }
 
 /// # Safety
@@ -96,8 +182,8 @@ fn dots<T: Lanes, const N: usize>(q: &[f32], k: &[T], out: &mut [f32]) {
     // SAFETY (all loads below): `c + 16 <= d` (or `c + 8 <= d`), and row g of `q` spans
     // `g * d .. (g + 1) * d <= q.len()` (asserted above), so every 8-lane load is in bounds.
     while c + 16 <= d {
-        let k0 = unsafe { T::load8(kp.add(c)) };
-        let k1 = unsafe { T::load8(kp.add(c + 8)) };
+        let k0 = unsafe { T::load8_at(kp, c) };
+        let k1 = unsafe { T::load8_at(kp, c + 8) };
         for g in 0..N {
             let q0 = unsafe { _mm256_loadu_ps(qp.add(g * d + c)) };
             let q1 = unsafe { _mm256_loadu_ps(qp.add(g * d + c + 8)) };
@@ -107,7 +193,7 @@ fn dots<T: Lanes, const N: usize>(q: &[f32], k: &[T], out: &mut [f32]) {
         c += 16;
     }
     if c + 8 <= d {
-        let k0 = unsafe { T::load8(kp.add(c)) };
+        let k0 = unsafe { T::load8_at(kp, c) };
         for (g, e) in even.iter_mut().enumerate() {
             let q0 = unsafe { _mm256_loadu_ps(qp.add(g * d + c)) };
             *e = _mm256_fmadd_ps(q0, k0, *e);
@@ -117,7 +203,8 @@ fn dots<T: Lanes, const N: usize>(q: &[f32], k: &[T], out: &mut [f32]) {
     for g in 0..N {
         let mut sum = hsum(_mm256_add_ps(even[g], odd[g]));
         for i in c..d {
-            sum = q[g * d + i].mul_add(k[i].to_f32(), sum);
+            // SAFETY: `i < d`, inside the key row.
+            sum = q[g * d + i].mul_add(unsafe { T::at(kp, i) }, sum);
         }
         out[g] = sum;
     }
@@ -167,7 +254,7 @@ pub(super) unsafe fn axpy_block<T: Lanes>(
             std::array::from_fn(|c| unsafe { _mm256_loadu_ps(ap.add(i + 8 * c)) });
         for j in 0..VB {
             for (c, x) in a.iter_mut().enumerate() {
-                let r = unsafe { T::load8(rows[j].add(i + 8 * c)) };
+                let r = unsafe { T::load8_at(rows[j], i + 8 * c) };
                 *x = _mm256_fmadd_ps(wv[j], r, *x);
             }
         }
@@ -179,7 +266,7 @@ pub(super) unsafe fn axpy_block<T: Lanes>(
     while i + 8 <= d {
         let mut x = unsafe { _mm256_loadu_ps(ap.add(i)) };
         for j in 0..VB {
-            x = _mm256_fmadd_ps(wv[j], unsafe { T::load8(rows[j].add(i)) }, x);
+            x = _mm256_fmadd_ps(wv[j], unsafe { T::load8_at(rows[j], i) }, x);
         }
         unsafe { _mm256_storeu_ps(ap.add(i), x) };
         i += 8;
@@ -187,7 +274,7 @@ pub(super) unsafe fn axpy_block<T: Lanes>(
     for (k, a) in acc.iter_mut().enumerate().skip(i) {
         for j in 0..VB {
             // SAFETY: `k < d`, inside row j by the caller's contract.
-            *a = w[j].mul_add(unsafe { *rows[j].add(k) }.to_f32(), *a);
+            *a = w[j].mul_add(unsafe { T::at(rows[j], k) }, *a);
         }
     }
 }
@@ -232,7 +319,7 @@ unsafe fn dots_tile<T: Lanes, const G: usize, const S: usize>(
     while c + 8 <= d {
         let qv: [__m256; G] = std::array::from_fn(|g| unsafe { _mm256_loadu_ps(q.add(g * d + c)) });
         for (s, a) in acc.iter_mut().enumerate() {
-            let kv = unsafe { T::load8(keys[s].add(c)) };
+            let kv = unsafe { T::load8_at(keys[s], c) };
             for (x, qg) in a.iter_mut().zip(&qv) {
                 *x = _mm256_fmadd_ps(*qg, kv, *x);
             }
@@ -249,7 +336,7 @@ unsafe fn dots_tile<T: Lanes, const G: usize, const S: usize>(
     for i in c..d {
         for s in 0..S {
             // SAFETY: `i < d`, inside key row s.
-            let k = unsafe { *keys[s].add(i) }.to_f32();
+            let k = unsafe { T::at(keys[s], i) };
             for g in 0..G {
                 // SAFETY: `i < d`, inside query row g.
                 out[s * G + g] = unsafe { *q.add(g * d + i) }.mul_add(k, out[s * G + g]);
@@ -345,7 +432,7 @@ pub(super) unsafe fn tile_dots<T: Lanes>(
     for h in 0..kv_heads {
         for t in 0..n {
             // SAFETY: `h * d + d <= kv_heads * d`: inside token t's key row.
-            kh[t] = unsafe { keys[t].add(h * d) };
+            kh[t] = unsafe { keys[t].add(h * d / T::BLOCK) };
         }
         let mut g = 0;
         while g < group {
@@ -385,7 +472,7 @@ unsafe fn axpy_cols<T: Lanes, const G: usize, const CH: usize>(
         std::array::from_fn(|k| unsafe { _mm256_loadu_ps(acc.add(g * d + c + 8 * k)) })
     });
     for j in 0..super::VB {
-        let r: [__m256; CH] = std::array::from_fn(|k| unsafe { T::load8(rows[j].add(c + 8 * k)) });
+        let r: [__m256; CH] = std::array::from_fn(|k| unsafe { T::load8_at(rows[j], c + 8 * k) });
         for (g, ag) in a.iter_mut().enumerate() {
             let wv = unsafe { _mm256_broadcast_ss(&*w[j].add(g)) };
             for (x, rk) in ag.iter_mut().zip(&r) {
@@ -430,7 +517,7 @@ unsafe fn axpy_heads<T: Lanes, const G: usize, const CH: usize>(
             unsafe {
                 let mut x = *acc.add(g * d + i);
                 for j in 0..super::VB {
-                    x = (*w[j].add(g)).mul_add((*rows[j].add(i)).to_f32(), x);
+                    x = (*w[j].add(g)).mul_add(T::at(rows[j], i), x);
                 }
                 *acc.add(g * d + i) = x;
             }
@@ -486,17 +573,18 @@ pub(super) unsafe fn group_axpy<T: Lanes>(
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 pub(super) fn widen<T: Lanes>(src: &[T], dst: &mut [f32]) {
-    let n = src.len().min(dst.len());
+    let n = (src.len() * T::BLOCK).min(dst.len());
     let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
     let mut i = 0;
     while i + 8 <= n {
-        // SAFETY: `i + 8 <= n`: eight elements readable at `src[i]`, eight f32 writable at
-        // `dst[i]`; the features are enabled on this function.
-        unsafe { _mm256_storeu_ps(dp.add(i), T::load8(sp.add(i))) };
+        // SAFETY: `i + 8 <= n`: eight values readable in `src` from value `i`, eight f32
+        // writable at `dst[i]`; the features are enabled on this function.
+        unsafe { _mm256_storeu_ps(dp.add(i), T::load8_at(sp, i)) };
         i += 8;
     }
-    for j in i..n {
-        dst[j] = src[j].to_f32();
+    for (j, x) in dst.iter_mut().enumerate().take(n).skip(i) {
+        // SAFETY: `j < n`, inside `src`'s values.
+        *x = unsafe { T::at(sp, j) };
     }
 }
 
@@ -633,6 +721,29 @@ mod tests {
         unsafe { exp_row(&mut x, &[f32::NEG_INFINITY; 9], &mut sums) };
         assert_eq!(x, [0.0; 9]);
         assert_eq!(sums, [0.0; 9]);
+    }
+
+    /// Blocks widen in registers exactly as the scalar dequantizers do (Q8_0, Q4_0: every
+    /// 8-lane position of a block, low and high nibbles).
+    #[test]
+    fn blocks_widen_like_the_scalar_dequantizers() {
+        assert!(have_features(), "this x86-64 CPU lacks AVX2/FMA/F16C");
+        let x: Vec<f32> = (0..96).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.13).collect();
+        let mut q8 = vec![0u8; 3 * 34];
+        crate::kvtype::quantize_q8_0(&x, &mut q8);
+        let mut q4 = vec![0u8; 3 * 18];
+        crate::kvtype::quantize_q4_0(&x, &mut q4);
+        let mut want = vec![0f32; 96];
+        let mut got = vec![0f32; 96];
+        crate::kvtype::dequantize_q8_0(&q8, &mut want);
+        // SAFETY: features checked above; `Q8Block` is 34 bytes of alignment 1.
+        unsafe { widen(Q8Block::slice(&q8), &mut got) };
+        assert_eq!(got, want);
+        crate::kvtype::dequantize_q4_0(&q4, &mut want);
+        // SAFETY: as above.
+        unsafe { widen(Q4Block::slice(&q4), &mut got) };
+        assert_eq!(got, want);
+        assert_ne!(got, vec![0f32; 96]);
     }
 
     /// F16C and the bf16 shift widen exactly like the `half` crate, tails included.

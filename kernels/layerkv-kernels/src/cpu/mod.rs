@@ -20,11 +20,14 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::error::{KernelError, Result};
+use crate::kvtype::{KvType, KvTypes};
 use crate::store::KvStore;
+use blocks::{Q4Block, Q8Block};
 use crate::view::{AttentionParams, SeqQuery};
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+mod blocks;
 pub mod quant;
 pub mod spin;
 mod split;
@@ -40,11 +43,15 @@ pub(crate) trait ArchLanes {}
 #[cfg(not(target_arch = "x86_64"))]
 impl<T> ArchLanes for T {}
 
-/// Element types the store may hold, widened to f32 for compute.
+/// Element types the store may hold, widened to f32 for compute: floats, or blocks of `PER`
+/// values ([`blocks`]). Row offsets into a store slice are in these units: a row of `d` values
+/// is `d / PER` of them.
 pub(crate) trait Elem: Copy + Send + Sync + ArchLanes {
+    /// Values per stored unit.
+    const PER: usize = 1;
     /// The row as f32 without copying, when it already is f32.
     fn as_f32(src: &[Self]) -> Option<&[f32]>;
-    /// Widens `src` into `dst` (same length).
+    /// Widens `src` into `dst` (`src.len() * PER` values).
     fn widen(src: &[Self], dst: &mut [f32]);
     /// [`Elem::widen`] with AVX2+F16C instructions.
     ///
@@ -158,10 +165,10 @@ trait Madd {
         let heads = q.len() / d;
         let group = heads * d / row;
         for (&key, &dst) in keys.iter().zip(out) {
-            // SAFETY: the caller's contract.
+            // SAFETY: the caller's contract (`row` values are `row / PER` stored units).
             let (src, dst) = unsafe {
                 (
-                    std::slice::from_raw_parts(key, row),
+                    std::slice::from_raw_parts(key, row / T::PER),
                     std::slice::from_raw_parts_mut(dst, heads),
                 )
             };
@@ -198,8 +205,8 @@ trait Madd {
     ) {
         let group = acc.len() / row;
         let wide: [&[f32]; VB] = std::array::from_fn(|j| {
-            // SAFETY: the caller guarantees `row` readable elements.
-            let src = unsafe { std::slice::from_raw_parts(rows[j], row) };
+            // SAFETY: the caller guarantees `row` readable values (`row / PER` units).
+            let src = unsafe { std::slice::from_raw_parts(rows[j], row / T::PER) };
             match T::as_f32(src) {
                 // SAFETY: f32 storage: the same memory, alive for the whole call.
                 Some(r) => unsafe { std::slice::from_raw_parts(r.as_ptr(), row) },
@@ -283,7 +290,7 @@ impl Madd for Fused {
             let first = h * group;
             // SAFETY: `h * d + d <= row` and `first + group <= heads`: inside each row and
             // weight row by the caller's contract.
-            let rows_h: [*const T; VB] = rows.map(|p| unsafe { p.add(h * d) });
+            let rows_h: [*const T; VB] = rows.map(|p| unsafe { p.add(h * d / T::PER) });
             let w_h: [*const f32; VB] = w.map(|p| unsafe { p.add(first) });
             // SAFETY: AVX2/FMA/F16C as for `group_dots`; `d` elements at each row pointer and
             // `group` weights at each weight pointer.
@@ -484,22 +491,38 @@ fn attention_with(
         want_mass: mass.is_some(),
         split,
     };
-    let masses = match (&*k_storage, &*v_storage) {
-        (Storage::Cpu(CpuStorage::F32(k)), Storage::Cpu(CpuStorage::F32(v))) => {
-            run(&k[ko..], &v[vo..], &call)
-        }
-        (Storage::Cpu(CpuStorage::F16(k)), Storage::Cpu(CpuStorage::F16(v))) => {
-            run(&k[ko..], &v[vo..], &call)
-        }
-        (Storage::Cpu(CpuStorage::BF16(k)), Storage::Cpu(CpuStorage::BF16(v))) => {
-            run(&k[ko..], &v[vo..], &call)
-        }
-        _ => {
+    let types = store.types();
+    let k_rows = Rows::of(&k_storage, ko, types.k);
+    let v_rows = Rows::of(&v_storage, vo, types.v);
+    let masses = match (k_rows, v_rows) {
+        (Some(Rows::F32(k)), Some(Rows::F32(v))) => run(k, v, &call),
+        (Some(Rows::BF16(k)), Some(Rows::BF16(v))) => run(k, v, &call),
+        // f16 and the block types in any pairing (llama.cpp's `-ctk` / `-ctv`).
+        (Some(Rows::F16(k)), Some(v)) => match v {
+            Rows::F16(v) => run(k, v, &call),
+            Rows::Q8(v) => run(k, v, &call),
+            Rows::Q4(v) => run(k, v, &call),
+            _ => return Err(pair_error(types)),
+        },
+        (Some(Rows::Q8(k)), Some(v)) => match v {
+            Rows::F16(v) => run(k, v, &call),
+            Rows::Q8(v) => run(k, v, &call),
+            Rows::Q4(v) => run(k, v, &call),
+            _ => return Err(pair_error(types)),
+        },
+        (Some(Rows::Q4(k)), Some(v)) => match v {
+            Rows::F16(v) => run(k, v, &call),
+            Rows::Q8(v) => run(k, v, &call),
+            Rows::Q4(v) => run(k, v, &call),
+            _ => return Err(pair_error(types)),
+        },
+        (None, _) | (_, None) => {
             return Err(KernelError::DType {
                 what: "KvStore (CPU kernel)",
                 dtype: store.dtype(),
             })
         }
+        _ => return Err(pair_error(types)),
     };
     if let (Some(mass), Some(parts)) = (mass, masses) {
         let mut offset = 0;
@@ -518,7 +541,42 @@ fn attention_with(
     Ok(out.to_dtype(q.dtype())?)
 }
 
-fn run<T: Elem>(k: &[T], v: &[T], call: &Call<'_, '_>) -> Option<Vec<Vec<f32>>> {
+/// A store tensor's CPU data as rows of its [`KvType`].
+enum Rows<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    BF16(&'a [bf16]),
+    Q8(&'a [Q8Block]),
+    Q4(&'a [Q4Block]),
+}
+
+impl<'a> Rows<'a> {
+    /// The data of `storage` from element `offset`, if it is CPU data of type `t`.
+    fn of(storage: &'a Storage, offset: usize, t: KvType) -> Option<Self> {
+        let Storage::Cpu(cpu) = storage else {
+            return None;
+        };
+        Some(match (cpu, t) {
+            (CpuStorage::F32(x), KvType::F32) => Self::F32(&x[offset..]),
+            (CpuStorage::F16(x), KvType::F16) => Self::F16(&x[offset..]),
+            (CpuStorage::BF16(x), KvType::BF16) => Self::BF16(&x[offset..]),
+            (CpuStorage::U8(x), KvType::Q8_0) => Self::Q8(Q8Block::slice(&x[offset..])),
+            (CpuStorage::U8(x), KvType::Q4_0) => Self::Q4(Q4Block::slice(&x[offset..])),
+            _ => return None,
+        })
+    }
+}
+
+/// K and V types the CPU kernel has no instantiation for.
+fn pair_error(types: KvTypes) -> KernelError {
+    KernelError::Invalid(format!(
+        "KV pages of K {} and V {}: f32 and bf16 pages pair only with themselves; f16, q8_0 and \
+         q4_0 pair with each other",
+        types.k, types.v
+    ))
+}
+
+fn run<K: Elem, V: Elem>(k: &[K], v: &[V], call: &Call<'_, '_>) -> Option<Vec<Vec<f32>>> {
     let Call {
         q,
         out,
@@ -556,9 +614,9 @@ fn wide_loops(dims: Dims) -> bool {
 /// All query rows and query heads of one sequence that read KV head `h`, on the widest
 /// instruction set the CPU has.
 #[allow(clippy::too_many_arguments)]
-fn work_item<T: Elem>(
-    k: &[T],
-    v: &[T],
+fn work_item<K: Elem, V: Elem>(
+    k: &[K],
+    v: &[V],
     q: &[f32],
     out: OutPtr,
     seq: &SeqQuery<'_>,
@@ -572,16 +630,16 @@ fn work_item<T: Elem>(
         // SAFETY: the CPU supports AVX2 and FMA (checked just above).
         return unsafe { work_item_avx2(k, v, q, out, seq, h, params, dims, want_mass) };
     }
-    work_item_body::<T, Plain>(k, v, q, out, seq, h, params, dims, want_mass)
+    work_item_body::<K, V, Plain>(k, v, q, out, seq, h, params, dims, want_mass)
 }
 
 /// [`work_item_body`] compiled for AVX2 + FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn work_item_avx2<T: Elem>(
-    k: &[T],
-    v: &[T],
+unsafe fn work_item_avx2<K: Elem, V: Elem>(
+    k: &[K],
+    v: &[V],
     q: &[f32],
     out: OutPtr,
     seq: &SeqQuery<'_>,
@@ -590,14 +648,14 @@ unsafe fn work_item_avx2<T: Elem>(
     dims: Dims,
     want_mass: bool,
 ) -> Option<Vec<f32>> {
-    work_item_body::<T, Fused>(k, v, q, out, seq, h, params, dims, want_mass)
+    work_item_body::<K, V, Fused>(k, v, q, out, seq, h, params, dims, want_mass)
 }
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn work_item_body<T: Elem, M: Madd>(
-    k: &[T],
-    v: &[T],
+fn work_item_body<K: Elem, V: Elem, M: Madd>(
+    k: &[K],
+    v: &[V],
     q: &[f32],
     out: OutPtr,
     seq: &SeqQuery<'_>,
@@ -632,7 +690,10 @@ fn work_item_body<T: Elem, M: Madd>(
         zero.fill(0.0);
         let zero: &[f32] = zero;
         let acc = &mut acc[..group * d];
-        let slot_row = |page: u32, off: usize| ((page as usize * bs + off) * kv_heads + h) * d;
+        // Row offsets in stored units: `d / PER` per (slot, KV head) row of each of K and V.
+        let (dk, dv) = (d / K::PER, d / V::PER);
+        let k_row = |page: u32, off: usize| ((page as usize * bs + off) * kv_heads + h) * dk;
+        let v_row = |page: u32, off: usize| ((page as usize * bs + off) * kv_heads + h) * dv;
         for r in 0..seq.num_q {
             let qrow = seq.q_start + r;
             let qs = &q[(qrow * heads + h * group) * d..(qrow * heads + (h + 1) * group) * d];
@@ -640,19 +701,19 @@ fn work_item_body<T: Elem, M: Madd>(
             let mut max = vec_max_init(group);
             // Pass 1: scores, one pass over each key row for the whole group.
             for s in lo..hi {
-                prefetch_slot(k, seq, s + PREFETCH, hi, bs, &slot_row, d);
+                prefetch_slot(k, seq, s + PREFETCH, hi, bs, &k_row, dk);
                 let sc = &mut scores[s * group..(s + 1) * group];
                 if !seq.kv.is_valid(s) {
                     sc.fill(f32::NEG_INFINITY);
                     continue;
                 }
-                let base = slot_row(seq.kv.pages[s / bs], s % bs);
-                let src = &k[base..base + d];
-                let key = match T::as_f32(src) {
+                let base = k_row(seq.kv.pages[s / bs], s % bs);
+                let src = &k[base..base + dk];
+                let key = match K::as_f32(src) {
                     Some(key) => key,
                     None => {
                         let row = &mut rows[..d];
-                        M::widen::<T>(src, row);
+                        M::widen::<K>(src, row);
                         &*row
                     }
                 };
@@ -685,15 +746,15 @@ fn work_item_body<T: Elem, M: Madd>(
                 let mut w = [0f32; VB * MAX_GROUP];
                 let mut count = 0;
                 while count < VB && s < hi {
-                    prefetch_slot(v, seq, s + PREFETCH, hi, bs, &slot_row, d);
+                    prefetch_slot(v, seq, s + PREFETCH, hi, bs, &v_row, dv);
                     if seq.kv.is_valid(s) {
-                        let base = slot_row(seq.kv.pages[s / bs], s % bs);
-                        let src = &v[base..base + d];
-                        block[count] = match T::as_f32(src) {
+                        let base = v_row(seq.kv.pages[s / bs], s % bs);
+                        let src = &v[base..base + dv];
+                        block[count] = match V::as_f32(src) {
                             Some(value) => value.as_ptr(),
                             None => {
                                 let dst = &mut rows[count * d..(count + 1) * d];
-                                M::widen::<T>(src, dst);
+                                M::widen::<V>(src, dst);
                                 dst.as_ptr()
                             }
                         };
@@ -879,6 +940,129 @@ mod tests {
             }
         }
     }
+    /// Quantized pages (Q8_0, Q4_0, and K/V pairs with f16) against "dequantize, then the
+    /// dense reference": prefill rows with mass and peak mass (the per-head path) and decode
+    /// (the split path, partitions of one page and automatic), both loop instantiations, head
+    /// dims of one and three blocks, odd lengths across page boundaries, holes.
+    #[test]
+    fn quantized_pages_match_dequantize_then_reference() {
+        let dev = Device::Cpu;
+        let pairs = [
+            (KvType::Q8_0, KvType::Q8_0),
+            (KvType::Q4_0, KvType::Q4_0),
+            (KvType::Q8_0, KvType::Q4_0),
+            (KvType::F16, KvType::Q8_0),
+            (KvType::Q4_0, KvType::F16),
+        ];
+        for ((k_type, v_type), (kv_heads, d, heads)) in pairs
+            .into_iter()
+            .flat_map(|p| [(2, 32, 6), (1, 96, 3), (3, 64, 9)].map(|s| (p, s)))
+        {
+            let types = KvTypes {
+                k: k_type,
+                v: v_type,
+            };
+            let bs = 4;
+            let mut store = KvStore::with_types(12, bs, kv_heads, d, types, &dev).unwrap();
+            let k = Tensor::randn(0f32, 1.0, (48, kv_heads, d), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (48, kv_heads, d), &dev).unwrap();
+            let slots: Vec<u32> = (0..48).rev().collect();
+            store.write(&slots, &k, &v).unwrap();
+            // The pages hold rounded values: not the f32 input, or the check below would not
+            // see a kernel that ignored the scales.
+            let stored = store.k_f32().unwrap();
+            assert!(max_abs_diff(&stored.reshape((48, kv_heads, d)).unwrap(), &k) > 1e-4);
+            let pages = [7u32, 2, 11, 0, 5, 9, 3];
+            let valid = [0b1101_1111_1111_1011_1111_1111_1110u64];
+            let prefill = [SeqQuery {
+                kv: TableView {
+                    pages: &pages,
+                    num_slots: 27,
+                    valid: Some(&valid),
+                },
+                q_start: 0,
+                num_q: 3,
+                first_slot: 24,
+            }];
+            let params = AttentionParams {
+                scale: 0.2,
+                window: None,
+                include_diagonal: true,
+            };
+            let what = format!("K {k_type} V {v_type} kv_heads={kv_heads} d={d}");
+            let q = Tensor::randn(0f32, 1.0, (3, heads, d), &dev).unwrap();
+            let (want, want_mass) = dense_attention(&q, &store, &prefill, &params).unwrap();
+            let (_, want_peak) =
+                crate::reference::dense_attention_peak(&q, &store, &prefill, &params).unwrap();
+            for baseline in [true, false] {
+                let mut mass = vec![0f32; 27];
+                let got = attention_with(
+                    &q, &store, &prefill, &params, Some(&mut mass), baseline, Split::Auto, false,
+                )
+                .unwrap();
+                let diff = max_abs_diff(&got, &want);
+                assert!(diff < 1e-5, "{what} prefill baseline={baseline}: {diff}");
+                for (m, w) in mass.iter().zip(&want_mass) {
+                    assert!((m - w).abs() < 1e-4, "{what} baseline={baseline}: mass");
+                }
+                let mut peak = vec![0f32; 27];
+                attention_with(
+                    &q, &store, &prefill, &params, Some(&mut peak), baseline, Split::Auto, true,
+                )
+                .unwrap();
+                for (p, w) in peak.iter().zip(&want_peak) {
+                    assert!((p - w).abs() < 1e-5, "{what} baseline={baseline}: peak");
+                }
+            }
+            let decode = [SeqQuery {
+                num_q: 1,
+                first_slot: 26,
+                ..prefill[0]
+            }];
+            let q1 = q.narrow(0, 0, 1).unwrap();
+            let (want, _) = dense_attention(&q1, &store, &decode, &params).unwrap();
+            for split in [Split::Slots(1), Split::Auto, Split::Off] {
+                for baseline in [true, false] {
+                    let got =
+                        attention_with(&q1, &store, &decode, &params, None, baseline, split, false)
+                            .unwrap();
+                    let diff = max_abs_diff(&got, &want);
+                    assert!(diff < 1e-5, "{what} decode {split:?} baseline={baseline}: {diff}");
+                }
+            }
+        }
+    }
+
+    /// f32 and bf16 pages pair only with themselves: another pairing is a typed error, not a
+    /// panic or a silent conversion.
+    #[test]
+    fn unsupported_kv_pairs_are_refused() {
+        let dev = Device::Cpu;
+        let types = KvTypes {
+            k: KvType::F32,
+            v: KvType::Q8_0,
+        };
+        let store = KvStore::with_types(2, 4, 1, 32, types, &dev).unwrap();
+        let seqs = [SeqQuery {
+            kv: TableView {
+                pages: &[0],
+                num_slots: 1,
+                valid: None,
+            },
+            q_start: 0,
+            num_q: 1,
+            first_slot: 0,
+        }];
+        let params = AttentionParams {
+            scale: 1.0,
+            window: None,
+            include_diagonal: true,
+        };
+        let q = Tensor::zeros((1, 1, 32), DType::F32, &dev).unwrap();
+        let err = attention(&q, &store, &seqs, &params, None).unwrap_err();
+        assert!(err.to_string().contains("K f32 and V q8_0"), "{err}");
+    }
+
     /// The decode split against the dense reference and the per-head path: partitions of one
     /// page, a few pages and automatic; holes, a returned page, windows, upward sharing (no
     /// diagonal), a sequence that sees nothing; both loop instantiations; f32/f16/bf16.

@@ -69,9 +69,9 @@ pub(crate) fn applies(seqs: &[SeqQuery<'_>], want_mass: bool, split: Split) -> b
 /// Decode attention for every sequence (each has exactly one query row) into `out`, which the
 /// caller zeroed (rows that see no valid slot stay zero).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn run<T: Elem>(
-    k: &[T],
-    v: &[T],
+pub(crate) fn run<K: Elem, V: Elem>(
+    k: &[K],
+    v: &[V],
     q: &[f32],
     out: OutPtr,
     seqs: &[SeqQuery<'_>],
@@ -156,9 +156,9 @@ fn make_plan(
 
 /// One partition on the widest instruction set the CPU has.
 #[allow(clippy::too_many_arguments)]
-fn part_item<T: Elem>(
-    k: &[T],
-    v: &[T],
+fn part_item<K: Elem, V: Elem>(
+    k: &[K],
+    v: &[V],
     q: &[f32],
     seq: &SeqQuery<'_>,
     part: Part,
@@ -171,16 +171,16 @@ fn part_item<T: Elem>(
         // SAFETY: the CPU supports AVX2, FMA and F16C (checked just above).
         return unsafe { part_item_avx2(k, v, q, seq, part, params, dims, partial) };
     }
-    part_body::<T, Plain>(k, v, q, seq, part, params, dims, partial)
+    part_body::<K, V, Plain>(k, v, q, seq, part, params, dims, partial)
 }
 
 /// [`part_body`] compiled for AVX2 + FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn part_item_avx2<T: Elem>(
-    k: &[T],
-    v: &[T],
+unsafe fn part_item_avx2<K: Elem, V: Elem>(
+    k: &[K],
+    v: &[V],
     q: &[f32],
     seq: &SeqQuery<'_>,
     part: Part,
@@ -188,16 +188,16 @@ unsafe fn part_item_avx2<T: Elem>(
     dims: Dims,
     partial: &mut [f32],
 ) {
-    part_body::<T, super::Fused>(k, v, q, seq, part, params, dims, partial)
+    part_body::<K, V, super::Fused>(k, v, q, seq, part, params, dims, partial)
 }
 
 /// Scores, exponentials and the weighted V sum of one partition, for every query head; writes
 /// `[max; heads] [exp-sum; heads] [acc; heads x head_dim]` into `partial`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn part_body<T: Elem, M: Madd>(
-    k: &[T],
-    v: &[T],
+fn part_body<K: Elem, V: Elem, M: Madd>(
+    k: &[K],
+    v: &[V],
     q: &[f32],
     seq: &SeqQuery<'_>,
     part: Part,
@@ -239,11 +239,19 @@ fn part_body<T: Elem, M: Madd>(
             *x = q * params.scale;
         }
         let qs: &[f32] = qs;
-        let token = |s: usize| (seq.kv.pages[s / bs] as usize * bs + s % bs) * row;
-        let prefetch = |data: &[T], s: usize| {
+        // A token's rows (every KV head) in stored units of K and V.
+        let (row_k, row_v) = (row / K::PER, row / V::PER);
+        let token = |s: usize, units: usize| (seq.kv.pages[s / bs] as usize * bs + s % bs) * units;
+        let prefetch_k = |s: usize| {
             if s < part.end {
-                let base = token(s);
-                super::prefetch(&data[base..base + row]);
+                let base = token(s, row_k);
+                super::prefetch(&k[base..base + row_k]);
+            }
+        };
+        let prefetch_v = |s: usize| {
+            if s < part.end {
+                let base = token(s, row_v);
+                super::prefetch(&v[base..base + row_v]);
             }
         };
         let sp = scores.as_mut_ptr();
@@ -254,14 +262,14 @@ fn part_body<T: Elem, M: Madd>(
         // query load between tokens and each key conversion between the group's heads).
         let mut s = part.start;
         while s < part.end {
-            let mut keys = [zero.as_ptr().cast::<T>(); VB];
+            let mut keys = [zero.as_ptr().cast::<K>(); VB];
             let mut out = [std::ptr::null_mut::<f32>(); VB];
             let mut n = 0;
             while n < VB && s < part.end {
-                prefetch(k, s + PREFETCH);
+                prefetch_k(s + PREFETCH);
                 if seq.kv.is_valid(s) {
-                    let base = token(s);
-                    keys[n] = k[base..base + row].as_ptr();
+                    let base = token(s, row_k);
+                    keys[n] = k[base..base + row_k].as_ptr();
                     out[n] = score_row(s);
                     n += 1;
                 } else {
@@ -273,7 +281,7 @@ fn part_body<T: Elem, M: Madd>(
             }
             // SAFETY: each key pointer starts a token's `row` stored elements; each output is a
             // distinct score row of `heads` floats, not referenced elsewhere during the call.
-            unsafe { M::tile_dots::<T>(qs, &keys[..n], &out[..n], (d, row), rows) };
+            unsafe { M::tile_dots::<K>(qs, &keys[..n], &out[..n], (d, row), rows) };
         }
         let scores = &mut scores[..len * heads];
 
@@ -295,16 +303,17 @@ fn part_body<T: Elem, M: Madd>(
         let sp = scores.as_mut_ptr();
         let mut s = part.start;
         while s < part.end {
-            // All-zero bytes are 0.0 in f32, f16 and bf16: `zero` serves every element type,
-            // as rows and as weights.
-            let mut block: [*const T; VB] = [zero.as_ptr().cast::<T>(); VB];
+            // All-zero bytes are 0.0 in f32, f16 and bf16, and a block of scale 0: `zero`
+            // serves every element type (a block row is fewer bytes than an f32 row), as rows
+            // and as weights.
+            let mut block: [*const V; VB] = [zero.as_ptr().cast::<V>(); VB];
             let mut w: [*const f32; VB] = [zero.as_ptr(); VB];
             let mut count = 0;
             while count < VB && s < part.end {
-                prefetch(v, s + PREFETCH);
+                prefetch_v(s + PREFETCH);
                 if seq.kv.is_valid(s) {
-                    let base = token(s);
-                    block[count] = v[base..base + row].as_ptr();
+                    let base = token(s, row_v);
+                    block[count] = v[base..base + row_v].as_ptr();
                     // SAFETY: `s - part.start < len`: score row `s` lies inside `scores`, and
                     // no other reference to it is alive.
                     let sc = unsafe {
@@ -319,7 +328,7 @@ fn part_body<T: Elem, M: Madd>(
             // SAFETY: every pointer is the start of `row` live elements (a token's rows of `v`
             // or `zero`: `row` f32s, at least `row` elements of any narrower type) and every
             // weight pointer of `heads` floats (a score row or `zero`).
-            unsafe { M::token_axpy::<T>(acc, &w, &block, (d, row), rows) };
+            unsafe { M::token_axpy::<V>(acc, &w, &block, (d, row), rows) };
         }
     }
     SCRATCH.with(|cell| *cell.borrow_mut() = scratch);

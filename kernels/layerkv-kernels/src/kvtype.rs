@@ -1,0 +1,343 @@
+//! [`KvType`]: what one K or V page row holds. Besides candle's float dtypes, two of
+//! llama.cpp's block formats, so that figures compare with its `-ctk` / `-ctv` directly:
+//!
+//! - **Q8_0**: blocks of 32 values, an f16 scale `d` and 32 signed bytes (`x = d q`): 34 bytes
+//!   per 32 values, 0.53x f16;
+//! - **Q4_0**: blocks of 32 values, an f16 scale and 16 bytes of nibbles (`x = d (q - 8)`, value
+//!   `j` in the low nibble of byte `j`, value `16 + j` in its high nibble): 18 bytes, 0.28x f16.
+//!
+//! A quantized page keeps the float page's shape with a row of bytes in place of a row of
+//! values (`[num_pages, block_size, kv_heads, row_bytes]`, stored as `U8`), so every operation
+//! that moves whole `(slot, head)` rows (compaction, copy-on-write, rollback) moves blocks as
+//! they are: values are rounded once, when written ([`quantize_q8_0`], [`quantize_q4_0`], the
+//! rounding of llama.cpp's reference `quantize_row_*_ref`).
+
+use std::fmt;
+
+use candle_core::DType;
+use half::f16;
+
+use crate::error::{KernelError, Result};
+
+/// Values per quantized block (Q8_0 and Q4_0).
+pub const QK: usize = 32;
+
+/// The type of the values of one K or V page row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KvType {
+    /// 32-bit float.
+    F32,
+    /// IEEE half.
+    F16,
+    /// bfloat16.
+    BF16,
+    /// llama.cpp's Q8_0 blocks (8.5 bits per value).
+    Q8_0,
+    /// llama.cpp's Q4_0 blocks (4.5 bits per value).
+    Q4_0,
+}
+
+impl KvType {
+    /// Every type, in the order the CLI lists them.
+    pub const ALL: [KvType; 5] = [Self::F32, Self::F16, Self::BF16, Self::Q8_0, Self::Q4_0];
+
+    /// The name the CLI and policy files use (`f32`, `f16`, `bf16`, `q8_0`, `q4_0`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::BF16 => "bf16",
+            Self::Q8_0 => "q8_0",
+            Self::Q4_0 => "q4_0",
+        }
+    }
+
+    /// The type named `name` (see [`KvType::name`]).
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.name() == name)
+    }
+
+    /// Whether rows are blocks of bytes rather than float values.
+    pub fn is_quantized(self) -> bool {
+        matches!(self, Self::Q8_0 | Self::Q4_0)
+    }
+
+    /// The float type, for a float dtype (f32, f16, bf16); `None` for others.
+    pub fn from_dtype(dtype: DType) -> Option<Self> {
+        match dtype {
+            DType::F32 => Some(Self::F32),
+            DType::F16 => Some(Self::F16),
+            DType::BF16 => Some(Self::BF16),
+            _ => None,
+        }
+    }
+
+    /// The dtype of the page tensor: the float dtype, or `U8` for blocks.
+    pub fn storage_dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::F16 => DType::F16,
+            Self::BF16 => DType::BF16,
+            Self::Q8_0 | Self::Q4_0 => DType::U8,
+        }
+    }
+
+    /// Bytes of one row of `head_dim` values (block scales included).
+    pub fn row_bytes(self, head_dim: usize) -> usize {
+        match self {
+            Self::F32 => 4 * head_dim,
+            Self::F16 | Self::BF16 => 2 * head_dim,
+            Self::Q8_0 => head_dim.div_ceil(QK) * 34,
+            Self::Q4_0 => head_dim.div_ceil(QK) * 18,
+        }
+    }
+
+    /// Storage elements (of [`KvType::storage_dtype`]) of one row of `head_dim` values.
+    pub fn row_units(self, head_dim: usize) -> usize {
+        if self.is_quantized() {
+            self.row_bytes(head_dim)
+        } else {
+            head_dim
+        }
+    }
+
+    /// Checks that rows of `head_dim` values fit this type: blocks need whole blocks.
+    pub fn check_head_dim(self, head_dim: usize) -> Result<()> {
+        if self.is_quantized() && !head_dim.is_multiple_of(QK) {
+            return Err(KernelError::Invalid(format!(
+                "{} KV pages need a head_dim that is a multiple of {QK} (this model's is \
+                 {head_dim}); use f16 or bf16 pages",
+                self.name()
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for KvType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The K and V page types of a store (llama.cpp's `-ctk` / `-ctv`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KvTypes {
+    /// Key pages.
+    pub k: KvType,
+    /// Value pages.
+    pub v: KvType,
+}
+
+impl KvTypes {
+    /// K and V of one type.
+    pub fn both(t: KvType) -> Self {
+        Self { k: t, v: t }
+    }
+
+    /// Parses `TYPE` (K and V) or `K,V` (e.g. `q8_0`, `q8_0,q4_0`).
+    pub fn parse(spec: &str) -> Option<Self> {
+        match spec.split_once(',') {
+            None => KvType::parse(spec).map(Self::both),
+            Some((k, v)) => Some(Self {
+                k: KvType::parse(k.trim())?,
+                v: KvType::parse(v.trim())?,
+            }),
+        }
+    }
+
+    /// Bytes of one token of one KV head: a K row and a V row.
+    pub fn token_head_bytes(self, head_dim: usize) -> usize {
+        self.k.row_bytes(head_dim) + self.v.row_bytes(head_dim)
+    }
+
+    /// Whether either K or V is quantized.
+    pub fn is_quantized(self) -> bool {
+        self.k.is_quantized() || self.v.is_quantized()
+    }
+}
+
+impl From<DType> for KvTypes {
+    /// Float pages of `dtype` for K and V. A non-float dtype gives f32 pages' type tag only if
+    /// it is one; the store refuses the others ([`crate::KvStore::with_types`] takes
+    /// [`KvTypes`] directly).
+    fn from(dtype: DType) -> Self {
+        Self::both(KvType::from_dtype(dtype).unwrap_or(KvType::F32))
+    }
+}
+
+impl From<KvType> for KvTypes {
+    fn from(t: KvType) -> Self {
+        Self::both(t)
+    }
+}
+
+impl fmt::Display for KvTypes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.k == self.v {
+            write!(f, "{}", self.k)
+        } else {
+            write!(f, "{},{}", self.k, self.v)
+        }
+    }
+}
+
+/// llama.cpp's `quantize_row_q8_0_ref` for one row (`x.len()` a multiple of 32) into
+/// `out` (34 bytes per block): `d = max|x| / 127`, `q = round(x / d)` (half away from zero),
+/// `d` stored as f16.
+pub fn quantize_q8_0(x: &[f32], out: &mut [u8]) {
+    for (xb, ob) in x.chunks_exact(QK).zip(out.chunks_exact_mut(34)) {
+        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        ob[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+        for (o, v) in ob[2..].iter_mut().zip(xb) {
+            *o = ((v * id).round() as i8) as u8;
+        }
+    }
+}
+
+/// llama.cpp's `quantize_row_q4_0_ref` for one row into `out` (18 bytes per block): the value
+/// of largest magnitude `m` (with its sign) gives `d = m / -8`, `q = min(15, trunc(x / d +
+/// 8.5))`.
+pub fn quantize_q4_0(x: &[f32], out: &mut [u8]) {
+    for (xb, ob) in x.chunks_exact(QK).zip(out.chunks_exact_mut(18)) {
+        let (mut amax, mut max) = (0f32, 0f32);
+        for &v in xb {
+            if amax < v.abs() {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        let d = max / -8.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        ob[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+        let q = |v: f32| ((v * id + 8.5) as i8).min(15) as u8;
+        for j in 0..QK / 2 {
+            ob[2 + j] = q(xb[j]) | (q(xb[j + QK / 2]) << 4);
+        }
+    }
+}
+
+/// Inverse of [`quantize_q8_0`] (`x.len()` values from `x.len() / 32` blocks).
+pub fn dequantize_q8_0(blocks: &[u8], x: &mut [f32]) {
+    for (b, xb) in blocks.chunks_exact(34).zip(x.chunks_exact_mut(QK)) {
+        let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+        for (o, &q) in xb.iter_mut().zip(&b[2..]) {
+            *o = d * (q as i8) as f32;
+        }
+    }
+}
+
+/// Inverse of [`quantize_q4_0`].
+pub fn dequantize_q4_0(blocks: &[u8], x: &mut [f32]) {
+    for (b, xb) in blocks.chunks_exact(18).zip(x.chunks_exact_mut(QK)) {
+        let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+        for j in 0..QK / 2 {
+            xb[j] = d * ((b[2 + j] & 0x0f) as i32 - 8) as f32;
+            xb[j + QK / 2] = d * ((b[2 + j] >> 4) as i32 - 8) as f32;
+        }
+    }
+}
+
+/// Quantizes rows of `head_dim` f32 values into `t`'s row bytes.
+pub(crate) fn quantize_rows(t: KvType, x: &[f32], head_dim: usize, out: &mut [u8]) {
+    let rb = t.row_bytes(head_dim);
+    for (xr, or) in x.chunks_exact(head_dim).zip(out.chunks_exact_mut(rb)) {
+        match t {
+            KvType::Q8_0 => quantize_q8_0(xr, or),
+            KvType::Q4_0 => quantize_q4_0(xr, or),
+            _ => unreachable!("quantize_rows is only called for block types"),
+        }
+    }
+}
+
+/// Dequantizes rows of `t`'s row bytes into `head_dim` f32 values each.
+pub(crate) fn dequantize_rows(t: KvType, bytes: &[u8], head_dim: usize, out: &mut [f32]) {
+    let rb = t.row_bytes(head_dim);
+    for (br, or) in bytes.chunks_exact(rb).zip(out.chunks_exact_mut(head_dim)) {
+        match t {
+            KvType::Q8_0 => dequantize_q8_0(br, or),
+            KvType::Q4_0 => dequantize_q4_0(br, or),
+            _ => unreachable!("dequantize_rows is only called for block types"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::k_quants::{BlockQ4_0, BlockQ8_0, GgmlType};
+
+    fn seeded(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 6.0
+            })
+            .collect()
+    }
+
+    /// candle's blocks as bytes (both are `repr(C)`: an f16 then the quants, no padding).
+    fn as_bytes<T>(blocks: &[T]) -> Vec<u8> {
+        // SAFETY: any initialised value may be read as bytes; the length is the slice's size.
+        unsafe { std::slice::from_raw_parts(blocks.as_ptr().cast::<u8>(), std::mem::size_of_val(blocks)) }
+            .to_vec()
+    }
+
+    /// Our blocks are byte for byte candle's (an independent port of llama.cpp's reference
+    /// quantizers), and dequantize to the same values.
+    #[test]
+    fn blocks_match_candles_ggml_port() {
+        let mut x = seeded(32 * 40, 7);
+        // Blocks with exact zeros, ties at .5 and one all-zero block.
+        x[..32].fill(0.0);
+        for (i, v) in x[32..64].iter_mut().enumerate() {
+            *v = (i as f32 - 16.0) * 0.5;
+        }
+        let mut q8 = vec![0u8; 40 * 34];
+        quantize_q8_0(&x, &mut q8);
+        let mut theirs = vec![BlockQ8_0::zeros(); 40];
+        BlockQ8_0::from_float(&x, &mut theirs);
+        assert_eq!(q8, as_bytes(&theirs));
+        let mut q4 = vec![0u8; 40 * 18];
+        quantize_q4_0(&x, &mut q4);
+        let mut theirs4 = vec![BlockQ4_0::zeros(); 40];
+        BlockQ4_0::from_float(&x, &mut theirs4);
+        assert_eq!(q4, as_bytes(&theirs4));
+        let (mut ours, mut want) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+        dequantize_q8_0(&q8, &mut ours);
+        BlockQ8_0::to_float(&theirs, &mut want);
+        assert_eq!(ours, want);
+        dequantize_q4_0(&q4, &mut ours);
+        BlockQ4_0::to_float(&theirs4, &mut want);
+        assert_eq!(ours, want);
+        // Q8_0 is within half a step of every value (plus the f16 rounding of the scale).
+        dequantize_q8_0(&q8, &mut ours);
+        for (xb, ob) in x.chunks(32).zip(ours.chunks(32)) {
+            let step = xb.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+            assert!(xb.iter().zip(ob).all(|(a, b)| (a - b).abs() <= 0.57 * step + 1e-6));
+        }
+    }
+
+    #[test]
+    fn names_and_sizes() {
+        for t in KvType::ALL {
+            assert_eq!(KvType::parse(t.name()), Some(t));
+        }
+        assert_eq!(KvType::Q8_0.row_bytes(64), 68);
+        assert_eq!(KvType::Q4_0.row_bytes(64), 36);
+        assert_eq!(KvType::F16.row_bytes(64), 128);
+        assert_eq!(
+            KvTypes::parse("q8_0, q4_0"),
+            Some(KvTypes {
+                k: KvType::Q8_0,
+                v: KvType::Q4_0
+            })
+        );
+        assert_eq!(KvTypes::parse("q8"), None);
+        assert!(KvType::Q4_0.check_head_dim(48).is_err());
+        assert!(KvType::F16.check_head_dim(48).is_ok());
+    }
+}
