@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use layerkv::{LayerKvPolicy, Policy};
+use layerkv_model::KvTypes;
 use layerkv_model::generate::Sampling;
 use layerkv_model::{ModelConfig, Session, SessionOptions};
 use mistralrs_quant::IsqType;
@@ -153,11 +154,17 @@ impl LayerKvModelBuilder {
                 "with_max_context and with_max_sequences must be positive".into(),
             ));
         }
+        let kv_dtype = KvTypes::float(self.dtype).ok_or_else(|| {
+            AdapterError::Request(format!(
+                "with_dtype({:?}): the dtype must be f32, f16 or bf16",
+                self.dtype
+            ))
+        })?;
         let model = Arc::new(load_model(&dir, cfg, self.dtype, &self.device, self.isq)?);
         let options = SessionOptions {
             max_context: self.max_context,
             max_sequences: self.max_sequences,
-            kv_dtype: self.dtype,
+            kv_dtype,
             sliding_window: self.sliding_window,
             max_tokens: self.max_tokens,
             sampling: self.sampling,

@@ -217,12 +217,13 @@ pub fn run(opts: &MeasureOpts, served_opts: &ServedOpts) -> Result<()> {
         opts.tokens
     ));
     opts.say(&from);
-    run_table(model.clone(), dtype, &tokenizer, &text, policies, opts)?;
+    let kv = layerkv_model::KvTypes::float(dtype).context("the demo's dtype is not a float")?;
+    run_table(model.clone(), kv, &tokenizer, &text, policies, opts)?;
     let length = (served_opts.retrieval_len > 0)
         .then(|| retrieval::length(&model, served_opts.retrieval_len))
         .flatten();
     if let Some(length) = length {
-        let rows = retrieval::run(&dir, &model, dtype, &tokenizer, &text, &checked, length)?;
+        let rows = retrieval::run(&dir, &model, kv, &tokenizer, &text, &checked, length)?;
         opts.say(&format!(
             "\nretrieval: a 5-digit pass key in {length} tokens of the Jargon File at depths \
              0.1, 0.5 and 0.9, asked after the context (query-aware) and as a later turn on the \
@@ -245,7 +246,7 @@ pub fn run(opts: &MeasureOpts, served_opts: &ServedOpts) -> Result<()> {
     let rows = served::run(
         &dir,
         &model,
-        dtype,
+        kv,
         &tokenizer,
         &text,
         &served_policies,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device};
-use layerkv_model::{assets, isq, quantized, Model};
+use layerkv_model::{assets, isq, quantized, KvType, KvTypes, Model};
 
 /// The device and dtype flags of the commands that run a model.
 #[derive(clap::Args, Clone, Debug)]
@@ -30,9 +30,11 @@ pub struct DeviceArgs {
     /// (llama.cpp's fallbacks where rows are not whole 256-blocks; the LM head at Q6_K or Q8_0).
     #[arg(long, default_value = "quantized")]
     pub weights: String,
-    /// KV page dtype: `auto` (f16 when the weights run quantized, as llama.cpp's default cache
-    /// type; else `--dtype`), f32, f16 or bf16. The attention kernels read f16 and bf16 pages
-    /// directly, so a smaller type halves the KV bytes each decode step reads.
+    /// KV page type: `auto` (f16 when the weights run quantized, as llama.cpp's default cache
+    /// type; else `--dtype`), f32, f16, bf16, or llama.cpp's block types q8_0 (8.5 bits per
+    /// value) and q4_0 (4.5 bits; both CPU only); `K,V` gives keys and values their own types
+    /// (llama.cpp's `-ctk`/`-ctv`, e.g. `q8_0,q4_0`). The attention kernels read every type in
+    /// place, so a smaller type also cuts the KV bytes each decode step reads.
     #[arg(long, default_value = "auto")]
     pub kv_dtype: String,
 }
@@ -81,15 +83,25 @@ impl DeviceArgs {
     /// `--weights quantized` loads in its own types (the directory then holds its config and
     /// tokenizer only); any other path is resolved (a GGUF converted once) and loaded dense in
     /// `--dtype`; none is the embedded default, fetched on first use. Returns the directory,
-    /// the model and the KV page dtype (`--kv-dtype`).
-    pub fn load_model(&self, model: Option<&Path>) -> Result<(PathBuf, Arc<Model>, DType)> {
+    /// the model and the KV page types (`--kv-dtype`).
+    pub fn load_model(&self, model: Option<&Path>) -> Result<(PathBuf, Arc<Model>, KvTypes)> {
         let (dir, model, dtype) = self.load_weights(model)?;
         let kv = match self.kv_dtype.as_str() {
-            "auto" if model.is_quantized() => DType::F16,
-            "auto" => dtype,
-            "f32" | "f16" | "bf16" => dtype_named(&self.kv_dtype, "--kv-dtype")?,
-            other => bail!("--kv-dtype {other:?}: unknown (auto, f32, f16, bf16)"),
+            "auto" if model.is_quantized() => KvTypes::both(KvType::F16),
+            "auto" => KvTypes::float(dtype).context("--kv-dtype auto: no float type")?,
+            spec => KvTypes::parse(spec).with_context(|| {
+                format!(
+                    "--kv-dtype {spec:?}: unknown (auto, f32, f16, bf16, q8_0, q4_0, or K,V such \
+                     as q8_0,q4_0)"
+                )
+            })?,
         };
+        if kv.is_quantized() && !model.device().is_cpu() {
+            bail!(
+                "--kv-dtype {kv}: q8_0 and q4_0 KV pages run on the CPU only (the CUDA kernels \
+                 read f32, f16 and bf16 pages)"
+            );
+        }
         Ok((dir, model, kv))
     }
 

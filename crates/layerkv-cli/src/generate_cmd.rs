@@ -131,7 +131,7 @@ impl SamplingArgs {
 pub fn load_model(
     model: Option<&PathBuf>,
     device: &DeviceArgs,
-) -> Result<(PathBuf, Arc<Model>, candle_core::DType)> {
+) -> Result<(PathBuf, Arc<Model>, layerkv_model::KvTypes)> {
     device.load_model(model.map(PathBuf::as_path))
 }
 

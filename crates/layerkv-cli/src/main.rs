@@ -266,7 +266,7 @@ impl MeasureOpts {
 
 fn run_table(
     model: Arc<Model>,
-    kv_dtype: candle_core::DType,
+    kv_dtype: layerkv_model::KvTypes,
     tokenizer: &layerkv_model::tokenizer::Tokenizer,
     text: &str,
     policies: Vec<layerkv::Policy>,

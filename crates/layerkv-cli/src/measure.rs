@@ -33,8 +33,8 @@ pub struct MeasureConfig {
     pub min_prompt: usize,
     /// Window of the policy's sliding-window layers.
     pub sliding_window: Option<usize>,
-    /// KV page dtype (`--kv-dtype`).
-    pub kv_dtype: candle_core::DType,
+    /// KV page types (`--kv-dtype`).
+    pub kv_dtype: layerkv_model::KvTypes,
 }
 
 const BLOCK_SIZE: usize = 16;
@@ -130,7 +130,7 @@ pub fn measure_all(
         let batch = planner(&model, cfg)
             .max_sequences(policy.as_ref(), cfg.budget_len, budget_pages)
             .min(64);
-        let page_bytes = BLOCK_SIZE * model.config().kv_bytes_per_token_per_layer(4) / lanes;
+        let page_bytes = BLOCK_SIZE * model.config().kv_bytes_per_token_per_layer(cfg.kv_dtype) / lanes;
         let sequence_pages =
             planner(&model, cfg).pages_per_sequence(policy.as_ref(), cfg.budget_len);
         let tput = throughput(&model, policy, budget_pages, batch, tokens, cfg)?;

@@ -8,7 +8,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use candle_core::DType;
 use layerkv::Policy;
 use layerkv_model::needle::{run_sample, Generator, Grid, QueryMode, Task};
 use layerkv_model::tokenizer::Tokenizer;
@@ -50,7 +49,7 @@ pub fn length(model: &Model, wanted: usize) -> Option<usize> {
 pub fn run(
     dir: &Path,
     model: &Arc<Model>,
-    dtype: DType,
+    dtype: layerkv_model::KvTypes,
     tokenizer: &Tokenizer,
     text: &str,
     policies: &[Policy],

@@ -7,7 +7,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use candle_core::DType;
 use layerkv::{Policy, SchedulerConfig};
 use layerkv_model::batch::Batcher;
 use layerkv_model::tokenizer::Tokenizer;
@@ -53,7 +52,7 @@ pub struct ServedRow {
 pub fn run(
     dir: &Path,
     model: &Arc<Model>,
-    dtype: DType,
+    dtype: layerkv_model::KvTypes,
     tokenizer: &Tokenizer,
     text: &str,
     policies: &[Policy],

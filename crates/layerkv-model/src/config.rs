@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use layerkv_kernels::KvTypes;
 use serde_json::Value;
 
 use crate::error::{io, ModelError, Result};
@@ -228,9 +229,10 @@ impl ModelConfig {
         self.eos_token_ids.clone()
     }
 
-    /// KV bytes one token takes in one layer that owns KV, at `bytes_per_value` per element.
-    pub fn kv_bytes_per_token_per_layer(&self, bytes_per_value: usize) -> usize {
-        2 * self.num_key_value_heads * self.head_dim * bytes_per_value
+    /// KV bytes one token takes in one layer that owns KV, in pages of `kv` (block scales
+    /// included).
+    pub fn kv_bytes_per_token_per_layer(&self, kv: KvTypes) -> usize {
+        self.num_key_value_heads * kv.token_head_bytes(self.head_dim)
     }
 
     /// KV bytes the identity policy holds for `tokens` tokens: every layer, whole pages of
@@ -239,12 +241,12 @@ impl ModelConfig {
         &self,
         tokens: usize,
         block_size: usize,
-        bytes_per_value: usize,
+        kv: KvTypes,
     ) -> usize {
         tokens.div_ceil(block_size)
             * block_size
             * self.num_hidden_layers
-            * self.kv_bytes_per_token_per_layer(bytes_per_value)
+            * self.kv_bytes_per_token_per_layer(kv)
     }
 }
 

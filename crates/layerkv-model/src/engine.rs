@@ -33,7 +33,7 @@ use candle_core::{DType, Tensor};
 use layerkv::{
     CacheConfig, KvCache, LayerKvPolicy, Reservation, Scheduler, SchedulerOutput, SeqId, Step,
 };
-use layerkv_kernels::{AttentionParams, KvStore, StepExecutor};
+use layerkv_kernels::{AttentionParams, KvStore, KvType, KvTypes, StepExecutor};
 
 use crate::error::{ModelError, Result};
 use crate::model::Model;
@@ -80,8 +80,9 @@ pub struct EngineConfig {
     pub block_size: usize,
     /// Pages in the pool (all groups of all sequences).
     pub num_pages: usize,
-    /// KV storage dtype (f32, f16 or bf16).
-    pub kv_dtype: DType,
+    /// KV page types: f32, f16 or bf16, or llama.cpp's Q8_0 / Q4_0 blocks (CPU); K and V may
+    /// differ (`KvType::F16.into()`: both f16).
+    pub kv_dtype: KvTypes,
     /// Window of the layers the policy's map marks sliding (YOCO's `s` layers); required when
     /// the map has any. The model's own `sliding_window` (mistral) applies to the others.
     pub sliding_window: Option<usize>,
@@ -102,7 +103,7 @@ impl Default for EngineConfig {
         Self {
             block_size: 16,
             num_pages: 4096,
-            kv_dtype: DType::F32,
+            kv_dtype: KvTypes::both(KvType::F32),
             sliding_window: None,
             prefill: PrefillMode::Iterative {
                 max_passes: 64,
@@ -214,7 +215,7 @@ impl Engine {
         // A per-head policy gives each KV head a lane: pages of one head.
         let lanes = kv_lanes(kv_heads, policy.as_ref());
         let heads_per_page = kv_heads / lanes;
-        let bytes_per_token = 2 * heads_per_page * head_dim * config.kv_dtype.size_in_bytes();
+        let bytes_per_token = heads_per_page * config.kv_dtype.token_head_bytes(head_dim);
         let cache = KvCache::new(
             policy.clone(),
             CacheConfig {
@@ -227,7 +228,7 @@ impl Engine {
                 lanes,
             },
         )?;
-        let store = KvStore::new(
+        let store = KvStore::with_types(
             config.num_pages,
             config.block_size,
             heads_per_page,
@@ -762,7 +763,7 @@ impl Execute<'_> {
         exec.rerotate(&reserved, store, model.rope())?;
         if iterative {
             let prefill = self.config.prefill;
-            layers.iterate(store, exec, self.config, &mut reserved, prefill)?;
+            layers.iterate(store, exec, &mut reserved, prefill)?;
         } else {
             layers.run(store, exec, &mut reserved, None)?;
         }
@@ -792,7 +793,7 @@ impl Execute<'_> {
         }
         let x = if iterative {
             let prefill = self.config.prefill;
-            layers.iterate(store, exec, self.config, &mut reserved, prefill)?
+            layers.iterate(store, exec, &mut reserved, prefill)?
         } else {
             layers.run(store, exec, &mut reserved, None)?
         };
@@ -866,11 +867,10 @@ impl<'a> Layers<'a> {
         &self,
         store: &mut KvStore,
         exec: &mut StepExecutor,
-        config: &EngineConfig,
         step: &mut Step,
         prefill: PrefillMode,
     ) -> Result<Tensor> {
-        self.zero_upward_targets(store, config, step)?;
+        self.zero_upward_targets(store, step)?;
         let (max_passes, tolerance) = match prefill {
             PrefillMode::Iterative {
                 max_passes,
@@ -908,12 +908,7 @@ impl<'a> Layers<'a> {
 
     /// Writes zeros into this step's slots of groups that layers below their owner read, so
     /// the first iterative pass sees zero KV (as LCKV initialises it).
-    fn zero_upward_targets(
-        &self,
-        store: &mut KvStore,
-        config: &EngineConfig,
-        step: &Step,
-    ) -> Result<()> {
+    fn zero_upward_targets(&self, store: &mut KvStore, step: &Step) -> Result<()> {
         let cfg = self.model.config();
         let lanes = self.cache.lanes();
         for g in 0..self.map.num_groups() {
@@ -922,7 +917,7 @@ impl<'a> Layers<'a> {
                     let slots = step.group_slots(self.cache.lane(g, h));
                     let z = Tensor::zeros(
                         (slots.len(), cfg.num_key_value_heads / lanes, cfg.head_dim()),
-                        config.kv_dtype,
+                        DType::F32,
                         self.model.device(),
                     )?;
                     store.write(slots, &z, &z)?;

@@ -34,6 +34,8 @@ pub mod weights;
 pub use config::ModelConfig;
 pub use engine::kv_lanes;
 pub use error::{ModelError, Result};
+/// KV page types of [`SessionOptions::kv_dtype`] and [`engine::EngineConfig::kv_dtype`].
+pub use layerkv_kernels::{KvType, KvTypes};
 pub use linear::Projection;
 pub use model::{Layer, Model, ModelParts};
 pub use session::{KvMemory, Session, SessionOptions};

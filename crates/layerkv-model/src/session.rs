@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device};
+use layerkv_kernels::{KvType, KvTypes};
 use layerkv::plan::Planner;
 use layerkv::{LayerKvPolicy, Policy, SeqId};
 
@@ -41,8 +42,8 @@ pub struct SessionOptions {
     pub max_context: usize,
     /// How many such sequences the pool holds at once.
     pub max_sequences: usize,
-    /// KV page dtype (f32, f16, bf16).
-    pub kv_dtype: DType,
+    /// KV page types (f32, f16, bf16, or Q8_0 / Q4_0 blocks; K and V may differ).
+    pub kv_dtype: KvTypes,
     /// Window of the layers the policy's map marks sliding (YOCO's `s` layers).
     pub sliding_window: Option<usize>,
     /// Most tokens per reply (`None`: `generation_config.json`'s `max_new_tokens`, else 256).
@@ -69,7 +70,7 @@ impl Default for SessionOptions {
         Self {
             max_context: 4096,
             max_sequences: 1,
-            kv_dtype: DType::F32,
+            kv_dtype: KvTypes::both(KvType::F32),
             sliding_window: None,
             max_tokens: None,
             sampling: None,
@@ -418,13 +419,13 @@ impl Session {
         })
     }
 
-    /// Bytes of one KV page of `model` under `policy` with `kv_dtype` (K and V of
+    /// Bytes of one KV page of `model` under `policy` with page types `kv` (K and V of
     /// [`BLOCK_SIZE`] tokens of one layer group, or of one KV head of it for a per-head
-    /// policy): a memory budget divided by it is a pool size.
-    pub fn page_bytes_for(model: &Model, policy: &dyn LayerKvPolicy, kv_dtype: DType) -> usize {
+    /// policy, block scales included): a memory budget divided by it is a pool size.
+    pub fn page_bytes_for(model: &Model, policy: &dyn LayerKvPolicy, kv: KvTypes) -> usize {
         let cfg = model.config();
         let heads = cfg.num_key_value_heads / kv_lanes(cfg.num_key_value_heads, policy);
-        BLOCK_SIZE * 2 * heads * cfg.head_dim() * kv_dtype.size_in_bytes()
+        BLOCK_SIZE * heads * kv.token_head_bytes(cfg.head_dim())
     }
 
     /// KV bytes of `tokens` tokens under the identity policy, in whole pages.
@@ -432,7 +433,7 @@ impl Session {
         self.model().config().identity_kv_bytes(
             tokens,
             BLOCK_SIZE,
-            self.engine.config().kv_dtype.size_in_bytes(),
+            self.engine.config().kv_dtype,
         )
     }
 }

@@ -408,7 +408,7 @@ fn check_cache(model: &Arc<Model>, policy: Policy, texts: &[Vec<u32>], prompts: 
     let cfg = EngineConfig {
         block_size: BLOCK,
         num_pages: 1024,
-        kv_dtype: DType::F32,
+        kv_dtype: layerkv_model::KvType::F32.into(),
         sliding_window: None,
         prefill: PrefillMode::TokenByToken,
         prefill_chunk: 1,
@@ -567,7 +567,7 @@ fn multi_token_steps_past_the_window_match_the_dense_reference() {
     let cfg = EngineConfig {
         block_size: BLOCK,
         num_pages: 512,
-        kv_dtype: DType::F32,
+        kv_dtype: layerkv_model::KvType::F32.into(),
         sliding_window: None,
         prefill: PrefillMode::TokenByToken,
         prefill_chunk: 4,
@@ -620,7 +620,7 @@ fn sixteen_token_steps_past_a_long_window_match_the_dense_reference() {
     let cfg = EngineConfig {
         block_size: 16,
         num_pages: 512,
-        kv_dtype: DType::F32,
+        kv_dtype: layerkv_model::KvType::F32.into(),
         sliding_window: None,
         prefill: PrefillMode::TokenByToken,
         prefill_chunk: chunk,

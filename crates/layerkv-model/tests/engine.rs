@@ -70,7 +70,7 @@ fn engine(model: &Arc<Model>, policy: Policy, prefill: PrefillMode) -> Engine {
     let cfg = EngineConfig {
         block_size: 4,
         num_pages: 512,
-        kv_dtype: DType::F32,
+        kv_dtype: layerkv_model::KvType::F32.into(),
         sliding_window: None,
         prefill,
         prefill_chunk: 256,
@@ -703,7 +703,7 @@ fn check_retention_chunked(
     let cfg = EngineConfig {
         block_size,
         num_pages: 512,
-        kv_dtype: DType::F32,
+        kv_dtype: layerkv_model::KvType::F32.into(),
         sliding_window: None,
         prefill: PrefillMode::TokenByToken,
         prefill_chunk: chunk,
@@ -1362,7 +1362,7 @@ fn kvzip_matches_the_dense_reference() {
         let cfg = EngineConfig {
             block_size: 4,
             num_pages: 512,
-            kv_dtype: DType::F32,
+            kv_dtype: layerkv_model::KvType::F32.into(),
             sliding_window: None,
             prefill: PrefillMode::TokenByToken,
             prefill_chunk: 5,

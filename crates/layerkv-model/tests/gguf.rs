@@ -368,7 +368,7 @@ fn run_model_logits(model: Arc<Model>) -> Tensor {
     let cfg = EngineConfig {
         block_size: 4,
         num_pages: 256,
-        kv_dtype: DType::F32,
+        kv_dtype: layerkv_model::KvType::F32.into(),
         sliding_window: None,
         prefill: PrefillMode::TokenByToken,
         prefill_chunk: 256,

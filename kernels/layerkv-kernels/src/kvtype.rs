@@ -146,6 +146,11 @@ impl KvTypes {
         }
     }
 
+    /// Float pages of `dtype` for K and V (`None` for a dtype that is not f32, f16 or bf16).
+    pub fn float(dtype: DType) -> Option<Self> {
+        KvType::from_dtype(dtype).map(Self::both)
+    }
+
     /// Bytes of one token of one KV head: a K row and a V row.
     pub fn token_head_bytes(self, head_dim: usize) -> usize {
         self.k.row_bytes(head_dim) + self.v.row_bytes(head_dim)
@@ -157,14 +162,6 @@ impl KvTypes {
     }
 }
 
-impl From<DType> for KvTypes {
-    /// Float pages of `dtype` for K and V. A non-float dtype gives f32 pages' type tag only if
-    /// it is one; the store refuses the others ([`crate::KvStore::with_types`] takes
-    /// [`KvTypes`] directly).
-    fn from(dtype: DType) -> Self {
-        Self::both(KvType::from_dtype(dtype).unwrap_or(KvType::F32))
-    }
-}
 
 impl From<KvType> for KvTypes {
     fn from(t: KvType) -> Self {
