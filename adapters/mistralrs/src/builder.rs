@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use layerkv::{LayerKvPolicy, Policy};
-use layerkv_model::KvTypes;
 use layerkv_model::generate::Sampling;
+use layerkv_model::KvTypes;
 use layerkv_model::{ModelConfig, Session, SessionOptions};
 use mistralrs_quant::IsqType;
 

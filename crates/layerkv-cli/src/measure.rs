@@ -130,7 +130,8 @@ pub fn measure_all(
         let batch = planner(&model, cfg)
             .max_sequences(policy.as_ref(), cfg.budget_len, budget_pages)
             .min(64);
-        let page_bytes = BLOCK_SIZE * model.config().kv_bytes_per_token_per_layer(cfg.kv_dtype) / lanes;
+        let page_bytes =
+            BLOCK_SIZE * model.config().kv_bytes_per_token_per_layer(cfg.kv_dtype) / lanes;
         let sequence_pages =
             planner(&model, cfg).pages_per_sequence(policy.as_ref(), cfg.budget_len);
         let tput = throughput(&model, policy, budget_pages, batch, tokens, cfg)?;

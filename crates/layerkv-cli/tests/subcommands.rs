@@ -1099,6 +1099,77 @@ fn kv_held_bytes(stderr: &str) -> f64 {
     value.parse::<f64>().unwrap() * scale
 }
 
+/// `--kv-dtype q8_0`, `q4_0` and `q8_0,q4_0` hold llama.cpp's block bytes (34 and 18 per 32
+/// values, scales included) against f16's 64: the held bytes are those ratios of f16's, and
+/// the reply is still text (on a model whose head_dim, 32, is one block). A model whose
+/// head_dim is not a multiple of 32 gets a one-line error naming it.
+#[test]
+fn generate_on_quantized_kv_pages_holds_block_bytes() {
+    let dir = scratch("sub-generate-kv-blocks");
+    let wide = TinyModel {
+        hidden: 128,
+        ..TinyModel::llama(6)
+    };
+    let model = wide.write(&dir.join("m"));
+    let run = |kv: &str| {
+        layerkv(
+            &dir,
+            &[
+                "generate",
+                "--model",
+                s(&model),
+                "--prompt",
+                "The cat sat on the mat",
+                "--max-tokens",
+                "5",
+                "--ignore-eos",
+                "--temperature",
+                "0",
+                "--kv-dtype",
+                kv,
+            ],
+        )
+    };
+    let f16 = kv_held_bytes(&run("f16").1);
+    for (kv, ratio) in [
+        ("q8_0", 68.0 / 128.0),
+        ("q4_0", 36.0 / 128.0),
+        ("q8_0,q4_0", 52.0 / 128.0),
+    ] {
+        let (stdout, stderr) = run(kv);
+        assert!(
+            stdout.starts_with("The cat sat on the mat"),
+            "{kv}: {stdout}"
+        );
+        // Printed with three significant digits.
+        let held = kv_held_bytes(&stderr);
+        assert!(
+            (held / (f16 * ratio) - 1.0).abs() < 0.01,
+            "{kv}: {held} vs f16 {f16}"
+        );
+    }
+    let narrow = TinyModel::llama(6).write(&dir.join("n"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_layerkv"))
+        .args([
+            "generate",
+            "--model",
+            s(&narrow),
+            "--prompt",
+            "x",
+            "--kv-dtype",
+            "q4_0",
+        ])
+        .env("LAYERKV_HOME", &dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("multiple of 32") && err.contains("16"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// `generate --batch N` decodes N replies together (greedy: the same reply N times, as each
 /// generated alone) and prints the batch's line; `--kv-dtype auto` keeps a dense model's KV in
 /// its dtype and a quantized model's in f16 (half the bytes), as llama.cpp's default cache

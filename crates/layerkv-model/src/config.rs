@@ -237,12 +237,7 @@ impl ModelConfig {
 
     /// KV bytes the identity policy holds for `tokens` tokens: every layer, whole pages of
     /// `block_size` slots (the baseline a policy's memory is reported against).
-    pub fn identity_kv_bytes(
-        &self,
-        tokens: usize,
-        block_size: usize,
-        kv: KvTypes,
-    ) -> usize {
+    pub fn identity_kv_bytes(&self, tokens: usize, block_size: usize, kv: KvTypes) -> usize {
         tokens.div_ceil(block_size)
             * block_size
             * self.num_hidden_layers

@@ -12,9 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device};
-use layerkv_kernels::{KvType, KvTypes};
 use layerkv::plan::Planner;
 use layerkv::{LayerKvPolicy, Policy, SeqId};
+use layerkv_kernels::{KvType, KvTypes};
 
 use crate::chat::{ChatTemplate, Message};
 use crate::engine::{kv_lanes, Engine, EngineConfig};
@@ -430,10 +430,8 @@ impl Session {
 
     /// KV bytes of `tokens` tokens under the identity policy, in whole pages.
     pub fn identity_bytes(&self, tokens: usize) -> usize {
-        self.model().config().identity_kv_bytes(
-            tokens,
-            BLOCK_SIZE,
-            self.engine.config().kv_dtype,
-        )
+        self.model()
+            .config()
+            .identity_kv_bytes(tokens, BLOCK_SIZE, self.engine.config().kv_dtype)
     }
 }

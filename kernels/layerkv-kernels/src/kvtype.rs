@@ -162,7 +162,6 @@ impl KvTypes {
     }
 }
 
-
 impl From<KvType> for KvTypes {
     fn from(t: KvType) -> Self {
         Self::both(t)
@@ -270,7 +269,9 @@ mod tests {
         let mut s = seed;
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 6.0
             })
             .collect()
@@ -279,8 +280,10 @@ mod tests {
     /// candle's blocks as bytes (both are `repr(C)`: an f16 then the quants, no padding).
     fn as_bytes<T>(blocks: &[T]) -> Vec<u8> {
         // SAFETY: any initialised value may be read as bytes; the length is the slice's size.
-        unsafe { std::slice::from_raw_parts(blocks.as_ptr().cast::<u8>(), std::mem::size_of_val(blocks)) }
-            .to_vec()
+        unsafe {
+            std::slice::from_raw_parts(blocks.as_ptr().cast::<u8>(), std::mem::size_of_val(blocks))
+        }
+        .to_vec()
     }
 
     /// Our blocks are byte for byte candle's (an independent port of llama.cpp's reference
@@ -314,7 +317,10 @@ mod tests {
         dequantize_q8_0(&q8, &mut ours);
         for (xb, ob) in x.chunks(32).zip(ours.chunks(32)) {
             let step = xb.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
-            assert!(xb.iter().zip(ob).all(|(a, b)| (a - b).abs() <= 0.57 * step + 1e-6));
+            assert!(xb
+                .iter()
+                .zip(ob)
+                .all(|(a, b)| (a - b).abs() <= 0.57 * step + 1e-6));
         }
     }
 

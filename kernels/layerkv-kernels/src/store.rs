@@ -126,7 +126,12 @@ impl KvStore {
         dequantize_rows(ty, &bytes, self.head_dim, &mut out);
         Ok(Tensor::from_vec(
             out,
-            (self.num_pages, self.block_size, self.kv_heads, self.head_dim),
+            (
+                self.num_pages,
+                self.block_size,
+                self.kv_heads,
+                self.head_dim,
+            ),
             t.device(),
         )?)
     }
@@ -216,10 +221,7 @@ impl KvStore {
     /// Writes stored rows (already in each tensor's storage type) into physical slots,
     /// checked by the caller.
     fn scatter_raw(&mut self, slots: &[u32], k: Option<&Tensor>, v: Option<&Tensor>) -> Result<()> {
-        let rows = [
-            (&self.k, k, self.types.k),
-            (&self.v, v, self.types.v),
-        ];
+        let rows = [(&self.k, k, self.types.k), (&self.v, v, self.types.v)];
         for (dst, src, t) in rows {
             if let Some(src) = src {
                 let op = ScatterRows {
@@ -523,13 +525,22 @@ mod tests {
             let mut want = KvStore::with_types(4, 2, 2, 64, types, &dev).unwrap();
             want.write(&[7], &fresh, &fresh).unwrap();
             assert_eq!(bytes(&store, &[7]).0, bytes(&want, &[7]).0);
-            assert_ne!(bytes(&store, &[7]).0, old.flatten_all().unwrap().to_vec1::<u8>().unwrap());
+            assert_ne!(
+                bytes(&store, &[7]).0,
+                old.flatten_all().unwrap().to_vec1::<u8>().unwrap()
+            );
             store.write_keys(&[7], &old).unwrap();
             assert_eq!(bytes(&store, &[6, 7]), page2);
             // The dequantized pages are close to what was written, not equal.
             let got = store.v_f32().unwrap().reshape((8, 2, 64)).unwrap();
-            let diff = layerkv_testkit::max_abs_diff(&got.narrow(0, 0, 1).unwrap(), &v.narrow(0, 0, 1).unwrap());
-            assert!(diff > 0.0 && diff < if t == KvType::Q8_0 { 0.05 } else { 0.6 }, "{t}: {diff}");
+            let diff = layerkv_testkit::max_abs_diff(
+                &got.narrow(0, 0, 1).unwrap(),
+                &v.narrow(0, 0, 1).unwrap(),
+            );
+            assert!(
+                diff > 0.0 && diff < if t == KvType::Q8_0 { 0.05 } else { 0.6 },
+                "{t}: {diff}"
+            );
         }
         let err = KvStore::with_types(4, 2, 2, 48, KvTypes::both(KvType::Q8_0), &dev).unwrap_err();
         assert!(err.to_string().contains("multiple of 32"), "{err}");

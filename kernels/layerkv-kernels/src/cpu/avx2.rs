@@ -728,7 +728,9 @@ mod tests {
     #[test]
     fn blocks_widen_like_the_scalar_dequantizers() {
         assert!(have_features(), "this x86-64 CPU lacks AVX2/FMA/F16C");
-        let x: Vec<f32> = (0..96).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.13).collect();
+        let x: Vec<f32> = (0..96)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.13)
+            .collect();
         let mut q8 = vec![0u8; 3 * 34];
         crate::kvtype::quantize_q8_0(&x, &mut q8);
         let mut q4 = vec![0u8; 3 * 18];

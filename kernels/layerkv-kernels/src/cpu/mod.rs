@@ -22,8 +22,8 @@ use rayon::prelude::*;
 use crate::error::{KernelError, Result};
 use crate::kvtype::{KvType, KvTypes};
 use crate::store::KvStore;
-use blocks::{Q4Block, Q8Block};
 use crate::view::{AttentionParams, SeqQuery};
+use blocks::{Q4Block, Q8Block};
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -997,7 +997,14 @@ mod tests {
             for baseline in [true, false] {
                 let mut mass = vec![0f32; 27];
                 let got = attention_with(
-                    &q, &store, &prefill, &params, Some(&mut mass), baseline, Split::Auto, false,
+                    &q,
+                    &store,
+                    &prefill,
+                    &params,
+                    Some(&mut mass),
+                    baseline,
+                    Split::Auto,
+                    false,
                 )
                 .unwrap();
                 let diff = max_abs_diff(&got, &want);
@@ -1007,7 +1014,14 @@ mod tests {
                 }
                 let mut peak = vec![0f32; 27];
                 attention_with(
-                    &q, &store, &prefill, &params, Some(&mut peak), baseline, Split::Auto, true,
+                    &q,
+                    &store,
+                    &prefill,
+                    &params,
+                    Some(&mut peak),
+                    baseline,
+                    Split::Auto,
+                    true,
                 )
                 .unwrap();
                 for (p, w) in peak.iter().zip(&want_peak) {
@@ -1027,7 +1041,10 @@ mod tests {
                         attention_with(&q1, &store, &decode, &params, None, baseline, split, false)
                             .unwrap();
                     let diff = max_abs_diff(&got, &want);
-                    assert!(diff < 1e-5, "{what} decode {split:?} baseline={baseline}: {diff}");
+                    assert!(
+                        diff < 1e-5,
+                        "{what} decode {split:?} baseline={baseline}: {diff}"
+                    );
                 }
             }
         }
