@@ -9,9 +9,12 @@
 //! layout's.
 //!
 //! Shapes: Llama-like (32 heads, 8 KV heads, head_dim 128) and SmolLM2-135M (9, 3, 64); contexts
-//! 512..32k; batches 1, 8, 32 (combinations above a KV-size cap are skipped); f32 and f16
-//! storage. `cargo bench --bench attention` prints the table; under `cargo test` one small case
-//! runs and the two implementations must agree.
+//! 512..32k; batches 1, 8, 32 (combinations above a KV-size cap are skipped); f32, f16, Q8_0 and
+//! Q4_0 pages (queries and candle's copies in f16 for the block types, which candle has no
+//! attention for). The `x f16` column is a row's paged time over the f16 pages' paged time at
+//! the same shape, context and batch, measured in the same run. `cargo bench --bench attention`
+//! prints the table; under `cargo test` one small case runs and the two implementations must
+//! agree.
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -19,7 +22,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use criterion::Criterion;
 use layerkv::TableView;
-use layerkv_kernels::{paged_attention, AttentionParams, KvStore, SeqQuery};
+use layerkv_kernels::{paged_attention, AttentionParams, KvStore, KvType, KvTypes, SeqQuery};
 use rayon::prelude::*;
 
 const BLOCK: usize = 16;
@@ -30,6 +33,9 @@ struct Case {
     head_dim: usize,
     ctx: usize,
     batch: usize,
+    /// The page type.
+    kv: KvType,
+    /// Queries and candle's contiguous K/V: f32 for f32 pages, else f16.
     dtype: DType,
 }
 
@@ -50,7 +56,9 @@ fn prepare(c: &Case) -> Prepared {
     let dev = Device::Cpu;
     let pages_per_seq = c.ctx / BLOCK;
     let num_pages = pages_per_seq * c.batch;
-    let mut store = KvStore::new(num_pages, BLOCK, c.kv_heads, c.head_dim, c.dtype, &dev).unwrap();
+    let types = KvTypes::both(c.kv);
+    let mut store =
+        KvStore::with_types(num_pages, BLOCK, c.kv_heads, c.head_dim, types, &dev).unwrap();
     let k = Tensor::randn(0f32, 1.0, (c.batch, c.ctx, c.kv_heads, c.head_dim), &dev).unwrap();
     let v = Tensor::randn(0f32, 1.0, (c.batch, c.ctx, c.kv_heads, c.head_dim), &dev).unwrap();
     // Pages of different sequences interleave, as a shared pool hands them out.
@@ -72,7 +80,7 @@ fn prepare(c: &Case) -> Prepared {
     // Lanes: every (sequence, head) its own pages, interleaved over the pool the same way.
     let lanes = c.batch * c.kv_heads;
     let mut lane_store =
-        KvStore::new(pages_per_seq * lanes, BLOCK, 1, c.head_dim, c.dtype, &dev).unwrap();
+        KvStore::with_types(pages_per_seq * lanes, BLOCK, 1, c.head_dim, types, &dev).unwrap();
     let lane_tables: Vec<Vec<u32>> = (0..lanes)
         .map(|l| (0..pages_per_seq).map(|p| (p * lanes + l) as u32).collect())
         .collect();
@@ -234,7 +242,7 @@ fn bandwidth() -> f64 {
 fn cases() -> Vec<Case> {
     let mut out = Vec::new();
     for (heads, kv_heads, head_dim, cap) in [(32, 8, 128, 1 << 16), (9, 3, 64, 1 << 18)] {
-        for dtype in [DType::F32, DType::F16] {
+        for kv in [KvType::F32, KvType::F16, KvType::Q8_0, KvType::Q4_0] {
             for ctx in [512, 2048, 8192, 32768] {
                 for batch in [1, 8, 32] {
                     if ctx * batch <= cap {
@@ -244,7 +252,12 @@ fn cases() -> Vec<Case> {
                             head_dim,
                             ctx,
                             batch,
-                            dtype,
+                            kv,
+                            dtype: if kv == KvType::F32 {
+                                DType::F32
+                            } else {
+                                DType::F16
+                            },
                         });
                     }
                 }
@@ -263,6 +276,7 @@ fn main() {
             head_dim: 32,
             ctx: 256,
             batch: 3,
+            kv: KvType::F32,
             dtype: DType::F32,
         };
         let p = prepare(&c);
@@ -296,6 +310,7 @@ fn main() {
             head_dim: 128,
             ctx: 8192,
             batch: 1,
+            kv: KvType::F32,
             dtype: DType::F32,
         };
         let p = prepare(&c);
@@ -312,12 +327,7 @@ fn main() {
     for c in cases() {
         let label = format!(
             "{}h/{}kv/d{}:{}:{}x{}",
-            c.heads,
-            c.kv_heads,
-            c.head_dim,
-            format!("{:?}", c.dtype).to_lowercase(),
-            c.ctx,
-            c.batch
+            c.heads, c.kv_heads, c.head_dim, c.kv, c.ctx, c.batch
         );
         if filter.as_ref().is_some_and(|f| !label.contains(f.as_str())) {
             continue;
@@ -344,10 +354,26 @@ fn main() {
         bw_end / 1e9,
         rayon::current_num_threads()
     );
+    let f16_time = |c: &Case| {
+        rows.iter()
+            .find(|(r, ..)| {
+                r.kv == KvType::F16
+                    && (r.heads, r.kv_heads, r.head_dim, r.ctx, r.batch)
+                        == (c.heads, c.kv_heads, c.head_dim, c.ctx, c.batch)
+            })
+            .map(|r| r.1)
+    };
+    let vs_f16: Vec<String> = rows
+        .iter()
+        .map(|(c, t, ..)| match f16_time(c) {
+            Some(f) => format!("{:.2}x", t / f),
+            None => "-".into(),
+        })
+        .collect();
     println!(
-        "{:<22} {:>6} {:>6} {:>5} {:>11} {:>11} {:>8} {:>9} {:>7} {:>10}",
+        "{:<22} {:>6} {:>6} {:>5} {:>11} {:>11} {:>8} {:>9} {:>7} {:>10} {:>7}",
         "shape",
-        "dtype",
+        "pages",
         "ctx",
         "batch",
         "paged us",
@@ -355,15 +381,18 @@ fn main() {
         "speedup",
         "KV GB/s",
         "% bw",
-        "lanes/grp"
+        "lanes/grp",
+        "x f16"
     );
-    for (c, t_ours, t_candle, t_lanes) in rows {
+    for ((c, t_ours, t_candle, t_lanes), vs_f16) in rows.iter().zip(vs_f16) {
+        let (t_ours, t_candle, t_lanes) = (*t_ours, *t_candle, *t_lanes);
         let kv_bytes =
-            (2 * c.batch * c.ctx * c.kv_heads * c.head_dim * c.dtype.size_in_bytes()) as f64;
+            (c.batch * c.ctx * c.kv_heads * KvTypes::both(c.kv).token_head_bytes(c.head_dim))
+                as f64;
         println!(
-            "{:<22} {:>6} {:>6} {:>5} {:>11.1} {:>11.1} {:>7.2}x {:>9.2} {:>6.1}% {:>9.2}x",
+            "{:<22} {:>6} {:>6} {:>5} {:>11.1} {:>11.1} {:>7.2}x {:>9.2} {:>6.1}% {:>9.2}x {:>7}",
             format!("{}h/{}kv/d{}", c.heads, c.kv_heads, c.head_dim),
-            format!("{:?}", c.dtype).to_lowercase(),
+            c.kv,
             c.ctx,
             c.batch,
             t_ours * 1e6,
@@ -371,7 +400,8 @@ fn main() {
             t_candle / t_ours,
             kv_bytes / t_ours / 1e9,
             100.0 * kv_bytes / t_ours / bw,
-            t_lanes / t_ours
+            t_lanes / t_ours,
+            vs_f16
         );
     }
 }

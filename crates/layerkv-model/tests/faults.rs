@@ -22,7 +22,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device};
 use layerkv::{CacheSnapshot, Policy};
 use layerkv_model::engine::{Engine, EngineConfig, FailStage, Fault, LogitsRows, PrefillMode};
-use layerkv_model::{Model, ModelError};
+use layerkv_model::{KvType, KvTypes, Model, ModelError};
 use layerkv_testkit::{max_abs_diff, TinyModel};
 
 const LAYERS: usize = 6;
@@ -136,10 +136,38 @@ fn model() -> Arc<Model> {
     Arc::new(Model::load(dir, DType::F32, &Device::Cpu).unwrap())
 }
 
+/// [`model`] with heads one Q8_0/Q4_0 block wide (head_dim 32).
+fn model_blocks() -> Arc<Model> {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let dir =
+            std::env::temp_dir().join(format!("layerkv-faults-blocks-{}", std::process::id()));
+        TinyModel {
+            layers: LAYERS,
+            hidden: 128,
+            ..TinyModel::llama(31)
+        }
+        .write(&dir)
+    });
+    Arc::new(Model::load(dir, DType::F32, &Device::Cpu).unwrap())
+}
+
+/// The KV page types of the engines [`engine`] builds on this thread.
+fn pages() -> KvTypes {
+    PAGES.with(|p| p.get())
+}
+
+thread_local! {
+    static PAGES: std::cell::Cell<KvTypes> = const {
+        std::cell::Cell::new(KvTypes { k: KvType::F32, v: KvType::F32 })
+    };
+}
+
 fn engine(model: &Arc<Model>, spec: &str, chunk: usize) -> Engine {
     let cfg = EngineConfig {
         block_size: 4,
         num_pages: 256,
+        kv_dtype: pages(),
         prefill: PrefillMode::TokenByToken,
         prefill_chunk: chunk,
         ..EngineConfig::default()
@@ -171,8 +199,11 @@ fn snapshot(e: &Engine) -> Snapshot {
         for (g, t) in s.tables.iter().enumerate() {
             for slot in (0..t.num_slots()).filter(|&x| t.is_valid(x)) {
                 let phys = [t.physical_slot(slot, bs).unwrap()];
+                // Float rows, or the bytes of block rows (exact in f32).
                 let bits = |x: candle_core::Tensor| {
-                    x.flatten_all()
+                    x.to_dtype(DType::F32)
+                        .unwrap()
+                        .flatten_all()
                         .unwrap()
                         .to_vec1::<f32>()
                         .unwrap()
@@ -405,4 +436,55 @@ fn a_failure_in_a_kvzip_prompt_changes_nothing() {
         !reached.iter().any(|&(s, _)| s == 5),
         "a prompt of 11 tokens runs 5 protocol steps: {reached:?}"
     );
+}
+
+/// Quantized pages (Q8_0, and Q8_0 keys with Q4_0 values): a failure at any stage leaves the
+/// stored blocks of every live slot byte for byte as they were (the rollback of re-rotated
+/// sinks writes the saved blocks back; compaction moves gather before they write), and the
+/// retry matches a twin that never failed.
+#[test]
+fn a_failure_on_quantized_pages_changes_nothing() {
+    let model = model_blocks();
+    let specs = [
+        "identity+stream:2:5",
+        "identity+snapkv:6:4",
+        "cla:2+stream:2:5",
+    ];
+    let mixed = KvTypes {
+        k: KvType::Q8_0,
+        v: KvType::Q4_0,
+    };
+    for kv in [KvTypes::both(KvType::Q8_0), mixed] {
+        PAGES.with(|p| p.set(kv));
+        let mut reached = Vec::new();
+        for spec in specs {
+            for scenario in [Scenario::Prompt, Scenario::Fork, Scenario::Stream] {
+                for stage in STAGES {
+                    if cell(&model, spec, scenario, stage).is_some() {
+                        reached.push((spec, scenario, stage));
+                    }
+                }
+            }
+        }
+        for spec in specs {
+            let hit = |scenario, stage| reached.contains(&(spec, scenario, stage));
+            assert!(
+                hit(Scenario::Fork, FailStage::AfterCopies),
+                "{kv} {spec}: no copies"
+            );
+            assert!(
+                [Scenario::Prompt, Scenario::Fork, Scenario::Stream]
+                    .iter()
+                    .any(|&sc| hit(sc, FailStage::InMoves)),
+                "{kv} {spec}: no compaction moves"
+            );
+            if spec.contains("stream") {
+                assert!(
+                    hit(Scenario::Stream, FailStage::AfterRerotation),
+                    "{kv} {spec}: no re-rotation"
+                );
+            }
+        }
+    }
+    PAGES.with(|p| p.set(KvTypes::both(KvType::F32)));
 }
