@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use layerkv::plan::Planner;
 use layerkv::{LayerKvPolicy, Policy};
-use layerkv_model::ModelConfig;
+use layerkv_model::{KvTypes, ModelConfig};
 
 /// Options of `layerkv plan`.
 #[derive(clap::Args)]
@@ -24,7 +24,8 @@ pub struct PlanArgs {
     /// Context length per sequence, e.g. `32k`, `4096`.
     #[arg(long, default_value = "32k")]
     context: String,
-    /// KV storage dtype: f32, bf16 or f16.
+    /// KV page type: f32, bf16, f16, q8_0 or q4_0 (block scales counted), or `K,V` (e.g.
+    /// `q8_0,q4_0`).
     #[arg(long, default_value = "bf16")]
     dtype: String,
     /// Token slots per page.
@@ -107,11 +108,14 @@ pub fn run(args: PlanArgs) -> Result<()> {
         None => layerkv_model::assets::ensure_default_model()?,
     };
     let cfg = ModelConfig::load(&dir).with_context(|| format!("model {}", dir.display()))?;
-    let dtype_bytes = match args.dtype.as_str() {
-        "f32" => 4,
-        "bf16" | "f16" => 2,
-        other => bail!("unknown dtype {other:?} (f32, bf16, f16)"),
-    };
+    let kv = KvTypes::parse(&args.dtype).with_context(|| {
+        format!(
+            "unknown dtype {:?} (f32, bf16, f16, q8_0, q4_0, or K,V such as q8_0,q4_0)",
+            args.dtype
+        )
+    })?;
+    kv.k.check_head_dim(cfg.head_dim())?;
+    kv.v.check_head_dim(cfg.head_dim())?;
     if !args.block_size.is_power_of_two() {
         bail!(
             "--block-size must be a power of two, got {}",
@@ -120,7 +124,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
     }
     let budget = parse_bytes(&args.budget)?;
     let context = parse_tokens(&args.context)?;
-    let bytes_per_token = 2 * cfg.num_key_value_heads * cfg.head_dim() * dtype_bytes;
+    let bytes_per_token = cfg.kv_bytes_per_token_per_layer(kv);
     let page_bytes = bytes_per_token * args.block_size;
     let num_pages = budget / page_bytes;
     let planner = Planner {

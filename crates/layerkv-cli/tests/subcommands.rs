@@ -218,6 +218,47 @@ fn eval_reports_kv_bytes_of_identity_and_of_a_streaming_policy() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `plan --dtype q8_0|q4_0` counts block bytes (scales included): on heads of 32 values, a
+/// 1000-token identity sequence takes 63 pages x 4 layers of 16 tokens x 2 KV heads x (K + V
+/// rows of 34 or 18 bytes), against f16's 64 per row.
+#[test]
+fn plan_counts_quantized_page_bytes() {
+    let dir = scratch("sub-plan-blocks");
+    let model = TinyModel {
+        hidden: 128,
+        ..TinyModel::llama(7)
+    }
+    .write(&dir.join("model"));
+    for (dtype, row) in [("f16", 64), ("q8_0", 34), ("q4_0", 18), ("q8_0,q4_0", 26)] {
+        let (stdout, _) = layerkv(
+            &dir,
+            &[
+                "plan",
+                "--model",
+                s(&model),
+                "--policy",
+                "cla:2",
+                "--budget",
+                "1MiB",
+                "--context",
+                "1000",
+                "--dtype",
+                dtype,
+            ],
+        );
+        let kib = (63 * 4 * 16 * 2 * 2 * row) as f64 / 1024.0;
+        let identity = stdout
+            .lines()
+            .find(|l| l.starts_with("| identity |"))
+            .unwrap();
+        assert!(
+            identity.contains(&format!("| {kib:.1} KiB |")),
+            "{dtype} ({kib:.1} KiB): {stdout}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Shown to fail: with the identity row's pages computed as `1000 / 16` (62, rounding down)
 /// instead of rounding up, the expected cell `992.0 KiB` was not in the row `1008.0 KiB`.
 #[test]
