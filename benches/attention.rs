@@ -242,9 +242,11 @@ fn bandwidth() -> f64 {
 fn cases() -> Vec<Case> {
     let mut out = Vec::new();
     for (heads, kv_heads, head_dim, cap) in [(32, 8, 128, 1 << 16), (9, 3, 64, 1 << 18)] {
-        for kv in [KvType::F32, KvType::F16, KvType::Q8_0, KvType::Q4_0] {
-            for ctx in [512, 2048, 8192, 32768] {
-                for batch in [1, 8, 32] {
+        // The page types of one shape, context and batch run back to back: their ratios are
+        // taken a few seconds apart, not minutes.
+        for ctx in [512, 2048, 8192, 32768] {
+            for batch in [1, 8, 32] {
+                for kv in [KvType::F32, KvType::F16, KvType::Q8_0, KvType::Q4_0] {
                     if ctx * batch <= cap {
                         out.push(Case {
                             heads,

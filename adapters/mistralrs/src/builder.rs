@@ -32,6 +32,7 @@ pub struct LayerKvModelBuilder {
     dir: PathBuf,
     policy: Option<Policy>,
     dtype: DType,
+    kv_types: Option<KvTypes>,
     device: Device,
     isq: Option<IsqType>,
     max_context: usize,
@@ -50,6 +51,7 @@ impl LayerKvModelBuilder {
             dir: dir.as_ref().to_path_buf(),
             policy: None,
             dtype: DType::F32,
+            kv_types: None,
             device: Device::Cpu,
             isq: None,
             max_context: 4096,
@@ -79,6 +81,14 @@ impl LayerKvModelBuilder {
     /// Activation and KV dtype (f32, bf16 or f16).
     pub fn with_dtype(mut self, dtype: DType) -> Self {
         self.dtype = dtype;
+        self
+    }
+
+    /// KV page types apart from the activation dtype: llama.cpp's Q8_0 / Q4_0 blocks (CPU;
+    /// head_dim a multiple of 32), or a float type; K and V may differ
+    /// (`KvTypes { k: KvType::Q8_0, v: KvType::Q4_0 }`, llama.cpp's `-ctk q8_0 -ctv q4_0`).
+    pub fn with_kv_types(mut self, kv: impl Into<KvTypes>) -> Self {
+        self.kv_types = Some(kv.into());
         self
     }
 
@@ -154,12 +164,15 @@ impl LayerKvModelBuilder {
                 "with_max_context and with_max_sequences must be positive".into(),
             ));
         }
-        let kv_dtype = KvTypes::float(self.dtype).ok_or_else(|| {
-            AdapterError::Request(format!(
-                "with_dtype({:?}): the dtype must be f32, f16 or bf16",
-                self.dtype
-            ))
-        })?;
+        let kv_dtype = match self.kv_types {
+            Some(kv) => kv,
+            None => KvTypes::float(self.dtype).ok_or_else(|| {
+                AdapterError::Request(format!(
+                    "with_dtype({:?}): the dtype must be f32, f16 or bf16",
+                    self.dtype
+                ))
+            })?,
+        };
         let model = Arc::new(load_model(&dir, cfg, self.dtype, &self.device, self.isq)?);
         let options = SessionOptions {
             max_context: self.max_context,

@@ -132,6 +132,48 @@ fn isq_q8_0_matches_mistralrs_isq_q8_0() {
     assert!(gap > 1e-4, "Q8_0 changed the logits by only {gap}");
 }
 
+/// `with_kv_types`: Q8_0 pages hold 34 bytes per 32 values where f32 pages hold 128, and the
+/// prompt's logits stay near f32 pages' (under 1% of the largest logit); a model whose
+/// head_dim (16) is not whole blocks is refused at build with a message naming it.
+#[test]
+fn quantized_kv_pages_hold_block_bytes() {
+    use layerkv_model::KvType;
+    let dir = tiny(
+        "kv-blocks",
+        TinyModel {
+            hidden: 128,
+            ..TinyModel::llama(12)
+        },
+    );
+    let mut f32_pages = LayerKvModelBuilder::new(&dir).build().unwrap();
+    let mut q8 = LayerKvModelBuilder::new(&dir)
+        .with_kv_types(KvType::Q8_0)
+        .build()
+        .unwrap();
+    let ids: Vec<u32> = f32_pages.tokenizer().encode(PROMPT).unwrap();
+    let a = f32_pages.prompt_logits(&ids).unwrap();
+    let b = q8.prompt_logits(&ids).unwrap();
+    let scale = max_abs_diff(&a, &a.zeros_like().unwrap());
+    let diff = max_abs_diff(&a, &b);
+    assert!(
+        diff > 0.0 && diff < 0.01 * scale,
+        "{diff} (largest logit {scale})"
+    );
+    let (m32, m8) = (f32_pages.last_memory().unwrap(), q8.last_memory().unwrap());
+    assert_eq!(
+        m8.held_bytes * 128,
+        m32.held_bytes * 34,
+        "{m8:?} vs {m32:?}"
+    );
+    let narrow = tiny("kv-blocks-narrow", TinyModel::llama(12));
+    let err = LayerKvModelBuilder::new(&narrow)
+        .with_kv_types(KvType::Q4_0)
+        .build()
+        .map(|_| ())
+        .unwrap_err();
+    assert!(err.to_string().contains("multiple of 32"), "{err}");
+}
+
 #[test]
 fn sharing_skips_kv_projections_and_holds_less() {
     let dir = tiny("share", TinyModel::llama(10));

@@ -21,6 +21,25 @@ pub(crate) trait Lanes: Copy {
     /// # Safety
     /// The row must hold `c + 8` readable values; the CPU must have AVX2 and F16C.
     unsafe fn load8_at(p: *const Self, c: usize) -> __m256;
+    /// The scale of the block holding value `c`, in all lanes, for [`Lanes::load8_scaled`]
+    /// (floats: unused, optimised away).
+    ///
+    /// # Safety
+    /// As for [`Lanes::load8_at`].
+    #[inline(always)]
+    unsafe fn scale_at(_p: *const Self, _c: usize) -> __m256 {
+        _mm256_setzero_ps()
+    }
+    /// [`Lanes::load8_at`] with the block's scale already converted (a loop over a block's
+    /// four 8-lane chunks converts it once).
+    ///
+    /// # Safety
+    /// As for [`Lanes::load8_at`]; `scale` is [`Lanes::scale_at`] of the same block.
+    #[inline(always)]
+    unsafe fn load8_scaled(p: *const Self, c: usize, _scale: __m256) -> __m256 {
+        // SAFETY: the caller's contract.
+        unsafe { Self::load8_at(p, c) }
+    }
     /// Value `i` of the row at `p` (for tails).
     ///
     /// # Safety
@@ -76,6 +95,16 @@ impl Lanes for Q8Block {
         unsafe { load8_q8(p.add(c / QK).cast(), c % QK) }
     }
     #[inline(always)]
+    unsafe fn scale_at(p: *const Q8Block, c: usize) -> __m256 {
+        // SAFETY: block `c / 32` is readable.
+        unsafe { scale8(p.add(c / QK).cast()) }
+    }
+    #[inline(always)]
+    unsafe fn load8_scaled(p: *const Q8Block, c: usize, scale: __m256) -> __m256 {
+        // SAFETY: as for `load8_at`.
+        unsafe { ints8_q8(p.add(c / QK).cast(), c % QK, scale) }
+    }
+    #[inline(always)]
     unsafe fn at(p: *const Q8Block, i: usize) -> f32 {
         // SAFETY: the caller's contract.
         unsafe { (*p.add(i / QK)).value(i % QK) }
@@ -88,6 +117,16 @@ impl Lanes for Q4Block {
     unsafe fn load8_at(p: *const Q4Block, c: usize) -> __m256 {
         // SAFETY: as for Q8_0: 8 nibble bytes at `2 + c % 16 .. + 8 <= 18`.
         unsafe { load8_q4(p.add(c / QK).cast(), c % QK) }
+    }
+    #[inline(always)]
+    unsafe fn scale_at(p: *const Q4Block, c: usize) -> __m256 {
+        // SAFETY: block `c / 32` is readable.
+        unsafe { scale8(p.add(c / QK).cast()) }
+    }
+    #[inline(always)]
+    unsafe fn load8_scaled(p: *const Q4Block, c: usize, scale: __m256) -> __m256 {
+        // SAFETY: as for `load8_at`.
+        unsafe { ints8_q4(p.add(c / QK).cast(), c % QK, scale) }
     }
     #[inline(always)]
     unsafe fn at(p: *const Q4Block, i: usize) -> f32 {
@@ -116,9 +155,19 @@ unsafe fn scale8(b: *const u8) -> __m256 {
 #[inline]
 unsafe fn load8_q8(b: *const u8, j: usize) -> __m256 {
     // SAFETY: the caller's contract.
+    unsafe { ints8_q8(b, j, scale8(b)) }
+}
+
+/// [`load8_q8`] with the block's scale given.
+///
+/// # Safety
+/// As for [`load8_q8`].
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn ints8_q8(b: *const u8, j: usize, scale: __m256) -> __m256 {
+    // SAFETY: the caller's contract.
     let q = unsafe { _mm_loadl_epi64(b.add(2 + j).cast()) };
-    let x = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
-    _mm256_mul_ps(x, unsafe { scale8(b) })
+    _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), scale)
 }
 
 /// Values `j .. j + 8` of the Q4_0 block at `b` (low nibbles of bytes `j..` for `j < 16`, high
@@ -129,6 +178,17 @@ unsafe fn load8_q8(b: *const u8, j: usize) -> __m256 {
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn load8_q4(b: *const u8, j: usize) -> __m256 {
+    // SAFETY: the caller's contract.
+    unsafe { ints8_q4(b, j, scale8(b)) }
+}
+
+/// [`load8_q4`] with the block's scale given.
+///
+/// # Safety
+/// As for [`load8_q4`].
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn ints8_q4(b: *const u8, j: usize, scale: __m256) -> __m256 {
     // SAFETY: the caller's contract: bytes `2 + j % 16 .. + 8 <= 18`.
     let raw = unsafe { _mm_loadl_epi64(b.add(2 + j % 16).cast()) };
     let nib = if j >= 16 {
@@ -138,7 +198,7 @@ unsafe fn load8_q4(b: *const u8, j: usize) -> __m256 {
     };
     let nib = _mm_and_si128(nib, _mm_set1_epi8(0x0f));
     let q = _mm256_sub_epi32(_mm256_cvtepu8_epi32(nib), _mm256_set1_epi32(8));
-    _mm256_mul_ps(_mm256_cvtepi32_ps(q), unsafe { scale8(b) })
+    _mm256_mul_ps(_mm256_cvtepi32_ps(q), scale)
 }
 
 /// # Safety
@@ -313,13 +373,18 @@ unsafe fn dots_tile<T: Lanes, const G: usize, const S: usize>(
 ) -> [f32; 8] {
     debug_assert!(G * S <= 8 && keys.len() >= S);
     let mut acc = [[_mm256_setzero_ps(); G]; S];
+    let mut scale = [_mm256_setzero_ps(); S];
     let mut c = 0;
     // SAFETY (all loads below): `c + 8 <= d`; row g of `q` and every key row hold `d` elements
     // (the caller's contract).
     while c + 8 <= d {
+        // A block's scale is converted once for its four chunks (floats: nothing).
+        if c % T::BLOCK == 0 {
+            scale = std::array::from_fn(|s| unsafe { T::scale_at(keys[s], c) });
+        }
         let qv: [__m256; G] = std::array::from_fn(|g| unsafe { _mm256_loadu_ps(q.add(g * d + c)) });
         for (s, a) in acc.iter_mut().enumerate() {
-            let kv = unsafe { T::load8_at(keys[s], c) };
+            let kv = unsafe { T::load8_scaled(keys[s], c, scale[s]) };
             for (x, qg) in a.iter_mut().zip(&qv) {
                 *x = _mm256_fmadd_ps(*qg, kv, *x);
             }
