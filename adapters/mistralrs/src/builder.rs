@@ -86,7 +86,8 @@ impl LayerKvModelBuilder {
 
     /// KV page types apart from the activation dtype: llama.cpp's Q8_0 / Q4_0 blocks (CPU;
     /// head_dim a multiple of 32), or a float type; K and V may differ
-    /// (`KvTypes { k: KvType::Q8_0, v: KvType::Q4_0 }`, llama.cpp's `-ctk q8_0 -ctv q4_0`).
+    /// (`KvTypes::new(KvType::Q8_0, KvType::Q4_0)`, llama.cpp's `-ctk q8_0 -ctv q4_0`; block rows
+    /// are stored rotated, as llama.cpp's are, unless `with_rotation(false)`).
     pub fn with_kv_types(mut self, kv: impl Into<KvTypes>) -> Self {
         self.kv_types = Some(kv.into());
         self

@@ -33,7 +33,9 @@ pub struct DeviceArgs {
     /// KV page type: `auto` (f16 when the weights run quantized, as llama.cpp's default cache
     /// type; else `--dtype`), f32, f16, bf16, or llama.cpp's block types q8_0 (8.5 bits per
     /// value) and q4_0 (4.5 bits; both CPU only); `K,V` gives keys and values their own types
-    /// (llama.cpp's `-ctk`/`-ctv`, e.g. `q8_0,q4_0`). The attention kernels read every type in
+    /// (llama.cpp's `-ctk`/`-ctv`, e.g. `q8_0,q4_0`). Block rows are stored rotated by a
+    /// Walsh-Hadamard transform, as llama.cpp's quantized caches are (`:plain` after the type
+    /// stores them as they are, e.g. `q4_0:plain`). The attention kernels read every type in
     /// place, so a smaller type also cuts the KV bytes each decode step reads.
     #[arg(long, default_value = "auto")]
     pub kv_dtype: String,
@@ -92,7 +94,7 @@ impl DeviceArgs {
             spec => KvTypes::parse(spec).with_context(|| {
                 format!(
                     "--kv-dtype {spec:?}: unknown (auto, f32, f16, bf16, q8_0, q4_0, or K,V such \
-                     as q8_0,q4_0)"
+                     as q8_0,q4_0; `:plain` after it for unrotated blocks)"
                 )
             })?,
         };

@@ -528,7 +528,10 @@ fn dense_reference(
                 .unwrap();
                 let v_all = Tensor::cat(&values[li], 0).unwrap();
                 lane_kv.push(match pages {
-                    Some(t) => (round_trip(&k_all, t.k), round_trip(&v_all, t.v)),
+                    Some(t) => (
+                        round_trip(&k_all, t.k, t.rotate),
+                        round_trip(&v_all, t.v, t.rotate),
+                    ),
                     None => (k_all, v_all),
                 });
             }
@@ -1456,15 +1459,20 @@ fn head_roles_match_the_dense_reference() {
 }
 
 /// `x` (rows of `d` values, last dimension) as pages of type `t` hold it: quantized, then
-/// dequantized (unchanged for f32).
-fn round_trip(x: &Tensor, t: KvType) -> Tensor {
+/// dequantized (unchanged for f32); block rows `rotate`d by the Walsh-Hadamard transform
+/// before and after, as the store keeps them and the kernels' attention amounts to.
+fn round_trip(x: &Tensor, t: KvType, rotate: bool) -> Tensor {
+    use layerkv_kernels::kvtype as q;
     use layerkv_model::KvType::*;
     let d = x.dim(x.rank() - 1).unwrap();
-    let v = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let mut v = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let rotate = rotate && t.is_quantized();
+    if rotate {
+        q::hadamard(&mut v, q::hadamard_size(d));
+    }
     let mut out = vec![0f32; v.len()];
     let mut bytes = vec![0u8; t.row_bytes(d)];
     for (row, o) in v.chunks(d).zip(out.chunks_mut(d)) {
-        use layerkv_kernels::kvtype as q;
         match t {
             Q8_0 => {
                 q::quantize_q8_0(row, &mut bytes);
@@ -1477,6 +1485,9 @@ fn round_trip(x: &Tensor, t: KvType) -> Tensor {
             F32 => o.copy_from_slice(row),
             other => panic!("round_trip: {other} is not used here"),
         }
+    }
+    if rotate {
+        q::hadamard(&mut out, q::hadamard_size(d));
     }
     Tensor::from_vec(out, x.dims(), x.device()).unwrap()
 }
@@ -1540,10 +1551,11 @@ fn run_pages(
     got
 }
 
-/// Identity on Q8_0 and Q4_0 pages (and Q8_0 keys with Q4_0 values) stays close to f32 pages
-/// through a prompt and one-token decode steps (the split decode kernel): the largest logit
-/// difference is under 1% (Q8_0) or 10% (with Q4_0) of the largest logit (0.5% and 6.8% on
-/// this seed), and not zero (the pages really are rounded).
+/// Identity on Q8_0 and Q4_0 pages (and Q8_0 keys with Q4_0 values), rows rotated, stays
+/// close to f32 pages through a prompt and one-token decode steps (the split decode kernel):
+/// the largest logit difference is under 1% (Q8_0) or 15% (with Q4_0) of the largest logit
+/// (0.6%, 6.7% and 10.4% on this seed: random weights have no outlier channels for the
+/// rotation to spread), and not zero (the pages really are rounded).
 #[test]
 fn identity_on_quantized_pages_is_close_to_f32() {
     let model = Arc::new(Model::load(&tiny_model_blocks(31), DType::F32, &Device::Cpu).unwrap());
@@ -1552,11 +1564,8 @@ fn identity_on_quantized_pages_is_close_to_f32() {
     let f32_pages = run_pages(&model, &identity, KvType::F32.into(), &text, 24, 1);
     let q8 = KvTypes::both(KvType::Q8_0);
     let q4 = KvTypes::both(KvType::Q4_0);
-    let mixed = KvTypes {
-        k: KvType::Q8_0,
-        v: KvType::Q4_0,
-    };
-    for (pages, bound) in [(q8, 0.01), (mixed, 0.1), (q4, 0.1)] {
+    let mixed = KvTypes::new(KvType::Q8_0, KvType::Q4_0);
+    for (pages, bound) in [(q8, 0.01), (mixed, 0.15), (q4, 0.15)] {
         let got = run_pages(&model, &identity, pages, &text, 24, 1);
         let diff = got
             .iter()
@@ -1603,13 +1612,16 @@ fn retention_on_quantized_pages_matches_the_dense_reference() {
         ),
         true,
     );
-    let mixed = KvTypes {
-        k: KvType::Q8_0,
-        v: KvType::Q4_0,
-    };
+    let mixed = KvTypes::new(KvType::Q8_0, KvType::Q4_0);
     for (policy, pages, prompt_len, chunk) in [
         (&stream, KvTypes::both(KvType::Q8_0), 9, 3),
         (&stream, KvTypes::both(KvType::Q4_0), 9, 1),
+        (
+            &stream,
+            KvTypes::both(KvType::Q4_0).with_rotation(false),
+            9,
+            3,
+        ),
         (&snap, mixed, 16, 4),
     ] {
         let want = dense_reference(

@@ -159,7 +159,7 @@ fn pages() -> KvTypes {
 
 thread_local! {
     static PAGES: std::cell::Cell<KvTypes> = const {
-        std::cell::Cell::new(KvTypes { k: KvType::F32, v: KvType::F32 })
+        std::cell::Cell::new(KvTypes { k: KvType::F32, v: KvType::F32, rotate: true })
     };
 }
 
@@ -450,10 +450,7 @@ fn a_failure_on_quantized_pages_changes_nothing() {
         "identity+snapkv:6:4",
         "cla:2+stream:2:5",
     ];
-    let mixed = KvTypes {
-        k: KvType::Q8_0,
-        v: KvType::Q4_0,
-    };
+    let mixed = KvTypes::new(KvType::Q8_0, KvType::Q4_0);
     for kv in [KvTypes::both(KvType::Q8_0), mixed] {
         PAGES.with(|p| p.set(kv));
         let mut reached = Vec::new();

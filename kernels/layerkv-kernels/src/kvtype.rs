@@ -11,6 +11,14 @@
 //! that moves whole `(slot, head)` rows (compaction, copy-on-write, rollback) moves blocks as
 //! they are: values are rounded once, when written ([`quantize_q8_0`], [`quantize_q4_0`], the
 //! rounding of llama.cpp's reference `quantize_row_*_ref`).
+//!
+//! **Rotation.** A few channels of a key carry most of its magnitude, and one outlier sets a
+//! whole block's scale, so 4-bit blocks lose the small channels. As llama.cpp does for its
+//! quantized caches (and QuaRot, KVQuant before it), block rows are stored rotated by an
+//! orthonormal Walsh-Hadamard transform `H` over each head's values ([`hadamard`]), which
+//! spreads an outlier over every channel: keys as `H k` with queries rotated to `H q` (scores
+//! are unchanged, `H` being orthonormal), values as `H v` with each attention output rotated
+//! back (`H` is its own inverse). On by default for block types ([`KvTypes::rotate`]).
 
 use std::fmt;
 
@@ -127,23 +135,49 @@ pub struct KvTypes {
     pub k: KvType,
     /// Value pages.
     pub v: KvType,
+    /// Store block rows rotated by a Walsh-Hadamard transform (see the module docs); float
+    /// rows are never rotated. `true` unless a spec says `:plain`.
+    pub rotate: bool,
 }
 
 impl KvTypes {
-    /// K and V of one type.
-    pub fn both(t: KvType) -> Self {
-        Self { k: t, v: t }
+    /// Keys of type `k`, values of type `v`, block rows rotated.
+    pub fn new(k: KvType, v: KvType) -> Self {
+        Self { k, v, rotate: true }
     }
 
-    /// Parses `TYPE` (K and V) or `K,V` (e.g. `q8_0`, `q8_0,q4_0`).
+    /// K and V of one type.
+    pub fn both(t: KvType) -> Self {
+        Self::new(t, t)
+    }
+
+    /// These types with block rows rotated or not.
+    pub fn with_rotation(self, rotate: bool) -> Self {
+        Self { rotate, ..self }
+    }
+
+    /// Parses `TYPE` (K and V) or `K,V` (e.g. `q8_0`, `q8_0,q4_0`), with `:plain` after it for
+    /// block rows stored unrotated (`q4_0:plain`).
     pub fn parse(spec: &str) -> Option<Self> {
-        match spec.split_once(',') {
-            None => KvType::parse(spec).map(Self::both),
-            Some((k, v)) => Some(Self {
-                k: KvType::parse(k.trim())?,
-                v: KvType::parse(v.trim())?,
-            }),
-        }
+        let (spec, rotate) = match spec.trim().strip_suffix(":plain") {
+            Some(s) => (s, false),
+            None => (spec.trim(), true),
+        };
+        let types = match spec.split_once(',') {
+            None => Self::both(KvType::parse(spec)?),
+            Some((k, v)) => Self::new(KvType::parse(k.trim())?, KvType::parse(v.trim())?),
+        };
+        Some(types.with_rotation(rotate))
+    }
+
+    /// Whether key rows are stored rotated (then queries are rotated too).
+    pub fn rotates_k(self) -> bool {
+        self.rotate && self.k.is_quantized()
+    }
+
+    /// Whether value rows are stored rotated (then attention outputs are rotated back).
+    pub fn rotates_v(self) -> bool {
+        self.rotate && self.v.is_quantized()
     }
 
     /// Float pages of `dtype` for K and V (`None` for a dtype that is not f32, f16 or bf16).
@@ -171,9 +205,44 @@ impl From<KvType> for KvTypes {
 impl fmt::Display for KvTypes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.k == self.v {
-            write!(f, "{}", self.k)
+            write!(f, "{}", self.k)?;
         } else {
-            write!(f, "{},{}", self.k, self.v)
+            write!(f, "{},{}", self.k, self.v)?;
+        }
+        if !self.rotate && self.is_quantized() {
+            f.write_str(":plain")?;
+        }
+        Ok(())
+    }
+}
+
+/// The Walsh-Hadamard size for rows of `head_dim` values: the largest power of two dividing
+/// it (the whole head for 64, 128, 256; blocks of 32 for 96), so one transform never mixes
+/// two heads.
+pub fn hadamard_size(head_dim: usize) -> usize {
+    1 << head_dim.trailing_zeros()
+}
+
+/// Rotates every consecutive run of `n` values of `x` (a power of two) by the orthonormal
+/// Walsh-Hadamard transform, in place: `H` is symmetric and `H H = I`, so applying it twice
+/// gives `x` back (to rounding).
+pub fn hadamard(x: &mut [f32], n: usize) {
+    debug_assert!(n.is_power_of_two() && x.len().is_multiple_of(n));
+    let scale = 1.0 / (n as f32).sqrt();
+    for row in x.chunks_exact_mut(n) {
+        let mut h = 1;
+        while h < n {
+            for i in (0..n).step_by(2 * h) {
+                for j in i..i + h {
+                    let (a, b) = (row[j], row[j + h]);
+                    row[j] = a + b;
+                    row[j + h] = a - b;
+                }
+            }
+            h *= 2;
+        }
+        for v in row.iter_mut() {
+            *v *= scale;
         }
     }
 }
@@ -324,6 +393,36 @@ mod tests {
         }
     }
 
+    /// The transform against its definition (`H[i][j] = (-1)^popcount(i & j) / sqrt(n)`), and
+    /// applied twice it is the identity.
+    #[test]
+    fn hadamard_matches_its_definition_and_inverts() {
+        let n = 64;
+        let x = seeded(2 * n, 3);
+        let mut y = x.clone();
+        hadamard(&mut y, n);
+        for (r, (xr, yr)) in x.chunks(n).zip(y.chunks(n)).enumerate() {
+            for (i, got) in yr.iter().enumerate() {
+                let want: f32 = (0..n)
+                    .map(|j| {
+                        if (i & j).count_ones() % 2 == 0 {
+                            xr[j]
+                        } else {
+                            -xr[j]
+                        }
+                    })
+                    .sum::<f32>()
+                    / (n as f32).sqrt();
+                assert!(
+                    (got - want).abs() < 1e-5,
+                    "row {r} value {i}: {got} vs {want}"
+                );
+            }
+        }
+        hadamard(&mut y, n);
+        assert!(x.iter().zip(&y).all(|(a, b)| (a - b).abs() < 1e-5));
+    }
+
     #[test]
     fn names_and_sizes() {
         for t in KvType::ALL {
@@ -334,11 +433,14 @@ mod tests {
         assert_eq!(KvType::F16.row_bytes(64), 128);
         assert_eq!(
             KvTypes::parse("q8_0, q4_0"),
-            Some(KvTypes {
-                k: KvType::Q8_0,
-                v: KvType::Q4_0
-            })
+            Some(KvTypes::new(KvType::Q8_0, KvType::Q4_0))
         );
+        let plain = KvTypes::parse("q4_0:plain").unwrap();
+        assert!(!plain.rotate && !plain.rotates_k() && plain.to_string() == "q4_0:plain");
+        assert!(KvTypes::parse("q8_0,f16").unwrap().rotates_k());
+        assert!(!KvTypes::parse("q8_0,f16").unwrap().rotates_v());
+        assert_eq!(hadamard_size(64), 64);
+        assert_eq!(hadamard_size(96), 32);
         assert_eq!(KvTypes::parse("q8"), None);
         assert!(KvType::Q4_0.check_head_dim(48).is_err());
         assert!(KvType::F16.check_head_dim(48).is_ok());

@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, DType, Device, InplaceOp2, Layout, Tensor};
 use layerkv::SlotMove;
 
 use crate::error::{KernelError, Result};
-use crate::kvtype::{dequantize_rows, quantize_rows, KvType, KvTypes};
+use crate::kvtype::{dequantize_rows, hadamard, hadamard_size, quantize_rows, KvType, KvTypes};
 
 /// K and V pages of every KV group of every sequence.
 ///
@@ -105,8 +105,9 @@ impl KvStore {
         &self.v
     }
 
-    /// Key pages as f32 values `[num_pages, block_size, kv_heads, head_dim]` (a dequantized
-    /// copy for block types): what the kernels compute with, for references and tests.
+    /// Key pages as f32 values `[num_pages, block_size, kv_heads, head_dim]` (for block types a
+    /// dequantized copy, rotated back where rows are stored rotated): the values the kernels'
+    /// attention amounts to, for references and tests.
     pub fn k_f32(&self) -> Result<Tensor> {
         self.values_f32(&self.k, self.types.k)
     }
@@ -124,6 +125,9 @@ impl KvStore {
         let rows = self.num_pages * self.block_size * self.kv_heads;
         let mut out = vec![0f32; rows * self.head_dim];
         dequantize_rows(ty, &bytes, self.head_dim, &mut out);
+        if self.types.rotate {
+            hadamard(&mut out, hadamard_size(self.head_dim));
+        }
         Ok(Tensor::from_vec(
             out,
             (
@@ -205,13 +209,16 @@ impl KvStore {
     }
 
     /// `x` (`[n, kv_heads, head_dim]` floats) as stored rows of type `t`: the store's float
-    /// dtype, or quantized blocks.
+    /// dtype, or quantized blocks (of the rotated rows, unless the store's types say `:plain`).
     fn encode(&self, x: &Tensor, t: KvType) -> Result<Tensor> {
         if !t.is_quantized() {
             return Ok(x.to_dtype(t.storage_dtype())?.contiguous()?);
         }
         let n = x.dim(0)?;
-        let values = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut values = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        if self.types.rotate {
+            hadamard(&mut values, hadamard_size(self.head_dim));
+        }
         let rb = t.row_bytes(self.head_dim);
         let mut bytes = vec![0u8; n * self.kv_heads * rb];
         quantize_rows(t, &values, self.head_dim, &mut bytes);

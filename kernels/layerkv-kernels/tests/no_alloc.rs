@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 
 use candle_core::{DType, Device, Tensor};
 use layerkv::TableView;
-use layerkv_kernels::{paged_attention, AttentionParams, KvStore, SeqQuery};
+use layerkv_kernels::{paged_attention, AttentionParams, KvStore, KvType, KvTypes, SeqQuery};
 
 struct Counting;
 
@@ -75,10 +75,13 @@ const HEADS: usize = 8;
 const KV_HEADS: usize = 2;
 const HEAD_DIM: usize = 64;
 
-fn case(dtype: DType, batch: usize, ctx: usize, num_q: usize) -> Case {
+/// Pages of `kv`, queries of `dtype`.
+fn case(kv: KvType, dtype: DType, batch: usize, ctx: usize, num_q: usize) -> Case {
     let dev = Device::Cpu;
     let pages = ctx.div_ceil(BLOCK);
-    let mut store = KvStore::new(pages * batch, BLOCK, KV_HEADS, HEAD_DIM, dtype, &dev).unwrap();
+    let types = KvTypes::both(kv);
+    let mut store =
+        KvStore::with_types(pages * batch, BLOCK, KV_HEADS, HEAD_DIM, types, &dev).unwrap();
     // Sequences' pages interleave, as a shared pool hands them out.
     let tables: Vec<Vec<u32>> = (0..batch)
         .map(|b| (0..pages).map(|p| (p * batch + b) as u32).collect())
@@ -145,26 +148,32 @@ fn measure(c: &Case) -> (usize, usize) {
 
 #[test]
 fn warmed_up_calls_allocate_only_their_output() {
-    for dtype in [DType::F32, DType::F16] {
+    // Float pages, and block pages (read in place: no widened copy of a page is kept).
+    for (kv, dtype) in [
+        (KvType::F32, DType::F32),
+        (KvType::F16, DType::F16),
+        (KvType::Q8_0, DType::F16),
+        (KvType::Q4_0, DType::F16),
+    ] {
         // Decode (the split path) and chunked prefill (the per-(sequence, KV head) path).
         for num_q in [1, 8] {
             let mut counts = Vec::new();
             for (batch, ctx) in [(1, 200), (1, 5000), (8, 200), (8, 5000)] {
-                let c = case(dtype, batch, ctx, num_q);
+                let c = case(kv, dtype, batch, ctx, num_q);
                 let (allocs, bytes) = measure(&c);
                 let out_f32 = batch * num_q * HEADS * HEAD_DIM * 4;
                 // The f32 output, and for f16 the f32 queries and the f16 output beside it.
                 let limit = 3 * out_f32 + 4096;
                 assert!(
                     bytes <= limit,
-                    "{dtype:?} batch {batch} ctx {ctx} num_q {num_q}: {allocs} allocations of \
-                     {bytes} bytes, more than the output's copies ({limit})"
+                    "{kv} pages batch {batch} ctx {ctx} num_q {num_q}: {allocs} allocations \
+                     of {bytes} bytes, more than the output's copies ({limit})"
                 );
                 counts.push(allocs);
             }
             assert!(
                 counts.iter().all(|n| *n == counts[0]) && counts[0] <= 16,
-                "{dtype:?} num_q {num_q}: allocations per call {counts:?} (batches 1/1/8/8, \
+                "{kv} pages num_q {num_q}: allocations per call {counts:?} (batches 1/1/8/8, \
                  contexts 200/5000/200/5000) must not grow with the work"
             );
         }

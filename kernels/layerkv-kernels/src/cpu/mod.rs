@@ -20,7 +20,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::error::{KernelError, Result};
-use crate::kvtype::{KvType, KvTypes};
+use crate::kvtype::{hadamard, hadamard_size, KvType, KvTypes};
 use crate::store::KvStore;
 use crate::view::{AttentionParams, SeqQuery};
 use blocks::{Q4Block, Q8Block};
@@ -386,6 +386,8 @@ fn portable_axpy_block<M: Madd + ?Sized>(acc: &mut [f32], w: &[f32; VB], rows: &
 
 thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Rotated queries for keys stored rotated ([`crate::kvtype::hadamard`]).
+    static Q_ROT: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Shapes of one call.
@@ -479,6 +481,19 @@ fn attention_with(
     };
     let q_data = &q_data[q_off..q_off + total_q * heads * head_dim];
     let mut out = vec![0f32; total_q * heads * head_dim];
+    let types = store.types();
+    let hd = hadamard_size(head_dim);
+    // Keys stored rotated (`H k`): the queries are rotated too, so every score is unchanged.
+    // The rotated copy lives in a per-thread buffer reused across calls.
+    let mut q_rot = Q_ROT.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
+    let q_data = if types.rotates_k() {
+        q_rot.clear();
+        q_rot.extend_from_slice(q_data);
+        hadamard(&mut q_rot, hd);
+        &q_rot[..]
+    } else {
+        q_data
+    };
     let (k_storage, k_layout) = store.k().storage_and_layout();
     let (v_storage, v_layout) = store.v().storage_and_layout();
     let (ko, vo) = (k_layout.start_offset(), v_layout.start_offset());
@@ -491,7 +506,6 @@ fn attention_with(
         want_mass: mass.is_some(),
         split,
     };
-    let types = store.types();
     let k_rows = Rows::of(&k_storage, ko, types.k);
     let v_rows = Rows::of(&v_storage, vo, types.v);
     let masses = match (k_rows, v_rows) {
@@ -536,7 +550,13 @@ fn attention_with(
             offset += seq.kv.num_slots;
         }
     }
+    Q_ROT.with(|cell| *cell.borrow_mut() = q_rot);
     drop(q_storage);
+    // Values stored rotated (`H v`): the weighted sum is `H` times the one of the values, and
+    // `H` is its own inverse.
+    if types.rotates_v() {
+        hadamard(&mut out, hd);
+    }
     let out = Tensor::from_vec(out, (total_q, heads, head_dim), &Device::Cpu)?;
     Ok(out.to_dtype(q.dtype())?)
 }
@@ -958,10 +978,8 @@ mod tests {
             .into_iter()
             .flat_map(|p| [(2, 32, 6), (1, 96, 3), (3, 64, 9)].map(|s| (p, s)))
         {
-            let types = KvTypes {
-                k: k_type,
-                v: v_type,
-            };
+            // Rotated rows, and for one shape the plain ones.
+            let types = KvTypes::new(k_type, v_type).with_rotation(d != 96);
             let bs = 4;
             let mut store = KvStore::with_types(12, bs, kv_heads, d, types, &dev).unwrap();
             let k = Tensor::randn(0f32, 1.0, (48, kv_heads, d), &dev).unwrap();
@@ -1055,10 +1073,7 @@ mod tests {
     #[test]
     fn unsupported_kv_pairs_are_refused() {
         let dev = Device::Cpu;
-        let types = KvTypes {
-            k: KvType::F32,
-            v: KvType::Q8_0,
-        };
+        let types = KvTypes::new(KvType::F32, KvType::Q8_0);
         let store = KvStore::with_types(2, 4, 1, 32, types, &dev).unwrap();
         let seqs = [SeqQuery {
             kv: TableView {
