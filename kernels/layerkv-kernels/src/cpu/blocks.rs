@@ -19,8 +19,10 @@ pub(crate) struct Q8Block([u8; 34]);
 #[repr(C)]
 pub(crate) struct Q4Block([u8; 18]);
 
+/// What both block types share: byte views, the scale, and the [`Elem`] impl (portable:
+/// dequantize with `$dequantize`; AVX2: the `Lanes` loads).
 macro_rules! block_common {
-    ($t:ty, $n:expr) => {
+    ($t:ty, $n:expr, $dequantize:path) => {
         impl $t {
             /// `bytes` as whole blocks (a trailing partial block is dropped).
             pub(crate) fn slice(bytes: &[u8]) -> &[Self] {
@@ -38,10 +40,28 @@ macro_rules! block_common {
                 f16::from_le_bytes([self.0[0], self.0[1]]).to_f32()
             }
         }
+
+        impl Elem for $t {
+            const PER: usize = QK;
+            #[inline(always)]
+            fn as_f32(_: &[Self]) -> Option<&[f32]> {
+                None
+            }
+            #[inline(always)]
+            fn widen(src: &[Self], dst: &mut [f32]) {
+                $dequantize(Self::bytes(src), dst);
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[inline(always)]
+            unsafe fn widen_avx2(src: &[Self], dst: &mut [f32]) {
+                // SAFETY: the caller guarantees AVX2 and F16C.
+                unsafe { super::avx2::widen(src, dst) }
+            }
+        }
     };
 }
-block_common!(Q8Block, 34);
-block_common!(Q4Block, 18);
+block_common!(Q8Block, 34, dequantize_q8_0);
+block_common!(Q4Block, 18, dequantize_q4_0);
 
 impl Q8Block {
     /// Value `j` (< 32).
@@ -58,41 +78,5 @@ impl Q4Block {
         let b = self.0[2 + j % (QK / 2)];
         let q = if j < QK / 2 { b & 0x0f } else { b >> 4 };
         self.scale() * (q as i32 - 8) as f32
-    }
-}
-
-impl Elem for Q8Block {
-    const PER: usize = QK;
-    #[inline(always)]
-    fn as_f32(_: &[Self]) -> Option<&[f32]> {
-        None
-    }
-    #[inline(always)]
-    fn widen(src: &[Self], dst: &mut [f32]) {
-        dequantize_q8_0(Self::bytes(src), dst);
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn widen_avx2(src: &[Self], dst: &mut [f32]) {
-        // SAFETY: the caller guarantees AVX2 and F16C.
-        unsafe { super::avx2::widen(src, dst) }
-    }
-}
-
-impl Elem for Q4Block {
-    const PER: usize = QK;
-    #[inline(always)]
-    fn as_f32(_: &[Self]) -> Option<&[f32]> {
-        None
-    }
-    #[inline(always)]
-    fn widen(src: &[Self], dst: &mut [f32]) {
-        dequantize_q4_0(Self::bytes(src), dst);
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn widen_avx2(src: &[Self], dst: &mut [f32]) {
-        // SAFETY: the caller guarantees AVX2 and F16C.
-        unsafe { super::avx2::widen(src, dst) }
     }
 }
