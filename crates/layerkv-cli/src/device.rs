@@ -32,7 +32,7 @@ pub struct DeviceArgs {
     pub weights: String,
     /// KV page type: `auto` (f16 when the weights run quantized, as llama.cpp's default cache
     /// type; else `--dtype`), f32, f16, bf16, or llama.cpp's block types q8_0 (8.5 bits per
-    /// value) and q4_0 (4.5 bits; both CPU only); `K,V` gives keys and values their own types
+    /// value) and q4_0 (4.5 bits); `K,V` gives keys and values their own types
     /// (llama.cpp's `-ctk`/`-ctv`, e.g. `q8_0,q4_0`). Block rows are stored rotated by a
     /// Walsh-Hadamard transform, as llama.cpp's quantized caches are (`:plain` after the type
     /// stores them as they are, e.g. `q4_0:plain`). The attention kernels read every type in
@@ -98,12 +98,6 @@ impl DeviceArgs {
                 )
             })?,
         };
-        if kv.is_quantized() && !model.device().is_cpu() {
-            bail!(
-                "--kv-dtype {kv}: q8_0 and q4_0 KV pages run on the CPU only (the CUDA kernels \
-                 read f32, f16 and bf16 pages)"
-            );
-        }
         Ok((dir, model, kv))
     }
 

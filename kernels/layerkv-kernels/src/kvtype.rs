@@ -223,6 +223,19 @@ pub fn hadamard_size(head_dim: usize) -> usize {
     1 << head_dim.trailing_zeros()
 }
 
+/// The matrix of [`hadamard`] over rows of `head_dim` values (`head_dim x head_dim`, row
+/// major): a row vector times it is the row rotated. Block-diagonal where `head_dim` is not a
+/// power of two; symmetric, and its own inverse.
+pub fn hadamard_matrix(head_dim: usize) -> Vec<f32> {
+    let mut m = vec![0f32; head_dim * head_dim];
+    for i in 0..head_dim {
+        m[i * head_dim + i] = 1.0;
+    }
+    // Row i becomes H e_i, that is column i of H; H is symmetric, so the rows are H's.
+    hadamard(&mut m, hadamard_size(head_dim));
+    m
+}
+
 /// Rotates every consecutive run of `n` values of `x` (a power of two) by the orthonormal
 /// Walsh-Hadamard transform, in place: `H` is symmetric and `H H = I`, so applying it twice
 /// gives `x` back (to rounding).
@@ -421,6 +434,27 @@ mod tests {
         }
         hadamard(&mut y, n);
         assert!(x.iter().zip(&y).all(|(a, b)| (a - b).abs() < 1e-5));
+    }
+
+    /// The GPU path rotates by a matmul with this matrix; it must equal the in-place transform
+    /// the CPU path and the store use, for a power-of-two head and a block-diagonal one.
+    #[test]
+    fn hadamard_matrix_rotates_as_the_transform_does() {
+        for d in [64, 96] {
+            let m = hadamard_matrix(d);
+            let x = seeded(3 * d, 11);
+            let mut want = x.clone();
+            hadamard(&mut want, hadamard_size(d));
+            for (r, (xr, wr)) in x.chunks(d).zip(want.chunks(d)).enumerate() {
+                for (j, w) in wr.iter().enumerate() {
+                    let got: f32 = (0..d).map(|i| xr[i] * m[i * d + j]).sum();
+                    assert!(
+                        (got - w).abs() < 1e-5,
+                        "d {d} row {r} value {j}: {got} vs {w}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

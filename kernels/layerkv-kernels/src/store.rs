@@ -14,7 +14,9 @@ use candle_core::{CpuStorage, DType, Device, InplaceOp2, Layout, Tensor};
 use layerkv::SlotMove;
 
 use crate::error::{KernelError, Result};
-use crate::kvtype::{dequantize_rows, hadamard, hadamard_size, quantize_rows, KvType, KvTypes};
+use crate::kvtype::{
+    dequantize_rows, hadamard, hadamard_matrix, hadamard_size, quantize_rows, KvType, KvTypes,
+};
 
 /// K and V pages of every KV group of every sequence.
 ///
@@ -29,6 +31,10 @@ pub struct KvStore {
     kv_heads: usize,
     head_dim: usize,
     types: KvTypes,
+    /// The Walsh-Hadamard matrix (`[head_dim, head_dim]` f32) where block rows are stored
+    /// rotated on a GPU, whose kernels get rotated queries and give rotated outputs; the CPU
+    /// kernels rotate in place and keep none.
+    rot: Option<Tensor>,
 }
 
 impl KvStore {
@@ -56,7 +62,7 @@ impl KvStore {
     }
 
     /// Zeroed pages of the given K and V types. Block types need a `head_dim` that is a
-    /// multiple of 32 and run on the CPU only (the CUDA kernels read float pages).
+    /// multiple of 32.
     pub fn with_types(
         num_pages: usize,
         block_size: usize,
@@ -72,13 +78,14 @@ impl KvStore {
         }
         for t in [types.k, types.v] {
             t.check_head_dim(head_dim)?;
-            if t.is_quantized() && !device.is_cpu() {
-                return Err(KernelError::Invalid(format!(
-                    "{t} KV pages run on the CPU only (the CUDA kernels read f32, f16 and bf16 \
-                     pages)"
-                )));
-            }
         }
+        let rotates = types.rotates_k() || types.rotates_v();
+        let rot = if rotates && !device.is_cpu() {
+            let h = hadamard_matrix(head_dim);
+            Some(Tensor::from_vec(h, (head_dim, head_dim), device)?)
+        } else {
+            None
+        };
         let pages = |t: KvType| {
             let shape = (num_pages, block_size, kv_heads, t.row_units(head_dim));
             Tensor::zeros(shape, t.storage_dtype(), device)
@@ -91,7 +98,14 @@ impl KvStore {
             kv_heads,
             head_dim,
             types,
+            rot,
         })
+    }
+
+    /// The rotation matrix a GPU's kernels are given rotated queries and outputs by (`None` on
+    /// the CPU, or where no rows are stored rotated): `x` rotated is `x` times it.
+    pub fn rotation(&self) -> Option<&Tensor> {
+        self.rot.as_ref()
     }
 
     /// Key pages `[num_pages, block_size, kv_heads, head_dim]` (floats), or

@@ -8,7 +8,7 @@ use candle_core::{
     bail, CpuStorage, CudaStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor,
 };
 
-use super::launch::{self, Elem};
+use super::launch;
 use super::plan::{self, LaunchPlan};
 use crate::error::{KernelError, Result};
 use crate::store::KvStore;
@@ -39,13 +39,22 @@ pub(crate) fn attention(
         store.block_size(),
         params,
     )?;
-    let q32 = q.to_dtype(DType::F32)?.contiguous()?;
+    // Block rows stored rotated: q.k = (Hq).(Hk), and the output of rotated values is rotated
+    // back (H is its own inverse).
+    let types = store.types();
+    let mut q32 = q.to_dtype(DType::F32)?.contiguous()?;
+    if types.rotates_k() {
+        q32 = rotate(&q32, store)?;
+    }
     let op = AttentionOp {
         store,
         plan,
         mass: mass.as_ref().map(|m| Mutex::new(vec![0f32; m.len()])),
     };
-    let out = q32.apply_op1_no_bwd(&op)?;
+    let mut out = q32.apply_op1_no_bwd(&op)?;
+    if types.rotates_v() {
+        out = rotate(&out, store)?;
+    }
     if let (Some(mass), Some(acc)) = (mass, op.mass) {
         let acc = acc.into_inner().unwrap_or_else(|p| p.into_inner());
         for (m, a) in mass.iter_mut().zip(&acc) {
@@ -53,6 +62,19 @@ pub(crate) fn attention(
         }
     }
     Ok(out.to_dtype(q.dtype())?)
+}
+
+/// `x` (`[rows, heads, head_dim]` f32) with every head's row times the store's Walsh-Hadamard
+/// matrix.
+fn rotate(x: &Tensor, store: &KvStore) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let d = store.head_dim();
+    let h = store
+        .rotation()
+        .ok_or_else(|| KernelError::Invalid("the store keeps no rotation matrix".into()))?;
+    Ok(x.reshape((x.elem_count() / d, d))?
+        .matmul(h)?
+        .reshape(dims)?)
 }
 
 /// The attention call as a candle op on the (f32, contiguous) queries.
@@ -90,20 +112,35 @@ impl CustomOp1 for AttentionOp<'_> {
             .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()));
         let mass = mass.as_deref_mut().map(|m| m.as_mut_slice());
         let plan = &self.plan;
-        let out = match (&ks.slice, &vs.slice) {
-            (CudaStorageSlice::F32(k), CudaStorageSlice::F32(v)) => {
-                let (k, v) = (k.slice(ko..), v.slice(vo..));
-                launch::attention(&stream, Elem::F32, &qv, &k, &v, plan, mass)
+        let types = self.store.types();
+        let out = {
+            use CudaStorageSlice::{BF16, F16, F32, U8};
+            macro_rules! launch {
+                ($k:expr, $v:expr) => {
+                    launch::attention(
+                        &stream,
+                        types,
+                        &qv,
+                        &$k.slice(ko..),
+                        &$v.slice(vo..),
+                        plan,
+                        mass,
+                    )
+                };
             }
-            (CudaStorageSlice::F16(k), CudaStorageSlice::F16(v)) => {
-                let (k, v) = (k.slice(ko..), v.slice(vo..));
-                launch::attention(&stream, Elem::F16, &qv, &k, &v, plan, mass)
+            match (&ks.slice, &vs.slice) {
+                (F32(k), F32(v)) => launch!(k, v),
+                (F16(k), F16(v)) => launch!(k, v),
+                (BF16(k), BF16(v)) => launch!(k, v),
+                (F16(k), U8(v)) => launch!(k, v),
+                (U8(k), F16(v)) => launch!(k, v),
+                (U8(k), U8(v)) => launch!(k, v),
+                _ => bail!(
+                    "layerkv-paged-attention: no CUDA kernel reads K pages {} with V pages {}",
+                    types.k,
+                    types.v
+                ),
             }
-            (CudaStorageSlice::BF16(k), CudaStorageSlice::BF16(v)) => {
-                let (k, v) = (k.slice(ko..), v.slice(vo..));
-                launch::attention(&stream, Elem::BF16, &qv, &k, &v, plan, mass)
-            }
-            _ => bail!("layerkv-paged-attention: K/V pages must be f32, f16 or bf16"),
         }
         .map_err(candle_err)?;
         let p = plan.params;
@@ -128,37 +165,26 @@ pub(crate) fn scatter_rows(
         bail!("layerkv-scatter-rows needs contiguous tensors")
     };
     let stream = dst.device.cuda_stream();
+    use CudaStorageSlice::{BF16, F16, F32, U8};
     match (&mut dst.slice, &src.slice) {
-        (CudaStorageSlice::F32(d), CudaStorageSlice::F32(s)) => launch::scatter_rows(
-            &stream,
-            Elem::F32,
-            &mut d.slice_mut(d0..),
-            &s.slice(s0..s1),
-            rows,
-            row,
-        ),
-        (CudaStorageSlice::F16(d), CudaStorageSlice::F16(s)) => launch::scatter_rows(
-            &stream,
-            Elem::F16,
-            &mut d.slice_mut(d0..),
-            &s.slice(s0..s1),
-            rows,
-            row,
-        ),
-        (CudaStorageSlice::BF16(d), CudaStorageSlice::BF16(s)) => launch::scatter_rows(
-            &stream,
-            Elem::BF16,
-            &mut d.slice_mut(d0..),
-            &s.slice(s0..s1),
-            rows,
-            row,
-        ),
+        (F32(d), F32(s)) => {
+            launch::scatter_rows(&stream, &mut d.slice_mut(d0..), &s.slice(s0..s1), rows, row)
+        }
+        (F16(d), F16(s)) => {
+            launch::scatter_rows(&stream, &mut d.slice_mut(d0..), &s.slice(s0..s1), rows, row)
+        }
+        (BF16(d), BF16(s)) => {
+            launch::scatter_rows(&stream, &mut d.slice_mut(d0..), &s.slice(s0..s1), rows, row)
+        }
+        (U8(d), U8(s)) => {
+            launch::scatter_rows(&stream, &mut d.slice_mut(d0..), &s.slice(s0..s1), rows, row)
+        }
         _ => bail!("layerkv-scatter-rows: dtype mismatch"),
     }
     .map_err(candle_err)
 }
 
-/// `KvStore::copy_page` on CUDA storage: block `src` of `row` elements onto block `dst`.
+/// `KvStore::copy_page` on CUDA storage: block `src` of `row` storage units onto block `dst`.
 pub(crate) fn copy_rows(
     buf: &mut CudaStorage,
     layout: &Layout,
@@ -171,16 +197,12 @@ pub(crate) fn copy_rows(
     };
     let stream = buf.device.cuda_stream();
     let (a, b) = (src * row, dst * row);
+    use CudaStorageSlice::{BF16, F16, F32, U8};
     match &mut buf.slice {
-        CudaStorageSlice::F32(s) => {
-            launch::copy_within(&stream, Elem::F32, &mut s.slice_mut(o..), a, b, row)
-        }
-        CudaStorageSlice::F16(s) => {
-            launch::copy_within(&stream, Elem::F16, &mut s.slice_mut(o..), a, b, row)
-        }
-        CudaStorageSlice::BF16(s) => {
-            launch::copy_within(&stream, Elem::BF16, &mut s.slice_mut(o..), a, b, row)
-        }
+        F32(s) => launch::copy_within(&stream, &mut s.slice_mut(o..), a, b, row),
+        F16(s) => launch::copy_within(&stream, &mut s.slice_mut(o..), a, b, row),
+        BF16(s) => launch::copy_within(&stream, &mut s.slice_mut(o..), a, b, row),
+        U8(s) => launch::copy_within(&stream, &mut s.slice_mut(o..), a, b, row),
         _ => bail!("layerkv-copy-page: unsupported dtype"),
     }
     .map_err(candle_err)

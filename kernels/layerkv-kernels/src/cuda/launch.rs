@@ -11,39 +11,35 @@ use super::cudarc::driver::{
 use super::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
 use super::plan::{LaunchParams, LaunchPlan, THREADS};
 use crate::error::{KernelError, Result};
+use crate::{KvType, KvTypes};
 
 // SAFETY: `LaunchParams` is `repr(C)` with only i32/f32 fields, the layout of `struct Params`
 // in `paged_attention.cu`.
 unsafe impl DeviceRepr for LaunchParams {}
 
-/// Element type of the K/V pages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Elem {
-    /// f32 pages.
-    F32,
-    /// f16 pages.
-    F16,
-    /// bf16 pages.
-    BF16,
-}
-
-impl Elem {
-    fn index(self) -> usize {
-        self as usize
-    }
-
-    fn wide(self) -> bool {
-        self == Elem::F32
+/// The scatter/copy kernel for storage units of `T`: f32 (4 bytes), f16/bf16 (2), block bytes.
+fn unit_index<T>() -> Result<usize> {
+    match std::mem::size_of::<T>() {
+        4 => Ok(0),
+        2 => Ok(1),
+        1 => Ok(2),
+        n => Err(KernelError::Invalid(format!(
+            "no CUDA copy kernel for {n}-byte page units"
+        ))),
     }
 }
 
 /// The loaded kernels of one device.
 struct Kernels {
-    partial: [CudaFunction; 3],
-    mass: [CudaFunction; 3],
+    /// Partial attention per (K type, V type) the source instantiates.
+    partial: Vec<((KvType, KvType), CudaFunction)>,
+    /// The mass pass per K type.
+    mass: Vec<(KvType, CudaFunction)>,
     reduce: CudaFunction,
-    scatter: [CudaFunction; 2],
-    copy: [CudaFunction; 2],
+    /// Row scatter for 4-, 2- and 1-byte units.
+    scatter: [CudaFunction; 3],
+    /// Page copy for 4-, 2- and 1-byte units.
+    copy: [CudaFunction; 3],
 }
 
 fn device_err(what: &str) -> impl FnOnce(super::cudarc::driver::DriverError) -> KernelError + '_ {
@@ -85,40 +81,70 @@ fn kernels(stream: &Arc<CudaStream>) -> Result<Arc<Kernels>> {
             .load_function(name)
             .map_err(device_err("function load"))
     };
+    let mut partial = Vec::new();
+    for k in KvType::ALL {
+        for v in KvType::ALL {
+            if let Some(name) = super::partial_entry(k, v) {
+                partial.push(((k, v), f(&name)?));
+            }
+        }
+    }
+    let mass = KvType::ALL
+        .into_iter()
+        .map(|k| Ok((k, f(&super::mass_entry(k))?)))
+        .collect::<Result<Vec<_>>>()?;
     let k = Arc::new(Kernels {
-        partial: [
-            f("layerkv_attn_partial_f32")?,
-            f("layerkv_attn_partial_f16")?,
-            f("layerkv_attn_partial_bf16")?,
-        ],
-        mass: [
-            f("layerkv_attn_mass_f32")?,
-            f("layerkv_attn_mass_f16")?,
-            f("layerkv_attn_mass_bf16")?,
-        ],
+        partial,
+        mass,
         reduce: f("layerkv_attn_reduce")?,
         scatter: [
             f("layerkv_scatter_rows_u32")?,
             f("layerkv_scatter_rows_u16")?,
+            f("layerkv_scatter_rows_u8")?,
         ],
-        copy: [f("layerkv_copy_u32")?, f("layerkv_copy_u16")?],
+        copy: [
+            f("layerkv_copy_u32")?,
+            f("layerkv_copy_u16")?,
+            f("layerkv_copy_u8")?,
+        ],
     });
     loaded.push((key, k.clone()));
     Ok(k)
 }
 
-/// Runs paged attention: `q` is `[total_q, heads, head_dim]` f32, `k`/`v` the store's pages.
-/// Returns the f32 output; adds the per-slot attention mass into `mass` when given.
-pub fn attention<T>(
+/// Runs paged attention: `q` is `[total_q, heads, head_dim]` f32 (rotated by the caller where
+/// the store keeps key rows rotated), `k`/`v` the store's pages of `types` (storage units:
+/// f32, u16 for f16/bf16, bytes for blocks). Returns the f32 output (rotated where value rows
+/// are); adds the per-slot attention mass into `mass` when given.
+pub fn attention<K, V>(
     stream: &Arc<CudaStream>,
-    elem: Elem,
+    types: KvTypes,
     q: &CudaView<'_, f32>,
-    k: &CudaView<'_, T>,
-    v: &CudaView<'_, T>,
+    k: &CudaView<'_, K>,
+    v: &CudaView<'_, V>,
     plan: &LaunchPlan,
     mass: Option<&mut [f32]>,
 ) -> Result<CudaSlice<f32>> {
     let kern = kernels(stream)?;
+    let unsupported = || {
+        KernelError::Invalid(format!(
+            "no CUDA kernel reads K pages {} with V pages {}: f32 and bf16 pair only with \
+             themselves; f16, q8_0 and q4_0 pair with each other",
+            types.k, types.v
+        ))
+    };
+    let partial = kern
+        .partial
+        .iter()
+        .find(|(kv, _)| *kv == (types.k, types.v))
+        .map(|(_, f)| f)
+        .ok_or_else(unsupported)?;
+    let mass_fn = kern
+        .mass
+        .iter()
+        .find(|(t, _)| *t == types.k)
+        .map(|(_, f)| f)
+        .ok_or_else(unsupported)?;
     let p: LaunchParams = plan.params;
     let (total_q, heads, d) = (p.total_q as usize, p.heads as usize, p.head_dim as usize);
     let splits = p.num_splits as usize;
@@ -156,7 +182,7 @@ pub fn attention<T>(
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: plan.shared_bytes,
     };
-    let mut b = stream.launch_builder(&kern.partial[elem.index()]);
+    let mut b = stream.launch_builder(partial);
     b.arg(&p)
         .arg(q)
         .arg(k)
@@ -168,7 +194,7 @@ pub fn attention<T>(
         .arg(&mut part_out)
         .arg(&mut part_m)
         .arg(&mut part_l);
-    // SAFETY: argument order and types match `layerkv_attn_partial_*`; every buffer is sized
+    // SAFETY: argument order and types match `layerkv_attn_partial_*` of `types` (found above); every buffer is sized
     // from the plan the kernel indexes with (validated sequences, splits x rows x heads x d).
     unsafe { b.launch(attn_cfg) }.map_err(device_err("launch partial"))?;
     let reduce_cfg = LaunchConfig {
@@ -191,7 +217,7 @@ pub fn attention<T>(
         let mut dev_mass = stream
             .alloc_zeros::<f32>(plan.mass_len.max(1))
             .map_err(device_err("alloc"))?;
-        let mut b = stream.launch_builder(&kern.mass[elem.index()]);
+        let mut b = stream.launch_builder(mass_fn);
         b.arg(&p)
             .arg(q)
             .arg(k)
@@ -214,11 +240,10 @@ pub fn attention<T>(
     Ok(out)
 }
 
-/// `KvStore::write` on the device: row `rows[i]` of `dst` (rows of `row` elements) = row i of
-/// `src`.
+/// `KvStore::write` on the device: row `rows[i]` of `dst` (rows of `row` storage units: f32,
+/// f16/bf16 bits, or block bytes) = row i of `src`.
 pub fn scatter_rows<T>(
     stream: &Arc<CudaStream>,
-    elem: Elem,
     dst: &mut CudaViewMut<'_, T>,
     src: &CudaView<'_, T>,
     rows: &[u32],
@@ -235,19 +260,18 @@ pub fn scatter_rows<T>(
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut b = stream.launch_builder(&kern.scatter[usize::from(!elem.wide())]);
+    let mut b = stream.launch_builder(&kern.scatter[unit_index::<T>()?]);
     b.arg(dst).arg(src).arg(&dev_rows).arg(&row);
-    // SAFETY: matches `layerkv_scatter_rows_u{32,16}` (4-byte kernel for f32, 2-byte for
-    // f16/bf16); the caller checked every row index against the store.
+    // SAFETY: matches `layerkv_scatter_rows_u{32,16,8}` (the kernel of `T`'s unit size: f32,
+    // f16/bf16, block bytes); the caller checked every row index against the store.
     unsafe { b.launch(cfg) }
         .map(|_| ())
         .map_err(device_err("launch scatter"))
 }
 
-/// `KvStore::copy_page` on the device: elements `src..src + n` onto `dst..dst + n`.
+/// `KvStore::copy_page` on the device: storage units `src..src + n` onto `dst..dst + n`.
 pub fn copy_within<T>(
     stream: &Arc<CudaStream>,
-    elem: Elem,
     buf: &mut CudaViewMut<'_, T>,
     src: usize,
     dst: usize,
@@ -260,9 +284,9 @@ pub fn copy_within<T>(
         shared_mem_bytes: 0,
     };
     let (src, dst, n) = (src as u64, dst as u64, n as u64);
-    let mut b = stream.launch_builder(&kern.copy[usize::from(!elem.wide())]);
+    let mut b = stream.launch_builder(&kern.copy[unit_index::<T>()?]);
     b.arg(buf).arg(&src).arg(&dst).arg(&n);
-    // SAFETY: matches `layerkv_copy_u{32,16}`; the caller checked both pages against the store.
+    // SAFETY: matches `layerkv_copy_u{32,16,8}` of `T`'s unit size; the caller checked both pages against the store.
     unsafe { b.launch(cfg) }
         .map(|_| ())
         .map_err(device_err("launch copy"))

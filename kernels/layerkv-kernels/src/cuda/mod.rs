@@ -18,17 +18,94 @@ use candle_core::cuda_backend::cudarc;
 /// CUDA C++ source of the kernels (no includes; NVRTC compiles it as is).
 pub const CUDA_SOURCE: &str = include_str!("paged_attention.cu");
 
-/// Entry points the source defines, for engines that load the PTX themselves.
+/// Entry points the source defines, for engines that load the PTX themselves. Partial attention
+/// is named by the page type when K and V share it, by K's then V's type otherwise; the mass
+/// pass reads keys only and is named by K's type.
 pub const CUDA_ENTRY_POINTS: &[&str] = &[
     "layerkv_attn_partial_f32",
     "layerkv_attn_partial_f16",
     "layerkv_attn_partial_bf16",
+    "layerkv_attn_partial_q8_0",
+    "layerkv_attn_partial_q4_0",
+    "layerkv_attn_partial_q8_0_q4_0",
+    "layerkv_attn_partial_q4_0_q8_0",
+    "layerkv_attn_partial_f16_q8_0",
+    "layerkv_attn_partial_f16_q4_0",
+    "layerkv_attn_partial_q8_0_f16",
+    "layerkv_attn_partial_q4_0_f16",
     "layerkv_attn_mass_f32",
     "layerkv_attn_mass_f16",
     "layerkv_attn_mass_bf16",
+    "layerkv_attn_mass_q8_0",
+    "layerkv_attn_mass_q4_0",
     "layerkv_attn_reduce",
     "layerkv_scatter_rows_u32",
     "layerkv_scatter_rows_u16",
+    "layerkv_scatter_rows_u8",
     "layerkv_copy_u32",
     "layerkv_copy_u16",
+    "layerkv_copy_u8",
 ];
+
+/// The partial-attention entry point for K pages `k` and V pages `v` (`None`: a pairing the
+/// kernels do not read, as on the CPU: f32 and bf16 pair only with themselves).
+pub fn partial_entry(k: crate::KvType, v: crate::KvType) -> Option<String> {
+    let name = if k == v {
+        k.name().to_string()
+    } else {
+        format!("{}_{}", k.name(), v.name())
+    };
+    let entry = format!("layerkv_attn_partial_{name}");
+    CUDA_ENTRY_POINTS.contains(&entry.as_str()).then_some(entry)
+}
+
+/// The attention-mass entry point for K pages `k`.
+pub fn mass_entry(k: crate::KvType) -> String {
+    format!("layerkv_attn_mass_{}", k.name())
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+
+    use super::*;
+    use crate::{paged_attention, AttentionParams, KvStore, KvType, KvTypes, SeqQuery};
+
+    /// Every K/V pairing the CPU kernels read has a CUDA entry point, and no other one does, so
+    /// both devices refuse the same pairings; every entry named is in the source's list.
+    #[test]
+    fn cuda_pairings_are_the_cpus() {
+        let params = AttentionParams {
+            scale: 1.0,
+            window: None,
+            include_diagonal: true,
+        };
+        let q = Tensor::zeros((1, 1, 32), DType::F32, &Device::Cpu).unwrap();
+        let mut entries = 0;
+        for k in KvType::ALL {
+            for v in KvType::ALL {
+                let types = KvTypes::new(k, v);
+                let store = KvStore::with_types(1, 4, 1, 32, types, &Device::Cpu).unwrap();
+                let seq = SeqQuery {
+                    kv: layerkv::TableView {
+                        pages: &[0],
+                        num_slots: 1,
+                        valid: None,
+                    },
+                    q_start: 0,
+                    num_q: 1,
+                    first_slot: 0,
+                };
+                let cpu = paged_attention(&q, &store, &[seq], &params, None).is_ok();
+                let cuda = partial_entry(k, v);
+                assert_eq!(cuda.is_some(), cpu, "K {k}, V {v}: {cuda:?}");
+                entries += usize::from(cpu);
+            }
+            assert!(
+                CUDA_ENTRY_POINTS.contains(&mass_entry(k).as_str()),
+                "mass {k}"
+            );
+        }
+        assert_eq!(entries, 11);
+    }
+}

@@ -2,6 +2,13 @@
 // score-based retention, and the KvStore scatter. Compiled at run time with NVRTC (no headers:
 // f16/bf16 are widened with PTX `cvt` and bit shifts), so the crate builds without a toolkit.
 //
+// Pages hold f32, f16, bf16, or llama.cpp's Q8_0 / Q4_0 blocks (32 values per block: an f16
+// scale, then 32 int8 values or 16 bytes of 4-bit values offset by 8). A page row is whole
+// blocks, so value i of a row is value i % 32 of its block i / 32 and every loader takes a value
+// index: block pages are dequantized where they are read, as the float pages are widened. K and
+// V have their own types (llama.cpp's -ctk / -ctv); the host rotates queries and outputs when
+// the store keeps block rows rotated (`KvTypes::rotate`), so the kernels never see the rotation.
+//
 // Semantics match the CPU kernel (`cpu.rs`): a query row at logical slot p sees slots s in
 // [lo, hi) with hi = p + 1 (p when the diagonal is masked for upward sharing), clipped to the
 // filled slots, lo = p + 1 - window under a sliding window; a slot counts only if its validity
@@ -34,14 +41,38 @@
 
 __device__ __forceinline__ float load_f32(const float* p, size_t i) { return p[i]; }
 
-__device__ __forceinline__ float load_f16(const unsigned short* p, size_t i) {
+__device__ __forceinline__ float half_to_float(unsigned short h) {
     float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(p[i]));
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
+}
+
+__device__ __forceinline__ float load_f16(const unsigned short* p, size_t i) {
+    return half_to_float(p[i]);
 }
 
 __device__ __forceinline__ float load_bf16(const unsigned short* p, size_t i) {
     return __uint_as_float(((unsigned int)p[i]) << 16);
+}
+
+// The f16 scale at the start of a block (little-endian; blocks are byte-aligned only).
+__device__ __forceinline__ float block_scale(const unsigned char* b) {
+    return half_to_float((unsigned short)(b[0] | (b[1] << 8)));
+}
+
+// Value i of Q8_0 rows: 34-byte blocks (scale, 32 x int8).
+__device__ __forceinline__ float load_q8_0(const unsigned char* p, size_t i) {
+    const unsigned char* b = p + (i >> 5) * 34;
+    return block_scale(b) * (float)(signed char)b[2 + (i & 31)];
+}
+
+// Value i of Q4_0 rows: 18-byte blocks (scale, 16 bytes); values 0..16 of a block are the low
+// nibbles of its bytes, 16..32 the high nibbles, each offset by 8.
+__device__ __forceinline__ float load_q4_0(const unsigned char* p, size_t i) {
+    const unsigned char* b = p + (i >> 5) * 18;
+    const int j = (int)(i & 31);
+    const int q = j < 16 ? (b[2 + j] & 15) : (b[2 + j - 16] >> 4);
+    return block_scale(b) * (float)(q - 8);
 }
 
 __device__ __forceinline__ float warp_sum(float x) {
@@ -145,8 +176,9 @@ __device__ void load_queries(const Params& P, const float* q, int row, int kvh, 
 
 // Shared memory: scores [group * part] | queries [group * d] | phys [part] |
 // max, sum, rescale factor [group].
-template <typename T, float (*LOAD)(const T*, size_t)>
-__device__ void attn_partial(Params P, const float* q, const T* k, const T* v,
+template <typename TK, float (*LOADK)(const TK*, size_t), typename TV,
+          float (*LOADV)(const TV*, size_t)>
+__device__ void attn_partial(Params P, const float* q, const TK* k, const TV* v,
                              const int* row_seq, const int* seq_info, const unsigned int* pages,
                              const unsigned long long* valid, float* part_out, float* part_m,
                              float* part_l) {
@@ -182,7 +214,7 @@ __device__ void attn_partial(Params P, const float* q, const T* k, const T* v,
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     for (int c0 = lo; c0 < hi; c0 += P.part) {
         const int c1 = min(c0 + P.part, hi), n = c1 - c0;
-        block_scores<T, LOAD>(P, k, pages, valid, si, kvh, group, c0, c1, sq, scores, phys);
+        block_scores<TK, LOADK>(P, k, pages, valid, si, kvh, group, c0, c1, sq, scores, phys);
         __syncthreads();
 
         // Per head, one warp each: the chunk's max joins the running max; weights
@@ -219,7 +251,7 @@ __device__ void attn_partial(Params P, const float* q, const T* k, const T* v,
             float acc = out[idx] * sfac[g];
             for (int j = 0; j < n; ++j) {
                 int r = phys[j];
-                if (r >= 0) acc += w[j] * LOAD(v, ((size_t)r * P.kv_heads + kvh) * d + i);
+                if (r >= 0) acc += w[j] * LOADV(v, ((size_t)r * P.kv_heads + kvh) * d + i);
             }
             out[idx] = acc;
         }
@@ -269,14 +301,19 @@ __device__ void attn_mass(Params P, const float* q, const T* k, const int* row_s
     }
 }
 
-#define INSTANTIATE(NAME, T, LOAD)                                                             \
+// Partial attention of K pages TK and V pages TV. Entry points are named by the page type when
+// K and V share it (`layerkv_attn_partial_f16`), by K's then V's type otherwise
+// (`layerkv_attn_partial_q8_0_q4_0`); the mass pass reads keys only and is named by K's type.
+#define INSTANTIATE_PARTIAL(NAME, TK, LOADK, TV, LOADV)                                         \
     extern "C" __global__ void __launch_bounds__(THREADS, 4) layerkv_attn_partial_##NAME(         \
-        Params P, const float* q, const T* k, const T* v, const int* row_seq,                  \
+        Params P, const float* q, const TK* k, const TV* v, const int* row_seq,                \
         const int* seq_info, const unsigned int* pages, const unsigned long long* valid,       \
         float* part_out, float* part_m, float* part_l) {                                       \
-        attn_partial<T, LOAD>(P, q, k, v, row_seq, seq_info, pages, valid, part_out, part_m,   \
-                              part_l);                                                         \
-    }                                                                                          \
+        attn_partial<TK, LOADK, TV, LOADV>(P, q, k, v, row_seq, seq_info, pages, valid,        \
+                                           part_out, part_m, part_l);                          \
+    }
+
+#define INSTANTIATE_MASS(NAME, T, LOAD)                                                        \
     extern "C" __global__ void __launch_bounds__(THREADS, 4) layerkv_attn_mass_##NAME(            \
         Params P, const float* q, const T* k, const int* row_seq, const int* seq_info,         \
         const unsigned int* pages, const unsigned long long* valid, const float* row_m,        \
@@ -284,9 +321,27 @@ __device__ void attn_mass(Params P, const float* q, const T* k, const int* row_s
         attn_mass<T, LOAD>(P, q, k, row_seq, seq_info, pages, valid, row_m, row_l, mass);      \
     }
 
-INSTANTIATE(f32, float, load_f32)
-INSTANTIATE(f16, unsigned short, load_f16)
-INSTANTIATE(bf16, unsigned short, load_bf16)
+#define U16 unsigned short
+#define U8 unsigned char
+
+INSTANTIATE_PARTIAL(f32, float, load_f32, float, load_f32)
+INSTANTIATE_PARTIAL(f16, U16, load_f16, U16, load_f16)
+INSTANTIATE_PARTIAL(bf16, U16, load_bf16, U16, load_bf16)
+INSTANTIATE_PARTIAL(q8_0, U8, load_q8_0, U8, load_q8_0)
+INSTANTIATE_PARTIAL(q4_0, U8, load_q4_0, U8, load_q4_0)
+// f16, Q8_0 and Q4_0 pair freely, as on the CPU.
+INSTANTIATE_PARTIAL(q8_0_q4_0, U8, load_q8_0, U8, load_q4_0)
+INSTANTIATE_PARTIAL(q4_0_q8_0, U8, load_q4_0, U8, load_q8_0)
+INSTANTIATE_PARTIAL(f16_q8_0, U16, load_f16, U8, load_q8_0)
+INSTANTIATE_PARTIAL(f16_q4_0, U16, load_f16, U8, load_q4_0)
+INSTANTIATE_PARTIAL(q8_0_f16, U8, load_q8_0, U16, load_f16)
+INSTANTIATE_PARTIAL(q4_0_f16, U8, load_q4_0, U16, load_f16)
+
+INSTANTIATE_MASS(f32, float, load_f32)
+INSTANTIATE_MASS(f16, U16, load_f16)
+INSTANTIATE_MASS(bf16, U16, load_bf16)
+INSTANTIATE_MASS(q8_0, U8, load_q8_0)
+INSTANTIATE_MASS(q4_0, U8, load_q4_0)
 
 // Merges the splits of one (row, head): out = sum_s o_s e^(m_s - M) / sum_s l_s e^(m_s - M).
 // Also writes the merged max and sum for the mass pass. Grid (total_q, heads), any block size.
@@ -331,6 +386,13 @@ extern "C" __global__ void layerkv_scatter_rows_u16(unsigned short* dst,
     for (int i = threadIdx.x; i < row; i += blockDim.x) dst[d + i] = src[s + i];
 }
 
+// Block pages are bytes (rows of whole blocks).
+extern "C" __global__ void layerkv_scatter_rows_u8(unsigned char* dst, const unsigned char* src,
+                                                   const unsigned int* rows, int row) {
+    const size_t d = (size_t)rows[blockIdx.x] * row, s = (size_t)blockIdx.x * row;
+    for (int i = threadIdx.x; i < row; i += blockDim.x) dst[d + i] = src[s + i];
+}
+
 // KvStore::copy_page: buf[dst + i] = buf[src + i] for i < n (non-overlapping pages).
 extern "C" __global__ void layerkv_copy_u32(unsigned int* buf, unsigned long long src,
                                             unsigned long long dst, unsigned long long n) {
@@ -341,6 +403,13 @@ extern "C" __global__ void layerkv_copy_u32(unsigned int* buf, unsigned long lon
 
 extern "C" __global__ void layerkv_copy_u16(unsigned short* buf, unsigned long long src,
                                             unsigned long long dst, unsigned long long n) {
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)gridDim.x * blockDim.x)
+        buf[dst + i] = buf[src + i];
+}
+
+extern "C" __global__ void layerkv_copy_u8(unsigned char* buf, unsigned long long src,
+                                           unsigned long long dst, unsigned long long n) {
     for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (unsigned long long)gridDim.x * blockDim.x)
         buf[dst + i] = buf[src + i];
