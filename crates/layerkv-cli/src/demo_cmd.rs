@@ -218,7 +218,8 @@ pub fn run(opts: &MeasureOpts, served_opts: &ServedOpts) -> Result<()> {
     ));
     opts.say(&from);
     let kv = layerkv_model::KvTypes::float(dtype).context("the demo's dtype is not a float")?;
-    run_table(model.clone(), kv, &tokenizer, &text, policies, opts)?;
+    let with_pages = policies.into_iter().map(|p| (p, kv)).collect();
+    run_table(model.clone(), kv, &tokenizer, &text, with_pages, opts)?;
     let length = (served_opts.retrieval_len > 0)
         .then(|| retrieval::length(&model, served_opts.retrieval_len))
         .flatten();

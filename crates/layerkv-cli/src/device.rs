@@ -13,6 +13,26 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device};
 use layerkv_model::{assets, isq, quantized, KvType, KvTypes, Model};
 
+/// A policy spec of `eval` or `needle` with an optional `@TYPES` suffix giving that policy its
+/// own KV page types (`identity@q8_0`, `identity+snapkv:256+adakv@q8_0,q4_0`), so one run
+/// compares page types at the same baseline; without one, `default` (the command's
+/// `--kv-dtype`). A spec that names an existing file is taken whole.
+pub fn policy_page_types(spec: &str, default: KvTypes) -> Result<(&str, KvTypes)> {
+    if Path::new(spec).is_file() {
+        return Ok((spec, default));
+    }
+    let Some((policy, types)) = spec.rsplit_once('@') else {
+        return Ok((spec, default));
+    };
+    let kv = KvTypes::parse(types.trim()).with_context(|| {
+        format!(
+            "policy {spec:?}: unknown KV page types {types:?} after '@' (f32, f16, bf16, q8_0, \
+             q4_0, or K,V such as q8_0,q4_0; `:plain` after it for unrotated blocks)"
+        )
+    })?;
+    Ok((policy, kv))
+}
+
 /// The device and dtype flags of the commands that run a model.
 #[derive(clap::Args, Clone, Debug)]
 pub struct DeviceArgs {

@@ -78,7 +78,10 @@ enum Command {
         /// Evaluation text file.
         #[arg(long)]
         text: PathBuf,
-        /// Policies (files or specs, see `policy --help`); identity is always measured first.
+        /// Policies (files or specs, see `policy --help`); identity is always measured first,
+        /// in `--kv-dtype` pages. `SPEC@TYPES` runs one in its own page types
+        /// (`identity@q8_0`, `identity+snapkv:128@q8_0,q4_0`), its bytes and its throughput at
+        /// identity's budget against the same baseline.
         #[arg(long = "policy", required = true)]
         policies: Vec<String>,
         #[command(flatten)]
@@ -220,9 +223,10 @@ fn run(command: Command) -> Result<()> {
             let text = std::fs::read_to_string(&text)
                 .with_context(|| format!("reading {}", text.display()))?;
             let n = m.num_layers();
-            let mut list = vec![layerkv::Policy::from_spec("identity", n)?];
+            let mut list = vec![(layerkv::Policy::from_spec("identity", n)?, kv_dtype)];
             for p in &policies {
-                list.push(layerkv::Policy::from_spec(p, n)?);
+                let (spec, kv) = device::policy_page_types(p, kv_dtype)?;
+                list.push((layerkv::Policy::from_spec(spec, n)?, kv));
             }
             run_table(m, kv_dtype, &tokenizer, &text, list, &opts)
         }
@@ -269,7 +273,7 @@ fn run_table(
     kv_dtype: layerkv_model::KvTypes,
     tokenizer: &layerkv_model::tokenizer::Tokenizer,
     text: &str,
-    policies: Vec<layerkv::Policy>,
+    policies: Vec<(layerkv::Policy, layerkv_model::KvTypes)>,
     opts: &MeasureOpts,
 ) -> Result<()> {
     let mut tokens = tokenizer.encode(text)?;

@@ -45,6 +45,7 @@ fn engine(
     policy: Arc<Policy>,
     num_pages: usize,
     cfg: &MeasureConfig,
+    kv_dtype: layerkv_model::KvTypes,
 ) -> Result<Engine> {
     Ok(Engine::new(
         model.clone(),
@@ -54,7 +55,7 @@ fn engine(
             num_pages,
             sliding_window: cfg.sliding_window,
             prefill_chunk: cfg.chunk.max(1),
-            kv_dtype: cfg.kv_dtype,
+            kv_dtype,
             ..EngineConfig::default()
         },
     )?)
@@ -71,19 +72,24 @@ pub fn planner(model: &Model, cfg: &MeasureConfig) -> plan::Planner {
     }
 }
 
-/// Measures every policy (the first must be identity) and returns one row each.
+/// Measures every policy in its KV page types (the first must be identity, in
+/// `cfg.kv_dtype`) and returns one row each; a row whose types differ from `cfg.kv_dtype` is
+/// named `POLICY@TYPES`. The throughput budget is identity's bytes, so smaller pages fit more
+/// sequences in it.
 pub fn measure_all(
     model: Arc<Model>,
     tokens: &[u32],
-    policies: Vec<Policy>,
+    policies: Vec<(Policy, layerkv_model::KvTypes)>,
     cfg: &MeasureConfig,
 ) -> Result<Vec<Row>> {
     let n_layers = model.num_layers();
     let eval_pages = n_layers * (cfg.context.max(cfg.budget_len) / BLOCK_SIZE + 2) * 2;
-    let identity = Arc::new(policies[0].clone());
-    let mut reference = engine(&model, identity.clone(), eval_pages, cfg)?;
+    let identity = Arc::new(policies[0].0.clone());
+    let mut reference = engine(&model, identity.clone(), eval_pages, cfg, cfg.kv_dtype)?;
     let budget_pages =
         cfg.budget_seqs * plan::pages_per_sequence(identity.as_ref(), BLOCK_SIZE, cfg.budget_len);
+    let budget_bytes =
+        budget_pages * BLOCK_SIZE * model.config().kv_bytes_per_token_per_layer(cfg.kv_dtype);
     // Agreement runs over a whole context window (a prompt of `min_prompt` tokens, or a
     // quarter of it): shorter runs would end before a budget of half the context evicts.
     let agree_len = cfg.context.min(tokens.len());
@@ -96,14 +102,19 @@ pub fn measure_all(
             .progress_chars("=> "),
     );
     let mut rows = Vec::new();
-    for policy in policies {
-        let name = policy.name().to_string();
+    for (policy, kv) in policies {
+        let name = match kv == cfg.kv_dtype {
+            true => policy.name().to_string(),
+            false => format!("{}@{kv}", policy.name()),
+        };
         let groups = policy.layer_map().num_groups();
-        // A per-head policy's pages hold one KV head: as many more of them in the same bytes.
+        // A per-head policy's pages hold one KV head, and smaller page types fewer bytes: as
+        // many more pages in identity's bytes.
         let lanes = planner(&model, cfg).lanes_of(&policy);
-        let budget_pages = budget_pages * lanes;
+        let page_bytes = BLOCK_SIZE * model.config().kv_bytes_per_token_per_layer(kv) / lanes;
+        let budget_pages = budget_bytes / page_bytes;
         let policy = Arc::new(policy);
-        let mut e = engine(&model, policy.clone(), eval_pages * lanes, cfg)?;
+        let mut e = engine(&model, policy.clone(), eval_pages * lanes, cfg, kv)?;
         bar.set_message(format!("{name}: perplexity"));
         let ppl = perplexity(
             &mut e,
@@ -130,11 +141,9 @@ pub fn measure_all(
         let batch = planner(&model, cfg)
             .max_sequences(policy.as_ref(), cfg.budget_len, budget_pages)
             .min(64);
-        let page_bytes =
-            BLOCK_SIZE * model.config().kv_bytes_per_token_per_layer(cfg.kv_dtype) / lanes;
         let sequence_pages =
             planner(&model, cfg).pages_per_sequence(policy.as_ref(), cfg.budget_len);
-        let tput = throughput(&model, policy, budget_pages, batch, tokens, cfg)?;
+        let tput = throughput(&model, policy, budget_pages, batch, tokens, cfg, kv)?;
         bar.inc(1);
         let fits = match batch {
             0 => "no sequence fits the throughput budget".to_string(),
@@ -180,12 +189,13 @@ fn throughput(
     batch: usize,
     tokens: &[u32],
     cfg: &MeasureConfig,
+    kv_dtype: layerkv_model::KvTypes,
 ) -> Result<f64> {
     let len = cfg.budget_len;
     if batch == 0 {
         return Ok(0.0);
     }
-    let mut e = engine(model, policy, num_pages, cfg)?;
+    let mut e = engine(model, policy, num_pages, cfg, kv_dtype)?;
     let prompt_len = len.saturating_sub(DECODE_STEPS).max(1);
     let mut next = Vec::with_capacity(batch);
     for b in 0..batch {

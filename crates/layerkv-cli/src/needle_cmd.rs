@@ -29,7 +29,9 @@ pub struct NeedleArgs {
     /// Model directory or GGUF file (default: the embedded default model).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Policies (files or specs, see `policy --help`); identity is always run first.
+    /// Policies (files or specs, see `policy --help`); identity is always run first, in
+    /// `--kv-dtype` pages. `SPEC@TYPES` runs one in its own page types (`identity@q8_0`,
+    /// `identity+kvzip:256+adakv:0@q4_0`).
     #[arg(long = "policy")]
     pub policies: Vec<String>,
     /// Tasks, comma-separated: passkey, niah_number, niah_word, niah_uuid, multikey,
@@ -193,10 +195,12 @@ pub fn run(args: NeedleArgs) -> Result<()> {
     );
     let mut records = Vec::new();
     for spec in &specs {
-        let policy = Policy::from_spec(spec, n).with_context(|| format!("policy {spec:?}"))?;
+        let (policy_spec, kv) = crate::device::policy_page_types(spec, dtype)?;
+        let policy =
+            Policy::from_spec(policy_spec, n).with_context(|| format!("policy {spec:?}"))?;
         let options = SessionOptions {
             max_context: longest + PROMPT_SLACK,
-            kv_dtype: dtype,
+            kv_dtype: kv,
             sliding_window: args.window,
             prefill_chunk: args.chunk,
             ..SessionOptions::default()

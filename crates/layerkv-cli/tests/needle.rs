@@ -197,3 +197,43 @@ fn needle_runs_kvzip_query_agnostic() {
     assert!(identity_held > 128, "{identity_held}");
     assert!(held <= 40, "compressed to its budget: held {held}");
 }
+
+/// `--policy SPEC@TYPES` runs that policy in its own KV page types beside identity's f32 pages:
+/// on heads of 32 values a Q8_0 row is 34 bytes against f32's 128, so the same contexts peak at
+/// 34/128 of identity's bytes. Shown to fail with the session built in `--kv-dtype` pages
+/// whatever the suffix (the ratio was 1.000).
+#[test]
+fn needle_runs_a_policy_in_its_own_page_types() {
+    let dir = scratch("cli-needle-types");
+    let model = TinyModel {
+        hidden: 128,
+        ..TinyModel::llama(3)
+    }
+    .write(&dir.join("model"));
+    long_context(&model);
+    let text = haystack(&dir);
+    let out = Command::new(env!("CARGO_BIN_EXE_layerkv"))
+        .args(["needle", "--model"])
+        .arg(&model)
+        .args(["--policy", "identity@q8_0", "--task", "passkey"])
+        .args(["--lengths", "96", "--depths", "0.5", "--samples", "1"])
+        .args(["--mode", "aware", "--text"])
+        .arg(&text)
+        .env("LAYERKV_HOME", &dir)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let rows: Vec<Vec<&str>> = stdout
+        .lines()
+        .skip(1)
+        .take_while(|l| !l.starts_with("accuracy:"))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows.len(), 2, "{stdout}");
+    assert_eq!((rows[0][0], rows[1][0]), ("identity", "identity@q8_0"));
+    assert_eq!(rows[1][7], format!("{:.3}", 34.0 / 128.0), "{stdout}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -218,6 +218,92 @@ fn eval_reports_kv_bytes_of_identity_and_of_a_streaming_policy() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `eval --policy SPEC@TYPES` runs that policy in its own KV page types against the same f32
+/// identity: its KV bytes are the blocks' share of identity's (heads of 32 values: a Q8_0 row
+/// is 34 bytes, Q4_0 18, f32 128), and identity's throughput budget, in bytes, fits as many
+/// more of its sequences. A bad suffix is a one-line error naming it. Shown to fail with the
+/// engines built in `--kv-dtype` pages whatever the suffix (identity@q8_0's bytes equalled
+/// identity's).
+#[test]
+fn eval_runs_a_policy_in_its_own_page_types() {
+    let dir = scratch("sub-eval-types");
+    let tiny = TinyModel {
+        hidden: 128,
+        ..TinyModel::llama(7)
+    };
+    let model = tiny.write(&dir.join("model"));
+    let text = prose(&dir);
+    let json = dir.join("eval.json");
+    let eval = |policies: [&str; 2]| {
+        let mut args = vec!["eval", "--model", s(&model), "--text", s(&text)];
+        for p in policies {
+            args.extend(["--policy", p]);
+        }
+        args.extend([
+            "--tokens",
+            "512",
+            "--context",
+            "128",
+            "--stride",
+            "64",
+            "--chunk",
+            "16",
+            "--budget-len",
+            "64",
+            "--budget-seqs",
+            "2",
+            "--json",
+            s(&json),
+        ]);
+        args.iter().map(|a| a.to_string()).collect::<Vec<_>>()
+    };
+    let args = eval(["identity@q8_0", "cla:2@q8_0,q4_0"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (stdout, _) = layerkv(&dir, &args);
+    let rows = table_rows(&stdout);
+    let names: Vec<&str> = rows.iter().map(|r| r[0]).collect();
+    assert_eq!(
+        names,
+        ["identity", "identity@q8_0", "cla:2@q8_0,q4_0"],
+        "{stdout}"
+    );
+    let report = read_json(&json);
+    let r = report.as_array().unwrap();
+    let field = |i: usize, k: &str| r[i][k].as_u64().unwrap();
+    let identity = field(0, "kv_bytes");
+    assert_eq!(identity as usize, tiny.layers * 8 * page_bytes(&tiny, 4));
+    assert_eq!(field(1, "kv_bytes") * 128, identity * 34, "{stdout}");
+    // Half the layers, K rows of 34 bytes and V rows of 18.
+    assert_eq!(
+        field(2, "kv_bytes") * 2 * 256,
+        identity * (34 + 18),
+        "{stdout}"
+    );
+    // The same budget in bytes (to a page); Q8_0 pages fit 256 / 68 times the sequences.
+    let (budget, seq) = (field(1, "budget_bytes"), field(1, "sequence_bytes"));
+    let page = (BLOCK * 2 * tiny.kv_heads * 34) as u64;
+    assert!(budget <= field(0, "budget_bytes") && budget + page > field(0, "budget_bytes"));
+    assert_eq!(field(1, "batch_at_budget"), budget / seq, "{stdout}");
+    assert!(
+        field(1, "batch_at_budget") >= 3 * field(0, "batch_at_budget"),
+        "{stdout}"
+    );
+
+    let args = eval(["identity@q9_0", "cla:2"]);
+    let out = Command::new(env!("CARGO_BIN_EXE_layerkv"))
+        .args(&args)
+        .env("LAYERKV_HOME", &dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("\"identity@q9_0\"") && stderr.contains("\"q9_0\""),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// `plan --dtype q8_0|q4_0` counts block bytes (scales included): on heads of 32 values, a
 /// 1000-token identity sequence takes 63 pages x 4 layers of 16 tokens x 2 KV heads x (K + V
 /// rows of 34 or 18 bytes), against f16's 64 per row.
