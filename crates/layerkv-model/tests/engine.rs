@@ -645,7 +645,36 @@ fn dense_reference(
                 )
                 .unwrap();
         }
-        if let Some(floor) = policy.adaptive_floor().filter(|_| lanes > 1) {
+        let across_layers = policy.adaptive_across_layers();
+        if let Some(floor) = policy.adaptive_floor().filter(|_| across_layers) {
+            // KVzip's global threshold: every lane of every group in one decision.
+            let r = policy.retention(0);
+            let mut joint: Vec<layerkv::JointLane<'_>> = keeps
+                .iter_mut()
+                .enumerate()
+                .map(|(li, keep)| layerkv::JointLane {
+                    num_slots: pos[li].len(),
+                    valid: &valids[li],
+                    scores: if r.joint_reads_probes() {
+                        &probed_lanes[li]
+                    } else {
+                        &obs[li]
+                    },
+                    keep,
+                })
+                .collect();
+            r.select_joint(
+                &mut joint,
+                t + 1,
+                phase,
+                floor,
+                &mut layerkv::JointScratch::default(),
+            );
+        }
+        if let Some(floor) = policy
+            .adaptive_floor()
+            .filter(|_| lanes > 1 && !across_layers)
+        {
             for (g, group_keeps) in keeps.chunks_mut(lanes).enumerate() {
                 if (0..lanes).any(|h| policy.lane_retention(g, h) != policy.retention(g)) {
                     continue;
@@ -1300,11 +1329,15 @@ fn adakv_matches_the_dense_reference() {
 fn kvzip_matches_the_dense_reference() {
     use layerkv::Budget;
     let (prompt_len, total, chunk, prefix) = (14, 20, 4, [3u32, 7]);
+    // `adaptive`: 0 per lane, 1 AdaKV's split per group, 2 across every group (KVzip's global
+    // threshold).
     for (k, (map, per_head, adaptive, pool)) in [
-        (LayerMap::identity(LAYERS).unwrap(), false, false, 1),
-        (LayerMap::identity(LAYERS).unwrap(), true, false, 1),
-        (LayerMap::cla(LAYERS, 2).unwrap(), true, false, 3),
-        (LayerMap::identity(LAYERS).unwrap(), true, true, 3),
+        (LayerMap::identity(LAYERS).unwrap(), false, 0, 1),
+        (LayerMap::identity(LAYERS).unwrap(), true, 0, 1),
+        (LayerMap::cla(LAYERS, 2).unwrap(), true, 0, 3),
+        (LayerMap::identity(LAYERS).unwrap(), true, 1, 3),
+        (LayerMap::identity(LAYERS).unwrap(), true, 2, 1),
+        (LayerMap::cla(LAYERS, 2).unwrap(), true, 2, 3),
     ]
     .into_iter()
     .enumerate()
@@ -1317,11 +1350,12 @@ fn kvzip_matches_the_dense_reference() {
         let seed = 60 + k as u64;
         let model = load(&tiny_model(seed));
         let mut policy = heads(with(map.clone(), kvzip.clone(), "kvzip"), per_head);
-        if adaptive {
-            // KVzip's head-level split: the lanes of a group share their budget.
+        if adaptive > 0 {
+            // KVzip's head-level split: the lanes of a group (or of all) share their budget.
             policy = PolicyBuilder::from_policy(&policy)
                 .name("kvzip+adakv")
                 .adaptive(0.0)
+                .across_layers(adaptive == 2)
                 .build()
                 .unwrap();
         }
@@ -1396,12 +1430,18 @@ fn kvzip_matches_the_dense_reference() {
             .map(|g| r.table(0, g).unwrap().num_valid())
             .collect();
         drop(r);
-        if adaptive {
+        if adaptive == 1 {
             assert!(
                 held.chunks(2).all(|c| c[0] + c[1] == 12),
                 "{k}: a group's lanes share 2 x 6 tokens: {held:?}"
             );
             assert!(held.iter().any(|&h| h != 6), "{k}: an even split: {held:?}");
+        } else if adaptive == 2 {
+            assert_eq!(held.iter().sum::<usize>(), 6 * held.len(), "{k}: {held:?}");
+            assert!(
+                held.chunks(2).any(|c| c[0] + c[1] != 12),
+                "{k}: every group kept its own share: {held:?}"
+            );
         } else {
             assert!(held.iter().all(|&h| h == 6), "{k}: {held:?}");
         }

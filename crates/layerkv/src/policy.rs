@@ -65,6 +65,15 @@ pub trait LayerKvPolicy: Send + Sync + std::fmt::Debug {
         None
     }
 
+    /// Whether AdaKV's split spans every KV head of every group instead of the heads of one
+    /// group (KVzip's global threshold across layers and heads): one budget of
+    /// `groups x lanes x budget` slots, so a layer whose heads attend widely keeps more than one
+    /// whose heads are peaked. Needs [`Self::adaptive_floor`] and the same joint retention in
+    /// every group.
+    fn adaptive_across_layers(&self) -> bool {
+        false
+    }
+
     /// The retention of KV head `head` of `group` under a per-head policy: the group's, unless
     /// the policy gives that head a role of its own (DuoAttention: retrieval heads keep every
     /// token, the others sinks and a window).
@@ -99,6 +108,7 @@ pub struct Policy {
     retention: Vec<Retention>,
     per_head: bool,
     adaptive_floor: Option<f64>,
+    adaptive_across_layers: bool,
     /// Per-lane retentions, by (group, KV head).
     lanes: BTreeMap<(GroupId, usize), Retention>,
     fingerprint: u64,
@@ -118,6 +128,9 @@ struct PolicyFile {
     /// AdaKV's floor (`LayerKvPolicy::adaptive_floor`); implies `per_head`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     adaptive_floor: Option<f64>,
+    /// AdaKV's split across layers (`LayerKvPolicy::adaptive_across_layers`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    adaptive_across_layers: bool,
 }
 
 #[derive(Default, Serialize, Deserialize)]
@@ -142,6 +155,7 @@ impl TryFrom<PolicyFile> for Policy {
         if let Some(floor) = file.adaptive_floor {
             b = b.adaptive(floor);
         }
+        b = b.across_layers(file.adaptive_across_layers);
         b = b.retention(file.retention.default);
         for (key, r) in file.retention.groups {
             let layer: usize = key.trim().parse().map_err(|_| Error::Parse {
@@ -205,6 +219,7 @@ impl From<Policy> for PolicyFile {
             },
             per_head: p.per_head,
             adaptive_floor: p.adaptive_floor,
+            adaptive_across_layers: p.adaptive_across_layers,
         }
     }
 }
@@ -288,6 +303,10 @@ impl LayerKvPolicy for Policy {
         self.adaptive_floor
     }
 
+    fn adaptive_across_layers(&self) -> bool {
+        self.adaptive_across_layers
+    }
+
     fn lane_retention(&self, group: GroupId, head: usize) -> &Retention {
         self.lanes
             .get(&(group, head))
@@ -310,6 +329,7 @@ pub struct PolicyBuilder {
     pyramid: Option<(usize, usize, usize, f64)>,
     per_head: bool,
     adaptive_floor: Option<f64>,
+    adaptive_across_layers: bool,
     lanes: Vec<(usize, usize, Retention)>,
 }
 
@@ -324,6 +344,7 @@ impl PolicyBuilder {
             pyramid: None,
             per_head: false,
             adaptive_floor: None,
+            adaptive_across_layers: false,
             lanes: Vec::new(),
         }
     }
@@ -342,6 +363,7 @@ impl PolicyBuilder {
             pyramid: None,
             per_head: policy.per_head,
             adaptive_floor: policy.adaptive_floor,
+            adaptive_across_layers: policy.adaptive_across_layers,
             lanes: policy
                 .lanes
                 .iter()
@@ -392,6 +414,15 @@ impl PolicyBuilder {
         self
     }
 
+    /// AdaKV's split across layers ([`LayerKvPolicy::adaptive_across_layers`]): with
+    /// [`Self::adaptive`], every KV head of every group shares one budget (KVzip's global
+    /// threshold). `build` refuses it without a floor, with retentions that differ between
+    /// groups or have no joint form (SnapKV, KVzip), or with head roles.
+    pub fn across_layers(mut self, on: bool) -> Self {
+        self.adaptive_across_layers = on;
+        self
+    }
+
     /// PyramidKV: SnapKV per group with budgets decreasing from the bottom group to the top
     /// (average `average` tokens, observation window `observe`, steepness `beta`, pooling `pool`).
     pub fn pyramid(mut self, average: usize, observe: usize, pool: usize, beta: f64) -> Self {
@@ -429,6 +460,28 @@ impl PolicyBuilder {
                 )));
             }
         }
+        if self.adaptive_across_layers {
+            let joint = matches!(
+                retention[0],
+                Retention::SnapKv { .. } | Retention::KvZip { .. }
+            );
+            let why = if self.adaptive_floor.is_none() {
+                Some("needs AdaKV's split (adaptive_floor)")
+            } else if !joint {
+                Some("needs a SnapKV or KVzip retention")
+            } else if retention.iter().any(|r| *r != retention[0]) {
+                Some("needs the same retention in every group")
+            } else if !self.lanes.is_empty() {
+                Some("does not combine with head roles")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(Error::PolicyFile(format!(
+                    "adaptive_across_layers {why} (one budget over every KV head of every group)"
+                )));
+            }
+        }
         let name = if self.name.is_empty() {
             self.map.to_layer_types()
         } else {
@@ -447,6 +500,7 @@ impl PolicyBuilder {
             &retention,
             self.per_head,
             self.adaptive_floor,
+            self.adaptive_across_layers,
             &lanes,
         );
         Ok(Policy {
@@ -455,6 +509,7 @@ impl PolicyBuilder {
             retention,
             per_head: self.per_head,
             adaptive_floor: self.adaptive_floor,
+            adaptive_across_layers: self.adaptive_across_layers,
             lanes,
             fingerprint,
         })
@@ -468,6 +523,7 @@ fn fingerprint(
     retention: &[Retention],
     per_head: bool,
     adaptive_floor: Option<f64>,
+    across_layers: bool,
     lanes: &BTreeMap<(GroupId, usize), Retention>,
 ) -> u64 {
     struct Fnv(u64);
@@ -497,6 +553,9 @@ fn fingerprint(
     }
     if let Some(f) = adaptive_floor {
         f.to_bits().hash(&mut h);
+    }
+    if across_layers {
+        "across_layers".hash(&mut h);
     }
     for (lane, r) in lanes {
         lane.hash(&mut h);

@@ -11,7 +11,8 @@
 //! - a final `+per-head` makes every KV head keep its own tokens
 //!   ([`crate::LayerKvPolicy::per_head`]): `identity+snapkv:128+per-head`; `+adakv[:FLOOR]`
 //!   also lets the heads of a group share their budget (AdaKV, floor 0.2 by default,
-//!   [`crate::LayerKvPolicy::adaptive_floor`]).
+//!   [`crate::LayerKvPolicy::adaptive_floor`]), and `+adakv:FLOOR:layers` every head of every
+//!   layer (KVzip's global threshold, [`crate::LayerKvPolicy::adaptive_across_layers`]).
 
 use std::path::Path;
 
@@ -46,8 +47,8 @@ fn parse(spec: &str, num_layers: usize) -> Result<Policy> {
         let p = parse(rest, num_layers)?;
         // The groups' retentions as parsed (PyramidKV's budgets included).
         let mut builder = PolicyBuilder::from_policy(&p).name(spec).per_head(true);
-        if let Some(f) = floor {
-            builder = builder.adaptive(f);
+        if let Some((f, layers)) = floor {
+            builder = builder.adaptive(f).across_layers(layers);
         }
         return builder.build();
     }
@@ -138,7 +139,12 @@ fn number(text: &str, args: &[&str], i: usize, default: Option<usize>) -> Result
 
 /// A final `+per-head` (`None` floor) or `+adakv[:FLOOR]` (AdaKV, floor 0.2 by default): the
 /// spec before it and the floor.
-fn head_suffix(spec: &str) -> Result<Option<(&str, Option<f64>)>> {
+/// AdaKV's split of a spec suffix: its floor, and whether it spans the layers.
+type Split = (f64, bool);
+
+/// A per-head suffix: `+per-head` (no split), or `+adakv[:FLOOR[:layers]]` (AdaKV's split with
+/// its floor, across the layers too with `:layers`).
+fn head_suffix(spec: &str) -> Result<Option<(&str, Option<Split>)>> {
     if let Some(rest) = spec.strip_suffix("+per-head") {
         return Ok(Some((rest, None)));
     }
@@ -148,16 +154,29 @@ fn head_suffix(spec: &str) -> Result<Option<(&str, Option<f64>)>> {
     let Some(args) = tail.strip_prefix("adakv") else {
         return Ok(None);
     };
-    let floor = match args.strip_prefix(':') {
-        None if args.is_empty() => 0.2,
-        Some(f) => f
-            .parse::<f64>()
-            .ok()
-            .filter(|f| (0.0..=1.0).contains(f))
-            .ok_or_else(|| spec_error(tail, &format!("{f:?} is not a floor in [0, 1]")))?,
+    let (floor, layers) = match args.strip_prefix(':') {
+        None if args.is_empty() => (0.2, false),
+        Some(a) => {
+            let (f, layers) = match a.split_once(':') {
+                Some((f, "layers")) => (f, true),
+                Some((_, other)) => {
+                    return Err(spec_error(
+                        tail,
+                        &format!("{other:?} is not `layers` (AdaKV's split across layers)"),
+                    ))
+                }
+                None => (a, false),
+            };
+            let f = f
+                .parse::<f64>()
+                .ok()
+                .filter(|f| (0.0..=1.0).contains(f))
+                .ok_or_else(|| spec_error(tail, &format!("{f:?} is not a floor in [0, 1]")))?;
+            (f, layers)
+        }
         None => return Ok(None),
     };
-    Ok(Some((rest, Some(floor))))
+    Ok(Some((rest, Some((floor, layers)))))
 }
 
 fn spec_error(spec: &str, reason: &str) -> Error {
@@ -229,6 +248,36 @@ mod tests {
         assert_eq!(back.fingerprint(), ada.fingerprint());
         let e = Policy::from_spec("cla:2+snapkv:64+adakv:2", 4).unwrap_err();
         assert!(e.to_string().contains("not a floor"), "{e}");
+        // AdaKV across layers (KVzip's global threshold): through a file, in the fingerprint,
+        // refused where groups cannot share one budget.
+        let global = Policy::from_spec("cla:2+kvzip:64+adakv:0:layers", 4).unwrap();
+        assert!(global.adaptive_across_layers() && global.per_head());
+        assert_eq!(global.adaptive_floor(), Some(0.0));
+        let per_group = Policy::from_spec("cla:2+kvzip:64+adakv:0", 4).unwrap();
+        assert!(!per_group.adaptive_across_layers());
+        assert_ne!(global.fingerprint(), per_group.fingerprint());
+        let text = global.to_toml().unwrap();
+        assert!(text.contains("adaptive_across_layers = true"), "{text}");
+        let back = Policy::parse(&text, "toml").unwrap();
+        assert!(back.adaptive_across_layers());
+        assert_eq!(back.fingerprint(), global.fingerprint());
+        for (spec, why) in [
+            ("cla:2+kvzip:64+adakv:0:heads", "not `layers`"),
+            ("identity+stream:4:8+adakv:0:layers", "SnapKV or KVzip"),
+            (
+                "identity+pyramid:64+adakv:0:layers",
+                "same retention in every group",
+            ),
+        ] {
+            let e = Policy::from_spec(spec, 4).unwrap_err();
+            assert!(e.to_string().contains(why), "{spec}: {e}");
+        }
+        let e = PolicyBuilder::new(LayerMap::identity(4).unwrap())
+            .retention(Retention::streaming(8))
+            .across_layers(true)
+            .build()
+            .unwrap_err();
+        assert!(e.to_string().contains("adaptive_floor"), "{e}");
         // Head roles: per-lane retentions by owner layer and KV head, through a file.
         let roles = PolicyBuilder::new(LayerMap::cla(4, 2).unwrap())
             .retention(Retention::streaming(32))

@@ -23,30 +23,40 @@ use super::sequence::{unpin, State};
 use super::Core;
 
 impl Core {
-    /// AdaKV: replaces the per-lane decisions just made for the lanes of `group` (the last
-    /// `lanes` entries of the scratch) with one joint decision, where the group's retention has
-    /// one at this phase ([`crate::Retention::select_joint`]); the window and validity masks are
-    /// applied again after it.
+    /// AdaKV: replaces the per-lane decisions just made for sequence `s` from scratch entry
+    /// `first` on (the lanes of one group, or of every group under
+    /// [`crate::LayerKvPolicy::adaptive_across_layers`]) with one joint decision, where their
+    /// retention has one at this phase ([`crate::Retention::select_joint`]); the window and
+    /// validity masks are applied again after it.
     fn decide_jointly(
         &self,
         rs: &mut super::scratch::RetainScratch,
         s: &super::sequence::Sequence,
-        group: usize,
+        first: usize,
         floor: f64,
         phase: crate::retention::Phase,
     ) {
         let lanes = self.config.lanes;
-        if !self.policy.retention(group).has_joint_form(phase) {
+        let tables = rs.keep_ranges[first..].iter().map(|&(_, t, _)| t);
+        let group = rs.keep_ranges[first].1 / lanes;
+        let retention = self.policy.retention(group);
+        if !retention.has_joint_form(phase) {
             // Nothing to decide jointly (decode steps): gather nothing, allocate nothing.
             return;
         }
-        let first = rs.keep_ranges.len() - lanes;
+        let shared = tables.clone().all(|t| {
+            // Heads with roles of their own do not share the budget.
+            self.policy.lane_retention(t / lanes, t % lanes) == retention
+        });
+        if !shared {
+            return;
+        }
         let start = rs.keep_ranges[first].2;
         let mut words = &mut rs.keep_words[start..];
-        let mut joint = Vec::with_capacity(lanes);
-        let probes = self.policy.retention(group).joint_reads_probes();
-        for (pair, &(_, lane, _)) in rs.keep_ranges[first..].iter().enumerate() {
-            let t = s.table(lane);
+        let mut joint = Vec::with_capacity(rs.keep_ranges.len() - first);
+        let probes = retention.joint_reads_probes();
+        for (pair, &(_, table, _)) in rs.keep_ranges[first..].iter().enumerate() {
+            let t = s.table(table);
             let n = t.num_slots;
             let (keep, rest) = std::mem::take(&mut words).split_at_mut(bits::words_for(n));
             words = rest;
@@ -61,17 +71,12 @@ impl Core {
                 keep,
             });
         }
-        let retention = self.policy.retention(group);
-        if (0..lanes).any(|h| self.policy.lane_retention(group, h) != retention) {
-            // Heads with roles of their own do not share the group's budget.
-            return;
-        }
         if !retention.select_joint(&mut joint, s.num_tokens, phase, floor, &mut rs.joint) {
             // No joint form here: the per-lane decisions stand.
             return;
         }
-        for lane in joint {
-            if let Some(w) = self.windows[group * lanes] {
+        for (lane, table) in joint.into_iter().zip(tables) {
+            if let Some(w) = self.windows[table] {
                 let cut = lane.num_slots.saturating_sub(w.saturating_sub(1));
                 for x in 0..cut {
                     bits::clear(lane.keep, x);
@@ -116,11 +121,15 @@ impl Core {
         step.held.clear();
         // Phase 1 (fallible, changes nothing): fold the step's mass into scratch copies of the
         // scores and decide what every (sequence, group) keeps.
+        let lanes = self.config.lanes;
+        let floor = self.policy.adaptive_floor();
+        let across_layers = self.policy.adaptive_across_layers();
         for (i, ss) in step.seqs.iter().enumerate() {
             let s = seqs
                 .get_mut(&ss.seq)
                 .ok_or(Error::UnknownSequence(ss.seq))?;
             let phase = ss.phase();
+            let seq_first = rs.keep_ranges.len();
             for g in 0..groups {
                 if !self.evicts[g] {
                     continue;
@@ -217,11 +226,15 @@ impl Core {
                     *k &= v;
                 }
                 rs.keep_ranges.push((i, g, start));
-                let lanes = self.config.lanes;
-                if let Some(floor) = self.policy.adaptive_floor().filter(|_| lanes > 1) {
+                if let Some(floor) = floor.filter(|_| lanes > 1 && !across_layers) {
                     if g % lanes == lanes - 1 {
-                        self.decide_jointly(rs, s, g / lanes, floor, phase);
+                        self.decide_jointly(rs, s, rs.keep_ranges.len() - lanes, floor, phase);
                     }
+                }
+            }
+            if let Some(floor) = floor.filter(|_| across_layers) {
+                if rs.keep_ranges.len() > seq_first {
+                    self.decide_jointly(rs, s, seq_first, floor, phase);
                 }
             }
         }
