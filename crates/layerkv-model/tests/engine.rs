@@ -1502,34 +1502,11 @@ fn head_roles_match_the_dense_reference() {
 /// dequantized (unchanged for f32); block rows `rotate`d by the Walsh-Hadamard transform
 /// before and after, as the store keeps them and the kernels' attention amounts to.
 fn round_trip(x: &Tensor, t: KvType, rotate: bool) -> Tensor {
-    use layerkv_kernels::kvtype as q;
-    use layerkv_model::KvType::*;
     let d = x.dim(x.rank() - 1).unwrap();
     let mut v = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let rotate = rotate && t.is_quantized();
-    if rotate {
-        q::hadamard(&mut v, q::hadamard_size(d));
-    }
-    let mut out = vec![0f32; v.len()];
-    let mut bytes = vec![0u8; t.row_bytes(d)];
-    for (row, o) in v.chunks(d).zip(out.chunks_mut(d)) {
-        match t {
-            Q8_0 => {
-                q::quantize_q8_0(row, &mut bytes);
-                q::dequantize_q8_0(&bytes, o);
-            }
-            Q4_0 => {
-                q::quantize_q4_0(row, &mut bytes);
-                q::dequantize_q4_0(&bytes, o);
-            }
-            F32 => o.copy_from_slice(row),
-            other => panic!("round_trip: {other} is not used here"),
-        }
-    }
-    if rotate {
-        q::hadamard(&mut out, q::hadamard_size(d));
-    }
-    Tensor::from_vec(out, x.dims(), x.device()).unwrap()
+    let types = layerkv_model::KvTypes::both(t).with_rotation(rotate);
+    layerkv_kernels::kvtype::round_trip(types, true, d, &mut v);
+    Tensor::from_vec(v, x.dims(), x.device()).unwrap()
 }
 
 /// A tiny llama whose heads are one Q8_0/Q4_0 block wide (head_dim 32: 4 query, 2 KV heads).

@@ -342,6 +342,35 @@ pub(crate) fn dequantize_rows(t: KvType, bytes: &[u8], head_dim: usize, out: &mu
     }
 }
 
+/// Rows of `head_dim` values as a store of `types` gives them back (`k` selects K's type, else
+/// V's): rounded to f16 or bf16, or rotated where the types rotate, quantized, dequantized and
+/// rotated back; f32 unchanged. What a dense reference attends to in order to match the
+/// kernels on such pages.
+pub fn round_trip(types: KvTypes, k: bool, head_dim: usize, x: &mut [f32]) {
+    let t = if k { types.k } else { types.v };
+    match t {
+        KvType::F32 => {}
+        KvType::F16 => x.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32()),
+        KvType::BF16 => x
+            .iter_mut()
+            .for_each(|v| *v = half::bf16::from_f32(*v).to_f32()),
+        KvType::Q8_0 | KvType::Q4_0 => {
+            let rotate = types.rotate;
+            if rotate {
+                hadamard(x, hadamard_size(head_dim));
+            }
+            let mut bytes = vec![0u8; t.row_bytes(head_dim)];
+            for row in x.chunks_exact_mut(head_dim) {
+                quantize_rows(t, row, head_dim, &mut bytes);
+                dequantize_rows(t, &bytes, head_dim, row);
+            }
+            if rotate {
+                hadamard(x, hadamard_size(head_dim));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

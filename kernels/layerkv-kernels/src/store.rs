@@ -515,6 +515,44 @@ mod tests {
         assert!(store.move_slots(&[mv(8, 1)]).is_err());
     }
 
+    /// `kvtype::round_trip`, which dense references attend to, is what the store gives back
+    /// from `k_f32`/`v_f32` for every type, rotated or not, K and V apart.
+    #[test]
+    fn round_trip_is_what_the_store_holds() {
+        use crate::kvtype::round_trip;
+        let dev = Device::Cpu;
+        let (q8, q4, f16) = (KvType::Q8_0, KvType::Q4_0, KvType::F16);
+        let pairs = [(q8, q4), (q4, f16), (KvType::BF16, KvType::BF16), (q8, q8)];
+        let mut seed = 0x9e37_79b9u32;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            (seed % 2000) as f32 / 500.0 - 2.0
+        };
+        for (k, v) in pairs {
+            for rotate in [true, false] {
+                let types = KvTypes::new(k, v).with_rotation(rotate);
+                let mut store = KvStore::with_types(2, 2, 2, 64, types, &dev).unwrap();
+                let kx: Vec<f32> = (0..4 * 2 * 64).map(|_| next()).collect();
+                let vx: Vec<f32> = (0..4 * 2 * 64).map(|_| next()).collect();
+                let t = |x: &[f32]| Tensor::from_vec(x.to_vec(), (4, 2, 64), &dev).unwrap();
+                store.write(&[0, 1, 2, 3], &t(&kx), &t(&vx)).unwrap();
+                for (want, got, is_k) in [(kx, store.k_f32(), true), (vx, store.v_f32(), false)] {
+                    let mut want = want;
+                    round_trip(types, is_k, 64, &mut want);
+                    let got = got
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap();
+                    assert!(want == got, "{types} ({}): K {is_k}", usize::from(rotate));
+                }
+            }
+        }
+    }
+
     /// Block pages: a write rounds once; moves, copy-on-write copies and a rollback of
     /// re-rotated keys move the stored bytes exactly; a re-rotation quantizes the fresh key.
     #[test]
