@@ -378,19 +378,25 @@ fn a_failure_at_any_stage_of_a_step_changes_nothing() {
 
 /// KVzip: a failure in any protocol step of a prompt (the step before the probes, each probe,
 /// the last token's step that compresses) leaves the cache and the live K/V rows as they were,
-/// and the retried prompt matches an engine that never failed.
+/// and the retried prompt matches an engine that never failed; per group, and with one budget
+/// across every head of every layer (`+adakv:0.5:layers`).
 #[test]
 fn a_failure_in_a_kvzip_prompt_changes_nothing() {
     let model = model();
-    let spec = "identity+kvzip:6:4";
+    for spec in ["identity+kvzip:6:4", "identity+kvzip:6:4+adakv:0.5:layers"] {
+        kvzip_prompt_failures(&model, spec);
+    }
+}
+
+fn kvzip_prompt_failures(model: &Arc<Model>, spec: &str) {
     let scenario = Scenario::Prompt;
     // An 11-token prompt: step 0 runs its first 10 tokens, steps 1-3 the probes (4, 4 and 2
     // tokens after their tails), step 4 its last token.
     let mut reached = Vec::new();
     for step in 0..6 {
         for stage in STAGES {
-            let mut e = engine(&model, spec, 256);
-            let mut twin = engine(&model, spec, 256);
+            let mut e = engine(model, spec, 256);
+            let mut twin = engine(model, spec, 256);
             scenario.history(&mut e);
             scenario.history(&mut twin);
             let before = snapshot(&e);
@@ -408,10 +414,15 @@ fn a_failure_in_a_kvzip_prompt_changes_nothing() {
             let b = scenario.faulted(&mut twin).unwrap();
             let d = max_abs_diff(&a, &b);
             assert!(d <= 1e-6, "{what}: the retried prompt differs by {d}");
+            let r = e.cache().read();
+            let held: Vec<usize> = (0..e.cache().num_groups())
+                .map(|g| r.table(0, g).unwrap().num_valid())
+                .collect();
+            drop(r);
             assert_eq!(
-                e.cache().read().table(0, 0).unwrap().num_valid(),
-                6,
-                "{what}: compressed to the budget"
+                held.iter().sum::<usize>(),
+                6 * held.len(),
+                "{what}: compressed to the budget: {held:?}"
             );
             reached.push((step, stage));
         }
