@@ -1301,6 +1301,14 @@ fn adakv_matches_the_dense_reference() {
         .build()
         .unwrap();
     check_retention(ada(pyramid), 47, 18, 24);
+    // A head role (layer 1's first KV head keeps everything) under AdaKV: that lane decides
+    // nothing, its group's other lane keeps its own budget, every other group splits.
+    let roles = PolicyBuilder::from_policy(&policy)
+        .name("snapkv+adakv+role")
+        .lane_retention(1, 0, Retention::Full)
+        .build()
+        .unwrap();
+    check_retention(roles, 48, 16, 24);
     let model = load(&tiny_model(46));
     let mut e = engine(&model, policy, PrefillMode::TokenByToken);
     e.add_sequence(0).unwrap();

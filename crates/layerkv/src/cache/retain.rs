@@ -227,8 +227,15 @@ impl Core {
                 }
                 rs.keep_ranges.push((i, g, start));
                 if let Some(floor) = floor.filter(|_| lanes > 1 && !across_layers) {
-                    if g % lanes == lanes - 1 {
-                        self.decide_jointly(rs, s, rs.keep_ranges.len() - lanes, floor, phase);
+                    // Only when every lane of the group decided: a lane that keeps everything
+                    // (a head role) has no entry, and its group no joint decision.
+                    let n = rs.keep_ranges.len();
+                    let last_lane = g % lanes == lanes - 1;
+                    let whole = last_lane
+                        && n >= lanes
+                        && matches!(rs.keep_ranges[n - lanes], (si, t, _) if si == i && t + lanes == g + 1);
+                    if whole {
+                        self.decide_jointly(rs, s, n - lanes, floor, phase);
                     }
                 }
             }
