@@ -588,7 +588,7 @@ impl<'a> Rows<'a> {
 }
 
 /// K and V types the CPU kernel has no instantiation for.
-fn pair_error(types: KvTypes) -> KernelError {
+pub(crate) fn pair_error(types: KvTypes) -> KernelError {
     KernelError::Invalid(format!(
         "KV pages of K {} and V {}: f32 and bf16 pages pair only with themselves; f16, q8_0 and \
          q4_0 pair with each other",
@@ -1069,12 +1069,12 @@ mod tests {
     }
 
     /// f32 and bf16 pages pair only with themselves: another pairing is a typed error, not a
-    /// panic or a silent conversion.
+    /// panic or a silent conversion. The CUDA kernels have an entry point for exactly the
+    /// pairings the CPU reads, so both devices refuse the same ones, and every entry named is
+    /// in the source's list.
     #[test]
     fn unsupported_kv_pairs_are_refused() {
         let dev = Device::Cpu;
-        let types = KvTypes::new(KvType::F32, KvType::Q8_0);
-        let store = KvStore::with_types(2, 4, 1, 32, types, &dev).unwrap();
         let seqs = [SeqQuery {
             kv: TableView {
                 pages: &[0],
@@ -1091,6 +1091,29 @@ mod tests {
             include_diagonal: true,
         };
         let q = Tensor::zeros((1, 1, 32), DType::F32, &dev).unwrap();
+        let mut entries = 0;
+        for k in KvType::ALL {
+            for v in KvType::ALL {
+                let types = KvTypes::new(k, v);
+                let store = KvStore::with_types(2, 4, 1, 32, types, &dev).unwrap();
+                let cpu = attention(&q, &store, &seqs, &params, None);
+                if let Err(err) = &cpu {
+                    let want = format!("K {k} and V {v}");
+                    assert!(err.to_string().contains(&want), "{err}");
+                }
+                let cuda = crate::cuda::partial_entry(k, v);
+                assert_eq!(cuda.is_some(), cpu.is_ok(), "K {k}, V {v}: {cuda:?}");
+                entries += usize::from(cpu.is_ok());
+            }
+            let mass = crate::cuda::mass_entry(k);
+            assert!(
+                crate::cuda::CUDA_ENTRY_POINTS.contains(&mass.as_str()),
+                "{mass}"
+            );
+        }
+        assert_eq!(entries, 11);
+        let types = KvTypes::new(KvType::F32, KvType::Q8_0);
+        let store = KvStore::with_types(2, 4, 1, 32, types, &dev).unwrap();
         let err = attention(&q, &store, &seqs, &params, None).unwrap_err();
         assert!(err.to_string().contains("K f32 and V q8_0"), "{err}");
     }

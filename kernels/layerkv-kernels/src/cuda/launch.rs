@@ -126,13 +126,7 @@ pub fn attention<K, V>(
     mass: Option<&mut [f32]>,
 ) -> Result<CudaSlice<f32>> {
     let kern = kernels(stream)?;
-    let unsupported = || {
-        KernelError::Invalid(format!(
-            "no CUDA kernel reads K pages {} with V pages {}: f32 and bf16 pair only with \
-             themselves; f16, q8_0 and q4_0 pair with each other",
-            types.k, types.v
-        ))
-    };
+    let unsupported = || crate::cpu::pair_error(types);
     let partial = kern
         .partial
         .iter()
