@@ -234,7 +234,7 @@ fn eval_runs_a_policy_in_its_own_page_types() {
     let model = tiny.write(&dir.join("model"));
     let text = prose(&dir);
     let json = dir.join("eval.json");
-    let eval = |policies: [&str; 2]| {
+    let eval = |policies: [&'static str; 2]| {
         let mut args = vec!["eval", "--model", s(&model), "--text", s(&text)];
         for p in policies {
             args.extend(["--policy", p]);
@@ -255,11 +255,9 @@ fn eval_runs_a_policy_in_its_own_page_types() {
             "--json",
             s(&json),
         ]);
-        args.iter().map(|a| a.to_string()).collect::<Vec<_>>()
+        args
     };
-    let args = eval(["identity@q8_0", "cla:2@q8_0,q4_0"]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (stdout, _) = layerkv(&dir, &args);
+    let (stdout, _) = layerkv(&dir, &eval(["identity@q8_0", "cla:2@q8_0,q4_0"]));
     let rows = table_rows(&stdout);
     let names: Vec<&str> = rows.iter().map(|r| r[0]).collect();
     assert_eq!(
