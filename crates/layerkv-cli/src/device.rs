@@ -13,6 +13,10 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device};
 use layerkv_model::{assets, isq, quantized, KvType, KvTypes, Model};
 
+/// The KV page types `--kv-dtype` and a policy's `@TYPES` accept, for their errors.
+const KV_TYPES: &str =
+    "f32, f16, bf16, q8_0, q4_0, or K,V such as q8_0,q4_0; `:plain` after it for unrotated blocks";
+
 /// A policy spec of `eval` or `needle` with an optional `@TYPES` suffix giving that policy its
 /// own KV page types (`identity@q8_0`, `identity+snapkv:256+adakv@q8_0,q4_0`), so one run
 /// compares page types at the same baseline; without one, `default` (the command's
@@ -25,10 +29,7 @@ pub fn policy_page_types(spec: &str, default: KvTypes) -> Result<(&str, KvTypes)
         return Ok((spec, default));
     };
     let kv = KvTypes::parse(types.trim()).with_context(|| {
-        format!(
-            "policy {spec:?}: unknown KV page types {types:?} after '@' (f32, f16, bf16, q8_0, \
-             q4_0, or K,V such as q8_0,q4_0; `:plain` after it for unrotated blocks)"
-        )
+        format!("policy {spec:?}: unknown KV page types {types:?} after '@' ({KV_TYPES})")
     })?;
     Ok((policy, kv))
 }
@@ -111,12 +112,8 @@ impl DeviceArgs {
         let kv = match self.kv_dtype.as_str() {
             "auto" if model.is_quantized() => KvTypes::both(KvType::F16),
             "auto" => KvTypes::float(dtype).context("--kv-dtype auto: no float type")?,
-            spec => KvTypes::parse(spec).with_context(|| {
-                format!(
-                    "--kv-dtype {spec:?}: unknown (auto, f32, f16, bf16, q8_0, q4_0, or K,V such \
-                     as q8_0,q4_0; `:plain` after it for unrotated blocks)"
-                )
-            })?,
+            spec => KvTypes::parse(spec)
+                .with_context(|| format!("--kv-dtype {spec:?}: unknown (auto, {KV_TYPES})"))?,
         };
         Ok((dir, model, kv))
     }

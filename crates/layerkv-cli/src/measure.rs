@@ -103,9 +103,10 @@ pub fn measure_all(
     );
     let mut rows = Vec::new();
     for (policy, kv) in policies {
-        let name = match kv == cfg.kv_dtype {
-            true => policy.name().to_string(),
-            false => format!("{}@{kv}", policy.name()),
+        let name = if kv == cfg.kv_dtype {
+            policy.name().to_string()
+        } else {
+            format!("{}@{kv}", policy.name())
         };
         let groups = policy.layer_map().num_groups();
         // A per-head policy's pages hold one KV head, and smaller page types fewer bytes: as
