@@ -32,8 +32,9 @@ pub struct KvStore {
     head_dim: usize,
     types: KvTypes,
     /// The Walsh-Hadamard matrix (`[head_dim, head_dim]` f32) where block rows are stored
-    /// rotated on a GPU, whose kernels get rotated queries and give rotated outputs; the CPU
-    /// kernels rotate in place and keep none.
+    /// rotated on a CUDA device, whose kernels get rotated queries and give rotated outputs;
+    /// the CPU kernels rotate in place, and other devices run the dense reference on
+    /// dequantized rows, so they keep none.
     rot: Option<Tensor>,
 }
 
@@ -80,7 +81,7 @@ impl KvStore {
             t.check_head_dim(head_dim)?;
         }
         let rotates = types.rotates_k() || types.rotates_v();
-        let rot = if rotates && !device.is_cpu() {
+        let rot = if rotates && device.is_cuda() {
             let h = hadamard_matrix(head_dim);
             Some(Tensor::from_vec(h, (head_dim, head_dim), device)?)
         } else {
@@ -102,8 +103,8 @@ impl KvStore {
         })
     }
 
-    /// The rotation matrix a GPU's kernels are given rotated queries and outputs by (`None` on
-    /// the CPU, or where no rows are stored rotated): `x` rotated is `x` times it.
+    /// The rotation matrix the CUDA kernels' queries and outputs are rotated by (`None` on other
+    /// devices, or where no rows are stored rotated): `x` rotated is `x` times it.
     pub fn rotation(&self) -> Option<&Tensor> {
         self.rot.as_ref()
     }
