@@ -99,14 +99,6 @@ pub fn run(args: ServeArgs) -> Result<()> {
     };
     let session = Session::new(&dir, model, policy, options)
         .with_context(|| format!("a session under --policy {}", args.policy))?;
-    if session.engine().probe_chunk().is_some() {
-        bail!(
-            "--policy {}: kvzip scores a prompt with probe steps, which the server's scheduler \
-             does not run yet; serve another retention (e.g. snapkv), or use kvzip with \
-             `generate`, `chat`, `eval` or `needle`",
-            args.policy
-        );
-    }
     let chunk = session.engine().config().prefill_chunk;
     let config = SchedulerConfig {
         max_num_seqs: args.max_seqs,

@@ -148,7 +148,8 @@ impl Batcher {
         // A model without a chat template still serves plain completions.
         let _ = session.chat_template();
         config.prefill_chunk = session.engine().config().prefill_chunk;
-        let scheduler = Scheduler::new(config, session.engine().cache())?;
+        let scheduler = Scheduler::new(config, session.engine().cache())?
+            .with_probe_tokens(session.engine().probe_tokens());
         let stop_tokens = session.stop_criteria().stop_tokens.clone();
         let cache = session.engine().cache();
         let stats = BatchStats {
@@ -265,7 +266,9 @@ impl Batcher {
     /// nothing (the engine rolls a failed step back), so only the requests it ran are dropped,
     /// each with a [`BatchEvent::Failed`]; the others carry on. A failure after the step
     /// (sampling, the scheduler's update) drops every live request. Either way the error is
-    /// returned.
+    /// returned. Under a policy that probes (KVzip), a request whose probes failed after a
+    /// step that succeeded ends with a [`BatchEvent::Failed`] of its own (or, when they found
+    /// the pool out of pages, is preempted by recompute), and the step still returns `true`.
     pub fn step(&mut self, events: &mut Vec<BatchEvent>) -> Result<bool> {
         let engine: &mut Engine = self.session.engine_mut();
         let logits = match engine.step_scheduled(&mut self.scheduler, &mut self.out) {
@@ -280,8 +283,33 @@ impl Batcher {
                 return self.fail(ids, e, events);
             }
         };
-        match self.after_step(&logits, events) {
-            Ok(()) => Ok(true),
+        let result = self.after_step(&logits, events);
+        // Requests whose probes failed (KVzip: rolled back, nothing else changed) end here,
+        // after the update that advanced them past the step's tokens.
+        let probe_failures = self.session.engine_mut().take_probe_failures();
+        match result {
+            Ok(()) => {
+                for (id, e) in probe_failures {
+                    if !self.live.contains_key(&id) {
+                        continue;
+                    }
+                    if let ModelError::Core(layerkv::Error::PoolExhausted { .. }) = e {
+                        // Out of pages (an overcommitted pool): preempted by recompute, as
+                        // a step short of pages preempts; it prefills and probes again.
+                        let cache = self.session.engine().cache();
+                        self.scheduler.preempt(id, cache)?;
+                        self.session.engine_mut().forget(id);
+                    } else {
+                        self.end(id, FinishReason::Cancelled, true)?;
+                        self.stats.failed += 1;
+                        events.push(BatchEvent::Failed {
+                            id,
+                            message: e.to_string(),
+                        });
+                    }
+                }
+                Ok(true)
+            }
             Err(e) => {
                 let ids = self.live.keys().copied().collect();
                 self.fail(ids, e, events)

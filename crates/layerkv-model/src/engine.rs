@@ -187,6 +187,8 @@ pub struct Engine {
     fault: Option<Fault>,
     /// Protocol steps the current call has run (where the armed fault fires).
     steps_in_call: usize,
+    /// Sequences whose probes failed in [`Engine::step_scheduled`], with why.
+    probe_failures: Vec<(SeqId, ModelError)>,
 }
 
 impl Engine {
@@ -251,6 +253,7 @@ impl Engine {
             probe_prefix: Vec::new(),
             fault: None,
             steps_in_call: 0,
+            probe_failures: Vec::new(),
         })
     }
 
@@ -627,9 +630,13 @@ impl Engine {
     ///
     /// Steps keep the scheduler's fixed prefill chunks, so give it this engine's
     /// [`EngineConfig::prefill_chunk`] as its `prefill_chunk`: a policy that evicts then sees
-    /// the same steps as under [`Engine::step`]. Sequences the scheduler frees (preemption,
-    /// [`Scheduler::finish`], length) must also be dropped from the engine's executor with
-    /// [`Engine::forget`].
+    /// the same steps as under [`Engine::step`]. Under a policy that probes (KVzip) the
+    /// scheduler ends a prompt's chunks one token early, and the engine probes that prompt
+    /// after the step ([`Scheduler::probe_due`]); plan the probes' room with
+    /// [`Scheduler::with_probe_tokens`] of [`Engine::probe_tokens`], and end the requests of
+    /// [`Engine::take_probe_failures`] after each step. Sequences the scheduler frees
+    /// (preemption, [`Scheduler::finish`], length) must also be dropped from the engine's
+    /// executor with [`Engine::forget`].
     pub fn step_scheduled(
         &mut self,
         scheduler: &mut Scheduler,
@@ -662,7 +669,27 @@ impl Engine {
         let upward = run.policy.layer_map().needs_upward();
         let iterative = upward && batch.iter().any(|(_, t)| t.len() > 1);
         let x = run.run(reserved, &batch, Some(&pick), Output::Logits, iterative)?;
+        // Probes after the step that brought a prompt to one token before its end (the
+        // scheduler holds the last token back for a step of its own), as `Engine::step` runs
+        // them. The step is retained whatever they do: a failed probe changed nothing and
+        // fails only its own request (`Engine::take_probe_failures`).
+        if let Some(chunk) = self.probe_chunk {
+            for e in out.scheduled() {
+                if let Some(prompt) = scheduler.probe_due(e) {
+                    if let Err(err) = self.probe(e.seq, &prompt[..prompt.len() - 1], chunk) {
+                        self.probe_failures.push((e.seq, err));
+                    }
+                }
+            }
+        }
         Ok(Some(x))
+    }
+
+    /// The sequences whose probes failed in [`Engine::step_scheduled`] since the last call,
+    /// with why. Each probe that failed was rolled back (the sequence holds what the step
+    /// retained), but the prompt can no longer be scored: end its request.
+    pub fn take_probe_failures(&mut self) -> Vec<(SeqId, ModelError)> {
+        std::mem::take(&mut self.probe_failures)
     }
 
     /// The engine split for one step: what runs it, and the step buffer it is reserved into

@@ -15,12 +15,16 @@ use layerkv_model::generate::{generate, generate_batch, Sampling};
 use layerkv_model::{ModelError, Session, SessionOptions};
 use layerkv_testkit::{scratch, TinyModel};
 
-const POLICIES: [&str; 5] = [
+const POLICIES: [&str; 7] = [
     "identity",
     "identity+stream:4:44",
     "identity+h2o:24:24",
     "identity+snapkv:64",
     "cla:2",
+    // KVzip probes each prompt before its last token: the scheduler holds that token back
+    // and the engine probes in between.
+    "identity+kvzip:24:16",
+    "identity+kvzip:24:16+adakv:0.5:layers",
 ];
 
 /// The model, written once per test (tests run in parallel threads of one process).
@@ -149,7 +153,12 @@ fn batched_greedy_outputs_equal_each_request_run_alone() {
 #[test]
 fn preempted_requests_give_the_same_greedy_outputs() {
     let dir = model_dir("preempted");
-    for spec in ["identity", "identity+stream:4:44", "identity+snapkv:64"] {
+    for spec in [
+        "identity",
+        "identity+stream:4:44",
+        "identity+snapkv:64",
+        "identity+kvzip:24:16",
+    ] {
         let want = alone(&dir, spec, 24);
         // 100 pages for 8 requests that plan up to 84 pages each (identity: 224 in all),
         // admission overcommitted 4x: the pool runs out while they run, and the newest is
@@ -409,6 +418,60 @@ fn a_failed_step_fails_only_the_requests_it_ran() {
         "request 2 after the failure"
     );
     assert_eq!(b.stats().pages_used, 0);
+    b.session().engine().cache().check_invariants().unwrap();
+}
+
+/// Under KVzip a probe that fails (here its layer 2, in the first probe of request 0's prompt)
+/// ends only its own request, after the step that ran beside it was retained: the other
+/// request of the step decodes on to the tokens it gets alone, every page comes back, and a
+/// later request with the same prompt is probed and answered as alone. Shown to fail with the
+/// batcher ignoring the engine's probe failures (request 0 then ran on, unscored).
+#[test]
+fn a_failed_probe_fails_only_its_own_request() {
+    use layerkv_model::engine::{FailStage, Fault};
+    let dir = model_dir("probe-fault");
+    let spec = "identity+kvzip:24:16";
+    let want = alone(&dir, spec, 12);
+    let mut b = Batcher::new(
+        session(&dir, spec, None),
+        SchedulerConfig {
+            max_num_seqs: 4,
+            max_num_batched_tokens: 512,
+            ..SchedulerConfig::default()
+        },
+    )
+    .unwrap();
+    let p = prompts();
+    // Request 0 (40 tokens) runs 39 and probes them in the first step; request 5 (one
+    // token) samples in it and probes nothing.
+    b.add(0, greedy(&p[1], 12)).unwrap();
+    b.add(5, greedy(&p[5], 12)).unwrap();
+    b.session_mut().engine_mut().inject_fault(Fault {
+        step: 1,
+        stage: FailStage::Layer(2),
+    });
+    let mut events = Vec::new();
+    assert!(b.step(&mut events).unwrap());
+    let failed: Vec<RequestId> = events
+        .iter()
+        .filter_map(|e| match e {
+            BatchEvent::Failed { id, .. } => Some(*id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(failed, [0], "{events:?}");
+    assert_eq!(b.live().collect::<Vec<_>>(), [5]);
+    let first = events.iter().find_map(|e| match e {
+        BatchEvent::Token { id: 5, token, .. } => Some(*token),
+        _ => None,
+    });
+    b.add(1, greedy(&p[1], 12)).unwrap();
+    let rest = drain(&mut b);
+    let five: Vec<u32> = first.into_iter().chain(rest[1].1.iter().copied()).collect();
+    assert_eq!(rest[0].1, want[1], "a later request with the failed prompt");
+    assert_eq!(five, want[5], "the request stepped beside the failed probe");
+    assert_eq!(b.stats().pages_used, 0);
+    assert_eq!(b.stats().failed, 1);
     b.session().engine().cache().check_invariants().unwrap();
 }
 

@@ -1202,3 +1202,74 @@ fn a_warm_step_allocates_nothing() {
     ACTIVE.with(|a| a.set(false));
     assert_eq!(ALLOCS.with(Cell::get), 0);
 }
+
+/// Under KVzip the scheduler holds each prompt's last token back for a step of its own and
+/// says after which step the engine probes (the one whose work ends one token short); it plans
+/// the probes' tokens on top of the prompt; `preempt` requeues a running request between steps
+/// and refuses, changing nothing, an unknown id or a step not yet updated.
+///
+/// Seen failing: `probe_due` without its `positions.end == len - 1` check (the first chunk's
+/// entry was due), and `peak_pages` without the probe's tokens (the peaks were equal).
+#[test]
+fn kvzip_prompts_end_with_a_probed_step_of_their_own() {
+    let policy = policy(
+        LayerMap::cla(4, 2).unwrap(),
+        Retention::KvZip {
+            budget: Budget::Tokens(8),
+            chunk: 4,
+            pool: 1,
+        },
+    );
+    let cache = KvCache::new(
+        Arc::new(policy),
+        CacheConfig {
+            block_size: 4,
+            num_pages: 64,
+            ..CacheConfig::default()
+        },
+    )
+    .unwrap();
+    let config = SchedulerConfig {
+        max_num_seqs: 2,
+        max_num_batched_tokens: 16,
+        prefill_chunk: 8,
+        ..SchedulerConfig::default()
+    };
+    let plain = Scheduler::new(config, &cache).unwrap();
+    assert!(plain.probes());
+    let mut s = Scheduler::new(config, &cache)
+        .unwrap()
+        .with_probe_tokens(30);
+    // 2 groups x ceil((20 + 30) / 4) pages against (20 + 2) tokens without the probe.
+    assert_eq!(s.peak_pages(20, 2), 26);
+    assert_eq!(plain.peak_pages(20, 2), 12);
+    s.add_request(1, vec![5; 12], 2).unwrap();
+    let (mut step, mut out) = (Step::new(), SchedulerOutput::new());
+    // Chunks of 8 from the start, the second one token short of the prompt's end: only its
+    // step is followed by probes (of the 11 tokens before the last).
+    for (positions, due) in [(0..8, None), (8..11, Some(12))] {
+        let reserved = s.schedule(&cache, &mut step, &mut out).unwrap().unwrap();
+        let e = &out.scheduled()[0];
+        assert_eq!((e.positions.clone(), e.samples), (positions, false));
+        assert_eq!(s.probe_due(e).map(<[u32]>::len), due);
+        reserved.retain().unwrap();
+        // Updating is still due: no preemption between `schedule` and `update`.
+        assert!(matches!(
+            s.preempt(1, &cache),
+            Err(Error::UpdateMismatch(_))
+        ));
+        s.update(&cache, &out, &[]).unwrap();
+    }
+    assert_eq!(cache.num_tokens(1).unwrap(), 11);
+    // (The engine's probes found the pool out of pages:) preempted by recompute.
+    assert_eq!(s.preempt(7, &cache), Err(Error::UnknownRequest(7)));
+    assert_eq!(cache.num_tokens(1).unwrap(), 11);
+    s.preempt(1, &cache).unwrap();
+    assert_eq!((s.num_running(), s.num_waiting()), (0, 1));
+    assert_eq!(cache.pool_stats().num_used, 0);
+    assert_eq!(s.num_preemptions_total(), 1);
+    // Readmitted, it starts over with the same chunks.
+    let reserved = s.schedule(&cache, &mut step, &mut out).unwrap().unwrap();
+    assert_eq!(out.scheduled()[0].positions, 0..8);
+    drop(reserved);
+}

@@ -32,6 +32,13 @@
 //!   nothing, so retention (which runs between steps) sees the same steps under load as
 //!   unloaded. The config guarantees room for one chunk beside every other request's decode,
 //!   so the oldest prefill always progresses.
+//! - **Probes** (KVzip, a retention with [`crate::Retention::probe_chunk`]): a prompt's
+//!   chunks stop one token before its end and the last token is a step of its own; after the
+//!   step that ended one token short ([`Scheduler::probe_due`]) the engine runs the prompt's
+//!   probe steps, so the retention decides with their scores at the prompt's end, as in an
+//!   unbatched run. Admission plans the probes' tokens on top of the prompt
+//!   ([`Scheduler::with_probe_tokens`]); a probe that finds the pool out of pages preempts its
+//!   request between steps ([`Scheduler::preempt`]).
 //! - **Preemption**: when `reserve` finds the pool out of pages
 //!   ([`crate::Error::PoolExhausted`]), the newest running request is preempted by recompute:
 //!   its sequence is freed, its generated tokens are kept, it goes back to the front of the

@@ -133,13 +133,20 @@ impl Request {
 
     /// The next step's work of a running request. A prefill chunk runs from the cache's end to
     /// the next multiple of `chunk` (or the prompt's end): boundaries never depend on load.
-    /// Replay and decode feed one token; only the stream's last token samples.
-    pub(crate) fn next_work(&self, chunk: usize) -> Work {
+    /// Replay and decode feed one token; only the stream's last token samples. With
+    /// `hold_last` (a policy that probes) the prompt's last token is a step of its own.
+    pub(crate) fn next_work(&self, chunk: usize, hold_last: bool) -> Work {
         let start = self.num_computed;
         let (end, kind) = match self.state() {
             RequestState::Prefill => {
+                let len = self.prompt.len();
                 let boundary = (start / chunk + 1) * chunk;
-                (boundary.min(self.prompt.len()), ScheduledKind::Prefill)
+                let end = if hold_last && start + 1 < len {
+                    boundary.min(len - 1)
+                } else {
+                    boundary.min(len)
+                };
+                (end, ScheduledKind::Prefill)
             }
             RequestState::Replay => (start + 1, ScheduledKind::Replay),
             RequestState::Decode | RequestState::Waiting => (start + 1, ScheduledKind::Decode),
@@ -193,13 +200,13 @@ mod tests {
     fn work_follows_fixed_chunks_then_replay_then_decode() {
         let mut r = Request::new(vec![7; 10], 4, 1);
         r.running = true;
-        let w = r.next_work(4);
+        let w = r.next_work(4, false);
         assert_eq!(
             (w.positions, w.kind, w.samples),
             (0..4, ScheduledKind::Prefill, false)
         );
         r.num_computed = 8;
-        let w = r.next_work(4);
+        let w = r.next_work(4, false);
         assert_eq!(
             (w.positions, w.kind, w.samples),
             (8..10, ScheduledKind::Prefill, true)
@@ -207,13 +214,43 @@ mod tests {
         // Resumed after a preemption with 3 tokens generated: the prompt's end samples nothing,
         // the first two generated tokens replay, the third decodes.
         r.output.extend([1, 2, 3]);
-        assert!(!r.next_work(4).samples);
+        assert!(!r.next_work(4, false).samples);
         r.num_computed = 10;
         assert_eq!(r.state(), RequestState::Replay);
-        assert_eq!(r.tokens(r.next_work(4).positions), &[1]);
+        assert_eq!(r.tokens(r.next_work(4, false).positions), &[1]);
         r.num_computed = 12;
-        let w = r.next_work(4);
+        let w = r.next_work(4, false);
         assert_eq!((w.kind, w.samples), (ScheduledKind::Decode, true));
         assert_eq!(r.tokens(w.positions), &[3]);
+    }
+
+    /// Under a policy that probes, the prompt's last token is a step of its own (the engine
+    /// probes the tokens before it in between); a one-token prompt has nothing to probe.
+    #[test]
+    fn a_probing_prompt_ends_with_its_last_token_alone() {
+        let mut r = Request::new(vec![7; 10], 4, 1);
+        r.running = true;
+        let w = r.next_work(4, true);
+        assert_eq!((w.positions, w.samples), (0..4, false));
+        r.num_computed = 8;
+        let w = r.next_work(4, true);
+        assert_eq!(
+            (w.positions, w.kind, w.samples),
+            (8..9, ScheduledKind::Prefill, false)
+        );
+        r.num_computed = 9;
+        let w = r.next_work(4, true);
+        assert_eq!(
+            (w.positions, w.kind, w.samples),
+            (9..10, ScheduledKind::Prefill, true)
+        );
+        let mut one = Request::new(vec![7], 4, 1);
+        one.running = true;
+        assert_eq!(one.next_work(4, true).positions, 0..1);
+        // A prompt that ends on a chunk boundary: the chunk before stops one short.
+        let mut r = Request::new(vec![7; 8], 4, 1);
+        r.running = true;
+        r.num_computed = 4;
+        assert_eq!(r.next_work(4, true).positions, 4..7);
     }
 }

@@ -40,6 +40,11 @@ pub struct Scheduler {
     finished: Vec<FinishedRequest>,
     /// Always empty: the allocation of the reserve batch, kept from step to step.
     batch: Vec<(SeqId, &'static [u32])>,
+    /// Whether the policy scores prompts with probe steps (KVzip): a prompt's last token then
+    /// runs as a step of its own, after the engine probed the tokens before it.
+    probes: bool,
+    /// Tokens a probe step holds on top of the prompt ([`Scheduler::with_probe_tokens`]).
+    probe_tokens: usize,
 }
 
 impl Scheduler {
@@ -49,6 +54,10 @@ impl Scheduler {
     pub fn new(config: SchedulerConfig, cache: &KvCache) -> Result<Self> {
         let num_pages = cache.config().num_pages;
         config.validate_for_pool(num_pages)?;
+        let policy = cache.policy();
+        let lanes = crate::policy::lanes_per_group(policy.as_ref(), cache.config().lanes.max(1));
+        let probes = (0..policy.layer_map().num_groups())
+            .any(|g| (0..lanes).any(|h| policy.lane_retention(g, h).probe_chunk().is_some()));
         Ok(Self {
             config,
             policy: Arc::clone(cache.policy()),
@@ -64,7 +73,41 @@ impl Scheduler {
             pending: false,
             finished: Vec::new(),
             batch: Vec::new(),
+            probes,
+            probe_tokens: 0,
         })
+    }
+
+    /// The same scheduler planning `tokens` more per request for its probe steps, under a
+    /// policy that probes (KVzip; an engine's `probe_tokens`): a probe holds its tokens on top
+    /// of the prompt while the prompt is still whole, which the planner's peak of `prompt +
+    /// max_tokens` does not cover when `max_tokens` is short. Set it before adding requests.
+    pub fn with_probe_tokens(mut self, tokens: usize) -> Self {
+        self.probe_tokens = if self.probes { tokens } else { 0 };
+        self
+    }
+
+    /// Whether the policy scores prompts with probe steps (KVzip). Then a prompt's prefill
+    /// chunks stop before its last token, which runs as a step of its own: the engine runs
+    /// the probes of a request after the step whose work ends one token before its prompt's
+    /// end ([`Scheduler::probe_due`]), so the retention decides with their scores at the
+    /// prompt's end, as an unbatched run does.
+    pub fn probes(&self) -> bool {
+        self.probes
+    }
+
+    /// The prompt whose probes are due after the step `entry` belongs to (its work ended one
+    /// token before the prompt's last, under a policy that probes, for a prompt of two tokens
+    /// or more): the tokens to probe are all but the last. `None` otherwise, or when the
+    /// scheduler no longer holds the request.
+    pub fn probe_due(&self, entry: &ScheduledRequest) -> Option<&[u32]> {
+        let r = self.requests.get(&entry.id)?;
+        let len = r.prompt.len();
+        (self.probes
+            && entry.kind == ScheduledKind::Prefill
+            && len > 1
+            && entry.positions.end == len - 1)
+            .then_some(&r.prompt[..])
     }
 
     /// The sizes.
@@ -77,8 +120,10 @@ impl Scheduler {
     /// prefill chunk): a window holds its window plus a chunk, SnapKV the whole sequence (its
     /// prompt is held whole until the prompt ends), identity everything. What admission counts.
     pub fn peak_pages(&self, prompt_len: usize, max_tokens: usize) -> usize {
+        // A probe holds its tokens beside the prompt's first `prompt_len - 1`.
+        let held = max_tokens.max(self.probe_tokens);
         self.planner
-            .pages_per_sequence(self.policy.as_ref(), prompt_len.saturating_add(max_tokens))
+            .pages_per_sequence(self.policy.as_ref(), prompt_len.saturating_add(held))
     }
 
     /// Queues a request at the back of the waiting queue. Its cache sequence is created at
@@ -453,7 +498,7 @@ impl Scheduler {
         for prefill in [false, true] {
             for &id in &self.running {
                 let r = &self.requests[&id];
-                let work = r.next_work(chunk);
+                let work = r.next_work(chunk, self.probes);
                 if (work.kind == ScheduledKind::Prefill) != prefill {
                     continue;
                 }
@@ -466,6 +511,29 @@ impl Scheduler {
         }
     }
 
+    /// Preempts running request `id` by recompute between steps (after
+    /// [`Scheduler::update`]), as a step that finds the pool out of pages preempts the newest:
+    /// its sequence is freed, its generated tokens are kept, and it goes back to the front of
+    /// the queue. For work outside the scheduled steps that found the pool out of pages (an
+    /// engine's probe steps under KVzip). Fails on an id that is not running
+    /// ([`Error::UnknownRequest`]) and with a step scheduled but not updated
+    /// ([`Error::UpdateMismatch`]), changing nothing.
+    pub fn preempt(&mut self, id: RequestId, cache: &KvCache) -> Result<()> {
+        if self.pending {
+            return Err(Error::UpdateMismatch(format!(
+                "preempt request {id}: step {} is scheduled but not updated",
+                self.step
+            )));
+        }
+        let Some(i) = self.running.iter().position(|&x| x == id) else {
+            return Err(Error::UnknownRequest(id));
+        };
+        cache.free(id)?;
+        self.running.remove(i);
+        self.requeue(id);
+        Ok(())
+    }
+
     /// Preempts the newest running request by recompute: frees its sequence, keeps its
     /// generated tokens and requeues it at the front.
     fn preempt_newest(&mut self, cache: &KvCache) -> Result<RequestId> {
@@ -475,6 +543,12 @@ impl Scheduler {
             .expect("a non-empty batch has running requests");
         cache.free(id)?;
         self.running.pop();
+        self.requeue(id);
+        Ok(id)
+    }
+
+    /// A running request whose sequence was freed goes back to the front of the queue.
+    fn requeue(&mut self, id: RequestId) {
         let r = self
             .requests
             .get_mut(&id)
@@ -485,7 +559,6 @@ impl Scheduler {
         self.planned_pages -= r.peak_pages;
         self.waiting.push_front(id);
         self.num_preemptions += 1;
-        Ok(id)
     }
 }
 
