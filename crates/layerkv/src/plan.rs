@@ -119,6 +119,41 @@ impl Planner {
             .sum()
     }
 
+    /// Upper bound on the pages one sequence holds from the end of its prompt of `prompt_len`
+    /// tokens on, while it generates up to `max_tokens` more, one a step (decode, and replay
+    /// after a preemption): SnapKV and KVzip have compressed the prompt by then, so a
+    /// scheduler can plan a request for less once its prompt is done. Never above
+    /// [`Planner::pages_per_sequence`] of the whole length.
+    ///
+    /// Bounded over the whole sequence, not lane by lane: an adaptive split (AdaKV) moves
+    /// budget between the lanes of a group, or of every group, so one lane may keep more than
+    /// its own budget while the lanes together keep no more than theirs. Each lane holds at
+    /// most two pages beyond its tokens' dense count (a partly filled last page, and the holes
+    /// compaction leaves, which stay under a page).
+    pub fn pages_after_prompt(
+        &self,
+        policy: &dyn LayerKvPolicy,
+        prompt_len: usize,
+        max_tokens: usize,
+    ) -> usize {
+        let total = prompt_len.saturating_add(max_tokens);
+        let whole = self.pages_per_sequence(policy, total);
+        let lanes = self.lanes_of(policy);
+        let groups = policy.layer_map().num_groups();
+        let tokens: usize = (0..groups)
+            .flat_map(|g| (0..lanes).map(move |h| (g, h)))
+            .map(|(g, h)| {
+                // What it keeps, and the step's token appended before the step retains.
+                let kept = policy
+                    .lane_retention(g, h)
+                    .max_tokens_after_prompt(prompt_len, max_tokens);
+                (kept + 1).min(total)
+            })
+            .sum();
+        let bound = tokens.div_ceil(self.block_size.max(1)) + 2 * groups * lanes;
+        bound.min(whole)
+    }
+
     /// Sequences of `seq_len` tokens that fit in a pool of `num_pages` pages.
     pub fn max_sequences(
         &self,

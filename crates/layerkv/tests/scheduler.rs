@@ -230,6 +230,11 @@ impl Harness {
             self.max_held = self.max_held.max(held);
         }
         self.within_plan &= self.cache.pool_stats().num_used <= self.sched.planned_pages();
+        // And each request within its own plan (its peak, then its plan after the prompt).
+        for &id in self.sched.running() {
+            let held: usize = self.cache.memory(id).unwrap().pages_per_group.iter().sum();
+            self.within_plan &= held <= self.sched.request(id).unwrap().planned_pages;
+        }
         Self::attend(&self.cache, &mut reserved, &mut self.fingerprints);
         reserved.retain().unwrap();
         self.sampled.clear();
@@ -267,7 +272,8 @@ impl Harness {
                 let info = self.sched.request(id).unwrap();
                 assert!(info.state.is_running());
                 assert!(self.cache.contains(id));
-                info.peak_pages
+                assert!(info.planned_pages <= info.peak_pages);
+                info.planned_pages
             })
             .sum();
         assert_eq!(peaks, self.sched.planned_pages());
@@ -761,11 +767,16 @@ fn admission_counts_the_policy_peak() {
     assert!(planner.pages_per_sequence(&snapkv, seq_len) >= prompt_pages);
 
     let mut concurrency = Vec::new();
-    for (name, p, peak) in [
-        ("identity", identity, 20),
-        ("snapkv", snapkv, 20),
-        ("window", window, 12),
+    for (name, p, peak, after) in [
+        ("identity", identity, 20, 20),
+        ("snapkv", snapkv, 20, 13),
+        ("window", window, 12, 9),
     ] {
+        assert_eq!(
+            planner.pages_after_prompt(&p, prompt_len, max_tokens),
+            after,
+            "{name}"
+        );
         let mut h = Harness::new(p, cache, config);
         assert_eq!(h.sched.peak_pages(prompt_len, max_tokens), peak, "{name}");
         for id in 1..=8 {
@@ -783,7 +794,13 @@ fn admission_counts_the_policy_peak() {
         }
         concurrency.push(h.max_running);
     }
-    assert_eq!(concurrency, [60 / 20, 60 / 20, 60 / 12]);
+    // At their peaks, 60 / 20 identity and SnapKV requests and 60 / 12 window ones run at
+    // once. Once a prompt is done its plan drops to what it holds from there on
+    // (`pages_after_prompt`, with two pages of slack per group): SnapKV 2 x (8 kept + 8
+    // generated + 1) tokens = 9 pages + 4, so a fourth request runs when three prompts are
+    // done; the window 2 x (2 + 7 + 1) tokens = 5 pages + 4 = 9 (its peak counts a whole
+    // prefill chunk), a sixth.
+    assert_eq!(concurrency, [3, 4, 6]);
 }
 
 // ---------------------------------------------------------------------------------------------

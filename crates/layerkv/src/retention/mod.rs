@@ -635,6 +635,26 @@ impl Retention {
         kept.min(num_tokens)
     }
 
+    /// Upper bound on the tokens a sequence keeps from the end of its prompt of `prompt_len`
+    /// tokens on, while it appends up to `generated` more one at a time. SnapKV and KVzip have
+    /// compressed the prompt to its budget by then, and evict nothing after it; the other rules
+    /// keep what [`Retention::max_tokens`] bounds at every step. Used for planning, as
+    /// `max_tokens`.
+    pub fn max_tokens_after_prompt(&self, prompt_len: usize, generated: usize) -> usize {
+        let total = prompt_len + generated;
+        let kept = match self {
+            Retention::SnapKv { budget, .. } | Retention::KvZip { budget, .. } => {
+                budget.resolve(prompt_len).min(prompt_len) + generated
+            }
+            Retention::Union { parts } => parts
+                .iter()
+                .map(|p| p.max_tokens_after_prompt(prompt_len, generated))
+                .sum(),
+            _ => self.max_tokens(total),
+        };
+        kept.min(total)
+    }
+
     /// Upper bound on the pages one sequence of `num_tokens` tokens holds in a group under this
     /// rule, with `extra` tokens of a step appended on top of what it keeps: the cache compacts
     /// a group whenever its holes add up to a page, so at most one page beyond the dense count.

@@ -21,7 +21,11 @@
 //!   the admission pages (the pool's, unless [`SchedulerConfig::admission_pages`]
 //!   overcommits; then the pool must also have the head's first chunk free, or its whole peak
 //!   once it was preempted). Counting the policy's peak and never identity's is what lets a 25%-KV
-//!   policy run about 4x the requests. Admission creates the cache sequence and declares the
+//!   policy run about 4x the requests. **A request's plan drops when its prompt is done** to
+//!   what it holds from there on ([`crate::plan::Planner::pages_after_prompt`]): SnapKV and
+//!   KVzip hold the whole prompt until it ends and a quarter of it after, so the pages planned
+//!   for the rest of their prompt go to the next request in the queue (a preempted request is
+//!   planned at its peak again). Admission creates the cache sequence and declares the
 //!   original prompt length (also after a preemption), so retention sees each step's phase.
 //!   With the cache's prefix caching on (policies that never evict), the prompt's longest
 //!   cached run of full pages is reused and counts as computed

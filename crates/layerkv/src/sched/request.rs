@@ -60,6 +60,9 @@ pub struct RequestInfo {
     pub num_preemptions: usize,
     /// Its planned peak pages under the policy (what admission counts).
     pub peak_pages: usize,
+    /// The pages it is planned for now: its peak until its prompt is done, then what it holds
+    /// from there on (less under SnapKV and KVzip, which compress the prompt at its end).
+    pub planned_pages: usize,
 }
 
 /// A request that left the scheduler, with its tokens.
@@ -85,6 +88,11 @@ pub(crate) struct Request {
     pub(crate) output: Vec<u32>,
     pub(crate) max_tokens: usize,
     pub(crate) peak_pages: usize,
+    /// Its peak from the end of its prompt on ([`crate::plan::Planner::pages_after_prompt`]).
+    pub(crate) after_prompt_pages: usize,
+    /// What the scheduler plans for it now: `peak_pages`, or `after_prompt_pages` once its
+    /// prompt is done (again `peak_pages` after a preemption).
+    pub(crate) planned: usize,
     /// Tokens of the stream in the cache as of the last update (0 while waiting).
     pub(crate) num_computed: usize,
     pub(crate) running: bool,
@@ -108,6 +116,8 @@ impl Request {
             output: Vec::with_capacity(max_tokens),
             max_tokens,
             peak_pages,
+            after_prompt_pages: peak_pages,
+            planned: peak_pages,
             num_computed: 0,
             running: false,
             num_preemptions: 0,
@@ -178,6 +188,7 @@ impl Request {
             num_computed: self.num_computed,
             num_preemptions: self.num_preemptions,
             peak_pages: self.peak_pages,
+            planned_pages: self.planned,
         }
     }
 

@@ -30,7 +30,7 @@ pub struct Scheduler {
     waiting: VecDeque<RequestId>,
     /// Admission order: the last one is the newest (the one preemption picks).
     running: Vec<RequestId>,
-    /// Sum of the running requests' planned peak pages.
+    /// Sum of the running requests' planned pages (`Request::planned`).
     planned_pages: usize,
     num_preemptions: u64,
     /// Steps scheduled so far (the number of the last output).
@@ -160,8 +160,13 @@ impl Scheduler {
                 max_waiting: self.config.max_waiting,
             });
         }
-        self.requests
-            .insert(id, Request::new(prompt, max_tokens, peak));
+        let after_prompt = self
+            .planner
+            .pages_after_prompt(self.policy.as_ref(), prompt.len(), max_tokens)
+            .min(peak);
+        let mut r = Request::new(prompt, max_tokens, peak);
+        r.after_prompt_pages = after_prompt;
+        self.requests.insert(id, r);
         self.waiting.push_back(id);
         Ok(())
     }
@@ -305,11 +310,17 @@ impl Scheduler {
                 continue;
             }
             r.num_computed = e.positions.end;
+            if r.num_computed >= r.prompt.len() && r.planned > r.after_prompt_pages {
+                // The prompt is done (SnapKV and KVzip compressed it): plan what it holds from
+                // here on, and let admission use the rest.
+                self.planned_pages -= r.planned - r.after_prompt_pages;
+                r.planned = r.after_prompt_pages;
+            }
             if let Some(token) = token {
                 r.output.push(token);
                 if r.output.len() >= r.max_tokens {
                     let r = self.requests.remove(&e.id).expect("looked up above");
-                    self.planned_pages -= r.peak_pages;
+                    self.planned_pages -= r.planned;
                     if let Err(err) = cache.free(e.seq) {
                         first_error.get_or_insert(err);
                     }
@@ -339,7 +350,7 @@ impl Scheduler {
         let r = self.requests.get(&id).ok_or(Error::UnknownRequest(id))?;
         if r.running {
             cache.free(id)?;
-            self.planned_pages -= r.peak_pages;
+            self.planned_pages -= r.planned;
             self.running.retain(|&x| x != id);
         } else {
             self.waiting.retain(|&x| x != id);
@@ -380,7 +391,9 @@ impl Scheduler {
         self.step
     }
 
-    /// Sum of the running requests' planned peak pages (at most the admission pages).
+    /// Sum of the running requests' planned pages (at most the admission pages): each one's
+    /// peak until its prompt is done, then its peak from there on
+    /// ([`crate::plan::Planner::pages_after_prompt`]).
     pub fn planned_pages(&self) -> usize {
         self.planned_pages
     }
@@ -451,7 +464,7 @@ impl Scheduler {
                 .requests
                 .get_mut(&id)
                 .expect("waiting requests are held");
-            if self.planned_pages + r.peak_pages > self.admission_pages {
+            if self.planned_pages + r.planned > self.admission_pages {
                 break;
             }
             if self.admission_pages > self.num_pages {
@@ -485,7 +498,7 @@ impl Scheduler {
             self.waiting.pop_front();
             r.running = true;
             r.num_computed = cached;
-            self.planned_pages += r.peak_pages;
+            self.planned_pages += r.planned;
             self.running.push(id);
         }
         Ok(())
@@ -556,7 +569,8 @@ impl Scheduler {
         r.running = false;
         r.num_computed = 0;
         r.num_preemptions += 1;
-        self.planned_pages -= r.peak_pages;
+        self.planned_pages -= r.planned;
+        r.planned = r.peak_pages;
         self.waiting.push_front(id);
         self.num_preemptions += 1;
     }
