@@ -140,6 +140,14 @@ trait Madd {
         }
     }
 
+    /// [`Madd::exp_row`] over consecutive rows of `max.len()` values (a run of slots' scores).
+    #[inline(always)]
+    fn exp_rows(x: &mut [f32], max: &[f32], sums: &mut [f32]) {
+        for row in x.chunks_exact_mut(max.len()) {
+            Self::exp_row(row, max, sums);
+        }
+    }
+
     /// Widens a stored row to f32 with the loops this instantiation may use.
     #[inline(always)]
     fn widen<T: Elem>(src: &[T], dst: &mut [f32]) {
@@ -302,6 +310,12 @@ impl Madd for Fused {
     fn exp_row(x: &mut [f32], max: &[f32], sums: &mut [f32]) {
         // SAFETY: as for `group_dots`.
         unsafe { avx2::exp_row(x, max, sums) }
+    }
+
+    #[inline(always)]
+    fn exp_rows(x: &mut [f32], max: &[f32], sums: &mut [f32]) {
+        // SAFETY: as for `group_dots`.
+        unsafe { avx2::exp_rows(x, max, sums) }
     }
 
     #[inline(always)]
@@ -747,13 +761,11 @@ fn work_item_body<K: Elem, V: Elem, M: Madd>(
             }
             // Pass 2: softmax weights (in place, normalised) per head.
             let mut sum = [0f32; MAX_GROUP];
-            for s in lo..hi {
-                M::exp_row(
-                    &mut scores[s * group..(s + 1) * group],
-                    &max[..group],
-                    &mut sum[..group],
-                );
-            }
+            M::exp_rows(
+                &mut scores[lo * group..hi * group],
+                &max[..group],
+                &mut sum[..group],
+            );
             for x in &mut sum[..group] {
                 *x = if *x > 0.0 { 1.0 / *x } else { 0.0 };
             }

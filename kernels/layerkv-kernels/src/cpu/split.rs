@@ -296,10 +296,12 @@ fn part_body<K: Elem, V: Elem, M: Madd>(
         }
 
         // Pass 3: exponentials and their sums, then the weighted value rows, VB valid slots
-        // per accumulator load/store. The exponentials are taken here, token by token, so that
-        // their arithmetic overlaps the value rows' memory traffic instead of running alone.
+        // per accumulator load/store.
         sums.fill(0.0);
         acc.fill(0.0);
+        // The weights of every slot of the part (held ones and holes, which give 0) in one
+        // pass, eight lanes at a time across slots: a small group fills no vector alone.
+        M::exp_rows(scores, maxes, sums);
         let sp = scores.as_mut_ptr();
         let mut s = part.start;
         while s < part.end {
@@ -314,13 +316,8 @@ fn part_body<K: Elem, V: Elem, M: Madd>(
                 if seq.kv.is_valid(s) {
                     let base = token(s, row_v);
                     block[count] = v[base..base + row_v].as_ptr();
-                    // SAFETY: `s - part.start < len`: score row `s` lies inside `scores`, and
-                    // no other reference to it is alive.
-                    let sc = unsafe {
-                        std::slice::from_raw_parts_mut(sp.add((s - part.start) * heads), heads)
-                    };
-                    M::exp_row(sc, maxes, sums);
-                    w[count] = sc.as_ptr();
+                    // SAFETY: `s - part.start < len`: score row `s` lies inside `scores`.
+                    w[count] = unsafe { sp.add((s - part.start) * heads) };
                     count += 1;
                 }
                 s += 1;
