@@ -296,12 +296,17 @@ fn part_body<K: Elem, V: Elem, M: Madd>(
         }
 
         // Pass 3: exponentials and their sums, then the weighted value rows, VB valid slots
-        // per accumulator load/store.
+        // per accumulator load/store. Eight heads or more: the exponentials are taken token by
+        // token in the value loop, so that their arithmetic overlaps the value rows' memory
+        // traffic instead of running alone. Fewer (a lane's group, a small GQA group) fill no
+        // vector alone: every slot of the part (held ones and holes, which give 0) in one pass
+        // first, eight lanes at a time across slots.
         sums.fill(0.0);
         acc.fill(0.0);
-        // The weights of every slot of the part (held ones and holes, which give 0) in one
-        // pass, eight lanes at a time across slots: a small group fills no vector alone.
-        M::exp_rows(scores, maxes, sums);
+        let across = heads < 8;
+        if across {
+            M::exp_rows(scores, maxes, sums);
+        }
         let sp = scores.as_mut_ptr();
         let mut s = part.start;
         while s < part.end {
@@ -316,8 +321,15 @@ fn part_body<K: Elem, V: Elem, M: Madd>(
                 if seq.kv.is_valid(s) {
                     let base = token(s, row_v);
                     block[count] = v[base..base + row_v].as_ptr();
-                    // SAFETY: `s - part.start < len`: score row `s` lies inside `scores`.
-                    w[count] = unsafe { sp.add((s - part.start) * heads) };
+                    // SAFETY: `s - part.start < len`: score row `s` lies inside `scores`, and
+                    // no other reference to it is alive.
+                    let sc = unsafe {
+                        std::slice::from_raw_parts_mut(sp.add((s - part.start) * heads), heads)
+                    };
+                    if !across {
+                        M::exp_row(sc, maxes, sums);
+                    }
+                    w[count] = sc.as_ptr();
                     count += 1;
                 }
                 s += 1;
