@@ -643,7 +643,11 @@ impl Retention {
     pub fn max_tokens_after_prompt(&self, prompt_len: usize, generated: usize) -> usize {
         let total = prompt_len + generated;
         let kept = match self {
-            Retention::SnapKv { budget, .. } | Retention::KvZip { budget, .. } => {
+            // SnapKV keeps its observation window even under a smaller budget.
+            Retention::SnapKv {
+                budget, observe, ..
+            } => budget.resolve(prompt_len).max(*observe).min(prompt_len) + generated,
+            Retention::KvZip { budget, .. } => {
                 budget.resolve(prompt_len).min(prompt_len) + generated
             }
             Retention::Union { parts } => parts

@@ -762,7 +762,7 @@ pub(super) fn exp_rows(x: &mut [f32], max: &[f32], sums: &mut [f32]) {
     }
     let n = x.len() - x.len() % m;
     let x = &mut x[..n];
-    if m % 8 != 0 {
+    if !m.is_multiple_of(8) {
         // SAFETY (every arm): the pattern has `lcm(m, 8) / 8` vectors, the arm's `P`.
         unsafe {
             match m / gcd(m, 8) {
