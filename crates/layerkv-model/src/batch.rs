@@ -93,6 +93,9 @@ pub struct BatchStats {
     pub pages_used: usize,
     /// The most pages in use at any moment since the batcher was made.
     pub pages_peak: usize,
+    /// Pages admission plans for the running requests: each one's peak until its prompt is
+    /// done, then what it holds from there on ([`Scheduler::planned_pages`]).
+    pub pages_planned: usize,
     /// Bytes of one page (all its slots' K and V).
     pub page_bytes: usize,
     /// KV bytes the running requests hold under the policy.
@@ -293,11 +296,12 @@ impl Batcher {
                     if !self.live.contains_key(&id) {
                         continue;
                     }
-                    if let ModelError::Core(layerkv::Error::PoolExhausted { .. }) = e {
-                        // Out of pages (an overcommitted pool): preempted by recompute, as
-                        // a step short of pages preempts; it prefills and probes again.
-                        let cache = self.session.engine().cache();
-                        self.scheduler.preempt(id, cache)?;
+                    let short = matches!(e, ModelError::Core(layerkv::Error::PoolExhausted { .. }));
+                    // Out of pages (an overcommitted pool): preempted by recompute, as a step
+                    // short of pages preempts; it prefills and probes again. Anything else, or
+                    // a preemption refused, ends it.
+                    let cache = self.session.engine().cache();
+                    if short && self.scheduler.preempt(id, cache).is_ok() {
                         self.session.engine_mut().forget(id);
                     } else {
                         self.end(id, FinishReason::Cancelled, true)?;
@@ -456,6 +460,7 @@ impl Batcher {
             preemptions: self.scheduler.num_preemptions_total(),
             pages_used: pool.num_used,
             pages_peak: pool.peak_used,
+            pages_planned: self.scheduler.planned_pages(),
             kv_bytes: pool.num_used * self.stats.page_bytes,
             identity_kv_bytes: identity,
             ..self.stats

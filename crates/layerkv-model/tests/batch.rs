@@ -74,6 +74,10 @@ fn drain(batcher: &mut Batcher) -> Vec<(RequestId, Vec<u32>, FinishReason)> {
             idle += 1;
             assert!(idle < 100, "the batcher stopped making progress");
         }
+        // The running requests hold no more than admission plans for them (their peaks, then
+        // what they hold after their prompts: KVzip's and AdaKV's bounds included).
+        let stats = batcher.stats();
+        assert!(stats.pages_used <= stats.pages_planned, "{stats:?}");
         for e in &events {
             match e {
                 BatchEvent::Token { id, token, .. } => tokens.entry(*id).or_default().push(*token),
@@ -419,6 +423,54 @@ fn a_failed_step_fails_only_the_requests_it_ran() {
     );
     assert_eq!(b.stats().pages_used, 0);
     b.session().engine().cache().check_invariants().unwrap();
+}
+
+/// A SnapKV request's planned pages drop when its prompt is done (it then holds its budget
+/// plus what it generates, not the prompt), and the batcher's stats report the plan: the
+/// pages held stay within it at every step, and it is 0 when every request ended. Shown to
+/// fail with the scheduler keeping a request's peak as its plan (the plan never dropped).
+#[test]
+fn a_snapkv_request_is_planned_for_less_once_its_prompt_is_done() {
+    let dir = model_dir("plan-drop");
+    let mut b = Batcher::new(
+        session(&dir, "identity+snapkv:64", None),
+        SchedulerConfig {
+            max_num_seqs: 2,
+            max_num_batched_tokens: 300,
+            ..SchedulerConfig::default()
+        },
+    )
+    .unwrap();
+    let p = prompts();
+    b.add(0, greedy(&p[3], 16)).unwrap();
+    let mut events = Vec::new();
+    let mut planned = Vec::new();
+    while b.has_work() {
+        events.clear();
+        assert!(b.step(&mut events).unwrap());
+        let stats = b.stats();
+        assert!(
+            stats.pages_used <= stats.pages_planned || !b.has_work(),
+            "{stats:?}"
+        );
+        planned.push(stats.pages_planned);
+    }
+    // The 300-token prompt prefills in two chunks (256 + 44) at its peak, then decodes at
+    // the lower plan until it ends.
+    let peak = planned[0];
+    assert!(peak > 0);
+    assert_eq!(
+        planned[1..].iter().filter(|&&x| x == peak).count(),
+        0,
+        "{planned:?}"
+    );
+    assert!(
+        planned[1..planned.len() - 1]
+            .iter()
+            .all(|&x| x > 0 && x < peak),
+        "{planned:?}"
+    );
+    assert_eq!(*planned.last().unwrap(), 0);
 }
 
 /// Under KVzip a probe that fails (here its layer 2, in the first probe of request 0's prompt)

@@ -112,7 +112,7 @@ pub fn render(stats: &BatchStats, latencies: &Latencies, policy: &str, model: &s
         escape(model),
         escape(policy)
     );
-    let gauges: [(&str, &str, f64); 9] = [
+    let gauges: [(&str, &str, f64); 10] = [
         (
             "layerkv_requests_running",
             "Requests holding KV pages.",
@@ -142,6 +142,12 @@ pub fn render(stats: &BatchStats, latencies: &Latencies, policy: &str, model: &s
             "layerkv_kv_pages_peak",
             "The most KV pages in use at any moment since start (high-water mark).",
             stats.pages_peak as f64,
+        ),
+        (
+            "layerkv_kv_pages_planned",
+            "KV pages admission plans for the running requests: each one's peak until its \
+             prompt is done, then what it holds from there on.",
+            stats.pages_planned as f64,
         ),
         (
             "layerkv_kv_bytes",

@@ -98,6 +98,7 @@ impl Server {
                 "layerkv_requests_running",
                 "layerkv_requests_waiting",
                 "layerkv_kv_pages_used",
+                "layerkv_kv_pages_planned",
             ]
             .iter()
             .map(|m| read_sample(&page, m).unwrap())

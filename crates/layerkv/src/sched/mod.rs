@@ -23,7 +23,8 @@
 //!   once it was preempted). Counting the policy's peak and never identity's is what lets a 25%-KV
 //!   policy run about 4x the requests. **A request's plan drops when its prompt is done** to
 //!   what it holds from there on ([`crate::plan::Planner::pages_after_prompt`]): SnapKV and
-//!   KVzip hold the whole prompt until it ends and a quarter of it after, so the pages planned
+//!   KVzip hold the whole prompt until it ends and their budget (plus what they generate)
+//!   after, so the pages planned
 //!   for the rest of their prompt go to the next request in the queue (a preempted request is
 //!   planned at its peak again). Admission creates the cache sequence and declares the
 //!   original prompt length (also after a preemption), so retention sees each step's phase.

@@ -58,7 +58,7 @@ pub struct RequestInfo {
     pub num_computed: usize,
     /// Times it was preempted.
     pub num_preemptions: usize,
-    /// Its planned peak pages under the policy (what admission counts).
+    /// Its peak pages under the policy (its plan until its prompt is done).
     pub peak_pages: usize,
     /// The pages it is planned for now: its peak until its prompt is done, then what it holds
     /// from there on (less under SnapKV and KVzip, which compress the prompt at its end).

@@ -84,6 +84,11 @@ impl Scheduler {
     /// max_tokens` does not cover when `max_tokens` is short. Set it before adding requests.
     pub fn with_probe_tokens(mut self, tokens: usize) -> Self {
         self.probe_tokens = if self.probes { tokens } else { 0 };
+        // A probe step appends its tokens at once, as a prefill chunk does: a group that keeps
+        // a window holds them on top of it.
+        self.planner = self
+            .planner
+            .with_step_tokens(self.config.prefill_chunk.max(self.probe_tokens));
         self
     }
 
@@ -118,7 +123,9 @@ impl Scheduler {
     /// The peak pages a request of `prompt_len` prompt tokens and `max_tokens` generated tokens
     /// holds under the policy, phase-aware ([`Planner::pages_per_sequence`] with steps of one
     /// prefill chunk): a window holds its window plus a chunk, SnapKV the whole sequence (its
-    /// prompt is held whole until the prompt ends), identity everything. What admission counts.
+    /// prompt is held whole until the prompt ends), identity everything; under a policy that
+    /// probes, the probe's tokens beside the prompt too. A request's plan until its prompt is
+    /// done (then [`crate::plan::Planner::pages_after_prompt`]).
     pub fn peak_pages(&self, prompt_len: usize, max_tokens: usize) -> usize {
         // A probe holds its tokens beside the prompt's first `prompt_len - 1`.
         let held = max_tokens.max(self.probe_tokens);
@@ -176,9 +183,10 @@ impl Scheduler {
     /// [`Reservation`], calls [`Reservation::retain`] and hands the sampled tokens to
     /// [`Scheduler::update`].
     ///
-    /// 1. Admission: while the queue's head fits (`running < max_num_seqs` and the planned
-    ///    peaks of the running requests plus its own stay within the admission pages), it
-    ///    gets its cache sequence (prompt length declared) and runs.
+    /// 1. Admission: while the queue's head fits (`running < max_num_seqs` and the running
+    ///    requests' plans plus its peak stay within the admission pages), it gets its cache
+    ///    sequence (prompt length declared) and runs. A request is planned at its peak until
+    ///    its prompt is done, then at what it holds from there on.
     /// 2. Batch: every running decode or replay (one token each, admission order), then prefill
     ///    chunks in admission order, each whole or not at all, until the token budget or the
     ///    first chunk that does not fit.

@@ -760,18 +760,17 @@ pub(super) fn exp_rows(x: &mut [f32], max: &[f32], sums: &mut [f32]) {
     if m == 0 {
         return;
     }
+    let (max, sums) = (&max[..m], &mut sums[..m]);
     let n = x.len() - x.len() % m;
     let x = &mut x[..n];
     if !m.is_multiple_of(8) {
-        // SAFETY (every arm): the pattern has `lcm(m, 8) / 8` vectors, the arm's `P`.
+        // `lcm(m, 8) / 8 = m / gcd(m, 8)`, odd for every `m` not a multiple of 8.
+        // SAFETY (every arm): the CPU has AVX2 and FMA (this function's own contract).
         unsafe {
             match m / gcd(m, 8) {
                 1 => return exp_rows_p::<1>(x, max, sums),
-                2 => return exp_rows_p::<2>(x, max, sums),
                 3 => return exp_rows_p::<3>(x, max, sums),
-                4 => return exp_rows_p::<4>(x, max, sums),
                 5 => return exp_rows_p::<5>(x, max, sums),
-                6 => return exp_rows_p::<6>(x, max, sums),
                 7 => return exp_rows_p::<7>(x, max, sums),
                 9 => return exp_rows_p::<9>(x, max, sums),
                 _ => {}
@@ -783,11 +782,13 @@ pub(super) fn exp_rows(x: &mut [f32], max: &[f32], sums: &mut [f32]) {
     }
 }
 
-/// [`exp_rows`] with a pattern of `P` vectors (`P = lcm(m, 8) / 8`), kept in registers.
+/// [`exp_rows`] with a pattern of `P` vectors (`P = lcm(m, 8) / 8`), kept in registers. For
+/// right results `8 P` must be a multiple of `m = max.len()` (the pattern repeats every `P`
+/// vectors), `x.len()` a multiple of `m` and `sums` as long as `max`; every memory access is
+/// bounded by the slices whatever they are.
 ///
 /// # Safety
-/// `P * 8` must be a multiple of `m = max.len()` (the pattern repeats every `P` vectors), and
-/// `x.len()` a multiple of `m`; the CPU must have AVX2 and FMA.
+/// The CPU must have AVX2 and FMA.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn exp_rows_p<const P: usize>(x: &mut [f32], max: &[f32], sums: &mut [f32]) {
