@@ -287,31 +287,10 @@ impl Batcher {
             }
         };
         let result = self.after_step(&logits, events);
-        // Requests whose probes failed (KVzip: rolled back, nothing else changed) end here,
-        // after the update that advanced them past the step's tokens.
         let probe_failures = self.session.engine_mut().take_probe_failures();
         match result {
             Ok(()) => {
-                for (id, e) in probe_failures {
-                    if !self.live.contains_key(&id) {
-                        continue;
-                    }
-                    let short = matches!(e, ModelError::Core(layerkv::Error::PoolExhausted { .. }));
-                    // Out of pages (an overcommitted pool): preempted by recompute, as a step
-                    // short of pages preempts; it prefills and probes again. Anything else, or
-                    // a preemption refused, ends it.
-                    let cache = self.session.engine().cache();
-                    if short && self.scheduler.preempt(id, cache).is_ok() {
-                        self.session.engine_mut().forget(id);
-                    } else {
-                        self.end(id, FinishReason::Cancelled, true)?;
-                        self.stats.failed += 1;
-                        events.push(BatchEvent::Failed {
-                            id,
-                            message: e.to_string(),
-                        });
-                    }
-                }
+                self.settle_probe_failures(probe_failures, events)?;
                 Ok(true)
             }
             Err(e) => {
@@ -319,6 +298,30 @@ impl Batcher {
                 self.fail(ids, e, events)
             }
         }
+    }
+
+    /// Requests whose probes failed after the step (KVzip: rolled back, nothing else changed),
+    /// after the update that advanced them past the step's tokens: out of pages (an
+    /// overcommitted pool), preempted by recompute as a step short of pages preempts, to
+    /// prefill and probe again; anything else, or a preemption refused, ends the request.
+    fn settle_probe_failures(
+        &mut self,
+        failures: Vec<(RequestId, ModelError)>,
+        events: &mut Vec<BatchEvent>,
+    ) -> Result<()> {
+        for (id, e) in failures {
+            if !self.live.contains_key(&id) {
+                continue;
+            }
+            let short = matches!(e, ModelError::Core(layerkv::Error::PoolExhausted { .. }));
+            let cache = self.session.engine().cache();
+            if short && self.scheduler.preempt(id, cache).is_ok() {
+                self.session.engine_mut().forget(id);
+            } else {
+                self.drop_failed(id, e.to_string(), events)?;
+            }
+        }
+        Ok(())
     }
 
     /// Ends `ids` with [`BatchEvent::Failed`] and returns `e`.
@@ -330,14 +333,22 @@ impl Batcher {
     ) -> Result<bool> {
         let message = e.to_string();
         for id in ids {
-            self.end(id, FinishReason::Cancelled, true)?;
-            self.stats.failed += 1;
-            events.push(BatchEvent::Failed {
-                id,
-                message: message.clone(),
-            });
+            self.drop_failed(id, message.clone(), events)?;
         }
         Err(e)
+    }
+
+    /// Ends live request `id` with a [`BatchEvent::Failed`] saying `message`.
+    fn drop_failed(
+        &mut self,
+        id: RequestId,
+        message: String,
+        events: &mut Vec<BatchEvent>,
+    ) -> Result<()> {
+        self.end(id, FinishReason::Cancelled, true)?;
+        self.stats.failed += 1;
+        events.push(BatchEvent::Failed { id, message });
+        Ok(())
     }
 
     /// Samples the step's tokens, updates the scheduler and pushes the events.

@@ -43,6 +43,22 @@ fn session(dir: &std::path::Path, spec: &str, num_pages: Option<usize>) -> Sessi
     Session::load(dir, DType::F32, &Device::Cpu, policy, options).unwrap()
 }
 
+/// A batcher over `session(dir, spec, None)` running up to `max_num_seqs` requests and
+/// `max_num_batched_tokens` tokens a step.
+fn batcher(
+    dir: &std::path::Path,
+    spec: &str,
+    max_num_seqs: usize,
+    max_num_batched_tokens: usize,
+) -> Batcher {
+    let config = SchedulerConfig {
+        max_num_seqs,
+        max_num_batched_tokens,
+        ..SchedulerConfig::default()
+    };
+    Batcher::new(session(dir, spec, None), config).unwrap()
+}
+
 /// Prompts of varied lengths, one over the engine's prefill chunk (256), from a seeded stream.
 fn prompts() -> Vec<Vec<u32>> {
     let mut rng = layerkv::SplitMix64::new(5);
@@ -120,12 +136,7 @@ fn batched_greedy_outputs_equal_each_request_run_alone() {
     let dir = model_dir("batched");
     for spec in POLICIES {
         let want = alone(&dir, spec, 20);
-        let config = SchedulerConfig {
-            max_num_seqs: 4,
-            max_num_batched_tokens: 300,
-            ..SchedulerConfig::default()
-        };
-        let mut b = Batcher::new(session(&dir, spec, None), config).unwrap();
+        let mut b = batcher(&dir, spec, 4, 300);
         for (i, p) in prompts().iter().enumerate() {
             b.add(i as u64, greedy(p, 20)).unwrap();
         }
@@ -192,15 +203,7 @@ fn preempted_requests_give_the_same_greedy_outputs() {
 fn a_seeded_request_samples_the_same_tokens_alone_and_in_a_batch() {
     let dir = model_dir("seeded");
     let sampled = |others: usize| {
-        let mut b = Batcher::new(
-            session(&dir, "identity", None),
-            SchedulerConfig {
-                max_num_seqs: 8,
-                max_num_batched_tokens: 512,
-                ..SchedulerConfig::default()
-            },
-        )
-        .unwrap();
+        let mut b = batcher(&dir, "identity", 8, 512);
         let p = prompts();
         for (i, prompt) in p.iter().take(others).enumerate() {
             b.add(100 + i as u64, greedy(prompt, 7)).unwrap();
@@ -380,15 +383,7 @@ fn a_failed_step_fails_only_the_requests_it_ran() {
     use layerkv_model::engine::{FailStage, Fault};
     let dir = model_dir("fault");
     let spec = "identity+h2o:24:24";
-    let mut b = Batcher::new(
-        session(&dir, spec, None),
-        SchedulerConfig {
-            max_num_seqs: 2,
-            max_num_batched_tokens: 512,
-            ..SchedulerConfig::default()
-        },
-    )
-    .unwrap();
+    let mut b = batcher(&dir, spec, 2, 512);
     let p = prompts();
     for id in 0..3u64 {
         b.add(id, greedy(&p[id as usize], 12)).unwrap();
@@ -432,15 +427,7 @@ fn a_failed_step_fails_only_the_requests_it_ran() {
 #[test]
 fn a_snapkv_request_is_planned_for_less_once_its_prompt_is_done() {
     let dir = model_dir("plan-drop");
-    let mut b = Batcher::new(
-        session(&dir, "identity+snapkv:64", None),
-        SchedulerConfig {
-            max_num_seqs: 2,
-            max_num_batched_tokens: 300,
-            ..SchedulerConfig::default()
-        },
-    )
-    .unwrap();
+    let mut b = batcher(&dir, "identity+snapkv:64", 2, 300);
     let p = prompts();
     b.add(0, greedy(&p[3], 16)).unwrap();
     let mut events = Vec::new();
@@ -484,15 +471,7 @@ fn a_failed_probe_fails_only_its_own_request() {
     let dir = model_dir("probe-fault");
     let spec = "identity+kvzip:24:16";
     let want = alone(&dir, spec, 12);
-    let mut b = Batcher::new(
-        session(&dir, spec, None),
-        SchedulerConfig {
-            max_num_seqs: 4,
-            max_num_batched_tokens: 512,
-            ..SchedulerConfig::default()
-        },
-    )
-    .unwrap();
+    let mut b = batcher(&dir, spec, 4, 512);
     let p = prompts();
     // Request 0 (40 tokens) runs 39 and probes them in the first step; request 5 (one
     // token) samples in it and probes nothing.
