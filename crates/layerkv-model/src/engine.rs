@@ -238,9 +238,7 @@ impl Engine {
             config.kv_dtype,
             model.device(),
         )?;
-        let probe_chunk = (0..map.num_groups())
-            .flat_map(|g| (0..lanes).map(move |h| (g, h)))
-            .find_map(|(g, h)| policy.lane_retention(g, h).probe_chunk());
+        let probe_chunk = layerkv::probe_chunk(policy.as_ref(), lanes);
         Ok(Self {
             model,
             policy,

@@ -195,8 +195,7 @@ impl Session {
             None => {
                 // Room for a probe step on top (KVzip; its prefix is a chat turn, well under
                 // PROBE_PREFIX_ROOM tokens).
-                let probe = (0..policy.layer_map().num_groups())
-                    .find_map(|g| policy.retention(g).probe_chunk())
+                let probe = layerkv::probe_chunk(&policy, planner.lanes_of(&policy))
                     .map_or(0, |c| c + PROBE_PREFIX_ROOM);
                 options.max_sequences
                     * (planner.pages_per_sequence(&policy, options.max_context + probe)

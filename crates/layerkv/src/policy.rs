@@ -99,6 +99,16 @@ pub fn lanes_per_group(policy: &dyn LayerKvPolicy, kv_heads: usize) -> usize {
     }
 }
 
+/// Prompt tokens per probe step under `policy` with `lanes` lanes per group: the first lane
+/// retention that probes ([`crate::Retention::probe_chunk`], KVzip), or `None` when none does.
+/// What tells an engine to run probe steps, a scheduler to hold a prompt's last token back for
+/// them, and a planner to make room for them.
+pub fn probe_chunk(policy: &dyn LayerKvPolicy, lanes: usize) -> Option<usize> {
+    (0..policy.layer_map().num_groups())
+        .flat_map(|g| (0..lanes.max(1)).map(move |h| (g, h)))
+        .find_map(|(g, h)| policy.lane_retention(g, h).probe_chunk())
+}
+
 /// The stock policy: a layer map and a retention per group.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "PolicyFile", into = "PolicyFile")]

@@ -56,8 +56,7 @@ impl Scheduler {
         config.validate_for_pool(num_pages)?;
         let policy = cache.policy();
         let lanes = crate::policy::lanes_per_group(policy.as_ref(), cache.config().lanes.max(1));
-        let probes = (0..policy.layer_map().num_groups())
-            .any(|g| (0..lanes).any(|h| policy.lane_retention(g, h).probe_chunk().is_some()));
+        let probes = crate::policy::probe_chunk(policy.as_ref(), lanes).is_some();
         Ok(Self {
             config,
             policy: Arc::clone(cache.policy()),
