@@ -97,7 +97,8 @@ enum Command {
     /// Write a policy file. SPEC is `MAP[+RETENTION]`: MAP = identity | cla:S | mlkv:M | yoco |
     /// lckv:B:T | {pizza,sandwich,lasagna}-{bottom,top,middle}:K | a layer_types string |
     /// kvsharer:JSON; RETENTION = stream:SINKS:WINDOW | h2o:HEAVY:RECENT | snapkv:BUDGET[:OBS[:POOL]]
-    /// | pyramid:AVG[:OBS[:POOL[:BETA]]] | kvzip:BUDGET[:CHUNK[:POOL]].
+    /// | pyramid:AVG[:OBS[:POOL[:BETA]]] | kvzip:BUDGET[:CHUNK[:POOL]]
+    /// | kvzip-prefill:BUDGET[:CHUNK[:POOL]].
     Policy {
         /// The spec.
         spec: String,

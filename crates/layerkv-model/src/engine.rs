@@ -25,8 +25,11 @@
 //! - under a policy that probes (KVzip, [`layerkv::Retention::probe_chunk`]) a new sequence's
 //!   prompt runs all but its last token, then probe steps that replay it after the
 //!   [`Engine::set_probe_prefix`] tokens ([`layerkv::KvCache::reserve_probe`], scored and
-//!   rolled back), then its last token, where the retention decides with the probes' scores.
+//!   rolled back), then its last token, where the retention decides with the probes' scores;
+//!   KVzip compressing during prefill ([`layerkv::Retention::compresses_in_prefill`]) probes
+//!   each prefill chunk right after it instead, so every next chunk's step compresses.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
@@ -181,6 +184,9 @@ pub struct Engine {
     step: Step,
     /// Prompt tokens per probe step when the policy probes (KVzip).
     probe_chunk: Option<usize>,
+    /// Whether the policy compresses prompts while they prefill (KVzip with `prefill`): each
+    /// prefill step's tokens are probed right after it.
+    compresses_in_prefill: bool,
     /// Tokens a probe step puts before the prompt tokens it replays.
     probe_prefix: Vec<u32>,
     /// Armed by [`Engine::inject_fault`] for the next call.
@@ -239,6 +245,7 @@ impl Engine {
             model.device(),
         )?;
         let probe_chunk = layerkv::probe_chunk(policy.as_ref(), lanes);
+        let compresses_in_prefill = layerkv::compresses_in_prefill(policy.as_ref(), lanes);
         Ok(Self {
             model,
             policy,
@@ -248,6 +255,7 @@ impl Engine {
             config,
             step: Step::new(),
             probe_chunk,
+            compresses_in_prefill,
             probe_prefix: Vec::new(),
             fault: None,
             steps_in_call: 0,
@@ -396,18 +404,25 @@ impl Engine {
         let map = self.policy.layer_map();
         let upward = map.needs_upward();
         let longest = batch.iter().map(|(_, t)| t.len()).max().unwrap_or(0);
-        let evicts = self.evicts();
-        let chunk = if upward && self.config.prefill == PrefillMode::TokenByToken {
-            1
-        } else if evicts {
-            self.config.prefill_chunk
-        } else {
-            usize::MAX
-        };
+        let chunk = self.prefill_steps();
         if longest > chunk {
             return self.chunked(batch, rows, out, chunk);
         }
         self.one_step(batch, rows, out, upward && longest > 1)
+    }
+
+    /// Tokens per step of a long batch: one token at a time for upward prefill token by
+    /// token, the prefill chunk under a policy that evicts (retention between chunks), else
+    /// all at once.
+    fn prefill_steps(&self) -> usize {
+        let upward = self.policy.layer_map().needs_upward();
+        if upward && self.config.prefill == PrefillMode::TokenByToken {
+            1
+        } else if self.evicts() {
+            self.config.prefill_chunk
+        } else {
+            usize::MAX
+        }
     }
 
     /// Splits the batch's tokens into steps of at most `chunk` tokens per sequence (retention
@@ -425,7 +440,7 @@ impl Engine {
     ) -> Result<Tensor> {
         self.restoring_fresh(batch, |e, fresh| {
             e.declare_prompts(batch, fresh)?;
-            e.chunks(batch, rows, out, chunk)
+            e.chunks(batch, rows, out, chunk, None)
         })
     }
 
@@ -501,10 +516,17 @@ impl Engine {
                 .zip(probing)
                 .map(|(&(s, t), &p)| (s, if p { &t[..t.len() - 1] } else { t }))
                 .collect();
-            let x_head = e.plain(&head, rows, out)?;
-            for (&(seq, t), _) in batch.iter().zip(probing).filter(|(_, &p)| p) {
-                e.probe(seq, &t[..t.len() - 1], chunk)?;
-            }
+            let x_head = if e.compresses_in_prefill {
+                // Each prefill step's tokens probed right after it, so the next step compresses.
+                let steps = e.prefill_steps();
+                e.chunks(&head, rows, out, steps, Some((probing, chunk)))?
+            } else {
+                let x = e.plain(&head, rows, out)?;
+                for (&(seq, t), _) in batch.iter().zip(probing).filter(|(_, &p)| p) {
+                    e.probe(seq, &t[..t.len() - 1], 0..t.len() - 1, chunk)?;
+                }
+                x
+            };
             let tail: Vec<(SeqId, &[u32])> = batch
                 .iter()
                 .zip(probing)
@@ -532,16 +554,16 @@ impl Engine {
         })
     }
 
-    /// The probe steps of `seq`'s prompt `context` (all but its last token): chunks of `chunk`
-    /// tokens, each after the probe prefix and the last [`PROBE_TAIL`] tokens of the chunk
-    /// before it (where to start copying from, as KVzip's later chunks say), scored on the
-    /// chunk's own slots and rolled back.
-    fn probe(&mut self, seq: SeqId, context: &[u32], chunk: usize) -> Result<()> {
+    /// The probe steps of positions `at` of `seq`'s prompt `context` (all but its last
+    /// token): chunks of `chunk` tokens, each after the probe prefix and the last
+    /// [`PROBE_TAIL`] tokens of the context before it (where to start copying from, as
+    /// KVzip's later chunks say), scored on the chunk's own slots and rolled back.
+    fn probe(&mut self, seq: SeqId, context: &[u32], at: Range<usize>, chunk: usize) -> Result<()> {
         let upward = self.policy.layer_map().needs_upward();
         let mut tokens = Vec::with_capacity(self.probe_prefix.len() + PROBE_TAIL + chunk);
-        let mut start = 0;
-        while start < context.len() {
-            let end = (start + chunk).min(context.len());
+        let mut start = at.start;
+        while start < at.end {
+            let end = (start + chunk).min(at.end);
             let tail = &context[start.saturating_sub(PROBE_TAIL)..start];
             tokens.clear();
             tokens.extend_from_slice(&self.probe_prefix);
@@ -559,12 +581,17 @@ impl Engine {
         Ok(())
     }
 
+    /// Splits the batch's tokens into steps of at most `chunk` tokens per sequence (retention
+    /// between them). With `probes` (KVzip compressing during prefill: which entries probe,
+    /// and the probe chunk), each probing entry's step is followed by the probes of its own
+    /// tokens, so the next step's retention compresses with their scores.
     fn chunks(
         &mut self,
         batch: &[(SeqId, &[u32])],
         rows: LogitsRows,
         out: Output,
         chunk: usize,
+        probes: Option<(&[bool], usize)>,
     ) -> Result<Tensor> {
         let longest = batch.iter().map(|(_, t)| t.len()).max().unwrap_or(0);
         let mut per_seq: Vec<Vec<Tensor>> = vec![Vec::new(); batch.len()];
@@ -578,11 +605,21 @@ impl Engine {
                 .iter()
                 .map(|&i| {
                     let t = batch[i].1;
-                    (batch[i].0, &t[start..(start + chunk).min(t.len())])
+                    (
+                        batch[i].0,
+                        &t[start..start.saturating_add(chunk).min(t.len())],
+                    )
                 })
                 .collect();
             let multi = sub.iter().any(|(_, t)| t.len() > 1);
             let x = self.one_step(&sub, LogitsRows::All, out, upward && multi)?;
+            if let Some((probing, probe_chunk)) = probes {
+                for &i in idx.iter().filter(|&&i| probing[i]) {
+                    let (seq, t) = batch[i];
+                    let end = start.saturating_add(chunk).min(t.len());
+                    self.probe(seq, t, start..end, probe_chunk)?;
+                }
+            }
             let mut row = 0;
             for (&i, (_, t)) in idx.iter().zip(&sub) {
                 let keep = match rows {
@@ -673,8 +710,8 @@ impl Engine {
         // fails only its own request (`Engine::take_probe_failures`).
         if let Some(chunk) = self.probe_chunk {
             for e in out.scheduled() {
-                if let Some(prompt) = scheduler.probe_due(e) {
-                    if let Err(err) = self.probe(e.seq, &prompt[..prompt.len() - 1], chunk) {
+                if let Some((context, at)) = scheduler.probe_due(e) {
+                    if let Err(err) = self.probe(e.seq, context, at, chunk) {
                         self.probe_failures.push((e.seq, err));
                     }
                 }

@@ -15,7 +15,7 @@ use layerkv_model::generate::{generate, generate_batch, Sampling};
 use layerkv_model::{ModelError, Session, SessionOptions};
 use layerkv_testkit::{scratch, TinyModel};
 
-const POLICIES: [&str; 7] = [
+const POLICIES: [&str; 9] = [
     "identity",
     "identity+stream:4:44",
     "identity+h2o:24:24",
@@ -25,6 +25,9 @@ const POLICIES: [&str; 7] = [
     // and the engine probes in between.
     "identity+kvzip:24:16",
     "identity+kvzip:24:16+adakv:0.5:layers",
+    // KVzip compressing during prefill: the engine probes after every prefill step.
+    "identity+kvzip-prefill:24:16",
+    "identity+kvzip-prefill:24:16+adakv:0.5:layers",
 ];
 
 /// The model, written once per test (tests run in parallel threads of one process).

@@ -472,7 +472,11 @@ fn dense_reference(
     let mut last: Vec<Vec<f32>> = vec![Vec::new(); n_lanes];
     let mut step_start = 0;
     for (t, &tok) in text.iter().enumerate() {
-        let step_end = if step_start < prompt_len {
+        // A probe's tokens (from `context` on) are one step, which is never retained.
+        let probe_step = peaks.as_deref().is_some_and(|pk| step_start >= pk.context);
+        let step_end = if probe_step {
+            text.len()
+        } else if step_start < prompt_len {
             (step_start + chunk).min(prompt_len)
         } else {
             step_start + chunk
@@ -550,8 +554,11 @@ fn dense_reference(
                     // probe's own tokens only.
                     let li = g * lanes + lane;
                     let logits = scores.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    // Sinks are the lane's first slots; the chunk and the probe's own tokens
+                    // are positions (slots once a prefill step compressed).
+                    let at = &pos[li];
                     let seen = |j: usize| {
-                        j < layerkv::PROBE_SINKS || pk.slots.contains(&j) || j >= pk.context
+                        j < layerkv::PROBE_SINKS || pk.slots.contains(&at[j]) || at[j] >= pk.context
                     };
                     let top = (0..logits.len())
                         .filter(|&j| seen(j))
@@ -561,9 +568,9 @@ fn dense_reference(
                         .filter(|&j| seen(j))
                         .map(|j| (logits[j] - top).exp())
                         .sum();
-                    for j in pk.slots.clone() {
+                    for j in (0..logits.len()).filter(|&j| pk.slots.contains(&at[j])) {
                         let w = (logits[j] - top).exp() / sum;
-                        pk.peak[li][j] = pk.peak[li][j].max(w);
+                        pk.peak[li][at[j]] = pk.peak[li][at[j]].max(w);
                     }
                 }
                 for (m, pj) in mass[lane].iter_mut().zip(pv) {
@@ -587,9 +594,10 @@ fn dense_reference(
             x = model.attn_output_and_mlp(l, &x, &attn).unwrap();
         }
         out.push(model.logits(&x).unwrap());
-        if t + 1 < step_end {
+        if t + 1 < step_end || probe_step {
             continue;
         }
+        let appended = step_start;
         step_start = step_end;
         let phase = if t + 1 < prompt_len {
             Phase::Prefill
@@ -608,13 +616,16 @@ fn dense_reference(
             })
             .collect();
         let mut keeps: Vec<Vec<u64>> = valids.iter().map(|v| vec![0u64; v.len()]).collect();
-        // KVzip's scores per lane slot, `+inf` past the probed prompt.
+        // KVzip's scores per lane slot (`probed` is by position), `+inf` past the probed
+        // prompt and on this step's own tokens, which no probe has seen yet.
         let probed_lanes: Vec<Vec<f32>> = (0..n_lanes)
             .map(|li| {
-                (0..pos[li].len())
-                    .map(|j| {
+                pos[li]
+                    .iter()
+                    .map(|&at| {
                         probed
-                            .and_then(|p| p[li].get(j).copied())
+                            .filter(|_| at < appended)
+                            .and_then(|p| p[li].get(at).copied())
                             .unwrap_or(f32::INFINITY)
                     })
                     .collect()
@@ -1354,6 +1365,7 @@ fn kvzip_matches_the_dense_reference() {
             budget: Budget::Tokens(6),
             chunk,
             pool,
+            prefill: false,
         };
         let seed = 60 + k as u64;
         let model = load(&tiny_model(seed));
@@ -1458,6 +1470,140 @@ fn kvzip_matches_the_dense_reference() {
             let logits = e.step(&[(0, &text[t..t + 1])], LogitsRows::All).unwrap();
             got.push(logits);
         }
+        for (t, (a, b)) in got.iter().zip(&want).enumerate() {
+            let d = max_abs_diff(a, b);
+            assert!(d <= 1e-4, "{k} ({}) token {t}: {d}", policy.name());
+        }
+        e.free(0).unwrap();
+        assert_eq!(e.cache().pool_stats().num_used, before.num_used);
+    }
+}
+
+/// KVzip compressing during prefill (`prefill`): each prefill step of 5 tokens is probed
+/// right after it (probe steps of 3), and the next step keeps the budget's best probed slots
+/// plus the ones not probed yet. Against the dense reference replaying the same history: each
+/// probe's scores come from a reference run of the prompt so far, compressed as the engine
+/// compressed it with the scores known at each step, with the probe appended; the final
+/// reference compresses at every step with them all. Per group and per head, AdaKV per group
+/// and across layers, over a sharing map too; the pool's peak stays within the planner's
+/// bound for the prompt's steps, below the whole prompt's pages.
+#[test]
+fn kvzip_compressing_during_prefill_matches_the_dense_reference() {
+    use layerkv::Budget;
+    // The head (prompt_len - 1) is whole steps, as the reference steps end at the prompt.
+    let (prompt_len, total, steps, chunk, prefix) = (41, 45, 5, 3, [3u32, 7]);
+    for (k, (map, per_head, adaptive, pool)) in [
+        (LayerMap::identity(LAYERS).unwrap(), false, 0, 1),
+        (LayerMap::identity(LAYERS).unwrap(), true, 0, 1),
+        (LayerMap::cla(LAYERS, 2).unwrap(), true, 0, 3),
+        (LayerMap::identity(LAYERS).unwrap(), true, 1, 1),
+        (LayerMap::identity(LAYERS).unwrap(), true, 2, 1),
+        (LayerMap::cla(LAYERS, 2).unwrap(), true, 2, 3),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let kvzip = Retention::KvZip {
+            budget: Budget::Tokens(6),
+            chunk,
+            pool,
+            prefill: true,
+        };
+        let seed = 70 + k as u64;
+        let model = load(&tiny_model(seed));
+        let mut policy = heads(with(map.clone(), kvzip, "kvzip-prefill"), per_head);
+        if adaptive > 0 {
+            policy = PolicyBuilder::from_policy(&policy)
+                .name("kvzip-prefill+adakv")
+                .adaptive(0.0)
+                .across_layers(adaptive == 2)
+                .build()
+                .unwrap();
+        }
+        let text: Vec<u32> = (0..total as u32)
+            .map(|i| (i * 7 + 3) % VOCAB as u32)
+            .collect();
+        let head = &text[..prompt_len - 1];
+        let lanes = if per_head { KV_HEADS } else { 1 };
+        let n_lanes = map.num_groups() * lanes;
+        let mut peak = vec![vec![0f32; head.len()]; n_lanes];
+        for start in (0..head.len()).step_by(steps) {
+            let end = (start + steps).min(head.len());
+            for a in (start..end).step_by(chunk) {
+                let b = (a + chunk).min(end);
+                let tail = &head[a.saturating_sub(PROBE_TAIL)..a];
+                let probe: Vec<u32> = [&head[..end], &prefix, tail, &head[a..b]].concat();
+                let known = peak.clone();
+                let mut peaks = Peaks {
+                    rows_from: end + prefix.len() + tail.len(),
+                    slots: a..b,
+                    context: end,
+                    peak,
+                };
+                dense_reference(
+                    &model,
+                    &policy,
+                    &probe,
+                    prompt_len,
+                    steps,
+                    Some(&mut peaks),
+                    Some(&known),
+                    None,
+                );
+                peak = peaks.peak;
+            }
+        }
+        let want = dense_reference(
+            &model,
+            &policy,
+            &text,
+            prompt_len,
+            steps,
+            None,
+            Some(&peak),
+            None,
+        );
+        let cfg = EngineConfig {
+            block_size: 4,
+            num_pages: 512,
+            kv_dtype: layerkv_model::KvType::F32.into(),
+            sliding_window: None,
+            prefill: PrefillMode::TokenByToken,
+            prefill_chunk: steps,
+            prefix_caching: false,
+        };
+        let mut e = Engine::new(model.clone(), Arc::new(policy.clone()), cfg).unwrap();
+        assert_eq!(e.probe_chunk(), Some(chunk));
+        e.set_probe_prefix(prefix.to_vec());
+        e.add_sequence(0).unwrap();
+        let before = e.cache().pool_stats();
+        let prompt = e
+            .step(&[(0, &text[..prompt_len])], LogitsRows::All)
+            .unwrap();
+        let peak_used = e.cache().pool_stats().peak_used - before.num_used;
+        let planner = layerkv::plan::Planner::from_config(e.cache().config())
+            .with_step_tokens(steps.max(e.probe_tokens()));
+        let bound = planner.pages_in_prompt(&policy, prompt_len);
+        let whole = planner.pages_per_sequence(&policy, prompt_len);
+        assert!(
+            peak_used <= bound && bound < whole,
+            "{k}: peak {peak_used} pages, bound {bound}, whole prompt {whole}"
+        );
+        let mut got: Vec<Tensor> = (0..prompt_len)
+            .map(|r| prompt.narrow(0, r, 1).unwrap())
+            .collect();
+        let r = e.cache().read();
+        let held: usize = (0..e.cache().num_groups())
+            .map(|g| r.table(0, g).unwrap().num_valid())
+            .sum();
+        drop(r);
+        assert_eq!(held, 6 * e.cache().num_groups(), "{k}");
+        e.cache().check_invariants().unwrap();
+        for t in prompt_len..total {
+            let logits = e.step(&[(0, &text[t..t + 1])], LogitsRows::All).unwrap();
+            got.push(logits);
+        }
+        assert_eq!(got.len(), want.len());
         for (t, (a, b)) in got.iter().zip(&want).enumerate() {
             let d = max_abs_diff(a, b);
             assert!(d <= 1e-4, "{k} ({}) token {t}: {d}", policy.name());

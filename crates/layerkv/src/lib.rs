@@ -62,7 +62,9 @@ pub use config::CacheConfig;
 pub use error::{Error, Result};
 pub use ids::SeqId;
 pub use map::{GroupId, LayerMap, Partition, Target};
-pub use policy::{lanes_per_group, probe_chunk, LayerKvPolicy, Policy, PolicyBuilder};
+pub use policy::{
+    compresses_in_prefill, lanes_per_group, probe_chunk, LayerKvPolicy, Policy, PolicyBuilder,
+};
 pub use pool::{chain_hash, group_block_hash, BlockPool, PageId, PoolStats, NULL_PAGE};
 pub use retention::{
     Budget, CustomRetention, JointLane, JointScratch, Phase, RetainInput, Retention, RetentionRule,

@@ -154,6 +154,32 @@ impl Planner {
         bound.min(whole)
     }
 
+    /// Upper bound on the pages one sequence holds while its prompt of `prompt_len` tokens is
+    /// prefilled in steps of at most [`Planner::step_tokens`] (probe steps included): a lane
+    /// whose retention compresses during prefill ([`crate::Retention::compresses_in_prefill`],
+    /// KVzip with `prefill`) holds what it keeps after a step plus the next step's tokens; any
+    /// other lane is bounded as in [`Planner::pages_per_sequence`] of the prompt and a step.
+    /// Bounded over those lanes together, as [`Planner::pages_after_prompt`] is (an AdaKV split
+    /// moves budget between them), with two pages of slack per lane.
+    pub fn pages_in_prompt(&self, policy: &dyn LayerKvPolicy, prompt_len: usize) -> usize {
+        let lanes = self.lanes_of(policy);
+        let groups = policy.layer_map().num_groups();
+        let len = prompt_len.saturating_add(self.step_tokens);
+        let (mut tokens, mut compressing, mut pages) = (0, 0, 0);
+        for (g, h) in (0..groups).flat_map(|g| (0..lanes).map(move |h| (g, h))) {
+            let r = policy.lane_retention(g, h);
+            if r.compresses_in_prefill() {
+                let kept = r.max_tokens_in_prompt(prompt_len, self.step_tokens);
+                tokens += (kept + self.step_tokens).min(len);
+                compressing += 1;
+            } else {
+                pages += self.pages_per_lane(policy, g, h, len);
+            }
+        }
+        let bound = tokens.div_ceil(self.block_size.max(1)) + 2 * compressing + pages;
+        bound.min(self.pages_per_sequence(policy, len))
+    }
+
     /// Sequences of `seq_len` tokens that fit in a pool of `num_pages` pages.
     pub fn max_sequences(
         &self,

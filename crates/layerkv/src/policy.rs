@@ -109,6 +109,16 @@ pub fn probe_chunk(policy: &dyn LayerKvPolicy, lanes: usize) -> Option<usize> {
         .find_map(|(g, h)| policy.lane_retention(g, h).probe_chunk())
 }
 
+/// Whether some lane of `policy` (with `lanes` lanes per group when it is per-head)
+/// compresses its prompt while it prefills ([`crate::Retention::compresses_in_prefill`]): the
+/// engine then probes after every prefill step, and planners bound the prompt's steps by the
+/// budget instead of the whole prompt.
+pub fn compresses_in_prefill(policy: &dyn LayerKvPolicy, lanes: usize) -> bool {
+    (0..policy.layer_map().num_groups())
+        .flat_map(|g| (0..lanes.max(1)).map(move |h| (g, h)))
+        .any(|(g, h)| policy.lane_retention(g, h).compresses_in_prefill())
+}
+
 /// The stock policy: a layer map and a retention per group.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "PolicyFile", into = "PolicyFile")]

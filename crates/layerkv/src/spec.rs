@@ -6,8 +6,9 @@
 //!   `sandwich-top:3`, a `layer_types` string), `kvsharer:{"5":1,...}`, or a policy file, whose
 //!   map is taken and whose retention is replaced (`calibrated.toml+stream:4:252`);
 //! - RETENTION: `stream:SINKS:WINDOW`, `h2o:HEAVY:RECENT`, `snapkv:BUDGET[:OBSERVE[:POOL]]`,
-//!   `pyramid:AVG[:OBSERVE[:POOL[:BETA]]]` or `kvzip:BUDGET[:CHUNK[:POOL]]` (query-agnostic,
-//!   scored by probe steps the engine runs);
+//!   `pyramid:AVG[:OBSERVE[:POOL[:BETA]]]`, `kvzip:BUDGET[:CHUNK[:POOL]]` (query-agnostic,
+//!   scored by probe steps the engine runs) or `kvzip-prefill:BUDGET[:CHUNK[:POOL]]` (KVzip
+//!   compressing after every prefill chunk, so the prompt is never held whole);
 //! - a final `+per-head` makes every KV head keep its own tokens
 //!   ([`crate::LayerKvPolicy::per_head`]): `identity+snapkv:128+per-head`; `+adakv[:FLOOR]`
 //!   also lets the heads of a group share their budget (AdaKV, floor 0.2 by default,
@@ -23,7 +24,8 @@ use crate::retention::{Budget, Retention};
 
 /// What the retention part of a spec accepts, for error messages.
 const RETENTIONS: &str =
-    "stream:S:W, h2o:H:R, snapkv:B[:O[:P]], pyramid:AVG[:O[:P[:BETA]]], kvzip:B[:CHUNK[:P]]";
+    "stream:S:W, h2o:H:R, snapkv:B[:O[:P]], pyramid:AVG[:O[:P[:BETA]]], kvzip:B[:CHUNK[:P]], \
+     kvzip-prefill:B[:CHUNK[:P]]";
 
 impl Policy {
     /// Parses a policy spec (see the module docs) for a model of `num_layers` layers. A file
@@ -113,10 +115,11 @@ fn parse_retention(text: &str) -> Result<Retention> {
             observe: num(1, Some(32))?,
             pool: num(2, Some(7))?,
         },
-        "kvzip" => Retention::KvZip {
+        "kvzip" | "kvzip-prefill" => Retention::KvZip {
             budget: Budget::Tokens(num(0, None)?),
             chunk: num(1, Some(crate::retention::KVZIP_CHUNK))?,
             pool: num(2, Some(1))?,
+            prefill: parts[0] == "kvzip-prefill",
         },
         other => {
             return Err(spec_error(

@@ -1220,6 +1220,82 @@ fn a_warm_step_allocates_nothing() {
     assert_eq!(ALLOCS.with(Cell::get), 0);
 }
 
+/// KVzip compressing during prefill: every prefill step's own tokens are probed right after
+/// it (the prompt's last token still a step of its own, not probed), and a request is planned
+/// for its budget plus a step rather than its whole prompt.
+#[test]
+fn kvzip_prefill_probes_each_step_and_plans_no_whole_prompt() {
+    let kvzip = |prefill| {
+        policy(
+            LayerMap::cla(4, 2).unwrap(),
+            Retention::KvZip {
+                budget: Budget::Tokens(8),
+                chunk: 4,
+                pool: 1,
+                prefill,
+            },
+        )
+    };
+    let cache_of = |p: Policy| {
+        KvCache::new(
+            Arc::new(p),
+            CacheConfig {
+                block_size: 4,
+                num_pages: 64,
+                ..CacheConfig::default()
+            },
+        )
+        .unwrap()
+    };
+    let config = SchedulerConfig {
+        max_num_seqs: 2,
+        max_num_batched_tokens: 16,
+        prefill_chunk: 8,
+        ..SchedulerConfig::default()
+    };
+    let plain_cache = cache_of(kvzip(false));
+    let plain = Scheduler::new(config, &plain_cache)
+        .unwrap()
+        .with_probe_tokens(14);
+    let cache = cache_of(kvzip(true));
+    let mut s = Scheduler::new(config, &cache)
+        .unwrap()
+        .with_probe_tokens(14);
+    // 2 groups x (what a step keeps, at most a step's 14 tokens where that beats the budget
+    // of 8, and the next step's 14 on top), 4-slot pages, 2 pages of slack each: 18 pages,
+    // against the whole 200-token prompt and its probe held by plain KVzip (2 x 54).
+    assert_eq!(plain.peak_pages(200, 2), 108);
+    assert_eq!(
+        s.peak_pages(200, 2),
+        (2 * (14 + 14usize)).div_ceil(4) + 2 * 2
+    );
+    // Generating more than a prompt step holds: the plan after the prompt decides.
+    assert_eq!(
+        s.peak_pages(200, 100),
+        (2 * (8 + 100 + 1usize)).div_ceil(4) + 2 * 2
+    );
+    s.add_request(1, vec![5; 20], 2).unwrap();
+    let (mut step, mut out) = (Step::new(), SchedulerOutput::new());
+    for (positions, due) in [
+        (0..8, Some(0..8)),
+        (8..16, Some(8..16)),
+        (16..19, Some(16..19)),
+        (19..20, None),
+    ] {
+        let reserved = s.schedule(&cache, &mut step, &mut out).unwrap().unwrap();
+        let e = &out.scheduled()[0];
+        assert_eq!(e.positions, positions);
+        let got = s.probe_due(e).map(|(context, at)| (context.len(), at));
+        assert_eq!(got, due.map(|at| (19, at)));
+        if e.positions.end == 20 {
+            // (The prompt's end decides with probe scores, which this test has none of.)
+            break;
+        }
+        reserved.retain().unwrap();
+        s.update(&cache, &out, &[]).unwrap();
+    }
+}
+
 /// Under KVzip the scheduler holds each prompt's last token back for a step of its own and
 /// says after which step the engine probes (the one whose work ends one token short); it plans
 /// the probes' tokens on top of the prompt; `preempt` requeues a running request between steps
@@ -1235,6 +1311,7 @@ fn kvzip_prompts_end_with_a_probed_step_of_their_own() {
             budget: Budget::Tokens(8),
             chunk: 4,
             pool: 1,
+            prefill: false,
         },
     );
     let cache = KvCache::new(
@@ -1264,11 +1341,11 @@ fn kvzip_prompts_end_with_a_probed_step_of_their_own() {
     let (mut step, mut out) = (Step::new(), SchedulerOutput::new());
     // Chunks of 8 from the start, the second one token short of the prompt's end: only its
     // step is followed by probes (of the 11 tokens before the last).
-    for (positions, due) in [(0..8, None), (8..11, Some(12))] {
+    for (positions, due) in [(0..8, None), (8..11, Some((11, 0..11)))] {
         let reserved = s.schedule(&cache, &mut step, &mut out).unwrap().unwrap();
         let e = &out.scheduled()[0];
         assert_eq!((e.positions.clone(), e.samples), (positions, false));
-        assert_eq!(s.probe_due(e).map(<[u32]>::len), due);
+        assert_eq!(s.probe_due(e).map(|(c, at)| (c.len(), at)), due);
         reserved.retain().unwrap();
         // Updating is still due: no preemption between `schedule` and `update`.
         assert!(matches!(

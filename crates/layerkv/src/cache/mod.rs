@@ -796,6 +796,7 @@ mod tests {
                 budget: crate::retention::Budget::Tokens(4),
                 chunk: 3,
                 pool: 1,
+                prefill: false,
             })
             .build()
             .unwrap();

@@ -5,6 +5,13 @@
 
 use crate::bits;
 
+/// Valid slots no probe scored yet (`+inf`): appended after the last probe.
+pub(crate) fn unprobed(num_slots: usize, valid: &[u64], probed: &[f32]) -> usize {
+    (0..num_slots)
+        .filter(|&s| bits::get(valid, s) && !probed[s].is_finite())
+        .count()
+}
+
 /// Marks the `budget` valid slots with the highest probe scores, max-pooled over `pool`
 /// neighbouring slots as SnapKV pools (1: KVzip's own, per token; ties towards the earlier
 /// slot). Errors when no valid slot was probed: the engine ran no probe step before the

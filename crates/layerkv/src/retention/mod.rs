@@ -262,6 +262,16 @@ pub enum Retention {
         /// whole); 1, KVzip's own and the default, scores each token alone.
         #[serde(default = "kvzip_pool")]
         pool: usize,
+        /// Compress after every prefill chunk too, not only at the prompt's end: the engine
+        /// probes each chunk right after it runs, and every prompt step keeps `budget` slots,
+        /// those not probed yet (the step's own tokens; all of them where they are more) and
+        /// then the best-scored probed ones. The prompt is never held whole (the peak is the
+        /// budget plus a step, where plain KVzip holds the whole prompt and a probe), but the
+        /// prompt's later tokens are computed over what was kept of the earlier ones, not all
+        /// of them: on the embedded model that costs most of KVzip's retrieval
+        /// (`docs/benchmarks.md`).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        prefill: bool,
     },
     /// Keep every slot that any part keeps (e.g. sinks + heavy hitters + window).
     Union {
@@ -292,8 +302,13 @@ impl fmt::Display for Retention {
                 budget,
                 chunk,
                 pool,
+                prefill,
             } => {
-                write!(f, "kvzip(budget={budget},chunk={chunk},pool={pool})")
+                write!(f, "kvzip(budget={budget},chunk={chunk},pool={pool}")?;
+                if *prefill {
+                    f.write_str(",prefill")?;
+                }
+                f.write_str(")")
             }
             Retention::Union { parts } => {
                 for (i, p) in parts.iter().enumerate() {
@@ -395,6 +410,7 @@ impl Retention {
                 budget,
                 chunk,
                 pool,
+                ..
             } => {
                 budget.check("budget", self)?;
                 if *pool == 0 || pool % 2 == 0 {
@@ -519,22 +535,32 @@ impl Retention {
                     keep.copy_from_slice(&input.valid[..keep.len()]);
                 }
             }
-            Retention::KvZip { budget, pool, .. } => {
-                let budget = budget.resolve(input.num_tokens);
-                if input.phase == Phase::PromptEnd && bits::count(input.valid) > budget {
-                    kvzip::select(
-                        budget,
-                        *pool,
-                        n,
-                        input.valid,
-                        input.scores.probed.ok_or_else(|| missing("probe"))?,
-                        keep,
-                        scratch,
-                    )
-                    .map_err(|reason| Error::InvalidRetention {
-                        retention: self.to_string(),
-                        reason,
-                    })?;
+            Retention::KvZip {
+                budget,
+                pool,
+                prefill,
+                ..
+            } => {
+                let mut budget = budget.resolve(input.num_tokens);
+                let probed = || input.scores.probed.ok_or_else(|| missing("probe"));
+                let decides = match input.phase {
+                    Phase::PromptEnd => true,
+                    // Mid-prompt: every slot not probed yet (the step's own tokens, probed after
+                    // it) stays within the budget, or all of them where they are more; a prompt
+                    // with nothing probed yet decides nothing.
+                    Phase::Prefill if *prefill => {
+                        let unprobed = kvzip::unprobed(n, input.valid, probed()?);
+                        budget = budget.max(unprobed);
+                        unprobed < bits::count(input.valid)
+                    }
+                    _ => false,
+                };
+                if decides && bits::count(input.valid) > budget {
+                    kvzip::select(budget, *pool, n, input.valid, probed()?, keep, scratch)
+                        .map_err(|reason| Error::InvalidRetention {
+                            retention: self.to_string(),
+                            reason,
+                        })?;
                 } else {
                     keep.copy_from_slice(&input.valid[..keep.len()]);
                 }
@@ -562,8 +588,24 @@ impl Retention {
     /// Whether [`Retention::select_joint`] can decide at `phase` (SnapKV and PyramidKV at the
     /// prompt's end): callers skip gathering the lanes elsewhere.
     pub fn has_joint_form(&self, phase: Phase) -> bool {
-        matches!(self, Retention::SnapKv { .. } | Retention::KvZip { .. })
-            && phase == Phase::PromptEnd
+        match self {
+            Retention::SnapKv { .. } => phase == Phase::PromptEnd,
+            Retention::KvZip { prefill, .. } => {
+                phase == Phase::PromptEnd || (*prefill && phase == Phase::Prefill)
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether this retention compresses while the prompt is prefilled, not only at its end
+    /// (KVzip with `prefill`; a union: any part): a sequence then never holds its whole prompt
+    /// ([`Retention::max_tokens_in_prompt`]), and the engine probes after every prefill chunk.
+    pub fn compresses_in_prefill(&self) -> bool {
+        match self {
+            Retention::KvZip { prefill, .. } => *prefill,
+            Retention::Union { parts } => parts.iter().any(Retention::compresses_in_prefill),
+            _ => false,
+        }
     }
 
     /// Whether [`Retention::select_joint`] reads the probe scores (KVzip) rather than SnapKV's
@@ -597,11 +639,24 @@ impl Retention {
             Retention::KvZip { budget, pool, .. } => (0, budget, *pool),
             _ => return false,
         };
-        let budget = budget.resolve(num_tokens);
-        if !self.has_joint_form(phase)
-            || lanes.is_empty()
-            || lanes.iter().any(|l| bits::count(l.valid) <= budget)
-        {
+        let mut budget = budget.resolve(num_tokens);
+        if !self.has_joint_form(phase) || lanes.is_empty() {
+            return false;
+        }
+        if phase == Phase::Prefill {
+            // KVzip mid-prompt: as `select`, every slot not yet probed stays (`+inf` scores
+            // sort first), and a prompt with nothing probed yet decides nothing.
+            let mut any_probed = false;
+            for l in lanes.iter() {
+                let unprobed = kvzip::unprobed(l.num_slots, l.valid, l.scores);
+                any_probed |= unprobed < bits::count(l.valid);
+                budget = budget.max(unprobed);
+            }
+            if !any_probed {
+                return false;
+            }
+        }
+        if lanes.iter().any(|l| bits::count(l.valid) <= budget) {
             return false;
         }
         adaptive::select_snapkv(
@@ -633,6 +688,27 @@ impl Retention {
             Retention::Custom(c) => c.0.max_tokens(num_tokens),
         };
         kept.min(num_tokens)
+    }
+
+    /// Upper bound on the tokens a sequence keeps after each step of its prompt of `prompt_len`
+    /// tokens, prefilled in steps of at most `chunk` tokens: KVzip with `prefill` its budget, or
+    /// the step's own tokens where they are more (they wait for their probe); the other rules
+    /// what [`Retention::max_tokens`] bounds (SnapKV and plain KVzip the whole prompt). Used for
+    /// planning, as `max_tokens`.
+    pub fn max_tokens_in_prompt(&self, prompt_len: usize, chunk: usize) -> usize {
+        let kept = match self {
+            Retention::KvZip {
+                budget,
+                prefill: true,
+                ..
+            } => budget.resolve(prompt_len).max(chunk),
+            Retention::Union { parts } => parts
+                .iter()
+                .map(|p| p.max_tokens_in_prompt(prompt_len, chunk))
+                .sum(),
+            _ => self.max_tokens(prompt_len),
+        };
+        kept.min(prompt_len)
     }
 
     /// Upper bound on the tokens a sequence keeps from the end of its prompt of `prompt_len`
@@ -705,6 +781,78 @@ mod tests {
         )
         .unwrap();
         (0..n).filter(|&s| bits::get(&keep, s)).collect()
+    }
+
+    /// KVzip with `prefill` mid-prompt, against a sort: every unprobed (`+inf`) slot stays,
+    /// then the best probed ones up to the budget; nothing is decided before a probe ran, or
+    /// without `prefill`; at the prompt's end the budget counts the unprobed as before.
+    #[test]
+    fn kvzip_compresses_mid_prompt_only_with_prefill() {
+        let mut rng = crate::rng::SplitMix64::new(11);
+        for case in 0..300 {
+            let n = 2 + (rng.next_u64() % 60) as usize;
+            let budget = 1 + (rng.next_u64() % n as u64) as usize;
+            let mut valid = vec![0u64; bits::words_for(n)];
+            for x in 0..n {
+                if !rng.next_u64().is_multiple_of(6) {
+                    bits::set(&mut valid, x);
+                }
+            }
+            // The last `fresh` slots are the step's own, not probed yet.
+            let fresh = (rng.next_u64() % (n as u64 / 2 + 1)) as usize;
+            let probed: Vec<f32> = (0..n)
+                .map(|x| {
+                    if x + fresh >= n {
+                        f32::INFINITY
+                    } else {
+                        (rng.next_u64() % 9) as f32 * 0.125
+                    }
+                })
+                .collect();
+            let live: Vec<usize> = (0..n).filter(|&x| bits::get(&valid, x)).collect();
+            let unprobed: Vec<usize> = live
+                .iter()
+                .copied()
+                .filter(|&x| !probed[x].is_finite())
+                .collect();
+            let mut scored: Vec<usize> = live
+                .iter()
+                .copied()
+                .filter(|&x| probed[x].is_finite())
+                .collect();
+            scored.sort_by(|&a, &b| probed[b].total_cmp(&probed[a]).then(a.cmp(&b)));
+            let mut want = if scored.is_empty() {
+                live.clone()
+            } else {
+                let mut w = unprobed.clone();
+                w.extend(scored.iter().take(budget.saturating_sub(unprobed.len())));
+                w
+            };
+            want.sort_unstable();
+            let r = |prefill| Retention::KvZip {
+                budget: Budget::Tokens(budget),
+                chunk: 4,
+                pool: 1,
+                prefill,
+            };
+            let got = run(&r(true), n, &valid, Some(&probed), Phase::Prefill);
+            assert_eq!(
+                got, want,
+                "case {case}: n {n} budget {budget} fresh {fresh}"
+            );
+            assert!(got.len() <= budget.max(unprobed.len()) || scored.is_empty());
+            let plain = run(&r(false), n, &valid, Some(&probed), Phase::Prefill);
+            assert_eq!(
+                plain, live,
+                "case {case}: plain KVzip decides at the end only"
+            );
+            if !scored.is_empty() {
+                let end = run(&r(true), n, &valid, Some(&probed), Phase::PromptEnd);
+                let same = run(&r(false), n, &valid, Some(&probed), Phase::PromptEnd);
+                assert_eq!(end, same, "case {case}");
+                assert_eq!(end.len(), budget.min(live.len()), "case {case}");
+            }
+        }
     }
 
     fn all_valid(n: usize) -> Vec<u64> {

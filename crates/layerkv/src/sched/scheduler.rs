@@ -2,6 +2,7 @@
 //! preemption. See the [module docs](super) for the design and the step loop.
 
 use std::collections::{HashMap, VecDeque};
+use std::ops::Range;
 use std::sync::Arc;
 
 use super::config::SchedulerConfig;
@@ -45,6 +46,9 @@ pub struct Scheduler {
     probes: bool,
     /// Tokens a probe step holds on top of the prompt ([`Scheduler::with_probe_tokens`]).
     probe_tokens: usize,
+    /// Whether the policy compresses prompts while they prefill (KVzip with `prefill`): the
+    /// engine then probes after every prefill step, and a plan holds no whole prompt.
+    compresses_in_prefill: bool,
 }
 
 impl Scheduler {
@@ -57,6 +61,7 @@ impl Scheduler {
         let policy = cache.policy();
         let lanes = crate::policy::lanes_per_group(policy.as_ref(), cache.config().lanes.max(1));
         let probes = crate::policy::probe_chunk(policy.as_ref(), lanes).is_some();
+        let compresses_in_prefill = crate::policy::compresses_in_prefill(policy.as_ref(), lanes);
         Ok(Self {
             config,
             policy: Arc::clone(cache.policy()),
@@ -74,6 +79,7 @@ impl Scheduler {
             batch: Vec::new(),
             probes,
             probe_tokens: 0,
+            compresses_in_prefill,
         })
     }
 
@@ -100,18 +106,26 @@ impl Scheduler {
         self.probes
     }
 
-    /// The prompt whose probes are due after the step `entry` belongs to (its work ended one
-    /// token before the prompt's last, under a policy that probes, for a prompt of two tokens
-    /// or more): the tokens to probe are all but the last. `None` otherwise, or when the
-    /// scheduler no longer holds the request.
-    pub fn probe_due(&self, entry: &ScheduledRequest) -> Option<&[u32]> {
+    /// The probes due after the step `entry` belongs to, under a policy that probes, for a
+    /// prompt of two tokens or more: the prompt's tokens before its last (what the probes
+    /// replay) and the positions among them to score. Plain KVzip probes all of them once,
+    /// after the step whose work ended one token before the prompt's last; KVzip compressing
+    /// during prefill ([`crate::Retention::compresses_in_prefill`]) probes each prefill
+    /// step's own tokens right after it. `None` otherwise, or when the scheduler no longer
+    /// holds the request.
+    pub fn probe_due(&self, entry: &ScheduledRequest) -> Option<(&[u32], Range<usize>)> {
         let r = self.requests.get(&entry.id)?;
         let len = r.prompt.len();
-        (self.probes
-            && entry.kind == ScheduledKind::Prefill
-            && len > 1
-            && entry.positions.end == len - 1)
-            .then_some(&r.prompt[..])
+        if !self.probes || entry.kind != ScheduledKind::Prefill || len < 2 {
+            return None;
+        }
+        let context = &r.prompt[..len - 1];
+        let at = &entry.positions;
+        if self.compresses_in_prefill {
+            (at.start < len - 1).then(|| (context, at.start..at.end.min(len - 1)))
+        } else {
+            (at.end == len - 1).then(|| (context, 0..len - 1))
+        }
     }
 
     /// The sizes.
@@ -128,8 +142,20 @@ impl Scheduler {
     pub fn peak_pages(&self, prompt_len: usize, max_tokens: usize) -> usize {
         // A probe holds its tokens beside the prompt's first `prompt_len - 1`.
         let held = max_tokens.max(self.probe_tokens);
-        self.planner
-            .pages_per_sequence(self.policy.as_ref(), prompt_len.saturating_add(held))
+        let policy = self.policy.as_ref();
+        let whole = self
+            .planner
+            .pages_per_sequence(policy, prompt_len.saturating_add(held));
+        if !self.compresses_in_prefill {
+            return whole;
+        }
+        // KVzip compressing while it prefills never holds the whole prompt: its peak is the
+        // larger of the prompt's steps and what it holds after them.
+        let in_prompt = self.planner.pages_in_prompt(policy, prompt_len);
+        let after = self
+            .planner
+            .pages_after_prompt(policy, prompt_len, max_tokens);
+        in_prompt.max(after).min(whole)
     }
 
     /// Queues a request at the back of the waiting queue. Its cache sequence is created at
