@@ -289,8 +289,9 @@ impl Engine {
     /// The most tokens a probe step holds on top of its prompt (prefix, tail and chunk; 0 when
     /// the policy does not probe): room a request needs beyond its own tokens.
     pub fn probe_tokens(&self) -> usize {
-        self.probe_chunk
-            .map_or(0, |c| c + PROBE_TAIL + self.probe_prefix.len())
+        self.probe_chunk.map_or(0, |c| {
+            c.saturating_add(PROBE_TAIL + self.probe_prefix.len())
+        })
     }
 
     /// The model.
@@ -517,8 +518,10 @@ impl Engine {
                 .map(|(&(s, t), &p)| (s, if p { &t[..t.len() - 1] } else { t }))
                 .collect();
             let x_head = if e.compresses_in_prefill {
-                // Each prefill step's tokens probed right after it, so the next step compresses.
-                let steps = e.prefill_steps();
+                // Each prefill step's tokens probed right after it, so the next step compresses;
+                // steps of the prefill chunk, as the scheduler's (upward maps prefilled token
+                // by token too: a probe per token would score nothing like the served steps).
+                let steps = e.config.prefill_chunk;
                 e.chunks(&head, rows, out, steps, Some((probing, chunk)))?
             } else {
                 let x = e.plain(&head, rows, out)?;
@@ -560,10 +563,11 @@ impl Engine {
     /// KVzip's later chunks say), scored on the chunk's own slots and rolled back.
     fn probe(&mut self, seq: SeqId, context: &[u32], at: Range<usize>, chunk: usize) -> Result<()> {
         let upward = self.policy.layer_map().needs_upward();
-        let mut tokens = Vec::with_capacity(self.probe_prefix.len() + PROBE_TAIL + chunk);
+        let room = chunk.min(at.len());
+        let mut tokens = Vec::with_capacity(self.probe_prefix.len() + PROBE_TAIL + room);
         let mut start = at.start;
         while start < at.end {
-            let end = (start + chunk).min(at.end);
+            let end = start.saturating_add(chunk).min(at.end);
             let tail = &context[start.saturating_sub(PROBE_TAIL)..start];
             tokens.clear();
             tokens.extend_from_slice(&self.probe_prefix);

@@ -165,18 +165,21 @@ impl Planner {
         let lanes = self.lanes_of(policy);
         let groups = policy.layer_map().num_groups();
         let len = prompt_len.saturating_add(self.step_tokens);
-        let (mut tokens, mut compressing, mut pages) = (0, 0, 0);
+        let (mut tokens, mut compressing, mut pages) = (0usize, 0usize, 0usize);
         for (g, h) in (0..groups).flat_map(|g| (0..lanes).map(move |h| (g, h))) {
             let r = policy.lane_retention(g, h);
             if r.compresses_in_prefill() {
                 let kept = r.max_tokens_in_prompt(prompt_len, self.step_tokens);
-                tokens += (kept + self.step_tokens).min(len);
+                tokens = tokens.saturating_add(kept.saturating_add(self.step_tokens).min(len));
                 compressing += 1;
             } else {
-                pages += self.pages_per_lane(policy, g, h, len);
+                pages = pages.saturating_add(self.pages_per_lane(policy, g, h, len));
             }
         }
-        let bound = tokens.div_ceil(self.block_size.max(1)) + 2 * compressing + pages;
+        let bound = tokens
+            .div_ceil(self.block_size.max(1))
+            .saturating_add(2 * compressing)
+            .saturating_add(pages);
         bound.min(self.pages_per_sequence(policy, len))
     }
 

@@ -12,6 +12,17 @@ pub(crate) fn unprobed(num_slots: usize, valid: &[u64], probed: &[f32]) -> usize
         .count()
 }
 
+/// Slots a mid-prompt decision keeps for `unprobed` slots not probed yet: themselves and,
+/// under max-pooling, the `pool / 2` slots before them, whose pooled score is theirs (`+inf`),
+/// so that all of them fit in the budget and none is dropped before its probe.
+pub(crate) fn unprobed_room(unprobed: usize, pool: usize) -> usize {
+    if unprobed == 0 {
+        0
+    } else {
+        unprobed.saturating_add(pool / 2)
+    }
+}
+
 /// Marks the `budget` valid slots with the highest probe scores, max-pooled over `pool`
 /// neighbouring slots as SnapKV pools (1: KVzip's own, per token; ties towards the earlier
 /// slot). Errors when no valid slot was probed: the engine ran no probe step before the

@@ -242,8 +242,9 @@ pub enum Retention {
         /// Pooling kernel size (odd; SnapKV uses 5 to 7).
         pool: usize,
     },
-    /// KVzip (Kim et al. 2025), query-agnostic: once at the end of prefill, keep the `budget`
-    /// slots the prompt's reconstruction attends to most. Before the prompt's last token the
+    /// KVzip (Kim et al. 2025), query-agnostic: once at the end of prefill (or after every
+    /// prefill step too, with `prefill`), keep the `budget` slots the prompt's reconstruction
+    /// attends to most. Before the prompt's last token the
     /// engine replays the prompt in probe steps of `chunk` tokens after a "repeat the context"
     /// prefix ([`crate::KvCache::reserve_probe`]); each slot scores the most attention any probe
     /// step put on it, and the probes leave nothing in the cache. Tokens no probe saw (the
@@ -264,9 +265,10 @@ pub enum Retention {
         pool: usize,
         /// Compress after every prefill chunk too, not only at the prompt's end: the engine
         /// probes each chunk right after it runs, and every prompt step keeps `budget` slots,
-        /// those not probed yet (the step's own tokens; all of them where they are more) and
-        /// then the best-scored probed ones. The prompt is never held whole (the peak is the
-        /// budget plus a step, where plain KVzip holds the whole prompt and a probe), but the
+        /// those not probed yet (the step's own tokens, and with `pool` above 1 the `pool / 2`
+        /// before them; all of them where they are more) and then the best-scored probed ones.
+        /// The prompt is never held whole (the peak is the larger of the budget and a step,
+        /// plus a step, where plain KVzip holds the whole prompt and a probe), but the
         /// prompt's later tokens are computed over what was kept of the earlier ones, not all
         /// of them: on the embedded model that costs most of KVzip's retrieval
         /// (`docs/benchmarks.md`).
@@ -550,7 +552,7 @@ impl Retention {
                     // with nothing probed yet decides nothing.
                     Phase::Prefill if *prefill => {
                         let unprobed = kvzip::unprobed(n, input.valid, probed()?);
-                        budget = budget.max(unprobed);
+                        budget = budget.max(kvzip::unprobed_room(unprobed, *pool));
                         unprobed < bits::count(input.valid)
                     }
                     _ => false,
@@ -585,8 +587,9 @@ impl Retention {
         }
     }
 
-    /// Whether [`Retention::select_joint`] can decide at `phase` (SnapKV and PyramidKV at the
-    /// prompt's end): callers skip gathering the lanes elsewhere.
+    /// Whether [`Retention::select_joint`] can decide at `phase` (SnapKV, PyramidKV and KVzip
+    /// at the prompt's end; KVzip with `prefill` at every prompt step): callers skip gathering
+    /// the lanes elsewhere.
     pub fn has_joint_form(&self, phase: Phase) -> bool {
         match self {
             Retention::SnapKv { .. } => phase == Phase::PromptEnd,
@@ -617,10 +620,12 @@ impl Retention {
     /// AdaKV: one decision for all the lanes of a group (overwriting their keep bits), sharing
     /// `lanes x budget` with each lane keeping at least `floor` of its share (see
     /// `adaptive.rs`). SnapKV (and PyramidKV, SnapKV with per-group budgets) and KVzip (its
-    /// probe scores, no window, no pooling: KVzip's head-level eviction) have a joint form, at
-    /// the prompt's end when every lane holds more than its budget; elsewhere this
-    /// returns `false` and writes nothing, and the caller decides lane by lane with
-    /// [`Retention::select`]. A joint decision bounds the group, not each lane.
+    /// probe scores, no window: KVzip's head-level eviction) have a joint form, at the
+    /// prompt's end when every lane holds more than its budget (KVzip with `prefill` also at
+    /// every prompt step once something was probed, keeping every slot not probed yet, as
+    /// [`Retention::select`] does); elsewhere this returns `false` and writes nothing, and the
+    /// caller decides lane by lane with [`Retention::select`]. A joint decision bounds the
+    /// group, not each lane.
     pub fn select_joint(
         &self,
         lanes: &mut [JointLane<'_>],
@@ -650,7 +655,7 @@ impl Retention {
             for l in lanes.iter() {
                 let unprobed = kvzip::unprobed(l.num_slots, l.valid, l.scores);
                 any_probed |= unprobed < bits::count(l.valid);
-                budget = budget.max(unprobed);
+                budget = budget.max(kvzip::unprobed_room(unprobed, pool));
             }
             if !any_probed {
                 return false;
@@ -699,13 +704,16 @@ impl Retention {
         let kept = match self {
             Retention::KvZip {
                 budget,
+                pool,
                 prefill: true,
                 ..
-            } => budget.resolve(prompt_len).max(chunk),
+            } => budget
+                .resolve(prompt_len)
+                .max(kvzip::unprobed_room(chunk, *pool)),
             Retention::Union { parts } => parts
                 .iter()
                 .map(|p| p.max_tokens_in_prompt(prompt_len, chunk))
-                .sum(),
+                .fold(0, usize::saturating_add),
             _ => self.max_tokens(prompt_len),
         };
         kept.min(prompt_len)
@@ -784,12 +792,15 @@ mod tests {
     }
 
     /// KVzip with `prefill` mid-prompt, against a sort: every unprobed (`+inf`) slot stays,
-    /// then the best probed ones up to the budget; nothing is decided before a probe ran, or
-    /// without `prefill`; at the prompt's end the budget counts the unprobed as before.
+    /// then the best probed ones up to the budget (pooled over `pool` valid neighbours, the
+    /// budget raised by the `pool / 2` slots before the unprobed, which pooling scores `+inf`);
+    /// nothing is decided before a probe ran, or without `prefill`; at the prompt's end the
+    /// budget counts the unprobed as before.
     #[test]
     fn kvzip_compresses_mid_prompt_only_with_prefill() {
         let mut rng = crate::rng::SplitMix64::new(11);
-        for case in 0..300 {
+        for case in 0..600 {
+            let pool = [1, 3, 5][case % 3];
             let n = 2 + (rng.next_u64() % 60) as usize;
             let budget = 1 + (rng.next_u64() % n as u64) as usize;
             let mut valid = vec![0u64; bits::words_for(n)];
@@ -815,42 +826,45 @@ mod tests {
                 .copied()
                 .filter(|&x| !probed[x].is_finite())
                 .collect();
-            let mut scored: Vec<usize> = live
-                .iter()
-                .copied()
-                .filter(|&x| probed[x].is_finite())
-                .collect();
-            scored.sort_by(|&a, &b| probed[b].total_cmp(&probed[a]).then(a.cmp(&b)));
-            let mut want = if scored.is_empty() {
-                live.clone()
-            } else {
-                let mut w = unprobed.clone();
-                w.extend(scored.iter().take(budget.saturating_sub(unprobed.len())));
-                w
+            let any_probed = unprobed.len() < live.len();
+            let half = pool / 2;
+            let pooled = |x: usize| {
+                live.iter()
+                    .filter(|&&t| t + half >= x && t <= x + half)
+                    .map(|&t| probed[t])
+                    .fold(f32::NEG_INFINITY, f32::max)
             };
+            let room = if unprobed.is_empty() {
+                budget
+            } else {
+                budget.max(unprobed.len() + half)
+            };
+            let mut want = live.clone();
+            if any_probed {
+                want.sort_by(|&a, &b| pooled(b).total_cmp(&pooled(a)).then(a.cmp(&b)));
+                want.truncate(room);
+            }
             want.sort_unstable();
             let r = |prefill| Retention::KvZip {
                 budget: Budget::Tokens(budget),
                 chunk: 4,
-                pool: 1,
+                pool,
                 prefill,
             };
             let got = run(&r(true), n, &valid, Some(&probed), Phase::Prefill);
-            assert_eq!(
-                got, want,
-                "case {case}: n {n} budget {budget} fresh {fresh}"
+            let name = format!("case {case}: n {n} budget {budget} fresh {fresh} pool {pool}");
+            assert_eq!(got, want, "{name}");
+            assert!(
+                unprobed.iter().all(|x| got.contains(x)),
+                "{name}: a slot was dropped before its probe"
             );
-            assert!(got.len() <= budget.max(unprobed.len()) || scored.is_empty());
             let plain = run(&r(false), n, &valid, Some(&probed), Phase::Prefill);
-            assert_eq!(
-                plain, live,
-                "case {case}: plain KVzip decides at the end only"
-            );
-            if !scored.is_empty() {
+            assert_eq!(plain, live, "{name}: plain KVzip decides at the end only");
+            if any_probed {
                 let end = run(&r(true), n, &valid, Some(&probed), Phase::PromptEnd);
                 let same = run(&r(false), n, &valid, Some(&probed), Phase::PromptEnd);
-                assert_eq!(end, same, "case {case}");
-                assert_eq!(end.len(), budget.min(live.len()), "case {case}");
+                assert_eq!(end, same, "{name}");
+                assert_eq!(end.len(), budget.min(live.len()), "{name}");
             }
         }
     }
