@@ -137,8 +137,9 @@ impl Scheduler {
     /// holds under the policy, phase-aware ([`Planner::pages_per_sequence`] with steps of one
     /// prefill chunk): a window holds its window plus a chunk, SnapKV the whole sequence (its
     /// prompt is held whole until the prompt ends), identity everything; under a policy that
-    /// probes, the probe's tokens beside the prompt too. A request's plan until its prompt is
-    /// done (then [`crate::plan::Planner::pages_after_prompt`]).
+    /// probes, the probe's tokens beside the prompt too; KVzip compressing during prefill the
+    /// larger of [`Planner::pages_in_prompt`] and what it holds after the prompt. A request's
+    /// plan until its prompt is done (then [`crate::plan::Planner::pages_after_prompt`]).
     pub fn peak_pages(&self, prompt_len: usize, max_tokens: usize) -> usize {
         // A probe holds its tokens beside the prompt's first `prompt_len - 1`.
         let held = max_tokens.max(self.probe_tokens);
