@@ -30,6 +30,17 @@ const POLICIES: [&str; 9] = [
     "identity+kvzip-prefill:24:16+adakv:0.5:layers",
 ];
 
+/// The requests `events` report failed, in order.
+fn failed_ids(events: &[BatchEvent]) -> Vec<RequestId> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            BatchEvent::Failed { id, .. } => Some(*id),
+            _ => None,
+        })
+        .collect()
+}
+
 /// The model, written once per test (tests run in parallel threads of one process).
 fn model_dir(test: &str) -> std::path::PathBuf {
     TinyModel::llama(11).write(&scratch(&format!("batch-{test}")))
@@ -403,13 +414,7 @@ fn a_failed_step_fails_only_the_requests_it_ran() {
         matches!(err, ModelError::Fault(FailStage::Layer(2))),
         "{err}"
     );
-    let failed: Vec<RequestId> = events
-        .iter()
-        .filter_map(|e| match e {
-            BatchEvent::Failed { id, .. } => Some(*id),
-            _ => None,
-        })
-        .collect();
+    let failed = failed_ids(&events);
     assert_eq!(failed, [0, 1], "{events:?}");
     assert_eq!(b.live().collect::<Vec<_>>(), [2]);
     let rest = drain(&mut b);
@@ -486,13 +491,7 @@ fn a_failed_probe_fails_only_its_own_request() {
     });
     let mut events = Vec::new();
     assert!(b.step(&mut events).unwrap());
-    let failed: Vec<RequestId> = events
-        .iter()
-        .filter_map(|e| match e {
-            BatchEvent::Failed { id, .. } => Some(*id),
-            _ => None,
-        })
-        .collect();
+    let failed = failed_ids(&events);
     assert_eq!(failed, [0], "{events:?}");
     assert_eq!(b.live().collect::<Vec<_>>(), [5]);
     let first = events.iter().find_map(|e| match e {

@@ -67,13 +67,23 @@ fn load(dir: &Path) -> Arc<Model> {
 }
 
 fn engine(model: &Arc<Model>, policy: Policy, prefill: PrefillMode) -> Engine {
+    engine_stepping(model, policy, prefill, 256)
+}
+
+/// [`engine`] with prefill steps of `prefill_chunk` tokens under a policy that evicts.
+fn engine_stepping(
+    model: &Arc<Model>,
+    policy: Policy,
+    prefill: PrefillMode,
+    prefill_chunk: usize,
+) -> Engine {
     let cfg = EngineConfig {
         block_size: 4,
         num_pages: 512,
         kv_dtype: layerkv_model::KvType::F32.into(),
         sliding_window: None,
         prefill,
-        prefill_chunk: 256,
+        prefill_chunk,
         prefix_caching: false,
     };
     Engine::new(model.clone(), Arc::new(policy), cfg).unwrap()
@@ -1339,6 +1349,61 @@ fn adakv_matches_the_dense_reference() {
     );
 }
 
+/// `kvzip` over `map`, per head when `per_head`; `adaptive` 1 adds AdaKV's split per group
+/// with no floor, 2 across every group (KVzip's global threshold).
+fn kvzip_policy(map: LayerMap, kvzip: Retention, per_head: bool, adaptive: u8) -> Policy {
+    let policy = heads(with(map, kvzip, "kvzip"), per_head);
+    if adaptive == 0 {
+        return policy;
+    }
+    PolicyBuilder::from_policy(&policy)
+        .name(format!("{}+adakv", policy.name()))
+        .adaptive(0.0)
+        .across_layers(adaptive == 2)
+        .build()
+        .unwrap()
+}
+
+/// An engine under a probing `policy` (probe steps of `chunk` after `prefix`), prefilling in
+/// steps of `steps`, with sequence 0 added.
+fn probing_engine(
+    model: &Arc<Model>,
+    policy: &Policy,
+    steps: usize,
+    chunk: usize,
+    prefix: &[u32],
+) -> Engine {
+    let mut e = engine_stepping(model, policy.clone(), PrefillMode::TokenByToken, steps);
+    assert_eq!(e.probe_chunk(), Some(chunk));
+    e.set_probe_prefix(prefix.to_vec());
+    e.add_sequence(0).unwrap();
+    e
+}
+
+/// Decodes `text[from..]` token by token on sequence 0 after the prompt rows `got`, checks
+/// every row against `want` within 1e-4, then frees the sequence: the pool is back to
+/// `used` pages.
+fn decodes_as_the_reference(
+    e: &mut Engine,
+    text: &[u32],
+    from: usize,
+    mut got: Vec<Tensor>,
+    want: &[Tensor],
+    used: usize,
+    name: &str,
+) {
+    for t in from..text.len() {
+        got.push(e.step(&[(0, &text[t..t + 1])], LogitsRows::All).unwrap());
+    }
+    assert_eq!(got.len(), want.len(), "{name}");
+    for (t, (a, b)) in got.iter().zip(want).enumerate() {
+        let d = max_abs_diff(a, b);
+        assert!(d <= 1e-4, "{name} token {t}: {d}");
+    }
+    e.free(0).unwrap();
+    assert_eq!(e.cache().pool_stats().num_used, used, "{name}");
+}
+
 /// KVzip: the engine's probe steps (prompt replayed in chunks after a prefix, scored, rolled
 /// back) and decision at the prompt's end against the dense reference, whose probe scores come
 /// from an identity run over the prompt with each probe appended: the peak weight any query
@@ -1369,16 +1434,8 @@ fn kvzip_matches_the_dense_reference() {
         };
         let seed = 60 + k as u64;
         let model = load(&tiny_model(seed));
-        let mut policy = heads(with(map.clone(), kvzip.clone(), "kvzip"), per_head);
-        if adaptive > 0 {
-            // KVzip's head-level split: the lanes of a group (or of all) share their budget.
-            policy = PolicyBuilder::from_policy(&policy)
-                .name("kvzip+adakv")
-                .adaptive(0.0)
-                .across_layers(adaptive == 2)
-                .build()
-                .unwrap();
-        }
+        // KVzip's head-level split: the lanes of a group (or of all) share their budget.
+        let policy = kvzip_policy(map.clone(), kvzip, per_head, adaptive);
         let identity = heads(with(map, Retention::Full, "identity"), per_head);
         let text: Vec<u32> = (0..total as u32)
             .map(|i| (i * 11 + 2) % VOCAB as u32)
@@ -1425,24 +1482,12 @@ fn kvzip_matches_the_dense_reference() {
             Some(&peaks.peak),
             None,
         );
-        let cfg = EngineConfig {
-            block_size: 4,
-            num_pages: 512,
-            kv_dtype: layerkv_model::KvType::F32.into(),
-            sliding_window: None,
-            prefill: PrefillMode::TokenByToken,
-            prefill_chunk: 5,
-            prefix_caching: false,
-        };
-        let mut e = Engine::new(model.clone(), Arc::new(policy.clone()), cfg).unwrap();
-        assert_eq!(e.probe_chunk(), Some(chunk));
-        e.set_probe_prefix(prefix.to_vec());
-        e.add_sequence(0).unwrap();
+        let mut e = probing_engine(&model, &policy, 5, chunk, &prefix);
         let before = e.cache().pool_stats();
         let prompt = e
             .step(&[(0, &text[..prompt_len])], LogitsRows::All)
             .unwrap();
-        let mut got: Vec<Tensor> = (0..prompt_len)
+        let got: Vec<Tensor> = (0..prompt_len)
             .map(|r| prompt.narrow(0, r, 1).unwrap())
             .collect();
         let r = e.cache().read();
@@ -1466,16 +1511,16 @@ fn kvzip_matches_the_dense_reference() {
             assert!(held.iter().all(|&h| h == 6), "{k}: {held:?}");
         }
         e.cache().check_invariants().unwrap();
-        for t in prompt_len..total {
-            let logits = e.step(&[(0, &text[t..t + 1])], LogitsRows::All).unwrap();
-            got.push(logits);
-        }
-        for (t, (a, b)) in got.iter().zip(&want).enumerate() {
-            let d = max_abs_diff(a, b);
-            assert!(d <= 1e-4, "{k} ({}) token {t}: {d}", policy.name());
-        }
-        e.free(0).unwrap();
-        assert_eq!(e.cache().pool_stats().num_used, before.num_used);
+        let name = format!("{k} ({})", policy.name());
+        decodes_as_the_reference(
+            &mut e,
+            &text,
+            prompt_len,
+            got,
+            &want,
+            before.num_used,
+            &name,
+        );
     }
 }
 
@@ -1515,15 +1560,7 @@ fn kvzip_compressing_during_prefill_matches_the_dense_reference() {
         };
         let seed = 70 + k as u64;
         let model = load(&tiny_model(seed));
-        let mut policy = heads(with(map.clone(), kvzip, "kvzip-prefill"), per_head);
-        if adaptive > 0 {
-            policy = PolicyBuilder::from_policy(&policy)
-                .name("kvzip-prefill+adakv")
-                .adaptive(0.0)
-                .across_layers(adaptive == 2)
-                .build()
-                .unwrap();
-        }
+        let policy = kvzip_policy(map.clone(), kvzip, per_head, adaptive);
         let text: Vec<u32> = (0..total as u32)
             .map(|i| (i * 7 + 3) % VOCAB as u32)
             .collect();
@@ -1567,19 +1604,7 @@ fn kvzip_compressing_during_prefill_matches_the_dense_reference() {
             Some(&peak),
             None,
         );
-        let cfg = EngineConfig {
-            block_size: 4,
-            num_pages: 512,
-            kv_dtype: layerkv_model::KvType::F32.into(),
-            sliding_window: None,
-            prefill: PrefillMode::TokenByToken,
-            prefill_chunk: steps,
-            prefix_caching: false,
-        };
-        let mut e = Engine::new(model.clone(), Arc::new(policy.clone()), cfg).unwrap();
-        assert_eq!(e.probe_chunk(), Some(chunk));
-        e.set_probe_prefix(prefix.to_vec());
-        e.add_sequence(0).unwrap();
+        let mut e = probing_engine(&model, &policy, steps, chunk, &prefix);
         let before = e.cache().pool_stats();
         let prompt = e
             .step(&[(0, &text[..prompt_len])], LogitsRows::All)
@@ -1593,7 +1618,7 @@ fn kvzip_compressing_during_prefill_matches_the_dense_reference() {
             peak_used <= bound && bound < whole,
             "{k}: peak {peak_used} pages, bound {bound}, whole prompt {whole}"
         );
-        let mut got: Vec<Tensor> = (0..prompt_len)
+        let got: Vec<Tensor> = (0..prompt_len)
             .map(|r| prompt.narrow(0, r, 1).unwrap())
             .collect();
         let r = e.cache().read();
@@ -1603,17 +1628,16 @@ fn kvzip_compressing_during_prefill_matches_the_dense_reference() {
         drop(r);
         assert_eq!(held, budget * e.cache().num_groups(), "{k}");
         e.cache().check_invariants().unwrap();
-        for t in prompt_len..total {
-            let logits = e.step(&[(0, &text[t..t + 1])], LogitsRows::All).unwrap();
-            got.push(logits);
-        }
-        assert_eq!(got.len(), want.len());
-        for (t, (a, b)) in got.iter().zip(&want).enumerate() {
-            let d = max_abs_diff(a, b);
-            assert!(d <= 1e-4, "{k} ({}) token {t}: {d}", policy.name());
-        }
-        e.free(0).unwrap();
-        assert_eq!(e.cache().pool_stats().num_used, before.num_used);
+        let name = format!("{k} ({})", policy.name());
+        decodes_as_the_reference(
+            &mut e,
+            &text,
+            prompt_len,
+            got,
+            &want,
+            before.num_used,
+            &name,
+        );
     }
 }
 

@@ -8,7 +8,7 @@
 //! layers hold nothing. A plan never promises more than the allocator delivers. O(groups).
 
 use crate::config::{group_window, CacheConfig};
-use crate::policy::LayerKvPolicy;
+use crate::policy::{lane_retentions, LayerKvPolicy};
 
 /// Planning parameters: the cache's block size and windows, and the tokens one step appends
 /// before retention runs (1 for decode; the prefill chunk for chunked prefill).
@@ -140,13 +140,10 @@ impl Planner {
         let whole = self.pages_per_sequence(policy, total);
         let lanes = self.lanes_of(policy);
         let groups = policy.layer_map().num_groups();
-        let tokens: usize = (0..groups)
-            .flat_map(|g| (0..lanes).map(move |h| (g, h)))
-            .map(|(g, h)| {
+        let tokens: usize = lane_retentions(policy, lanes)
+            .map(|(_, _, r)| {
                 // What it keeps, and the step's token appended before the step retains.
-                let kept = policy
-                    .lane_retention(g, h)
-                    .max_tokens_after_prompt(prompt_len, max_tokens);
+                let kept = r.max_tokens_after_prompt(prompt_len, max_tokens);
                 (kept + 1).min(total)
             })
             .sum();
@@ -162,12 +159,9 @@ impl Planner {
     /// Bounded over those lanes together, as [`Planner::pages_after_prompt`] is (an AdaKV split
     /// moves budget between them), with two pages of slack per lane.
     pub fn pages_in_prompt(&self, policy: &dyn LayerKvPolicy, prompt_len: usize) -> usize {
-        let lanes = self.lanes_of(policy);
-        let groups = policy.layer_map().num_groups();
         let len = prompt_len.saturating_add(self.step_tokens);
         let (mut tokens, mut compressing, mut pages) = (0usize, 0usize, 0usize);
-        for (g, h) in (0..groups).flat_map(|g| (0..lanes).map(move |h| (g, h))) {
-            let r = policy.lane_retention(g, h);
+        for (g, h, r) in lane_retentions(policy, self.lanes_of(policy)) {
             if r.compresses_in_prefill() {
                 let kept = r.max_tokens_in_prompt(prompt_len, self.step_tokens);
                 tokens = tokens.saturating_add(kept.saturating_add(self.step_tokens).min(len));

@@ -104,9 +104,7 @@ pub fn lanes_per_group(policy: &dyn LayerKvPolicy, kv_heads: usize) -> usize {
 /// What tells an engine to run probe steps, a scheduler to hold a prompt's last token back for
 /// them, and a planner to make room for them.
 pub fn probe_chunk(policy: &dyn LayerKvPolicy, lanes: usize) -> Option<usize> {
-    (0..policy.layer_map().num_groups())
-        .flat_map(|g| (0..lanes.max(1)).map(move |h| (g, h)))
-        .find_map(|(g, h)| policy.lane_retention(g, h).probe_chunk())
+    lane_retentions(policy, lanes).find_map(|(_, _, r)| r.probe_chunk())
 }
 
 /// Whether some lane of `policy` (with `lanes` lanes per group when it is per-head)
@@ -114,9 +112,17 @@ pub fn probe_chunk(policy: &dyn LayerKvPolicy, lanes: usize) -> Option<usize> {
 /// engine then probes after every prefill step, and planners bound the prompt's steps by the
 /// budget instead of the whole prompt.
 pub fn compresses_in_prefill(policy: &dyn LayerKvPolicy, lanes: usize) -> bool {
+    lane_retentions(policy, lanes).any(|(_, _, r)| r.compresses_in_prefill())
+}
+
+/// Every lane of `policy` with `lanes` lanes per group (at least 1), group by group, with its
+/// retention ([`LayerKvPolicy::lane_retention`]).
+pub(crate) fn lane_retentions(
+    policy: &dyn LayerKvPolicy,
+    lanes: usize,
+) -> impl Iterator<Item = (GroupId, usize, &Retention)> + '_ {
     (0..policy.layer_map().num_groups())
-        .flat_map(|g| (0..lanes.max(1)).map(move |h| (g, h)))
-        .any(|(g, h)| policy.lane_retention(g, h).compresses_in_prefill())
+        .flat_map(move |g| (0..lanes.max(1)).map(move |h| (g, h, policy.lane_retention(g, h))))
 }
 
 /// The stock policy: a layer map and a retention per group.

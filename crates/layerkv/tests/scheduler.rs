@@ -73,6 +73,40 @@ fn policy(map: LayerMap, retention: Retention) -> Policy {
         .unwrap()
 }
 
+/// A cache of `num_pages` 4-slot pages under `policy`.
+fn cache_of(policy: Policy, num_pages: usize) -> KvCache {
+    KvCache::new(
+        Arc::new(policy),
+        CacheConfig {
+            block_size: 4,
+            num_pages,
+            ..CacheConfig::default()
+        },
+    )
+    .unwrap()
+}
+
+/// KVzip over a 4-layer CLA map keeping 8 tokens, probes of 4 (`prefill`: compressing during
+/// prefill), and the scheduler config its tests share.
+fn kvzip(prefill: bool) -> (Policy, SchedulerConfig) {
+    let policy = policy(
+        LayerMap::cla(4, 2).unwrap(),
+        Retention::KvZip {
+            budget: Budget::Tokens(8),
+            chunk: 4,
+            pool: 1,
+            prefill,
+        },
+    );
+    let config = SchedulerConfig {
+        max_num_seqs: 2,
+        max_num_batched_tokens: 16,
+        prefill_chunk: 8,
+        ..SchedulerConfig::default()
+    };
+    (policy, config)
+}
+
 fn h2o() -> Policy {
     policy(
         LayerMap::cla(4, 2).unwrap(),
@@ -815,15 +849,7 @@ fn admission_counts_the_policy_peak() {
 #[test]
 fn refusals_are_typed_errors() {
     let policy = Policy::identity(2).unwrap();
-    let cache = KvCache::new(
-        Arc::new(policy.clone()),
-        CacheConfig {
-            block_size: 4,
-            num_pages: 20,
-            ..CacheConfig::default()
-        },
-    )
-    .unwrap();
+    let cache = cache_of(policy.clone(), 20);
     let config = SchedulerConfig {
         max_num_seqs: 1,
         max_num_batched_tokens: 16,
@@ -1175,15 +1201,7 @@ fn a_warm_step_allocates_nothing() {
             window: 16,
         },
     );
-    let cache = KvCache::new(
-        Arc::new(policy),
-        CacheConfig {
-            block_size: 4,
-            num_pages: 200,
-            ..CacheConfig::default()
-        },
-    )
-    .unwrap();
+    let cache = cache_of(policy, 200);
     let config = SchedulerConfig {
         max_num_seqs: 4,
         max_num_batched_tokens: 16,
@@ -1225,39 +1243,12 @@ fn a_warm_step_allocates_nothing() {
 /// for its budget plus a step rather than its whole prompt.
 #[test]
 fn kvzip_prefill_probes_each_step_and_plans_no_whole_prompt() {
-    let kvzip = |prefill| {
-        policy(
-            LayerMap::cla(4, 2).unwrap(),
-            Retention::KvZip {
-                budget: Budget::Tokens(8),
-                chunk: 4,
-                pool: 1,
-                prefill,
-            },
-        )
-    };
-    let cache_of = |p: Policy| {
-        KvCache::new(
-            Arc::new(p),
-            CacheConfig {
-                block_size: 4,
-                num_pages: 64,
-                ..CacheConfig::default()
-            },
-        )
-        .unwrap()
-    };
-    let config = SchedulerConfig {
-        max_num_seqs: 2,
-        max_num_batched_tokens: 16,
-        prefill_chunk: 8,
-        ..SchedulerConfig::default()
-    };
-    let plain_cache = cache_of(kvzip(false));
+    let (plain_policy, config) = kvzip(false);
+    let plain_cache = cache_of(plain_policy, 64);
     let plain = Scheduler::new(config, &plain_cache)
         .unwrap()
         .with_probe_tokens(14);
-    let cache = cache_of(kvzip(true));
+    let cache = cache_of(kvzip(true).0, 64);
     let mut s = Scheduler::new(config, &cache)
         .unwrap()
         .with_probe_tokens(14);
@@ -1305,30 +1296,8 @@ fn kvzip_prefill_probes_each_step_and_plans_no_whole_prompt() {
 /// entry was due), and `peak_pages` without the probe's tokens (the peaks were equal).
 #[test]
 fn kvzip_prompts_end_with_a_probed_step_of_their_own() {
-    let policy = policy(
-        LayerMap::cla(4, 2).unwrap(),
-        Retention::KvZip {
-            budget: Budget::Tokens(8),
-            chunk: 4,
-            pool: 1,
-            prefill: false,
-        },
-    );
-    let cache = KvCache::new(
-        Arc::new(policy),
-        CacheConfig {
-            block_size: 4,
-            num_pages: 64,
-            ..CacheConfig::default()
-        },
-    )
-    .unwrap();
-    let config = SchedulerConfig {
-        max_num_seqs: 2,
-        max_num_batched_tokens: 16,
-        prefill_chunk: 8,
-        ..SchedulerConfig::default()
-    };
+    let (policy, config) = kvzip(false);
+    let cache = cache_of(policy, 64);
     let plain = Scheduler::new(config, &cache).unwrap();
     assert!(plain.probes());
     let mut s = Scheduler::new(config, &cache)

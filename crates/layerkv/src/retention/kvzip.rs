@@ -5,16 +5,28 @@
 
 use crate::bits;
 
-/// Valid slots no probe scored yet (`+inf`): appended after the last probe.
-pub(crate) fn unprobed(num_slots: usize, valid: &[u64], probed: &[f32]) -> usize {
-    (0..num_slots)
-        .filter(|&s| bits::get(valid, s) && !probed[s].is_finite())
-        .count()
+/// A mid-prompt decision's budget (KVzip with `prefill`) over `lanes` (slots, validity,
+/// probe scores) that share `budget` each: raised so every slot not probed yet (`+inf`, the
+/// step's own) fits, with, under max-pooling, the `pool / 2` slots before them, whose pooled
+/// score is theirs; so none is dropped before its probe, and a prompt with nothing probed yet
+/// keeps everything.
+pub(crate) fn mid_prompt_budget<'a>(
+    budget: usize,
+    pool: usize,
+    lanes: impl IntoIterator<Item = (usize, &'a [u64], &'a [f32])>,
+) -> usize {
+    lanes
+        .into_iter()
+        .fold(budget, |budget, (num_slots, valid, probed)| {
+            let unprobed = (0..num_slots)
+                .filter(|&s| bits::get(valid, s) && !probed[s].is_finite())
+                .count();
+            budget.max(unprobed_room(unprobed, pool))
+        })
 }
 
-/// Slots a mid-prompt decision keeps for `unprobed` slots not probed yet: themselves and,
-/// under max-pooling, the `pool / 2` slots before them, whose pooled score is theirs (`+inf`),
-/// so that all of them fit in the budget and none is dropped before its probe.
+/// Slots a mid-prompt decision keeps for `unprobed` slots not probed yet: themselves and the
+/// `pool / 2` before them (see [`mid_prompt_budget`]).
 pub(crate) fn unprobed_room(unprobed: usize, pool: usize) -> usize {
     if unprobed == 0 {
         0
@@ -52,6 +64,44 @@ pub(crate) fn select(
     Ok(())
 }
 
+/// Random inputs for the KVzip tests here and in `retention`.
+#[cfg(test)]
+pub(crate) mod testing {
+    use crate::bits;
+    use crate::rng::SplitMix64;
+
+    /// `n` slots, each valid unless its draw is a multiple of `hole_one_in`.
+    pub(crate) fn valid(rng: &mut SplitMix64, n: usize, hole_one_in: u64) -> Vec<u64> {
+        let mut valid = vec![0u64; bits::words_for(n)];
+        for s in 0..n {
+            if !rng.next_u64().is_multiple_of(hole_one_in) {
+                bits::set(&mut valid, s);
+            }
+        }
+        valid
+    }
+
+    /// Probe scores of `n` slots: the last `unprobed` `+inf`, the others one of `levels`
+    /// values `step` apart (few distinct values, so ties occur).
+    pub(crate) fn probed(
+        rng: &mut SplitMix64,
+        n: usize,
+        unprobed: usize,
+        levels: u64,
+        step: f32,
+    ) -> Vec<f32> {
+        (0..n)
+            .map(|s| {
+                if s + unprobed >= n {
+                    f32::INFINITY
+                } else {
+                    (rng.next_u64() % levels) as f32 * step
+                }
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -63,23 +113,10 @@ mod tests {
         for case in 0..200 {
             let n = 1 + (rng.next_u64() % 90) as usize;
             let budget = 1 + (rng.next_u64() % n as u64) as usize;
-            let mut valid = vec![0u64; bits::words_for(n)];
-            for s in 0..n {
-                if !rng.next_u64().is_multiple_of(5) {
-                    bits::set(&mut valid, s);
-                }
-            }
-            // Few distinct values, so ties occur; the last few slots unprobed.
+            let valid = testing::valid(&mut rng, n, 5);
+            // The last few slots unprobed.
             let unprobed = (rng.next_u64() % 3) as usize;
-            let probed: Vec<f32> = (0..n)
-                .map(|s| {
-                    if s + unprobed >= n {
-                        f32::INFINITY
-                    } else {
-                        (rng.next_u64() % 7) as f32 * 0.25
-                    }
-                })
-                .collect();
+            let probed = testing::probed(&mut rng, n, unprobed, 7, 0.25);
             let mut keep = vec![0u64; valid.len()];
             let r = select(budget, 1, n, &valid, &probed, &mut keep, &mut Vec::new());
             let mut order: Vec<usize> = (0..n).filter(|&s| bits::get(&valid, s)).collect();

@@ -548,12 +548,11 @@ impl Retention {
                 let decides = match input.phase {
                     Phase::PromptEnd => true,
                     // Mid-prompt: every slot not probed yet (the step's own tokens, probed after
-                    // it) stays within the budget, or all of them where they are more; a prompt
-                    // with nothing probed yet decides nothing.
+                    // it) stays within the budget, or all of them where they are more.
                     Phase::Prefill if *prefill => {
-                        let unprobed = kvzip::unprobed(n, input.valid, probed()?);
-                        budget = budget.max(kvzip::unprobed_room(unprobed, *pool));
-                        unprobed < bits::count(input.valid)
+                        let lane = (n, input.valid, probed()?);
+                        budget = kvzip::mid_prompt_budget(budget, *pool, [lane]);
+                        true
                     }
                     _ => false,
                 };
@@ -622,7 +621,7 @@ impl Retention {
     /// `adaptive.rs`). SnapKV (and PyramidKV, SnapKV with per-group budgets) and KVzip (its
     /// probe scores, no window: KVzip's head-level eviction) have a joint form, at the
     /// prompt's end when every lane holds more than its budget (KVzip with `prefill` also at
-    /// every prompt step once something was probed, keeping every slot not probed yet, as
+    /// every prompt step, keeping every slot not probed yet, as
     /// [`Retention::select`] does); elsewhere this returns `false` and writes nothing, and the
     /// caller decides lane by lane with [`Retention::select`]. A joint decision bounds the
     /// group, not each lane.
@@ -650,16 +649,9 @@ impl Retention {
         }
         if phase == Phase::Prefill {
             // KVzip mid-prompt: as `select`, every slot not yet probed stays (`+inf` scores
-            // sort first), and a prompt with nothing probed yet decides nothing.
-            let mut any_probed = false;
-            for l in lanes.iter() {
-                let unprobed = kvzip::unprobed(l.num_slots, l.valid, l.scores);
-                any_probed |= unprobed < bits::count(l.valid);
-                budget = budget.max(kvzip::unprobed_room(unprobed, pool));
-            }
-            if !any_probed {
-                return false;
-            }
+            // sort first).
+            let lanes = lanes.iter().map(|l| (l.num_slots, l.valid, l.scores));
+            budget = kvzip::mid_prompt_budget(budget, pool, lanes);
         }
         if lanes.iter().any(|l| bits::count(l.valid) <= budget) {
             return false;
@@ -803,23 +795,10 @@ mod tests {
             let pool = [1, 3, 5][case % 3];
             let n = 2 + (rng.next_u64() % 60) as usize;
             let budget = 1 + (rng.next_u64() % n as u64) as usize;
-            let mut valid = vec![0u64; bits::words_for(n)];
-            for x in 0..n {
-                if !rng.next_u64().is_multiple_of(6) {
-                    bits::set(&mut valid, x);
-                }
-            }
+            let valid = kvzip::testing::valid(&mut rng, n, 6);
             // The last `fresh` slots are the step's own, not probed yet.
             let fresh = (rng.next_u64() % (n as u64 / 2 + 1)) as usize;
-            let probed: Vec<f32> = (0..n)
-                .map(|x| {
-                    if x + fresh >= n {
-                        f32::INFINITY
-                    } else {
-                        (rng.next_u64() % 9) as f32 * 0.125
-                    }
-                })
-                .collect();
+            let probed = kvzip::testing::probed(&mut rng, n, fresh, 9, 0.125);
             let live: Vec<usize> = (0..n).filter(|&x| bits::get(&valid, x)).collect();
             let unprobed: Vec<usize> = live
                 .iter()

@@ -207,21 +207,25 @@ impl Request {
 mod tests {
     use super::*;
 
+    /// The next work (chunks of 4) of `r` once `computed` tokens ran: its positions, kind and
+    /// whether it samples.
+    fn work_at(
+        r: &mut Request,
+        computed: usize,
+        hold_last: bool,
+    ) -> (Range<usize>, ScheduledKind, bool) {
+        r.num_computed = computed;
+        let w = r.next_work(4, hold_last);
+        (w.positions, w.kind, w.samples)
+    }
+
     #[test]
     fn work_follows_fixed_chunks_then_replay_then_decode() {
         let mut r = Request::new(vec![7; 10], 4, 1);
         r.running = true;
-        let w = r.next_work(4, false);
-        assert_eq!(
-            (w.positions, w.kind, w.samples),
-            (0..4, ScheduledKind::Prefill, false)
-        );
-        r.num_computed = 8;
-        let w = r.next_work(4, false);
-        assert_eq!(
-            (w.positions, w.kind, w.samples),
-            (8..10, ScheduledKind::Prefill, true)
-        );
+        let prefill = ScheduledKind::Prefill;
+        assert_eq!(work_at(&mut r, 0, false), (0..4, prefill, false));
+        assert_eq!(work_at(&mut r, 8, false), (8..10, prefill, true));
         // Resumed after a preemption with 3 tokens generated: the prompt's end samples nothing,
         // the first two generated tokens replay, the third decodes.
         r.output.extend([1, 2, 3]);
@@ -241,20 +245,10 @@ mod tests {
     fn a_probing_prompt_ends_with_its_last_token_alone() {
         let mut r = Request::new(vec![7; 10], 4, 1);
         r.running = true;
-        let w = r.next_work(4, true);
-        assert_eq!((w.positions, w.samples), (0..4, false));
-        r.num_computed = 8;
-        let w = r.next_work(4, true);
-        assert_eq!(
-            (w.positions, w.kind, w.samples),
-            (8..9, ScheduledKind::Prefill, false)
-        );
-        r.num_computed = 9;
-        let w = r.next_work(4, true);
-        assert_eq!(
-            (w.positions, w.kind, w.samples),
-            (9..10, ScheduledKind::Prefill, true)
-        );
+        let prefill = ScheduledKind::Prefill;
+        assert_eq!(work_at(&mut r, 0, true), (0..4, prefill, false));
+        assert_eq!(work_at(&mut r, 8, true), (8..9, prefill, false));
+        assert_eq!(work_at(&mut r, 9, true), (9..10, prefill, true));
         let mut one = Request::new(vec![7], 4, 1);
         one.running = true;
         assert_eq!(one.next_work(4, true).positions, 0..1);
