@@ -15,6 +15,12 @@
 //! the same shape, context and batch, measured in the same run. `cargo bench --bench attention`
 //! prints the table; under `cargo test` one small case runs and the two implementations must
 //! agree.
+//!
+//! The two paged layouts are timed interleaved (one call of each per round, medians), so a
+//! neighbour's burst on a shared machine slows both alike; candle runs on its own before them.
+//! For profiling: `LAYERKV_BENCH_FILTER` (a row label's substring), `LAYERKV_BENCH_REPS`
+//! (repetitions), `LAYERKV_BENCH_ONLY=paged|candle|lanes` (time one, the others once) and
+//! `LAYERKV_BENCH_NO_BW=1` (skip the bandwidth probes).
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -200,6 +206,35 @@ fn candle(c: &Case, p: &Prepared) -> Tensor {
         .unwrap()
 }
 
+/// Median seconds of each function over its repetitions, called in rounds (one call of each
+/// function still repeating per round) after one warm-up call each.
+fn interleaved_medians(fs: &mut [(usize, &mut dyn FnMut())]) -> Vec<f64> {
+    let mut times: Vec<Vec<f64>> = fs
+        .iter()
+        .map(|(reps, _)| Vec::with_capacity(*reps))
+        .collect();
+    for (_, f) in fs.iter_mut() {
+        f();
+    }
+    let rounds = fs.iter().map(|(reps, _)| *reps).max().unwrap_or(0);
+    for round in 0..rounds {
+        for ((reps, f), t) in fs.iter_mut().zip(&mut times) {
+            if round < *reps {
+                let start = Instant::now();
+                f();
+                t.push(start.elapsed().as_secs_f64());
+            }
+        }
+    }
+    times
+        .into_iter()
+        .map(|mut t| {
+            t.sort_by(f64::total_cmp);
+            t[t.len() / 2]
+        })
+        .collect()
+}
+
 fn median(mut f: impl FnMut(), reps: usize) -> f64 {
     f();
     let mut v: Vec<f64> = (0..reps)
@@ -324,7 +359,15 @@ fn main() {
     // The streaming read is probed before and after the table and the higher figure is the
     // reference: this machine is shared, and a probe taken while a neighbour is busy would make
     // every ratio look better than it is.
-    let bw_start = bandwidth();
+    // `LAYERKV_BENCH_NO_BW=1` skips the probes (a profile of the kernels alone).
+    let probe = || {
+        if std::env::var_os("LAYERKV_BENCH_NO_BW").is_some() {
+            f64::NAN
+        } else {
+            bandwidth()
+        }
+    };
+    let bw_start = probe();
     let mut rows = Vec::new();
     for c in cases() {
         let label = format!(
@@ -335,10 +378,28 @@ fn main() {
             continue;
         }
         let p = prepare(&c);
-        let reps = if c.ctx * c.batch >= 1 << 16 { 5 } else { 11 };
-        let t_ours = median(|| drop(black_box(ours(&c, &p))), reps);
-        let t_candle = median(|| drop(black_box(candle(&c, &p))), reps);
-        let t_lanes = median(|| drop(black_box(lanes(&c, &p))), reps);
+        // `LAYERKV_BENCH_REPS` raises the repetitions (for a profiler's samples).
+        let reps = std::env::var("LAYERKV_BENCH_REPS")
+            .ok()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(if c.ctx * c.batch >= 1 << 16 { 5 } else { 11 });
+        // `LAYERKV_BENCH_ONLY=paged|candle|lanes` times one of the three (the others run
+        // once), so a profile shows that one alone.
+        let only = std::env::var("LAYERKV_BENCH_ONLY").ok();
+        let reps_of = |what: &str| match &only {
+            Some(o) if o != what => 1,
+            _ => reps,
+        };
+        // candle first, on its own (its thread pool spins on after a call and would slow the
+        // call that follows it); then the two paged layouts interleaved, one call of each per
+        // round, so a neighbour's burst on this shared machine slows both alike and their
+        // ratio holds.
+        let t_candle = median(|| drop(black_box(candle(&c, &p))), reps_of("candle"));
+        let t = interleaved_medians(&mut [
+            (reps_of("paged"), &mut || drop(black_box(ours(&c, &p)))),
+            (reps_of("lanes"), &mut || drop(black_box(lanes(&c, &p)))),
+        ]);
+        let (t_ours, t_lanes) = (t[0], t[1]);
         eprintln!(
             "{label}: paged {:.1} us, candle {:.1} us, lanes {:.1} us",
             t_ours * 1e6,
@@ -347,7 +408,7 @@ fn main() {
         );
         rows.push((c, t_ours, t_candle, t_lanes));
     }
-    let bw_end = bandwidth();
+    let bw_end = probe();
     let bw = bw_start.max(bw_end);
     println!(
         "\nstreaming read bandwidth: {:.2} GB/s before, {:.2} GB/s after the table ({} threads); \

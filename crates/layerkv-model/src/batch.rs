@@ -85,6 +85,9 @@ pub struct BatchStats {
     pub running: usize,
     /// Requests waiting for admission (new or preempted).
     pub waiting: usize,
+    /// Running requests whose prompt's probe steps (KVzip) are still to run; counted in
+    /// `running` too.
+    pub probing: usize,
     /// Preemptions since the batcher was made.
     pub preemptions: u64,
     /// Pages in the pool.
@@ -269,14 +272,22 @@ impl Batcher {
     /// nothing (the engine rolls a failed step back), so only the requests it ran are dropped,
     /// each with a [`BatchEvent::Failed`]; the others carry on. A failure after the step
     /// (sampling, the scheduler's update) drops every live request. Either way the error is
-    /// returned. Under a policy that probes (KVzip), a request whose probes failed after a
-    /// step that succeeded ends with a [`BatchEvent::Failed`] of its own (or, when they found
-    /// the pool out of pages, is preempted by recompute), and the step still returns `true`.
+    /// returned. Under a policy that probes (KVzip), a request whose probes failed (they run
+    /// before the step, a prefill chunk's worth per call) ends with a [`BatchEvent::Failed`]
+    /// of its own (or, when they found the pool out of pages, is preempted by recompute), and
+    /// the step still returns `true`; so does a call that only ran probes.
     pub fn step(&mut self, events: &mut Vec<BatchEvent>) -> Result<bool> {
+        // Under KVzip a call may run a prompt's probe steps and schedule nothing beside them:
+        // that is work done.
+        let probing = self.scheduler.has_pending_probes();
         let engine: &mut Engine = self.session.engine_mut();
         let logits = match engine.step_scheduled(&mut self.scheduler, &mut self.out) {
             Ok(Some(logits)) => logits,
-            Ok(None) => return Ok(false),
+            Ok(None) => {
+                let probe_failures = self.session.engine_mut().take_probe_failures();
+                self.settle_probe_failures(probe_failures, events)?;
+                return Ok(probing);
+            }
             Err(e) => {
                 let mut ids: Vec<RequestId> = self.out.scheduled().iter().map(|x| x.id).collect();
                 ids.retain(|id| self.live.contains_key(id));
@@ -468,6 +479,7 @@ impl Batcher {
         BatchStats {
             running: self.scheduler.num_running(),
             waiting: self.scheduler.num_waiting(),
+            probing: self.scheduler.num_probing(),
             preemptions: self.scheduler.num_preemptions_total(),
             pages_used: pool.num_used,
             pages_peak: pool.peak_used,

@@ -670,10 +670,12 @@ impl Engine {
     /// Steps keep the scheduler's fixed prefill chunks, so give it this engine's
     /// [`EngineConfig::prefill_chunk`] as its `prefill_chunk`: a policy that evicts then sees
     /// the same steps as under [`Engine::step`]. Under a policy that probes (KVzip) the
-    /// scheduler ends a prompt's chunks one token early, and the engine probes that prompt
-    /// after the step ([`Scheduler::probe_due`]); plan the probes' room with
+    /// scheduler ends a prompt's chunks one token early and holds the request back until its
+    /// probes ran ([`Scheduler::next_probe`]); the engine runs up to a prefill chunk's worth
+    /// of them before each step, so a call may probe and schedule nothing (`None`; call
+    /// again while [`Scheduler::has_pending_probes`]). Plan the probes' room with
     /// [`Scheduler::with_probe_tokens`] of [`Engine::probe_tokens`], and end the requests of
-    /// [`Engine::take_probe_failures`] after each step. Sequences the scheduler frees
+    /// [`Engine::take_probe_failures`] after each call. Sequences the scheduler frees
     /// (preemption, [`Scheduler::finish`], length) must also be dropped from the engine's
     /// executor with [`Engine::forget`].
     pub fn step_scheduled(
@@ -689,6 +691,9 @@ impl Engine {
         scheduler: &mut Scheduler,
         out: &mut SchedulerOutput,
     ) -> Result<Option<Tensor>> {
+        if let Some(chunk) = self.probe_chunk {
+            self.pending_probes(scheduler, chunk);
+        }
         let (mut run, step) = self.parts();
         let scheduled = scheduler.schedule(run.cache, step, out);
         for &id in out.preempted() {
@@ -708,20 +713,37 @@ impl Engine {
         let upward = run.policy.layer_map().needs_upward();
         let iterative = upward && batch.iter().any(|(_, t)| t.len() > 1);
         let x = run.run(reserved, &batch, Some(&pick), Output::Logits, iterative)?;
-        // Probes after the step that brought a prompt to one token before its end (the
-        // scheduler holds the last token back for a step of its own), as `Engine::step` runs
-        // them. The step is retained whatever they do: a failed probe changed nothing and
-        // fails only its own request (`Engine::take_probe_failures`).
-        if let Some(chunk) = self.probe_chunk {
-            for e in out.scheduled() {
-                if let Some((context, at)) = scheduler.probe_due(e) {
-                    if let Err(err) = self.probe(e.seq, context, at, chunk) {
-                        self.probe_failures.push((e.seq, err));
-                    }
-                }
-            }
-        }
         Ok(Some(x))
+    }
+
+    /// Runs the probe steps the scheduler has pending (KVzip: after the update of the step
+    /// that brought a prompt to one token before its end, or under `prefill` after each
+    /// prefill step; [`Scheduler::next_probe`]), oldest request first, one probe chunk at a
+    /// time, until a prefill chunk's worth of replayed tokens ran (at least one chunk): a long
+    /// prompt's probes then take several steps, and the requests decoding beside it get a
+    /// token at each instead of waiting for all of them, as chunked prefill bounds a step.
+    /// The probing request is not scheduled meanwhile, so its probes see what an unbatched
+    /// run's see. A failed probe changed nothing; it is recorded for its request
+    /// ([`Engine::take_probe_failures`]) and ends this call's probing.
+    fn pending_probes(&mut self, scheduler: &mut Scheduler, chunk: usize) {
+        let budget = self.config.prefill_chunk.max(1);
+        let mut ran = 0;
+        while ran < budget {
+            let Some(p) = scheduler.next_probe() else {
+                break;
+            };
+            let (id, seq, at) = (p.id, p.seq, p.positions.clone());
+            let end = at.start.saturating_add(chunk).min(at.end);
+            if let Err(err) = self.probe(seq, p.context, at.start..end, chunk) {
+                self.probe_failures.push((seq, err));
+                break;
+            }
+            if let Err(err) = scheduler.probed(id, at.start..end) {
+                self.probe_failures.push((seq, err.into()));
+                break;
+            }
+            ran += end - at.start;
+        }
     }
 
     /// The sequences whose probes failed in [`Engine::step_scheduled`] since the last call,

@@ -9,7 +9,7 @@
 //! comparisons failed).
 
 use candle_core::{DType, Device};
-use layerkv::{FinishReason, Policy, RequestId, SchedulerConfig};
+use layerkv::{FinishReason, Policy, RequestId, RequestState, SchedulerConfig};
 use layerkv_model::batch::{BatchEvent, BatchRequest, Batcher};
 use layerkv_model::generate::{generate, generate_batch, Sampling};
 use layerkv_model::{ModelError, Session, SessionOptions};
@@ -481,23 +481,34 @@ fn a_failed_probe_fails_only_its_own_request() {
     let want = alone(&dir, spec, 12);
     let mut b = batcher(&dir, spec, 4, 512);
     let p = prompts();
-    // Request 0 (40 tokens) runs 39 and probes them in the first step; request 5 (one
-    // token) samples in it and probes nothing.
+    // Request 0 (40 tokens) runs 39 in the first step and probes them before the second;
+    // request 5 (one token) samples in both and probes nothing. The second call's first
+    // protocol step is request 0's first probe.
     b.add(0, greedy(&p[1], 12)).unwrap();
     b.add(5, greedy(&p[5], 12)).unwrap();
+    let mut events = Vec::new();
+    assert!(b.step(&mut events).unwrap());
+    assert!(failed_ids(&events).is_empty(), "{events:?}");
     b.session_mut().engine_mut().inject_fault(Fault {
-        step: 1,
+        step: 0,
         stage: FailStage::Layer(2),
     });
-    let mut events = Vec::new();
     assert!(b.step(&mut events).unwrap());
     let failed = failed_ids(&events);
     assert_eq!(failed, [0], "{events:?}");
     assert_eq!(b.live().collect::<Vec<_>>(), [5]);
-    let first = events.iter().find_map(|e| match e {
-        BatchEvent::Token { id: 5, token, .. } => Some(*token),
-        _ => None,
-    });
+    let first: Vec<u32> = events
+        .iter()
+        .filter_map(|e| match e {
+            BatchEvent::Token { id: 5, token, .. } => Some(*token),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        first.len(),
+        2,
+        "request 5 decoded beside the failed probe: {events:?}"
+    );
     b.add(1, greedy(&p[1], 12)).unwrap();
     let rest = drain(&mut b);
     let five: Vec<u32> = first.into_iter().chain(rest[1].1.iter().copied()).collect();
@@ -505,6 +516,57 @@ fn a_failed_probe_fails_only_its_own_request() {
     assert_eq!(five, want[5], "the request stepped beside the failed probe");
     assert_eq!(b.stats().pages_used, 0);
     assert_eq!(b.stats().failed, 1);
+    b.session().engine().cache().check_invariants().unwrap();
+}
+
+/// Under KVzip a long prompt's probe steps run a prefill chunk's worth per call (256 replayed
+/// tokens here, in probe chunks of 16), so a request decoding beside it gets a token at every
+/// call meanwhile instead of waiting for all of them; both replies are the ones generated
+/// alone.
+///
+/// Seen failing with every pending probe run in one call (the probing lasted one call).
+#[test]
+fn requests_decode_between_a_long_prompts_probe_steps() {
+    let dir = model_dir("probe-interleave");
+    let spec = "identity+kvzip:24:16";
+    let want = alone(&dir, spec, 12);
+    let mut b = batcher(&dir, spec, 4, 512);
+    let p = prompts();
+    // Request 3's 300-token prompt runs 256 tokens, then 43 (one short of its end), then
+    // probes its 299 tokens: 256 in one call, 43 in the next; request 5 decodes throughout.
+    b.add(5, greedy(&p[5], 12)).unwrap();
+    b.add(3, greedy(&p[3], 12)).unwrap();
+    let mut events = Vec::new();
+    let mut probing_calls = Vec::new();
+    let mut tokens: std::collections::BTreeMap<RequestId, Vec<u32>> = Default::default();
+    while b.has_work() {
+        let was_probing = b.scheduler().request(3).map(|r| r.state) == Some(RequestState::Probing);
+        assert_eq!(b.stats().probing, usize::from(was_probing));
+        events.clear();
+        assert!(b.step(&mut events).unwrap());
+        for e in &events {
+            match e {
+                BatchEvent::Token { id, token, .. } => tokens.entry(*id).or_default().push(*token),
+                BatchEvent::Failed { id, message } => panic!("request {id} failed: {message}"),
+                BatchEvent::Done { .. } => {}
+            }
+        }
+        if was_probing {
+            let five = events
+                .iter()
+                .filter(|e| matches!(e, BatchEvent::Token { id: 5, .. }))
+                .count();
+            probing_calls.push(five);
+        }
+    }
+    assert_eq!(
+        probing_calls,
+        [1, 1],
+        "request 5's tokens per call while 3 probed"
+    );
+    assert_eq!(tokens[&3], want[3]);
+    assert_eq!(tokens[&5], want[5]);
+    assert_eq!(b.stats().pages_used, 0);
     b.session().engine().cache().check_invariants().unwrap();
 }
 

@@ -112,7 +112,7 @@ pub fn render(stats: &BatchStats, latencies: &Latencies, policy: &str, model: &s
         escape(model),
         escape(policy)
     );
-    let gauges: [(&str, &str, f64); 10] = [
+    let gauges: [(&str, &str, f64); 11] = [
         (
             "layerkv_requests_running",
             "Requests holding KV pages.",
@@ -122,6 +122,12 @@ pub fn render(stats: &BatchStats, latencies: &Latencies, policy: &str, model: &s
             "layerkv_requests_waiting",
             "Requests waiting for admission.",
             stats.waiting as f64,
+        ),
+        (
+            "layerkv_requests_probing",
+            "Running requests whose prompt's KVzip probe steps are still to run (not \
+             scheduled until they ran).",
+            stats.probing as f64,
         ),
         (
             "layerkv_kv_pages_total",

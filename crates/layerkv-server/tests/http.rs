@@ -97,6 +97,7 @@ impl Server {
             let live = [
                 "layerkv_requests_running",
                 "layerkv_requests_waiting",
+                "layerkv_requests_probing",
                 "layerkv_kv_pages_used",
                 "layerkv_kv_pages_planned",
             ]

@@ -72,8 +72,8 @@ pub use retention::{
 };
 pub use rng::SplitMix64;
 pub use sched::{
-    FinishReason, FinishedRequest, RequestId, RequestInfo, RequestState, ScheduledKind,
-    ScheduledRequest, Scheduler, SchedulerConfig, SchedulerOutput,
+    FinishReason, FinishedRequest, PendingProbe, RequestId, RequestInfo, RequestState,
+    ScheduledKind, ScheduledRequest, Scheduler, SchedulerConfig, SchedulerOutput,
 };
 pub use step::{PageCopy, Rerotation, RetainOutcome, Step, PROBE_SINKS};
 pub use table::{BlockTable, TableView};

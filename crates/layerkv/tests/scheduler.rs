@@ -1277,14 +1277,96 @@ fn kvzip_prefill_probes_each_step_and_plans_no_whole_prompt() {
         let e = &out.scheduled()[0];
         assert_eq!(e.positions, positions);
         let got = s.probe_due(e).map(|(context, at)| (context.len(), at));
-        assert_eq!(got, due.map(|at| (19, at)));
+        assert_eq!(got, due.clone().map(|at| (19, at)));
         if e.positions.end == 20 {
             // (The prompt's end decides with probe scores, which this test has none of.)
             break;
         }
         reserved.retain().unwrap();
         s.update(&cache, &out, &[]).unwrap();
+        // The request waits for its probes (the engine's part, played here).
+        let at = due.unwrap();
+        assert_eq!(s.request(1).unwrap().state, RequestState::Probing);
+        assert!(s.has_pending_probes());
+        let p = s.next_probe().unwrap();
+        assert_eq!((p.id, p.seq, p.context.len()), (1, 1, 19));
+        assert_eq!(p.positions, at);
+        assert!(s.schedule(&cache, &mut step, &mut out).unwrap().is_none());
+        assert!(out.is_empty());
+        s.probed(1, at.clone()).unwrap();
+        assert!(s.next_probe().is_none());
+        assert_eq!(s.request(1).unwrap().state, RequestState::Prefill);
     }
+}
+
+/// A probing request is held until the engine reports every probe position, in order and in
+/// parts; the others keep decoding meanwhile; wrong reports and unknown ids change nothing;
+/// a preemption drops what was pending (the request prefills and probes again).
+///
+/// Seen failing: `fill` scheduling a probing request (its last token ran before its probes),
+/// and `requeue` keeping the pending range (the readmitted request was never scheduled).
+#[test]
+fn probing_requests_wait_for_their_probes_while_others_decode() {
+    let (policy, config) = kvzip(false);
+    let cache = cache_of(policy, 64);
+    let mut s = Scheduler::new(config, &cache)
+        .unwrap()
+        .with_probe_tokens(30);
+    // Request 1's one-token prompt has nothing to probe.
+    s.add_request(1, vec![5; 1], 6).unwrap();
+    s.add_request(2, vec![6; 12], 2).unwrap();
+    let (mut step, mut out) = (Step::new(), SchedulerOutput::new());
+    let mut run = |s: &mut Scheduler, out: &mut SchedulerOutput| {
+        let reserved = s.schedule(&cache, &mut step, out).unwrap().unwrap();
+        reserved.retain().unwrap();
+        let sampled: Vec<(RequestId, u32)> = out
+            .scheduled()
+            .iter()
+            .filter(|e| e.samples)
+            .map(|e| (e.id, 9))
+            .collect();
+        s.update(&cache, out, &sampled).unwrap();
+        out.scheduled()
+            .iter()
+            .map(|e| (e.id, e.positions.clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(run(&mut s, &mut out), [(1, 0..1), (2, 0..8)]);
+    assert_eq!(run(&mut s, &mut out), [(1, 1..2), (2, 8..11)]);
+    assert_eq!(
+        s.next_probe().map(|p| (p.id, p.positions)),
+        Some((2, 0..11))
+    );
+    // Request 1 decodes while 2 waits for its probes.
+    assert_eq!(run(&mut s, &mut out), [(1, 2..3)]);
+    assert_eq!(
+        s.probed(2, 1..4),
+        Err(Error::UpdateMismatch(
+            "probed 1..4 of request 2, whose pending probes are 0..11".into()
+        ))
+    );
+    assert_eq!(s.probed(7, 0..4), Err(Error::UnknownRequest(7)));
+    s.probed(2, 0..4).unwrap();
+    assert_eq!(run(&mut s, &mut out), [(1, 3..4)]);
+    assert_eq!(s.next_probe().map(|p| p.positions), Some(4..11));
+    assert!(s.probed(2, 4..12).is_err(), "past the pending positions");
+    // Preempted while probing: nothing pending, and readmitted it prefills (and probes) again.
+    s.preempt(2, &cache).unwrap();
+    assert!(!s.has_pending_probes());
+    assert_eq!(run(&mut s, &mut out), [(1, 4..5), (2, 0..8)]);
+    assert_eq!(run(&mut s, &mut out), [(1, 5..6), (2, 8..11)]);
+    assert_eq!(s.next_probe().map(|p| p.positions), Some(0..11));
+    s.probed(2, 0..11).unwrap();
+    // Its last token runs now (not retained: the prompt's end would decide with probe scores,
+    // which this test has none of).
+    let reserved = s.schedule(&cache, &mut step, &mut out).unwrap().unwrap();
+    let got: Vec<_> = out
+        .scheduled()
+        .iter()
+        .map(|e| (e.id, e.positions.clone()))
+        .collect();
+    assert_eq!(got, [(2, 11..12)]);
+    drop(reserved);
 }
 
 /// Under KVzip the scheduler holds each prompt's last token back for a step of its own and

@@ -38,10 +38,15 @@
 //!   unloaded. The config guarantees room for one chunk beside every other request's decode,
 //!   so the oldest prefill always progresses.
 //! - **Probes** (KVzip, a retention with [`crate::Retention::probe_chunk`]): a prompt's
-//!   chunks stop one token before its end and the last token is a step of its own; after the
-//!   step that ended one token short ([`Scheduler::probe_due`]) the engine runs the prompt's
-//!   probe steps, so the retention decides with their scores at the prompt's end, as in an
-//!   unbatched run. Admission plans the probes' tokens on top of the prompt
+//!   chunks stop one token before its end and the last token is a step of its own; the step
+//!   that ended one token short ([`Scheduler::probe_due`]; under KVzip compressing during
+//!   prefill, every prefill step) leaves the request **probing**: it is not scheduled, its
+//!   cache state held, until the engine has run its probe steps
+//!   ([`Scheduler::next_probe`], [`Scheduler::probed`]), so the retention decides with their
+//!   scores at the prompt's end, as in an unbatched run. The engine runs a bounded amount of
+//!   probe work per step (a prefill chunk's worth), so the other requests keep decoding
+//!   between a long prompt's probe steps, as chunked prefill keeps them decoding between its
+//!   chunks. Admission plans the probes' tokens on top of the prompt
 //!   ([`Scheduler::with_probe_tokens`]); a probe that finds the pool out of pages preempts its
 //!   request between steps ([`Scheduler::preempt`]).
 //! - **Preemption**: when `reserve` finds the pool out of pages
@@ -109,4 +114,4 @@ mod scheduler;
 pub use config::SchedulerConfig;
 pub use output::{ScheduledKind, ScheduledRequest, SchedulerOutput};
 pub use request::{FinishReason, FinishedRequest, RequestId, RequestInfo, RequestState};
-pub use scheduler::Scheduler;
+pub use scheduler::{PendingProbe, Scheduler};

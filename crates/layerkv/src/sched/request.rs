@@ -33,6 +33,9 @@ pub enum RequestState {
     Replay,
     /// Running, feeding its last generated token and sampling the next.
     Decode,
+    /// Running, its prompt's probe steps (KVzip) pending: not scheduled until the engine ran
+    /// them ([`crate::Scheduler::next_probe`]), its cache state held meanwhile.
+    Probing,
 }
 
 impl RequestState {
@@ -97,6 +100,8 @@ pub(crate) struct Request {
     pub(crate) num_computed: usize,
     pub(crate) running: bool,
     pub(crate) num_preemptions: usize,
+    /// Prompt positions whose probe steps are still to run (empty: none pending).
+    pub(crate) probing: Range<usize>,
 }
 
 /// What one step feeds of a request.
@@ -121,6 +126,7 @@ impl Request {
             num_computed: 0,
             running: false,
             num_preemptions: 0,
+            probing: 0..0,
         }
     }
 
@@ -132,6 +138,8 @@ impl Request {
     pub(crate) fn state(&self) -> RequestState {
         if !self.running {
             RequestState::Waiting
+        } else if !self.probing.is_empty() {
+            RequestState::Probing
         } else if self.num_computed < self.prompt.len() {
             RequestState::Prefill
         } else if self.num_computed + 1 < self.stream_len() {
@@ -159,7 +167,9 @@ impl Request {
                 (end, ScheduledKind::Prefill)
             }
             RequestState::Replay => (start + 1, ScheduledKind::Replay),
-            RequestState::Decode | RequestState::Waiting => (start + 1, ScheduledKind::Decode),
+            RequestState::Decode | RequestState::Waiting | RequestState::Probing => {
+                (start + 1, ScheduledKind::Decode)
+            }
         };
         Work {
             positions: start..end,

@@ -112,20 +112,65 @@ impl Scheduler {
     /// after the step whose work ended one token before the prompt's last; KVzip compressing
     /// during prefill ([`crate::Retention::compresses_in_prefill`]) probes each prefill
     /// step's own tokens right after it. `None` otherwise, or when the scheduler no longer
-    /// holds the request.
+    /// holds the request. [`Scheduler::update`] leaves such a request probing
+    /// ([`Scheduler::next_probe`]).
     pub fn probe_due(&self, entry: &ScheduledRequest) -> Option<(&[u32], Range<usize>)> {
         let r = self.requests.get(&entry.id)?;
-        let len = r.prompt.len();
-        if !self.probes || entry.kind != ScheduledKind::Prefill || len < 2 {
-            return None;
+        let at = due(self.probes, self.compresses_in_prefill, r, entry)?;
+        Some((&r.prompt[..r.prompt.len() - 1], at))
+    }
+
+    /// The oldest running request's probe steps still to run (KVzip): after the update of
+    /// the step that made them due ([`Scheduler::probe_due`]) a request is not scheduled
+    /// until the engine has run them and said so with [`Scheduler::probed`]. The engine runs
+    /// a bounded share of them between steps, so the other requests keep decoding meanwhile.
+    /// O(running).
+    pub fn next_probe(&self) -> Option<PendingProbe<'_>> {
+        self.running.iter().find_map(|&id| {
+            let r = &self.requests[&id];
+            (!r.probing.is_empty()).then(|| PendingProbe {
+                id,
+                seq: id,
+                context: &r.prompt[..r.prompt.len() - 1],
+                positions: r.probing.clone(),
+            })
+        })
+    }
+
+    /// Whether a running request has probe steps to run ([`Scheduler::next_probe`]).
+    pub fn has_pending_probes(&self) -> bool {
+        self.num_probing() > 0
+    }
+
+    /// Running requests with probe steps to run ([`RequestState::Probing`]). O(running).
+    ///
+    /// [`RequestState::Probing`]: super::RequestState::Probing
+    pub fn num_probing(&self) -> usize {
+        self.running
+            .iter()
+            .filter(|id| !self.requests[id].probing.is_empty())
+            .count()
+    }
+
+    /// The engine ran request `id`'s probe steps over `positions`, a leading part of its
+    /// pending ones ([`Scheduler::next_probe`]); when none are left the request is scheduled
+    /// again. Fails, changing nothing, on an id that is not running
+    /// ([`Error::UnknownRequest`]) or positions that do not start its pending ones
+    /// ([`Error::UpdateMismatch`]).
+    pub fn probed(&mut self, id: RequestId, positions: Range<usize>) -> Result<()> {
+        let r = self
+            .requests
+            .get_mut(&id)
+            .filter(|r| r.running)
+            .ok_or(Error::UnknownRequest(id))?;
+        let pending = &r.probing;
+        if positions.start != pending.start || positions.end > pending.end || positions.is_empty() {
+            return Err(Error::UpdateMismatch(format!(
+                "probed {positions:?} of request {id}, whose pending probes are {pending:?}"
+            )));
         }
-        let context = &r.prompt[..len - 1];
-        let at = &entry.positions;
-        if self.compresses_in_prefill {
-            (at.start < len - 1).then(|| (context, at.start..at.end.min(len - 1)))
-        } else {
-            (at.end == len - 1).then(|| (context, 0..len - 1))
-        }
+        r.probing.start = positions.end;
+        Ok(())
     }
 
     /// The sizes.
@@ -344,6 +389,10 @@ impl Scheduler {
                 continue;
             }
             r.num_computed = e.positions.end;
+            if let Some(at) = due(self.probes, self.compresses_in_prefill, r, e) {
+                // Not scheduled again until the engine ran these probes (`next_probe`).
+                r.probing = at;
+            }
             if r.num_computed >= r.prompt.len() && r.planned > r.after_prompt_pages {
                 // The prompt is done (SnapKV and KVzip compressed it): plan what it holds from
                 // here on, and let admission use the rest.
@@ -545,6 +594,10 @@ impl Scheduler {
         for prefill in [false, true] {
             for &id in &self.running {
                 let r = &self.requests[&id];
+                if !r.probing.is_empty() {
+                    // Held until its probes ran (`next_probe`).
+                    continue;
+                }
                 let work = r.next_work(chunk, self.probes);
                 if (work.kind == ScheduledKind::Prefill) != prefill {
                     continue;
@@ -602,12 +655,48 @@ impl Scheduler {
             .expect("running requests are held");
         r.running = false;
         r.num_computed = 0;
+        r.probing = 0..0;
         r.num_preemptions += 1;
         self.planned_pages -= r.planned;
         r.planned = r.peak_pages;
         self.waiting.push_front(id);
         self.num_preemptions += 1;
     }
+}
+
+/// The positions [`Scheduler::probe_due`] gives for `entry` of request `r`, under a policy
+/// that probes (`probes`), compressing during prefill or not.
+fn due(
+    probes: bool,
+    compresses_in_prefill: bool,
+    r: &Request,
+    entry: &ScheduledRequest,
+) -> Option<Range<usize>> {
+    let len = r.prompt.len();
+    if !probes || entry.kind != ScheduledKind::Prefill || len < 2 {
+        return None;
+    }
+    let at = &entry.positions;
+    if compresses_in_prefill {
+        (at.start < len - 1).then(|| at.start..at.end.min(len - 1))
+    } else {
+        (at.end == len - 1).then_some(0..len - 1)
+    }
+}
+
+/// Probe steps a running request still needs (KVzip; [`Scheduler::next_probe`]): the engine
+/// replays `positions` of `context` (the prompt before its last token) in probe steps of
+/// `seq`, then reports them with [`Scheduler::probed`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingProbe<'a> {
+    /// The request.
+    pub id: RequestId,
+    /// Its cache sequence.
+    pub seq: SeqId,
+    /// Its prompt before the last token (what the probe steps replay from).
+    pub context: &'a [u32],
+    /// The prompt positions still to probe.
+    pub positions: Range<usize>,
 }
 
 fn push(out: &mut SchedulerOutput, id: RequestId, r: &Request, work: Work) {
