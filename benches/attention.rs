@@ -20,7 +20,8 @@
 //! neighbour's burst on a shared machine slows both alike; candle runs on its own before them.
 //! For profiling: `LAYERKV_BENCH_FILTER` (a row label's substring), `LAYERKV_BENCH_REPS`
 //! (repetitions), `LAYERKV_BENCH_ONLY=paged|candle|lanes` (time one, the others once) and
-//! `LAYERKV_BENCH_NO_BW=1` (skip the bandwidth probes).
+//! `LAYERKV_BENCH_NO_BW=1` (skip the bandwidth probes); `LAYERKV_BENCH_PAGES=shuffled` hands out
+//! pages in a seeded random order (a pool after churn) instead of in allocation order.
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -67,13 +68,12 @@ fn prepare(c: &Case) -> Prepared {
         KvStore::with_types(num_pages, BLOCK, c.kv_heads, c.head_dim, types, &dev).unwrap();
     let k = Tensor::randn(0f32, 1.0, (c.batch, c.ctx, c.kv_heads, c.head_dim), &dev).unwrap();
     let v = Tensor::randn(0f32, 1.0, (c.batch, c.ctx, c.kv_heads, c.head_dim), &dev).unwrap();
-    // Pages of different sequences interleave, as a shared pool hands them out.
+    // Pages of different sequences interleave, as a shared pool hands them out; with
+    // `LAYERKV_BENCH_PAGES=shuffled`, in a seeded random order (a pool after churn, where the
+    // layers' groups interleave too) for both layouts.
+    let order = page_order(num_pages);
     let tables: Vec<Vec<u32>> = (0..c.batch)
-        .map(|b| {
-            (0..pages_per_seq)
-                .map(|p| (p * c.batch + b) as u32)
-                .collect()
-        })
+        .map(|b| (0..pages_per_seq).map(|p| order[p * c.batch + b]).collect())
         .collect();
     for (b, table) in tables.iter().enumerate() {
         let slots: Vec<u32> = (0..c.ctx)
@@ -87,8 +87,13 @@ fn prepare(c: &Case) -> Prepared {
     let lanes = c.batch * c.kv_heads;
     let mut lane_store =
         KvStore::with_types(pages_per_seq * lanes, BLOCK, 1, c.head_dim, types, &dev).unwrap();
+    let lane_order = page_order(pages_per_seq * lanes);
     let lane_tables: Vec<Vec<u32>> = (0..lanes)
-        .map(|l| (0..pages_per_seq).map(|p| (p * lanes + l) as u32).collect())
+        .map(|l| {
+            (0..pages_per_seq)
+                .map(|p| lane_order[p * lanes + l])
+                .collect()
+        })
         .collect();
     for (l, table) in lane_tables.iter().enumerate() {
         let (b, h) = (l / c.kv_heads, l % c.kv_heads);
@@ -122,6 +127,19 @@ fn prepare(c: &Case) -> Prepared {
         k: to_contig(k),
         v: to_contig(v),
     }
+}
+
+/// Page ids `0..n` in pool order: as allocated, or seeded-shuffled under
+/// `LAYERKV_BENCH_PAGES=shuffled`.
+fn page_order(n: usize) -> Vec<u32> {
+    let mut order: Vec<u32> = (0..n as u32).collect();
+    if std::env::var("LAYERKV_BENCH_PAGES").is_ok_and(|v| v == "shuffled") {
+        let mut rng = layerkv::SplitMix64::new(17);
+        for i in (1..n).rev() {
+            order.swap(i, rng.below(i + 1));
+        }
+    }
+    order
 }
 
 fn ours(c: &Case, p: &Prepared) -> Tensor {
