@@ -276,10 +276,27 @@ impl Batcher {
     /// before the step, a prefill chunk's worth per call) ends with a [`BatchEvent::Failed`]
     /// of its own (or, when they found the pool out of pages, is preempted by recompute), and
     /// the step still returns `true`; so does a call that only ran probes.
+    /// Each call is traced at debug level (`RUST_LOG=layerkv_model=debug`): the step, its
+    /// entries and tokens, the requests probing before it and its wall time.
     pub fn step(&mut self, events: &mut Vec<BatchEvent>) -> Result<bool> {
+        let start = std::time::Instant::now();
+        let probing = self.scheduler.num_probing();
+        let r = self.run_step(events, probing > 0);
+        tracing::debug!(
+            step = self.scheduler.num_steps(),
+            entries = self.out.len(),
+            tokens = self.out.num_scheduled_tokens(),
+            probing,
+            ms = start.elapsed().as_secs_f64() * 1e3,
+            "engine step"
+        );
+        r
+    }
+
+    /// [`Batcher::step`]'s work; `probing`: whether a request had probe steps pending.
+    fn run_step(&mut self, events: &mut Vec<BatchEvent>, probing: bool) -> Result<bool> {
         // Under KVzip a call may run a prompt's probe steps and schedule nothing beside them:
         // that is work done.
-        let probing = self.scheduler.has_pending_probes();
         let engine: &mut Engine = self.session.engine_mut();
         let logits = match engine.step_scheduled(&mut self.scheduler, &mut self.out) {
             Ok(Some(logits)) => logits,
@@ -289,6 +306,9 @@ impl Batcher {
                 return Ok(probing);
             }
             Err(e) => {
+                // Probes that failed before the failed step: their requests, not in it, are
+                // still probing and retry at the next call (a failure there is settled then).
+                drop(self.session.engine_mut().take_probe_failures());
                 let mut ids: Vec<RequestId> = self.out.scheduled().iter().map(|x| x.id).collect();
                 ids.retain(|id| self.live.contains_key(id));
                 if ids.is_empty() {
@@ -311,10 +331,11 @@ impl Batcher {
         }
     }
 
-    /// Requests whose probes failed after the step (KVzip: rolled back, nothing else changed),
-    /// after the update that advanced them past the step's tokens: out of pages (an
-    /// overcommitted pool), preempted by recompute as a step short of pages preempts, to
-    /// prefill and probe again; anything else, or a preemption refused, ends the request.
+    /// Requests whose probes failed in the call (KVzip: rolled back, nothing else changed; they
+    /// ran before the step, and their requests, probing, were not in it), settled after the
+    /// step's update (or after a call that scheduled nothing): out of pages (an overcommitted
+    /// pool), preempted by recompute as a step short of pages preempts, to prefill and probe
+    /// again; anything else, or a preemption refused, ends the request.
     fn settle_probe_failures(
         &mut self,
         failures: Vec<(RequestId, ModelError)>,

@@ -140,7 +140,8 @@ pub enum FailStage {
 
 /// A failure armed by [`Engine::inject_fault`]: at `stage` of the `step`-th protocol step (0:
 /// the first) of the next engine call. A prompt split into chunks runs one protocol step per
-/// chunk.
+/// chunk; under KVzip a probe is a protocol step too ([`Engine::step_scheduled`] runs the
+/// pending probes first, and a fault there fails the probe, not the call).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fault {
     /// Protocol step of the next call (its prefill chunk).
@@ -195,6 +196,8 @@ pub struct Engine {
     steps_in_call: usize,
     /// Sequences whose probes failed in [`Engine::step_scheduled`], with why.
     probe_failures: Vec<(SeqId, ModelError)>,
+    /// The probing requests of a call (a buffer kept across calls).
+    probe_ids: Vec<layerkv::RequestId>,
 }
 
 impl Engine {
@@ -260,6 +263,7 @@ impl Engine {
             fault: None,
             steps_in_call: 0,
             probe_failures: Vec::new(),
+            probe_ids: Vec::new(),
         })
     }
 
@@ -699,7 +703,9 @@ impl Engine {
         for &id in out.preempted() {
             run.exec.free(id);
         }
+
         let Some(reserved) = scheduled? else {
+            self.drop_preempted_probe_failures(out);
             return Ok(None);
         };
         let batch: Vec<(SeqId, &[u32])> = out
@@ -712,43 +718,61 @@ impl Engine {
             .collect();
         let upward = run.policy.layer_map().needs_upward();
         let iterative = upward && batch.iter().any(|(_, t)| t.len() > 1);
-        let x = run.run(reserved, &batch, Some(&pick), Output::Logits, iterative)?;
-        Ok(Some(x))
+        let x = run.run(reserved, &batch, Some(&pick), Output::Logits, iterative);
+        self.drop_preempted_probe_failures(out);
+        Ok(Some(x?))
+    }
+
+    /// A request the step preempted was requeued for recompute, which prefills and probes it
+    /// again: a probe of it that failed before the step is moot (settling it would end the
+    /// request instead).
+    fn drop_preempted_probe_failures(&mut self, out: &SchedulerOutput) {
+        self.probe_failures
+            .retain(|(seq, _)| !out.preempted().contains(seq));
     }
 
     /// Runs the probe steps the scheduler has pending (KVzip: after the update of the step
     /// that brought a prompt to one token before its end, or under `prefill` after each
-    /// prefill step; [`Scheduler::next_probe`]), oldest request first, one probe chunk at a
-    /// time, until a prefill chunk's worth of replayed tokens ran (at least one chunk): a long
-    /// prompt's probes then take several steps, and the requests decoding beside it get a
-    /// token at each instead of waiting for all of them, as chunked prefill bounds a step.
-    /// The probing request is not scheduled meanwhile, so its probes see what an unbatched
-    /// run's see. A failed probe changed nothing; it is recorded for its request
-    /// ([`Engine::take_probe_failures`]) and ends this call's probing.
+    /// prefill step; [`Scheduler::probing`]): for every probing request, oldest first, probe
+    /// steps one chunk at a time while their rows (prefix, tail and replayed chunk) fit a
+    /// prefill chunk (at least one step each). A long prompt's probes then take several
+    /// calls, and the requests decoding beside it get a token at each instead of waiting for
+    /// all of them, as chunked prefill bounds a step; every probing request moves on at each
+    /// call. A probing request is not scheduled meanwhile, so its probes see what an
+    /// unbatched run's see. A failed probe changed nothing; it is recorded for its request
+    /// ([`Engine::take_probe_failures`]), which probes no more in this call.
     fn pending_probes(&mut self, scheduler: &mut Scheduler, chunk: usize) {
-        let budget = self.config.prefill_chunk.max(1);
-        let mut ran = 0;
-        while ran < budget {
-            let Some(p) = scheduler.next_probe() else {
-                break;
-            };
-            let (id, seq, at) = (p.id, p.seq, p.positions.clone());
-            let end = at.start.saturating_add(chunk).min(at.end);
-            if let Err(err) = self.probe(seq, p.context, at.start..end, chunk) {
-                self.probe_failures.push((seq, err));
-                break;
+        let budget = self.config.prefill_chunk;
+        let mut ids = std::mem::take(&mut self.probe_ids);
+        ids.clear();
+        ids.extend(scheduler.probing());
+        for &id in &ids {
+            let mut ran = 0;
+            while let Some(p) = scheduler.pending_probe(id) {
+                let (seq, at) = (p.seq, p.positions.clone());
+                let end = at.start.saturating_add(chunk).min(at.end);
+                let rows = self.probe_prefix.len() + PROBE_TAIL.min(at.start) + (end - at.start);
+                if ran > 0 && ran + rows > budget {
+                    break;
+                }
+                if let Err(err) = self.probe(seq, p.context, at.start..end, chunk) {
+                    self.probe_failures.push((seq, err));
+                    break;
+                }
+                if let Err(err) = scheduler.probed(id, at.start..end) {
+                    self.probe_failures.push((seq, err.into()));
+                    break;
+                }
+                ran += rows;
             }
-            if let Err(err) = scheduler.probed(id, at.start..end) {
-                self.probe_failures.push((seq, err.into()));
-                break;
-            }
-            ran += end - at.start;
         }
+        self.probe_ids = ids;
     }
 
     /// The sequences whose probes failed in [`Engine::step_scheduled`] since the last call,
-    /// with why. Each probe that failed was rolled back (the sequence holds what the step
-    /// retained), but the prompt can no longer be scored: end its request.
+    /// with why. Each probe that failed was rolled back (the sequence holds what it held
+    /// before; its request is still probing), but the prompt is not scored yet: preempt the
+    /// request (recompute) where the pool was out of pages, else end it.
     pub fn take_probe_failures(&mut self) -> Vec<(SeqId, ModelError)> {
         std::mem::take(&mut self.probe_failures)
     }

@@ -70,6 +70,9 @@
 //! attends (attention mass into the step where the policy needs scores) →
 //! [`crate::Reservation::retain`] → `update` with the tokens
 //! sampled for the entries that [`ScheduledRequest::samples`]. Cancel and finish between steps.
+//! Under a policy that probes, run the pending probe steps between steps too
+//! ([`Scheduler::probing`], [`Scheduler::probed`]): a probing request is never scheduled, so a
+//! loop that skips them waits forever.
 //!
 //! ```
 //! use std::sync::Arc;

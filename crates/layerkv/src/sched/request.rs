@@ -23,6 +23,7 @@ pub enum FinishReason {
 
 /// Where a request is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum RequestState {
     /// In the waiting queue, holding no pages (new, or preempted).
     Waiting,
@@ -167,6 +168,7 @@ impl Request {
                 (end, ScheduledKind::Prefill)
             }
             RequestState::Replay => (start + 1, ScheduledKind::Replay),
+            // (The scheduler never asks a probing request for work: `fill` skips it.)
             RequestState::Decode | RequestState::Waiting | RequestState::Probing => {
                 (start + 1, ScheduledKind::Decode)
             }

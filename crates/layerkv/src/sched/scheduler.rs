@@ -98,10 +98,10 @@ impl Scheduler {
     }
 
     /// Whether the policy scores prompts with probe steps (KVzip). Then a prompt's prefill
-    /// chunks stop before its last token, which runs as a step of its own: the engine runs
-    /// the probes of a request after the step whose work ends one token before its prompt's
-    /// end ([`Scheduler::probe_due`]), so the retention decides with their scores at the
-    /// prompt's end, as an unbatched run does.
+    /// chunks stop before its last token, which runs as a step of its own; the step whose work
+    /// ends one token before the prompt's end ([`Scheduler::probe_due`]) leaves the request
+    /// probing, held until the engine has run its probes ([`Scheduler::next_probe`]), so the
+    /// retention decides with their scores at the prompt's end, as an unbatched run does.
     pub fn probes(&self) -> bool {
         self.probes
     }
@@ -126,14 +126,26 @@ impl Scheduler {
     /// a bounded share of them between steps, so the other requests keep decoding meanwhile.
     /// O(running).
     pub fn next_probe(&self) -> Option<PendingProbe<'_>> {
-        self.running.iter().find_map(|&id| {
-            let r = &self.requests[&id];
-            (!r.probing.is_empty()).then(|| PendingProbe {
-                id,
-                seq: id,
-                context: &r.prompt[..r.prompt.len() - 1],
-                positions: r.probing.clone(),
-            })
+        self.probing().next().and_then(|id| self.pending_probe(id))
+    }
+
+    /// The running requests with probe steps to run, oldest admission first
+    /// ([`Scheduler::next_probe`] is the first).
+    pub fn probing(&self) -> impl Iterator<Item = RequestId> + '_ {
+        self.running
+            .iter()
+            .copied()
+            .filter(|id| !self.requests[id].probing.is_empty())
+    }
+
+    /// Request `id`'s probe steps still to run, if it is running and has any.
+    pub fn pending_probe(&self, id: RequestId) -> Option<PendingProbe<'_>> {
+        let r = self.requests.get(&id).filter(|r| r.running)?;
+        (!r.probing.is_empty()).then(|| PendingProbe {
+            id,
+            seq: id,
+            context: &r.prompt[..r.prompt.len() - 1],
+            positions: r.probing.clone(),
         })
     }
 
@@ -146,10 +158,7 @@ impl Scheduler {
     ///
     /// [`RequestState::Probing`]: super::RequestState::Probing
     pub fn num_probing(&self) -> usize {
-        self.running
-            .iter()
-            .filter(|id| !self.requests[id].probing.is_empty())
-            .count()
+        self.probing().count()
     }
 
     /// The engine ran request `id`'s probe steps over `positions`, a leading part of its
@@ -266,7 +275,8 @@ impl Scheduler {
     ///    the batch, and the reserve retried.
     ///
     /// `None` (and an empty `out`) means nothing was reserved (no request runnable, or every
-    /// one preempted): wait for requests or for pages. To abandon a scheduled step, drop the
+    /// one preempted): wait for requests or for pages, or, while [`Scheduler::has_pending_probes`],
+    /// run the pending probes (every running request may be probing). To abandon a scheduled step, drop the
     /// reservation (it rolls back) and schedule again without updating. Errors other than running
     /// out of pages (a cache sequence freed behind the scheduler's back, another cache than the
     /// scheduler's, a retained step that was never updated) are returned with nothing reserved.
