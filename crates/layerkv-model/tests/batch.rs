@@ -9,7 +9,9 @@
 //! comparisons failed).
 
 use candle_core::{DType, Device};
-use layerkv::{FinishReason, Policy, RequestId, RequestState, SchedulerConfig};
+use layerkv::{
+    FinishReason, Policy, RequestId, RequestState, Scheduler, SchedulerConfig, SchedulerOutput,
+};
 use layerkv_model::batch::{BatchEvent, BatchRequest, Batcher};
 use layerkv_model::generate::{generate, generate_batch, Sampling};
 use layerkv_model::{ModelError, Session, SessionOptions};
@@ -613,6 +615,77 @@ fn every_probing_request_moves_on_at_each_call() {
     assert_eq!(tokens[&3], want[3]);
     assert_eq!(tokens[&6], want[6]);
     assert_eq!(b.stats().pages_used, 0);
+}
+
+/// A request whose probe finds the pool out of pages, and which the same call's step then
+/// preempts (it is the newest), is requeued for recompute: its probe failure is not reported,
+/// since settling it would end the request the scheduler already requeued. The pool is filled
+/// by another user of the cache (a sequence the scheduler does not know).
+///
+/// Seen failing without the engine dropping the preempted request's failure
+/// (`drop_preempted_probe_failures`): the failure was reported.
+#[test]
+fn a_probe_failure_of_a_request_the_step_preempts_is_dropped() {
+    let dir = model_dir("probe-preempted");
+    let mut s = session(&dir, "identity+kvzip:24:16", Some(200));
+    let _ = s.chat_template();
+    let config = SchedulerConfig {
+        max_num_seqs: 4,
+        max_num_batched_tokens: 512,
+        prefill_chunk: s.engine().config().prefill_chunk,
+        ..SchedulerConfig::default()
+    };
+    let mut sched = Scheduler::new(config, s.engine().cache())
+        .unwrap()
+        .with_probe_tokens(s.engine().probe_tokens());
+    let mut out = SchedulerOutput::new();
+    let call = |s: &mut Session, sched: &mut Scheduler, out: &mut SchedulerOutput| {
+        s.engine_mut().step_scheduled(sched, out).unwrap();
+        let sampled: Vec<(RequestId, u32)> = out
+            .scheduled()
+            .iter()
+            .filter(|e| e.samples)
+            .map(|e| (e.id, 7))
+            .collect();
+        if !out.is_empty() {
+            sched.update(s.engine().cache(), out, &sampled).unwrap();
+        }
+    };
+    // A (a one-token prompt: nothing to probe) decodes alone until it holds 15 tokens; then R's
+    // 81-token prompt runs 80 tokens beside A's 16th, which fills A's pages.
+    sched.add_request(1, vec![5], 40).unwrap();
+    for _ in 0..15 {
+        call(&mut s, &mut sched, &mut out);
+    }
+    let mut rng = layerkv::SplitMix64::new(9);
+    let r: Vec<u32> = (0..81).map(|_| 3 + rng.below(250) as u32).collect();
+    sched.add_request(2, r, 4).unwrap();
+    call(&mut s, &mut sched, &mut out);
+    assert_eq!(sched.request(1).unwrap().num_computed, 16);
+    assert_eq!(sched.request(2).unwrap().state, RequestState::Probing);
+    // Another user of the cache takes every free page (a prompt's first tokens: no retention
+    // decides).
+    let cache = s.engine().cache();
+    let free = cache.pool_stats().num_free;
+    let groups = cache.num_groups();
+    assert_eq!(free % groups, 0);
+    let hog = vec![3u32; free / groups * 16];
+    cache.add_sequence(99).unwrap();
+    cache.set_prompt_len(99, 10_000).unwrap();
+    let mut step = layerkv::Step::new();
+    cache
+        .reserve(&[(99, &hog)], &mut step)
+        .unwrap()
+        .retain()
+        .unwrap();
+    assert_eq!(cache.pool_stats().num_free, 0);
+    // R's probe finds no page; A's 17th token needs a page per group, so the step preempts the
+    // newest running request, R.
+    s.engine_mut().step_scheduled(&mut sched, &mut out).unwrap();
+    assert_eq!(out.preempted(), [2]);
+    assert_eq!(sched.request(2).unwrap().state, RequestState::Waiting);
+    let failures = s.engine_mut().take_probe_failures();
+    assert!(failures.is_empty(), "{failures:?}");
 }
 
 /// `generate_batch` (prompt prefilled once, forked, N rows a step) gives each sequence the
