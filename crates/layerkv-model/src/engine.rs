@@ -675,9 +675,9 @@ impl Engine {
     /// [`EngineConfig::prefill_chunk`] as its `prefill_chunk`: a policy that evicts then sees
     /// the same steps as under [`Engine::step`]. Under a policy that probes (KVzip) the
     /// scheduler ends a prompt's chunks one token early and holds the request back until its
-    /// probes ran ([`Scheduler::next_probe`]); the engine runs up to a prefill chunk's worth
+    /// probes ran ([`Scheduler::probing`]); the engine runs up to a prefill chunk's worth
     /// of them before each step, so a call may probe and schedule nothing (`None`; call
-    /// again while [`Scheduler::has_pending_probes`]). Plan the probes' room with
+    /// again while [`Scheduler::num_probing`] is not 0). Plan the probes' room with
     /// [`Scheduler::with_probe_tokens`] of [`Engine::probe_tokens`], and end the requests of
     /// [`Engine::take_probe_failures`] after each call. Sequences the scheduler frees
     /// (preemption, [`Scheduler::finish`], length) must also be dropped from the engine's
@@ -703,7 +703,6 @@ impl Engine {
         for &id in out.preempted() {
             run.exec.free(id);
         }
-
         let Some(reserved) = scheduled? else {
             self.drop_preempted_probe_failures(out);
             return Ok(None);

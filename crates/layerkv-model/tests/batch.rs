@@ -96,13 +96,26 @@ fn greedy(prompt: &[u32], max_tokens: usize) -> BatchRequest {
 
 /// Steps until every request ended; returns each request's tokens and end, by id.
 fn drain(batcher: &mut Batcher) -> Vec<(RequestId, Vec<u32>, FinishReason)> {
+    drain_with(batcher, |_| (), |_, (), _, _| {})
+}
+
+/// [`drain`], calling `before` ahead of each step and `after` with what `before` returned,
+/// whether the step did work and its events.
+fn drain_with<T>(
+    batcher: &mut Batcher,
+    mut before: impl FnMut(&Batcher) -> T,
+    mut after: impl FnMut(&Batcher, T, bool, &[BatchEvent]),
+) -> Vec<(RequestId, Vec<u32>, FinishReason)> {
     let mut tokens: std::collections::BTreeMap<RequestId, Vec<u32>> = Default::default();
     let mut ends = Vec::new();
     let mut events = Vec::new();
     let mut idle = 0;
     while batcher.has_work() {
+        let seen = before(batcher);
         events.clear();
-        if !batcher.step(&mut events).unwrap() {
+        let stepped = batcher.step(&mut events).unwrap();
+        after(batcher, seen, stepped, &events);
+        if !stepped {
             idle += 1;
             assert!(idle < 100, "the batcher stopped making progress");
         }
@@ -538,35 +551,31 @@ fn requests_decode_between_a_long_prompts_probe_steps() {
     // probes its 299 tokens over several calls; request 5 decodes throughout.
     b.add(5, greedy(&p[5], 12)).unwrap();
     b.add(3, greedy(&p[3], 12)).unwrap();
-    let mut events = Vec::new();
     let mut probing_calls = Vec::new();
-    let mut tokens: std::collections::BTreeMap<RequestId, Vec<u32>> = Default::default();
-    while b.has_work() {
-        let was_probing = b.scheduler().request(3).map(|r| r.state) == Some(RequestState::Probing);
-        assert_eq!(b.stats().probing, usize::from(was_probing));
-        events.clear();
-        assert!(b.step(&mut events).unwrap());
-        for e in &events {
-            match e {
-                BatchEvent::Token { id, token, .. } => tokens.entry(*id).or_default().push(*token),
-                BatchEvent::Failed { id, message } => panic!("request {id} failed: {message}"),
-                BatchEvent::Done { .. } => {}
+    let got = drain_with(
+        &mut b,
+        |b| {
+            let was = b.scheduler().request(3).map(|r| r.state) == Some(RequestState::Probing);
+            assert_eq!(b.stats().probing, usize::from(was));
+            was
+        },
+        |_, was_probing, stepped, events| {
+            assert!(stepped);
+            if was_probing {
+                let five = events
+                    .iter()
+                    .filter(|e| matches!(e, BatchEvent::Token { id: 5, .. }))
+                    .count();
+                probing_calls.push(five);
             }
-        }
-        if was_probing {
-            let five = events
-                .iter()
-                .filter(|e| matches!(e, BatchEvent::Token { id: 5, .. }))
-                .count();
-            probing_calls.push(five);
-        }
-    }
+        },
+    );
     assert!(
         probing_calls.len() >= 2 && probing_calls.iter().all(|&n| n == 1),
         "request 5's tokens per call while 3 probed: {probing_calls:?}"
     );
-    assert_eq!(tokens[&3], want[3]);
-    assert_eq!(tokens[&5], want[5]);
+    assert_eq!((got[0].0, &got[0].1), (3, &want[3]));
+    assert_eq!((got[1].0, &got[1].1), (5, &want[5]));
     assert_eq!(b.stats().pages_used, 0);
     b.session().engine().cache().check_invariants().unwrap();
 }
@@ -586,34 +595,30 @@ fn every_probing_request_moves_on_at_each_call() {
     let p = prompts();
     b.add(3, greedy(&p[3], 6)).unwrap();
     b.add(6, greedy(&p[6], 6)).unwrap();
-    let mut events = Vec::new();
-    let mut tokens: std::collections::BTreeMap<RequestId, Vec<u32>> = Default::default();
+    let pending = |b: &Batcher, id| b.scheduler().pending_probe(id).map(|p| p.positions);
     let mut both = 0;
-    while b.has_work() {
-        let pending = |b: &Batcher, id| b.scheduler().pending_probe(id).map(|p| p.positions);
-        let before: Vec<_> = [3, 6].map(|id| pending(&b, id)).into();
-        both += usize::from(before.iter().all(Option::is_some));
-        events.clear();
-        assert!(b.step(&mut events).unwrap());
-        for (id, was) in [3, 6].into_iter().zip(before) {
-            if let (Some(was), Some(now)) = (was, pending(&b, id)) {
-                assert!(
-                    now.start > was.start,
-                    "request {id}: probes {was:?} then {now:?}"
-                );
+    let got = drain_with(
+        &mut b,
+        |b| {
+            let before = [3, 6].map(|id| pending(b, id));
+            both += usize::from(before.iter().all(Option::is_some));
+            before
+        },
+        |b, before, stepped, _| {
+            assert!(stepped);
+            for (id, was) in [3, 6].into_iter().zip(before) {
+                if let (Some(was), Some(now)) = (was, pending(b, id)) {
+                    assert!(
+                        now.start > was.start,
+                        "request {id}: probes {was:?} then {now:?}"
+                    );
+                }
             }
-        }
-        for e in &events {
-            match e {
-                BatchEvent::Token { id, token, .. } => tokens.entry(*id).or_default().push(*token),
-                BatchEvent::Failed { id, message } => panic!("request {id} failed: {message}"),
-                BatchEvent::Done { .. } => {}
-            }
-        }
-    }
+        },
+    );
     assert!(both > 0, "the two requests never probed in the same call");
-    assert_eq!(tokens[&3], want[3]);
-    assert_eq!(tokens[&6], want[6]);
+    assert_eq!((got[0].0, &got[0].1), (3, &want[3]));
+    assert_eq!((got[1].0, &got[1].1), (6, &want[6]));
     assert_eq!(b.stats().pages_used, 0);
 }
 

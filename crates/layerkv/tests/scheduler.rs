@@ -1287,16 +1287,21 @@ fn kvzip_prefill_probes_each_step_and_plans_no_whole_prompt() {
         // The request waits for its probes (the engine's part, played here).
         let at = due.unwrap();
         assert_eq!(s.request(1).unwrap().state, RequestState::Probing);
-        assert!(s.has_pending_probes());
-        let p = s.next_probe().unwrap();
+        assert_eq!(s.num_probing(), 1);
+        let p = first_probe(&s).unwrap();
         assert_eq!((p.id, p.seq, p.context.len()), (1, 1, 19));
         assert_eq!(p.positions, at);
         assert!(s.schedule(&cache, &mut step, &mut out).unwrap().is_none());
         assert!(out.is_empty());
         s.probed(1, at.clone()).unwrap();
-        assert!(s.next_probe().is_none());
+        assert!(first_probe(&s).is_none());
         assert_eq!(s.request(1).unwrap().state, RequestState::Prefill);
     }
+}
+
+/// The oldest running request's pending probes, as the engine takes them.
+fn first_probe(s: &Scheduler) -> Option<layerkv::PendingProbe<'_>> {
+    s.probing().next().and_then(|id| s.pending_probe(id))
 }
 
 /// A probing request is held until the engine reports every probe position, in order and in
@@ -1334,7 +1339,7 @@ fn probing_requests_wait_for_their_probes_while_others_decode() {
     assert_eq!(run(&mut s, &mut out), [(1, 0..1), (2, 0..8)]);
     assert_eq!(run(&mut s, &mut out), [(1, 1..2), (2, 8..11)]);
     assert_eq!(
-        s.next_probe().map(|p| (p.id, p.positions)),
+        first_probe(&s).map(|p| (p.id, p.positions)),
         Some((2, 0..11))
     );
     // Request 1 decodes while 2 waits for its probes.
@@ -1348,14 +1353,14 @@ fn probing_requests_wait_for_their_probes_while_others_decode() {
     assert_eq!(s.probed(7, 0..4), Err(Error::UnknownRequest(7)));
     s.probed(2, 0..4).unwrap();
     assert_eq!(run(&mut s, &mut out), [(1, 3..4)]);
-    assert_eq!(s.next_probe().map(|p| p.positions), Some(4..11));
+    assert_eq!(first_probe(&s).map(|p| p.positions), Some(4..11));
     assert!(s.probed(2, 4..12).is_err(), "past the pending positions");
     // Preempted while probing: nothing pending, and readmitted it prefills (and probes) again.
     s.preempt(2, &cache).unwrap();
-    assert!(!s.has_pending_probes());
+    assert_eq!(s.num_probing(), 0);
     assert_eq!(run(&mut s, &mut out), [(1, 4..5), (2, 0..8)]);
     assert_eq!(run(&mut s, &mut out), [(1, 5..6), (2, 8..11)]);
-    assert_eq!(s.next_probe().map(|p| p.positions), Some(0..11));
+    assert_eq!(first_probe(&s).map(|p| p.positions), Some(0..11));
     s.probed(2, 0..11).unwrap();
     // Its last token runs now (not retained: the prompt's end would decide with probe scores,
     // which this test has none of).

@@ -42,7 +42,7 @@
 //!   that ended one token short ([`Scheduler::probe_due`]; under KVzip compressing during
 //!   prefill, every prefill step) leaves the request **probing**: it is not scheduled, its
 //!   cache state held, until the engine has run its probe steps
-//!   ([`Scheduler::next_probe`], [`Scheduler::probed`]), so the retention decides with their
+//!   ([`Scheduler::probing`], [`Scheduler::probed`]), so the retention decides with their
 //!   scores at the prompt's end, as in an unbatched run. The engine runs a bounded amount of
 //!   probe work per step (a prefill chunk's worth), so the other requests keep decoding
 //!   between a long prompt's probe steps, as chunked prefill keeps them decoding between its

@@ -35,7 +35,7 @@ pub enum RequestState {
     /// Running, feeding its last generated token and sampling the next.
     Decode,
     /// Running, its prompt's probe steps (KVzip) pending: not scheduled until the engine ran
-    /// them ([`crate::Scheduler::next_probe`]), its cache state held meanwhile.
+    /// them ([`crate::Scheduler::probing`]), its cache state held meanwhile.
     Probing,
 }
 

@@ -100,7 +100,7 @@ impl Scheduler {
     /// Whether the policy scores prompts with probe steps (KVzip). Then a prompt's prefill
     /// chunks stop before its last token, which runs as a step of its own; the step whose work
     /// ends one token before the prompt's end ([`Scheduler::probe_due`]) leaves the request
-    /// probing, held until the engine has run its probes ([`Scheduler::next_probe`]), so the
+    /// probing, held until the engine has run its probes ([`Scheduler::probing`]), so the
     /// retention decides with their scores at the prompt's end, as an unbatched run does.
     pub fn probes(&self) -> bool {
         self.probes
@@ -113,24 +113,18 @@ impl Scheduler {
     /// during prefill ([`crate::Retention::compresses_in_prefill`]) probes each prefill
     /// step's own tokens right after it. `None` otherwise, or when the scheduler no longer
     /// holds the request. [`Scheduler::update`] leaves such a request probing
-    /// ([`Scheduler::next_probe`]).
+    /// ([`Scheduler::probing`]).
     pub fn probe_due(&self, entry: &ScheduledRequest) -> Option<(&[u32], Range<usize>)> {
         let r = self.requests.get(&entry.id)?;
         let at = due(self.probes, self.compresses_in_prefill, r, entry)?;
         Some((&r.prompt[..r.prompt.len() - 1], at))
     }
 
-    /// The oldest running request's probe steps still to run (KVzip): after the update of
-    /// the step that made them due ([`Scheduler::probe_due`]) a request is not scheduled
-    /// until the engine has run them and said so with [`Scheduler::probed`]. The engine runs
-    /// a bounded share of them between steps, so the other requests keep decoding meanwhile.
-    /// O(running).
-    pub fn next_probe(&self) -> Option<PendingProbe<'_>> {
-        self.probing().next().and_then(|id| self.pending_probe(id))
-    }
-
-    /// The running requests with probe steps to run, oldest admission first
-    /// ([`Scheduler::next_probe`] is the first).
+    /// The running requests with probe steps to run (KVzip), oldest admission first: after
+    /// the update of the step that made them due ([`Scheduler::probe_due`]) a request is not
+    /// scheduled until the engine has run them ([`Scheduler::pending_probe`]) and said so with
+    /// [`Scheduler::probed`]. The engine runs a bounded share of them between steps, so the
+    /// other requests keep decoding meanwhile. O(running).
     pub fn probing(&self) -> impl Iterator<Item = RequestId> + '_ {
         self.running
             .iter()
@@ -149,11 +143,6 @@ impl Scheduler {
         })
     }
 
-    /// Whether a running request has probe steps to run ([`Scheduler::next_probe`]).
-    pub fn has_pending_probes(&self) -> bool {
-        self.num_probing() > 0
-    }
-
     /// Running requests with probe steps to run ([`RequestState::Probing`]). O(running).
     ///
     /// [`RequestState::Probing`]: super::RequestState::Probing
@@ -162,7 +151,7 @@ impl Scheduler {
     }
 
     /// The engine ran request `id`'s probe steps over `positions`, a leading part of its
-    /// pending ones ([`Scheduler::next_probe`]); when none are left the request is scheduled
+    /// pending ones ([`Scheduler::pending_probe`]); when none are left the request is scheduled
     /// again. Fails, changing nothing, on an id that is not running
     /// ([`Error::UnknownRequest`]) or positions that do not start its pending ones
     /// ([`Error::UpdateMismatch`]).
@@ -275,8 +264,8 @@ impl Scheduler {
     ///    the batch, and the reserve retried.
     ///
     /// `None` (and an empty `out`) means nothing was reserved (no request runnable, or every
-    /// one preempted): wait for requests or for pages, or, while [`Scheduler::has_pending_probes`],
-    /// run the pending probes (every running request may be probing). To abandon a scheduled step, drop the
+    /// one preempted): wait for requests or for pages, or, while [`Scheduler::num_probing`] is
+    /// not 0, run the pending probes (every running request may be probing). To abandon a scheduled step, drop the
     /// reservation (it rolls back) and schedule again without updating. Errors other than running
     /// out of pages (a cache sequence freed behind the scheduler's back, another cache than the
     /// scheduler's, a retained step that was never updated) are returned with nothing reserved.
@@ -400,7 +389,7 @@ impl Scheduler {
             }
             r.num_computed = e.positions.end;
             if let Some(at) = due(self.probes, self.compresses_in_prefill, r, e) {
-                // Not scheduled again until the engine ran these probes (`next_probe`).
+                // Not scheduled again until the engine ran these probes (`probing`).
                 r.probing = at;
             }
             if r.num_computed >= r.prompt.len() && r.planned > r.after_prompt_pages {
@@ -605,7 +594,7 @@ impl Scheduler {
             for &id in &self.running {
                 let r = &self.requests[&id];
                 if !r.probing.is_empty() {
-                    // Held until its probes ran (`next_probe`).
+                    // Held until its probes ran (`probing`).
                     continue;
                 }
                 let work = r.next_work(chunk, self.probes);
@@ -694,7 +683,7 @@ fn due(
     }
 }
 
-/// Probe steps a running request still needs (KVzip; [`Scheduler::next_probe`]): the engine
+/// Probe steps a running request still needs (KVzip; [`Scheduler::pending_probe`]): the engine
 /// replays `positions` of `context` (the prompt before its last token) in probe steps of
 /// `seq`, then reports them with [`Scheduler::probed`].
 #[derive(Debug, Clone, PartialEq, Eq)]
