@@ -299,7 +299,13 @@ fn cases() -> Vec<Case> {
         // taken a few seconds apart, not minutes.
         for ctx in [512, 2048, 8192, 32768] {
             for batch in [1, 8, 32] {
-                for kv in [KvType::F32, KvType::F16, KvType::Q8_0, KvType::Q4_0] {
+                for kv in [
+                    KvType::F32,
+                    KvType::F16,
+                    KvType::Q8_0,
+                    KvType::Q4_0,
+                    KvType::E4M3,
+                ] {
                     if ctx * batch <= cap {
                         out.push(Case {
                             heads,

@@ -15,7 +15,8 @@ use layerkv_model::{assets, isq, quantized, KvType, KvTypes, Model};
 
 /// The KV page types `--kv-dtype` and a policy's `@TYPES` accept, for their errors.
 const KV_TYPES: &str =
-    "f32, f16, bf16, q8_0, q4_0, or K,V such as q8_0,q4_0; `:plain` after it for unrotated blocks";
+    "f32, f16, bf16, q8_0, q4_0, e4m3 (MXFP8 blocks), or K,V such as q8_0,q4_0; `:plain` after it \
+     for unrotated integer blocks";
 
 /// A policy spec of `eval` or `needle` with an optional `@TYPES` suffix giving that policy its
 /// own KV page types (`identity@q8_0`, `identity+snapkv:256+adakv@q8_0,q4_0`), so one run
@@ -52,12 +53,13 @@ pub struct DeviceArgs {
     #[arg(long, default_value = "quantized")]
     pub weights: String,
     /// KV page type: `auto` (f16 when the weights run quantized, as llama.cpp's default cache
-    /// type; else `--dtype`), f32, f16, bf16, or llama.cpp's block types q8_0 (8.5 bits per
-    /// value) and q4_0 (4.5 bits); `K,V` gives keys and values their own types
-    /// (llama.cpp's `-ctk`/`-ctv`, e.g. `q8_0,q4_0`). Block rows are stored rotated by a
-    /// Walsh-Hadamard transform, as llama.cpp's quantized caches are (`:plain` after the type
-    /// stores them as they are, e.g. `q4_0:plain`). The attention kernels read every type in
-    /// place, so a smaller type also cuts the KV bytes each decode step reads.
+    /// type; else `--dtype`), f32, f16, bf16, llama.cpp's block types q8_0 (8.5 bits per
+    /// value) and q4_0 (4.5 bits), or e4m3 (the 8-bit float of fp8 caches, in MXFP8 blocks:
+    /// 8.25 bits); `K,V` gives keys and values their own types (llama.cpp's `-ctk`/`-ctv`,
+    /// e.g. `q8_0,q4_0`; e4m3 pairs only with itself). q8_0 and q4_0 rows are stored rotated
+    /// by a Walsh-Hadamard transform, as llama.cpp's quantized caches are (`:plain` after the
+    /// type stores them as they are, e.g. `q4_0:plain`). The attention kernels read every type
+    /// in place, so a smaller type also cuts the KV bytes each decode step reads.
     #[arg(long, default_value = "auto")]
     pub kv_dtype: String,
 }

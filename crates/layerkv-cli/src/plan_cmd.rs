@@ -24,7 +24,7 @@ pub struct PlanArgs {
     /// Context length per sequence, e.g. `32k`, `4096`.
     #[arg(long, default_value = "32k")]
     context: String,
-    /// KV page type: f32, bf16, f16, q8_0 or q4_0 (block scales counted), or `K,V` (e.g.
+    /// KV page type: f32, bf16, f16, q8_0, q4_0 or e4m3 (block scales counted), or `K,V` (e.g.
     /// `q8_0,q4_0`).
     #[arg(long, default_value = "bf16")]
     dtype: String,
@@ -110,7 +110,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
     let cfg = ModelConfig::load(&dir).with_context(|| format!("model {}", dir.display()))?;
     let kv = KvTypes::parse(&args.dtype).with_context(|| {
         format!(
-            "unknown dtype {:?} (f32, bf16, f16, q8_0, q4_0, or K,V such as q8_0,q4_0)",
+            "unknown dtype {:?} (f32, bf16, f16, q8_0, q4_0, e4m3, or K,V such as q8_0,q4_0)",
             args.dtype
         )
     })?;

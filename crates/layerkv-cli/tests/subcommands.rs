@@ -302,9 +302,9 @@ fn eval_runs_a_policy_in_its_own_page_types() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// `plan --dtype q8_0|q4_0` counts block bytes (scales included): on heads of 32 values, a
-/// 1000-token identity sequence takes 63 pages x 4 layers of 16 tokens x 2 KV heads x (K + V
-/// rows of 34 or 18 bytes), against f16's 64 per row.
+/// `plan --dtype q8_0|q4_0|e4m3` counts block bytes (scales included): on heads of 32 values,
+/// a 1000-token identity sequence takes 63 pages x 4 layers of 16 tokens x 2 KV heads x (K + V
+/// rows of 34, 18 or 33 bytes), against f16's 64 per row.
 #[test]
 fn plan_counts_quantized_page_bytes() {
     let dir = scratch("sub-plan-blocks");
@@ -313,7 +313,13 @@ fn plan_counts_quantized_page_bytes() {
         ..TinyModel::llama(7)
     }
     .write(&dir.join("model"));
-    for (dtype, row) in [("f16", 64), ("q8_0", 34), ("q4_0", 18), ("q8_0,q4_0", 26)] {
+    for (dtype, row) in [
+        ("f16", 64),
+        ("q8_0", 34),
+        ("q4_0", 18),
+        ("q8_0,q4_0", 26),
+        ("e4m3", 33),
+    ] {
         let (stdout, _) = layerkv(
             &dir,
             &[
@@ -1224,8 +1230,8 @@ fn kv_held_bytes(stderr: &str) -> f64 {
     value.parse::<f64>().unwrap() * scale
 }
 
-/// `--kv-dtype q8_0`, `q4_0` and `q8_0,q4_0` hold llama.cpp's block bytes (34 and 18 per 32
-/// values, scales included) against f16's 64: the held bytes are those ratios of f16's, and
+/// `--kv-dtype q8_0`, `q4_0`, `q8_0,q4_0` and `e4m3` hold their block bytes (34, 18 and 33
+/// per 32 values, scales included) against f16's 64: the held bytes are those ratios of f16's, and
 /// the reply is still text (on a model whose head_dim, 32, is one block). A model whose
 /// head_dim is not a multiple of 32 gets a one-line error naming it.
 #[test]
@@ -1260,6 +1266,7 @@ fn generate_on_quantized_kv_pages_holds_block_bytes() {
         ("q8_0", 68.0 / 128.0),
         ("q4_0", 36.0 / 128.0),
         ("q8_0,q4_0", 52.0 / 128.0),
+        ("e4m3", 66.0 / 128.0),
     ] {
         let (stdout, stderr) = run(kv);
         assert!(

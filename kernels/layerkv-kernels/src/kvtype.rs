@@ -4,7 +4,11 @@
 //! - **Q8_0**: blocks of 32 values, an f16 scale `d` and 32 signed bytes (`x = d q`): 34 bytes
 //!   per 32 values, 0.53x f16;
 //! - **Q4_0**: blocks of 32 values, an f16 scale and 16 bytes of nibbles (`x = d (q - 8)`, value
-//!   `j` in the low nibble of byte `j`, value `16 + j` in its high nibble): 18 bytes, 0.28x f16.
+//!   `j` in the low nibble of byte `j`, value `16 + j` in its high nibble): 18 bytes, 0.28x f16;
+//! - **e4m3** (the 8-bit float of vLLM's and mistral.rs's fp8 caches) in the OCP Microscaling
+//!   block layout (MXFP8): 32 e4m3 values and a shared power-of-two scale (one E8M0 byte):
+//!   33 bytes per 32 values, 0.52x f16. The scale is the smallest power of two that keeps the
+//!   block's largest magnitude within e4m3's 448, so no value saturates.
 //!
 //! A quantized page keeps the float page's shape with a row of bytes in place of a row of
 //! values (`[num_pages, block_size, kv_heads, row_bytes]`, stored as `U8`), so every operation
@@ -43,13 +47,22 @@ pub enum KvType {
     Q8_0,
     /// llama.cpp's Q4_0 blocks (4.5 bits per value).
     Q4_0,
+    /// e4m3 floats in MX blocks (8.25 bits per value; see the module docs).
+    E4M3,
 }
 
 impl KvType {
     /// Every type, in the order the CLI lists them.
-    pub const ALL: [KvType; 5] = [Self::F32, Self::F16, Self::BF16, Self::Q8_0, Self::Q4_0];
+    pub const ALL: [KvType; 6] = [
+        Self::F32,
+        Self::F16,
+        Self::BF16,
+        Self::Q8_0,
+        Self::Q4_0,
+        Self::E4M3,
+    ];
 
-    /// The name the CLI and policy files use (`f32`, `f16`, `bf16`, `q8_0`, `q4_0`).
+    /// The name the CLI and policy files use (`f32`, `f16`, `bf16`, `q8_0`, `q4_0`, `e4m3`).
     pub fn name(self) -> &'static str {
         match self {
             Self::F32 => "f32",
@@ -57,6 +70,7 @@ impl KvType {
             Self::BF16 => "bf16",
             Self::Q8_0 => "q8_0",
             Self::Q4_0 => "q4_0",
+            Self::E4M3 => "e4m3",
         }
     }
 
@@ -67,6 +81,13 @@ impl KvType {
 
     /// Whether rows are blocks of bytes rather than float values.
     pub fn is_quantized(self) -> bool {
+        matches!(self, Self::Q8_0 | Self::Q4_0 | Self::E4M3)
+    }
+
+    /// Whether rows of this type are stored rotated when [`KvTypes::rotate`] is on: the integer
+    /// blocks, whose one scale per block an outlier would set. An e4m3 value carries its own
+    /// exponent, and rotating its rows measured worse (`docs/quantized-kv-pages.md`).
+    pub fn rotates(self) -> bool {
         matches!(self, Self::Q8_0 | Self::Q4_0)
     }
 
@@ -86,7 +107,7 @@ impl KvType {
             Self::F32 => DType::F32,
             Self::F16 => DType::F16,
             Self::BF16 => DType::BF16,
-            Self::Q8_0 | Self::Q4_0 => DType::U8,
+            Self::Q8_0 | Self::Q4_0 | Self::E4M3 => DType::U8,
         }
     }
 
@@ -97,6 +118,7 @@ impl KvType {
             Self::F16 | Self::BF16 => 2 * head_dim,
             Self::Q8_0 => head_dim.div_ceil(QK) * 34,
             Self::Q4_0 => head_dim.div_ceil(QK) * 18,
+            Self::E4M3 => head_dim.div_ceil(QK) * 33,
         }
     }
 
@@ -135,8 +157,9 @@ pub struct KvTypes {
     pub k: KvType,
     /// Value pages.
     pub v: KvType,
-    /// Store block rows rotated by a Walsh-Hadamard transform (see the module docs); float
-    /// rows are never rotated. `true` unless a spec says `:plain`.
+    /// Store integer block rows (Q8_0, Q4_0: [`KvType::rotates`]) rotated by a Walsh-Hadamard
+    /// transform (see the module docs); float and e4m3 rows are never rotated. `true` unless a
+    /// spec says `:plain`.
     pub rotate: bool,
 }
 
@@ -172,12 +195,12 @@ impl KvTypes {
 
     /// Whether key rows are stored rotated (then queries are rotated too).
     pub fn rotates_k(self) -> bool {
-        self.rotate && self.k.is_quantized()
+        self.rotate && self.k.rotates()
     }
 
     /// Whether value rows are stored rotated (then attention outputs are rotated back).
     pub fn rotates_v(self) -> bool {
-        self.rotate && self.v.is_quantized()
+        self.rotate && self.v.rotates()
     }
 
     /// Float pages of `dtype` for K and V (`None` for a dtype that is not f32, f16 or bf16).
@@ -209,7 +232,7 @@ impl fmt::Display for KvTypes {
         } else {
             write!(f, "{},{}", self.k, self.v)?;
         }
-        if !self.rotate && self.is_quantized() {
+        if !self.rotate && (self.k.rotates() || self.v.rotates()) {
             f.write_str(":plain")?;
         }
         Ok(())
@@ -318,6 +341,94 @@ pub fn dequantize_q4_0(blocks: &[u8], x: &mut [f32]) {
     }
 }
 
+/// The largest finite e4m3 value (`S.1111.110`; `S.1111.111` is NaN, never written).
+pub const E4M3_MAX: f32 = 448.0;
+
+/// One e4m3 code for `x` (finite, `|x| <= 448`): round to nearest, ties to even, as the OCP
+/// 8-bit float spec and CUDA's `__nv_cvt_float_to_fp8` (saturating) do; subnormals below
+/// 2^-6 in steps of 2^-9.
+pub fn e4m3_encode(x: f32) -> u8 {
+    let sign = if x.is_sign_negative() { 0x80 } else { 0 };
+    let a = x.abs().min(E4M3_MAX);
+    if a.is_nan() {
+        return sign;
+    }
+    // The value's exponent (at least -6: the subnormals share the smallest one), its step
+    // (3 mantissa bits), and the count of steps, rounded half to even.
+    let exp = if a < 2f32.powi(-6) {
+        -6
+    } else {
+        (a.to_bits() >> 23) as i32 - 127
+    };
+    let step = 2f32.powi(exp - 3);
+    // Dividing by a power of two is exact. `n` is 0..=16: 16 carries into the next exponent,
+    // and below 8 only at exponent -6 (a subnormal).
+    let n = (a / step).round_ties_even() as u32;
+    let (exp, n) = if n == 16 { (exp + 1, 8) } else { (exp, n) };
+    let code = if n < 8 {
+        n // subnormal: exponent field 0
+    } else {
+        (((exp + 7) as u32) << 3) | (n - 8)
+    };
+    sign | (code.min(0x7e) as u8)
+}
+
+/// The value of e4m3 code `b` (NaN for `S.1111.111`).
+pub fn e4m3_decode(b: u8) -> f32 {
+    let sign = if b & 0x80 != 0 { -1.0 } else { 1.0 };
+    let (e, m) = (((b >> 3) & 0x0f) as i32, (b & 7) as f32);
+    if e == 15 && m == 7.0 {
+        return f32::NAN;
+    }
+    sign * if e == 0 {
+        m * 2f32.powi(-9)
+    } else {
+        (1.0 + m / 8.0) * 2f32.powi(e - 7)
+    }
+}
+
+/// The power-of-two scale of an E8M0 byte (`2^(e - 127)`; 0 and 255 are never written).
+pub fn e8m0_scale(e: u8) -> f32 {
+    f32::from_bits((e as u32) << 23)
+}
+
+/// MXFP8 (e4m3) blocks for one row (`x.len()` a multiple of 32) into `out` (33 bytes per
+/// block): the E8M0 scale `2^s` with the smallest `s` such that `max|x| / 2^s <= 448`, then
+/// each value divided by it (exact) and rounded to e4m3.
+pub fn quantize_e4m3(x: &[f32], out: &mut [u8]) {
+    for (xb, ob) in x.chunks_exact(QK).zip(out.chunks_exact_mut(33)) {
+        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let mut e: i32 = if amax > 0.0 {
+            (amax / E4M3_MAX).log2().ceil() as i32
+        } else {
+            0
+        };
+        // log2 of a float is not exact at powers of two: settle on the smallest that fits.
+        while e > -126 && amax / 2f32.powi(e - 1) <= E4M3_MAX {
+            e -= 1;
+        }
+        while amax / 2f32.powi(e) > E4M3_MAX {
+            e += 1;
+        }
+        let e = e.clamp(-126, 127);
+        ob[0] = (e + 127) as u8;
+        let inv = 1.0 / e8m0_scale(ob[0]);
+        for (o, v) in ob[1..].iter_mut().zip(xb) {
+            *o = e4m3_encode(v * inv);
+        }
+    }
+}
+
+/// Inverse of [`quantize_e4m3`].
+pub fn dequantize_e4m3(blocks: &[u8], x: &mut [f32]) {
+    for (b, xb) in blocks.chunks_exact(33).zip(x.chunks_exact_mut(QK)) {
+        let s = e8m0_scale(b[0]);
+        for (o, &q) in xb.iter_mut().zip(&b[1..]) {
+            *o = s * e4m3_decode(q);
+        }
+    }
+}
+
 /// Quantizes rows of `head_dim` f32 values into `t`'s row bytes.
 pub(crate) fn quantize_rows(t: KvType, x: &[f32], head_dim: usize, out: &mut [u8]) {
     let rb = t.row_bytes(head_dim);
@@ -325,6 +436,7 @@ pub(crate) fn quantize_rows(t: KvType, x: &[f32], head_dim: usize, out: &mut [u8
         match t {
             KvType::Q8_0 => quantize_q8_0(xr, or),
             KvType::Q4_0 => quantize_q4_0(xr, or),
+            KvType::E4M3 => quantize_e4m3(xr, or),
             _ => unreachable!("quantize_rows is only called for block types"),
         }
     }
@@ -337,6 +449,7 @@ pub(crate) fn dequantize_rows(t: KvType, bytes: &[u8], head_dim: usize, out: &mu
         match t {
             KvType::Q8_0 => dequantize_q8_0(br, or),
             KvType::Q4_0 => dequantize_q4_0(br, or),
+            KvType::E4M3 => dequantize_e4m3(br, or),
             _ => unreachable!("dequantize_rows is only called for block types"),
         }
     }
@@ -354,8 +467,8 @@ pub fn round_trip(types: KvTypes, k: bool, head_dim: usize, x: &mut [f32]) {
         KvType::BF16 => x
             .iter_mut()
             .for_each(|v| *v = half::bf16::from_f32(*v).to_f32()),
-        KvType::Q8_0 | KvType::Q4_0 => {
-            let rotate = types.rotate;
+        KvType::Q8_0 | KvType::Q4_0 | KvType::E4M3 => {
+            let rotate = types.rotate && t.rotates();
             if rotate {
                 hadamard(x, hadamard_size(head_dim));
             }
@@ -486,6 +599,68 @@ mod tests {
         }
     }
 
+    /// e4m3 codes against candle's F8E4M3 (the `float8` crate: a port of CUDA's conversion,
+    /// round to nearest even) over seeded values of every magnitude, subnormals and ties
+    /// included; every finite code round-trips; and the MX blocks never saturate, take the
+    /// smallest scale that avoids it, and keep every value within half an e4m3 step.
+    #[test]
+    fn e4m3_matches_candles_f8e4m3_and_blocks_do_not_saturate() {
+        for b in 0..=255u8 {
+            if b & 0x7f == 0x7f {
+                assert!(e4m3_decode(b).is_nan());
+                continue;
+            }
+            assert_eq!(e4m3_encode(e4m3_decode(b)), b, "code {b:#04x}");
+        }
+        // Values spread over e4m3's whole range (2^-10 .. 448), both signs, plus exact ties
+        // (midpoints between neighbouring codes) and the subnormal range.
+        let mut x: Vec<f32> = seeded(4000, 5)
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| v * 2f32.powi((i % 19) as i32 - 10))
+            .map(|v| v.clamp(-E4M3_MAX, E4M3_MAX))
+            .collect();
+        for b in 0..0x7eu8 {
+            let (lo, hi) = (e4m3_decode(b), e4m3_decode(b + 1));
+            x.extend([(lo + hi) / 2.0, -(lo + hi) / 2.0, lo * 0.999 + hi * 0.001]);
+        }
+        let t = candle_core::Tensor::new(x.as_slice(), &candle_core::Device::Cpu).unwrap();
+        let theirs: Vec<f32> = t
+            .to_dtype(DType::F8E4M3)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (v, want) in x.iter().zip(&theirs) {
+            let got = e4m3_decode(e4m3_encode(*v));
+            assert!(got == *want, "{v}: ours {got}, candle's {want}");
+        }
+        let row: Vec<f32> = seeded(32 * 64, 9)
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| v * 10f32.powi((i / 32 % 9) as i32 - 4))
+            .collect();
+        let mut blocks = vec![0u8; 64 * 33];
+        quantize_e4m3(&row, &mut blocks);
+        let mut back = vec![0f32; row.len()];
+        dequantize_e4m3(&blocks, &mut back);
+        for (b, (xb, ob)) in blocks.chunks(33).zip(row.chunks(32).zip(back.chunks(32))) {
+            let s = e8m0_scale(b[0]);
+            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(
+                amax / s <= E4M3_MAX && amax / (s / 2.0) > E4M3_MAX,
+                "scale {s}"
+            );
+            for (v, got) in xb.iter().zip(ob) {
+                // Half a step of the value's binade (3 mantissa bits), or of the subnormals.
+                let binade = (v.abs() / s).max(2f32.powi(-6)).log2().floor();
+                let half_step = s * 2f32.powi(binade as i32 - 4);
+                assert!((v - got).abs() <= half_step * 1.0001, "{v} -> {got}");
+            }
+        }
+    }
+
     #[test]
     fn names_and_sizes() {
         for t in KvType::ALL {
@@ -494,6 +669,11 @@ mod tests {
         assert_eq!(KvType::Q8_0.row_bytes(64), 68);
         assert_eq!(KvType::Q4_0.row_bytes(64), 36);
         assert_eq!(KvType::F16.row_bytes(64), 128);
+        assert_eq!(KvType::E4M3.row_bytes(64), 66);
+        assert!(KvType::E4M3.is_quantized() && !KvType::E4M3.rotates());
+        // e4m3 rows are never rotated; `:plain` means nothing for them and is not printed.
+        let e4 = KvTypes::parse("e4m3").unwrap();
+        assert!(!e4.rotates_k() && !e4.rotates_v() && e4.to_string() == "e4m3");
         assert_eq!(
             KvTypes::parse("q8_0, q4_0"),
             Some(KvTypes::new(KvType::Q8_0, KvType::Q4_0))

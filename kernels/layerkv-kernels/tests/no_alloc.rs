@@ -154,6 +154,7 @@ fn warmed_up_calls_allocate_only_their_output() {
         (KvType::F16, DType::F16),
         (KvType::Q8_0, DType::F16),
         (KvType::Q4_0, DType::F16),
+        (KvType::E4M3, DType::F16),
     ] {
         // Decode (the split path) and chunked prefill (the per-(sequence, KV head) path).
         for num_q in [1, 8] {

@@ -467,7 +467,8 @@ fn cuda_block_pages_match_cpu() {
     use layerkv_kernels::{KvType, KvTypes};
     let dev = Device::new_cuda(0).expect("--features cuda: no CUDA device");
     let (q8, q4, f16) = (KvType::Q8_0, KvType::Q4_0, KvType::F16);
-    let pairs = [(q8, q8), (q4, q4), (q8, q4), (f16, q8), (q4, f16)];
+    let e4 = KvType::E4M3;
+    let pairs = [(q8, q8), (q4, q4), (q8, q4), (f16, q8), (q4, f16), (e4, e4)];
     let mut ran = 0;
     for seed in 0..140 {
         let c = build_sized(seed, DType::F32, if seed < 120 { 90 } else { 3000 });

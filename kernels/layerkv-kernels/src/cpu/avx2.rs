@@ -8,7 +8,7 @@ use std::arch::x86_64::*;
 
 use half::{bf16, f16};
 
-use super::blocks::{Q4Block, Q8Block};
+use super::blocks::{E4Block, Q4Block, Q8Block};
 use crate::kvtype::QK;
 
 /// A stored element type the AVX2 loops read directly: a float, or a block of `BLOCK` values
@@ -133,6 +133,64 @@ impl Lanes for Q4Block {
         // SAFETY: the caller's contract.
         unsafe { (*p.add(i / QK)).value(i % QK) }
     }
+}
+
+impl Lanes for E4Block {
+    const BLOCK: usize = QK;
+    #[inline(always)]
+    unsafe fn load8_at(p: *const E4Block, c: usize) -> __m256 {
+        // SAFETY: block `c / 32` is readable; its scale byte and the 8 codes at
+        // `1 + c % 32 .. + 8 <= 33` lie inside it.
+        unsafe {
+            let b = p.add(c / QK).cast::<u8>();
+            codes8_e4m3(b, c % QK, scale8_e8m0(b))
+        }
+    }
+    #[inline(always)]
+    unsafe fn scale_at(p: *const E4Block, c: usize) -> __m256 {
+        // SAFETY: block `c / 32` is readable.
+        unsafe { scale8_e8m0(p.add(c / QK).cast()) }
+    }
+    #[inline(always)]
+    unsafe fn load8_scaled(p: *const E4Block, c: usize, scale: __m256) -> __m256 {
+        // SAFETY: as for `load8_at`.
+        unsafe { codes8_e4m3(p.add(c / QK).cast(), c % QK, scale) }
+    }
+    #[inline(always)]
+    unsafe fn at(p: *const E4Block, i: usize) -> f32 {
+        // SAFETY: the caller's contract.
+        unsafe { (*p.add(i / QK)).value(i % QK) }
+    }
+}
+
+/// An MXFP8 block's scale (its E8M0 first byte, `2^(e - 127)`) times 2^8 in all eight lanes:
+/// [`codes8_e4m3`] gives each value over 2^8.
+///
+/// # Safety
+/// One byte readable at `b`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn scale8_e8m0(b: *const u8) -> __m256 {
+    // SAFETY: the caller guarantees a readable byte. The quantizer writes exponents up to 254,
+    // and 254 + 8 would overflow the f32 exponent: such a block's values are infinite anyway.
+    let e = unsafe { *b } as i32 + 8;
+    _mm256_castsi256_ps(_mm256_set1_epi32(e.min(255) << 23))
+}
+
+/// Values `j .. j + 8` of the MXFP8 block at `b`, times `scale` / 2^8. An e4m3 code
+/// `S EEEE MMM` moved into an f16's bits as `S 0EEEE MMM0000000` is the same value times 2^-8
+/// (f16's exponent bias is 15, e4m3's 7), subnormals included, so F16C converts it: no table.
+///
+/// # Safety
+/// A whole block (33 bytes) readable at `b`; `j + 8 <= 32`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn codes8_e4m3(b: *const u8, j: usize, scale: __m256) -> __m256 {
+    // SAFETY: the caller's contract: bytes `1 + j .. 1 + j + 8 <= 33`.
+    let w = _mm_cvtepu8_epi16(unsafe { _mm_loadl_epi64(b.add(1 + j).cast()) });
+    let sign = _mm_slli_epi16::<8>(_mm_and_si128(w, _mm_set1_epi16(0x80)));
+    let mag = _mm_slli_epi16::<7>(_mm_and_si128(w, _mm_set1_epi16(0x7f)));
+    _mm256_mul_ps(_mm256_cvtph_ps(_mm_or_si128(sign, mag)), scale)
 }
 
 /// A block's f16 scale (its first two bytes) in all eight lanes.

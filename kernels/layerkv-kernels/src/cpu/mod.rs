@@ -23,7 +23,7 @@ use crate::error::{KernelError, Result};
 use crate::kvtype::{hadamard, hadamard_size, KvType, KvTypes};
 use crate::store::KvStore;
 use crate::view::{AttentionParams, SeqQuery};
-use blocks::{Q4Block, Q8Block};
+use blocks::{E4Block, Q4Block, Q8Block};
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -544,6 +544,7 @@ fn attention_with(
             Rows::Q4(v) => run(k, v, &call),
             _ => return Err(pair_error(types)),
         },
+        (Some(Rows::E4(k)), Some(Rows::E4(v))) => run(k, v, &call),
         (None, _) | (_, None) => {
             return Err(KernelError::DType {
                 what: "KvStore (CPU kernel)",
@@ -582,6 +583,7 @@ enum Rows<'a> {
     BF16(&'a [bf16]),
     Q8(&'a [Q8Block]),
     Q4(&'a [Q4Block]),
+    E4(&'a [E4Block]),
 }
 
 impl<'a> Rows<'a> {
@@ -596,6 +598,7 @@ impl<'a> Rows<'a> {
             (CpuStorage::BF16(x), KvType::BF16) => Self::BF16(&x[offset..]),
             (CpuStorage::U8(x), KvType::Q8_0) => Self::Q8(Q8Block::slice(&x[offset..])),
             (CpuStorage::U8(x), KvType::Q4_0) => Self::Q4(Q4Block::slice(&x[offset..])),
+            (CpuStorage::U8(x), KvType::E4M3) => Self::E4(E4Block::slice(&x[offset..])),
             _ => return None,
         })
     }
@@ -604,8 +607,8 @@ impl<'a> Rows<'a> {
 /// K and V types the CPU kernel has no instantiation for.
 pub(crate) fn pair_error(types: KvTypes) -> KernelError {
     KernelError::Invalid(format!(
-        "KV pages of K {} and V {}: f32 and bf16 pages pair only with themselves; f16, q8_0 and \
-         q4_0 pair with each other",
+        "KV pages of K {} and V {}: f32, bf16 and e4m3 pages pair only with themselves; f16, \
+         q8_0 and q4_0 pair with each other",
         types.k, types.v
     ))
 }
@@ -972,7 +975,7 @@ mod tests {
             }
         }
     }
-    /// Quantized pages (Q8_0, Q4_0, and K/V pairs with f16) against "dequantize, then the
+    /// Quantized pages (Q8_0, Q4_0, e4m3, and K/V pairs with f16) against "dequantize, then the
     /// dense reference": prefill rows with mass and peak mass (the per-head path) and decode
     /// (the split path, partitions of one page and automatic), both loop instantiations, head
     /// dims of one and three blocks, odd lengths across page boundaries, holes.
@@ -985,6 +988,7 @@ mod tests {
             (KvType::Q8_0, KvType::Q4_0),
             (KvType::F16, KvType::Q8_0),
             (KvType::Q4_0, KvType::F16),
+            (KvType::E4M3, KvType::E4M3),
         ];
         for ((k_type, v_type), (kv_heads, d, heads)) in pairs
             .into_iter()
@@ -1080,7 +1084,7 @@ mod tests {
         }
     }
 
-    /// f32 and bf16 pages pair only with themselves: another pairing is a typed error, not a
+    /// f32, bf16 and e4m3 pages pair only with themselves: another pairing is a typed error, not a
     /// panic or a silent conversion. The CUDA kernels have an entry point for exactly the
     /// pairings the CPU reads, so both devices refuse the same ones, and every entry named is
     /// in the source's list.
@@ -1123,7 +1127,7 @@ mod tests {
                 "{mass}"
             );
         }
-        assert_eq!(entries, 11);
+        assert_eq!(entries, 12);
         let types = KvTypes::new(KvType::F32, KvType::Q8_0);
         let store = KvStore::with_types(2, 4, 1, 32, types, &dev).unwrap();
         let err = attention(&q, &store, &seqs, &params, None).unwrap_err();

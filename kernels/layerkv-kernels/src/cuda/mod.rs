@@ -33,11 +33,13 @@ pub const CUDA_ENTRY_POINTS: &[&str] = &[
     "layerkv_attn_partial_f16_q4_0",
     "layerkv_attn_partial_q8_0_f16",
     "layerkv_attn_partial_q4_0_f16",
+    "layerkv_attn_partial_e4m3",
     "layerkv_attn_mass_f32",
     "layerkv_attn_mass_f16",
     "layerkv_attn_mass_bf16",
     "layerkv_attn_mass_q8_0",
     "layerkv_attn_mass_q4_0",
+    "layerkv_attn_mass_e4m3",
     "layerkv_attn_reduce",
     "layerkv_scatter_rows_u32",
     "layerkv_scatter_rows_u16",
@@ -48,7 +50,7 @@ pub const CUDA_ENTRY_POINTS: &[&str] = &[
 ];
 
 /// The partial-attention entry point for K pages `k` and V pages `v` (`None`: a pairing the
-/// kernels do not read, as on the CPU: f32 and bf16 pair only with themselves).
+/// kernels do not read, as on the CPU: f32, bf16 and e4m3 pair only with themselves).
 pub fn partial_entry(k: crate::KvType, v: crate::KvType) -> Option<String> {
     let name = if k == v {
         k.name().to_string()

@@ -75,6 +75,17 @@ __device__ __forceinline__ float load_q4_0(const unsigned char* p, size_t i) {
     return block_scale(b) * (float)(q - 8);
 }
 
+// Value i of MXFP8 rows: 33-byte blocks (an E8M0 scale byte, 32 e4m3 codes). The code moved
+// into an f16's bits (S 0EEEE MMM0000000) is its value times 2^-8, subnormals included, so the
+// scale 2^(e - 127) is applied as 2^(e - 119).
+__device__ __forceinline__ float load_e4m3(const unsigned char* p, size_t i) {
+    const unsigned char* b = p + (i >> 5) * 33;
+    const unsigned int c = b[1 + (i & 31)];
+    const unsigned short h = (unsigned short)(((c & 0x80u) << 8) | ((c & 0x7fu) << 7));
+    const int e = min((int)b[0] + 8, 255);
+    return half_to_float(h) * __int_as_float(e << 23);
+}
+
 __device__ __forceinline__ float warp_sum(float x) {
     for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
     return x;
@@ -336,12 +347,15 @@ INSTANTIATE_PARTIAL(f16_q8_0, U16, load_f16, U8, load_q8_0)
 INSTANTIATE_PARTIAL(f16_q4_0, U16, load_f16, U8, load_q4_0)
 INSTANTIATE_PARTIAL(q8_0_f16, U8, load_q8_0, U16, load_f16)
 INSTANTIATE_PARTIAL(q4_0_f16, U8, load_q4_0, U16, load_f16)
+// e4m3 pairs only with itself (mistral.rs's and vLLM's fp8 caches hold K and V alike).
+INSTANTIATE_PARTIAL(e4m3, U8, load_e4m3, U8, load_e4m3)
 
 INSTANTIATE_MASS(f32, float, load_f32)
 INSTANTIATE_MASS(f16, U16, load_f16)
 INSTANTIATE_MASS(bf16, U16, load_bf16)
 INSTANTIATE_MASS(q8_0, U8, load_q8_0)
 INSTANTIATE_MASS(q4_0, U8, load_q4_0)
+INSTANTIATE_MASS(e4m3, U8, load_e4m3)
 
 // Merges the splits of one (row, head): out = sum_s o_s e^(m_s - M) / sum_s l_s e^(m_s - M).
 // Also writes the merged max and sum for the mass pass. Grid (total_q, heads), any block size.
