@@ -86,7 +86,7 @@ impl KvType {
 
     /// Whether rows of this type are stored rotated when [`KvTypes::rotate`] is on: the integer
     /// blocks, whose one scale per block an outlier would set. An e4m3 value carries its own
-    /// exponent, and rotating its rows measured worse (`docs/quantized-kv-pages.md`).
+    /// exponent, and rotating its rows measured no better (`docs/quantized-kv-pages.md`).
     pub fn rotates(self) -> bool {
         matches!(self, Self::Q8_0 | Self::Q4_0)
     }
@@ -344,9 +344,9 @@ pub fn dequantize_q4_0(blocks: &[u8], x: &mut [f32]) {
 /// The largest finite e4m3 value (`S.1111.110`; `S.1111.111` is NaN, never written).
 pub const E4M3_MAX: f32 = 448.0;
 
-/// One e4m3 code for `x` (finite, `|x| <= 448`): round to nearest, ties to even, as the OCP
-/// 8-bit float spec and CUDA's `__nv_cvt_float_to_fp8` (saturating) do; subnormals below
-/// 2^-6 in steps of 2^-9.
+/// One e4m3 code for `x`: round to nearest, ties to even, as the OCP 8-bit float spec and
+/// CUDA's `__nv_cvt_float_to_fp8` (saturating) do; subnormals below 2^-6 in steps of 2^-9;
+/// magnitudes past 448 saturate to it, and NaN gives a zero (the blocks never hand either).
 pub fn e4m3_encode(x: f32) -> u8 {
     let sign = if x.is_sign_negative() { 0x80 } else { 0 };
     let a = x.abs().min(E4M3_MAX);
