@@ -84,10 +84,11 @@ impl LayerKvModelBuilder {
         self
     }
 
-    /// KV page types apart from the activation dtype: llama.cpp's Q8_0 / Q4_0 blocks (CPU;
-    /// head_dim a multiple of 32), or a float type; K and V may differ
-    /// (`KvTypes::new(KvType::Q8_0, KvType::Q4_0)`, llama.cpp's `-ctk q8_0 -ctv q4_0`; block rows
-    /// are stored rotated, as llama.cpp's are, unless `with_rotation(false)`).
+    /// KV page types apart from the activation dtype: llama.cpp's Q8_0 / Q4_0 blocks or MXFP8
+    /// e4m3 blocks (`KvType::E4M3`, mistral.rs's `f8e4m3` cache type in blocks; CPU; head_dim a
+    /// multiple of 32), or a float type; K and V may differ (`KvTypes::new(KvType::Q8_0,
+    /// KvType::Q4_0)`, llama.cpp's `-ctk q8_0 -ctv q4_0`; Q8_0 / Q4_0 rows are stored rotated, as
+    /// llama.cpp's are, unless `with_rotation(false)`; e4m3 pairs only with itself).
     pub fn with_kv_types(mut self, kv: impl Into<KvTypes>) -> Self {
         self.kv_types = Some(kv.into());
         self

@@ -8,13 +8,14 @@
 //! - **e4m3** (the 8-bit float of vLLM's and mistral.rs's fp8 caches) in the OCP Microscaling
 //!   block layout (MXFP8): 32 e4m3 values and a shared power-of-two scale (one E8M0 byte):
 //!   33 bytes per 32 values, 0.52x f16. The scale is the smallest power of two that keeps the
-//!   block's largest magnitude within e4m3's 448, so no value saturates.
+//!   block's largest magnitude within e4m3's 448, so no value saturates (short of magnitudes
+//!   past 448 x 2^119, which the largest scale the kernels read leaves at 448 x 2^119).
 //!
 //! A quantized page keeps the float page's shape with a row of bytes in place of a row of
 //! values (`[num_pages, block_size, kv_heads, row_bytes]`, stored as `U8`), so every operation
 //! that moves whole `(slot, head)` rows (compaction, copy-on-write, rollback) moves blocks as
 //! they are: values are rounded once, when written ([`quantize_q8_0`], [`quantize_q4_0`], the
-//! rounding of llama.cpp's reference `quantize_row_*_ref`).
+//! rounding of llama.cpp's reference `quantize_row_*_ref`; [`quantize_e4m3`]).
 //!
 //! **Rotation.** A few channels of a key carry most of its magnitude, and one outlier sets a
 //! whole block's scale, so 4-bit blocks lose the small channels. As llama.cpp does for its
@@ -22,7 +23,8 @@
 //! orthonormal Walsh-Hadamard transform `H` over each head's values ([`hadamard`]), which
 //! spreads an outlier over every channel: keys as `H k` with queries rotated to `H q` (scores
 //! are unchanged, `H` being orthonormal), values as `H v` with each attention output rotated
-//! back (`H` is its own inverse). On by default for block types ([`KvTypes::rotate`]).
+//! back (`H` is its own inverse). On by default for the integer blocks ([`KvTypes::rotate`],
+//! [`KvType::rotates`]); e4m3 rows are stored as they are.
 
 use std::fmt;
 
@@ -31,7 +33,7 @@ use half::f16;
 
 use crate::error::{KernelError, Result};
 
-/// Values per quantized block (Q8_0 and Q4_0).
+/// Values per quantized block (Q8_0, Q4_0 and e4m3).
 pub const QK: usize = 32;
 
 /// The type of the values of one K or V page row.
@@ -349,10 +351,10 @@ pub const E4M3_MAX: f32 = 448.0;
 /// magnitudes past 448 saturate to it, and NaN gives a zero (the blocks never hand either).
 pub fn e4m3_encode(x: f32) -> u8 {
     let sign = if x.is_sign_negative() { 0x80 } else { 0 };
-    let a = x.abs().min(E4M3_MAX);
-    if a.is_nan() {
+    if x.is_nan() {
         return sign;
     }
+    let a = x.abs().min(E4M3_MAX);
     // The value's exponent (at least -6: the subnormals share the smallest one), its step
     // (3 mantissa bits), and the count of steps, rounded half to even.
     let exp = if a < 2f32.powi(-6) {
@@ -387,9 +389,18 @@ pub fn e4m3_decode(b: u8) -> f32 {
     }
 }
 
-/// The power-of-two scale of an E8M0 byte (`2^(e - 127)`; 0 and 255 are never written).
+/// The largest E8M0 scale byte written: the kernels apply a block's scale times 2^8 (see
+/// `codes8_e4m3`), and byte 246 + 8 is the largest finite f32 exponent.
+const E8M0_MAX: i32 = 246;
+
+/// The power-of-two scale of an E8M0 byte, `2^(e - 127)` (byte 0 is 2^-127, a subnormal f32,
+/// as OCP reads it; 255, NaN, is never written).
 pub fn e8m0_scale(e: u8) -> f32 {
-    f32::from_bits((e as u32) << 23)
+    if e == 0 {
+        f32::from_bits(1 << 22)
+    } else {
+        f32::from_bits((e as u32) << 23)
+    }
 }
 
 /// MXFP8 (e4m3) blocks for one row (`x.len()` a multiple of 32) into `out` (33 bytes per
@@ -410,7 +421,8 @@ pub fn quantize_e4m3(x: &[f32], out: &mut [u8]) {
         while amax / 2f32.powi(e) > E4M3_MAX {
             e += 1;
         }
-        let e = e.clamp(-126, 127);
+        // Past the largest scale byte, magnitudes saturate at 448 x 2^119 (`e4m3_encode`).
+        let e = e.clamp(-126, E8M0_MAX - 127);
         ob[0] = (e + 127) as u8;
         let inv = 1.0 / e8m0_scale(ob[0]);
         for (o, v) in ob[1..].iter_mut().zip(xb) {
@@ -659,6 +671,25 @@ mod tests {
                 assert!((v - got).abs() <= half_step * 1.0001, "{v} -> {got}");
             }
         }
+        // The extremes: a block near f32's largest magnitude keeps a scale byte the kernels'
+        // 2^8-scaled read can hold (saturating at 448 x 2^119), finite values; NaN encodes to
+        // zero (the block maximum skips it); byte 0 is OCP's 2^-127.
+        let mut huge = seeded(32, 13);
+        huge[3] = f32::MAX;
+        huge[4] = f32::NAN;
+        let mut b = [0u8; 33];
+        quantize_e4m3(&huge, &mut b);
+        let mut back = [0f32; 32];
+        dequantize_e4m3(&b, &mut back);
+        assert!(
+            b[0] <= 246 && back.iter().all(|v| v.is_finite()),
+            "{}",
+            b[0]
+        );
+        assert_eq!(back[3], 448.0 * 2f32.powi(119));
+        assert_eq!((e4m3_encode(f32::NAN), back[4]), (0, 0.0));
+        assert_eq!(e8m0_scale(0), 2f32.powi(-127));
+        assert_eq!(e8m0_scale(127), 1.0);
     }
 
     #[test]

@@ -224,7 +224,8 @@ impl KvStore {
     }
 
     /// `x` (`[n, kv_heads, head_dim]` floats) as stored rows of type `t`: the store's float
-    /// dtype, or quantized blocks (of the rotated rows, unless the store's types say `:plain`).
+    /// dtype, or quantized blocks (Q8_0 and Q4_0 of the rotated rows, unless the store's types
+    /// say `:plain`; e4m3 of the rows as they are).
     fn encode(&self, x: &Tensor, t: KvType) -> Result<Tensor> {
         if !t.is_quantized() {
             return Ok(x.to_dtype(t.storage_dtype())?.contiguous()?);

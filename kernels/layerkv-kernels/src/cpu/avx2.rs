@@ -12,7 +12,7 @@ use super::blocks::{E4Block, Q4Block, Q8Block};
 use crate::kvtype::QK;
 
 /// A stored element type the AVX2 loops read directly: a float, or a block of `BLOCK` values
-/// (Q8_0, Q4_0) dequantized in registers.
+/// (Q8_0, Q4_0, e4m3) dequantized in registers.
 pub(crate) trait Lanes: Copy {
     /// Values per stored unit (1 for floats, 32 for a block).
     const BLOCK: usize = 1;
@@ -171,10 +171,10 @@ impl Lanes for E4Block {
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn scale8_e8m0(b: *const u8) -> __m256 {
-    // SAFETY: the caller guarantees a readable byte. The quantizer writes exponents up to 254,
-    // and 254 + 8 would overflow the f32 exponent: such a block's values are infinite anyway.
+    // SAFETY: the caller guarantees a readable byte. The quantizer writes scale bytes 1 to
+    // 246, so byte + 8 is a finite f32 exponent.
     let e = unsafe { *b } as i32 + 8;
-    _mm256_castsi256_ps(_mm256_set1_epi32(e.min(255) << 23))
+    _mm256_castsi256_ps(_mm256_set1_epi32(e << 23))
 }
 
 /// Values `j .. j + 8` of the MXFP8 block at `b`, times `scale` / 2^8. An e4m3 code

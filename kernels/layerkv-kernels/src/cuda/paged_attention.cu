@@ -2,12 +2,14 @@
 // score-based retention, and the KvStore scatter. Compiled at run time with NVRTC (no headers:
 // f16/bf16 are widened with PTX `cvt` and bit shifts), so the crate builds without a toolkit.
 //
-// Pages hold f32, f16, bf16, or llama.cpp's Q8_0 / Q4_0 blocks (32 values per block: an f16
-// scale, then 32 int8 values or 16 bytes of 4-bit values offset by 8). A page row is whole
+// Pages hold f32, f16, bf16, llama.cpp's Q8_0 / Q4_0 blocks (32 values per block: an f16
+// scale, then 32 int8 values or 16 bytes of 4-bit values offset by 8), or MXFP8 e4m3 blocks (an
+// E8M0 scale byte, then 32 e4m3 codes). A page row is whole
 // blocks, so value i of a row is value i % 32 of its block i / 32 and every loader takes a value
 // index: block pages are dequantized where they are read, as the float pages are widened. K and
 // V have their own types (llama.cpp's -ctk / -ctv); the host rotates queries and outputs when
-// the store keeps block rows rotated (`KvTypes::rotate`), so the kernels never see the rotation.
+// the store keeps Q8_0 / Q4_0 rows rotated (`KvTypes::rotates_k` / `rotates_v`), so the kernels
+// never see the rotation.
 //
 // Semantics match the CPU kernel (`cpu.rs`): a query row at logical slot p sees slots s in
 // [lo, hi) with hi = p + 1 (p when the diagonal is masked for upward sharing), clipped to the
@@ -82,8 +84,8 @@ __device__ __forceinline__ float load_e4m3(const unsigned char* p, size_t i) {
     const unsigned char* b = p + (i >> 5) * 33;
     const unsigned int c = b[1 + (i & 31)];
     const unsigned short h = (unsigned short)(((c & 0x80u) << 8) | ((c & 0x7fu) << 7));
-    const int e = min((int)b[0] + 8, 255);
-    return half_to_float(h) * __int_as_float(e << 23);
+    // The quantizer writes scale bytes 1..246, so b[0] + 8 is a finite f32 exponent.
+    return half_to_float(h) * __int_as_float(((int)b[0] + 8) << 23);
 }
 
 __device__ __forceinline__ float warp_sum(float x) {
