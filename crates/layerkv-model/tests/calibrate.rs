@@ -56,13 +56,8 @@ fn tiny_model_shaped(
     nan_norm: bool,
     (hidden, heads, kv_heads): (usize, usize, usize),
 ) -> PathBuf {
-    // A directory per call: tests run in parallel, and two writing the same model's files while
-    // another loads them would read half-written ones.
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!(
-        "layerkv-calibrate-test-{}-{layers}-{seed}-{nan_norm}-{hidden}-{heads}-{kv_heads}-{n}",
-        std::process::id()
+    let dir = layerkv_testkit::unique_scratch(&format!(
+        "calibrate-{layers}-{seed}-{nan_norm}-{hidden}-{heads}-{kv_heads}"
     ));
     std::fs::create_dir_all(&dir).unwrap();
     let config = serde_json::json!({

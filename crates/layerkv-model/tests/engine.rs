@@ -31,22 +31,11 @@ fn tiny_model(seed: u64) -> PathBuf {
     tiny_model_of(seed, false)
 }
 
-/// A directory no other call of this test binary writes: tests run in parallel and some share
-/// a seed, and one writing a model while another loads the same files read a half-written
-/// `config.json`.
-fn scratch_dir(what: &str) -> PathBuf {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    std::env::temp_dir().join(format!(
-        "layerkv-engine-test-{}-{what}-{n}",
-        std::process::id()
-    ))
-}
-
 /// Writes a tiny llama (or qwen2: q/k/v biases, tied embeddings) model directory with seeded
 /// random weights and a `t0..t63` byte-level BPE tokenizer (layerkv-testkit's writer).
 fn tiny_model_of(seed: u64, qwen2: bool) -> PathBuf {
-    let dir = scratch_dir(&format!("{seed}-{qwen2}"));
+    // Some tests share a seed: each call writes its own directory.
+    let dir = layerkv_testkit::unique_scratch(&format!("engine-{seed}-{qwen2}"));
     let llama = TinyModel {
         arch: Arch::Llama,
         vocab: VOCAB,
@@ -1702,7 +1691,7 @@ fn round_trip(x: &Tensor, t: KvType, rotate: bool) -> Tensor {
 
 /// A tiny llama whose heads are one Q8_0/Q4_0 block wide (head_dim 32: 4 query, 2 KV heads).
 fn tiny_model_blocks(seed: u64) -> PathBuf {
-    let dir = scratch_dir(&format!("blocks-{seed}"));
+    let dir = layerkv_testkit::unique_scratch(&format!("engine-blocks-{seed}"));
     TinyModel {
         arch: Arch::Llama,
         vocab: VOCAB,

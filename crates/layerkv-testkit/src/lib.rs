@@ -289,6 +289,15 @@ pub fn max_abs_diff_f32(a: &[f32], b: &[f32]) -> f32 {
     worst
 }
 
+/// A directory path under the system temp dir that no other call in this process returns
+/// (`name` and a counter): tests run in parallel, and two writing the same model's files while
+/// a third loads them read half-written ones. Not created.
+pub fn unique_scratch(name: &str) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    std::env::temp_dir().join(format!("layerkv-test-{}-{name}-{n}", std::process::id()))
+}
+
 /// A fresh empty directory under the system temp dir, unique to this process and `name`.
 pub fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("layerkv-test-{}-{name}", std::process::id()));

@@ -86,82 +86,41 @@ impl Lanes for bf16 {
     }
 }
 
-impl Lanes for Q8Block {
-    const BLOCK: usize = QK;
-    #[inline(always)]
-    unsafe fn load8_at(p: *const Q8Block, c: usize) -> __m256 {
-        // SAFETY: block `c / 32` is readable (the caller's contract); its 2 scale bytes and the
-        // 8 quants at `2 + c % 32 .. + 8 <= 34` lie inside it.
-        unsafe { load8_q8(p.add(c / QK).cast(), c % QK) }
-    }
-    #[inline(always)]
-    unsafe fn scale_at(p: *const Q8Block, c: usize) -> __m256 {
-        // SAFETY: block `c / 32` is readable.
-        unsafe { scale8(p.add(c / QK).cast()) }
-    }
-    #[inline(always)]
-    unsafe fn load8_scaled(p: *const Q8Block, c: usize, scale: __m256) -> __m256 {
-        // SAFETY: as for `load8_at`.
-        unsafe { ints8_q8(p.add(c / QK).cast(), c % QK, scale) }
-    }
-    #[inline(always)]
-    unsafe fn at(p: *const Q8Block, i: usize) -> f32 {
-        // SAFETY: the caller's contract.
-        unsafe { (*p.add(i / QK)).value(i % QK) }
-    }
-}
-
-impl Lanes for Q4Block {
-    const BLOCK: usize = QK;
-    #[inline(always)]
-    unsafe fn load8_at(p: *const Q4Block, c: usize) -> __m256 {
-        // SAFETY: as for Q8_0: 8 nibble bytes at `2 + c % 16 .. + 8 <= 18`.
-        unsafe { load8_q4(p.add(c / QK).cast(), c % QK) }
-    }
-    #[inline(always)]
-    unsafe fn scale_at(p: *const Q4Block, c: usize) -> __m256 {
-        // SAFETY: block `c / 32` is readable.
-        unsafe { scale8(p.add(c / QK).cast()) }
-    }
-    #[inline(always)]
-    unsafe fn load8_scaled(p: *const Q4Block, c: usize, scale: __m256) -> __m256 {
-        // SAFETY: as for `load8_at`.
-        unsafe { ints8_q4(p.add(c / QK).cast(), c % QK, scale) }
-    }
-    #[inline(always)]
-    unsafe fn at(p: *const Q4Block, i: usize) -> f32 {
-        // SAFETY: the caller's contract.
-        unsafe { (*p.add(i / QK)).value(i % QK) }
-    }
-}
-
-impl Lanes for E4Block {
-    const BLOCK: usize = QK;
-    #[inline(always)]
-    unsafe fn load8_at(p: *const E4Block, c: usize) -> __m256 {
-        // SAFETY: block `c / 32` is readable; its scale byte and the 8 codes at
-        // `1 + c % 32 .. + 8 <= 33` lie inside it.
-        unsafe {
-            let b = p.add(c / QK).cast::<u8>();
-            codes8_e4m3(b, c % QK, scale8_e8m0(b))
+/// `Lanes` for a block type: `$scale` reads a block's scale (all eight lanes), `$values` eight
+/// of its values times a given scale; a plain load is the two together.
+macro_rules! block_lanes {
+    ($t:ty, $scale:ident, $values:ident) => {
+        impl Lanes for $t {
+            const BLOCK: usize = QK;
+            #[inline(always)]
+            unsafe fn load8_at(p: *const $t, c: usize) -> __m256 {
+                // SAFETY: as for `load8_scaled`.
+                unsafe { Self::load8_scaled(p, c, Self::scale_at(p, c)) }
+            }
+            #[inline(always)]
+            unsafe fn scale_at(p: *const $t, c: usize) -> __m256 {
+                // SAFETY: block `c / 32` is readable (the caller's contract).
+                unsafe { $scale(p.add(c / QK).cast()) }
+            }
+            #[inline(always)]
+            unsafe fn load8_scaled(p: *const $t, c: usize, scale: __m256) -> __m256 {
+                // SAFETY: block `c / 32` is readable, and each loader reads 8 values at
+                // `c % 32` inside its block (Q8_0: quants at `2 + c % 32 .. + 8 <= 34`; Q4_0:
+                // nibble bytes at `2 + c % 16 .. + 8 <= 18`; e4m3: codes at `1 + c % 32 .. + 8
+                // <= 33`).
+                unsafe { $values(p.add(c / QK).cast(), c % QK, scale) }
+            }
+            #[inline(always)]
+            unsafe fn at(p: *const $t, i: usize) -> f32 {
+                // SAFETY: the caller's contract.
+                unsafe { (*p.add(i / QK)).value(i % QK) }
+            }
         }
-    }
-    #[inline(always)]
-    unsafe fn scale_at(p: *const E4Block, c: usize) -> __m256 {
-        // SAFETY: block `c / 32` is readable.
-        unsafe { scale8_e8m0(p.add(c / QK).cast()) }
-    }
-    #[inline(always)]
-    unsafe fn load8_scaled(p: *const E4Block, c: usize, scale: __m256) -> __m256 {
-        // SAFETY: as for `load8_at`.
-        unsafe { codes8_e4m3(p.add(c / QK).cast(), c % QK, scale) }
-    }
-    #[inline(always)]
-    unsafe fn at(p: *const E4Block, i: usize) -> f32 {
-        // SAFETY: the caller's contract.
-        unsafe { (*p.add(i / QK)).value(i % QK) }
-    }
+    };
 }
+block_lanes!(Q8Block, scale8, ints8_q8);
+block_lanes!(Q4Block, scale8, ints8_q4);
+block_lanes!(E4Block, scale8_e8m0, codes8_e4m3);
 
 /// An MXFP8 block's scale (its E8M0 first byte, `2^(e - 127)`) times 2^8 in all eight lanes:
 /// [`codes8_e4m3`] gives each value over 2^8.
@@ -208,21 +167,10 @@ unsafe fn scale8(b: *const u8) -> __m256 {
     _mm256_cvtph_ps(_mm_set1_epi16(bits as i16))
 }
 
-/// Values `j .. j + 8` of the Q8_0 block at `b`.
+/// Values `j .. j + 8` of the Q8_0 block at `b`, times `scale` (the block's, [`scale8`]).
 ///
 /// # Safety
 /// A whole block (34 bytes) readable at `b`; `j + 8 <= 32`.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn load8_q8(b: *const u8, j: usize) -> __m256 {
-    // SAFETY: the caller's contract.
-    unsafe { ints8_q8(b, j, scale8(b)) }
-}
-
-/// [`load8_q8`] with the block's scale given.
-///
-/// # Safety
-/// As for [`load8_q8`].
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn ints8_q8(b: *const u8, j: usize, scale: __m256) -> __m256 {
@@ -232,21 +180,10 @@ unsafe fn ints8_q8(b: *const u8, j: usize, scale: __m256) -> __m256 {
 }
 
 /// Values `j .. j + 8` of the Q4_0 block at `b` (low nibbles of bytes `j..` for `j < 16`, high
-/// nibbles of bytes `j - 16..` above).
+/// nibbles of bytes `j - 16..` above), times `scale` (the block's, [`scale8`]).
 ///
 /// # Safety
 /// A whole block (18 bytes) readable at `b`; `j + 8 <= 32`, `j` a multiple of 8.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn load8_q4(b: *const u8, j: usize) -> __m256 {
-    // SAFETY: the caller's contract.
-    unsafe { ints8_q4(b, j, scale8(b)) }
-}
-
-/// [`load8_q4`] with the block's scale given.
-///
-/// # Safety
-/// As for [`load8_q4`].
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn ints8_q4(b: *const u8, j: usize, scale: __m256) -> __m256 {
