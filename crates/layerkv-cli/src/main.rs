@@ -157,6 +157,10 @@ struct MeasureOpts {
     /// evaluation.
     #[arg(long, default_value_t = 0)]
     min_prompt: usize,
+    /// Prefill KVzip's prompts layer-major (one layer's prompt held at a time, see `needle
+    /// --help`); the policies that do not probe run step by step.
+    #[arg(long)]
+    layer_major: bool,
     /// Window of the policy's sliding-window layers (`s`-suffixed layer_types, `yoco`).
     #[arg(long)]
     window: Option<usize>,
@@ -293,6 +297,7 @@ fn run_table(
         min_prompt: opts.min_prompt,
         sliding_window: opts.window,
         kv_dtype,
+        layer_major: opts.layer_major,
     };
     let rows = measure_all(model, &tokens, policies, &cfg)?;
     opts.say(&format!("\n{}", report::table(&rows)));

@@ -35,6 +35,8 @@ pub struct MeasureConfig {
     pub sliding_window: Option<usize>,
     /// KV page types (`--kv-dtype`).
     pub kv_dtype: layerkv_model::KvTypes,
+    /// Prefill the prompts of policies that probe (KVzip) layer-major (`--layer-major`).
+    pub layer_major: bool,
 }
 
 const BLOCK_SIZE: usize = 16;
@@ -47,7 +49,7 @@ fn engine(
     cfg: &MeasureConfig,
     kv_dtype: layerkv_model::KvTypes,
 ) -> Result<Engine> {
-    Ok(Engine::new(
+    let mut e = Engine::new(
         model.clone(),
         policy,
         EngineConfig {
@@ -58,7 +60,11 @@ fn engine(
             kv_dtype,
             ..EngineConfig::default()
         },
-    )?)
+    )?;
+    if cfg.layer_major && e.probe_chunk().is_some() {
+        e.set_layer_major(true)?;
+    }
+    Ok(e)
 }
 
 /// The planner of the engines this module builds (steps of `chunk` tokens).

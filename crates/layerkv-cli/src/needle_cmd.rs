@@ -65,6 +65,12 @@ pub struct NeedleArgs {
     /// session's, 256.
     #[arg(long)]
     pub chunk: Option<usize>,
+    /// Prefill KVzip's prompts layer-major (every prompt token through a layer before the
+    /// next; see `Engine::set_layer_major`): the same answers as step by step, with one layer's
+    /// prompt held at a time instead of the whole prompt. Applies to the policies that probe
+    /// (KVzip); the others run step by step (the log says which ran layer-major).
+    #[arg(long)]
+    pub layer_major: bool,
     /// Write every sample's answers and the table as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -208,9 +214,17 @@ pub fn run(args: NeedleArgs) -> Result<()> {
         let mut session = Session::new(&dir, model.clone(), policy, options)
             .with_context(|| format!("a session under {spec:?}"))?;
         session.chat_template()?;
+        if args.layer_major && session.engine().probe_chunk().is_some() {
+            session
+                .engine_mut()
+                .set_layer_major(true)
+                .with_context(|| format!("--layer-major under {spec:?}"))?;
+            eprintln!("needle: {spec} prefills its prompts layer-major");
+        }
         for (i, s) in samples.iter().enumerate() {
             for &mode in &modes {
                 session.engine().cache().reset_peak();
+                session.engine_mut().reset_scratch_peak();
                 let o = run_sample(&mut session, s, mode).with_context(|| {
                     format!(
                         "{spec}: {} at {} tokens, depth {} ({mode})",
@@ -229,7 +243,9 @@ pub fn run(args: NeedleArgs) -> Result<()> {
                     o.turns.first().map_or("", |t| t.answer.trim()),
                 );
                 let cache = session.engine().cache();
-                let peak = cache.pool_stats().peak_used * cache.config().page_bytes();
+                // A layer-major prefill's scratch pages come on top of the pool's.
+                let peak = cache.pool_stats().peak_used * cache.config().page_bytes()
+                    + session.engine().scratch_peak_bytes();
                 records.push(record(spec, s, &o, peak));
             }
         }
@@ -239,7 +255,8 @@ pub fn run(args: NeedleArgs) -> Result<()> {
     println!(
         "accuracy: exact match (every expected value in the answer), {} samples per task and \
          mode ({} lengths x {} depths x {}), greedy, seed {}; x id = accuracy / identity's; peak \
-         KV bytes: the most any sample's sequence held at once (the pool's high-water mark)",
+         KV bytes: the most any sample's sequence held at once (the pool's high-water mark, plus a \
+         layer-major prefill's scratch pages)",
         args.lengths.len() * args.depths.len() * args.samples,
         args.lengths.len(),
         args.depths.len(),

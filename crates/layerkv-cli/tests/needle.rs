@@ -237,3 +237,91 @@ fn needle_runs_a_policy_in_its_own_page_types() {
     assert_eq!(rows[1][7], format!("{:.3}", 34.0 / 128.0), "{stdout}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Runs `layerkv needle` under KVzip (per head, AdaKV across layers) on the tiny model, step
+/// by step or with `--layer-major`, and returns the JSON records of the KVzip policy.
+fn kvzip_records(
+    dir: &Path,
+    model: &Path,
+    text: &Path,
+    layer_major: bool,
+) -> Vec<serde_json::Value> {
+    let json = dir.join(format!("needle-{layer_major}.json"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_layerkv"));
+    cmd.args(["needle", "--model"])
+        .arg(model)
+        .args(["--policy", "identity+kvzip:48+adakv:0.5:layers"])
+        .args([
+            "--task",
+            "passkey",
+            "--lengths",
+            "160",
+            "--depths",
+            "0.3,0.7",
+        ])
+        .args([
+            "--samples",
+            "1",
+            "--mode",
+            "both",
+            "--seed",
+            "5",
+            "--chunk",
+            "32",
+        ])
+        .arg("--text")
+        .arg(text)
+        .arg("--json")
+        .arg(&json);
+    if layer_major {
+        cmd.arg("--layer-major");
+    }
+    let out = cmd
+        .env("LAYERKV_HOME", dir)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stderr:\n{stderr}");
+    assert_eq!(
+        stderr.contains("prefills its prompts layer-major"),
+        layer_major,
+        "{stderr}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    report["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["policy"] != "identity")
+        .cloned()
+        .collect()
+}
+
+/// `--layer-major` gives KVzip's answers and held tokens of the step-by-step run, sample by
+/// sample and mode by mode, at a lower measured peak (scratch pages included): the step path
+/// holds each whole prompt in every layer, layer-major one layer's.
+#[test]
+fn needle_layer_major_answers_as_step_by_step_at_a_lower_peak() {
+    let dir = scratch("cli-needle-layer-major");
+    let model = TinyModel::llama(3).write(&dir.join("model"));
+    long_context(&model);
+    let text = haystack(&dir);
+    let steps = kvzip_records(&dir, &model, &text, false);
+    let layers = kvzip_records(&dir, &model, &text, true);
+    assert_eq!(steps.len(), 4);
+    assert_eq!(layers.len(), 4);
+    for (a, b) in steps.iter().zip(&layers) {
+        assert_eq!(a["answers"], b["answers"], "{a}\n{b}");
+        assert_eq!(a["held_tokens"], b["held_tokens"], "{a}\n{b}");
+        let (pa, pb) = (
+            a["peak_kv_bytes"].as_u64().unwrap(),
+            b["peak_kv_bytes"].as_u64().unwrap(),
+        );
+        assert!(
+            pb > 0 && pb < pa,
+            "layer-major peak {pb}, step by step {pa}"
+        );
+    }
+}

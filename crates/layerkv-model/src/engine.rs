@@ -198,6 +198,10 @@ pub struct Engine {
     probe_failures: Vec<(SeqId, ModelError)>,
     /// The probing requests of a call (a buffer kept across calls).
     probe_ids: Vec<layerkv::RequestId>,
+    /// Whether probing prompts prefill layer-major ([`Engine::set_layer_major`]).
+    layer_major: bool,
+    /// The most scratch bytes a layer-major prefill took since [`Engine::reset_scratch_peak`].
+    scratch_peak: usize,
 }
 
 impl Engine {
@@ -264,6 +268,8 @@ impl Engine {
             steps_in_call: 0,
             probe_failures: Vec::new(),
             probe_ids: Vec::new(),
+            layer_major: false,
+            scratch_peak: 0,
         })
     }
 
@@ -283,6 +289,45 @@ impl Engine {
     /// by default: the probe then replays the prompt right after it.
     pub fn set_probe_prefix(&mut self, tokens: Vec<u32>) {
         self.probe_prefix = tokens;
+    }
+
+    /// Prefills KVzip's prompts **layer-major** ([`Engine::step`] and the calls on it; not
+    /// [`Engine::step_scheduled`]): every prompt token through one layer before the next, so a
+    /// sequence holds one layer's whole prompt (in a scratch cache) and the kept tokens of the
+    /// layers below instead of its whole prompt in every layer, with the same scores, kept
+    /// tokens and logits as the step-by-step path, at the price of a second prefill (see
+    /// `layer_major.rs`). Fails, changing nothing, unless the policy is KVzip deciding at the
+    /// prompt's end on a map where every layer owns its KV.
+    pub fn set_layer_major(&mut self, on: bool) -> Result<()> {
+        if on {
+            if self.probe_chunk.is_none() {
+                return Err(ModelError::Config(
+                    "layer-major prefill is for KVzip (kvzip:B), but the policy runs no probes"
+                        .into(),
+                ));
+            }
+            crate::layer_major::check(self.policy.as_ref(), &self.cache)?;
+        }
+        self.layer_major = on;
+        Ok(())
+    }
+
+    /// Whether probing prompts prefill layer-major ([`Engine::set_layer_major`]).
+    pub fn layer_major(&self) -> bool {
+        self.layer_major
+    }
+
+    /// The most bytes of scratch pages a layer-major prefill held since the last
+    /// [`Engine::reset_scratch_peak`] (one layer's prompt and a probe step, every lane): memory
+    /// on top of the pool's, which a measured peak must add.
+    pub fn scratch_peak_bytes(&self) -> usize {
+        self.scratch_peak
+    }
+
+    /// Restarts [`Engine::scratch_peak_bytes`] (as [`layerkv::KvCache::reset_peak`] does the
+    /// pool's high-water mark).
+    pub fn reset_scratch_peak(&mut self) {
+        self.scratch_peak = 0;
     }
 
     /// Prompt tokens per probe step when the policy probes ([`layerkv::Retention::KvZip`]).
@@ -514,6 +559,12 @@ impl Engine {
         out: Output,
         chunk: usize,
     ) -> Result<Tensor> {
+        if self.layer_major {
+            return self.restoring_fresh(batch, |e, fresh| {
+                e.declare_prompts(batch, fresh)?;
+                e.layer_major_batch(batch, probing, rows, out, chunk)
+            });
+        }
         self.restoring_fresh(batch, |e, fresh| {
             e.declare_prompts(batch, fresh)?;
             let head: Vec<(SeqId, &[u32])> = batch
@@ -559,6 +610,63 @@ impl Engine {
             }
             Ok(Tensor::cat(&parts, 0)?)
         })
+    }
+
+    /// [`Engine::probed`] layer-major: the other entries as one plain step, each probing prompt
+    /// prefilled layer by layer ([`crate::layer_major`]); the rows in batch order.
+    fn layer_major_batch(
+        &mut self,
+        batch: &[(SeqId, &[u32])],
+        probing: &[bool],
+        rows: LogitsRows,
+        out: Output,
+        chunk: usize,
+    ) -> Result<Tensor> {
+        let others: Vec<(SeqId, &[u32])> = batch
+            .iter()
+            .zip(probing)
+            .filter(|(_, &p)| !p)
+            .map(|(&b, _)| b)
+            .collect();
+        let x_others = if others.is_empty() {
+            None
+        } else {
+            Some(self.plain(&others, rows, out)?)
+        };
+        let mut parts = Vec::with_capacity(batch.len());
+        let mut at = 0;
+        for (&(seq, t), &p) in batch.iter().zip(probing) {
+            if !p {
+                let k = match rows {
+                    LogitsRows::All => t.len(),
+                    LogitsRows::Last => 1,
+                };
+                let x = x_others.as_ref().expect("a plain step ran for the others");
+                parts.push(x.narrow(0, at, k)?);
+                at += k;
+                continue;
+            }
+            let mut run = crate::layer_major::LayerMajor {
+                model: &self.model,
+                policy: &self.policy,
+                cache: &self.cache,
+                store: &mut self.store,
+                prefill_chunk: self.config.prefill_chunk,
+                probe_chunk: chunk,
+                probe_prefix: &self.probe_prefix,
+            };
+            let (x, scratch) = run.prefill(seq, t)?;
+            self.scratch_peak = self.scratch_peak.max(scratch);
+            let x = match rows {
+                LogitsRows::All => x,
+                LogitsRows::Last => x.narrow(0, t.len() - 1, 1)?,
+            };
+            parts.push(match out {
+                Output::Logits => self.model.logits(&x)?,
+                Output::Hidden => self.model.final_hidden(&x)?,
+            });
+        }
+        Ok(Tensor::cat(&parts, 0)?)
     }
 
     /// The probe steps of positions `at` of `seq`'s prompt `context` (all but its last

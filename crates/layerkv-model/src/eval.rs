@@ -46,7 +46,7 @@ pub fn token_nll(logits: &Tensor, targets: &[u32]) -> Result<Vec<f32>> {
 /// rest in steps of `chunk` tokens, and calls `on_nll(position, nll)` for every token whose
 /// position is `>= score_from` (`score_from >= 1`). Returns the peak KV bytes, the pool's
 /// high-water mark while the sequence ran (inside the engine's prefill chunks too, so SnapKV's
-/// whole prompt counts), and the per-layer bytes of the largest footprint seen after a step
+/// whole prompt counts; a layer-major prefill's scratch pages added), and the per-layer bytes of the largest footprint seen after a step
 /// (each footprint also reported to `on_memory(end, bytes)`). The sequence is freed at the
 /// end; other sequences of the engine are held constant meanwhile.
 #[allow(clippy::too_many_arguments)]
@@ -63,6 +63,7 @@ fn run_sequence(
     engine.add_sequence(seq)?;
     let before = engine.cache().pool_stats().num_used;
     engine.cache().reset_peak();
+    engine.reset_scratch_peak();
     let result = (|| {
         let mut peak = (0, Vec::new());
         let mut start = 0;
@@ -96,9 +97,10 @@ fn run_sequence(
         }
         let stats = engine.cache().pool_stats();
         let page_bytes = engine.cache().config().page_bytes();
+        // A layer-major prefill's scratch pages come on top of the pool's.
         peak.0 = peak
             .0
-            .max(stats.peak_used.saturating_sub(before) * page_bytes);
+            .max(stats.peak_used.saturating_sub(before) * page_bytes + engine.scratch_peak_bytes());
         Ok(peak)
     })();
     engine.free(seq)?;

@@ -22,6 +22,7 @@ pub mod eval;
 pub mod generate;
 pub mod heads;
 pub mod isq;
+mod layer_major;
 pub mod linear;
 mod model;
 pub mod needle;

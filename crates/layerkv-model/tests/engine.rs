@@ -1522,6 +1522,194 @@ fn kvzip_matches_the_dense_reference() {
     }
 }
 
+/// Layer-major prefill (`Engine::set_layer_major`) against the dense reference and the step
+/// path: the same probe scores (each layer's prompt and probes run in a one-layer scratch
+/// cache), the same kept positions in every lane, every prompt row's logits and every decode
+/// step's within 1e-4 of the dense reference's; per group and per head, AdaKV per group and
+/// across layers, pooled scores. The main pool never holds more than the kept pages (the step
+/// path holds the whole prompt), and a failed prefill (too few pages) leaves the sequence
+/// empty and the pool as it was.
+#[test]
+fn layer_major_prefill_matches_the_dense_reference() {
+    use layerkv::Budget;
+    let (prompt_len, total, chunk, prefix) = (14, 20, 4, [3u32, 7]);
+    for (k, (per_head, adaptive, pool)) in [(false, 0, 1), (true, 0, 3), (true, 1, 1), (true, 2, 3)]
+        .into_iter()
+        .enumerate()
+    {
+        let map = LayerMap::identity(LAYERS).unwrap();
+        let kvzip = Retention::KvZip {
+            budget: Budget::Tokens(6),
+            chunk,
+            pool,
+            prefill: false,
+        };
+        let model = load(&tiny_model(80 + k as u64));
+        let policy = kvzip_policy(map.clone(), kvzip, per_head, adaptive);
+        let identity = heads(with(map, Retention::Full, "identity"), per_head);
+        let text: Vec<u32> = (0..total as u32)
+            .map(|i| (i * 13 + 5) % VOCAB as u32)
+            .collect();
+        let context = &text[..prompt_len - 1];
+        let lanes = if per_head { KV_HEADS } else { 1 };
+        let n_lanes = identity.layer_map().num_groups() * lanes;
+        let mut peak = vec![vec![0f32; context.len()]; n_lanes];
+        for start in (0..context.len()).step_by(chunk) {
+            let end = (start + chunk).min(context.len());
+            let tail = &context[start.saturating_sub(PROBE_TAIL)..start];
+            let probe: Vec<u32> = [context, &prefix, tail, &context[start..end]].concat();
+            let mut peaks = Peaks {
+                rows_from: context.len() + prefix.len() + tail.len(),
+                slots: start..end,
+                context: context.len(),
+                peak,
+            };
+            dense_reference(
+                &model,
+                &identity,
+                &probe,
+                probe.len(),
+                1,
+                Some(&mut peaks),
+                None,
+                None,
+            );
+            peak = peaks.peak;
+        }
+        let want = dense_reference(
+            &model,
+            &policy,
+            &text,
+            prompt_len,
+            1,
+            None,
+            Some(&peak),
+            None,
+        );
+        let kept = |e: &Engine| -> Vec<Vec<usize>> {
+            let r = e.cache().read();
+            (0..e.cache().num_groups())
+                .map(|g| {
+                    let t = r.table(0, g).unwrap();
+                    (0..t.num_slots())
+                        .filter(|&s| t.is_valid(s))
+                        .map(|s| t.position(s).unwrap())
+                        .collect()
+                })
+                .collect()
+        };
+        let name = format!("{k} ({})", policy.name());
+        // The step path: its kept positions and its pool peak.
+        let mut steps = probing_engine(&model, &policy, 5, chunk, &prefix);
+        steps.cache().reset_peak();
+        steps
+            .step(&[(0, &text[..prompt_len])], LogitsRows::All)
+            .unwrap();
+        let step_peak = steps.cache().pool_stats().peak_used;
+        let step_kept = kept(&steps);
+        // Layer-major.
+        let mut e = probing_engine(&model, &policy, 5, chunk, &prefix);
+        e.set_layer_major(true).unwrap();
+        let before = e.cache().pool_stats();
+        e.cache().reset_peak();
+        let prompt = e
+            .step(&[(0, &text[..prompt_len])], LogitsRows::All)
+            .unwrap();
+        let peak_used = e.cache().pool_stats().peak_used - before.num_used;
+        let held = e.cache().pool_stats().num_used - before.num_used;
+        assert_eq!(kept(&e), step_kept, "{name}: kept positions");
+        assert_eq!(
+            peak_used, held,
+            "{name}: the pool held more than the kept pages"
+        );
+        assert!(
+            held < step_peak,
+            "{name}: {held} pages held, the step path's peak {step_peak}"
+        );
+        assert!(e.scratch_peak_bytes() > 0, "{name}: no scratch counted");
+        e.cache().check_invariants().unwrap();
+        let got: Vec<Tensor> = (0..prompt_len)
+            .map(|r| prompt.narrow(0, r, 1).unwrap())
+            .collect();
+        decodes_as_the_reference(
+            &mut e,
+            &text,
+            prompt_len,
+            got,
+            &want,
+            before.num_used,
+            &name,
+        );
+        // Too few pages for the kept slots: an error, and nothing held.
+        let mut small = engine_pages(&model, &policy, 3);
+        small.set_probe_prefix(prefix.to_vec());
+        small.set_layer_major(true).unwrap();
+        small.add_sequence(0).unwrap();
+        let err = small
+            .step(&[(0, &text[..prompt_len])], LogitsRows::Last)
+            .unwrap_err();
+        assert!(err.to_string().contains("pages"), "{name}: {err}");
+        assert_eq!(small.cache().pool_stats().num_used, 0, "{name}");
+        assert_eq!(small.cache().num_tokens(0).unwrap(), 0, "{name}");
+        small.cache().check_invariants().unwrap();
+    }
+}
+
+/// An engine of `num_pages` pages (block size 4, f32) under `policy`.
+fn engine_pages(model: &Arc<Model>, policy: &Policy, num_pages: usize) -> Engine {
+    let cfg = EngineConfig {
+        block_size: 4,
+        num_pages,
+        kv_dtype: layerkv_model::KvType::F32.into(),
+        sliding_window: None,
+        prefill: PrefillMode::TokenByToken,
+        prefill_chunk: 5,
+        prefix_caching: false,
+    };
+    Engine::new(model.clone(), Arc::new(policy.clone()), cfg).unwrap()
+}
+
+/// Layer-major prefill refuses, changing nothing, every policy it cannot score layer by layer.
+#[test]
+fn layer_major_prefill_refuses_other_policies() {
+    use layerkv::Budget;
+    let model = load(&tiny_model(90));
+    let kvzip = |prefill| Retention::KvZip {
+        budget: Budget::Tokens(6),
+        chunk: 4,
+        pool: 1,
+        prefill,
+    };
+    let identity = LayerMap::identity(LAYERS).unwrap();
+    for (policy, why) in [
+        (
+            with(identity.clone(), Retention::Full, "identity"),
+            "no probes",
+        ),
+        (
+            with(identity.clone(), Retention::streaming(8), "stream"),
+            "no probes",
+        ),
+        (
+            with(identity, kvzip(true), "kvzip-prefill"),
+            "kvzip-prefill",
+        ),
+        (
+            with(LayerMap::cla(LAYERS, 2).unwrap(), kvzip(false), "cla"),
+            "own its KV",
+        ),
+    ] {
+        let mut e = engine_pages(&model, &policy, 64);
+        let err = e.set_layer_major(true).unwrap_err().to_string();
+        let expected = match why {
+            "kvzip-prefill" => "only KVzip deciding at the prompt's end",
+            w => w,
+        };
+        assert!(err.contains(expected), "{}: {err}", policy.name());
+        assert!(!e.layer_major(), "{}", policy.name());
+    }
+}
+
 /// KVzip compressing during prefill (`prefill`): each prefill step of 5 tokens is probed
 /// right after it (probe steps of 3), and the next step keeps the budget's best probed slots
 /// plus the ones not probed yet. Against the dense reference replaying the same history: each

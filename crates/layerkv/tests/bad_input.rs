@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use layerkv::{
     bits, BlockPool, CacheConfig, CustomRetention, Error, KvCache, LayerKvPolicy, LayerMap, Policy,
-    PolicyBuilder, RetainInput, Retention, RetentionRule, ScoreNeed, Step,
+    PolicyBuilder, RetainInput, Retention, RetentionRule, ScoreNeed, SeqId, Step,
 };
 
 fn cache(policy: Policy, num_pages: usize) -> KvCache {
@@ -481,4 +481,115 @@ fn adaptive_floor_out_of_range() {
     );
     let e = Policy::from_spec("identity+snapkv:8+adakv:-1", 2).unwrap_err();
     assert!(e.to_string().contains("not a floor"), "{e}");
+}
+
+/// `adopt_prompt` (a prompt prefilled layer-major outside the cache): every caller mistake is
+/// a typed error naming it, with the cache unchanged; a pool too small for the kept slots is
+/// `PoolExhausted` with nothing taken; a policy that is not KVzip deciding at the prompt's end
+/// is refused. The good call keeps each lane's top-scored positions and the last token.
+#[test]
+fn adopt_prompt_rejects_bad_input_and_changes_nothing() {
+    let kvzip = Retention::KvZip {
+        budget: layerkv::Budget::Tokens(3),
+        chunk: 4,
+        pool: 1,
+        prefill: false,
+    };
+    let policy = PolicyBuilder::new(LayerMap::identity(2).unwrap())
+        .retention(kvzip.clone())
+        .build()
+        .unwrap();
+    let c = cache(policy.clone(), 16);
+    c.add_sequence(1).unwrap();
+    let n = 6;
+    let good: Vec<Vec<f32>> = (0..2)
+        .map(|g| {
+            let mut s: Vec<f32> = (0..n - 1).map(|x| ((x * 7 + g * 3) % 5) as f32).collect();
+            s.push(f32::INFINITY);
+            s
+        })
+        .collect();
+    let before = c.snapshot();
+    let bad = |scores: &[Vec<f32>], seq: SeqId, len: usize, what: &str| {
+        let e = c.adopt_prompt(seq, len, scores).unwrap_err();
+        assert!(e.to_string().contains(what), "{what}: {e}");
+        assert_eq!(c.snapshot(), before, "{what}");
+    };
+    bad(&good[..1], 1, n, "1 score vectors for 2 allocator groups");
+    bad(
+        &good,
+        1,
+        n - 1,
+        "group 0 has 6 scores for a prompt of 5 tokens",
+    );
+    bad(&good, 1, 0, "an empty prompt");
+    bad(&good, 9, n, "9");
+    let mut nan = good.clone();
+    nan[1][2] = f32::NAN;
+    bad(&nan, 1, n, "group 1's score of token 2 is NaN");
+    c.set_prompt_len(1, n + 2).unwrap();
+    let before = c.snapshot();
+    let e = c.adopt_prompt(1, n, &good).unwrap_err();
+    assert!(
+        e.to_string().contains("declared a prompt of 8 tokens"),
+        "{e}"
+    );
+    assert_eq!(c.snapshot(), before);
+    // Too few pages: 2 groups x 1 page needed, 1 free.
+    let small = cache(policy, 1);
+    small.add_sequence(1).unwrap();
+    let e = small.adopt_prompt(1, n, &good).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::PoolExhausted {
+                requested: 2,
+                available: 1
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(small.pool_stats().num_used, 0);
+    assert_eq!(small.num_tokens(1).unwrap(), 0);
+    // The good call.
+    let c = cache(
+        PolicyBuilder::new(LayerMap::identity(2).unwrap())
+            .retention(kvzip)
+            .build()
+            .unwrap(),
+        16,
+    );
+    c.add_sequence(1).unwrap();
+    let kept = c.adopt_prompt(1, n, &good).unwrap();
+    for (g, k) in kept.iter().enumerate() {
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by(|&a, &b| good[g][b].total_cmp(&good[g][a]).then(a.cmp(&b)));
+        let mut want: Vec<u32> = order[..3].iter().map(|&x| x as u32).collect();
+        want.sort_unstable();
+        assert_eq!(k, &want, "group {g}");
+        let r = c.read();
+        let t = r.table(1, g).unwrap();
+        let positions: Vec<usize> = (0..t.num_slots()).map(|s| t.position(s).unwrap()).collect();
+        assert_eq!(
+            positions,
+            want.iter().map(|&p| p as usize).collect::<Vec<_>>()
+        );
+    }
+    assert_eq!(c.num_tokens(1).unwrap(), n);
+    assert_eq!(c.pool_stats().num_used, 2);
+    c.check_invariants().unwrap();
+    let e = c.adopt_prompt(1, n, &good).unwrap_err();
+    assert!(e.to_string().contains("already holds 6 tokens"), "{e}");
+    // Not KVzip deciding at the prompt's end.
+    let stream = cache(
+        PolicyBuilder::new(LayerMap::identity(2).unwrap())
+            .retention(Retention::streaming(4))
+            .build()
+            .unwrap(),
+        16,
+    );
+    stream.add_sequence(1).unwrap();
+    let e = stream.adopt_prompt(1, n, &good).unwrap_err();
+    assert!(e.to_string().contains("only KVzip deciding"), "{e}");
+    assert_eq!(stream.pool_stats().num_used, 0);
 }

@@ -18,6 +18,7 @@
 //! tables and the buffers have grown (tables grow by doubling and keep their capacity when
 //! retention shrinks them).
 
+mod adopt;
 mod check;
 mod guard;
 mod prefix;
