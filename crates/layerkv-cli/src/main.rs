@@ -158,7 +158,8 @@ struct MeasureOpts {
     #[arg(long, default_value_t = 0)]
     min_prompt: usize,
     /// Prefill KVzip's prompts layer-major (one layer's prompt held at a time, see `needle
-    /// --help`); the policies that do not probe run step by step.
+    /// --help`); the policies that do not probe, or do not qualify (a warning says why), run
+    /// step by step.
     #[arg(long)]
     layer_major: bool,
     /// Window of the policy's sliding-window layers (`s`-suffixed layer_types, `yoco`).

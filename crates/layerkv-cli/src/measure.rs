@@ -62,7 +62,9 @@ fn engine(
         },
     )?;
     if cfg.layer_major && e.probe_chunk().is_some() {
-        e.set_layer_major(true)?;
+        if let Err(err) = e.set_layer_major(true) {
+            tracing::warn!("prefilling step by step: {err}");
+        }
     }
     Ok(e)
 }

@@ -68,7 +68,8 @@ pub struct NeedleArgs {
     /// Prefill KVzip's prompts layer-major (every prompt token through a layer before the
     /// next; see `Engine::set_layer_major`): the same answers as step by step, with one layer's
     /// prompt held at a time instead of the whole prompt. Applies to the policies that probe
-    /// (KVzip); the others run step by step (the log says which ran layer-major).
+    /// (KVzip) and qualify (`kvzip:B` on a map where every layer owns its KV); the others run
+    /// step by step, and the log says which ran how and why.
     #[arg(long)]
     pub layer_major: bool,
     /// Write every sample's answers and the table as JSON.
@@ -215,11 +216,10 @@ pub fn run(args: NeedleArgs) -> Result<()> {
             .with_context(|| format!("a session under {spec:?}"))?;
         session.chat_template()?;
         if args.layer_major && session.engine().probe_chunk().is_some() {
-            session
-                .engine_mut()
-                .set_layer_major(true)
-                .with_context(|| format!("--layer-major under {spec:?}"))?;
-            eprintln!("needle: {spec} prefills its prompts layer-major");
+            match session.engine_mut().set_layer_major(true) {
+                Ok(()) => eprintln!("needle: {spec} prefills its prompts layer-major"),
+                Err(e) => eprintln!("needle: {spec} prefills step by step: {e}"),
+            }
         }
         for (i, s) in samples.iter().enumerate() {
             for &mode in &modes {

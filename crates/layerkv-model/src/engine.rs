@@ -293,11 +293,12 @@ impl Engine {
 
     /// Prefills KVzip's prompts **layer-major** ([`Engine::step`] and the calls on it; not
     /// [`Engine::step_scheduled`]): every prompt token through one layer before the next, so a
-    /// sequence holds one layer's whole prompt (in a scratch cache) and the kept tokens of the
-    /// layers below instead of its whole prompt in every layer, with the same scores, kept
+    /// sequence holds one layer's whole prompt (in a scratch cache) and the kept tokens of
+    /// every layer instead of its whole prompt in every layer, with the same scores, kept
     /// tokens and logits as the step-by-step path, at the price of a second prefill (see
     /// `layer_major.rs`). Fails, changing nothing, unless the policy is KVzip deciding at the
-    /// prompt's end on a map where every layer owns its KV.
+    /// prompt's end on a map where every layer owns its KV, with no sliding layers and no
+    /// prefix caching ([`layerkv::KvCache::check_adoptable`]).
     pub fn set_layer_major(&mut self, on: bool) -> Result<()> {
         if on {
             if self.probe_chunk.is_none() {
@@ -612,8 +613,11 @@ impl Engine {
         })
     }
 
-    /// [`Engine::probed`] layer-major: the other entries as one plain step, each probing prompt
-    /// prefilled layer by layer ([`crate::layer_major`]); the rows in batch order.
+    /// [`Engine::probed`] layer-major: each probing prompt prefilled layer by layer
+    /// ([`crate::layer_major`]), then the other entries as [`Engine::plain`] runs them; the rows
+    /// in batch order. The probing sequences go first: they were empty, so a failure of the
+    /// others' steps after them is undone by [`Engine::restoring_fresh`], while a failed prefill
+    /// has not moved the others yet.
     fn layer_major_batch(
         &mut self,
         batch: &[(SeqId, &[u32])],
@@ -622,28 +626,10 @@ impl Engine {
         out: Output,
         chunk: usize,
     ) -> Result<Tensor> {
-        let others: Vec<(SeqId, &[u32])> = batch
-            .iter()
-            .zip(probing)
-            .filter(|(_, &p)| !p)
-            .map(|(&b, _)| b)
-            .collect();
-        let x_others = if others.is_empty() {
-            None
-        } else {
-            Some(self.plain(&others, rows, out)?)
-        };
-        let mut parts = Vec::with_capacity(batch.len());
-        let mut at = 0;
+        let mut own: Vec<Option<Tensor>> = Vec::with_capacity(batch.len());
         for (&(seq, t), &p) in batch.iter().zip(probing) {
             if !p {
-                let k = match rows {
-                    LogitsRows::All => t.len(),
-                    LogitsRows::Last => 1,
-                };
-                let x = x_others.as_ref().expect("a plain step ran for the others");
-                parts.push(x.narrow(0, at, k)?);
-                at += k;
+                own.push(None);
                 continue;
             }
             let mut run = crate::layer_major::LayerMajor {
@@ -661,10 +647,36 @@ impl Engine {
                 LogitsRows::All => x,
                 LogitsRows::Last => x.narrow(0, t.len() - 1, 1)?,
             };
-            parts.push(match out {
+            own.push(Some(match out {
                 Output::Logits => self.model.logits(&x)?,
                 Output::Hidden => self.model.final_hidden(&x)?,
-            });
+            }));
+        }
+        let others: Vec<(SeqId, &[u32])> = batch
+            .iter()
+            .zip(probing)
+            .filter(|(_, &p)| !p)
+            .map(|(&b, _)| b)
+            .collect();
+        let x_others = if others.is_empty() {
+            None
+        } else {
+            Some(self.plain(&others, rows, out)?)
+        };
+        let mut parts = Vec::with_capacity(batch.len());
+        let mut at = 0;
+        for ((_, t), x) in batch.iter().zip(own) {
+            if let Some(x) = x {
+                parts.push(x);
+                continue;
+            }
+            let k = match rows {
+                LogitsRows::All => t.len(),
+                LogitsRows::Last => 1,
+            };
+            let x = x_others.as_ref().expect("a plain step ran for the others");
+            parts.push(x.narrow(0, at, k)?);
+            at += k;
         }
         Ok(Tensor::cat(&parts, 0)?)
     }

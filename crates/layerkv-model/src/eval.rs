@@ -46,9 +46,10 @@ pub fn token_nll(logits: &Tensor, targets: &[u32]) -> Result<Vec<f32>> {
 /// rest in steps of `chunk` tokens, and calls `on_nll(position, nll)` for every token whose
 /// position is `>= score_from` (`score_from >= 1`). Returns the peak KV bytes, the pool's
 /// high-water mark while the sequence ran (inside the engine's prefill chunks too, so SnapKV's
-/// whole prompt counts; a layer-major prefill's scratch pages added), and the per-layer bytes of the largest footprint seen after a step
-/// (each footprint also reported to `on_memory(end, bytes)`). The sequence is freed at the
-/// end; other sequences of the engine are held constant meanwhile.
+/// whole prompt counts; a layer-major prefill's scratch pages added), and the per-layer bytes of
+/// the largest footprint seen after a step (each footprint also reported to `on_memory(end,
+/// bytes)`). The sequence is freed at the end; other sequences of the engine are held constant
+/// meanwhile.
 #[allow(clippy::too_many_arguments)]
 fn run_sequence(
     engine: &mut Engine,

@@ -10,7 +10,8 @@
 //!
 //! Two passes over the layers, each holding one layer's prompt in a **scratch** cache (a
 //! one-layer cache of the same lanes, page type and block size, whose pages are the extra
-//! memory this costs: the scratch pool's high-water mark, returned by [`LayerMajor::prefill`]):
+//! memory this costs, sized for exactly the most the passes hold at once and returned by
+//! [`LayerMajor::prefill`]):
 //! 1. **Scores**: layer `l` prefills the prompt's tokens but the last, in the engine's prefill
 //!    steps, then runs the probe steps (the probe prefix, the tail, a chunk of the prompt) on
 //!    their own hidden states at `l`, exactly the steps and kernels the step-by-step path runs,
@@ -71,7 +72,8 @@ pub(crate) fn check(policy: &dyn LayerKvPolicy, cache: &KvCache) -> Result<()> {
     let map = policy.layer_map();
     if let Some(l) = (0..map.num_layers()).find(|&l| !map.owns_kv(l) || map.group_of(l) != l) {
         return Err(ModelError::Config(format!(
-            "layer-major prefill needs every layer to own its KV, but layer {l} reads group {}",
+            "layer-major prefill needs every layer to own its KV in a group of its own, but \
+             layer {l} reads group {} (a sharing map)",
             map.group_of(l)
         )));
     }
@@ -80,22 +82,21 @@ pub(crate) fn check(policy: &dyn LayerKvPolicy, cache: &KvCache) -> Result<()> {
 }
 
 impl LayerMajor<'_> {
-    /// Pages a scratch pool needs for a prompt of `n` tokens: one layer's prompt and a probe
-    /// step, in every lane.
-    fn scratch_pages(&self, n: usize) -> usize {
+    /// Pages a scratch pool needs for a prompt of `n` tokens whose longest probe step has
+    /// `probe_rows` rows, exactly: the larger of the prompt and its tokens but the last with a
+    /// probe step, in every lane.
+    fn scratch_pages(&self, n: usize, probe_rows: usize) -> usize {
         let bs = self.cache.config().block_size;
-        let probe_rows = self.probe_prefix.len() + PROBE_TAIL + self.probe_chunk;
-        self.cache.lanes() * ((n + probe_rows).div_ceil(bs) + 1)
+        self.cache.lanes() * (n - 1 + probe_rows).max(n).div_ceil(bs)
     }
 
-    fn scratch(&self, n: usize) -> Result<Scratch> {
+    fn scratch(&self, num_pages: usize) -> Result<Scratch> {
         let lanes = self.cache.lanes();
         let main = self.cache.config();
         let policy = PolicyBuilder::new(LayerMap::identity(1)?)
             .retention(self.policy.retention(0).clone())
             .per_head(self.policy.per_head())
             .build()?;
-        let num_pages = self.scratch_pages(n);
         let cache = KvCache::new(
             Arc::new(policy),
             CacheConfig {
@@ -126,17 +127,20 @@ impl LayerMajor<'_> {
 
     /// Prefills `prompt` (2 tokens or more) into the empty sequence `seq` layer by layer and
     /// installs it compressed; returns the last layer's output for every prompt row (before
-    /// the final norm) and the most bytes of scratch pages held at once. On failure the
-    /// sequence may hold adopted pages: the caller frees it.
+    /// the final norm) and the bytes of the scratch pages (allocated for exactly the most the
+    /// passes hold at once). On failure the sequence may hold adopted pages: the caller frees
+    /// it.
     pub(crate) fn prefill(&mut self, seq: SeqId, prompt: &[u32]) -> Result<(Tensor, usize)> {
         let n = prompt.len();
         let model = self.model;
         let map = self.policy.layer_map();
         let lanes = self.cache.lanes();
-        let mut scratch = self.scratch(n)?;
-        // Pass 1: every lane's probe scores, layer by layer.
         let head = &prompt[..n - 1];
         let probes = self.probe_steps(head);
+        let probe_rows = probes.iter().map(|(t, _, _)| t.len()).max().unwrap_or(0);
+        let num_pages = self.scratch_pages(n, probe_rows);
+        let mut scratch = self.scratch(num_pages)?;
+        // Pass 1: every lane's probe scores, layer by layer.
         let mut x = model.embed(head)?;
         let mut px = probes
             .iter()
@@ -220,8 +224,7 @@ impl LayerMajor<'_> {
             x = Tensor::cat(&[x_head, x_last], 0)?;
             scratch.end()?;
         }
-        let peak = scratch.cache.pool_stats().peak_used * scratch.cache.config().page_bytes();
-        Ok((x, peak))
+        Ok((x, num_pages * scratch.cache.config().page_bytes()))
     }
 
     /// The probe steps of a prompt whose tokens but the last are `context`: (tokens, unscored

@@ -1631,6 +1631,27 @@ fn layer_major_prefill_matches_the_dense_reference() {
         let got: Vec<Tensor> = (0..prompt_len)
             .map(|r| prompt.narrow(0, r, 1).unwrap())
             .collect();
+        // A batch of a decoding sequence and a fresh prompt: the prompt layer-major, the decode
+        // step beside it, the rows in batch order.
+        let mut mixed = probing_engine(&model, &policy, 5, chunk, &prefix);
+        mixed.set_layer_major(true).unwrap();
+        mixed.add_sequence(1).unwrap();
+        mixed
+            .step(&[(0, &text[..prompt_len])], LogitsRows::Last)
+            .unwrap();
+        let rows = mixed
+            .step(
+                &[
+                    (0, &text[prompt_len..prompt_len + 1]),
+                    (1, &text[..prompt_len]),
+                ],
+                LogitsRows::All,
+            )
+            .unwrap();
+        let d = max_abs_diff(&rows.narrow(0, 0, 1).unwrap(), &want[prompt_len]);
+        assert!(d <= 1e-4, "{name}: the decode row beside a prompt: {d}");
+        let d = max_abs_diff(&rows.narrow(0, 1, prompt_len).unwrap(), &prompt);
+        assert!(d <= 1e-4, "{name}: the batched prompt's rows: {d}");
         decodes_as_the_reference(
             &mut e,
             &text,

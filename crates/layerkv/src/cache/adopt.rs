@@ -82,7 +82,8 @@ impl KvCache {
     /// `s` of group `g` holds position `kept[g][s]`, whose K/V the engine writes next (a write
     /// that fails leaves garbage rows: free the sequence then). Needs
     /// [`KvCache::check_adoptable`]. Fails without changing anything on a sequence that holds
-    /// tokens, scores of the wrong shape, or too few free pages ([`Error::PoolExhausted`]).
+    /// tokens, scores of the wrong shape or NaN (a model whose attention went NaN: the step path
+    /// would decide with them), or too few free pages ([`Error::PoolExhausted`]).
     pub fn adopt_prompt(
         &self,
         seq: SeqId,
