@@ -293,8 +293,8 @@ impl Engine {
 
     /// Prefills KVzip's prompts **layer-major** ([`Engine::step`] and the calls on it; not
     /// [`Engine::step_scheduled`]): every prompt token through one layer before the next, so a
-    /// sequence holds one layer's whole prompt (in a scratch cache) and the kept tokens of
-    /// every layer instead of its whole prompt in every layer, with the same scores, kept
+    /// sequence holds one lane of one layer's whole prompt (in a scratch cache) and the kept
+    /// tokens of every layer instead of its whole prompt in every layer, with the same scores, kept
     /// tokens and logits as the step-by-step path, at the price of a second prefill (see
     /// `layer_major.rs`). Fails, changing nothing, unless the policy is KVzip deciding at the
     /// prompt's end on a map where every layer owns its KV, with no sliding layers and no
@@ -319,8 +319,8 @@ impl Engine {
     }
 
     /// The most bytes of scratch pages a layer-major prefill held since the last
-    /// [`Engine::reset_scratch_peak`] (one layer's prompt and a probe step, every lane): memory
-    /// on top of the pool's, which a measured peak must add.
+    /// [`Engine::reset_scratch_peak`] (one lane of one layer: the prompt and a probe step):
+    /// memory on top of the pool's, which a measured peak must add.
     pub fn scratch_peak_bytes(&self) -> usize {
         self.scratch_peak
     }
@@ -691,13 +691,13 @@ impl Engine {
         let mut tokens = Vec::with_capacity(self.probe_prefix.len() + PROBE_TAIL + room);
         let mut start = at.start;
         while start < at.end {
-            let end = start.saturating_add(chunk).min(at.end);
-            let tail = &context[start.saturating_sub(PROBE_TAIL)..start];
-            tokens.clear();
-            tokens.extend_from_slice(&self.probe_prefix);
-            tokens.extend_from_slice(tail);
-            tokens.extend_from_slice(&context[start..end]);
-            let unscored = self.probe_prefix.len() + tail.len();
+            let (end, unscored) = crate::layer_major::probe_step(
+                &self.probe_prefix,
+                &context[..at.end],
+                start,
+                chunk,
+                &mut tokens,
+            );
             let batch = [(seq, tokens.as_slice())];
             let (mut run, step) = self.parts();
             let reserved = run

@@ -6,12 +6,15 @@
 //! steps that compress as they go compute later tokens over a compressed past and lose what
 //! KVzip keeps (`docs/benchmarks.md`). Layer-major order keeps both: every prompt token goes
 //! through layer 0, then layer 1, and so on, so each layer's K/V are those of the whole
-//! context while only one layer's prompt is held at a time.
+//! context while only one layer's prompt is held at a time; and with a KV head per lane
+//! (per-head policies) only one lane's: the lanes of a layer attend independently, so they take
+//! turns (each recomputes the layer's Q/K/V projections and keeps its heads), and their
+//! attention outputs are joined before the output projection and the MLP.
 //!
-//! Two passes over the layers, each holding one layer's prompt in a **scratch** cache (a
-//! one-layer cache of the same lanes, page type and block size, whose pages are the extra
-//! memory this costs, sized for exactly the most the passes hold at once and returned by
-//! [`LayerMajor::prefill`]):
+//! Two passes over the layers, each holding one lane of one layer's prompt in a **scratch**
+//! cache (a one-layer, one-lane cache of the same heads per lane, page type and block size,
+//! whose pages are the extra memory this costs, sized for exactly the most the passes hold at
+//! once and returned by [`LayerMajor::prefill`]):
 //! 1. **Scores**: layer `l` prefills the prompt's tokens but the last, in the engine's prefill
 //!    steps, then runs the probe steps (the probe prefix, the tail, a chunk of the prompt) on
 //!    their own hidden states at `l`, exactly the steps and kernels the step-by-step path runs,
@@ -84,18 +87,19 @@ pub(crate) fn check(policy: &dyn LayerKvPolicy, cache: &KvCache) -> Result<()> {
 impl LayerMajor<'_> {
     /// Pages a scratch pool needs for a prompt of `n` tokens whose longest probe step has
     /// `probe_rows` rows, exactly: the larger of the prompt and its tokens but the last with a
-    /// probe step, in every lane.
+    /// probe step, in one lane (the lanes of a layer take turns).
     fn scratch_pages(&self, n: usize, probe_rows: usize) -> usize {
         let bs = self.cache.config().block_size;
-        self.cache.lanes() * (n - 1 + probe_rows).max(n).div_ceil(bs)
+        (n - 1 + probe_rows).max(n).div_ceil(bs)
     }
 
+    /// A one-layer, one-lane scratch: the main store's heads per lane, page types and block
+    /// size; the retention of the policy's first lane (the scratch's prompt never ends, so only
+    /// its probe scores are read).
     fn scratch(&self, num_pages: usize) -> Result<Scratch> {
-        let lanes = self.cache.lanes();
         let main = self.cache.config();
         let policy = PolicyBuilder::new(LayerMap::identity(1)?)
-            .retention(self.policy.retention(0).clone())
-            .per_head(self.policy.per_head())
+            .retention(self.policy.lane_retention(0, 0).clone())
             .build()?;
         let cache = KvCache::new(
             Arc::new(policy),
@@ -106,7 +110,7 @@ impl LayerMajor<'_> {
                 prefix_caching: false,
                 sliding_window: None,
                 model_window: None,
-                lanes,
+                lanes: 1,
             },
         )?;
         let store = KvStore::with_types(
@@ -140,7 +144,14 @@ impl LayerMajor<'_> {
         let probe_rows = probes.iter().map(|(t, _, _)| t.len()).max().unwrap_or(0);
         let num_pages = self.scratch_pages(n, probe_rows);
         let mut scratch = self.scratch(num_pages)?;
-        // Pass 1: every lane's probe scores, layer by layer.
+        let chunks = |len: usize, step: usize| -> Vec<Range<usize>> {
+            (0..len)
+                .step_by(step)
+                .map(|a| a..a.saturating_add(step).min(len))
+                .collect()
+        };
+        let head_steps = chunks(n - 1, self.prefill_chunk);
+        // Pass 1: every lane's probe scores, layer by layer, lane by lane.
         let mut x = model.embed(head)?;
         let mut px = probes
             .iter()
@@ -148,81 +159,72 @@ impl LayerMajor<'_> {
             .collect::<Result<Vec<_>>>()?;
         let mut scores = vec![Vec::new(); self.cache.num_groups()];
         for layer in 0..map.num_layers() {
-            scratch.begin(n)?;
-            x = scratch.prompt(model, layer, &x, head, 0, self.prefill_chunk, |_, _, _| {
-                Ok(())
-            })?;
-            for (j, (tokens, unscored, replayed)) in probes.iter().enumerate() {
-                px[j] = scratch.probe(model, layer, &px[j], tokens, *unscored, replayed.clone())?;
-            }
             let g = map.group_of(layer);
+            let mut attn = Vec::with_capacity(lanes);
+            let mut probe_attn = vec![Vec::with_capacity(lanes); probes.len()];
             for h in 0..lanes {
-                let mut s = scratch.cache.probe_scores(SCRATCH_SEQ, h)?;
+                let lane = LaneInput::new(model, layer, h, lanes);
+                scratch.begin(n)?;
+                attn.push(scratch.prompt(&lane, &x, head, 0, &head_steps, |_, _, _| Ok(()))?);
+                for (j, (tokens, unscored, replayed)) in probes.iter().enumerate() {
+                    let out = scratch.probe(&lane, &px[j], tokens, *unscored, replayed.clone())?;
+                    probe_attn[j].push(out);
+                }
+                let mut s = scratch.cache.probe_scores(SCRATCH_SEQ, 0)?;
                 s.resize(n, f32::INFINITY);
                 scores[self.cache.lane(g, h)] = s;
+                scratch.end()?;
             }
-            scratch.end()?;
+            x = finish_layer(model, layer, &x, &attn, &head_steps)?;
+            for (j, parts) in probe_attn.into_iter().enumerate() {
+                let rows = 0..px[j].dim(0)?;
+                let parts: Vec<Vec<Tensor>> = parts.into_iter().map(|a| vec![a]).collect();
+                px[j] = finish_layer(model, layer, &px[j], &parts, std::slice::from_ref(&rows))?;
+            }
         }
         // Pass 2: the cache decides, then every layer writes the rows its lanes keep.
         let kept = self.cache.adopt_prompt(seq, n, &scores)?;
         let bs = self.cache.config().block_size;
+        // The head in prefill steps, then the last token alone, as the step path runs them.
+        let mut steps = head_steps.clone();
+        steps.push(n - 1..n);
         let mut x = model.embed(prompt)?;
-        let heads_per_lane = self.store.kv_heads();
         for layer in 0..map.num_layers() {
             let g = map.group_of(layer);
-            scratch.begin(n)?;
-            let store = &mut *self.store;
-            let cache = self.cache;
-            let mut write = |at: Range<usize>, k: &Tensor, v: &Tensor| -> Result<()> {
-                for h in 0..lanes {
-                    let lane = cache.lane(g, h);
-                    let pos = &kept[lane];
+            let mut attn = Vec::with_capacity(lanes);
+            for h in 0..lanes {
+                let lane = LaneInput::new(model, layer, h, lanes);
+                let main_lane = self.cache.lane(g, h);
+                let pos = &kept[main_lane];
+                let store = &mut *self.store;
+                let cache = self.cache;
+                let write = |at: Range<usize>, k: &Tensor, v: &Tensor| -> Result<()> {
                     let lo = pos.partition_point(|&p| (p as usize) < at.start);
                     let hi = pos.partition_point(|&p| (p as usize) < at.end);
                     if lo == hi {
-                        continue;
+                        return Ok(());
                     }
                     let slots: Vec<u32> = {
                         let reader = cache.read();
-                        let table = reader.table(seq, lane)?;
+                        let table = reader.table(seq, main_lane)?;
                         (lo..hi)
                             .map(|s| table.physical_slot(s, bs).expect("adopted slot"))
                             .collect()
                     };
                     let rows: Vec<u32> = pos[lo..hi].iter().map(|&p| p - at.start as u32).collect();
                     let rows = Tensor::new(rows.as_slice(), k.device())?;
-                    let pick = |t: &Tensor| -> Result<Tensor> {
-                        Ok(t.index_select(&rows, 0)?
-                            .narrow(1, h * heads_per_lane, heads_per_lane)?
-                            .contiguous()?)
-                    };
-                    store.write(&slots, &pick(k)?, &pick(v)?)?;
-                }
-                Ok(())
-            };
-            // The head in prefill steps, then the last token alone, as the step path runs them.
-            let x_head = x.narrow(0, 0, n - 1)?;
-            let x_head = scratch.prompt(
-                model,
-                layer,
-                &x_head,
-                head,
-                0,
-                self.prefill_chunk,
-                &mut write,
-            )?;
-            let x_last = x.narrow(0, n - 1, 1)?;
-            let x_last = scratch.prompt(
-                model,
-                layer,
-                &x_last,
-                &prompt[n - 1..],
-                n - 1,
-                1,
-                &mut write,
-            )?;
-            x = Tensor::cat(&[x_head, x_last], 0)?;
-            scratch.end()?;
+                    store.write(
+                        &slots,
+                        &k.index_select(&rows, 0)?.contiguous()?,
+                        &v.index_select(&rows, 0)?.contiguous()?,
+                    )?;
+                    Ok(())
+                };
+                scratch.begin(n)?;
+                attn.push(scratch.prompt(&lane, &x, prompt, 0, &steps, write)?);
+                scratch.end()?;
+            }
+            x = finish_layer(model, layer, &x, &attn, &steps)?;
         }
         Ok((x, num_pages * scratch.cache.config().page_bytes()))
     }
@@ -233,16 +235,106 @@ impl LayerMajor<'_> {
         let mut steps = Vec::new();
         let mut start = 0;
         while start < context.len() {
-            let end = start.saturating_add(self.probe_chunk).min(context.len());
-            let tail = &context[start.saturating_sub(PROBE_TAIL)..start];
-            let mut tokens = self.probe_prefix.to_vec();
-            tokens.extend_from_slice(tail);
-            tokens.extend_from_slice(&context[start..end]);
-            steps.push((tokens, self.probe_prefix.len() + tail.len(), start..end));
+            let mut tokens = Vec::new();
+            let (end, unscored) = probe_step(
+                self.probe_prefix,
+                context,
+                start,
+                self.probe_chunk,
+                &mut tokens,
+            );
+            steps.push((tokens, unscored, start..end));
             start = end;
         }
         steps
     }
+}
+
+/// The probe step replaying `context[start..]`: the probe prefix, the last [`PROBE_TAIL`]
+/// context tokens before `start` (where to start copying from, as KVzip's later chunks say),
+/// then up to `chunk` tokens from `start`, written into `tokens` (cleared first). Returns the
+/// end of the replayed positions and the rows before them, which are not scored. The one
+/// definition of a probe step, for the step path and the layer-major one alike (their scores
+/// must match).
+pub(crate) fn probe_step(
+    prefix: &[u32],
+    context: &[u32],
+    start: usize,
+    chunk: usize,
+    tokens: &mut Vec<u32>,
+) -> (usize, usize) {
+    let end = start.saturating_add(chunk).min(context.len());
+    let tail = &context[start.saturating_sub(PROBE_TAIL)..start];
+    tokens.clear();
+    tokens.extend_from_slice(prefix);
+    tokens.extend_from_slice(tail);
+    tokens.extend_from_slice(&context[start..end]);
+    (end, prefix.len() + tail.len())
+}
+
+/// One lane's share of a layer: its query heads and KV heads (all of them without lanes).
+struct LaneInput<'a> {
+    model: &'a Model,
+    layer: usize,
+    lane: usize,
+    lanes: usize,
+}
+
+impl<'a> LaneInput<'a> {
+    fn new(model: &'a Model, layer: usize, lane: usize, lanes: usize) -> Self {
+        Self {
+            model,
+            layer,
+            lane,
+            lanes,
+        }
+    }
+
+    /// The lane's rotated queries, pre-RoPE keys, rotated keys and values for rows `x` at
+    /// text positions `positions` (the projections of the whole layer, narrowed: recomputed
+    /// per lane rather than held for the whole prompt).
+    fn project(&self, x: &Tensor, positions: &[usize]) -> Result<[Tensor; 4]> {
+        let model = self.model;
+        let (cos, sin) = model
+            .rope()
+            .tables(positions, model.dtype(), model.device())?;
+        let (normed, q) = model.attn_input(self.layer, x)?;
+        let (k, v) = model.kv(self.layer, &normed)?;
+        let q = narrow_lane(&q, self.lane, self.lanes)?;
+        let k = narrow_lane(&k, self.lane, self.lanes)?;
+        let v = narrow_lane(&v, self.lane, self.lanes)?;
+        let q = Rope::apply(&q, &cos, &sin)?;
+        let k_rotated = Rope::apply(&k, &cos, &sin)?;
+        Ok([q, k, k_rotated, v])
+    }
+}
+
+/// Heads `[lane * per, (lane + 1) * per)` of `t` `[rows, heads, d]`, `per = heads / lanes`.
+fn narrow_lane(t: &Tensor, lane: usize, lanes: usize) -> Result<Tensor> {
+    if lanes == 1 {
+        return Ok(t.clone());
+    }
+    let per = t.dim(1)? / lanes;
+    Ok(t.narrow(1, lane * per, per)?.contiguous()?)
+}
+
+/// The rest of layer `layer` for rows `x`, step by step as `steps` cut them: every lane's
+/// attention output (`attn[lane]`, one tensor per step) joined, the output projection and the
+/// MLP.
+fn finish_layer(
+    model: &Model,
+    layer: usize,
+    x: &Tensor,
+    attn: &[Vec<Tensor>],
+    steps: &[Range<usize>],
+) -> Result<Tensor> {
+    let mut out = Vec::with_capacity(steps.len());
+    for (i, r) in steps.iter().enumerate() {
+        let heads: Vec<&Tensor> = attn.iter().map(|lane| &lane[i]).collect();
+        let a = Tensor::cat(&heads, 1)?;
+        out.push(model.attn_output_and_mlp(layer, &x.narrow(0, r.start, r.len())?, &a)?);
+    }
+    Ok(Tensor::cat(&out, 0)?)
 }
 
 impl Scratch {
@@ -260,55 +352,48 @@ impl Scratch {
         Ok(())
     }
 
-    /// Appends `tokens` (at text positions `first..`, input `x` of layer `layer`) in steps of
-    /// `chunk`, runs the layer on each and retains it; `write` gets each step's positions and
-    /// rotated keys and values. Returns the layer's output rows.
-    #[allow(clippy::too_many_arguments)]
+    /// Appends `tokens` (at text positions `first..`, input `x` of the layer) in `steps`, runs
+    /// the lane's attention on each and retains it; `write` gets each step's positions and the
+    /// lane's rotated keys and values. Returns the lane's attention output per step.
     fn prompt(
         &mut self,
-        model: &Model,
-        layer: usize,
+        lane: &LaneInput<'_>,
         x: &Tensor,
         tokens: &[u32],
         first: usize,
-        chunk: usize,
+        steps: &[Range<usize>],
         mut write: impl FnMut(Range<usize>, &Tensor, &Tensor) -> Result<()>,
-    ) -> Result<Tensor> {
-        let mut out = Vec::new();
-        let mut a = 0;
-        while a < tokens.len() {
-            let b = a.saturating_add(chunk).min(tokens.len());
-            let batch = [(SCRATCH_SEQ, &tokens[a..b])];
+    ) -> Result<Vec<Tensor>> {
+        let mut out = Vec::with_capacity(steps.len());
+        for r in steps {
+            let batch = [(SCRATCH_SEQ, &tokens[r.clone()])];
             let mut reserved = self.cache.reserve(&batch, &mut self.step)?;
-            let xs = x.narrow(0, a, b - a)?;
-            let (y, k, v) = layer_pass(
-                model,
-                layer,
+            let xs = x.narrow(0, r.start, r.len())?;
+            let (a, k, v) = lane_attention(
+                lane,
                 &xs,
                 &mut reserved,
                 &mut self.store,
                 &self.cache,
                 &mut self.exec,
             )?;
-            write(first + a..first + b, &k, &v)?;
+            write(first + r.start..first + r.end, &k, &v)?;
             let (exec, store) = (&mut self.exec, &mut self.store);
             reserved.retain_with(|step| {
                 let gathered = exec.gather(step, store)?;
                 exec.complete(gathered, store)?;
                 Ok::<(), ModelError>(())
             })?;
-            out.push(y);
-            a = b;
+            out.push(a);
         }
-        Ok(Tensor::cat(&out, 0)?)
+        Ok(out)
     }
 
-    /// One probe step at layer `layer` (input `x`): scored, then rolled back. Returns the
-    /// probe rows' output of the layer.
+    /// One probe step of the lane (the probe rows' input `x` of the layer): scored, then
+    /// rolled back. Returns the lane's attention output for the probe rows.
     fn probe(
         &mut self,
-        model: &Model,
-        layer: usize,
+        lane: &LaneInput<'_>,
         x: &Tensor,
         tokens: &[u32],
         unscored: usize,
@@ -318,29 +403,28 @@ impl Scratch {
         let mut reserved = self
             .cache
             .reserve_probe(&batch, unscored, replayed, &mut self.step)?;
-        let r = layer_pass(
-            model,
-            layer,
+        let r = lane_attention(
+            lane,
             x,
             &mut reserved,
             &mut self.store,
             &self.cache,
             &mut self.exec,
         );
-        let r = r.and_then(|(y, _, _)| {
+        let r = r.and_then(|(a, _, _)| {
             reserved.finish_probe()?;
-            Ok(y)
+            Ok(a)
         });
         self.exec.abort(&mut self.store)?;
         r
     }
 }
 
-/// Layer `layer` over a reserved one-group step of the scratch: its K/V written, attention,
-/// output projection and MLP. Returns the output and the rotated keys and values.
-fn layer_pass(
-    model: &Model,
-    layer: usize,
+/// One lane of a layer over a reserved step of the scratch: the lane's K/V written, its
+/// attention. Returns the attention output `[rows, heads per lane, d]` and the lane's rotated
+/// keys and values.
+fn lane_attention(
+    lane: &LaneInput<'_>,
     x: &Tensor,
     step: &mut Reservation<'_>,
     store: &mut KvStore,
@@ -348,20 +432,13 @@ fn layer_pass(
     exec: &mut StepExecutor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let positions: Vec<usize> = (0..step.num_new(0)).map(|j| step.position(0) + j).collect();
-    let (cos, sin) = model
-        .rope()
-        .tables(&positions, model.dtype(), model.device())?;
-    let (normed, q) = model.attn_input(layer, x)?;
-    let q = Rope::apply(&q, &cos, &sin)?;
-    let (k, v) = model.kv(layer, &normed)?;
-    let k_rotated = Rope::apply(&k, &cos, &sin)?;
+    let [q, k, k_rotated, v] = lane.project(x, &positions)?;
     exec.write(step, store, cache, 0, &k, &k_rotated, &v)?;
     let params = AttentionParams {
-        scale: 1.0 / (model.config().head_dim() as f32).sqrt(),
+        scale: 1.0 / (lane.model.config().head_dim() as f32).sqrt(),
         window: None,
         include_diagonal: true,
     };
     let out = exec.attend(&q, store, cache, step, 0, &params)?;
-    let y = model.attn_output_and_mlp(layer, x, &out)?;
-    Ok((y, k_rotated, v))
+    Ok((out, k_rotated, v))
 }

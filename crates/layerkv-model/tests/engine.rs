@@ -1402,6 +1402,50 @@ fn decodes_as_the_reference(
     assert_eq!(e.cache().pool_stats().num_used, used, "{name}");
 }
 
+/// The dense reference of KVzip under `policy` on `text` with a prompt of `prompt_len` tokens:
+/// its probe scores from `identity` (the same map and lanes) run over the prompt's context with
+/// each probe appended (the probe `prefix`, the last `PROBE_TAIL` context tokens, a `chunk` of
+/// the context), the peak weight any query head of a lane puts on a context slot from the
+/// probe's replayed rows, max-combined over probes and layers; then `policy` deciding with them
+/// at the prompt's end. Every row's logits.
+fn kvzip_reference(
+    model: &Arc<Model>,
+    policy: &Policy,
+    identity: &Policy,
+    text: &[u32],
+    prompt_len: usize,
+    chunk: usize,
+    prefix: &[u32],
+) -> Vec<Tensor> {
+    let context = &text[..prompt_len - 1];
+    let lanes = if policy.per_head() { KV_HEADS } else { 1 };
+    let n_lanes = identity.layer_map().num_groups() * lanes;
+    let mut peak = vec![vec![0f32; context.len()]; n_lanes];
+    for start in (0..context.len()).step_by(chunk) {
+        let end = (start + chunk).min(context.len());
+        let tail = &context[start.saturating_sub(PROBE_TAIL)..start];
+        let probe: Vec<u32> = [context, prefix, tail, &context[start..end]].concat();
+        let mut peaks = Peaks {
+            rows_from: context.len() + prefix.len() + tail.len(),
+            slots: start..end,
+            context: context.len(),
+            peak,
+        };
+        dense_reference(
+            model,
+            identity,
+            &probe,
+            probe.len(),
+            1,
+            Some(&mut peaks),
+            None,
+            None,
+        );
+        peak = peaks.peak;
+    }
+    dense_reference(model, policy, text, prompt_len, 1, None, Some(&peak), None)
+}
+
 /// KVzip: the engine's probe steps (prompt replayed in chunks after a prefix, scored, rolled
 /// back) and decision at the prompt's end against the dense reference, whose probe scores come
 /// from an identity run over the prompt with each probe appended: the peak weight any query
@@ -1438,47 +1482,8 @@ fn kvzip_matches_the_dense_reference() {
         let text: Vec<u32> = (0..total as u32)
             .map(|i| (i * 11 + 2) % VOCAB as u32)
             .collect();
-        let context = &text[..prompt_len - 1];
-        let lanes = if per_head { KV_HEADS } else { 1 };
-        let n_lanes = identity.layer_map().num_groups() * lanes;
-        let mut peak = vec![vec![0f32; context.len()]; n_lanes];
-        for start in (0..context.len()).step_by(chunk) {
-            let end = (start + chunk).min(context.len());
-            let tail = &context[start.saturating_sub(PROBE_TAIL)..start];
-            let probe: Vec<u32> = [context, &prefix, tail, &context[start..end]].concat();
-            let mut peaks = Peaks {
-                rows_from: context.len() + prefix.len() + tail.len(),
-                slots: start..end,
-                context: context.len(),
-                peak,
-            };
-            dense_reference(
-                &model,
-                &identity,
-                &probe,
-                probe.len(),
-                1,
-                Some(&mut peaks),
-                None,
-                None,
-            );
-            peak = peaks.peak;
-        }
-        let peaks = Peaks {
-            rows_from: 0,
-            slots: 0..0,
-            context: 0,
-            peak,
-        };
-        let want = dense_reference(
-            &model,
-            &policy,
-            &text,
-            prompt_len,
-            1,
-            None,
-            Some(&peaks.peak),
-            None,
+        let want = kvzip_reference(
+            &model, &policy, &identity, &text, prompt_len, chunk, &prefix,
         );
         let mut e = probing_engine(&model, &policy, 5, chunk, &prefix);
         let before = e.cache().pool_stats();
@@ -1550,41 +1555,8 @@ fn layer_major_prefill_matches_the_dense_reference() {
         let text: Vec<u32> = (0..total as u32)
             .map(|i| (i * 13 + 5) % VOCAB as u32)
             .collect();
-        let context = &text[..prompt_len - 1];
-        let lanes = if per_head { KV_HEADS } else { 1 };
-        let n_lanes = identity.layer_map().num_groups() * lanes;
-        let mut peak = vec![vec![0f32; context.len()]; n_lanes];
-        for start in (0..context.len()).step_by(chunk) {
-            let end = (start + chunk).min(context.len());
-            let tail = &context[start.saturating_sub(PROBE_TAIL)..start];
-            let probe: Vec<u32> = [context, &prefix, tail, &context[start..end]].concat();
-            let mut peaks = Peaks {
-                rows_from: context.len() + prefix.len() + tail.len(),
-                slots: start..end,
-                context: context.len(),
-                peak,
-            };
-            dense_reference(
-                &model,
-                &identity,
-                &probe,
-                probe.len(),
-                1,
-                Some(&mut peaks),
-                None,
-                None,
-            );
-            peak = peaks.peak;
-        }
-        let want = dense_reference(
-            &model,
-            &policy,
-            &text,
-            prompt_len,
-            1,
-            None,
-            Some(&peak),
-            None,
+        let want = kvzip_reference(
+            &model, &policy, &identity, &text, prompt_len, chunk, &prefix,
         );
         let kept = |e: &Engine| -> Vec<Vec<usize>> {
             let r = e.cache().read();
@@ -1626,7 +1598,16 @@ fn layer_major_prefill_matches_the_dense_reference() {
             held < step_peak,
             "{name}: {held} pages held, the step path's peak {step_peak}"
         );
-        assert!(e.scratch_peak_bytes() > 0, "{name}: no scratch counted");
+        // The scratch holds one lane of one layer at a time: the prompt but its last token
+        // and the longest probe step.
+        let probe_rows = (0..prompt_len - 1)
+            .step_by(chunk)
+            .map(|s| prefix.len() + s.min(PROBE_TAIL) + chunk.min(prompt_len - 1 - s))
+            .max()
+            .unwrap();
+        let cfg = e.cache().config();
+        let one_lane = (prompt_len - 1 + probe_rows).div_ceil(cfg.block_size) * cfg.page_bytes();
+        assert_eq!(e.scratch_peak_bytes(), one_lane, "{name}: scratch bytes");
         e.cache().check_invariants().unwrap();
         let got: Vec<Tensor> = (0..prompt_len)
             .map(|r| prompt.narrow(0, r, 1).unwrap())
