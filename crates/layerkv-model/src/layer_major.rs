@@ -61,8 +61,8 @@ pub(crate) struct LayerMajor<'a> {
     pub(crate) probe_prefix: &'a [u32],
 }
 
-/// One layer's scratch: a one-layer cache with the engine's lanes, its page tensors and an
-/// executor.
+/// One lane of one layer's scratch: a one-layer, one-lane cache (one lane's heads), its page
+/// tensors and an executor.
 struct Scratch {
     cache: KvCache,
     store: KvStore,
@@ -161,11 +161,13 @@ impl LayerMajor<'_> {
         for layer in 0..map.num_layers() {
             let g = map.group_of(layer);
             let mut attn = Vec::with_capacity(lanes);
-            let mut probe_attn = vec![Vec::with_capacity(lanes); probes.len()];
+            let mut probe_attn: Vec<Vec<Tensor>> = (0..probes.len())
+                .map(|_| Vec::with_capacity(lanes))
+                .collect();
             for h in 0..lanes {
                 let lane = LaneInput::new(model, layer, h, lanes);
                 scratch.begin(n)?;
-                attn.push(scratch.prompt(&lane, &x, head, 0, &head_steps, |_, _, _| Ok(()))?);
+                attn.push(scratch.prompt(&lane, &x, head, &head_steps, |_, _, _| Ok(()))?);
                 for (j, (tokens, unscored, replayed)) in probes.iter().enumerate() {
                     let out = scratch.probe(&lane, &px[j], tokens, *unscored, replayed.clone())?;
                     probe_attn[j].push(out);
@@ -221,7 +223,7 @@ impl LayerMajor<'_> {
                     Ok(())
                 };
                 scratch.begin(n)?;
-                attn.push(scratch.prompt(&lane, &x, prompt, 0, &steps, write)?);
+                attn.push(scratch.prompt(&lane, &x, prompt, &steps, write)?);
                 scratch.end()?;
             }
             x = finish_layer(model, layer, &x, &attn, &steps)?;
@@ -352,7 +354,7 @@ impl Scratch {
         Ok(())
     }
 
-    /// Appends `tokens` (at text positions `first..`, input `x` of the layer) in `steps`, runs
+    /// Appends `tokens` (from text position 0, input `x` of the layer) in `steps`, runs
     /// the lane's attention on each and retains it; `write` gets each step's positions and the
     /// lane's rotated keys and values. Returns the lane's attention output per step.
     fn prompt(
@@ -360,7 +362,6 @@ impl Scratch {
         lane: &LaneInput<'_>,
         x: &Tensor,
         tokens: &[u32],
-        first: usize,
         steps: &[Range<usize>],
         mut write: impl FnMut(Range<usize>, &Tensor, &Tensor) -> Result<()>,
     ) -> Result<Vec<Tensor>> {
@@ -377,7 +378,7 @@ impl Scratch {
                 &self.cache,
                 &mut self.exec,
             )?;
-            write(first + r.start..first + r.end, &k, &v)?;
+            write(r.clone(), &k, &v)?;
             let (exec, store) = (&mut self.exec, &mut self.store);
             reserved.retain_with(|step| {
                 let gathered = exec.gather(step, store)?;
