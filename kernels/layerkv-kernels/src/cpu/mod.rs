@@ -148,6 +148,19 @@ trait Madd {
         }
     }
 
+    /// Running column maxima of consecutive rows of `max.len()` values (a run of slots'
+    /// scores): `max[i] = max(max[i], x[r][i])`, NaN skipped.
+    #[inline(always)]
+    fn max_rows(x: &[f32], max: &mut [f32]) {
+        for row in x.chunks_exact(max.len()) {
+            for (m, v) in max.iter_mut().zip(row) {
+                if *v > *m {
+                    *m = *v;
+                }
+            }
+        }
+    }
+
     /// Widens a stored row to f32 with the loops this instantiation may use.
     #[inline(always)]
     fn widen<T: Elem>(src: &[T], dst: &mut [f32]) {
@@ -316,6 +329,12 @@ impl Madd for Fused {
     fn exp_rows(x: &mut [f32], max: &[f32], sums: &mut [f32]) {
         // SAFETY: as for `group_dots`.
         unsafe { avx2::exp_rows(x, max, sums) }
+    }
+
+    #[inline(always)]
+    fn max_rows(x: &[f32], max: &mut [f32]) {
+        // SAFETY: as for `group_dots`.
+        unsafe { avx2::max_rows(x, max) }
     }
 
     #[inline(always)]

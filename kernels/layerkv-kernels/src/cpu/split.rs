@@ -36,9 +36,15 @@ const MAX_PART: usize = 512;
 /// Work items per thread the automatic split aims for, so uneven items still balance.
 const ITEMS_PER_THREAD: usize = 4;
 
-/// Slots ahead whose token rows are prefetched; only page jumps need it (rows within a page are
-/// contiguous), so a short distance suffices.
+/// Fewest slots ahead whose token rows are prefetched.
 const PREFETCH: usize = 2;
+
+/// Bytes ahead to prefetch at least (up to 16 slots). Per-slot prefetches pay even within a
+/// page (without them the decode path took 1.3-2x as long on an AMD EPYC), and the distance
+/// must be in bytes: two slots are 768 bytes of a SmolLM2 group's f16 rows but 256 of one of
+/// its lanes', too close to hide a miss (the lane layout took 1.25-1.4x the group layout's time
+/// at two slots, 1.1-1.25x at 1,536 bytes).
+const PREFETCH_BYTES: usize = 1536;
 
 /// Slots `[start, end)` of sequence `seq`.
 #[derive(Clone, Copy, Debug)]
@@ -254,6 +260,8 @@ fn part_body<K: Elem, V: Elem, M: Madd>(
                 super::prefetch(&v[base..base + row_v]);
             }
         };
+        let ahead_k = (PREFETCH_BYTES / (row_k * std::mem::size_of::<K>())).clamp(PREFETCH, 16);
+        let ahead_v = (PREFETCH_BYTES / (row_v * std::mem::size_of::<V>())).clamp(PREFETCH, 16);
         let sp = scores.as_mut_ptr();
         // SAFETY (score rows): `s - part.start < len`, so row `s` lies inside `scores`.
         let score_row = |s: usize| unsafe { sp.add((s - part.start) * heads) };
@@ -266,7 +274,7 @@ fn part_body<K: Elem, V: Elem, M: Madd>(
             let mut out = [std::ptr::null_mut::<f32>(); VB];
             let mut n = 0;
             while n < VB && s < part.end {
-                prefetch_k(s + PREFETCH);
+                prefetch_k(s + ahead_k);
                 if seq.kv.is_valid(s) {
                     let base = token(s, row_k);
                     keys[n] = k[base..base + row_k].as_ptr();
@@ -287,13 +295,7 @@ fn part_body<K: Elem, V: Elem, M: Madd>(
 
         // Pass 2: per-head maxima.
         maxes.fill(f32::NEG_INFINITY);
-        for sc in scores.chunks_exact(heads) {
-            for (m, x) in maxes.iter_mut().zip(sc) {
-                if *x > *m {
-                    *m = *x;
-                }
-            }
-        }
+        M::max_rows(scores, maxes);
 
         // Pass 3: exponentials and their sums, then the weighted value rows, VB valid slots
         // per accumulator load/store. Eight heads or more: the exponentials are taken token by
@@ -317,7 +319,7 @@ fn part_body<K: Elem, V: Elem, M: Madd>(
             let mut w: [*const f32; VB] = [zero.as_ptr(); VB];
             let mut count = 0;
             while count < VB && s < part.end {
-                prefetch_v(s + PREFETCH);
+                prefetch_v(s + ahead_v);
                 if seq.kv.is_valid(s) {
                     let base = token(s, row_v);
                     block[count] = v[base..base + row_v].as_ptr();
