@@ -4,8 +4,8 @@
 //! fraction of what this machine's memory delivers.
 //!
 //! The same data is also laid out in **lanes** (per-head retention, `+per-head` policies): pages
-//! of one KV head, a table per (sequence, KV head), queries transposed lane-major and back, as
-//! `StepExecutor::attend` runs them; its column is the lane layout's time over the group
+//! of one KV head, a table per (sequence, KV head), one `paged_attention_lanes` call as
+//! `StepExecutor::attend` makes it; its column is the lane layout's time over the group
 //! layout's.
 //!
 //! Shapes: Llama-like (32 heads, 8 KV heads, head_dim 128) and SmolLM2-135M (9, 3, 64); contexts
@@ -29,7 +29,9 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use criterion::Criterion;
 use layerkv::TableView;
-use layerkv_kernels::{paged_attention, AttentionParams, KvStore, KvType, KvTypes, SeqQuery};
+use layerkv_kernels::{
+    paged_attention, paged_attention_lanes, AttentionParams, KvStore, KvType, KvTypes, SeqQuery,
+};
 use rayon::prelude::*;
 
 const BLOCK: usize = 16;
@@ -166,19 +168,10 @@ fn ours(c: &Case, p: &Prepared) -> Tensor {
     paged_attention(&p.q, &p.store, &seqs, &params, None).unwrap()
 }
 
-/// The lane layout as `StepExecutor::attend` runs it: queries to lane-major `[kv_heads *
-/// batch, group, d]`, one call over every (head, sequence) pair, the output back.
+/// The lane layout as `StepExecutor::attend` runs it: one `paged_attention_lanes` call, every
+/// sequence's query row read by all its lanes (lane-major queries, `seqs[h * batch + s]`).
 fn lanes(c: &Case, p: &Prepared) -> Tensor {
-    let (b, kvh, group) = (c.batch, c.kv_heads, c.heads / c.kv_heads);
-    let q =
-        p.q.reshape((b, kvh, group, c.head_dim))
-            .unwrap()
-            .transpose(0, 1)
-            .unwrap()
-            .contiguous()
-            .unwrap()
-            .reshape((kvh * b, group, c.head_dim))
-            .unwrap();
+    let (b, kvh) = (c.batch, c.kv_heads);
     let mut seqs = Vec::with_capacity(kvh * b);
     for h in 0..kvh {
         for s in 0..b {
@@ -188,7 +181,7 @@ fn lanes(c: &Case, p: &Prepared) -> Tensor {
                     num_slots: c.ctx,
                     valid: None,
                 },
-                q_start: h * b + s,
+                q_start: s,
                 num_q: 1,
                 first_slot: c.ctx - 1,
             });
@@ -199,16 +192,7 @@ fn lanes(c: &Case, p: &Prepared) -> Tensor {
         window: None,
         include_diagonal: true,
     };
-    paged_attention(&q, &p.lane_store, &seqs, &params, None)
-        .unwrap()
-        .reshape((kvh, b, group, c.head_dim))
-        .unwrap()
-        .transpose(0, 1)
-        .unwrap()
-        .contiguous()
-        .unwrap()
-        .reshape((b, c.heads, c.head_dim))
-        .unwrap()
+    paged_attention_lanes(&p.q, &p.lane_store, kvh, &seqs, &params).unwrap()
 }
 
 fn candle(c: &Case, p: &Prepared) -> Tensor {

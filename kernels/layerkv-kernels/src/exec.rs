@@ -28,7 +28,7 @@ use layerkv::{GroupId, KvCache, SeqId, Step};
 use crate::error::{KernelError, Result};
 use crate::store::{GatheredMoves, KvStore};
 use crate::view::{AttentionParams, SeqQuery};
-use crate::{paged_attention, paged_attention_peak};
+use crate::{paged_attention, paged_attention_lanes, paged_attention_peak};
 
 /// How keys are rotated (the model's RoPE): the executor re-rotates sinks with it.
 pub trait KeyRotation {
@@ -38,7 +38,8 @@ pub trait KeyRotation {
 
 /// The kernel's queries for `group`: lane by lane ([`KvCache::lane`]), each step sequence over
 /// the lane's table, lane `h`'s rows starting at `h * lane_rows` (the lane-major query layout;
-/// without lanes there is one lane and the step's own rows).
+/// `lane_rows` 0 for [`paged_attention_lanes`]' every lane at the step's own rows, as without
+/// lanes).
 fn lane_queries<'a>(
     step: &Step,
     reader: &'a layerkv::CacheReader<'_>,
@@ -233,6 +234,14 @@ impl StepExecutor {
                 actual: q.dims().to_vec(),
             });
         }
+        let reader = cache.read();
+        let wants_mass = (0..lanes).any(|h| step.mass_mut(cache.lane(group, h)).is_some());
+        let observed = (0..lanes).any(|h| step.observed_mass_mut(cache.lane(group, h)).is_some());
+        if !wants_mass && !observed {
+            // Queries and output in the model's layout: every lane of a sequence at its rows.
+            let seqs = lane_queries(step, &reader, cache, group, 0)?;
+            return paged_attention_lanes(q, store, lanes, &seqs, params);
+        }
         // Lane-major queries: rows of lane h are h * rows .. (h + 1) * rows, each a sequence of
         // the kernel's over the lane's table.
         let per = heads / lanes;
@@ -241,9 +250,7 @@ impl StepExecutor {
             .transpose(0, 1)?
             .contiguous()?
             .reshape((lanes * rows, per, head_dim))?;
-        let reader = cache.read();
         let seqs = lane_queries(step, &reader, cache, group, rows)?;
-        let wants_mass = (0..lanes).any(|h| step.mass_mut(cache.lane(group, h)).is_some());
         let out = if wants_mass {
             let out = self.attend_scratch(&q_lanes, store, &seqs, params)?;
             self.add_lane_mass(step, cache, group, &seqs, |s, l| s.mass_mut(l));
@@ -251,7 +258,6 @@ impl StepExecutor {
         } else {
             paged_attention(&q_lanes, store, &seqs, params, None)?
         };
-        let observed = (0..lanes).any(|h| step.observed_mass_mut(cache.lane(group, h)).is_some());
         if observed {
             let seen = probe_seen(step, cache, group, seqs.len());
             let obs = self.observation_queries(step, cache, group, &seqs, &seen);

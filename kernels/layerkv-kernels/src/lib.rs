@@ -106,11 +106,97 @@ pub fn paged_attention_peak(
     reference::attention_on_device(q, store, seqs, params, Some(peak), true)
 }
 
+/// Paged attention over per-head lanes (`layerkv::CacheConfig::lanes`: every KV head of a group
+/// in its own table), with the queries and the output in the model's layout.
+///
+/// `q`: `[total_q, heads, head_dim]` as for [`paged_attention`]; `store` holds one-head pages
+/// (`kv_heads` 1 under lanes); `seqs` is lane-major: lane `h` of sequence `i` at
+/// `seqs[h * n + i]` (`n = seqs.len() / lanes`), each over that lane's table, every lane of a
+/// sequence with the same `q_start` and `num_q` (rows of `q`, not of a lane-major copy). Query
+/// head `j` reads lane `j / (heads / lanes)`. Returns `[total_q, heads, head_dim]`.
+///
+/// Decode calls on the CPU (one row per sequence) run one work item per slot range of every lane
+/// of a sequence, with one softmax and merge over all its heads (no transposes, a third of the
+/// items and partials on a 3-lane group); other calls run [`paged_attention`] over the lanes as
+/// sequences of lane-major queries (no mass: [`paged_attention`] with such queries gives it).
+pub fn paged_attention_lanes(
+    q: &candle_core::Tensor,
+    store: &KvStore,
+    lanes: usize,
+    seqs: &[SeqQuery<'_>],
+    params: &AttentionParams,
+) -> Result<candle_core::Tensor> {
+    let (rows, heads, head_dim) = q.dims3()?;
+    if lanes == 0 || !heads.is_multiple_of(lanes) || !seqs.len().is_multiple_of(lanes) {
+        return Err(KernelError::Shape {
+            what: "q",
+            expected: format!(
+                "a multiple of {lanes} lanes of heads, and of sequences ({} given)",
+                seqs.len()
+            ),
+            actual: q.dims().to_vec(),
+        });
+    }
+    let n = seqs.len() / lanes;
+    for (k, s) in seqs.iter().enumerate() {
+        let first = &seqs[k % n];
+        if (s.q_start, s.num_q) != (first.q_start, first.num_q) {
+            return Err(KernelError::Invalid(format!(
+                "sequence {} lane {}: rows {}..{}, lane 0 has {}..{} (every lane of a sequence \
+                 reads the same query rows)",
+                k % n,
+                k / n,
+                s.q_start,
+                s.q_start + s.num_q,
+                first.q_start,
+                first.q_start + first.num_q
+            )));
+        }
+    }
+    validate_lanes(q, store, seqs, None, lanes)?;
+    if lanes == 1 {
+        return paged_attention(q, store, seqs, params, None);
+    }
+    if q.device().is_cpu() && seqs.iter().all(|s| s.num_q == 1) {
+        return cpu::attention_lanes(q, store, lanes, seqs, params);
+    }
+    let per = heads / lanes;
+    let q_lanes = q
+        .reshape((rows, lanes, per, head_dim))?
+        .transpose(0, 1)?
+        .contiguous()?
+        .reshape((lanes * rows, per, head_dim))?;
+    let lane_seqs: Vec<SeqQuery<'_>> = seqs
+        .iter()
+        .enumerate()
+        .map(|(k, s)| SeqQuery {
+            q_start: (k / n) * rows + s.q_start,
+            ..*s
+        })
+        .collect();
+    Ok(paged_attention(&q_lanes, store, &lane_seqs, params, None)?
+        .reshape((lanes, rows, per, head_dim))?
+        .transpose(0, 1)?
+        .contiguous()?
+        .reshape((rows, heads, head_dim))?)
+}
+
 fn validate(
     q: &candle_core::Tensor,
     store: &KvStore,
     seqs: &[SeqQuery<'_>],
     mass: Option<&[f32]>,
+) -> Result<()> {
+    validate_lanes(q, store, seqs, mass, 1)
+}
+
+/// [`validate`] for `q`'s heads split over `lanes` tables (the group bound is per lane).
+fn validate_lanes(
+    q: &candle_core::Tensor,
+    store: &KvStore,
+    seqs: &[SeqQuery<'_>],
+    mass: Option<&[f32]>,
+    lanes: usize,
 ) -> Result<()> {
     let dims = q.dims();
     let shape_err = |expected: String| KernelError::Shape {
@@ -127,9 +213,13 @@ fn validate(
             store.head_dim()
         )));
     }
-    if heads == 0 || heads % store.kv_heads() != 0 || heads / store.kv_heads() > cpu::MAX_GROUP {
+    let per_lane = heads / lanes;
+    if heads == 0
+        || !per_lane.is_multiple_of(store.kv_heads())
+        || per_lane / store.kv_heads() > cpu::MAX_GROUP
+    {
         return Err(shape_err(format!(
-            "a multiple of kv_heads ({}) heads, at most {} per KV head",
+            "a multiple of kv_heads ({}) heads per lane, at most {} per KV head",
             store.kv_heads(),
             cpu::MAX_GROUP
         )));

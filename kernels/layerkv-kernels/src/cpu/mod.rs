@@ -435,6 +435,9 @@ struct Dims {
     /// The mass is each slot's peak weight over the rows and query heads of a work item
     /// ([`crate::paged_attention_peak`]), max-combined, instead of their sum.
     peak: bool,
+    /// Tables per sequence ([`crate::paged_attention_lanes`]; 1 otherwise): lane `h` serves
+    /// query heads `h * heads / lanes ..`; decode calls only.
+    lanes: usize,
 }
 
 /// A raw output pointer shared by work items that write disjoint index ranges (attention:
@@ -486,6 +489,28 @@ pub(crate) fn attention_peak(
     attention_with(q, store, seqs, params, Some(peak), false, Split::Auto, true)
 }
 
+/// Decode attention over per-head lanes on the CPU; see [`crate::paged_attention_lanes`] (which
+/// checked the inputs and sends only decode calls here).
+pub(crate) fn attention_lanes(
+    q: &Tensor,
+    store: &KvStore,
+    lanes: usize,
+    seqs: &[SeqQuery<'_>],
+    params: &AttentionParams,
+) -> Result<Tensor> {
+    attention_inner(
+        q,
+        store,
+        seqs,
+        params,
+        None,
+        false,
+        Split::Auto,
+        false,
+        lanes,
+    )
+}
+
 #[allow(clippy::too_many_arguments)]
 fn attention_with(
     q: &Tensor,
@@ -497,6 +522,21 @@ fn attention_with(
     split: Split,
     peak: bool,
 ) -> Result<Tensor> {
+    attention_inner(q, store, seqs, params, mass, baseline, split, peak, 1)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attention_inner(
+    q: &Tensor,
+    store: &KvStore,
+    seqs: &[SeqQuery<'_>],
+    params: &AttentionParams,
+    mass: Option<&mut [f32]>,
+    baseline: bool,
+    split: Split,
+    peak: bool,
+    lanes: usize,
+) -> Result<Tensor> {
     let (total_q, heads, head_dim) = q.dims3()?;
     let dims = Dims {
         heads,
@@ -505,6 +545,7 @@ fn attention_with(
         block_size: store.block_size(),
         baseline,
         peak,
+        lanes,
     };
     let q32 = q.to_dtype(DType::F32)?.contiguous()?;
     let (q_storage, q_layout) = q32.storage_and_layout();
@@ -642,7 +683,8 @@ fn run<K: Elem, V: Elem>(k: &[K], v: &[V], call: &Call<'_, '_>) -> Option<Vec<Ve
         want_mass,
         split,
     } = *call;
-    if split::applies(seqs, want_mass, split) {
+    if split::applies(seqs, want_mass, split) || dims.lanes > 1 {
+        debug_assert!(split::applies(seqs, want_mass, Split::Auto));
         split::run(k, v, q, out, seqs, params, dims, split);
         return None;
     }
@@ -1245,5 +1287,160 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Decode over per-head lanes (one table per lane, as `paged_attention_lanes` reads them)
+    /// against the dense reference run on lane-major queries, lane by lane: lanes of different
+    /// lengths, validity masks and pages, one lane that sees nothing, windows, a hidden
+    /// diagonal, partitions of one slot, eight and automatic, both instantiations, float and
+    /// block pages. Seen failing with every lane reading lane 0's table (`seqs[part.seq]` for
+    /// `seqs[h * n + part.seq]`) and with each lane's scores written at head 0.
+    #[test]
+    fn decode_lanes_match_the_reference() {
+        let dev = Device::Cpu;
+        // (lanes, head_dim, heads): SmolLM2's 3 lanes of 3 heads, lanes of one head, of 8 and
+        // of 10 heads (wider than a vector), head dims with remainders.
+        let shapes = [(3, 20, 9), (2, 24, 2), (4, 16, 32), (2, 12, 20), (3, 64, 9)];
+        let types = [
+            KvTypes::both(KvType::F32),
+            KvTypes::both(KvType::F16),
+            KvTypes::both(KvType::BF16),
+            KvTypes::new(KvType::Q8_0, KvType::Q4_0),
+        ];
+        for ((lanes, d, heads), t) in shapes
+            .into_iter()
+            .flat_map(|s| types.map(|t| (s, t)))
+            .filter(|((_, d, _), t)| !t.k.is_quantized() || d % 32 == 0)
+        {
+            let bs = 4;
+            let mut store = KvStore::with_types(24, bs, 1, d, t, &dev).unwrap();
+            let k = Tensor::randn(0f32, 1.0, (96, 1, d), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (96, 1, d), &dev).unwrap();
+            let slots: Vec<u32> = (0..96).rev().collect();
+            store.write(&slots, &k, &v).unwrap();
+            // Per lane (tables cycle over these): pages, slots, validity.
+            type Table<'a> = (&'a [u32], usize, Option<&'a [u64]>);
+            let tables: [Table<'_>; 4] = [
+                (
+                    &[9, 2, 14, 0, 7, 3, 11, 5, 1],
+                    35,
+                    Some(&[0b1011_1111_0111_1111_1111_1111_1101_1111_1110]),
+                ),
+                (&[4, 15, 12, 6, 8], 18, Some(&[0b11_1111_1111_0000_1111])),
+                (&[10], 1, None),
+                (&[16, 17, 18, 19, 20, 21, 22], 27, None),
+            ];
+            // Sequence 1's lane 1 sees nothing (every slot evicted).
+            let none = [0u64];
+            for (window, include_diagonal) in [(None, true), (Some(9), true), (None, false)] {
+                let mut seqs = Vec::new();
+                for h in 0..lanes {
+                    for i in 0..2 {
+                        let (pages, num_slots, valid) = tables[(h + i) % tables.len()];
+                        let valid = if (i, h) == (1, 1) {
+                            Some(&none[..])
+                        } else {
+                            valid
+                        };
+                        seqs.push(SeqQuery {
+                            kv: TableView {
+                                pages,
+                                num_slots,
+                                valid,
+                            },
+                            q_start: i,
+                            num_q: 1,
+                            first_slot: num_slots - 1,
+                        });
+                    }
+                }
+                let params = AttentionParams {
+                    scale: 0.3,
+                    window,
+                    include_diagonal,
+                };
+                let q = Tensor::randn(0f32, 1.0, (2, heads, d), &dev).unwrap();
+                // The reference: lane-major queries, each (lane, sequence) a sequence of its own.
+                let per = heads / lanes;
+                let q_lanes = q
+                    .reshape((2, lanes, per, d))
+                    .unwrap()
+                    .transpose(0, 1)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+                    .reshape((lanes * 2, per, d))
+                    .unwrap();
+                let lane_seqs: Vec<SeqQuery<'_>> = seqs
+                    .iter()
+                    .enumerate()
+                    .map(|(j, s)| SeqQuery { q_start: j, ..*s })
+                    .collect();
+                let (want, _) = dense_attention(&q_lanes, &store, &lane_seqs, &params).unwrap();
+                let want = want
+                    .reshape((lanes, 2, per, d))
+                    .unwrap()
+                    .transpose(0, 1)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+                    .reshape((2, heads, d))
+                    .unwrap();
+                let label = format!(
+                    "{t} lanes={lanes} d={d} heads={heads} {window:?} diag={include_diagonal}"
+                );
+                for split in [Split::Slots(1), Split::Slots(8), Split::Auto] {
+                    for baseline in [true, false] {
+                        let got = attention_inner(
+                            &q, &store, &seqs, &params, None, baseline, split, false, lanes,
+                        )
+                        .unwrap();
+                        let diff = max_abs_diff(&got, &want);
+                        assert!(diff < 1e-5, "{label} {split:?} baseline={baseline}: {diff}");
+                    }
+                }
+                // The public entry, and its lane-major path for rows of more than one query.
+                let got = crate::paged_attention_lanes(&q, &store, lanes, &seqs, &params).unwrap();
+                let diff = max_abs_diff(&got, &want);
+                assert!(diff < 1e-5, "{label} paged_attention_lanes: {diff}");
+            }
+        }
+    }
+
+    /// `paged_attention_lanes` refuses lanes that do not divide the heads or the sequences, and
+    /// lanes of one sequence at different query rows, naming what is wrong.
+    #[test]
+    fn lanes_refuse_mismatched_inputs() {
+        let dev = Device::Cpu;
+        let store = KvStore::new(4, 4, 1, 8, DType::F32, &dev).unwrap();
+        let q = Tensor::zeros((2, 6, 8), DType::F32, &dev).unwrap();
+        let pages = [0u32, 1];
+        let seq = |q_start| SeqQuery {
+            kv: TableView {
+                pages: &pages,
+                num_slots: 5,
+                valid: None,
+            },
+            q_start,
+            num_q: 1,
+            first_slot: 4,
+        };
+        let params = AttentionParams {
+            scale: 1.0,
+            window: None,
+            include_diagonal: true,
+        };
+        let err = |lanes, seqs: &[SeqQuery<'_>]| {
+            crate::paged_attention_lanes(&q, &store, lanes, seqs, &params)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err(4, &[seq(0); 4]).contains("4 lanes"));
+        assert!(err(3, &[seq(0); 4]).contains("(4 given)"));
+        assert!(err(0, &[]).contains("0 lanes"));
+        let e = err(2, &[seq(0), seq(1), seq(1), seq(0)]);
+        assert!(e.contains("sequence 0 lane 1"), "{e}");
+        let ok = crate::paged_attention_lanes(&q, &store, 3, &[seq(0), seq(0), seq(0)], &params);
+        assert_eq!(ok.unwrap().dims(), &[2, 6, 8]);
     }
 }

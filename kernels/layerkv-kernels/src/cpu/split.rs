@@ -6,6 +6,11 @@
 //! batch-1 context spreads over every thread instead of over `kv_heads` items. Each item leaves
 //! an unnormalised partial per query head (running max, exp-sum, weighted V sum); a sequence's
 //! partials merge by log-sum-exp, as in flash-decoding.
+//!
+//! With per-head lanes ([`crate::paged_attention_lanes`]) a sequence has one table per lane and
+//! an item covers the same slot range of every lane: it walks each lane's slots for that lane's
+//! query heads into one score row of all the heads, so the softmax and the merge run over every
+//! head of the sequence at once and the queries and outputs keep the model's layout.
 
 use std::cell::RefCell;
 
@@ -73,7 +78,9 @@ pub(crate) fn applies(seqs: &[SeqQuery<'_>], want_mass: bool, split: Split) -> b
 }
 
 /// Decode attention for every sequence (each has exactly one query row) into `out`, which the
-/// caller zeroed (rows that see no valid slot stay zero).
+/// caller zeroed (rows that see no valid slot stay zero). With `dims.lanes > 1`, `seqs` is
+/// lane-major (lane `h` of sequence `i` at `h * n + i`, `n = seqs.len() / lanes`, every lane of
+/// a sequence at the same query row) and lane `h` serves query heads `h * heads / lanes ..`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn run<K: Elem, V: Elem>(
     k: &[K],
@@ -86,7 +93,7 @@ pub(crate) fn run<K: Elem, V: Elem>(
     split: Split,
 ) {
     let mut plan = PLAN.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
-    make_plan(&mut plan, seqs, params, dims.block_size, split);
+    make_plan(&mut plan, seqs, dims.lanes, params, dims.block_size, split);
     let stride = dims.heads * (dims.head_dim + 2);
     let need = plan.parts.len() * stride;
     if plan.partials.len() < need {
@@ -102,14 +109,15 @@ pub(crate) fn run<K: Elem, V: Elem>(
     let pool = SpinPool::global();
     let base = OutPtr(partials.as_mut_ptr());
     let parts = &*parts;
+    let n = seqs.len() / dims.lanes;
     pool.run(parts.len(), &|i| {
         // SAFETY: task `i` alone writes partial `i`; `partials` holds `need` values.
         let partial = unsafe { std::slice::from_raw_parts_mut(base.get().add(i * stride), stride) };
         let part = parts[i];
-        part_item(k, v, q, &seqs[part.seq], part, params, dims, partial)
+        part_item(k, v, q, seqs, n, part, params, dims, partial)
     });
     let (first, partials) = (&*first, &*partials);
-    pool.run(seqs.len(), &|s| {
+    pool.run(n, &|s| {
         merge(
             &partials[first[s] * stride..first[s + 1] * stride],
             seqs[s].q_start,
@@ -120,36 +128,47 @@ pub(crate) fn run<K: Elem, V: Elem>(
     PLAN.with(|cell| *cell.borrow_mut() = plan);
 }
 
-/// Splits each sequence's visible range into partitions aligned to multiples of the partition
-/// length (itself a whole number of pages).
+/// Splits each sequence's visible range (over all its lanes) into partitions aligned to
+/// multiples of the partition length (itself a whole number of pages).
 fn make_plan(
     plan: &mut Plan,
     seqs: &[SeqQuery<'_>],
+    lanes: usize,
     params: &AttentionParams,
     block_size: usize,
     split: Split,
 ) {
-    let visible = |s: &SeqQuery<'_>| params.visible(s.first_slot, s.kv.num_slots);
+    let n = seqs.len() / lanes;
+    let visible = |i: usize| {
+        (0..lanes)
+            .map(|h| {
+                let s = &seqs[h * n + i];
+                params.visible(s.first_slot, s.kv.num_slots)
+            })
+            .filter(|(lo, hi)| lo < hi)
+            .fold((usize::MAX, 0), |(a, b), (lo, hi)| (a.min(lo), b.max(hi)))
+    };
     let len = match split {
         Split::Slots(n) => n.max(1),
         _ => {
+            // Balance the slots of every lane: a part covers its range in each lane.
             let total: usize = seqs
                 .iter()
                 .map(|s| {
-                    let (lo, hi) = visible(s);
+                    let (lo, hi) = params.visible(s.first_slot, s.kv.num_slots);
                     hi - lo
                 })
                 .sum();
-            let items = ITEMS_PER_THREAD * SpinPool::global().threads();
+            let items = ITEMS_PER_THREAD * SpinPool::global().threads() * lanes;
             total.div_ceil(items).clamp(MIN_PART, MAX_PART)
         }
     };
     let len = len.div_ceil(block_size) * block_size;
     plan.parts.clear();
     plan.first.clear();
-    for (i, s) in seqs.iter().enumerate() {
+    for i in 0..n {
         plan.first.push(plan.parts.len());
-        let (lo, hi) = visible(s);
+        let (lo, hi) = visible(i);
         let mut start = lo;
         while start < hi {
             let end = ((start / len + 1) * len).min(hi);
@@ -166,7 +185,8 @@ fn part_item<K: Elem, V: Elem>(
     k: &[K],
     v: &[V],
     q: &[f32],
-    seq: &SeqQuery<'_>,
+    seqs: &[SeqQuery<'_>],
+    n: usize,
     part: Part,
     params: &AttentionParams,
     dims: Dims,
@@ -175,9 +195,9 @@ fn part_item<K: Elem, V: Elem>(
     #[cfg(target_arch = "x86_64")]
     if super::wide_loops(dims) {
         // SAFETY: the CPU supports AVX2, FMA and F16C (checked just above).
-        return unsafe { part_item_avx2(k, v, q, seq, part, params, dims, partial) };
+        return unsafe { part_item_avx2(k, v, q, seqs, n, part, params, dims, partial) };
     }
-    part_body::<K, V, Plain>(k, v, q, seq, part, params, dims, partial)
+    part_body::<K, V, Plain>(k, v, q, seqs, n, part, params, dims, partial)
 }
 
 /// [`part_body`] compiled for AVX2 + FMA.
@@ -188,24 +208,27 @@ unsafe fn part_item_avx2<K: Elem, V: Elem>(
     k: &[K],
     v: &[V],
     q: &[f32],
-    seq: &SeqQuery<'_>,
+    seqs: &[SeqQuery<'_>],
+    n: usize,
     part: Part,
     params: &AttentionParams,
     dims: Dims,
     partial: &mut [f32],
 ) {
-    part_body::<K, V, super::Fused>(k, v, q, seq, part, params, dims, partial)
+    part_body::<K, V, super::Fused>(k, v, q, seqs, n, part, params, dims, partial)
 }
 
 /// Scores, exponentials and the weighted V sum of one partition, for every query head; writes
-/// `[max; heads] [exp-sum; heads] [acc; heads x head_dim]` into `partial`.
+/// `[max; heads] [exp-sum; heads] [acc; heads x head_dim]` into `partial`. Each lane's slots of
+/// the partition go through its own table for its own query heads (one lane without lanes).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn part_body<K: Elem, V: Elem, M: Madd>(
     k: &[K],
     v: &[V],
     q: &[f32],
-    seq: &SeqQuery<'_>,
+    seqs: &[SeqQuery<'_>],
+    n: usize,
     part: Part,
     params: &AttentionParams,
     dims: Dims,
@@ -216,8 +239,11 @@ fn part_body<K: Elem, V: Elem, M: Madd>(
         kv_heads,
         head_dim: d,
         block_size: bs,
+        lanes,
         ..
     } = dims;
+    // Per lane: its query heads and the stored row of one token (every KV head of its table).
+    let lane_heads = heads / lanes;
     let row = kv_heads * d;
     let len = part.end - part.start;
     let (maxes, rest) = partial.split_at_mut(heads);
@@ -236,60 +262,74 @@ fn part_body<K: Elem, V: Elem, M: Madd>(
         let (zero, rest) = rest.split_at_mut(zero_len);
         zero.fill(0.0);
         let zero: &[f32] = zero;
-        // The softmax scale goes into the queries once instead of into every score.
+        // The softmax scale goes into the queries once instead of into every score (every
+        // lane of a sequence reads the same query row).
+        let q_start = seqs[part.seq].q_start;
         let qs = &mut rest[..heads * d];
         for (x, q) in qs
             .iter_mut()
-            .zip(&q[seq.q_start * heads * d..(seq.q_start + 1) * heads * d])
+            .zip(&q[q_start * heads * d..(q_start + 1) * heads * d])
         {
             *x = q * params.scale;
         }
         let qs: &[f32] = qs;
-        // A token's rows (every KV head) in stored units of K and V.
+        // A token's rows (every KV head of a table) in stored units of K and V.
         let (row_k, row_v) = (row / K::PER, row / V::PER);
-        let token = |s: usize, units: usize| (seq.kv.pages[s / bs] as usize * bs + s % bs) * units;
-        let prefetch_k = |s: usize| {
-            if s < part.end {
-                let base = token(s, row_k);
-                super::prefetch(&k[base..base + row_k]);
-            }
-        };
-        let prefetch_v = |s: usize| {
-            if s < part.end {
-                let base = token(s, row_v);
-                super::prefetch(&v[base..base + row_v]);
-            }
-        };
         let ahead_k = (PREFETCH_BYTES / (row_k * std::mem::size_of::<K>())).clamp(PREFETCH, 16);
         let ahead_v = (PREFETCH_BYTES / (row_v * std::mem::size_of::<V>())).clamp(PREFETCH, 16);
         let sp = scores.as_mut_ptr();
         // SAFETY (score rows): `s - part.start < len`, so row `s` lies inside `scores`.
         let score_row = |s: usize| unsafe { sp.add((s - part.start) * heads) };
+        // Lane `h`'s query, and the slots of the part it sees.
+        let lane = |h: usize| {
+            let seq = &seqs[h * n + part.seq];
+            let (lo, hi) = params.visible(seq.first_slot, seq.kv.num_slots);
+            let lo = lo.clamp(part.start, part.end);
+            (seq, lo, hi.clamp(lo, part.end))
+        };
 
         // Pass 1: scores of every query head, VB valid tokens per call (the kernel shares each
-        // query load between tokens and each key conversion between the group's heads).
-        let mut s = part.start;
-        while s < part.end {
-            let mut keys = [zero.as_ptr().cast::<K>(); VB];
-            let mut out = [std::ptr::null_mut::<f32>(); VB];
-            let mut n = 0;
-            while n < VB && s < part.end {
-                prefetch_k(s + ahead_k);
-                if seq.kv.is_valid(s) {
-                    let base = token(s, row_k);
-                    keys[n] = k[base..base + row_k].as_ptr();
-                    out[n] = score_row(s);
-                    n += 1;
-                } else {
-                    // SAFETY: a score row of `heads` floats (see `score_row`).
-                    unsafe { std::slice::from_raw_parts_mut(score_row(s), heads) }
-                        .fill(f32::NEG_INFINITY);
+        // query load between tokens and each key conversion between the group's heads). Slots
+        // a lane does not see (outside its visible range, or evicted) score -inf in its heads.
+        for h in 0..lanes {
+            let (seq, lo, hi) = lane(h);
+            let first = h * lane_heads;
+            let token =
+                |s: usize, units: usize| (seq.kv.pages[s / bs] as usize * bs + s % bs) * units;
+            let unseen = |s: usize| {
+                // SAFETY: a score row of `heads` floats (see `score_row`), `first + lane_heads
+                // <= heads`.
+                unsafe { std::slice::from_raw_parts_mut(score_row(s).add(first), lane_heads) }
+                    .fill(f32::NEG_INFINITY)
+            };
+            (part.start..lo).chain(hi..part.end).for_each(unseen);
+            let lane_q = &qs[first * d..(first + lane_heads) * d];
+            let mut s = lo;
+            while s < hi {
+                let mut keys = [zero.as_ptr().cast::<K>(); VB];
+                let mut out = [std::ptr::null_mut::<f32>(); VB];
+                let mut count = 0;
+                while count < VB && s < hi {
+                    if s + ahead_k < hi {
+                        let base = token(s + ahead_k, row_k);
+                        super::prefetch(&k[base..base + row_k]);
+                    }
+                    if seq.kv.is_valid(s) {
+                        let base = token(s, row_k);
+                        keys[count] = k[base..base + row_k].as_ptr();
+                        // SAFETY: inside score row `s` (see `unseen`).
+                        out[count] = unsafe { score_row(s).add(first) };
+                        count += 1;
+                    } else {
+                        unseen(s);
+                    }
+                    s += 1;
                 }
-                s += 1;
+                // SAFETY: each key pointer starts a token's `row` stored elements; each output
+                // is `lane_heads` floats of a distinct score row, not referenced elsewhere
+                // during the call.
+                unsafe { M::tile_dots::<K>(lane_q, &keys[..count], &out[..count], (d, row), rows) };
             }
-            // SAFETY: each key pointer starts a token's `row` stored elements; each output is a
-            // distinct score row of `heads` floats, not referenced elsewhere during the call.
-            unsafe { M::tile_dots::<K>(qs, &keys[..n], &out[..n], (d, row), rows) };
         }
         let scores = &mut scores[..len * heads];
 
@@ -298,48 +338,62 @@ fn part_body<K: Elem, V: Elem, M: Madd>(
         M::max_rows(scores, maxes);
 
         // Pass 3: exponentials and their sums, then the weighted value rows, VB valid slots
-        // per accumulator load/store. Eight heads or more: the exponentials are taken token by
-        // token in the value loop, so that their arithmetic overlaps the value rows' memory
-        // traffic instead of running alone. Fewer (a lane's group, a small GQA group) fill no
-        // vector alone: every slot of the part (held ones and holes, which give 0) in one pass
-        // first, eight lanes at a time across slots.
+        // per accumulator load/store. Eight heads or more in one table: the exponentials are
+        // taken token by token in the value loop, so that their arithmetic overlaps the value
+        // rows' memory traffic instead of running alone. Fewer (a small GQA group), or lanes
+        // (whose value loops each cover a few heads): every slot of the part (held ones and
+        // holes, which give 0) in one pass first, eight lanes at a time across slots.
         sums.fill(0.0);
         acc.fill(0.0);
-        let across = heads < 8;
+        let across = heads < 8 || lanes > 1;
         if across {
             M::exp_rows(scores, maxes, sums);
         }
         let sp = scores.as_mut_ptr();
-        let mut s = part.start;
-        while s < part.end {
-            // All-zero bytes are 0.0 in f32, f16 and bf16, and a block of scale 0: `zero`
-            // serves every element type (a block row is fewer bytes than an f32 row), as rows
-            // and as weights.
-            let mut block: [*const V; VB] = [zero.as_ptr().cast::<V>(); VB];
-            let mut w: [*const f32; VB] = [zero.as_ptr(); VB];
-            let mut count = 0;
-            while count < VB && s < part.end {
-                prefetch_v(s + ahead_v);
-                if seq.kv.is_valid(s) {
-                    let base = token(s, row_v);
-                    block[count] = v[base..base + row_v].as_ptr();
-                    // SAFETY: `s - part.start < len`: score row `s` lies inside `scores`, and
-                    // no other reference to it is alive.
-                    let sc = unsafe {
-                        std::slice::from_raw_parts_mut(sp.add((s - part.start) * heads), heads)
-                    };
-                    if !across {
-                        M::exp_row(sc, maxes, sums);
+        for h in 0..lanes {
+            let (seq, lo, hi) = lane(h);
+            let first = h * lane_heads;
+            let token =
+                |s: usize, units: usize| (seq.kv.pages[s / bs] as usize * bs + s % bs) * units;
+            let acc = &mut acc[first * d..(first + lane_heads) * d];
+            let mut s = lo;
+            while s < hi {
+                // All-zero bytes are 0.0 in f32, f16 and bf16, and a block of scale 0: `zero`
+                // serves every element type (a block row is fewer bytes than an f32 row), as
+                // rows and as weights.
+                let mut block: [*const V; VB] = [zero.as_ptr().cast::<V>(); VB];
+                let mut w: [*const f32; VB] = [zero.as_ptr(); VB];
+                let mut count = 0;
+                while count < VB && s < hi {
+                    if s + ahead_v < hi {
+                        let base = token(s + ahead_v, row_v);
+                        super::prefetch(&v[base..base + row_v]);
                     }
-                    w[count] = sc.as_ptr();
-                    count += 1;
+                    if seq.kv.is_valid(s) {
+                        let base = token(s, row_v);
+                        block[count] = v[base..base + row_v].as_ptr();
+                        // SAFETY: `s - part.start < len`: score row `s` lies inside `scores`,
+                        // and no other reference to it is alive.
+                        let sc = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                sp.add((s - part.start) * heads + first),
+                                lane_heads,
+                            )
+                        };
+                        if !across {
+                            M::exp_row(sc, maxes, sums);
+                        }
+                        w[count] = sc.as_ptr();
+                        count += 1;
+                    }
+                    s += 1;
                 }
-                s += 1;
+                // SAFETY: every pointer is the start of `row` live elements (a token's rows of
+                // `v` or `zero`: `row` f32s, at least `row` elements of any narrower type) and
+                // every weight pointer of `lane_heads` floats (a lane's part of a score row, or
+                // `zero`).
+                unsafe { M::token_axpy::<V>(acc, &w, &block, (d, row), rows) };
             }
-            // SAFETY: every pointer is the start of `row` live elements (a token's rows of `v`
-            // or `zero`: `row` f32s, at least `row` elements of any narrower type) and every
-            // weight pointer of `heads` floats (a score row or `zero`).
-            unsafe { M::token_axpy::<V>(acc, &w, &block, (d, row), rows) };
         }
     }
     SCRATCH.with(|cell| *cell.borrow_mut() = scratch);
