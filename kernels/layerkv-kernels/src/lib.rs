@@ -115,10 +115,11 @@ pub fn paged_attention_peak(
 /// sequence with the same `q_start` and `num_q` (rows of `q`, not of a lane-major copy). Query
 /// head `j` reads lane `j / (heads / lanes)`. Returns `[total_q, heads, head_dim]`.
 ///
-/// Decode calls on the CPU (one row per sequence) run one work item per slot range of every lane
-/// of a sequence, with one softmax and merge over all its heads (no transposes, a third of the
-/// items and partials on a 3-lane group); other calls run [`paged_attention`] over the lanes as
-/// sequences of lane-major queries (no mass: [`paged_attention`] with such queries gives it).
+/// Decode calls on the CPU (one row per sequence) run one work item per slot range of a
+/// sequence over all its lanes, with one softmax and one merge over all its heads (no
+/// transposes; the lanes of a sequence share their items' setup and their merge); other calls
+/// run [`paged_attention`] over the lanes as sequences of lane-major queries (no mass:
+/// [`paged_attention`] with such queries gives it).
 pub fn paged_attention_lanes(
     q: &candle_core::Tensor,
     store: &KvStore,
@@ -131,7 +132,7 @@ pub fn paged_attention_lanes(
         return Err(KernelError::Shape {
             what: "q",
             expected: format!(
-                "a multiple of {lanes} lanes of heads, and of sequences ({} given)",
+                "heads a multiple of {lanes} lanes, and {} sequences a multiple of them too",
                 seqs.len()
             ),
             actual: q.dims().to_vec(),
@@ -218,8 +219,9 @@ fn validate_lanes(
         || !per_lane.is_multiple_of(store.kv_heads())
         || per_lane / store.kv_heads() > cpu::MAX_GROUP
     {
+        let per = if lanes > 1 { " per lane" } else { "" };
         return Err(shape_err(format!(
-            "a multiple of kv_heads ({}) heads per lane, at most {} per KV head",
+            "a multiple of kv_heads ({}) heads{per}, at most {} per KV head",
             store.kv_heads(),
             cpu::MAX_GROUP
         )));

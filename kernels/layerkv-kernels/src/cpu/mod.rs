@@ -1291,9 +1291,9 @@ mod tests {
 
     /// Decode over per-head lanes (one table per lane, as `paged_attention_lanes` reads them)
     /// against the dense reference run on lane-major queries, lane by lane: lanes of different
-    /// lengths, validity masks and pages, one lane that sees nothing, windows, a hidden
-    /// diagonal, partitions of one slot, eight and automatic, both instantiations, float and
-    /// block pages. Seen failing with every lane reading lane 0's table (`seqs[part.seq]` for
+    /// lengths, validity masks and pages, one lane that sees nothing and a sequence none of
+    /// whose lanes sees anything (zeros), windows, a hidden diagonal, partitions of one page,
+    /// two pages and automatic, both instantiations, float and block pages. Seen failing with every lane reading lane 0's table (`seqs[part.seq]` for
     /// `seqs[h * n + part.seq]`) and with each lane's scores written at head 0.
     #[test]
     fn decode_lanes_match_the_reference() {
@@ -1330,14 +1330,14 @@ mod tests {
                 (&[10], 1, None),
                 (&[16, 17, 18, 19, 20, 21, 22], 27, None),
             ];
-            // Sequence 1's lane 1 sees nothing (every slot evicted).
+            // Sequence 1's lane 1 sees nothing (every slot evicted), and no lane of sequence 2.
             let none = [0u64];
             for (window, include_diagonal) in [(None, true), (Some(9), true), (None, false)] {
                 let mut seqs = Vec::new();
                 for h in 0..lanes {
-                    for i in 0..2 {
+                    for i in 0..3 {
                         let (pages, num_slots, valid) = tables[(h + i) % tables.len()];
-                        let valid = if (i, h) == (1, 1) {
+                        let valid = if (i, h) == (1, 1) || i == 2 {
                             Some(&none[..])
                         } else {
                             valid
@@ -1359,17 +1359,17 @@ mod tests {
                     window,
                     include_diagonal,
                 };
-                let q = Tensor::randn(0f32, 1.0, (2, heads, d), &dev).unwrap();
+                let q = Tensor::randn(0f32, 1.0, (3, heads, d), &dev).unwrap();
                 // The reference: lane-major queries, each (lane, sequence) a sequence of its own.
                 let per = heads / lanes;
                 let q_lanes = q
-                    .reshape((2, lanes, per, d))
+                    .reshape((3, lanes, per, d))
                     .unwrap()
                     .transpose(0, 1)
                     .unwrap()
                     .contiguous()
                     .unwrap()
-                    .reshape((lanes * 2, per, d))
+                    .reshape((lanes * 3, per, d))
                     .unwrap();
                 let lane_seqs: Vec<SeqQuery<'_>> = seqs
                     .iter()
@@ -1378,13 +1378,13 @@ mod tests {
                     .collect();
                 let (want, _) = dense_attention(&q_lanes, &store, &lane_seqs, &params).unwrap();
                 let want = want
-                    .reshape((lanes, 2, per, d))
+                    .reshape((lanes, 3, per, d))
                     .unwrap()
                     .transpose(0, 1)
                     .unwrap()
                     .contiguous()
                     .unwrap()
-                    .reshape((2, heads, d))
+                    .reshape((3, heads, d))
                     .unwrap();
                 let label = format!(
                     "{t} lanes={lanes} d={d} heads={heads} {window:?} diag={include_diagonal}"
@@ -1436,7 +1436,7 @@ mod tests {
                 .to_string()
         };
         assert!(err(4, &[seq(0); 4]).contains("4 lanes"));
-        assert!(err(3, &[seq(0); 4]).contains("(4 given)"));
+        assert!(err(3, &[seq(0); 4]).contains("4 sequences a multiple"));
         assert!(err(0, &[]).contains("0 lanes"));
         let e = err(2, &[seq(0), seq(1), seq(1), seq(0)]);
         assert!(e.contains("sequence 0 lane 1"), "{e}");
