@@ -28,7 +28,9 @@ use layerkv::{GroupId, KvCache, SeqId, Step};
 use crate::error::{KernelError, Result};
 use crate::store::{GatheredMoves, KvStore};
 use crate::view::{AttentionParams, SeqQuery};
-use crate::{paged_attention, paged_attention_lanes, paged_attention_peak};
+use crate::{
+    lane_major, model_major, paged_attention, paged_attention_lanes, paged_attention_peak,
+};
 
 /// How keys are rotated (the model's RoPE): the executor re-rotates sinks with it.
 pub trait KeyRotation {
@@ -226,7 +228,7 @@ impl StepExecutor {
         if lanes == 1 {
             return self.attend_group(q, store, cache, step, group, params);
         }
-        let (rows, heads, head_dim) = q.dims3()?;
+        let (rows, heads, _) = q.dims3()?;
         if heads % lanes != 0 {
             return Err(KernelError::Shape {
                 what: "q",
@@ -244,12 +246,7 @@ impl StepExecutor {
         }
         // Lane-major queries: rows of lane h are h * rows .. (h + 1) * rows, each a sequence of
         // the kernel's over the lane's table.
-        let per = heads / lanes;
-        let q_lanes = q
-            .reshape((rows, lanes, per, head_dim))?
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((lanes * rows, per, head_dim))?;
+        let q_lanes = lane_major(q, lanes)?;
         let seqs = lane_queries(step, &reader, cache, group, rows)?;
         let out = if wants_mass {
             let out = self.attend_scratch(&q_lanes, store, &seqs, params)?;
@@ -275,11 +272,7 @@ impl StepExecutor {
             self.add_lane_mass(step, cache, group, &obs, |s, l| s.observed_mass_mut(l));
         }
         drop(reader);
-        Ok(out
-            .reshape((lanes, rows, per, head_dim))?
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((rows, heads, head_dim))?)
+        model_major(&out, lanes)
     }
 
     /// SnapKV's observation rows of every query of `seqs` (as [`lane_queries`] lays them out):

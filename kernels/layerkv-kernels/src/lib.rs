@@ -127,7 +127,7 @@ pub fn paged_attention_lanes(
     seqs: &[SeqQuery<'_>],
     params: &AttentionParams,
 ) -> Result<candle_core::Tensor> {
-    let (rows, heads, head_dim) = q.dims3()?;
+    let (rows, heads, _) = q.dims3()?;
     if lanes == 0 || !heads.is_multiple_of(lanes) || !seqs.len().is_multiple_of(lanes) {
         return Err(KernelError::Shape {
             what: "q",
@@ -161,12 +161,7 @@ pub fn paged_attention_lanes(
     if q.device().is_cpu() && seqs.iter().all(|s| s.num_q == 1) {
         return cpu::attention_lanes(q, store, lanes, seqs, params);
     }
-    let per = heads / lanes;
-    let q_lanes = q
-        .reshape((rows, lanes, per, head_dim))?
-        .transpose(0, 1)?
-        .contiguous()?
-        .reshape((lanes * rows, per, head_dim))?;
+    let q_lanes = lane_major(q, lanes)?;
     let lane_seqs: Vec<SeqQuery<'_>> = seqs
         .iter()
         .enumerate()
@@ -175,11 +170,34 @@ pub fn paged_attention_lanes(
             ..*s
         })
         .collect();
-    Ok(paged_attention(&q_lanes, store, &lane_seqs, params, None)?
-        .reshape((lanes, rows, per, head_dim))?
+    model_major(
+        &paged_attention(&q_lanes, store, &lane_seqs, params, None)?,
+        lanes,
+    )
+}
+
+/// `[rows, heads, d]` to lane-major `[lanes x rows, heads / lanes, d]`: lane `h`'s rows at
+/// `h * rows ..`, each with its `heads / lanes` query heads (the caller checked the division).
+pub(crate) fn lane_major(
+    q: &candle_core::Tensor,
+    lanes: usize,
+) -> candle_core::Result<candle_core::Tensor> {
+    let (rows, heads, d) = q.dims3()?;
+    q.reshape((rows, lanes, heads / lanes, d))?
         .transpose(0, 1)?
         .contiguous()?
-        .reshape((rows, heads, head_dim))?)
+        .reshape((lanes * rows, heads / lanes, d))
+}
+
+/// The inverse of [`lane_major`]: `[lanes x rows, per, d]` back to `[rows, lanes x per, d]`.
+pub(crate) fn model_major(out: &candle_core::Tensor, lanes: usize) -> Result<candle_core::Tensor> {
+    let (lane_rows, per, d) = out.dims3()?;
+    let rows = lane_rows / lanes;
+    Ok(out
+        .reshape((lanes, rows, per, d))?
+        .transpose(0, 1)?
+        .contiguous()?
+        .reshape((rows, lanes * per, d))?)
 }
 
 fn validate(

@@ -280,6 +280,10 @@ fn part_body<K: Elem, V: Elem, M: Madd>(
         let sp = scores.as_mut_ptr();
         // SAFETY (score rows): `s - part.start < len`, so row `s` lies inside `scores`.
         let score_row = |s: usize| unsafe { sp.add((s - part.start) * heads) };
+        // Where slot `s` of a lane's table starts, in stored units of `units` per token row.
+        let token = |seq: &SeqQuery<'_>, s: usize, units: usize| {
+            (seq.kv.pages[s / bs] as usize * bs + s % bs) * units
+        };
         // Lane `h`'s query, and the slots of the part it sees.
         let lane = |h: usize| {
             let seq = &seqs[h * n + part.seq];
@@ -294,8 +298,6 @@ fn part_body<K: Elem, V: Elem, M: Madd>(
         for h in 0..lanes {
             let (seq, lo, hi) = lane(h);
             let first = h * lane_heads;
-            let token =
-                |s: usize, units: usize| (seq.kv.pages[s / bs] as usize * bs + s % bs) * units;
             let unseen = |s: usize| {
                 // SAFETY: a score row of `heads` floats (see `score_row`), `first + lane_heads
                 // <= heads`.
@@ -311,11 +313,11 @@ fn part_body<K: Elem, V: Elem, M: Madd>(
                 let mut count = 0;
                 while count < VB && s < hi {
                     if s + ahead_k < hi {
-                        let base = token(s + ahead_k, row_k);
+                        let base = token(seq, s + ahead_k, row_k);
                         super::prefetch(&k[base..base + row_k]);
                     }
                     if seq.kv.is_valid(s) {
-                        let base = token(s, row_k);
+                        let base = token(seq, s, row_k);
                         keys[count] = k[base..base + row_k].as_ptr();
                         // SAFETY: inside score row `s` (see `unseen`).
                         out[count] = unsafe { score_row(s).add(first) };
@@ -353,8 +355,6 @@ fn part_body<K: Elem, V: Elem, M: Madd>(
         for h in 0..lanes {
             let (seq, lo, hi) = lane(h);
             let first = h * lane_heads;
-            let token =
-                |s: usize, units: usize| (seq.kv.pages[s / bs] as usize * bs + s % bs) * units;
             let acc = &mut acc[first * d..(first + lane_heads) * d];
             let mut s = lo;
             while s < hi {
@@ -366,11 +366,11 @@ fn part_body<K: Elem, V: Elem, M: Madd>(
                 let mut count = 0;
                 while count < VB && s < hi {
                     if s + ahead_v < hi {
-                        let base = token(s + ahead_v, row_v);
+                        let base = token(seq, s + ahead_v, row_v);
                         super::prefetch(&v[base..base + row_v]);
                     }
                     if seq.kv.is_valid(s) {
-                        let base = token(s, row_v);
+                        let base = token(seq, s, row_v);
                         block[count] = v[base..base + row_v].as_ptr();
                         // SAFETY: `s - part.start < len`: score row `s` lies inside `scores`,
                         // and no other reference to it is alive.
